@@ -1,0 +1,267 @@
+//! The autograd tape.
+//!
+//! Ops append nodes (value, input ids, a backward closure holding what it saved); `backward`
+//! walks them in reverse. Design points, each from a measured cost or a past bug:
+//! - Gradients of intermediates are **moved in** on first contribution and added in place after
+//!   (never `zeros + add`); parameter gradients go straight into the flat [`GradStore`].
+//! - A "parameter gradient final" callback fires the moment a parameter's last use has been
+//!   processed, in backward order, exactly once per parameter per pass — the data-parallel
+//!   reducer starts a bucket's all-reduce on it while backward continues.
+//! - A node recorded without a backward that a gradient reaches is an error, never a silent stop.
+//! - In eval mode (`Tape::inference`) nothing is saved for backward.
+
+use crate::error::{Error, Result};
+use crate::params::{GradStore, ParamId, ParamStore};
+use crate::tensor::{DType, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    name: &'static str,
+    value: Tensor,
+    inputs: Vec<usize>,
+    requires_grad: bool,
+    /// `None` with `requires_grad` means "no backward": an error if a gradient arrives.
+    backward: Option<BackwardFn>,
+    param: Option<ParamId>,
+}
+
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+    params: RefCell<HashMap<ParamId, usize>>,
+    grad_enabled: bool,
+    used: std::cell::Cell<bool>,
+}
+
+/// A handle to a value on a tape.
+#[derive(Clone, Copy)]
+pub struct Var<'t> {
+    tape: &'t Tape,
+    id: usize,
+}
+
+impl std::fmt::Debug for Var<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Var#{}({:?})", self.id, self.value().shape())
+    }
+}
+
+/// Gradients of non-parameter leaves (created with [`Tape::leaf`]), by leaf.
+pub struct LeafGrads(HashMap<usize, Tensor>);
+
+impl LeafGrads {
+    pub fn get(&self, v: Var<'_>) -> Option<&Tensor> {
+        self.0.get(&v.id)
+    }
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tape {
+    /// A tape that records for backward (training).
+    pub fn new() -> Tape {
+        Tape { nodes: RefCell::new(Vec::new()), params: RefCell::new(HashMap::new()), grad_enabled: true, used: false.into() }
+    }
+    /// A tape that records nothing for backward (evaluation).
+    pub fn inference() -> Tape {
+        Tape { grad_enabled: false, ..Tape::new() }
+    }
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled
+    }
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&self, node: Node) -> Var<'_> {
+        let mut n = self.nodes.borrow_mut();
+        n.push(node);
+        Var { tape: self, id: n.len() - 1 }
+    }
+
+    /// A constant input (no gradient).
+    pub fn constant(&self, value: Tensor) -> Var<'_> {
+        self.push(Node { name: "constant", value, inputs: vec![], requires_grad: false, backward: None, param: None })
+    }
+    /// A leaf that receives a gradient (returned by `backward` in [`LeafGrads`]).
+    pub fn leaf(&self, value: Tensor) -> Var<'_> {
+        self.push(Node { name: "leaf", value, inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: None })
+    }
+    /// The parameter `id` of `store`, as a leaf whose gradient goes into the `GradStore`.
+    /// Repeated calls return the same node, so a parameter has one gradient slot per pass.
+    pub fn param(&self, store: &ParamStore, id: ParamId) -> Var<'_> {
+        if let Some(&n) = self.params.borrow().get(&id) {
+            return Var { tape: self, id: n };
+        }
+        let v = self.push(Node { name: "param", value: store.get(id), inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: Some(id) });
+        self.params.borrow_mut().insert(id, v.id);
+        v
+    }
+
+    /// Records an op's output. `backward` maps the output gradient to one optional gradient per
+    /// input (same order as `inputs`); it is dropped unused when no input needs a gradient.
+    pub fn record<'t>(
+        &'t self,
+        name: &'static str,
+        value: Tensor,
+        inputs: &[Var<'t>],
+        backward: impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
+    ) -> Var<'t> {
+        let requires_grad = self.grad_enabled && inputs.iter().any(|v| v.requires_grad());
+        let backward: Option<BackwardFn> = if requires_grad { Some(Box::new(backward)) } else { None };
+        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward, param: None })
+    }
+
+    /// Records an op that has no backward: if a gradient ever reaches it, `backward` fails
+    /// naming the op.
+    pub fn record_no_backward<'t>(&'t self, name: &'static str, value: Tensor, inputs: &[Var<'t>]) -> Var<'t> {
+        let requires_grad = self.grad_enabled && inputs.iter().any(|v| v.requires_grad());
+        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward: None, param: None })
+    }
+
+    /// Backpropagates from the scalar `loss`. Parameter gradients are accumulated into `grads`
+    /// (added to what is there since the last `zero_grad`); `on_final(id, grads)` fires once per
+    /// parameter as soon as its gradient is complete, in backward order (parameters the loss does
+    /// not depend on fire last, with a zero gradient). Returns gradients of `leaf` nodes.
+    pub fn backward(&self, loss: Var<'_>, grads: &mut GradStore, mut on_final: impl FnMut(ParamId, &GradStore)) -> Result<LeafGrads> {
+        if self.used.replace(true) {
+            return Err(Error::Autograd("backward already ran on this tape".into()));
+        }
+        let mut nodes = self.nodes.borrow_mut();
+        let lv = &nodes[loss.id].value;
+        if lv.numel() != 1 {
+            return Err(Error::Autograd(format!("loss must be a scalar, got shape {:?}", lv.shape())));
+        }
+        let n = nodes.len();
+        // Remaining uses of each parameter node; a parameter is final when this reaches 0.
+        let mut uses = vec![0usize; n];
+        for node in nodes.iter() {
+            for &i in &node.inputs {
+                uses[i] += 1;
+            }
+        }
+        let param_nodes: Vec<(usize, ParamId)> = nodes.iter().enumerate().filter_map(|(i, nd)| nd.param.map(|p| (i, p))).collect();
+        let mut fired = vec![false; n];
+        let mut pending: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        pending[loss.id] = Some(Tensor::ones(lv.shape(), lv.dtype()));
+        let mut leaf_grads = HashMap::new();
+        for i in (0..n).rev() {
+            let g = pending[i].take();
+            let node = &mut nodes[i];
+            let inputs = node.inputs.clone();
+            if let Some(g) = g.filter(|_| node.requires_grad) {
+                if node.param.is_none() && node.inputs.is_empty() {
+                    leaf_grads.insert(i, g);
+                } else if !inputs.is_empty() {
+                    let bw = node.backward.take().ok_or(Error::NoBackward(node.name))?;
+                    let name = node.name;
+                    let gi = bw(&g)?;
+                    if gi.len() != inputs.len() {
+                        return Err(Error::Autograd(format!("{name}: backward returned {} grads for {} inputs", gi.len(), inputs.len())));
+                    }
+                    for (&inp, gin) in inputs.iter().zip(gi) {
+                        let Some(gin) = gin else { continue };
+                        let target = &nodes[inp];
+                        if !target.requires_grad {
+                            continue;
+                        }
+                        if gin.shape() != target.value.shape() {
+                            return Err(Error::Autograd(format!(
+                                "{name}: gradient of shape {:?} for input of shape {:?}",
+                                gin.shape(),
+                                target.value.shape()
+                            )));
+                        }
+                        if let Some(p) = target.param {
+                            grads.accumulate(p, &gin)?;
+                        } else {
+                            match pending[inp].take() {
+                                None => pending[inp] = Some(gin),
+                                Some(acc) => pending[inp] = Some(add_in_place(acc, &gin)?),
+                            }
+                        }
+                    }
+                }
+            } else {
+                node.backward = None;
+            }
+            for &inp in &inputs {
+                uses[inp] -= 1;
+                if uses[inp] == 0 && !fired[inp] {
+                    if let Some(p) = nodes[inp].param {
+                        fired[inp] = true;
+                        grads.finish_one(p)?;
+                        on_final(p, grads);
+                    }
+                }
+            }
+        }
+        grads.finish()?;
+        for (i, p) in param_nodes {
+            if !fired[i] {
+                on_final(p, grads);
+            }
+        }
+        Ok(LeafGrads(leaf_grads))
+    }
+}
+
+/// `acc += g`, in place when `acc` owns its buffer, else into a new buffer.
+fn add_in_place(mut acc: Tensor, g: &Tensor) -> Result<Tensor> {
+    let g = g.contiguous();
+    macro_rules! go {
+        ($t:ty) => {{
+            if acc.is_contiguous() {
+                if let Ok(a) = acc.data_mut::<$t>() {
+                    crate::kernels::cpu::add_assign(a, g.data::<$t>()?);
+                    return Ok(acc);
+                }
+            }
+            crate::kernels::cpu::zip::<$t>(&acc, &g, |a, b| a + b)
+        }};
+    }
+    match acc.dtype() {
+        DType::F32 => go!(f32),
+        DType::F64 => go!(f64),
+        DType::BF16 => Err(Error::Msg("bf16 autograd is not supported on CPU".into())),
+    }
+}
+
+impl<'t> Var<'t> {
+    pub fn tape(&self) -> &'t Tape {
+        self.tape
+    }
+    pub fn id(&self) -> usize {
+        self.id
+    }
+    /// The value (a cheap handle: shares storage).
+    pub fn value(&self) -> Tensor {
+        self.tape.nodes.borrow()[self.id].value.clone()
+    }
+    pub fn shape(&self) -> Vec<usize> {
+        self.tape.nodes.borrow()[self.id].value.shape().to_vec()
+    }
+    pub fn dtype(&self) -> DType {
+        self.tape.nodes.borrow()[self.id].value.dtype()
+    }
+    pub fn requires_grad(&self) -> bool {
+        self.tape.nodes.borrow()[self.id].requires_grad
+    }
+    /// The value of a scalar.
+    pub fn item(&self) -> Result<f64> {
+        self.value().item()
+    }
+    /// Same value, cut from the graph.
+    pub fn detach(&self) -> Var<'t> {
+        self.tape.constant(self.value())
+    }
+}

@@ -1,0 +1,160 @@
+//! The causal self-attention core, fused: from the packed projection `qkv [B, T, 3C]` (as
+//! `nn.Linear(C, 3C)` produces it) to `y [B, T, C]`, with heads split by strides (no permute
+//! copies), scale 1/√d, causal masking done by index (no T×T mask tensor), a row softmax, and
+//! P·V. Saves the probabilities P for backward. Reports the largest pre-softmax logit over
+//! unmasked positions, the "max attention logit" probe of Wortsman et al. (2023).
+
+use crate::autograd::Var;
+use crate::error::{Error, Result};
+use crate::kernels::cpu::matmul::{gemm_into, MatRef};
+use crate::tensor::{Elem, Tensor};
+use crate::with_float;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Output of [`Var::causal_attention`].
+pub struct AttnOut<'t> {
+    pub y: Var<'t>,
+    /// max over batch, heads and unmasked (i, j) of q·k/√d.
+    pub max_logit: f64,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn c(&self) -> usize {
+        self.h * self.d
+    }
+    /// Offset of head `h`'s q (part 0), k (1) or v (2) block in batch `b` of qkv.
+    fn qkv_off(&self, b: usize, part: usize, h: usize) -> usize {
+        b * self.t * 3 * self.c() + part * self.c() + h * self.d
+    }
+}
+
+fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, probs: &mut [T], ohd: &mut [T]) -> f64 {
+    let (t, d) = (dm.t, dm.d);
+    let rs = (3 * dm.c()) as isize;
+    probs
+        .par_chunks_mut(t * t)
+        .zip(ohd.par_chunks_mut(t * d))
+        .enumerate()
+        .map(|(bh, (p, o))| {
+            let (b, h) = (bh / dm.h, bh % dm.h);
+            // S = scale · Q Kᵀ (Kᵀ read through strides).
+            gemm_into(t, t, d, p, t, MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs: 1, cs: rs }, false, scale, Parallelism::None);
+            let mut mx = f64::NEG_INFINITY;
+            for i in 0..t {
+                let row = &mut p[i * t..(i + 1) * t];
+                let m = row[..=i].iter().copied().fold(T::neg_infinity(), T::max);
+                mx = mx.max(m.f64());
+                let mut s = T::zero();
+                for v in &mut row[..=i] {
+                    *v = (*v - m).exp();
+                    s += *v;
+                }
+                let inv = T::one() / s;
+                for v in &mut row[..=i] {
+                    *v *= inv;
+                }
+                row[i + 1..].fill(T::zero());
+            }
+            // O = P V
+            gemm_into(t, d, t, o, d, MatRef { data: p, off: 0, rs: t as isize, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
+            mx
+        })
+        .reduce(|| f64::NEG_INFINITY, f64::max)
+}
+
+/// Per (b, h): dQ, dK, dV into `dhd [B, H, 3, T, D]`.
+fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &mut [T]) {
+    let (t, d, c) = (dm.t, dm.d, dm.c());
+    let rs = (3 * c) as isize;
+    dhd.par_chunks_mut(3 * t * d).enumerate().for_each(|(bh, out)| {
+        let (b, h) = (bh / dm.h, bh % dm.h);
+        let p = &probs[bh * t * t..(bh + 1) * t * t];
+        let go = MatRef { data: g, off: b * t * c + h * d, rs: c as isize, cs: 1 };
+        let (dq, rest) = out.split_at_mut(t * d);
+        let (dk, dv) = rest.split_at_mut(t * d);
+        // dV = Pᵀ dO
+        gemm_into(t, d, t, dv, d, MatRef { data: p, off: 0, rs: 1, cs: t as isize }, go, false, T::one(), Parallelism::None);
+        // dP = dO Vᵀ
+        let mut ds = T::pool().take(t * t);
+        gemm_into(t, t, d, &mut ds, t, go, MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs: 1, cs: rs }, false, T::one(), Parallelism::None);
+        // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale (zero where masked since P = 0 there)
+        for i in 0..t {
+            let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
+            let dot = crate::kernels::cpu::reduce::dot(&pr[..=i], &dr[..=i]);
+            for j in 0..=i {
+                dr[j] = pr[j] * (dr[j] - dot) * scale;
+            }
+            dr[i + 1..].fill(T::zero());
+        }
+        // dQ = dS K ; dK = dSᵀ Q
+        gemm_into(t, d, t, dq, d, MatRef { data: &ds, off: 0, rs: t as isize, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
+        gemm_into(t, d, t, dk, d, MatRef { data: &ds, off: 0, rs: 1, cs: t as isize }, MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
+        T::pool().give(ds);
+    });
+}
+
+impl<'t> Var<'t> {
+    /// Causal multi-head self-attention core over packed `qkv [B, T, 3C]` with `n_heads` heads.
+    pub fn causal_attention(self, n_heads: usize) -> Result<AttnOut<'t>> {
+        let qkv = self.value().contiguous();
+        let s = qkv.shape().to_vec();
+        if s.len() != 3 || s[2] % 3 != 0 || n_heads == 0 || (s[2] / 3) % n_heads != 0 {
+            return Err(Error::shape("causal_attention", format!("qkv {s:?} with {n_heads} heads")));
+        }
+        let dm = Dims { b: s[0], t: s[1], h: n_heads, d: s[2] / 3 / n_heads };
+        let c = dm.c();
+        let scale = 1.0 / (dm.d as f64).sqrt();
+        let (out, probs, max_logit) = with_float!(qkv.dtype(), "causal_attention", T => {
+            let xd = qkv.data::<T>()?;
+            let mut probs = T::pool().take(dm.b * dm.h * dm.t * dm.t);
+            let mut ohd = T::pool().take(dm.b * dm.h * dm.t * dm.d);
+            let mx = forward(xd, dm, T::of(scale), &mut probs, &mut ohd);
+            // [B, H, T, D] → [B, T, H·D]
+            let y = Tensor::build::<T>(&[dm.b, dm.t, c], |y| {
+                y.par_chunks_mut(dm.t * c).enumerate().for_each(|(b, yb)| {
+                    for h in 0..dm.h {
+                        let src = &ohd[(b * dm.h + h) * dm.t * dm.d..][..dm.t * dm.d];
+                        for i in 0..dm.t {
+                            yb[i * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
+                        }
+                    }
+                })
+            });
+            T::pool().give(ohd);
+            Ok((y, Tensor::from_vec(probs, &[dm.b, dm.h, dm.t, dm.t])?, mx))
+        })?;
+        let y = self.tape().record("causal_attention", out, &[self], move |g| {
+            with_float!(g.dtype(), "causal_attention", T => {
+                let g = g.contiguous();
+                let (xd, gd, pd) = (qkv.data::<T>()?, g.data::<T>()?, probs.data::<T>()?);
+                let mut dhd = T::pool().take(dm.b * dm.h * 3 * dm.t * dm.d);
+                backward(xd, gd, pd, dm, T::of(scale), &mut dhd);
+                // [B, H, 3, T, D] → [B, T, 3C]
+                let gx = Tensor::build::<T>(&[dm.b, dm.t, 3 * c], |gx| {
+                    gx.par_chunks_mut(dm.t * 3 * c).enumerate().for_each(|(b, gb)| {
+                        for h in 0..dm.h {
+                            for part in 0..3 {
+                                let src = &dhd[((b * dm.h + h) * 3 + part) * dm.t * dm.d..][..dm.t * dm.d];
+                                for i in 0..dm.t {
+                                    gb[i * 3 * c + part * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
+                                }
+                            }
+                        }
+                    })
+                });
+                T::pool().give(dhd);
+                Ok(vec![Some(gx)])
+            })
+        });
+        Ok(AttnOut { y, max_logit })
+    }
+}

@@ -1,0 +1,71 @@
+//! Softmax cross-entropy over the last dim with an optional z-loss term `coef · log²Z`
+//! (PaLM; Wortsman et al. 2023), averaged over rows. Saves log Z per row; backward recomputes
+//! the softmax from the saved logits in one pass. Reports the mean logit and mean log Z, the
+//! output-logit-divergence probes.
+
+use crate::autograd::Var;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::with_float;
+use rayon::prelude::*;
+
+pub struct CeOut<'t> {
+    pub loss: Var<'t>,
+    /// Mean over rows of log Z = logsumexp(logits).
+    pub log_z_mean: f64,
+    /// Mean over all logits.
+    pub logit_mean: f64,
+}
+
+impl<'t> Var<'t> {
+    /// Mean cross-entropy of `self [N, V]` (or `[..., V]`) against `targets` (N class ids), plus
+    /// `z_coef · mean(log²Z)`.
+    pub fn cross_entropy(self, targets: &[u32], z_coef: f64) -> Result<CeOut<'t>> {
+        let x = self.value().contiguous();
+        let v = *x.shape().last().ok_or_else(|| Error::shape("cross_entropy", "scalar logits"))?;
+        let n = x.numel() / v.max(1);
+        if targets.len() != n {
+            return Err(Error::shape("cross_entropy", format!("{} targets for {n} rows", targets.len())));
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::shape("cross_entropy", format!("target {t} out of range for {v} classes")));
+        }
+        let (loss, lse, lz_mean, logit_mean) = with_float!(x.dtype(), "cross_entropy", T => {
+            let xd = x.data::<T>()?;
+            let rows: Vec<(T, T, T)> = xd.par_chunks(v).zip(targets.par_iter()).map(|(r, &t)| {
+                let m = r.iter().copied().fold(T::neg_infinity(), T::max);
+                let s: T = r.iter().map(|&a| (a - m).exp()).sum();
+                let lse = m + s.ln();
+                let l = lse - r[t as usize] + T::of(z_coef) * lse * lse;
+                (l, lse, crate::kernels::cpu::reduce::sum_slice(r))
+            }).collect();
+            let inv = 1.0 / n as f64;
+            let loss: f64 = rows.iter().map(|r| r.0.f64()).sum::<f64>() * inv;
+            let lz: f64 = rows.iter().map(|r| r.1.f64()).sum::<f64>() * inv;
+            let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
+            let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
+            Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, lz, lm))
+        })?;
+        let targets = targets.to_vec();
+        let shape = x.shape().to_vec();
+        let loss = self.tape().record("cross_entropy", loss, &[self], move |g| {
+            let go = g.item()?;
+            with_float!(x.dtype(), "cross_entropy", T => {
+                let (xd, ld) = (x.data::<T>()?, lse.data::<T>()?);
+                let scale = T::of(go / n as f64);
+                let gx = Tensor::build::<T>(&shape, |o| {
+                    o.par_chunks_mut(v).zip(xd.par_chunks(v)).zip(ld.par_iter().zip(targets.par_iter())).for_each(|((o, r), (&lse, &t))| {
+                        // d/dx [lse - x_t + z·lse²] = softmax·(1 + 2z·lse) - onehot
+                        let f = scale * (T::one() + T::of(2.0 * z_coef) * lse);
+                        for (o, &a) in o.iter_mut().zip(r) {
+                            *o = (a - lse).exp() * f;
+                        }
+                        o[t as usize] -= scale;
+                    })
+                });
+                Ok(vec![Some(gx)])
+            })
+        });
+        Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean })
+    }
+}

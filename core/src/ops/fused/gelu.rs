@@ -1,0 +1,46 @@
+//! GELU, exact (erf) and tanh-approximated forms, matching `torch.nn.functional.gelu` with
+//! `approximate='none'` / `'tanh'`. The f32 erf is a vectorisable rational fit.
+
+use crate::autograd::Var;
+use crate::error::Result;
+use crate::kernels::cpu;
+use crate::tensor::Elem;
+use crate::with_float;
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const INV_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+#[inline(always)]
+fn fwd<T: Elem>(x: T, tanh: bool) -> T {
+    let half = T::of(0.5);
+    if tanh {
+        let u = T::of(SQRT_2_OVER_PI) * (x + T::of(0.044715) * x * x * x);
+        half * x * (T::one() + u.tanh())
+    } else {
+        half * x * (T::one() + (x * T::of(INV_SQRT_2)).erf())
+    }
+}
+
+#[inline(always)]
+fn dfwd<T: Elem>(x: T, tanh: bool) -> T {
+    let half = T::of(0.5);
+    if tanh {
+        let u = T::of(SQRT_2_OVER_PI) * (x + T::of(0.044715) * x * x * x);
+        let t = u.tanh();
+        half * (T::one() + t) + half * x * (T::one() - t * t) * T::of(SQRT_2_OVER_PI) * (T::one() + T::of(3.0 * 0.044715) * x * x)
+    } else {
+        half * (T::one() + (x * T::of(INV_SQRT_2)).erf()) + x * (-half * x * x).exp() * T::of(INV_SQRT_2PI)
+    }
+}
+
+impl<'t> Var<'t> {
+    /// GELU; `tanh = true` for the tanh approximation.
+    pub fn gelu(self, tanh: bool) -> Result<Var<'t>> {
+        let x = self.value();
+        let out = with_float!(x.dtype(), "gelu", T => cpu::map::<T>(&x, move |v| fwd(v, tanh)))?;
+        Ok(self.tape().record("gelu", out, &[self], move |g| {
+            Ok(vec![Some(with_float!(g.dtype(), "gelu", T => cpu::zip::<T>(g, &x, move |g, x| g * dfwd(x, tanh)))?)])
+        }))
+    }
+}

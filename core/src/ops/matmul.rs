@@ -1,0 +1,112 @@
+//! Matrix products: `matmul` (with batching; transposed operands are strided views, never
+//! copies) and `linear` (y = x Wᵀ + b with PyTorch's [out, in] weight layout), whose backward
+//! writes dW directly in [out, in] order and the bias gradient as a threaded column sum.
+
+use crate::autograd::Var;
+use crate::error::{Error, Result};
+use crate::kernels::cpu::matmul::{gemm_into, matmul as mm, parallelism, MatRef};
+use crate::kernels::cpu::reduce::sum_to_shape;
+use crate::tensor::{Elem, Storage, Tensor};
+use crate::with_float;
+
+pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    with_float!(a.dtype(), "matmul", T => mm::<T>(a, b))
+}
+
+fn raw<T: Elem>(t: &Tensor) -> &[T] {
+    let Storage::Cpu(c) = t.storage();
+    T::slice(c).expect("dtype checked")
+}
+
+/// `gᵀ @ x` for g [rows, n], x [rows, k] → [n, k]: the weight gradient of `linear`.
+fn grad_weight<T: Elem>(g: &Tensor, x: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
+    let (g, x) = (g.contiguous(), x.contiguous());
+    let (gd, xd) = (g.data::<T>()?, x.data::<T>()?);
+    Ok(Tensor::build::<T>(&[n, k], |o| {
+        gemm_into(n, k, rows, o, k, MatRef { data: gd, off: 0, rs: 1, cs: n as isize }, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, false, T::one(), parallelism())
+    }))
+}
+
+/// `g @ w` for g [rows, n], w [n, k] → [rows, k].
+fn grad_input<T: Elem>(g: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize, out_shape: &[usize]) -> Result<Tensor> {
+    let g = g.contiguous();
+    let gd = g.data::<T>()?;
+    let wd = raw::<T>(w);
+    let (wrs, wcs) = (w.strides()[0] as isize, w.strides()[1] as isize);
+    let woff = w.offset();
+    Ok(Tensor::build::<T>(out_shape, |o| {
+        gemm_into(rows, k, n, o, k, MatRef { data: gd, off: 0, rs: n as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wrs, cs: wcs }, false, T::one(), parallelism())
+    }))
+}
+
+impl<'t> Var<'t> {
+    /// `self [..., m, k] @ b [k, n]` or batched `[B..., m, k] @ [B..., k, n]`.
+    pub fn matmul(self, b: Var<'t>) -> Result<Var<'t>> {
+        let (av, bv) = (self.value(), b.value());
+        let out = matmul_t(&av, &bv)?;
+        Ok(self.tape().record("matmul", out, &[self, b], move |g| {
+            let (ra, rb) = (av.rank(), bv.rank());
+            let ga = matmul_t(g, &bv.transpose(rb - 2, rb - 1)?)?;
+            let gb = if rb == 2 {
+                let k = av.shape()[ra - 1];
+                let n = bv.shape()[1];
+                let a2 = av.reshape(&[usize::MAX, k])?;
+                let g2 = g.reshape(&[usize::MAX, n])?;
+                matmul_t(&a2.transpose(0, 1)?, &g2)?
+            } else {
+                matmul_t(&av.transpose(ra - 2, ra - 1)?, g)?
+            };
+            Ok(vec![Some(ga), Some(gb)])
+        }))
+    }
+
+    /// `x [..., in] @ wᵀ + b` with `w [out, in]`, `b [out]`.
+    pub fn linear(self, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
+        let (xv, wv) = (self.value(), w.value());
+        if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
+            return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
+        }
+        let (n, k) = (wv.shape()[0], wv.shape()[1]);
+        let x2 = xv.reshape(&[usize::MAX, k])?;
+        let rows = x2.shape()[0];
+        let mut out_shape = xv.shape().to_vec();
+        *out_shape.last_mut().expect("rank ≥ 1") = n;
+        let bv = b.map(|b| b.value());
+        if let Some(bv) = &bv {
+            if bv.shape() != [n] {
+                return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
+            }
+        }
+        let out = with_float!(xv.dtype(), "linear", T => {
+            let xd = x2.data::<T>()?;
+            let wd = raw::<T>(&wv);
+            let (woff, wrs, wcs) = (wv.offset(), wv.strides()[0] as isize, wv.strides()[1] as isize);
+            let bias = match &bv { Some(b) => Some(b.contiguous()), None => None };
+            let bias_d = match &bias { Some(b) => Some(b.data::<T>()?), None => None };
+            Ok(Tensor::build::<T>(&out_shape, |o| {
+                let acc = if let Some(bd) = bias_d {
+                    for row in o.chunks_mut(n) { row.copy_from_slice(bd); }
+                    true
+                } else { false };
+                // y = x @ wᵀ: wᵀ is w read with swapped strides.
+                gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
+            }))
+        })?;
+        let has_b = b.is_some();
+        let mut inputs = vec![self, w];
+        inputs.extend(b);
+        let in_shape = xv.shape().to_vec();
+        Ok(self.tape().record("linear", out, &inputs, move |g| {
+            with_float!(g.dtype(), "linear", T => {
+                let g2 = g.reshape(&[rows, n])?;
+                let gx = grad_input::<T>(&g2, &wv, rows, n, k, &in_shape)?;
+                let gw = grad_weight::<T>(&g2, &x2, rows, n, k)?;
+                let mut v = vec![Some(gx), Some(gw)];
+                if has_b {
+                    v.push(Some(sum_to_shape::<T>(&g2, &[n])?));
+                }
+                Ok(v)
+            })
+        }))
+    }
+}

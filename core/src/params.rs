@@ -1,0 +1,326 @@
+//! `ParamStore`: every trainable parameter in one fixed, deterministic order, with a `ParamId`,
+//! a dotted PyTorch-style name, and μP metadata (role, fan-in, fan-out). Values live in **one
+//! flat buffer** and each parameter is a view at a fixed offset, so a data-parallel bucket is a
+//! contiguous slice and an optimizer updates everything in one pass. `GradStore` mirrors the
+//! layout for gradients. Non-trainable buffers (batch-norm running statistics) sit beside the
+//! parameters, also in a fixed order, so they are checkpointed and broadcast like parameters.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::{DType, Elem, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Index of a parameter in its store (position in the deterministic order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ParamId(pub usize);
+
+/// μP role of a parameter (Yang et al., Tensor Programs V): how its init and LR scale with width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    /// Maps a finite dimension to width (embeddings, first layer).
+    Input,
+    /// Width to width.
+    Hidden,
+    /// Width to a finite dimension (readout).
+    Output,
+    /// Biases and norm gains.
+    Vector,
+}
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Init {
+    Normal { std: f64 },
+    Uniform { bound: f64 },
+    Const(f64),
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ParamInfo {
+    pub id: ParamId,
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub numel: usize,
+    pub role: Role,
+    pub fan_in: usize,
+    pub fan_out: usize,
+    pub init: Init,
+}
+
+/// Collects parameter declarations from a model's constructor.
+#[derive(Default)]
+pub struct ParamBuilder {
+    infos: Vec<ParamInfo>,
+    buffers: Vec<(String, Vec<usize>, f64)>,
+    total: usize,
+    prefix: Vec<String>,
+}
+
+/// Index of a non-trainable buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BufferId(pub usize);
+
+impl ParamBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Runs `f` with `name` pushed on the dotted-name prefix.
+    pub fn scope<R>(&mut self, name: impl Into<String>, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.prefix.push(name.into());
+        let r = f(self);
+        self.prefix.pop();
+        r
+    }
+    fn full_name(&self, name: &str) -> String {
+        let mut s = self.prefix.join(".");
+        if !s.is_empty() {
+            s.push('.');
+        }
+        s.push_str(name);
+        s
+    }
+    pub fn add(&mut self, name: &str, shape: &[usize], role: Role, fan_in: usize, fan_out: usize, init: Init) -> ParamId {
+        let numel = shape.iter().product();
+        let id = ParamId(self.infos.len());
+        self.infos.push(ParamInfo { id, name: self.full_name(name), shape: shape.to_vec(), offset: self.total, numel, role, fan_in, fan_out, init });
+        self.total += numel;
+        id
+    }
+    pub fn add_buffer(&mut self, name: &str, shape: &[usize], value: f64) -> BufferId {
+        let n = self.full_name(name);
+        self.buffers.push((n, shape.to_vec(), value));
+        BufferId(self.buffers.len() - 1)
+    }
+    /// Allocates the flat buffer and initialises each parameter from its own RNG stream
+    /// (seed, parameter index), so values do not depend on thread count or visiting order.
+    pub fn build(self, seed: u64, dtype: DType) -> Result<ParamStore> {
+        let mut flat = vec![0f64; self.total];
+        for p in &self.infos {
+            let mut rng = Rng::stream(seed, p.id.0 as u64);
+            let dst = &mut flat[p.offset..p.offset + p.numel];
+            match p.init {
+                Init::Normal { std } => dst.iter_mut().for_each(|x| *x = rng.normal() * std),
+                Init::Uniform { bound } => dst.iter_mut().for_each(|x| *x = (2.0 * rng.uniform() - 1.0) * bound),
+                Init::Const(c) => dst.fill(c),
+            }
+        }
+        let values = Tensor::from_vec(flat, &[self.total])?.to_dtype(dtype);
+        let by_name = self.infos.iter().map(|p| (p.name.clone(), p.id)).collect();
+        let buffers = self
+            .buffers
+            .into_iter()
+            .map(|(name, shape, v)| (name, Mutex::new(Tensor::full(&shape, v, dtype))))
+            .collect();
+        Ok(ParamStore { infos: self.infos, values, by_name, buffers, dtype })
+    }
+}
+
+pub struct ParamStore {
+    infos: Vec<ParamInfo>,
+    values: Tensor,
+    by_name: HashMap<String, ParamId>,
+    buffers: Vec<(String, Mutex<Tensor>)>,
+    dtype: DType,
+}
+
+impl ParamStore {
+    pub fn infos(&self) -> &[ParamInfo] {
+        &self.infos
+    }
+    pub fn info(&self, id: ParamId) -> &ParamInfo {
+        &self.infos[id.0]
+    }
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+    pub fn numel(&self) -> usize {
+        self.values.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.by_name.get(name).copied()
+    }
+    /// A parameter's value as a view of the flat buffer.
+    pub fn get(&self, id: ParamId) -> Tensor {
+        let p = &self.infos[id.0];
+        self.values.view_at(p.offset, &p.shape).expect("layout is consistent by construction")
+    }
+    /// The flat value buffer (all parameters, store order).
+    pub fn flat(&self) -> &Tensor {
+        &self.values
+    }
+    /// Mutable flat values; fails while an autograd tape still holds parameter views.
+    pub fn flat_mut<T: Elem>(&mut self) -> Result<&mut [T]> {
+        self.values.data_mut::<T>()
+    }
+    pub fn buffers(&self) -> impl Iterator<Item = (&str, &Mutex<Tensor>)> {
+        self.buffers.iter().map(|(n, t)| (n.as_str(), t))
+    }
+    pub fn buffer(&self, id: BufferId) -> &Mutex<Tensor> {
+        &self.buffers[id.0].1
+    }
+
+    /// A string that identifies the layout (names, shapes, dtype, order): equal on every rank of
+    /// a correctly configured job.
+    pub fn layout_fingerprint(&self) -> String {
+        let mut s = format!("dtype={};", self.dtype);
+        for p in &self.infos {
+            s.push_str(&format!("{}:{:?}@{};", p.name, p.shape, p.offset));
+        }
+        for (n, b) in &self.buffers {
+            s.push_str(&format!("buf {}:{:?};", n, b.lock().unwrap_or_else(|e| e.into_inner()).shape()));
+        }
+        s
+    }
+
+    /// Named tensors (parameters, then buffers) in store order, as f32 copies.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.infos.iter().map(|p| (p.name.clone(), self.get(p.id).contiguous())).collect();
+        for (n, b) in &self.buffers {
+            v.push((n.clone(), b.lock().unwrap_or_else(|e| e.into_inner()).clone()));
+        }
+        v
+    }
+
+    /// Writes all parameters and buffers to a safetensors file (f32, PyTorch-style names).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let bytes = crate::checkpoint::tensors_to_bytes(&self.named_tensors())?;
+        crate::checkpoint::atomic_write(path, &bytes)
+    }
+
+    /// Loads parameters and buffers by name; every name must be present with the right shape.
+    pub fn load_safetensors(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let map = crate::checkpoint::tensors_from_bytes(&bytes).map_err(|e| Error::file(path, e.to_string()))?;
+        self.load_named(&map).map_err(|e| Error::file(path, e.to_string()))
+    }
+
+    /// Sets values from named tensors (all names required, shapes checked before any write).
+    pub fn load_named(&mut self, map: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &self.infos {
+            let t = map.get(&p.name).ok_or_else(|| Error::Msg(format!("missing tensor `{}`", p.name)))?;
+            if t.shape() != p.shape.as_slice() {
+                return Err(Error::Msg(format!("tensor `{}` has shape {:?}, expected {:?}", p.name, t.shape(), p.shape)));
+            }
+        }
+        for (n, b) in &self.buffers {
+            let t = map.get(n).ok_or_else(|| Error::Msg(format!("missing buffer `{n}`")))?;
+            if t.shape() != b.lock().unwrap_or_else(|e| e.into_inner()).shape() {
+                return Err(Error::Msg(format!("buffer `{n}` has the wrong shape {:?}", t.shape())));
+            }
+        }
+        let dtype = self.dtype;
+        let infos = self.infos.clone();
+        match dtype {
+            DType::F32 => write_named::<f32>(self.values.data_mut()?, &infos, map)?,
+            DType::F64 => write_named::<f64>(self.values.data_mut()?, &infos, map)?,
+            DType::BF16 => return Err(Error::Msg("bf16 parameter stores are not supported on CPU".into())),
+        }
+        for (n, b) in &self.buffers {
+            *b.lock().unwrap_or_else(|e| e.into_inner()) = map[n].to_dtype(dtype);
+        }
+        Ok(())
+    }
+}
+
+fn write_named<T: Elem>(flat: &mut [T], infos: &[ParamInfo], map: &HashMap<String, Tensor>) -> Result<()> {
+    for p in infos {
+        let v = map[&p.name].to_vec::<T>()?;
+        flat[p.offset..p.offset + p.numel].copy_from_slice(&v);
+    }
+    Ok(())
+}
+
+/// Gradients in the same flat layout as a `ParamStore`.
+pub struct GradStore {
+    data: Tensor,
+    ranges: Vec<(usize, usize)>,
+    touched: Vec<bool>,
+}
+
+impl GradStore {
+    pub fn new(params: &ParamStore) -> GradStore {
+        GradStore {
+            data: Tensor::zeros(&[params.numel()], params.dtype()),
+            ranges: params.infos().iter().map(|p| (p.offset, p.numel)).collect(),
+            touched: vec![true; params.len()],
+        }
+    }
+    /// Marks every gradient as empty: the next contribution is moved (copied) in, not added.
+    /// Cheap: no memset; untouched gradients are zero-filled when a backward pass finishes.
+    pub fn zero_grad(&mut self) {
+        self.touched.fill(false);
+    }
+    pub fn flat(&self) -> &Tensor {
+        &self.data
+    }
+    pub fn flat_mut<T: Elem>(&mut self) -> Result<&mut [T]> {
+        self.data.data_mut::<T>()
+    }
+    pub fn get(&self, id: ParamId) -> &[f32] {
+        let (o, n) = self.ranges[id.0];
+        &self.data.data::<f32>().expect("f32 grads")[o..o + n]
+    }
+    pub fn range(&self, id: ParamId) -> (usize, usize) {
+        self.ranges[id.0]
+    }
+    /// A parameter's gradient as a tensor of `shape` (copy).
+    pub fn tensor(&self, id: ParamId, shape: &[usize]) -> Tensor {
+        self.data.view_at(self.ranges[id.0].0, shape).expect("layout").contiguous()
+    }
+
+    /// Adds (or, first time since `zero_grad`, copies) `g` into parameter `id`'s gradient.
+    pub(crate) fn accumulate(&mut self, id: ParamId, g: &Tensor) -> Result<()> {
+        let (o, n) = self.ranges[id.0];
+        if g.numel() != n {
+            return Err(Error::Autograd(format!("gradient of {} elements for a parameter of {n}", g.numel())));
+        }
+        let g = g.contiguous();
+        let first = !self.touched[id.0];
+        self.touched[id.0] = true;
+        match g.dtype() {
+            DType::F32 => acc::<f32>(&mut self.data.data_mut::<f32>()?[o..o + n], g.data::<f32>()?, first),
+            DType::F64 => acc::<f64>(&mut self.data.data_mut::<f64>()?[o..o + n], g.data::<f64>()?, first),
+            DType::BF16 => return Err(Error::Msg("bf16 gradients are not supported on CPU".into())),
+        }
+        Ok(())
+    }
+
+    /// Zero-fills one parameter's gradient if nothing contributed to it since `zero_grad`.
+    pub(crate) fn finish_one(&mut self, id: ParamId) -> Result<()> {
+        if !self.touched[id.0] {
+            let (o, n) = self.ranges[id.0];
+            match self.data.dtype() {
+                DType::F32 => self.data.data_mut::<f32>()?[o..o + n].fill(0.0),
+                DType::F64 => self.data.data_mut::<f64>()?[o..o + n].fill(0.0),
+                DType::BF16 => {}
+            }
+            self.touched[id.0] = true;
+        }
+        Ok(())
+    }
+
+    /// Zero-fills gradients nothing contributed to since `zero_grad`.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        for i in 0..self.ranges.len() {
+            self.finish_one(ParamId(i))?;
+        }
+        Ok(())
+    }
+}
+
+fn acc<T: Elem>(dst: &mut [T], g: &[T], first: bool) {
+    if first {
+        dst.copy_from_slice(g);
+    } else {
+        crate::kernels::cpu::add_assign(dst, g);
+    }
+}
