@@ -1,0 +1,193 @@
+//! Engine behaviour beyond op numerics: parameter-gradient-final events, in-place accumulation,
+//! loud failures, buffer reuse, views, erf accuracy and parameter-store I/O.
+
+use dptrain_core::rng::Rng;
+use dptrain_core::tensor::{pool_stats, storage::erf_f64, storage::erf_f32};
+use dptrain_core::{DType, GradStore, Init, ParamBuilder, ParamId, Role, Tape, Tensor};
+
+fn store() -> dptrain_core::ParamStore {
+    let mut b = ParamBuilder::new();
+    b.scope("l0", |b| {
+        b.add("weight", &[4, 3], Role::Input, 3, 4, Init::Normal { std: 0.5 });
+        b.add("bias", &[4], Role::Vector, 1, 4, Init::Const(0.1));
+    });
+    b.scope("l1", |b| {
+        b.add("weight", &[2, 4], Role::Output, 4, 2, Init::Uniform { bound: 0.5 });
+    });
+    b.add("unused", &[3], Role::Vector, 1, 3, Init::Const(1.0));
+    b.build(7, DType::F32).unwrap()
+}
+
+#[test]
+fn grad_final_events_fire_once_in_backward_order() {
+    let ps = store();
+    assert_eq!(ps.infos().iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["l0.weight", "l0.bias", "l1.weight", "unused"]);
+    let mut grads = GradStore::new(&ps);
+    let tape = Tape::new();
+    let x = tape.constant(Tensor::from_vec(vec![0.3f32, -0.2, 0.5, 1.0, 0.1, -0.7], &[2, 3]).unwrap());
+    let w0 = tape.param(&ps, ParamId(0));
+    let b0 = tape.param(&ps, ParamId(1));
+    let w1 = tape.param(&ps, ParamId(2));
+    let _unused_on_tape = tape.param(&ps, ParamId(3));
+    // w0 is used twice: it must fire only after its second (earlier-in-forward) use.
+    let h = x.linear(w0, Some(b0)).unwrap().tanh().unwrap();
+    let h2 = x.linear(w0, None).unwrap().add(h).unwrap();
+    let loss = h2.linear(w1, None).unwrap().square().unwrap().mean_all().unwrap();
+    let mut order = vec![];
+    tape.backward(loss, &mut grads, |p, g| {
+        // The gradient must be complete when the event fires: check w0's against the end value later.
+        order.push((p, g.get(p).to_vec()));
+    })
+    .unwrap();
+    let ids: Vec<usize> = order.iter().map(|(p, _)| p.0).collect();
+    assert_eq!(ids, vec![2, 0, 1, 3], "backward order: l1.weight, then l0.* (w0 after its last use), unused last");
+    for (p, g) in &order {
+        assert_eq!(g, &grads.get(*p).to_vec(), "gradient of {p:?} changed after its final event");
+    }
+    assert!(grads.get(ParamId(3)).iter().all(|&v| v == 0.0));
+    assert!(grads.get(ParamId(0)).iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn gradients_accumulate_until_zero_grad() {
+    let ps = store();
+    let mut grads = GradStore::new(&ps);
+    let run = |grads: &mut GradStore| {
+        let tape = Tape::new();
+        let x = tape.constant(Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[1, 3]).unwrap());
+        let loss = x.linear(tape.param(&ps, ParamId(0)), None).unwrap().sum_all().unwrap();
+        tape.backward(loss, grads, |_, _| {}).unwrap();
+    };
+    grads.zero_grad();
+    run(&mut grads);
+    let once = grads.get(ParamId(0)).to_vec();
+    assert_eq!(&once[..3], &[1.0, 2.0, 3.0]);
+    run(&mut grads);
+    let twice = grads.get(ParamId(0)).to_vec();
+    assert!(once.iter().zip(&twice).all(|(a, b)| (2.0 * a - b).abs() < 1e-6));
+    grads.zero_grad();
+    run(&mut grads);
+    assert_eq!(grads.get(ParamId(0)).to_vec(), once);
+}
+
+#[test]
+fn a_gradient_reaching_an_op_without_backward_is_an_error() {
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::ones(&[3], DType::F32));
+    let y = tape.record_no_backward("argmax_like", Tensor::ones(&[3], DType::F32), &[x]);
+    let loss = y.sum_all().unwrap();
+    let ps = ParamBuilder::new().build(0, DType::F32).unwrap();
+    let err = tape.backward(loss, &mut GradStore::new(&ps), |_, _| {}).err().expect("must fail");
+    assert!(err.to_string().contains("argmax_like"), "{err}");
+    // And a second backward on the same tape is refused.
+    assert!(tape.backward(loss, &mut GradStore::new(&ps), |_, _| {}).is_err());
+}
+
+#[test]
+fn optimizer_cannot_write_params_while_a_tape_holds_them() {
+    let mut ps = store();
+    {
+        let tape = Tape::new();
+        let _w = tape.param(&ps, ParamId(0));
+        // ps is borrowed by the tape here; the flat buffer is shared
+        assert!(ps.flat().numel() > 0);
+    }
+    assert!(ps.flat_mut::<f32>().is_ok());
+}
+
+#[test]
+fn steady_state_step_reuses_buffers() {
+    // A linear + tanh + cross-entropy step on 64×256 activations: after two warm-up steps,
+    // no pooled request may miss.
+    let mut b = ParamBuilder::new();
+    let w = b.add("w", &[256, 256], Role::Hidden, 256, 256, Init::Normal { std: 0.05 });
+    let ps = b.build(1, DType::F32).unwrap();
+    let mut grads = GradStore::new(&ps);
+    let mut rng = Rng::new(3);
+    let x: Vec<f32> = (0..64 * 256).map(|_| rng.normal() as f32).collect();
+    let targets: Vec<u32> = (0..64).map(|i| i % 256).collect();
+    let step = |grads: &mut GradStore| {
+        let tape = Tape::new();
+        let xv = tape.constant(Tensor::from_slice(&x, &[64, 256]).unwrap());
+        let y = xv.linear(tape.param(&ps, w), None).unwrap().gelu(false).unwrap();
+        let loss = y.cross_entropy(&targets, 0.0).unwrap().loss;
+        grads.zero_grad();
+        tape.backward(loss, grads, |_, _| {}).unwrap();
+    };
+    step(&mut grads);
+    step(&mut grads);
+    let before = pool_stats();
+    for _ in 0..3 {
+        step(&mut grads);
+    }
+    let after = pool_stats();
+    // Other tests run in parallel threads and share the pool, so only this test's own traffic
+    // is bounded from below; misses must not grow with steps.
+    assert!(after.hits - before.hits >= 3 * 5, "expected pooled reuse, got {before:?} -> {after:?}");
+    assert!(after.misses - before.misses <= 2, "steady state allocated: {before:?} -> {after:?}");
+}
+
+#[test]
+fn views_do_not_copy_and_contiguous_copies_only_when_needed() {
+    let t = Tensor::from_vec((0..24).map(|x| x as f32).collect(), &[2, 3, 4]).unwrap();
+    let tr = t.transpose(1, 2).unwrap();
+    assert!(tr.same_storage(&t) && !tr.is_contiguous());
+    let c = tr.contiguous();
+    assert!(!c.same_storage(&t));
+    assert_eq!(c.to_vec::<f32>().unwrap()[..4], [0.0, 4.0, 8.0, 1.0]);
+    assert!(t.contiguous().same_storage(&t));
+    let n = t.narrow(2, 1, 2).unwrap();
+    assert_eq!(n.to_vec::<f32>().unwrap()[..4], [1.0, 2.0, 5.0, 6.0]);
+    assert!(t.reshape(&[6, 4]).unwrap().same_storage(&t));
+}
+
+#[test]
+fn erf_is_accurate() {
+    // erf_f64 against known values; erf_f32 against erf_f64.
+    for (x, want) in [(0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (-2.0, -0.995_322_265_018_952_7), (0.01, 0.011_283_415_555_849_618)] {
+        assert!((erf_f64(x) - want).abs() < 1e-15, "erf({x}) = {}", erf_f64(x));
+    }
+    let mut worst: f64 = 0.0;
+    for i in -6000..=6000 {
+        let x = i as f64 / 1000.0;
+        worst = worst.max((erf_f32(x as f32) as f64 - erf_f64(x)).abs());
+    }
+    assert!(worst < 5e-7, "f32 erf max error {worst:e}");
+}
+
+#[test]
+fn param_store_roundtrips_through_safetensors() {
+    let ps = store();
+    let dir = std::env::temp_dir().join(format!("dptrain-st-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("p.safetensors");
+    ps.save_safetensors(&path).unwrap();
+    let mut other = {
+        let mut b = ParamBuilder::new();
+        b.scope("l0", |b| {
+            b.add("weight", &[4, 3], Role::Input, 3, 4, Init::Const(0.0));
+            b.add("bias", &[4], Role::Vector, 1, 4, Init::Const(0.0));
+        });
+        b.scope("l1", |b| b.add("weight", &[2, 4], Role::Output, 4, 2, Init::Const(0.0)));
+        b.add("unused", &[3], Role::Vector, 1, 3, Init::Const(0.0));
+        b.build(0, DType::F32).unwrap()
+    };
+    other.load_safetensors(&path).unwrap();
+    assert_eq!(other.flat().to_vec::<f32>().unwrap(), ps.flat().to_vec::<f32>().unwrap());
+    assert_eq!(other.layout_fingerprint(), ps.layout_fingerprint());
+    // A file with a missing tensor is rejected, naming it, and nothing is written.
+    std::fs::write(&path, b"garbage").unwrap();
+    let err = other.load_safetensors(&path).unwrap_err().to_string();
+    assert!(err.contains("p.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn init_is_deterministic_per_seed() {
+    let a = store().flat().to_vec::<f32>().unwrap();
+    let b = store().flat().to_vec::<f32>().unwrap();
+    assert_eq!(a, b);
+    assert_eq!(&a[12..16], &[0.1, 0.1, 0.1, 0.1]);
+    let std: f64 = (a[..12].iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / 12.0).sqrt();
+    assert!(std > 0.2 && std < 0.9, "std {std}");
+}
