@@ -1,0 +1,147 @@
+//! GPT: a pre-LN decoder-only Transformer as in nanoGPT/GPT-2 — learned token and position
+//! embeddings, causal multi-head attention (the fused core), a GELU MLP, final LayerNorm and an
+//! untied readout. Optional biases; optional z-loss. Parameter names follow nanoGPT
+//! (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map onto PyTorch code directly.
+//!
+//! Probes recorded per step: `attn_logit_max/<layer>`, `resid_rms/<layer>` (after the block),
+//! `logit_mean`, `log_z` (output-logit divergence; Wortsman et al. 2023).
+
+use crate::nn::{rms, LayerNorm, Linear};
+use dptrain_core::model::{Batch, Model};
+use dptrain_core::probe::ProbeSink;
+use dptrain_core::{Error, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Var};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub context: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub mlp_ratio: usize,
+    /// Biases in Linear and LayerNorm layers (GPT-2 has them).
+    pub bias: bool,
+    /// Coefficient of the z-loss term coef · log²Z (0 disables).
+    pub z_loss: f64,
+    /// Use the tanh approximation of GELU (GPT-2's) instead of the exact erf form.
+    pub gelu_tanh: bool,
+}
+
+impl Default for GptConfig {
+    fn default() -> Self {
+        GptConfig { vocab_size: 256, context: 128, d_model: 128, n_layers: 4, n_heads: 4, mlp_ratio: 4, bias: true, z_loss: 0.0, gelu_tanh: false }
+    }
+}
+
+impl GptConfig {
+    pub fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let pos = |k: &str, v: usize| if v == 0 { Err((format!("model.{k}"), "must be positive".to_string())) } else { Ok(()) };
+        pos("vocab_size", self.vocab_size)?;
+        pos("context", self.context)?;
+        pos("d_model", self.d_model)?;
+        pos("n_layers", self.n_layers)?;
+        pos("n_heads", self.n_heads)?;
+        pos("mlp_ratio", self.mlp_ratio)?;
+        if self.d_model % self.n_heads != 0 {
+            return Err(("model.n_heads".into(), format!("must divide model.d_model = {}", self.d_model)));
+        }
+        if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
+            return Err(("model.z_loss".into(), "must be a finite number ≥ 0".into()));
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt {
+    pub cfg: GptConfig,
+    wte: ParamId,
+    wpe: ParamId,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+}
+
+impl Gpt {
+    /// Declares the parameters. Init as nanoGPT: N(0, 0.02) for weights and embeddings, residual
+    /// projections N(0, 0.02/√(2·n_layers)), zero biases, unit LayerNorm gains.
+    pub fn new(cfg: GptConfig, pb: &mut ParamBuilder) -> Result<Gpt> {
+        cfg.validate().map_err(|(key, msg)| Error::Config { key, msg })?;
+        let (c, v, l) = (cfg.d_model, cfg.vocab_size, cfg.n_layers);
+        let std = Init::Normal { std: 0.02 };
+        let proj_std = Init::Normal { std: 0.02 / ((2 * l) as f64).sqrt() };
+        let zero = Init::Const(0.0);
+        let hid = cfg.mlp_ratio * c;
+        let (wte, wpe, blocks, ln_f) = pb.scope("transformer", |pb| {
+            let wte = pb.scope("wte", |pb| pb.add("weight", &[v, c], Role::Input, v, c, std));
+            let wpe = pb.scope("wpe", |pb| pb.add("weight", &[cfg.context, c], Role::Input, cfg.context, c, std));
+            let blocks = (0..l)
+                .map(|i| {
+                    pb.scope("h", |pb| {
+                        pb.scope(i.to_string(), |pb| Block {
+                            ln_1: LayerNorm::new(pb, "ln_1", c, cfg.bias),
+                            c_attn: pb.scope("attn", |pb| Linear::new(pb, "c_attn", c, 3 * c, cfg.bias, Role::Hidden, std, zero)),
+                            attn_proj: pb.scope("attn", |pb| Linear::new(pb, "c_proj", c, c, cfg.bias, Role::Hidden, proj_std, zero)),
+                            ln_2: LayerNorm::new(pb, "ln_2", c, cfg.bias),
+                            c_fc: pb.scope("mlp", |pb| Linear::new(pb, "c_fc", c, hid, cfg.bias, Role::Hidden, std, zero)),
+                            mlp_proj: pb.scope("mlp", |pb| Linear::new(pb, "c_proj", hid, c, cfg.bias, Role::Hidden, proj_std, zero)),
+                        })
+                    })
+                })
+                .collect();
+            let ln_f = LayerNorm::new(pb, "ln_f", c, cfg.bias);
+            (wte, wpe, blocks, ln_f)
+        });
+        let lm_head = Linear::new(pb, "lm_head", c, v, false, Role::Output, std, zero);
+        Ok(Gpt { cfg, wte, wpe, blocks, ln_f, lm_head })
+    }
+
+    /// Logits `[B, T, V]` for token ids `[B, T]`.
+    pub fn logits<'t>(&self, tape: &'t Tape, ps: &ParamStore, ids: &[u32], b: usize, t: usize, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
+        if t > self.cfg.context || t == 0 || ids.len() != b * t {
+            return Err(Error::shape("gpt", format!("{} ids as [{b}, {t}] with context {}", ids.len(), self.cfg.context)));
+        }
+        let tok = tape.param(ps, self.wte).embedding(ids, &[b, t])?;
+        let pos = tape.param(ps, self.wpe).narrow(0, 0, t)?;
+        let mut x = tok.add(pos)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = blk.ln_1.forward(tape, ps, x)?;
+            let qkv = blk.c_attn.forward(tape, ps, h)?;
+            let att = qkv.causal_attention(self.cfg.n_heads)?;
+            probes.record(&format!("attn_logit_max/{i}"), att.max_logit);
+            x = x.add(blk.attn_proj.forward(tape, ps, att.y)?)?;
+            let h = blk.ln_2.forward(tape, ps, x)?;
+            let m = blk.c_fc.forward(tape, ps, h)?.gelu(self.cfg.gelu_tanh)?;
+            x = x.add(blk.mlp_proj.forward(tape, ps, m)?)?;
+            probes.record(&format!("resid_rms/{i}"), rms(&x));
+        }
+        let x = self.ln_f.forward(tape, ps, x)?;
+        self.lm_head.forward(tape, ps, x)
+    }
+}
+
+impl Model for Gpt {
+    fn loss<'t>(&self, tape: &'t Tape, params: &ParamStore, batch: &Batch, _train: bool, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
+        let Batch::Tokens { inputs, targets, batch, context } = batch else {
+            return Err(Error::Msg("gpt needs a token batch (data.kind synthetic-lm, text or tokens)".into()));
+        };
+        let logits = self.logits(tape, params, inputs, *batch, *context, probes)?;
+        let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
+        probes.record("logit_mean", ce.logit_mean);
+        probes.record("log_z", ce.log_z_mean);
+        Ok(ce.loss)
+    }
+    fn describe(&self) -> String {
+        let c = &self.cfg;
+        format!("gpt(vocab {}, context {}, d_model {}, {} layers, {} heads)", c.vocab_size, c.context, c.d_model, c.n_layers, c.n_heads)
+    }
+}

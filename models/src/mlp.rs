@@ -1,0 +1,79 @@
+//! MLP classifier: flattened input → [Linear (→ BatchNorm) → ReLU] × depth → Linear head.
+//! PyTorch default init. Probes: `resid_rms/<layer>` (activation RMS after each hidden layer),
+//! `logit_mean`, `log_z`.
+
+use crate::nn::{rms, BatchNorm, Linear};
+use dptrain_core::model::{Batch, Model};
+use dptrain_core::probe::ProbeSink;
+use dptrain_core::{Error, ParamBuilder, ParamStore, Result, Role, Tape, Tensor, Var};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Input features (e.g. 784 for 28×28 images); must match the data's C·H·W.
+    pub input_dim: usize,
+    /// Hidden widths, one per hidden layer.
+    pub widths: Vec<usize>,
+    pub classes: usize,
+    pub batch_norm: bool,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, batch_norm: false }
+    }
+}
+
+pub struct Mlp {
+    pub cfg: MlpConfig,
+    layers: Vec<(Linear, Option<BatchNorm>)>,
+    head: Linear,
+}
+
+impl Mlp {
+    pub fn new(cfg: MlpConfig, pb: &mut ParamBuilder) -> Result<Mlp> {
+        if cfg.input_dim == 0 || cfg.classes == 0 || cfg.widths.iter().any(|&w| w == 0) {
+            return Err(Error::Config { key: "model".into(), msg: "mlp input_dim, widths and classes must be positive".into() });
+        }
+        let mut fan_in = cfg.input_dim;
+        let mut layers = vec![];
+        for (i, &w) in cfg.widths.iter().enumerate() {
+            let role = if i == 0 { Role::Input } else { Role::Hidden };
+            let lin = pb.scope("layers", |pb| Linear::torch_default(pb, &i.to_string(), fan_in, w, !cfg.batch_norm, role));
+            let bn = cfg.batch_norm.then(|| pb.scope("bn", |pb| BatchNorm::new(pb, &i.to_string(), w)));
+            layers.push((lin, bn));
+            fan_in = w;
+        }
+        let head = Linear::torch_default(pb, "head", fan_in, cfg.classes, true, Role::Output);
+        Ok(Mlp { cfg, layers, head })
+    }
+}
+
+impl Model for Mlp {
+    fn loss<'t>(&self, tape: &'t Tape, ps: &ParamStore, batch: &Batch, train: bool, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
+        let Batch::Images { pixels, labels, batch, shape } = batch else {
+            return Err(Error::Msg("mlp needs an image batch (data.kind synthetic-images or npy)".into()));
+        };
+        let feat: usize = shape.iter().product();
+        if feat != self.cfg.input_dim {
+            return Err(Error::Config { key: "model.input_dim".into(), msg: format!("is {}, but the data has {feat} features per sample", self.cfg.input_dim) });
+        }
+        let x = Tensor::from_slice(pixels, &[*batch, feat])?.to_dtype(ps.dtype());
+        let mut h = tape.constant(x);
+        for (i, (lin, bn)) in self.layers.iter().enumerate() {
+            h = lin.forward(tape, ps, h)?;
+            if let Some(bn) = bn {
+                h = bn.forward(tape, ps, h, train)?;
+            }
+            h = h.relu()?;
+            probes.record(&format!("resid_rms/{i}"), rms(&h));
+        }
+        let ce = self.head.forward(tape, ps, h)?.cross_entropy(labels, 0.0)?;
+        probes.record("logit_mean", ce.logit_mean);
+        probes.record("log_z", ce.log_z_mean);
+        Ok(ce.loss)
+    }
+    fn describe(&self) -> String {
+        format!("mlp({} -> {:?} -> {}, batch_norm {})", self.cfg.input_dim, self.cfg.widths, self.cfg.classes, self.cfg.batch_norm)
+    }
+}

@@ -1,0 +1,90 @@
+//! Small layer helpers shared by the models: a layer is a set of `ParamId`s plus a forward
+//! function that takes the tape and the store. Init follows PyTorch's defaults so results are
+//! comparable with the same model written in torch.
+
+use dptrain_core::ops::fused::batch_norm::RunningStats;
+use dptrain_core::params::BufferId;
+use dptrain_core::{DType, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Var};
+
+/// `nn.Linear(fan_in, fan_out, bias)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Linear {
+    pub w: ParamId,
+    pub b: Option<ParamId>,
+}
+
+impl Linear {
+    /// Declares `name.weight [out, in]` (and `name.bias`) with the given weight init; the bias
+    /// starts at zero unless `bias_init` says otherwise.
+    pub fn new(pb: &mut ParamBuilder, name: &str, fan_in: usize, fan_out: usize, bias: bool, role: Role, w_init: Init, bias_init: Init) -> Linear {
+        pb.scope(name, |pb| Linear {
+            w: pb.add("weight", &[fan_out, fan_in], role, fan_in, fan_out, w_init),
+            b: bias.then(|| pb.add("bias", &[fan_out], Role::Vector, 1, fan_out, bias_init)),
+        })
+    }
+    /// PyTorch's default init: U(±1/√fan_in) for weight and bias.
+    pub fn torch_default(pb: &mut ParamBuilder, name: &str, fan_in: usize, fan_out: usize, bias: bool, role: Role) -> Linear {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        Self::new(pb, name, fan_in, fan_out, bias, role, Init::Uniform { bound }, Init::Uniform { bound })
+    }
+    pub fn forward<'t>(&self, tape: &'t Tape, ps: &ParamStore, x: Var<'t>) -> Result<Var<'t>> {
+        x.linear(tape.param(ps, self.w), self.b.map(|b| tape.param(ps, b)))
+    }
+}
+
+/// `nn.LayerNorm(dim, bias=bias)`.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNorm {
+    pub w: ParamId,
+    pub b: Option<ParamId>,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &mut ParamBuilder, name: &str, dim: usize, bias: bool) -> LayerNorm {
+        pb.scope(name, |pb| LayerNorm {
+            w: pb.add("weight", &[dim], Role::Vector, 1, dim, Init::Const(1.0)),
+            b: bias.then(|| pb.add("bias", &[dim], Role::Vector, 1, dim, Init::Const(0.0))),
+        })
+    }
+    pub fn forward<'t>(&self, tape: &'t Tape, ps: &ParamStore, x: Var<'t>) -> Result<Var<'t>> {
+        x.layer_norm(Some(tape.param(ps, self.w)), self.b.map(|b| tape.param(ps, b)), 1e-5)
+    }
+}
+
+/// `nn.BatchNorm1d/2d(c)` with running statistics as store buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNorm {
+    pub w: ParamId,
+    pub b: ParamId,
+    pub mean: BufferId,
+    pub var: BufferId,
+}
+
+impl BatchNorm {
+    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize) -> BatchNorm {
+        pb.scope(name, |pb| BatchNorm {
+            w: pb.add("weight", &[c], Role::Vector, 1, c, Init::Const(1.0)),
+            b: pb.add("bias", &[c], Role::Vector, 1, c, Init::Const(0.0)),
+            mean: pb.add_buffer("running_mean", &[c], 0.0),
+            var: pb.add_buffer("running_var", &[c], 1.0),
+        })
+    }
+    pub fn forward<'t>(&self, tape: &'t Tape, ps: &ParamStore, x: Var<'t>, train: bool) -> Result<Var<'t>> {
+        let stats = RunningStats { mean: ps.buffer(self.mean), var: ps.buffer(self.var), momentum: 0.1 };
+        x.batch_norm(tape.param(ps, self.w), tape.param(ps, self.b), stats, train, 1e-5)
+    }
+}
+
+/// Root-mean-square of a value (a probe; not differentiated).
+pub fn rms(v: &Var<'_>) -> f64 {
+    let t = v.value().contiguous();
+    let (ss, n) = match t.dtype() {
+        DType::F32 => t.data::<f32>().map(|d| (d.iter().map(|&x| (x * x) as f64).sum::<f64>(), d.len())).unwrap_or((0.0, 0)),
+        _ => t.to_vec::<f64>().map(|d| (d.iter().map(|x| x * x).sum::<f64>(), d.len())).unwrap_or((0.0, 0)),
+    };
+    if n == 0 {
+        0.0
+    } else {
+        (ss / n as f64).sqrt()
+    }
+}

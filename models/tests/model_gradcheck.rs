@@ -1,0 +1,80 @@
+//! Whole-model gradient checks on tiny instances in f64: for two entries of every parameter
+//! tensor, the backprop gradient must match a central finite difference of the full loss.
+
+use dptrain_core::model::{Batch, Model};
+use dptrain_core::probe::Probes;
+use dptrain_core::rng::Rng;
+use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
+use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
+
+fn loss_and_grads(m: &dyn Model, ps: &ParamStore, b: &Batch) -> (f64, Vec<f64>) {
+    let tape = Tape::new();
+    let loss = m.loss(&tape, ps, b, true, &mut Probes::default()).unwrap();
+    let l = loss.item().unwrap();
+    let mut g = GradStore::new(ps);
+    g.zero_grad();
+    tape.backward(loss, &mut g, |_, _| {}).unwrap();
+    (l, g.flat().to_vec::<f64>().unwrap())
+}
+
+fn check_model(name: &str, m: &dyn Model, mut ps: ParamStore, b: &Batch) {
+    let (_, grads) = loss_and_grads(m, &ps, b);
+    let mut rng = Rng::new(5);
+    let infos = ps.infos().to_vec();
+    let h = 1e-6;
+    let mut checked = 0;
+    for p in &infos {
+        for _ in 0..2 {
+            let i = p.offset + rng.below(p.numel as u64) as usize;
+            let orig = ps.flat_mut::<f64>().unwrap()[i];
+            ps.flat_mut::<f64>().unwrap()[i] = orig + h;
+            let lp = loss_and_grads(m, &ps, b).0;
+            ps.flat_mut::<f64>().unwrap()[i] = orig - h;
+            let lm = loss_and_grads(m, &ps, b).0;
+            ps.flat_mut::<f64>().unwrap()[i] = orig;
+            let num = (lp - lm) / (2.0 * h);
+            let err = (num - grads[i]).abs();
+            assert!(err <= 1e-6 * num.abs().max(1e-2), "{name}: {} [{}]: backprop {} vs numeric {num}", p.name, i - p.offset, grads[i]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2 * infos.len());
+}
+
+#[test]
+fn gpt_gradients() {
+    let cfg = GptConfig { vocab_size: 11, context: 6, d_model: 8, n_layers: 2, n_heads: 2, mlp_ratio: 2, bias: true, z_loss: 1e-2, gelu_tanh: false };
+    let mut pb = ParamBuilder::new();
+    let m = Gpt::new(cfg, &mut pb).unwrap();
+    let ps = pb.build(1, DType::F64).unwrap();
+    assert_eq!(ps.infos()[0].name, "transformer.wte.weight");
+    assert!(ps.id("transformer.h.1.attn.c_attn.bias").is_some() && ps.id("lm_head.weight").is_some());
+    let mut rng = Rng::new(2);
+    let ids: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
+    let targets: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
+    check_model("gpt", &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
+}
+
+fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
+    let mut rng = Rng::new(3);
+    Batch::Images { pixels: (0..n * shape.iter().product::<usize>()).map(|_| rng.normal() as f32).collect(), labels: (0..n).map(|_| rng.below(classes) as u32).collect(), batch: n, shape }
+}
+
+#[test]
+fn mlp_gradients() {
+    for bn in [false, true] {
+        let mut pb = ParamBuilder::new();
+        let m = Mlp::new(MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, batch_norm: bn }, &mut pb).unwrap();
+        let ps = pb.build(4, DType::F64).unwrap();
+        check_model(if bn { "mlp+bn" } else { "mlp" }, &m, ps, &images(5, [1, 2, 3], 3));
+    }
+}
+
+#[test]
+fn resnet_gradients() {
+    let mut pb = ParamBuilder::new();
+    let m = ResNet::new(ResNetConfig { in_channels: 2, width: 2, depth: 1, classes: 3 }, &mut pb).unwrap();
+    let ps = pb.build(6, DType::F64).unwrap();
+    assert!(ps.id("layer2.0.downsample.0.weight").is_some());
+    check_model("resnet", &m, ps, &images(3, [2, 6, 6], 3));
+}
