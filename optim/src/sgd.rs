@@ -1,0 +1,65 @@
+//! SGD with momentum and Nesterov, matching `torch.optim.SGD` exactly: g ← g + λθ;
+//! b ← μb + (1 − dampening)g (b = g on the first step); g ← g + μb (Nesterov) or b; θ ← θ − lr·g.
+
+use crate::{decay_mask, join_state, split_state, Optimizer, Result};
+use dptrain_core::{GradStore, ParamStore, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConfig {
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub decay_vectors: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: false, weight_decay: 0.0, decay_vectors: true }
+    }
+}
+
+pub struct Sgd {
+    pub cfg: SgdConfig,
+    buf: Vec<f32>,
+    mask: Vec<f32>,
+    started: bool,
+}
+
+impl Sgd {
+    pub fn new(cfg: SgdConfig, params: &ParamStore) -> Sgd {
+        Sgd { cfg, buf: vec![0.0; params.numel()], mask: decay_mask(params, cfg.decay_vectors), started: false }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
+        let c = self.cfg;
+        let (wd, mu, damp, lr) = (c.weight_decay as f32, c.momentum as f32, c.dampening as f32, lr as f32);
+        let g = grads.flat().data::<f32>()?;
+        let p = params.flat_mut::<f32>()?;
+        let first = !self.started;
+        for i in 0..p.len() {
+            let mut d = g[i] + wd * self.mask[i] * p[i];
+            if mu != 0.0 {
+                let b = if first { d } else { mu * self.buf[i] + (1.0 - damp) * d };
+                self.buf[i] = b;
+                d = if c.nesterov { d + mu * b } else { b };
+            }
+            p[i] -= lr * d;
+        }
+        self.started = true;
+        Ok(())
+    }
+    fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
+        (split_state("momentum_buffer", &self.buf, params), serde_json::json!({ "started": self.started }))
+    }
+    fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        join_state("momentum_buffer", &mut self.buf, params, t)?;
+        self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| crate::OptimError::State("missing `started`".into()))?;
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+}
