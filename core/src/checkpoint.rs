@@ -22,7 +22,9 @@ pub fn tensors_to_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .collect::<Result<_>>()?;
     let views = bufs
         .iter()
-        .map(|(n, s, b)| Ok((n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Msg(e.to_string()))?)))
+        .map(|(n, s, b)| {
+            Ok((n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Msg(e.to_string()))?))
+        })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::Msg(format!("safetensors: {e}")))
 }

@@ -85,7 +85,17 @@ impl ParamBuilder {
     pub fn add(&mut self, name: &str, shape: &[usize], role: Role, fan_in: usize, fan_out: usize, init: Init) -> ParamId {
         let numel = shape.iter().product();
         let id = ParamId(self.infos.len());
-        self.infos.push(ParamInfo { id, name: self.full_name(name), shape: shape.to_vec(), offset: self.total, numel, role, fan_in, fan_out, init });
+        self.infos.push(ParamInfo {
+            id,
+            name: self.full_name(name),
+            shape: shape.to_vec(),
+            offset: self.total,
+            numel,
+            role,
+            fan_in,
+            fan_out,
+            init,
+        });
         self.total += numel;
         id
     }
@@ -109,11 +119,7 @@ impl ParamBuilder {
         }
         let values = Tensor::from_vec(flat, &[self.total])?.to_dtype(dtype);
         let by_name = self.infos.iter().map(|p| (p.name.clone(), p.id)).collect();
-        let buffers = self
-            .buffers
-            .into_iter()
-            .map(|(name, shape, v)| (name, Mutex::new(Tensor::full(&shape, v, dtype))))
-            .collect();
+        let buffers = self.buffers.into_iter().map(|(name, shape, v)| (name, Mutex::new(Tensor::full(&shape, v, dtype)))).collect();
         Ok(ParamStore { infos: self.infos, values, by_name, buffers, dtype })
     }
 }

@@ -2,7 +2,7 @@
 //! loud failures, buffer reuse, views, erf accuracy and parameter-store I/O.
 
 use dptrain_core::rng::Rng;
-use dptrain_core::tensor::{pool_stats, storage::erf_f64, storage::erf_f32};
+use dptrain_core::tensor::{pool_stats, storage::erf_f32, storage::erf_f64};
 use dptrain_core::{DType, GradStore, Init, ParamBuilder, ParamId, Role, Tape, Tensor};
 
 fn store() -> dptrain_core::ParamStore {
@@ -144,7 +144,12 @@ fn views_do_not_copy_and_contiguous_copies_only_when_needed() {
 #[test]
 fn erf_is_accurate() {
     // erf_f64 against known values; erf_f32 against erf_f64.
-    for (x, want) in [(0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (-2.0, -0.995_322_265_018_952_7), (0.01, 0.011_283_415_555_849_618)] {
+    for (x, want) in [
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (-2.0, -0.995_322_265_018_952_7),
+        (0.01, 0.011_283_415_555_849_618),
+    ] {
         assert!((erf_f64(x) - want).abs() < 1e-15, "erf({x}) = {}", erf_f64(x));
     }
     let mut worst: f64 = 0.0;

@@ -30,7 +30,10 @@ fn assert_close(name: &str, got: &Tensor, want: &Value, tol: f64) {
 fn layer_norm_matches_torch() {
     let f = &fixtures()["layer_norm"];
     let tape = Tape::new();
-    let y = tape.constant(tensor(&f["x"])).layer_norm(Some(tape.constant(tensor(&f["w"]))), Some(tape.constant(tensor(&f["b"]))), 1e-5).unwrap();
+    let y = tape
+        .constant(tensor(&f["x"]))
+        .layer_norm(Some(tape.constant(tensor(&f["w"]))), Some(tape.constant(tensor(&f["b"]))), 1e-5)
+        .unwrap();
     assert_close("layer_norm", &y.value(), &f["y"], 2e-6);
 }
 
@@ -78,6 +81,7 @@ fn batch_norm_train_and_eval_match_torch() {
     assert_close("bn train", &y.value(), &f["y_train"], 2e-6);
     assert_close("bn running_mean", &mean.lock().unwrap(), &f["running_mean"], 1e-6);
     assert_close("bn running_var", &var.lock().unwrap(), &f["running_var"], 1e-6);
-    let y = tape.constant(tensor(&f["x_eval"])).batch_norm(w, b, RunningStats { mean: &mean, var: &var, momentum: 0.1 }, false, 1e-5).unwrap();
+    let y =
+        tape.constant(tensor(&f["x_eval"])).batch_norm(w, b, RunningStats { mean: &mean, var: &var, momentum: 0.1 }, false, 1e-5).unwrap();
     assert_close("bn eval", &y.value(), &f["y_eval"], 2e-6);
 }

@@ -30,7 +30,17 @@ pub struct GptConfig {
 
 impl Default for GptConfig {
     fn default() -> Self {
-        GptConfig { vocab_size: 256, context: 128, d_model: 128, n_layers: 4, n_heads: 4, mlp_ratio: 4, bias: true, z_loss: 0.0, gelu_tanh: false }
+        GptConfig {
+            vocab_size: 256,
+            context: 128,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            mlp_ratio: 4,
+            bias: true,
+            z_loss: 0.0,
+            gelu_tanh: false,
+        }
     }
 }
 
@@ -106,7 +116,15 @@ impl Gpt {
     }
 
     /// Logits `[B, T, V]` for token ids `[B, T]`.
-    pub fn logits<'t>(&self, tape: &'t Tape, ps: &ParamStore, ids: &[u32], b: usize, t: usize, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
+    pub fn logits<'t>(
+        &self,
+        tape: &'t Tape,
+        ps: &ParamStore,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        probes: &mut dyn ProbeSink,
+    ) -> Result<Var<'t>> {
         if t > self.cfg.context || t == 0 || ids.len() != b * t {
             return Err(Error::shape("gpt", format!("{} ids as [{b}, {t}] with context {}", ids.len(), self.cfg.context)));
         }

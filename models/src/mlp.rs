@@ -56,7 +56,10 @@ impl Model for Mlp {
         };
         let feat: usize = shape.iter().product();
         if feat != self.cfg.input_dim {
-            return Err(Error::Config { key: "model.input_dim".into(), msg: format!("is {}, but the data has {feat} features per sample", self.cfg.input_dim) });
+            return Err(Error::Config {
+                key: "model.input_dim".into(),
+                msg: format!("is {}, but the data has {feat} features per sample", self.cfg.input_dim),
+            });
         }
         let x = Tensor::from_slice(pixels, &[*batch, feat])?.to_dtype(ps.dtype());
         let mut h = tape.constant(x);

@@ -16,7 +16,16 @@ pub struct Linear {
 impl Linear {
     /// Declares `name.weight [out, in]` (and `name.bias`) with the given weight init; the bias
     /// starts at zero unless `bias_init` says otherwise.
-    pub fn new(pb: &mut ParamBuilder, name: &str, fan_in: usize, fan_out: usize, bias: bool, role: Role, w_init: Init, bias_init: Init) -> Linear {
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        bias: bool,
+        role: Role,
+        w_init: Init,
+        bias_init: Init,
+    ) -> Linear {
         pb.scope(name, |pb| Linear {
             w: pb.add("weight", &[fan_out, fan_in], role, fan_in, fan_out, w_init),
             b: bias.then(|| pb.add("bias", &[fan_out], Role::Vector, 1, fan_out, bias_init)),

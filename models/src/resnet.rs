@@ -79,7 +79,9 @@ impl ResNet {
                         conv2: Conv::new(pb, "conv2", cout, cout, 3, 1, Role::Hidden),
                         bn2: BatchNorm::new(pb, "bn2", cout),
                         downsample: (stride != 1 || cin != cout).then(|| {
-                            pb.scope("downsample", |pb| (Conv::new(pb, "0", cin, cout, 1, stride, Role::Hidden), BatchNorm::new(pb, "1", cout)))
+                            pb.scope("downsample", |pb| {
+                                (Conv::new(pb, "0", cin, cout, 1, stride, Role::Hidden), BatchNorm::new(pb, "1", cout))
+                            })
                         }),
                     })
                 });
@@ -98,7 +100,10 @@ impl Model for ResNet {
             return Err(Error::Msg("resnet needs an image batch (data.kind synthetic-images or npy)".into()));
         };
         if shape[0] != self.cfg.in_channels {
-            return Err(Error::Config { key: "model.in_channels".into(), msg: format!("is {}, but images have {} channels", self.cfg.in_channels, shape[0]) });
+            return Err(Error::Config {
+                key: "model.in_channels".into(),
+                msg: format!("is {}, but images have {} channels", self.cfg.in_channels, shape[0]),
+            });
         }
         let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype());
         let x = tape.constant(x);

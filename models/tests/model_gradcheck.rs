@@ -43,7 +43,17 @@ fn check_model(name: &str, m: &dyn Model, mut ps: ParamStore, b: &Batch) {
 
 #[test]
 fn gpt_gradients() {
-    let cfg = GptConfig { vocab_size: 11, context: 6, d_model: 8, n_layers: 2, n_heads: 2, mlp_ratio: 2, bias: true, z_loss: 1e-2, gelu_tanh: false };
+    let cfg = GptConfig {
+        vocab_size: 11,
+        context: 6,
+        d_model: 8,
+        n_layers: 2,
+        n_heads: 2,
+        mlp_ratio: 2,
+        bias: true,
+        z_loss: 1e-2,
+        gelu_tanh: false,
+    };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
     let ps = pb.build(1, DType::F64).unwrap();
@@ -57,7 +67,12 @@ fn gpt_gradients() {
 
 fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
     let mut rng = Rng::new(3);
-    Batch::Images { pixels: (0..n * shape.iter().product::<usize>()).map(|_| rng.normal() as f32).collect(), labels: (0..n).map(|_| rng.below(classes) as u32).collect(), batch: n, shape }
+    Batch::Images {
+        pixels: (0..n * shape.iter().product::<usize>()).map(|_| rng.normal() as f32).collect(),
+        labels: (0..n).map(|_| rng.below(classes) as u32).collect(),
+        batch: n,
+        shape,
+    }
 }
 
 #[test]

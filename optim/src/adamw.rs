@@ -31,7 +31,15 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decay_mode: DecayMode::Coupled, peak_lr: 1e-3, decay_vectors: true }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decay_mode: DecayMode::Coupled,
+            peak_lr: 1e-3,
+            decay_vectors: true,
+        }
     }
 }
 

@@ -34,7 +34,12 @@ pub trait Optimizer: Send {
     /// Named state tensors (e.g. `exp_avg.transformer.wte.weight`) plus scalar state as JSON.
     fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value);
     /// Restores what `state` produced; names and shapes must match.
-    fn load_state(&mut self, params: &ParamStore, tensors: &std::collections::HashMap<String, Tensor>, scalars: &serde_json::Value) -> Result<()>;
+    fn load_state(
+        &mut self,
+        params: &ParamStore,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        scalars: &serde_json::Value,
+    ) -> Result<()>;
     fn name(&self) -> &'static str;
 }
 
@@ -48,7 +53,12 @@ pub(crate) fn split_state(prefix: &str, flat: &[f32], params: &ParamStore) -> Ve
 }
 
 /// Named per-parameter tensors → flat state buffer.
-pub(crate) fn join_state(prefix: &str, flat: &mut [f32], params: &ParamStore, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+pub(crate) fn join_state(
+    prefix: &str,
+    flat: &mut [f32],
+    params: &ParamStore,
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> Result<()> {
     for p in params.infos() {
         let key = format!("{prefix}.{}", p.name);
         let t = tensors.get(&key).ok_or_else(|| OptimError::State(format!("missing `{key}`")))?;

@@ -43,8 +43,16 @@ fn assert_close(name: &str, got: &[f32], want: &[f32]) {
 fn sgd_matches_torch() {
     let f = fixtures();
     let sgd = |c: SgdConfig| move |ps: &ParamStore| Box::new(Sgd::new(c, ps)) as Box<dyn Optimizer>;
-    assert_close("sgd momentum+wd", &run(&f, sgd(SgdConfig { momentum: 0.9, weight_decay: 0.01, ..Default::default() })), &vals(&f["sgd_momentum_wd"]));
-    assert_close("sgd nesterov", &run(&f, sgd(SgdConfig { momentum: 0.8, nesterov: true, ..Default::default() })), &vals(&f["sgd_nesterov"]));
+    assert_close(
+        "sgd momentum+wd",
+        &run(&f, sgd(SgdConfig { momentum: 0.9, weight_decay: 0.01, ..Default::default() })),
+        &vals(&f["sgd_momentum_wd"]),
+    );
+    assert_close(
+        "sgd nesterov",
+        &run(&f, sgd(SgdConfig { momentum: 0.8, nesterov: true, ..Default::default() })),
+        &vals(&f["sgd_nesterov"]),
+    );
     assert_close("sgd plain", &run(&f, sgd(SgdConfig { momentum: 0.0, ..Default::default() })), &vals(&f["sgd_plain"]));
 }
 
@@ -65,7 +73,8 @@ fn independent_decay_is_lr_free() {
     let p0 = [1.0f32, -2.0];
     for peak in [0.1, 1.0] {
         let mut ps = store(&p0);
-        let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.01, decay_mode: DecayMode::Independent, peak_lr: peak, ..Default::default() }, &ps);
+        let mut opt =
+            AdamW::new(AdamWConfig { weight_decay: 0.01, decay_mode: DecayMode::Independent, peak_lr: peak, ..Default::default() }, &ps);
         let g = GradStore::new(&ps);
         for s in [1.0, 0.5] {
             opt.step(&mut ps, &g, s * peak).unwrap();

@@ -102,7 +102,14 @@ impl Tape {
         if let Some(&n) = self.params.borrow().get(&id) {
             return Var { tape: self, id: n };
         }
-        let v = self.push(Node { name: "param", value: store.get(id), inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: Some(id) });
+        let v = self.push(Node {
+            name: "param",
+            value: store.get(id),
+            inputs: vec![],
+            requires_grad: self.grad_enabled,
+            backward: None,
+            param: Some(id),
+        });
         self.params.borrow_mut().insert(id, v.id);
         v
     }

@@ -23,7 +23,18 @@ fn grad_weight<T: Elem>(g: &Tensor, x: &Tensor, rows: usize, n: usize, k: usize)
     let (g, x) = (g.contiguous(), x.contiguous());
     let (gd, xd) = (g.data::<T>()?, x.data::<T>()?);
     Ok(Tensor::build::<T>(&[n, k], |o| {
-        gemm_into(n, k, rows, o, k, MatRef { data: gd, off: 0, rs: 1, cs: n as isize }, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, false, T::one(), parallelism())
+        gemm_into(
+            n,
+            k,
+            rows,
+            o,
+            k,
+            MatRef { data: gd, off: 0, rs: 1, cs: n as isize },
+            MatRef { data: xd, off: 0, rs: k as isize, cs: 1 },
+            false,
+            T::one(),
+            parallelism(),
+        )
     }))
 }
 
@@ -35,7 +46,18 @@ fn grad_input<T: Elem>(g: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize, 
     let (wrs, wcs) = (w.strides()[0] as isize, w.strides()[1] as isize);
     let woff = w.offset();
     Ok(Tensor::build::<T>(out_shape, |o| {
-        gemm_into(rows, k, n, o, k, MatRef { data: gd, off: 0, rs: n as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wrs, cs: wcs }, false, T::one(), parallelism())
+        gemm_into(
+            rows,
+            k,
+            n,
+            o,
+            k,
+            MatRef { data: gd, off: 0, rs: n as isize, cs: 1 },
+            MatRef { data: wd, off: woff, rs: wrs, cs: wcs },
+            false,
+            T::one(),
+            parallelism(),
+        )
     }))
 }
 

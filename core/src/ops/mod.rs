@@ -19,13 +19,19 @@ macro_rules! with_float {
         match $dtype {
             $crate::tensor::DType::F32 => {
                 #[allow(unused_imports)]
-                use $crate::{num_traits::{Float as _, One as _, Zero as _}, tensor::Elem as _};
+                use $crate::{
+                    num_traits::{Float as _, One as _, Zero as _},
+                    tensor::Elem as _,
+                };
                 type $T = f32;
                 $body
             }
             $crate::tensor::DType::F64 => {
                 #[allow(unused_imports)]
-                use $crate::{num_traits::{Float as _, One as _, Zero as _}, tensor::Elem as _};
+                use $crate::{
+                    num_traits::{Float as _, One as _, Zero as _},
+                    tensor::Elem as _,
+                };
                 type $T = f64;
                 $body
             }

@@ -200,11 +200,7 @@ impl Tensor {
         let st = Arc::get_mut(&mut self.storage)
             .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
         let Storage::Cpu(c) = st;
-        let s = T::slice_mut(c).ok_or_else(|| Error::DType {
-            op: "data_mut",
-            expected: T::DTYPE.to_string(),
-            got: dt.to_string(),
-        })?;
+        let s = T::slice_mut(c).ok_or_else(|| Error::DType { op: "data_mut", expected: T::DTYPE.to_string(), got: dt.to_string() })?;
         Ok(&mut s[off..off + n])
     }
 
@@ -325,7 +321,12 @@ impl Tensor {
         if !self.is_contiguous() || offset + n > self.numel() {
             return Err(Error::shape("view_at", format!("{n} elements at {offset} of {}", self.numel())));
         }
-        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), strides: contiguous_strides(shape), offset: self.offset + offset })
+        Ok(Tensor {
+            storage: self.storage.clone(),
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: self.offset + offset,
+        })
     }
 }
 

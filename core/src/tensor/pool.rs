@@ -16,6 +16,13 @@ const MIN_POOLED: usize = 1024;
 /// At most this many idle buffers are kept per length.
 const MAX_PER_BIN: usize = 64;
 
+/// `DPTRAIN_POOL=0` turns reuse off (every buffer from the system allocator), so the
+/// benchmark can measure what the pool saves.
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DPTRAIN_POOL").map(|v| v != "0").unwrap_or(true))
+}
+
 pub struct Pool<T> {
     bins: Mutex<HashMap<usize, Vec<Vec<T>>>>,
     hits: AtomicU64,
@@ -36,7 +43,7 @@ impl<T: Copy + Default> Pool<T> {
 
     /// A buffer of exactly `len` elements with unspecified contents: callers must overwrite all.
     pub fn take(&self, len: usize) -> Vec<T> {
-        if len >= MIN_POOLED {
+        if len >= MIN_POOLED && enabled() {
             let reused = self.bins.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|b| b.pop());
             if let Some(v) = reused {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -49,7 +56,7 @@ impl<T: Copy + Default> Pool<T> {
 
     pub fn give(&self, v: Vec<T>) {
         let len = v.len();
-        if len < MIN_POOLED || v.capacity() != len {
+        if len < MIN_POOLED || v.capacity() != len || !enabled() {
             return;
         }
         let mut bins = self.bins.lock().unwrap_or_else(|e| e.into_inner());

@@ -129,7 +129,18 @@ pub fn matmul<T: Elem>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (ars, acs) = (a.strides()[ra - 2] as isize, a.strides()[ra - 1] as isize);
         let (brs, bcs) = (b.strides()[0] as isize, b.strides()[1] as isize);
         return Ok(Tensor::build::<T>(&out_shape, |o| {
-            gemm_into(rows, n, k, o, n, MatRef { data: ad, off: aoff, rs: ars, cs: acs }, MatRef { data: bd, off: boff, rs: brs, cs: bcs }, false, T::one(), par)
+            gemm_into(
+                rows,
+                n,
+                k,
+                o,
+                n,
+                MatRef { data: ad, off: aoff, rs: ars, cs: acs },
+                MatRef { data: bd, off: boff, rs: brs, cs: bcs },
+                false,
+                T::one(),
+                par,
+            )
         }));
     }
     if a.shape()[..ra - 2] != b.shape()[..rb - 2] {

@@ -47,7 +47,18 @@ fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, probs: &mut [T], ohd: &mut [T
         .map(|(bh, (p, o))| {
             let (b, h) = (bh / dm.h, bh % dm.h);
             // S = scale · Q Kᵀ (Kᵀ read through strides).
-            gemm_into(t, t, d, p, t, MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs: 1, cs: rs }, false, scale, Parallelism::None);
+            gemm_into(
+                t,
+                t,
+                d,
+                p,
+                t,
+                MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 },
+                MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs: 1, cs: rs },
+                false,
+                scale,
+                Parallelism::None,
+            );
             let mut mx = f64::NEG_INFINITY;
             for i in 0..t {
                 let row = &mut p[i * t..(i + 1) * t];
@@ -65,7 +76,18 @@ fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, probs: &mut [T], ohd: &mut [T
                 row[i + 1..].fill(T::zero());
             }
             // O = P V
-            gemm_into(t, d, t, o, d, MatRef { data: p, off: 0, rs: t as isize, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
+            gemm_into(
+                t,
+                d,
+                t,
+                o,
+                d,
+                MatRef { data: p, off: 0, rs: t as isize, cs: 1 },
+                MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs, cs: 1 },
+                false,
+                T::one(),
+                Parallelism::None,
+            );
             mx
         })
         .reduce(|| f64::NEG_INFINITY, f64::max)
@@ -85,7 +107,18 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
         gemm_into(t, d, t, dv, d, MatRef { data: p, off: 0, rs: 1, cs: t as isize }, go, false, T::one(), Parallelism::None);
         // dP = dO Vᵀ
         let mut ds = T::pool().take(t * t);
-        gemm_into(t, t, d, &mut ds, t, go, MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs: 1, cs: rs }, false, T::one(), Parallelism::None);
+        gemm_into(
+            t,
+            t,
+            d,
+            &mut ds,
+            t,
+            go,
+            MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs: 1, cs: rs },
+            false,
+            T::one(),
+            Parallelism::None,
+        );
         // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale (zero where masked since P = 0 there)
         for i in 0..t {
             let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
@@ -96,8 +129,30 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
             dr[i + 1..].fill(T::zero());
         }
         // dQ = dS K ; dK = dSᵀ Q
-        gemm_into(t, d, t, dq, d, MatRef { data: &ds, off: 0, rs: t as isize, cs: 1 }, MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
-        gemm_into(t, d, t, dk, d, MatRef { data: &ds, off: 0, rs: 1, cs: t as isize }, MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 }, false, T::one(), Parallelism::None);
+        gemm_into(
+            t,
+            d,
+            t,
+            dq,
+            d,
+            MatRef { data: &ds, off: 0, rs: t as isize, cs: 1 },
+            MatRef { data: qkv, off: dm.qkv_off(b, 1, h), rs, cs: 1 },
+            false,
+            T::one(),
+            Parallelism::None,
+        );
+        gemm_into(
+            t,
+            d,
+            t,
+            dk,
+            d,
+            MatRef { data: &ds, off: 0, rs: 1, cs: t as isize },
+            MatRef { data: qkv, off: dm.qkv_off(b, 0, h), rs, cs: 1 },
+            false,
+            T::one(),
+            Parallelism::None,
+        );
         T::pool().give(ds);
     });
 }

@@ -11,10 +11,8 @@ use std::sync::Arc;
 
 fn forward<T: Elem>(x: &[T], c: usize, w: Option<&[T]>, b: Option<&[T]>, eps: f64, y: &mut [T], mean: &mut [T], rstd: &mut [T]) {
     let chunk = row_chunk(mean.len(), 16);
-    y.par_chunks_mut(chunk * c)
-        .zip(x.par_chunks(chunk * c))
-        .zip(mean.par_chunks_mut(chunk).zip(rstd.par_chunks_mut(chunk)))
-        .for_each(|((y, x), (mean, rstd))| {
+    y.par_chunks_mut(chunk * c).zip(x.par_chunks(chunk * c)).zip(mean.par_chunks_mut(chunk).zip(rstd.par_chunks_mut(chunk))).for_each(
+        |((y, x), (mean, rstd))| {
             for (r, (yr, xr)) in y.chunks_mut(c).zip(x.chunks(c)).enumerate() {
                 let m = crate::kernels::cpu::reduce::sum_slice(xr) / T::of(c as f64);
                 let mut var = T::zero();
@@ -35,7 +33,8 @@ fn forward<T: Elem>(x: &[T], c: usize, w: Option<&[T]>, b: Option<&[T]>, eps: f6
                     yr[j] = v;
                 }
             }
-        });
+        },
+    );
 }
 
 /// Returns (gx, gw partial sums, gb partial sums).
