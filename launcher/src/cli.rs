@@ -1,0 +1,40 @@
+//! Command-line definitions (clap derive). Parsing only; `main` dispatches.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "dptrain", version, about = "Data-parallel training for large-batch research")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Train a model. With no CONFIG, runs the built-in default (GPT on synthetic-lm).
+    Train {
+        /// A TOML config file (`dptrain config show` prints every key).
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run directory (default runs/<run.name>, or a fresh runs/<run.name>-N if taken).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Continue a run from its newest checkpoint (a run directory or a checkpoint directory).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the default config as TOML, with a comment on every key.
+    Show,
+}

@@ -1,0 +1,8 @@
+//! `dptrain-launcher`: the composition root. The only crate that knows the models,
+//! optimizers and communicators; it turns a config into a run and drives the training loop.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod train;

@@ -1,0 +1,51 @@
+//! The `dptrain` binary: parse the command line, run, map errors to exit codes (2 for bad
+//! input, 1 for failures during a run). `anyhow` is used here only.
+
+use clap::Parser;
+use dptrain_launcher::cli::{Cli, Cmd, ConfigCmd};
+use dptrain_launcher::error::LaunchError;
+use dptrain_launcher::train::{train, TrainArgs};
+use std::process::ExitCode;
+
+// mimalloc keeps freed pages for reuse instead of returning large blocks to the OS each step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Train { config, sets, run_dir, resume } => {
+            train(&TrainArgs { config, sets, run_dir, resume })?;
+        }
+        Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DPTRAIN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line, like every other input error; clap's usage text is one --help away.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid command line").trim_start_matches("error: ");
+            eprintln!("dptrain: error: {first} (see dptrain --help)");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<LaunchError>().map(|l| l.exit_code()).unwrap_or(1);
+            eprintln!("dptrain: error: {e}");
+            ExitCode::from(code)
+        }
+    }
+}

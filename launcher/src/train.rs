@@ -1,0 +1,757 @@
+//! `dptrain train`: the training loop, written out top to bottom.
+//!
+//! Setup validates everything the user gave (config, data files, a checkpoint to resume) before
+//! anything is written, so bad input never leaves a half-made run directory. The loop is the
+//! architecture's training step: micro-steps with backward (the data-parallel issue plugs its
+//! gradient reducer into the backward callback and a communicator into `world`), clipping, a
+//! finiteness check, the optimizer step, metrics, evaluation and checkpoints.
+
+use crate::checkpoint::{self, State};
+use crate::config::{check_model_keys, Raw};
+use crate::error::{input_err, LaunchError, Result};
+use dptrain_comm::LocalComm;
+use dptrain_core::comm::Communicator;
+use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
+use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
+use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, StreamState, TokenWindows};
+use dptrain_core::model::Model;
+use dptrain_core::probe::Probes;
+use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
+use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
+use dptrain_optim::{clip_grad_norm, AdamW, AdamWConfig, DecayMode, Optimizer, Schedule, ScheduleKind, Sgd, SgdConfig};
+use serde_json::{json, Map, Value};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `dptrain train` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct TrainArgs {
+    pub config: Option<PathBuf>,
+    pub sets: Vec<String>,
+    pub run_dir: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+}
+
+/// The run's data.
+pub struct Data {
+    pub train: Box<dyn Dataset>,
+    pub val: Box<dyn Dataset>,
+    /// Best achievable loss (nats per token), when the source is known exactly.
+    pub floor: Option<f64>,
+    pub vocab: Option<usize>,
+    pub image_shape: Option<[usize; 3]>,
+    pub classes: Option<usize>,
+    pub describe: String,
+}
+
+/// Everything the loop needs, built and validated before any file is written.
+pub struct Run {
+    pub raw: Raw,
+    pub model: Box<dyn Model>,
+    pub params: ParamStore,
+    pub opt: Box<dyn Optimizer>,
+    pub schedule: Schedule,
+    pub data: Data,
+    pub steps: u64,
+    pub global_batch: usize,
+    pub micro_batch: usize,
+    pub accum: usize,
+    pub clip: f64,
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+    pub threads: usize,
+    pub start_step: u64,
+    pub stream: StreamState,
+    pub run_dir: PathBuf,
+    pub resumed_from: Option<PathBuf>,
+    pub config_toml: String,
+}
+
+fn nonneg_f(raw: &Raw, key: &str) -> Result<f64> {
+    let v = raw.float(key);
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(input_err!("{key}: must be a finite number ≥ 0, got {v}"));
+    }
+    Ok(v)
+}
+
+fn data_path(raw: &Raw, key: &str) -> Result<PathBuf> {
+    let p = raw.str(key);
+    if p.is_empty() {
+        return Err(input_err!("{key}: required for data.kind = \"{}\"", raw.str("data.kind")));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// Splits a token stream at `1 - val_fraction`.
+fn split_tokens(t: Vec<u32>, raw: &Raw, context: usize, path: &Path) -> Result<(TokenWindows, TokenWindows)> {
+    let vf = raw.float("data.val_fraction");
+    if !(0.0..1.0).contains(&vf) {
+        return Err(input_err!("data.val_fraction: must be in [0, 1), got {vf}"));
+    }
+    let cut = ((t.len() as f64) * (1.0 - vf)) as usize;
+    let (tr, va) = (t[..cut].to_vec(), t[cut.saturating_sub(1)..].to_vec());
+    if tr.len() <= context || va.len() <= context {
+        return Err(input_err!(
+            "{}: {} tokens is too short for model.context = {context} with data.val_fraction = {vf}",
+            path.display(),
+            t.len()
+        ));
+    }
+    Ok((TokenWindows::new(tr, context), TokenWindows::new(va, context)))
+}
+
+fn load_data(raw: &Raw, kind: &str, model_kind: &str, seed: u64) -> Result<Data> {
+    let lm = model_kind == "gpt";
+    let context = raw.positive("model.context")?;
+    let need = |is_lm_data: bool| -> Result<()> {
+        if is_lm_data != lm {
+            return Err(input_err!("data.kind: \"{kind}\" does not fit model.kind = \"{model_kind}\" (gpt takes synthetic-lm, text or tokens; mlp/resnet take synthetic-images or npy)"));
+        }
+        Ok(())
+    };
+    let tokens = |tr: TokenWindows, va: TokenWindows, floor, vocab, describe| Data {
+        train: Box::new(tr),
+        val: Box::new(va),
+        floor,
+        vocab: Some(vocab),
+        image_shape: None,
+        classes: None,
+        describe,
+    };
+    let images = |tr: ImageSet, va: ImageSet, describe: String| {
+        let (shape, classes) = (tr.shape, tr.num_classes().max(va.num_classes()));
+        Data {
+            train: Box::new(tr),
+            val: Box::new(va),
+            floor: None,
+            vocab: None,
+            image_shape: Some(shape),
+            classes: Some(classes),
+            describe,
+        }
+    };
+    match kind {
+        "synthetic-lm" => {
+            need(true)?;
+            let (v, order, br) = (raw.positive("data.vocab")?, raw.positive("data.order")?, raw.positive("data.branching")?);
+            if (v as f64).powi(order as i32) > 4e6 {
+                return Err(input_err!("data.order: vocab^order = {v}^{order} states is too many (limit 4e6)"));
+            }
+            let src = MarkovSource::new(v, order, br.min(v), seed);
+            let (ntr, nva) = (raw.positive("data.train_tokens")?, raw.positive("data.val_tokens")?);
+            if ntr <= context || nva <= context {
+                return Err(input_err!("data.train_tokens / data.val_tokens: must exceed model.context = {context}"));
+            }
+            let floor = src.entropy_rate();
+            let d = format!("synthetic-lm (order-{order} Markov, vocab {v}, {br} successors, entropy {floor:.4} nats/token)");
+            Ok(tokens(
+                TokenWindows::new(src.sample(ntr, seed), context),
+                TokenWindows::new(src.sample(nva, seed ^ 0x5eed), context),
+                Some(floor),
+                v,
+                d,
+            ))
+        }
+        "text" => {
+            need(true)?;
+            let p = data_path(raw, "data.path")?;
+            let t = load_text(&p)?;
+            let (tr, va) = split_tokens(t, raw, context, &p)?;
+            Ok(tokens(tr, va, None, 256, format!("text {} (byte tokens)", p.display())))
+        }
+        "tokens" => {
+            need(true)?;
+            let p = data_path(raw, "data.path")?;
+            let t = load_tokens_u16(&p)?;
+            let (tr, va) = split_tokens(t, raw, context, &p)?;
+            let vocab = tr.max_token().max(va.max_token()) as usize + 1;
+            Ok(tokens(tr, va, None, vocab, format!("tokens {} (uint16)", p.display())))
+        }
+        "synthetic-images" => {
+            need(false)?;
+            let (s, c, k) = (raw.positive("data.image_size")?, raw.positive("data.channels")?, raw.positive("data.classes")?);
+            let (n, nv) = (raw.positive("data.samples")?, raw.positive("data.val_samples")?);
+            let noise = nonneg_f(raw, "data.noise")?;
+            let all = synthetic_images(n + nv, [c, s, s], k, noise, seed);
+            let (tr, va) = all.split(nv);
+            Ok(images(tr, va, format!("synthetic-images ({n} train / {nv} val, {c}x{s}x{s}, {k} classes, noise {noise})")))
+        }
+        "npy" => {
+            need(false)?;
+            let (p, l) = (data_path(raw, "data.path")?, data_path(raw, "data.labels")?);
+            let set = load_npy_images(&p, &l)?;
+            let vf = raw.float("data.val_fraction");
+            if !(0.0..1.0).contains(&vf) {
+                return Err(input_err!("data.val_fraction: must be in [0, 1), got {vf}"));
+            }
+            let n = set.labels.len();
+            let nv = ((n as f64 * vf).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+            if n < 2 {
+                return Err(input_err!("{}: needs at least 2 samples (train and validation)", p.display()));
+            }
+            let (tr, va) = set.split(nv);
+            Ok(images(tr, va, format!("npy {} ({} train / {} val)", p.display(), n - nv, nv)))
+        }
+        _ => unreachable!("checked by choice()"),
+    }
+}
+
+/// Builds the model from the config and the data's shape, returning it with the resolved model
+/// table (derived values filled in).
+fn build_model(raw: &Raw, kind: &str, data: &Data, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), kind.into());
+    let derived = |key: &str, from_data: Option<usize>, what: &str| -> Result<usize> {
+        let v =
+            raw.opt_positive(key)?.or(from_data).ok_or_else(|| input_err!("{key}: required ({what} cannot be derived from this data)"))?;
+        if let (Some(d), Some(given)) = (from_data, raw.opt_positive(key)?) {
+            if key != "model.classes" && given < d && key == "model.vocab_size" {
+                return Err(input_err!("model.vocab_size: {given} is smaller than the data's vocabulary ({d} token ids)"));
+            }
+        }
+        Ok(v)
+    };
+    let model: Box<dyn Model> = match kind {
+        "gpt" => {
+            let cfg = GptConfig {
+                vocab_size: derived("model.vocab_size", data.vocab, "the vocabulary")?,
+                context: raw.positive("model.context")?,
+                d_model: raw.positive("model.d_model")?,
+                n_layers: raw.positive("model.n_layers")?,
+                n_heads: raw.positive("model.n_heads")?,
+                mlp_ratio: raw.positive("model.mlp_ratio")?,
+                bias: raw.bool("model.bias"),
+                z_loss: nonneg_f(raw, "model.z_loss")?,
+                gelu_tanh: raw.bool("model.gelu_tanh"),
+            };
+            cfg.validate().map_err(|(k, m)| input_err!("{k}: {m}"))?;
+            t.extend(toml::Table::try_from(&cfg)?);
+            Box::new(Gpt::new(cfg, pb)?)
+        }
+        "mlp" => {
+            let shape = data.image_shape.unwrap_or([1, 1, 1]);
+            let widths: Vec<usize> = raw
+                .ints("model.widths")
+                .into_iter()
+                .map(|w| usize::try_from(w).ok().filter(|&w| w > 0))
+                .collect::<Option<_>>()
+                .ok_or_else(|| input_err!("model.widths: every width must be a positive integer"))?;
+            let cfg = MlpConfig {
+                input_dim: derived("model.input_dim", Some(shape.iter().product()), "input_dim")?,
+                widths,
+                classes: derived("model.classes", data.classes, "classes")?,
+                batch_norm: raw.bool("model.batch_norm"),
+            };
+            t.extend(toml::Table::try_from(&cfg)?);
+            Box::new(Mlp::new(cfg, pb)?)
+        }
+        "resnet" => {
+            let cfg = ResNetConfig {
+                in_channels: derived("model.in_channels", data.image_shape.map(|s| s[0]), "in_channels")?,
+                width: raw.positive("model.width")?,
+                depth: raw.positive("model.depth")?,
+                classes: derived("model.classes", data.classes, "classes")?,
+            };
+            t.extend(toml::Table::try_from(&cfg)?);
+            Box::new(ResNet::new(cfg, pb)?)
+        }
+        _ => unreachable!("checked by choice()"),
+    };
+    if let Some(c) = data.classes {
+        if let Some(Ok(k)) = t.get("classes").and_then(|v| v.as_integer()).map(usize::try_from) {
+            if k < c {
+                return Err(input_err!("model.classes: {k} is smaller than the labels in the data ({c} classes)"));
+            }
+        }
+    }
+    Ok((model, t))
+}
+
+fn build_optimizer(raw: &Raw, params: &ParamStore, lr: f64) -> Result<Box<dyn Optimizer>> {
+    let kind = raw.choice("optim.kind", &["sgd", "adamw"])?;
+    let wd = nonneg_f(raw, "optim.weight_decay")?;
+    let decay_vectors = raw.bool("optim.decay_vectors");
+    Ok(match kind.as_str() {
+        "sgd" => {
+            let momentum = nonneg_f(raw, "optim.momentum")?;
+            if momentum >= 1.0 {
+                return Err(input_err!("optim.momentum: must be in [0, 1), got {momentum}"));
+            }
+            Box::new(Sgd::new(
+                SgdConfig { momentum, dampening: 0.0, nesterov: raw.bool("optim.nesterov"), weight_decay: wd, decay_vectors },
+                params,
+            ))
+        }
+        _ => {
+            let betas = raw.floats("optim.betas");
+            if betas.len() != 2 || betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+                return Err(input_err!("optim.betas: expected two numbers in [0, 1), got {betas:?}"));
+            }
+            let eps = raw.float("optim.eps");
+            if !(eps > 0.0 && eps.is_finite()) {
+                return Err(input_err!("optim.eps: must be a positive number, got {eps}"));
+            }
+            let decay_mode = match raw.choice("optim.decay", &["coupled", "independent"])?.as_str() {
+                "independent" => DecayMode::Independent,
+                _ => DecayMode::Coupled,
+            };
+            Box::new(AdamW::new(
+                AdamWConfig { beta1: betas[0], beta2: betas[1], eps, weight_decay: wd, decay_mode, peak_lr: lr, decay_vectors },
+                params,
+            ))
+        }
+    })
+}
+
+/// A fresh run directory: `dir` itself when it is absent or empty, else `dir-1`, `dir-2`, ...
+/// (an earlier run's files are never overwritten).
+fn fresh_dir(dir: &Path) -> PathBuf {
+    let empty = |p: &Path| std::fs::read_dir(p).map(|mut r| r.next().is_none()).unwrap_or(true);
+    if empty(dir) {
+        return dir.to_path_buf();
+    }
+    (1..).map(|i| PathBuf::from(format!("{}-{i}", dir.display()))).find(|p| empty(p)).expect("some suffix is free")
+}
+
+/// Validates the whole run and builds it; writes nothing.
+pub fn setup(args: &TrainArgs, world: &dyn Communicator) -> Result<Run> {
+    // Raw config: a resumed run starts from the checkpoint's resolved config.
+    let ckpt = args.resume.as_deref().map(checkpoint::find).transpose()?;
+    let mut table = match (&ckpt, &args.config) {
+        (Some(c), None) => crate::config::parse_file(&c.join("config.toml"))?,
+        (Some(_), Some(_)) => {
+            return Err(input_err!("--resume takes its config from the checkpoint; pass changes with --set instead of a config file"))
+        }
+        (None, Some(p)) => crate::config::parse_file(p)?,
+        (None, None) => toml::Table::new(),
+    };
+    table.remove("derived");
+    crate::config::apply_sets(&mut table, &args.sets)?;
+    let raw = Raw::new(table)?;
+
+    let device = raw.choice("run.device", &["cpu", "cuda"])?;
+    if device == "cuda" {
+        return Err(input_err!("run.device: \"cuda\" is not available in this build yet (the CUDA backend is a later issue); use \"cpu\""));
+    }
+    let seed = u64::try_from(raw.int("run.seed")).map_err(|_| input_err!("run.seed: must be ≥ 0"))?;
+    let model_kind = raw.choice("model.kind", &["gpt", "mlp", "resnet"])?;
+    check_model_keys(&raw, &model_kind)?;
+    let data_kind = raw.choice("data.kind", &["synthetic-lm", "synthetic-images", "text", "tokens", "npy"])?;
+    let steps = raw.positive("train.steps")? as u64;
+    let global_batch = raw.positive("train.global_batch")?;
+    let ws = world.world_size();
+    let micro_batch = match raw.count("train.micro_batch")? {
+        0 => {
+            if global_batch % ws != 0 {
+                return Err(input_err!("train.global_batch: {global_batch} is not divisible by the {ws} ranks"));
+            }
+            global_batch / ws
+        }
+        m => m,
+    };
+    if global_batch % (micro_batch * ws) != 0 {
+        return Err(input_err!("train.global_batch: {global_batch} is not divisible by train.micro_batch × ranks = {micro_batch} × {ws}"));
+    }
+    let accum = global_batch / (micro_batch * ws);
+    let lr = raw.float("optim.lr");
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(input_err!("optim.lr: must be a positive number, got {lr}"));
+    }
+    let final_lr = nonneg_f(&raw, "schedule.final_lr")?;
+    let schedule = Schedule {
+        kind: match raw.choice("schedule.kind", &["cosine", "linear", "constant"])?.as_str() {
+            "cosine" => ScheduleKind::Cosine,
+            "linear" => ScheduleKind::Linear,
+            _ => ScheduleKind::Constant,
+        },
+        peak_lr: lr,
+        final_lr,
+        warmup_steps: raw.count("schedule.warmup_steps")? as u64,
+        total_steps: steps,
+    };
+    let clip = nonneg_f(&raw, "optim.clip")?;
+    let threads = match raw.count("run.threads")? {
+        0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / world.world().local_size.max(1)).max(1),
+        t => t,
+    };
+
+    let data = load_data(&raw, &data_kind, &model_kind, seed)?;
+    if data.train.len() < micro_batch * ws {
+        return Err(input_err!(
+            "train.micro_batch: {micro_batch} × {ws} ranks exceeds the {} training samples of the data",
+            data.train.len()
+        ));
+    }
+    let mut pb = ParamBuilder::new();
+    let (model, model_table) = build_model(&raw, &model_kind, &data, &mut pb)?;
+    let mut params = pb.build(seed, DType::F32)?;
+    let mut opt = build_optimizer(&raw, &params, lr)?;
+
+    let (start_step, stream, run_dir, resumed_from) = match &ckpt {
+        Some(c) => {
+            let st = checkpoint::read_state(c)?;
+            checkpoint::load(c, &st, &mut params, opt.as_mut())?;
+            if st.step > steps {
+                return Err(input_err!("train.steps: {steps} is before the checkpoint's step {}", st.step));
+            }
+            let run = c
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or_else(|| input_err!("{}: not inside a run directory", c.display()))?;
+            (st.step, st.stream, args.run_dir.clone().unwrap_or(run), Some(c.clone()))
+        }
+        None => {
+            let name = raw.str("run.name");
+            if name.is_empty() || name.contains('/') {
+                return Err(input_err!("run.name: must be a non-empty name without '/', got \"{name}\""));
+            }
+            (
+                0,
+                StreamState { epoch: 0, offset: 0 },
+                fresh_dir(&args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&name))),
+                None,
+            )
+        }
+    };
+
+    // The resolved config: every key with its value, the model's derived shape, and a
+    // [derived] table; printed at start and saved with the run and each checkpoint.
+    let mut resolved = toml::Table::new();
+    for d in crate::config::KEYS {
+        let (sec, name) = d.key.split_once('.').expect("section.key");
+        if sec == "model" {
+            continue;
+        }
+        let v = raw
+            .table()
+            .get(sec)
+            .and_then(|s| s.get(name))
+            .cloned()
+            .or_else(|| d.default.map(|lit| format!("v = {lit}").parse::<toml::Table>().expect("valid")["v"].clone()));
+        if let Some(v) = v {
+            resolved
+                .entry(sec.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("table")
+                .insert(name.into(), v);
+        }
+    }
+    resolved.insert("model".into(), toml::Value::Table(model_table));
+    let mut derived = toml::Table::new();
+    derived.insert("micro_batch".into(), (micro_batch as i64).into());
+    derived.insert("accum_steps".into(), (accum as i64).into());
+    derived.insert("world_size".into(), (ws as i64).into());
+    derived.insert("threads".into(), (threads as i64).into());
+    derived.insert("parameters".into(), (params.numel() as i64).into());
+    derived.insert("train_samples".into(), (data.train.len() as i64).into());
+    if let Some(f) = data.floor {
+        derived.insert("entropy_floor".into(), f.into());
+    }
+    resolved.insert("derived".into(), toml::Value::Table(derived));
+    let config_toml = toml::to_string(&resolved)?;
+
+    Ok(Run {
+        log_every: raw.positive("run.log_every")? as u64,
+        eval_every: raw.count("train.eval_every")? as u64,
+        eval_batches: raw.positive("train.eval_batches")?,
+        checkpoint_every: raw.count("train.checkpoint_every")? as u64,
+        keep_last: raw.count("checkpoint.keep_last")?,
+        raw,
+        model,
+        params,
+        opt,
+        schedule,
+        data,
+        steps,
+        global_batch,
+        micro_batch,
+        accum,
+        clip,
+        seed,
+        threads,
+        start_step,
+        stream,
+        run_dir,
+        resumed_from,
+        config_toml,
+    })
+}
+
+/// Mean validation loss over `eval_batches` micro-batches read in order from the start of the
+/// validation set (the same samples every evaluation).
+fn evaluate(run: &Run) -> Result<f64> {
+    let n = run.data.val.len();
+    let mut total = 0.0;
+    for b in 0..run.eval_batches {
+        let idx: Vec<usize> = (0..run.micro_batch).map(|i| (b * run.micro_batch + i) % n).collect();
+        let tape = Tape::inference();
+        let loss = run.model.loss(&tape, &run.params, &run.data.val.batch(&idx), false, &mut Probes::default())?;
+        total += loss.item()?;
+    }
+    Ok(total / run.eval_batches as f64)
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn write(&mut self, rec: &Value) -> Result<()> {
+        writeln!(self.file, "{rec}").map_err(|e| LaunchError::Runtime(format!("metrics.jsonl: {e}")))
+    }
+}
+
+/// Keeps the records up to `step` of an existing metrics file (a resumed run continues it).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    dptrain_core::checkpoint::atomic_write(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Summary of a finished run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub final_val_loss: Option<f64>,
+    pub entropy_floor: Option<f64>,
+    pub gap_to_floor: Option<f64>,
+    pub elapsed_s: f64,
+    pub samples_per_s: f64,
+    pub parameters: usize,
+    pub model: String,
+}
+
+/// Sets the compute thread pool once per process.
+fn init_threads(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
+pub fn train(args: &TrainArgs) -> Result<Summary> {
+    let mut world = LocalComm::new();
+    let mut run = setup(args, &world)?;
+    init_threads(run.threads);
+    let rank0 = world.rank() == 0;
+
+    // Files: only now, after every check passed.
+    std::fs::create_dir_all(&run.run_dir).map_err(|e| input_err!("{}: cannot create run directory ({e})", run.run_dir.display()))?;
+    let metrics_path = run.run_dir.join("metrics.jsonl");
+    if run.resumed_from.is_some() {
+        truncate_metrics(&metrics_path, run.start_step)?;
+    }
+    dptrain_core::checkpoint::atomic_write(&run.run_dir.join("config.toml"), run.config_toml.as_bytes())?;
+    let mut metrics = Metrics {
+        file: std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| LaunchError::Runtime(format!("{}: {e}", metrics_path.display())))?,
+    };
+    tracing::info!(rank = world.rank(), world = world.world_size(), host = %world.world().host, "world");
+    if rank0 {
+        println!("dptrain: {} | {}", run.model.describe(), run.data.describe);
+        println!(
+            "dptrain: {} parameters, global batch {} = {} micro × {} accum × {} ranks, {} threads, run dir {}",
+            run.params.numel(),
+            run.global_batch,
+            run.micro_batch,
+            run.accum,
+            world.world_size(),
+            run.threads,
+            run.run_dir.display()
+        );
+        if let Some(c) = &run.resumed_from {
+            println!("dptrain: resumed from {} at step {}", c.display(), run.start_step);
+        }
+    }
+
+    let sampler = DistributedSampler {
+        len: run.data.train.len(),
+        world: world.world_size(),
+        rank: world.rank(),
+        seed: run.seed,
+        shuffle: run.raw.bool("data.shuffle"),
+        drop_last: run.raw.bool("data.drop_last"),
+    };
+    let mut stream = BatchStream::new(sampler, run.stream);
+    let mut grads = GradStore::new(&run.params);
+    let tty = std::io::stdout().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(run.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]").expect("template"),
+        );
+        b.set_position(run.start_step);
+        b
+    });
+    let t0 = Instant::now();
+    let mut window_start = Instant::now();
+    let mut window_samples = 0usize;
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    let mut samples_done = 0usize;
+
+    for step in run.start_step..run.steps {
+        let lr = run.schedule.lr(step);
+        grads.zero_grad();
+        let mut loss_sum = 0.0;
+        let mut probe_acc: Vec<(String, f64)> = vec![];
+        for _micro in 0..run.accum {
+            let batch = run.data.train.batch(&stream.next_indices(run.micro_batch));
+            let tape = Tape::new();
+            let mut probes = Probes::default();
+            let loss = run.model.loss(&tape, &run.params, &batch, true, &mut probes)?;
+            loss_sum += loss.item()?;
+            // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
+            let scaled = if run.accum > 1 { loss.scale(1.0 / run.accum as f64)? } else { loss };
+            tape.backward(scaled, &mut grads, |_, _| {})?;
+            for (k, v) in probes.0 {
+                match probe_acc.iter_mut().find(|(n, _)| *n == k) {
+                    Some((n, acc)) => *acc = if n.starts_with("attn_logit_max") { acc.max(v) } else { *acc + v },
+                    None => probe_acc.push((k, v)),
+                }
+            }
+        }
+        let mut avg = vec![loss_sum / run.accum as f64];
+        world.all_reduce_f64(&mut avg)?;
+        let loss = avg[0];
+        let grad_norm = clip_grad_norm(&mut grads, run.clip)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(LaunchError::Runtime(format!(
+                "step {}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip)",
+                step + 1
+            )));
+        }
+        run.opt.step(&mut run.params, &grads, lr)?;
+        samples_done += run.global_batch;
+        window_samples += run.global_batch;
+        last_loss = loss;
+        let done = step + 1;
+
+        if done % run.log_every == 0 || done == run.steps {
+            let dt = window_start.elapsed().as_secs_f64();
+            let sps = window_samples as f64 / dt.max(1e-9);
+            let mut rec = Map::new();
+            rec.insert("step".into(), json!(done));
+            rec.insert("loss".into(), json!(loss));
+            rec.insert("lr".into(), json!(lr));
+            rec.insert("grad_norm".into(), json!(grad_norm));
+            rec.insert("samples_per_s".into(), json!(sps));
+            rec.insert("elapsed_s".into(), json!(t0.elapsed().as_secs_f64()));
+            for (k, v) in &probe_acc {
+                let v = if k.starts_with("attn_logit_max") { *v } else { v / run.accum as f64 };
+                rec.insert(k.clone(), json!(v));
+            }
+            if rank0 {
+                metrics.write(&Value::Object(rec))?;
+                let msg = format!("loss {loss:.4} lr {lr:.2e} gnorm {grad_norm:.3} {sps:.0} samples/s");
+                match &bar {
+                    Some(b) => b.set_message(msg),
+                    None => println!("step {done}/{} {msg}", run.steps),
+                }
+            }
+            window_start = Instant::now();
+            window_samples = 0;
+        }
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+        if (run.eval_every > 0 && done % run.eval_every == 0) || done == run.steps {
+            let mut v = vec![evaluate(&run)?];
+            world.all_reduce_f64(&mut v)?;
+            last_val = Some(v[0]);
+            if rank0 {
+                let mut rec = json!({ "step": done, "val_loss": v[0] });
+                if let Some(f) = run.data.floor {
+                    rec["entropy_floor"] = json!(f);
+                    rec["val_gap"] = json!(v[0] - f);
+                }
+                metrics.write(&rec)?;
+                let floor = run.data.floor.map(|f| format!(" (entropy floor {f:.4}, gap {:.4})", v[0] - f)).unwrap_or_default();
+                match &bar {
+                    Some(b) => b.println(format!("step {done}: val loss {:.4}{floor}", v[0])),
+                    None => println!("step {done}: val loss {:.4}{floor}", v[0]),
+                }
+            }
+        }
+        if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.steps {
+            if rank0 {
+                let (_, scalars) = run.opt.state(&run.params);
+                let st = State {
+                    format: checkpoint::FORMAT,
+                    step: done,
+                    stream: stream.state(),
+                    optimizer: run.opt.name().into(),
+                    optimizer_scalars: scalars,
+                    fingerprint: run.params.layout_fingerprint(),
+                    seed: run.seed,
+                };
+                checkpoint::save(&run.run_dir, done, &run.params, run.opt.as_ref(), &st, &run.config_toml, run.keep_last)?;
+            }
+            world.barrier()?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let summary = Summary {
+        run_dir: run.run_dir.clone(),
+        steps: run.steps,
+        final_loss: last_loss,
+        final_val_loss: last_val,
+        entropy_floor: run.data.floor,
+        gap_to_floor: run.data.floor.zip(last_val).map(|(f, v)| v - f),
+        elapsed_s: elapsed,
+        samples_per_s: samples_done as f64 / elapsed.max(1e-9),
+        parameters: run.params.numel(),
+        model: run.model.describe(),
+    };
+    if rank0 {
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| LaunchError::Runtime(e.to_string()))?;
+        dptrain_core::checkpoint::atomic_write(&run.run_dir.join("summary.json"), text.as_bytes())?;
+        match (summary.final_val_loss, summary.entropy_floor) {
+            (Some(v), Some(f)) => println!(
+                "dptrain: done in {elapsed:.1} s — val loss {v:.4} vs entropy floor {f:.4}: {:.4} nats/token above the best achievable ({:.1}% of the floor)",
+                v - f,
+                100.0 * (v - f) / f
+            ),
+            (Some(v), None) => println!("dptrain: done in {elapsed:.1} s — val loss {v:.4}"),
+            _ => println!("dptrain: done in {elapsed:.1} s"),
+        }
+    }
+    Ok(summary)
+}
+
+/// f64 averaging over ranks through the f32 communicator (losses are logged as f64).
+trait AllReduceF64 {
+    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()>;
+}
+
+impl<C: Communicator> AllReduceF64 for C {
+    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        self.all_reduce(&mut f, dptrain_core::comm::ReduceOp::Avg)?;
+        for (a, b) in v.iter_mut().zip(f) {
+            *a = b as f64;
+        }
+        Ok(())
+    }
+}
