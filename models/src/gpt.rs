@@ -53,7 +53,7 @@ impl GptConfig {
         pos("n_layers", self.n_layers)?;
         pos("n_heads", self.n_heads)?;
         pos("mlp_ratio", self.mlp_ratio)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(("model.n_heads".into(), format!("must divide model.d_model = {}", self.d_model)));
         }
         if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {

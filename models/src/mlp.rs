@@ -32,7 +32,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(cfg: MlpConfig, pb: &mut ParamBuilder) -> Result<Mlp> {
-        if cfg.input_dim == 0 || cfg.classes == 0 || cfg.widths.iter().any(|&w| w == 0) {
+        if cfg.input_dim == 0 || cfg.classes == 0 || cfg.widths.contains(&0) {
             return Err(Error::Config { key: "model".into(), msg: "mlp input_dim, widths and classes must be positive".into() });
         }
         let mut fan_in = cfg.input_dim;

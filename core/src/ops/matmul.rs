@@ -103,7 +103,7 @@ impl<'t> Var<'t> {
             let xd = x2.data::<T>()?;
             let wd = raw::<T>(&wv);
             let (woff, wrs, wcs) = (wv.offset(), wv.strides()[0] as isize, wv.strides()[1] as isize);
-            let bias = match &bv { Some(b) => Some(b.contiguous()), None => None };
+            let bias = bv.as_ref().map(|b| b.contiguous());
             let bias_d = match &bias { Some(b) => Some(b.data::<T>()?), None => None };
             Ok(Tensor::build::<T>(&out_shape, |o| {
                 let acc = if let Some(bd) = bias_d {

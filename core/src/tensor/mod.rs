@@ -266,7 +266,7 @@ impl Tensor {
         let mut shape = shape.to_vec();
         if let Some(p) = shape.iter().position(|&d| d == usize::MAX) {
             let rest: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
-            if rest == 0 || n % rest != 0 {
+            if rest == 0 || !n.is_multiple_of(rest) {
                 return Err(Error::shape("reshape", format!("cannot infer dim for {:?} from {:?}", shape, self.shape)));
             }
             shape[p] = n / rest;

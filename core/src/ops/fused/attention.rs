@@ -162,7 +162,7 @@ impl<'t> Var<'t> {
     pub fn causal_attention(self, n_heads: usize) -> Result<AttnOut<'t>> {
         let qkv = self.value().contiguous();
         let s = qkv.shape().to_vec();
-        if s.len() != 3 || s[2] % 3 != 0 || n_heads == 0 || (s[2] / 3) % n_heads != 0 {
+        if s.len() != 3 || !s[2].is_multiple_of(3) || n_heads == 0 || !(s[2] / 3).is_multiple_of(n_heads) {
             return Err(Error::shape("causal_attention", format!("qkv {s:?} with {n_heads} heads")));
         }
         let dm = Dims { b: s[0], t: s[1], h: n_heads, d: s[2] / 3 / n_heads };
