@@ -20,7 +20,17 @@ fn images(n: usize, shape: [usize; 3], classes: u64, seed: u64) -> Batch {
 
 #[test]
 fn gpt_memorises_a_batch_with_adamw() {
-    let cfg = GptConfig { vocab_size: 32, context: 16, d_model: 32, n_layers: 2, n_heads: 4, mlp_ratio: 4, bias: true, z_loss: 1e-4, gelu_tanh: false };
+    let cfg = GptConfig {
+        vocab_size: 32,
+        context: 16,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        mlp_ratio: 4,
+        bias: true,
+        z_loss: 1e-4,
+        gelu_tanh: false,
+    };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
     let mut ps = pb.build(0, DType::F32).unwrap();
