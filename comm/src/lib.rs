@@ -1,7 +1,20 @@
-//! `dptrain-comm`: implementations of `dptrain_core::comm::Communicator`. All MPI and NCCL code
-//! will live here (architecture principle 11); today it holds the world of one that a plain
-//! single-process run uses.
+//! `dptrain-comm`: implementations of `dptrain_core::comm::Communicator` and the gradient
+//! reducer. All MPI code lives here (architecture principle 11):
+//! - `LocalComm`: the world of one (no launcher);
+//! - `ThreadComm`: N in-process ranks over shared memory, for fast multi-rank tests;
+//! - `MpiComm` (feature `mpi`): rsmpi over the system MPI, every collective under a watchdog;
+//! - `bucket` / `reducer`: DDP-style gradient buckets all-reduced on a communication thread
+//!   while backward continues.
 
+pub mod bucket;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod reducer;
+pub mod thread;
+pub mod world;
 
+pub use bucket::{assign_buckets, Bucket};
 pub use local::LocalComm;
+pub use reducer::GradReducer;
+pub use thread::ThreadComm;
