@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, CI): installs what the tests need on a fresh machine, then runs
-# every test of the workspace.
+# every test of the workspace, the multi-process ones under mpirun -np 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v cargo >/dev/null; then
-  echo "scripts/test.sh: cargo not found; install Rust (https://rustup.rs) first" >&2
-  exit 2
-fi
+bash scripts/setup.sh
+# Open MPI refuses root without these; CI and dev machines here run as root.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cargo test --workspace

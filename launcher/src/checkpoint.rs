@@ -18,7 +18,10 @@ pub struct State {
     pub format: u32,
     /// Optimizer steps completed.
     pub step: u64,
+    /// This rank's sampler position (every rank's is the same).
     pub stream: StreamState,
+    /// Ranks of the run that wrote it (the global sampler position is offset × world_size).
+    pub world_size: usize,
     pub optimizer: String,
     pub optimizer_scalars: serde_json::Value,
     pub fingerprint: String,

@@ -94,6 +94,10 @@ pub const KEYS: &[KeyDoc] = &[
     k("schedule.warmup_steps", Int, Some("30"), "linear warmup steps"),
     k("schedule.final_lr", Float, Some("3e-4"), "learning rate at the last step"),
     k("checkpoint.keep_last", Int, Some("2"), "checkpoints kept in <run>/checkpoints (older ones are deleted)"),
+    k("comm.bucket_mb", Float, Some("25.0"), "gradient bucket cap in MiB (the first bucket is 1 MiB), as PyTorch DDP"),
+    k("comm.overlap", Bool, Some("true"), "all-reduce buckets during backward (false: after backward)"),
+    k("comm.check_every", Int, Some("100"), "compare a parameter checksum across ranks every this many steps (0 = never)"),
+    k("comm.timeout_s", Float, Some("600.0"), "a collective that does not complete within this many seconds aborts the job"),
 ];
 
 /// Which `model.*` keys each kind accepts (the first entry is the default kind).

@@ -6,3 +6,4 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod train;
+pub mod world;

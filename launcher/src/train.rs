@@ -9,8 +9,8 @@
 use crate::checkpoint::{self, State};
 use crate::config::{check_model_keys, Raw};
 use crate::error::{input_err, LaunchError, Result};
-use dptrain_comm::LocalComm;
-use dptrain_core::comm::Communicator;
+use dptrain_comm::GradReducer;
+use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
 use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, StreamState, TokenWindows};
@@ -319,9 +319,9 @@ fn fresh_dir(dir: &Path) -> PathBuf {
     (1..).map(|i| PathBuf::from(format!("{}-{i}", dir.display()))).find(|p| empty(p)).expect("some suffix is free")
 }
 
-/// Validates the whole run and builds it; writes nothing.
-pub fn setup(args: &TrainArgs, world: &dyn Communicator) -> Result<Run> {
-    // Raw config: a resumed run starts from the checkpoint's resolved config.
+/// Reads the raw config: the file (or, when resuming, the checkpoint's resolved config), then
+/// `--set` overrides. Returns it with the checkpoint to resume from.
+pub fn load_raw(args: &TrainArgs) -> Result<(Raw, Option<PathBuf>)> {
     let ckpt = args.resume.as_deref().map(checkpoint::find).transpose()?;
     let mut table = match (&ckpt, &args.config) {
         (Some(c), None) => crate::config::parse_file(&c.join("config.toml"))?,
@@ -333,8 +333,11 @@ pub fn setup(args: &TrainArgs, world: &dyn Communicator) -> Result<Run> {
     };
     table.remove("derived");
     crate::config::apply_sets(&mut table, &args.sets)?;
-    let raw = Raw::new(table)?;
+    Ok((Raw::new(table)?, ckpt))
+}
 
+/// Validates the whole run and builds it; writes nothing.
+pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Communicator) -> Result<Run> {
     let device = raw.choice("run.device", &["cpu", "cuda"])?;
     if device == "cuda" {
         return Err(input_err!("run.device: \"cuda\" is not available in this build yet (the CUDA backend is a later issue); use \"cpu\""));
@@ -405,7 +408,18 @@ pub fn setup(args: &TrainArgs, world: &dyn Communicator) -> Result<Run> {
                 .and_then(Path::parent)
                 .map(Path::to_path_buf)
                 .ok_or_else(|| input_err!("{}: not inside a run directory", c.display()))?;
-            (st.step, st.stream, args.run_dir.clone().unwrap_or(run), Some(c.clone()))
+            // The sampler position is per rank; the global position is offset × ranks, so a
+            // checkpoint resumes on a different number of ranks with the same global batch.
+            let global = st.stream.offset * st.world_size;
+            if global % ws != 0 {
+                return Err(input_err!(
+                    "{}: the checkpoint's sampler position ({global} samples into epoch {}) does not divide over {ws} ranks",
+                    c.display(),
+                    st.stream.epoch
+                ));
+            }
+            let stream = StreamState { epoch: st.stream.epoch, offset: global / ws };
+            (st.step, stream, args.run_dir.clone().unwrap_or(run), Some(c.clone()))
         }
         None => {
             let name = raw.str("run.name");
@@ -541,39 +555,166 @@ fn init_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
-pub fn train(args: &TrainArgs) -> Result<Summary> {
-    let mut world = LocalComm::new();
-    let mut run = setup(args, &world)?;
-    init_threads(run.threads);
-    let rank0 = world.rank() == 0;
-
-    // Files: only now, after every check passed.
-    std::fs::create_dir_all(&run.run_dir).map_err(|e| input_err!("{}: cannot create run directory ({e})", run.run_dir.display()))?;
-    let metrics_path = run.run_dir.join("metrics.jsonl");
-    if run.resumed_from.is_some() {
-        truncate_metrics(&metrics_path, run.start_step)?;
+/// Test hook: `DPTRAIN_TEST_FAULT=kill:RANK:STEP` (SIGKILL) or `hang:RANK:STEP` (sleep forever)
+/// makes one rank fail at a step, so the watchdog and job teardown can be tested for real.
+fn fault_hook(rank: usize, step: u64) {
+    let Ok(spec) = std::env::var("DPTRAIN_TEST_FAULT") else { return };
+    let parts: Vec<&str> = spec.split(':').collect();
+    if parts.len() != 3 || parts[1].parse() != Ok(rank) || parts[2].parse() != Ok(step) {
+        return;
     }
-    dptrain_core::checkpoint::atomic_write(&run.run_dir.join("config.toml"), run.config_toml.as_bytes())?;
-    let mut metrics = Metrics {
-        file: std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| LaunchError::Runtime(format!("{}: {e}", metrics_path.display())))?,
+    match parts[0] {
+        "kill" => {
+            let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        "hang" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        _ => {}
+    }
+}
+
+/// A 64-bit FNV-1a hash of the parameter bits, as four exactly-representable 16-bit integers.
+fn param_checksum(params: &ParamStore) -> Result<[f32; 4]> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in params.flat().data::<f32>()? {
+        h ^= x.to_bits() as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok([(h & 0xffff) as f32, ((h >> 16) & 0xffff) as f32, ((h >> 32) & 0xffff) as f32, (h >> 48) as f32])
+}
+
+/// Ranks whose checksum differs from rank 0's.
+fn drifted(comm: &mut dyn Communicator, params: &ParamStore) -> Result<Vec<usize>> {
+    let mine = param_checksum(params)?;
+    let mut all = vec![0f32; 4 * comm.world_size()];
+    comm.all_gather(&mine, &mut all)?;
+    Ok((1..comm.world_size()).filter(|&r| all[4 * r..4 * r + 4] != all[..4]).collect())
+}
+
+/// Same start on every rank: identical resolved configs and parameter layouts (checked, with
+/// the first difference named), then parameters and buffers broadcast from rank 0.
+fn sync_start(run: &mut Run, comm: &mut dyn Communicator) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let rank = comm.rank();
+    // Configs, minus values that may legitimately differ per rank.
+    // Compared without the [derived] table: derived values follow from the rest, and the
+    // first difference is then the key the user actually set differently.
+    let strip = |s: &str| {
+        let mut in_derived = false;
+        s.lines()
+            .filter(|l| {
+                if l.starts_with('[') {
+                    in_derived = l.trim() == "[derived]";
+                }
+                !in_derived
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
     };
-    tracing::info!(rank = world.rank(), world = world.world_size(), host = %world.world().host, "world");
+    for (what, mine) in [("config", run.config_toml.clone()), ("parameter layout", run.params.layout_fingerprint().replace(';', "\n"))] {
+        let mut root = mine.clone().into_bytes();
+        comm.broadcast_bytes(&mut root, 0)?;
+        let root = String::from_utf8_lossy(&root).to_string();
+        let (a, b) = (strip(&root), strip(&mine));
+        let diff = a.iter().zip(&b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())));
+        let mut flag = [if diff.is_some() { rank as f32 + 1.0 } else { 0.0 }];
+        comm.all_reduce(&mut flag, ReduceOp::Max)?;
+        if let Some(i) = diff {
+            return Err(input_err!(
+                "rank {rank}: {what} differs from rank 0's: `{}` here, `{}` on rank 0 — every rank must run the same config",
+                b.get(i).map(String::as_str).unwrap_or("(end)"),
+                a.get(i).map(String::as_str).unwrap_or("(end)")
+            ));
+        }
+        if flag[0] > 0.0 {
+            return Err(input_err!("rank {rank}: rank {} runs a different {what} (see its message)", flag[0] as usize - 1));
+        }
+    }
+    comm.broadcast(run.params.flat_mut::<f32>()?, 0)?;
+    for (_, b) in run.params.buffers() {
+        let mut t = b.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = t.to_vec::<f32>()?;
+        comm.broadcast(&mut v, 0)?;
+        let shape = t.shape().to_vec();
+        *t = dptrain_core::Tensor::from_vec(v, &shape)?;
+    }
+    Ok(())
+}
+
+pub fn train(args: &TrainArgs) -> Result<Summary> {
+    let (raw, ckpt) = load_raw(args)?;
+    let timeout = raw.float("comm.timeout_s");
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        return Err(input_err!("comm.timeout_s: must be a positive number of seconds, got {timeout}"));
+    }
+    let mut world = crate::world::discover(std::time::Duration::from_secs_f64(timeout))?;
+    let res = setup(args, raw, ckpt, world.main.as_ref());
+    // Every rank learns whether every rank's input was valid, so none waits for a failed one.
+    let mut flag = [if res.is_ok() { 0.0f32 } else { 1.0 }];
+    if world.info().world_size > 1 {
+        world.main.all_reduce(&mut flag, ReduceOp::Max)?;
+    }
+    let mut run = match res {
+        Ok(_) if flag[0] > 0.0 => return Err(input_err!("rank {}: another rank rejected its input (see its message)", world.info().rank)),
+        r => r?,
+    };
+    init_threads(run.threads);
+    sync_start(&mut run, world.main.as_mut())?;
+    let mut reducer = match world.grads.take() {
+        Some(c) if world.info().world_size > 1 => {
+            Some(GradReducer::new(c, &run.params, run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap")))
+        }
+        _ => None,
+    };
+    let out = train_loop(&mut run, world.main.as_mut(), reducer.as_mut());
+    drop(reducer);
+    out
+}
+
+fn train_loop(run: &mut Run, comm: &mut dyn Communicator, mut reducer: Option<&mut GradReducer>) -> Result<Summary> {
+    let rank0 = comm.rank() == 0;
+    let ws = comm.world_size();
+    let check_every = run.raw.count("comm.check_every")? as u64;
+
+    // Files: only now, after every check passed, and only on rank 0.
+    let mut metrics = None;
+    if rank0 {
+        std::fs::create_dir_all(&run.run_dir).map_err(|e| input_err!("{}: cannot create run directory ({e})", run.run_dir.display()))?;
+        let metrics_path = run.run_dir.join("metrics.jsonl");
+        if run.resumed_from.is_some() {
+            truncate_metrics(&metrics_path, run.start_step)?;
+        }
+        dptrain_core::checkpoint::atomic_write(&run.run_dir.join("config.toml"), run.config_toml.as_bytes())?;
+        metrics = Some(Metrics {
+            file: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| LaunchError::Runtime(format!("{}: {e}", metrics_path.display())))?,
+        });
+    }
+    let w = comm.world();
+    tracing::info!(rank = w.rank, world = w.world_size, local_rank = w.local_rank, local_size = w.local_size, host = %w.host, "world");
+    if ws > 1 {
+        eprintln!("dptrain: rank {}/{} local rank {}/{} on {}", w.rank, w.world_size, w.local_rank, w.local_size, w.host);
+    }
     if rank0 {
         println!("dptrain: {} | {}", run.model.describe(), run.data.describe);
         println!(
-            "dptrain: {} parameters, global batch {} = {} micro × {} accum × {} ranks, {} threads, run dir {}",
+            "dptrain: {} parameters, global batch {} = {} micro × {} accum × {} ranks, {} threads per rank, run dir {}",
             run.params.numel(),
             run.global_batch,
             run.micro_batch,
             run.accum,
-            world.world_size(),
+            ws,
             run.threads,
             run.run_dir.display()
         );
+        if let Some(r) = &reducer {
+            println!("dptrain: world of {ws} ranks; {} gradient buckets, overlap {}", r.buckets().len(), run.raw.bool("comm.overlap"));
+        }
         if let Some(c) = &run.resumed_from {
             println!("dptrain: resumed from {} at step {}", c.display(), run.start_step);
         }
@@ -581,15 +722,15 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
 
     let sampler = DistributedSampler {
         len: run.data.train.len(),
-        world: world.world_size(),
-        rank: world.rank(),
+        world: ws,
+        rank: comm.rank(),
         seed: run.seed,
         shuffle: run.raw.bool("data.shuffle"),
         drop_last: run.raw.bool("data.drop_last"),
     };
     let mut stream = BatchStream::new(sampler, run.stream);
     let mut grads = GradStore::new(&run.params);
-    let tty = std::io::stdout().is_terminal();
+    let tty = rank0 && std::io::stdout().is_terminal();
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(run.steps);
         b.set_style(
@@ -606,11 +747,12 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     let mut samples_done = 0usize;
 
     for step in run.start_step..run.steps {
+        fault_hook(comm.rank(), step + 1);
         let lr = run.schedule.lr(step);
         grads.zero_grad();
         let mut loss_sum = 0.0;
         let mut probe_acc: Vec<(String, f64)> = vec![];
-        for _micro in 0..run.accum {
+        for micro in 0..run.accum {
             let batch = run.data.train.batch(&stream.next_indices(run.micro_batch));
             let tape = Tape::new();
             let mut probes = Probes::default();
@@ -618,7 +760,24 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             loss_sum += loss.item()?;
             // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
             let scaled = if run.accum > 1 { loss.scale(1.0 / run.accum as f64)? } else { loss };
-            tape.backward(scaled, &mut grads, |_, _| {})?;
+            // Gradients are communicated on the last micro-step only (DDP's no_sync).
+            let mut reduce_err = None;
+            match reducer.as_deref_mut() {
+                Some(r) => {
+                    r.begin(micro + 1 == run.accum);
+                    tape.backward(scaled, &mut grads, |p, g| {
+                        if let Err(e) = r.on_ready(p, g) {
+                            reduce_err.get_or_insert(e);
+                        }
+                    })?;
+                }
+                None => {
+                    tape.backward(scaled, &mut grads, |_, _| {})?;
+                }
+            }
+            if let Some(e) = reduce_err {
+                return Err(e.into());
+            }
             for (k, v) in probes.0 {
                 match probe_acc.iter_mut().find(|(n, _)| *n == k) {
                     Some((n, acc)) => *acc = if n.starts_with("attn_logit_max") { acc.max(v) } else { *acc + v },
@@ -626,8 +785,12 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
                 }
             }
         }
+        let comm_stats = match reducer.as_deref_mut() {
+            Some(r) => Some(r.wait_all(&mut grads)?),
+            None => None,
+        };
         let mut avg = vec![loss_sum / run.accum as f64];
-        world.all_reduce_f64(&mut avg)?;
+        avg_f64(comm, &mut avg)?;
         let loss = avg[0];
         let grad_norm = clip_grad_norm(&mut grads, run.clip)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -642,9 +805,26 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         last_loss = loss;
         let done = step + 1;
 
+        if check_every > 0 && ws > 1 && done % check_every == 0 {
+            let bad = drifted(comm, &run.params)?;
+            if !bad.is_empty() {
+                return Err(LaunchError::Runtime(format!(
+                    "step {done}: parameters of ranks {bad:?} differ from rank 0's — the replicas drifted apart; aborting"
+                )));
+            }
+        }
+
         if done % run.log_every == 0 || done == run.steps {
             let dt = window_start.elapsed().as_secs_f64();
             let sps = window_samples as f64 / dt.max(1e-9);
+            // Probes averaged over micro-steps, then over ranks (max for attention logits).
+            let (maxes, means): (Vec<_>, Vec<_>) = probe_acc.into_iter().partition(|(k, _)| k.starts_with("attn_logit_max"));
+            let mut mv: Vec<f64> = means.iter().map(|(_, v)| v / run.accum as f64).collect();
+            avg_f64(comm, &mut mv)?;
+            let mut xv: Vec<f32> = maxes.iter().map(|(_, v)| *v as f32).collect();
+            if ws > 1 && !xv.is_empty() {
+                comm.all_reduce(&mut xv, ReduceOp::Max)?;
+            }
             let mut rec = Map::new();
             rec.insert("step".into(), json!(done));
             rec.insert("loss".into(), json!(loss));
@@ -652,12 +832,18 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             rec.insert("grad_norm".into(), json!(grad_norm));
             rec.insert("samples_per_s".into(), json!(sps));
             rec.insert("elapsed_s".into(), json!(t0.elapsed().as_secs_f64()));
-            for (k, v) in &probe_acc {
-                let v = if k.starts_with("attn_logit_max") { *v } else { v / run.accum as f64 };
+            if let Some(cs) = comm_stats {
+                rec.insert("comm_s".into(), json!(cs.comm_s));
+                rec.insert("comm_hidden".into(), json!(cs.hidden_fraction()));
+            }
+            for ((k, _), v) in means.iter().zip(mv) {
                 rec.insert(k.clone(), json!(v));
             }
-            if rank0 {
-                metrics.write(&Value::Object(rec))?;
+            for ((k, v), x) in maxes.iter().zip(xv.iter().map(|&x| x as f64).chain(std::iter::repeat(f64::NAN))) {
+                rec.insert(k.clone(), json!(if ws > 1 { x } else { *v }));
+            }
+            if let Some(m) = metrics.as_mut() {
+                m.write(&Value::Object(rec))?;
                 let msg = format!("loss {loss:.4} lr {lr:.2e} gnorm {grad_norm:.3} {sps:.0} samples/s");
                 match &bar {
                     Some(b) => b.set_message(msg),
@@ -671,16 +857,16 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             b.set_position(done);
         }
         if (run.eval_every > 0 && done % run.eval_every == 0) || done == run.steps {
-            let mut v = vec![evaluate(&run)?];
-            world.all_reduce_f64(&mut v)?;
+            let mut v = vec![evaluate(run)?];
+            avg_f64(comm, &mut v)?;
             last_val = Some(v[0]);
-            if rank0 {
+            if let Some(m) = metrics.as_mut() {
                 let mut rec = json!({ "step": done, "val_loss": v[0] });
                 if let Some(f) = run.data.floor {
                     rec["entropy_floor"] = json!(f);
                     rec["val_gap"] = json!(v[0] - f);
                 }
-                metrics.write(&rec)?;
+                m.write(&rec)?;
                 let floor = run.data.floor.map(|f| format!(" (entropy floor {f:.4}, gap {:.4})", v[0] - f)).unwrap_or_default();
                 match &bar {
                     Some(b) => b.println(format!("step {done}: val loss {:.4}{floor}", v[0])),
@@ -689,12 +875,14 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             }
         }
         if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.steps {
+            // Only rank 0 writes; no collective inside the rank-0 branch; everyone waits after.
             if rank0 {
                 let (_, scalars) = run.opt.state(&run.params);
                 let st = State {
                     format: checkpoint::FORMAT,
                     step: done,
                     stream: stream.state(),
+                    world_size: ws,
                     optimizer: run.opt.name().into(),
                     optimizer_scalars: scalars,
                     fingerprint: run.params.layout_fingerprint(),
@@ -702,7 +890,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
                 };
                 checkpoint::save(&run.run_dir, done, &run.params, run.opt.as_ref(), &st, &run.config_toml, run.keep_last)?;
             }
-            world.barrier()?;
+            comm.barrier()?;
         }
     }
     if let Some(b) = bar {
@@ -737,21 +925,15 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     Ok(summary)
 }
 
-/// f64 averaging over ranks through the f32 communicator (losses are logged as f64).
-trait AllReduceF64 {
-    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()>;
-}
-
-impl<C: Communicator> AllReduceF64 for C {
-    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
-        if self.world_size() == 1 {
-            return Ok(());
-        }
-        let mut f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        self.all_reduce(&mut f, dptrain_core::comm::ReduceOp::Avg)?;
-        for (a, b) in v.iter_mut().zip(f) {
-            *a = b as f64;
-        }
-        Ok(())
+/// Averages f64 values over ranks (through the f32 collectives; exact in a world of one).
+fn avg_f64(comm: &mut dyn Communicator, v: &mut [f64]) -> Result<()> {
+    if comm.world_size() == 1 || v.is_empty() {
+        return Ok(());
     }
+    let mut f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    comm.all_reduce(&mut f, ReduceOp::Avg)?;
+    for (a, b) in v.iter_mut().zip(f) {
+        *a = b as f64;
+    }
+    Ok(())
 }

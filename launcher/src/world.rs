@@ -1,0 +1,53 @@
+//! World discovery: MPI when an MPI launcher (mpirun, mpiexec, srun with PMI/PMIx) started the
+//! process and this build has MPI; otherwise a world of one. Returns two communicators over the
+//! same ranks — one for the training thread, one for the gradient reducer's communication
+//! thread — so their collectives never interleave.
+
+use crate::error::{LaunchError, Result};
+use dptrain_comm::LocalComm;
+use dptrain_core::comm::{Communicator, WorldInfo};
+use std::time::Duration;
+
+pub struct World {
+    pub main: Box<dyn Communicator>,
+    /// Taken by the gradient reducer (multi-rank runs only).
+    pub grads: Option<Box<dyn Communicator>>,
+    // Declared last: dropped after the communicators (dropping it finalises MPI).
+    #[cfg(feature = "mpi")]
+    _mpi: Option<dptrain_comm::mpi::MpiEnv>,
+}
+
+impl World {
+    pub fn info(&self) -> &WorldInfo {
+        self.main.world()
+    }
+}
+
+pub fn discover(timeout: Duration) -> Result<World> {
+    if dptrain_comm::world::under_mpi_launcher() {
+        #[cfg(feature = "mpi")]
+        {
+            let env = dptrain_comm::mpi::MpiEnv::init().map_err(|e| LaunchError::Runtime(format!("MPI: {e}")))?;
+            let main = Box::new(env.comm(timeout, "main"));
+            let grads = Box::new(env.comm(timeout, "grads"));
+            return Ok(World { main, grads: Some(grads), _mpi: Some(env) });
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let _ = timeout;
+            if let Some((_, size, _)) = dptrain_comm::world::env_world() {
+                if size > 1 {
+                    return Err(LaunchError::Input(format!(
+                        "started by an MPI launcher with {size} ranks, but this dptrain was built without MPI (cargo feature `mpi`)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(World {
+        main: Box::new(LocalComm::new()),
+        grads: None,
+        #[cfg(feature = "mpi")]
+        _mpi: None,
+    })
+}

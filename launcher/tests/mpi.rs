@@ -1,0 +1,225 @@
+//! Multi-process data parallelism for real: `mpirun -np 2 dptrain train ...` (Open MPI).
+//! Needs `mpirun` on PATH (scripts/test.sh installs Open MPI); set DPTRAIN_SKIP_MPI_TESTS=1 to
+//! skip on a machine without it.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const SMALL: &[&str] = &[
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.context=16",
+    "data.vocab=16",
+    "data.train_tokens=20000",
+    "data.val_tokens=4000",
+    "train.eval_batches=2",
+    "run.log_every=1",
+    "run.threads=1",
+    "train.eval_every=0",
+    // No biases: the key bias of attention gets an exactly-zero gradient (softmax ignores it),
+    // so AdamW would amplify pure rounding noise there and no two reduction orders agree.
+    "model.bias=false",
+];
+
+fn skip() -> bool {
+    if std::env::var("DPTRAIN_SKIP_MPI_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipping MPI tests (DPTRAIN_SKIP_MPI_TESTS=1)");
+        return true;
+    }
+    false
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dptrain-mpi-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn args(run_dir: &Path, sets: &[&str]) -> Vec<String> {
+    let mut a = vec!["train".to_string(), "--run-dir".into(), run_dir.display().to_string()];
+    for s in SMALL.iter().chain(sets) {
+        a.push("--set".into());
+        a.push(s.to_string());
+    }
+    a
+}
+
+fn mpirun(np: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "--bind-to", "none", "-np", &np.to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("DPTRAIN_LOG", "error");
+    c
+}
+
+fn single(run_dir: &Path, sets: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dptrain")).args(args(run_dir, sets)).env("DPTRAIN_LOG", "error").output().unwrap()
+}
+
+fn multi(np: usize, run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = mpirun(np);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(args(run_dir, sets));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+fn losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
+fn params(run_dir: &Path, step: u64) -> std::collections::HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(run_dir.join(format!("checkpoints/step_{step:07}/model.safetensors"))).unwrap();
+    dptrain_core::checkpoint::tensors_from_bytes(&bytes).unwrap().into_iter().map(|(k, v)| (k, v.to_vec::<f32>().unwrap())).collect()
+}
+
+fn assert_equivalent(name: &str, a: &Path, b: &Path, steps: u64) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.len(), steps as usize);
+    for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{name}: loss at step {} differs: {x} vs {y}", i + 1);
+    }
+    let (pa, pb) = (params(a, steps), params(b, steps));
+    for (k, va) in &pa {
+        let vb = &pb[k];
+        let diff: f64 = va.iter().zip(vb).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = va.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(diff <= 1e-5 * norm.max(1e-6), "{name}: {k}: relative difference {:e}", diff / norm);
+    }
+}
+
+#[test]
+fn two_ranks_match_one_rank_sgd_and_adamw() {
+    if skip() {
+        return;
+    }
+    for opt in ["sgd", "adamw"] {
+        let d = tmp(&format!("eq-{opt}"));
+        let kind = format!("optim.kind=\"{opt}\"");
+        let sets = ["train.steps=20", "train.global_batch=16", "optim.lr=0.01", kind.as_str()];
+        ok(&single(&d.join("one"), &sets));
+        let o = multi(2, &d.join("two"), &sets, &[]);
+        ok(&o);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("world of 2 ranks"), "{}", String::from_utf8_lossy(&o.stdout));
+        assert_equivalent(opt, &d.join("one"), &d.join("two"), 20);
+        // Overlap off gives the same result as overlap on.
+        let mut s2 = sets.to_vec();
+        s2.push("comm.overlap=false");
+        ok(&multi(2, &d.join("two-no-overlap"), &s2, &[]));
+        assert_equivalent("overlap off", &d.join("two"), &d.join("two-no-overlap"), 20);
+        std::fs::remove_dir_all(&d).ok();
+    }
+}
+
+#[test]
+fn accumulation_two_ranks_by_two_matches_one_rank_by_four() {
+    if skip() {
+        return;
+    }
+    let d = tmp("accum");
+    let sets = ["train.steps=12", "train.global_batch=16", "train.micro_batch=4", "optim.lr=0.01", "comm.bucket_mb=0.01"];
+    ok(&single(&d.join("one"), &sets));
+    let o = multi(2, &d.join("two"), &sets, &[]);
+    ok(&o);
+    let cfg = std::fs::read_to_string(d.join("two/config.toml")).unwrap();
+    assert!(cfg.contains("accum_steps = 2") && cfg.contains("world_size = 2"), "{cfg}");
+    assert!(std::fs::read_to_string(d.join("one/config.toml")).unwrap().contains("accum_steps = 4"));
+    assert_equivalent("accumulation", &d.join("one"), &d.join("two"), 12);
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn resume_on_two_ranks_is_exact() {
+    if skip() {
+        return;
+    }
+    let d = tmp("resume");
+    let sets = ["train.steps=20", "train.global_batch=16", "train.checkpoint_every=10", "checkpoint.keep_last=5"];
+    ok(&multi(2, &d.join("a"), &sets, &[]));
+    let mut c = mpirun(2);
+    c.arg(env!("CARGO_BIN_EXE_dptrain"))
+        .args(["train", "--resume"])
+        .arg(d.join("a/checkpoints/step_0000010"))
+        .arg("--run-dir")
+        .arg(d.join("b"));
+    ok(&c.output().unwrap());
+    let (la, lb) = (losses(&d.join("a")), losses(&d.join("b")));
+    assert_eq!(la[10..], lb[..], "resumed 2-rank run differs");
+    // A 2-rank checkpoint resumes on 1 rank (same global batch): same trajectory up to rounding.
+    let o = Command::new(env!("CARGO_BIN_EXE_dptrain"))
+        .args(["train", "--resume"])
+        .arg(d.join("a/checkpoints/step_0000010"))
+        .arg("--run-dir")
+        .arg(d.join("c"))
+        .output()
+        .unwrap();
+    ok(&o);
+    let lc = losses(&d.join("c"));
+    for (x, y) in la[10..].iter().zip(&lc) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_killed_rank_ends_the_job() {
+    if skip() {
+        return;
+    }
+    let d = tmp("kill");
+    let t = Instant::now();
+    let o = multi(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=5"], &[("DPTRAIN_TEST_FAULT", "kill:1:5")]);
+    let dt = t.elapsed();
+    assert!(!o.status.success(), "job must fail when a rank is killed");
+    assert!(dt < Duration::from_secs(5 + 15), "job took {dt:?} to end");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_hung_rank_trips_the_watchdog_naming_the_collective() {
+    if skip() {
+        return;
+    }
+    let d = tmp("hang");
+    let t = Instant::now();
+    let o = multi(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=3"], &[("DPTRAIN_TEST_FAULT", "hang:1:5")]);
+    let dt = t.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("watchdog: collective all_reduce #") && err.contains("rank 0"), "{err}");
+    assert!(dt < Duration::from_secs(3 + 15), "job took {dt:?} to end");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn mismatched_config_across_ranks_is_a_clear_error_at_start() {
+    if skip() {
+        return;
+    }
+    let d = tmp("mismatch");
+    let run = d.join("r");
+    let mut c = mpirun(1);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(args(&run, &["train.steps=5"]));
+    c.args([":", "-np", "1"]).arg(env!("CARGO_BIN_EXE_dptrain")).args(args(&run, &["train.steps=5", "model.d_model=48"]));
+    let t = Instant::now();
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("differs from rank 0's") && err.contains("d_model = 48") && err.contains("d_model = 32"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(!run.join("metrics.jsonl").exists(), "no training happened");
+    std::fs::remove_dir_all(&d).ok();
+}
