@@ -77,17 +77,18 @@ impl MpiComm {
     /// Polls `req` until it completes or the watchdog fires (then aborts the job).
     fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, what: &str, count: usize, mut req: Request<'a, D, S>) {
         let start = Instant::now();
-        let mut spins = 0u32;
         loop {
             match req.test() {
                 Ok(_) => return,
                 Err(r) => req = r,
             }
-            spins += 1;
-            if spins > 2000 {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
+            // MPI progresses a non-blocking collective only inside MPI calls, so test
+            // continuously while it is young; a collective still open after 100 ms is waiting
+            // for a late rank, and is then polled gently until the watchdog deadline.
+            if start.elapsed() < Duration::from_millis(100) {
                 std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
             }
             if start.elapsed() > self.timeout {
                 eprintln!(
@@ -115,20 +116,26 @@ impl Communicator for MpiComm {
         &self.info
     }
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        self.seq += 1;
         // rsmpi has no MPI_IN_PLACE: reduce from a copy.
         let send = buf.to_vec();
-        let n = buf.len();
+        self.all_reduce_into(&send, buf, op)
+    }
+    fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::Msg(format!("all_reduce: send {} and receive {} lengths differ", send.len(), recv.len())));
+        }
+        self.seq += 1;
+        let n = recv.len();
         mpi::request::scope(|scope| {
             let req = match op {
-                ReduceOp::Max => self.comm.immediate_all_reduce_into(scope, &send[..], &mut *buf, SystemOperation::max()),
-                _ => self.comm.immediate_all_reduce_into(scope, &send[..], &mut *buf, SystemOperation::sum()),
+                ReduceOp::Max => self.comm.immediate_all_reduce_into(scope, send, &mut *recv, SystemOperation::max()),
+                _ => self.comm.immediate_all_reduce_into(scope, send, &mut *recv, SystemOperation::sum()),
             };
             self.finish("all_reduce", n, req);
         });
         if op == ReduceOp::Avg {
             let inv = 1.0 / self.info.world_size as f32;
-            buf.iter_mut().for_each(|x| *x *= inv);
+            recv.iter_mut().for_each(|x| *x *= inv);
         }
         Ok(())
     }

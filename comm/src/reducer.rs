@@ -16,14 +16,16 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+/// A bucket's send and receive buffers travel to the communication thread and back, and are
+/// reused every step (no allocation in steady state).
 struct Job {
     idx: usize,
-    data: Vec<f32>,
+    send: Vec<f32>,
+    recv: Vec<f32>,
 }
 
 struct Done {
-    idx: usize,
-    data: Vec<f32>,
+    job: Job,
     result: Result<()>,
     busy_s: f64,
 }
@@ -60,6 +62,10 @@ pub struct GradReducer {
     rx: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     comm_s: f64,
+    /// Per bucket: (send, recv) buffers while idle here.
+    bufs: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// 1 / world size: the average is applied while copying results back.
+    scale: f32,
 }
 
 impl GradReducer {
@@ -74,6 +80,8 @@ impl GradReducer {
                 bucket_of[p.0] = b;
             }
         }
+        let scale = 1.0 / comm.world_size() as f32;
+        let bufs = buckets.iter().map(|b| Some((vec![0f32; b.len()], vec![0f32; b.len()]))).collect();
         let (tx, jobs) = channel::<Job>();
         let (done, rx) = channel::<Done>();
         let thread = std::thread::Builder::new()
@@ -82,9 +90,9 @@ impl GradReducer {
                 let mut comm = comm;
                 for mut job in jobs {
                     let t = Instant::now();
-                    let result = comm.all_reduce(&mut job.data, ReduceOp::Avg);
+                    let result = comm.all_reduce_into(&job.send, &mut job.recv, ReduceOp::Sum);
                     let busy_s = t.elapsed().as_secs_f64();
-                    if done.send(Done { idx: job.idx, data: job.data, result, busy_s }).is_err() {
+                    if done.send(Done { job, result, busy_s }).is_err() {
                         break;
                     }
                 }
@@ -104,6 +112,8 @@ impl GradReducer {
             rx,
             thread: Some(thread),
             comm_s: 0.0,
+            bufs,
+            scale,
         }
     }
 
@@ -125,8 +135,9 @@ impl GradReducer {
 
     fn launch(&mut self, b: usize, grads: &GradStore) -> Result<()> {
         let bk = &self.buckets[b];
-        let data = grads.flat().data::<f32>()?[bk.start..bk.end].to_vec();
-        self.tx.as_ref().expect("alive").send(Job { idx: b, data }).map_err(|_| Error::Msg("communication thread exited".into()))?;
+        let (mut send, recv) = self.bufs[b].take().ok_or_else(|| Error::Msg(format!("bucket {b} launched twice")))?;
+        send.copy_from_slice(&grads.flat().data::<f32>()?[bk.start..bk.end]);
+        self.tx.as_ref().expect("alive").send(Job { idx: b, send, recv }).map_err(|_| Error::Msg("communication thread exited".into()))?;
         self.in_flight += 1;
         Ok(())
     }
@@ -164,8 +175,12 @@ impl GradReducer {
         while self.in_flight > 0 {
             let d = self.rx.recv().map_err(|_| Error::Msg("communication thread exited".into()))?;
             d.result?;
-            let bk = &self.buckets[d.idx];
-            flat[bk.start..bk.end].copy_from_slice(&d.data);
+            let Job { idx, send, recv } = d.job;
+            let bk = &self.buckets[idx];
+            for (g, &r) in flat[bk.start..bk.end].iter_mut().zip(&recv) {
+                *g = r * self.scale;
+            }
+            self.bufs[idx] = Some((send, recv));
             self.comm_s += d.busy_s;
             self.in_flight -= 1;
         }

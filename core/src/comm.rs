@@ -51,6 +51,12 @@ pub trait Communicator: Send {
     }
     /// In-place all-reduce.
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// All-reduce from `send` into `recv` (same length). Implementations with a native
+    /// out-of-place collective (MPI) override this to save the copy.
+    fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {
+        recv.copy_from_slice(send);
+        self.all_reduce(recv, op)
+    }
     /// In-place broadcast from `root`.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Broadcast of bytes from `root` (configs, fingerprints, NCCL ids).
