@@ -1,30 +1,80 @@
 //! `MpiComm`: collectives over the system MPI through rsmpi, each under a watchdog.
 //!
-//! Every collective is issued non-blocking (`MPI_Iallreduce`, `MPI_Ibcast`, ...) and polled
-//! with `MPI_Test` against a deadline; each carries a sequence number. If one does not complete
-//! within the timeout, the rank prints which collective and sequence number it was stuck in and
-//! calls `MPI_Abort`, which ends the whole job — never a silent hang (PyTorch's NCCL watchdog
-//! behaves the same way). MPI cannot tell which peer is missing; the message says so.
+//! Collectives are the blocking MPI calls (the MPI library's tuned algorithms; its non-blocking
+//! ones were ~2× slower here). Each one registers itself — name, sequence number, size, start
+//! time — in a slot that a watchdog thread scans every few milliseconds, as PyTorch's NCCL
+//! watchdog does. If a collective does not complete within the timeout, the watchdog prints
+//! which collective and sequence number the rank is stuck in and calls `MPI_Abort`, which ends
+//! the whole job — never a silent hang. MPI cannot tell which peer is missing; the message says
+//! so.
 //!
 //! MPI is initialised with `MPI_THREAD_MULTIPLE` (required: the gradient reducer's
 //! communication thread uses its own duplicated communicator concurrently with the training
-//! thread's).
+//! thread's, and the watchdog may call `MPI_Abort` from its own thread).
 
 use dptrain_core::comm::{hostname, Communicator, ReduceOp, WorldInfo};
 use dptrain_core::{Error, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
-use mpi::request::{Request, Scope};
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The initialised MPI environment. Dropping it finalises MPI, so it must outlive every
-/// `MpiComm` (the trainer drops communicators first).
+/// A collective in progress.
+#[derive(Clone)]
+struct InFlight {
+    what: &'static str,
+    seq: u64,
+    count: usize,
+    start: Instant,
+}
+
+type Slot = Arc<Mutex<Option<InFlight>>>;
+
+struct Watched {
+    slot: Slot,
+    timeout: Duration,
+    comm: &'static str,
+}
+
+/// Scans every communicator's in-flight collective; aborts the job on a timeout.
+fn watchdog(list: Arc<Mutex<Vec<Watched>>>, info: WorldInfo) {
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let l = list.lock().unwrap_or_else(|e| e.into_inner());
+        for w in l.iter() {
+            let cur = w.slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(f) = cur {
+                if f.start.elapsed() > w.timeout {
+                    eprintln!(
+                        "dptrain: rank {} on {}: watchdog: collective {} #{} ({} elements, communicator '{}') did not complete within {:.0} s; \
+                         some rank did not join (it died, hangs, or runs a different config); MPI does not say which — aborting the job",
+                        info.rank,
+                        info.host,
+                        f.what,
+                        f.seq,
+                        f.count,
+                        w.comm,
+                        w.timeout.as_secs_f64()
+                    );
+                    // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE, so MPI_Abort may be
+                    // called from this thread; it does not return.
+                    unsafe {
+                        mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 3);
+                    }
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
+}
+
 pub struct MpiEnv {
     universe: Universe,
     pub info: WorldInfo,
+    watched: Arc<Mutex<Vec<Watched>>>,
 }
 
 impl MpiEnv {
@@ -49,13 +99,21 @@ impl MpiEnv {
         let local = world.split_shared(rank as i32);
         let info =
             WorldInfo { rank, world_size: size, local_rank: local.rank() as usize, local_size: local.size() as usize, host: hostname() };
-        Ok(MpiEnv { universe, info })
+        let watched = Arc::new(Mutex::new(Vec::new()));
+        let (w, i) = (watched.clone(), info.clone());
+        std::thread::Builder::new()
+            .name("dptrain-watchdog".into())
+            .spawn(move || watchdog(w, i))
+            .map_err(|e| Error::Msg(format!("watchdog thread: {e}")))?;
+        Ok(MpiEnv { universe, info, watched })
     }
 
     /// A new communicator over all ranks (its own MPI context, so collectives on different
     /// communicators never match each other).
     pub fn comm(&self, timeout: Duration, name: &'static str) -> MpiComm {
-        MpiComm { comm: self.universe.world().duplicate(), info: self.info.clone(), seq: 0, timeout, name }
+        let slot: Slot = Arc::new(Mutex::new(None));
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).push(Watched { slot: slot.clone(), timeout, comm: name });
+        MpiComm { comm: self.universe.world().duplicate(), info: self.info.clone(), seq: 0, slot }
     }
 }
 
@@ -63,8 +121,7 @@ pub struct MpiComm {
     comm: SimpleCommunicator,
     info: WorldInfo,
     seq: u64,
-    timeout: Duration,
-    name: &'static str,
+    slot: Slot,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `MpiEnv::init`, which is the
@@ -74,35 +131,13 @@ pub struct MpiComm {
 unsafe impl Send for MpiComm {}
 
 impl MpiComm {
-    /// Polls `req` until it completes or the watchdog fires (then aborts the job).
-    fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, what: &str, count: usize, mut req: Request<'a, D, S>) {
-        let start = Instant::now();
-        loop {
-            match req.test() {
-                Ok(_) => return,
-                Err(r) => req = r,
-            }
-            // MPI progresses a non-blocking collective only inside MPI calls, so test
-            // continuously while it is young; a collective still open after 100 ms is waiting
-            // for a late rank, and is then polled gently until the watchdog deadline.
-            if start.elapsed() < Duration::from_millis(100) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            if start.elapsed() > self.timeout {
-                eprintln!(
-                    "dptrain: rank {} on {}: watchdog: collective {what} #{} ({count} elements, communicator '{}') did not complete within {:.0} s; \
-                     some rank did not join (it died, hangs, or runs a different config); MPI does not say which — aborting the job",
-                    self.info.rank,
-                    self.info.host,
-                    self.seq,
-                    self.name,
-                    self.timeout.as_secs_f64()
-                );
-                self.comm.abort(3);
-            }
-        }
+    /// Runs one collective under the watchdog.
+    fn watched<R>(&mut self, what: &'static str, count: usize, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+        self.seq += 1;
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(InFlight { what, seq: self.seq, count, start: Instant::now() });
+        let r = f(&self.comm);
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        r
     }
 
     /// Blocking `MPI_Allreduce` with no watchdog: the raw baseline for the all-reduce benchmark.
@@ -124,14 +159,9 @@ impl Communicator for MpiComm {
         if send.len() != recv.len() {
             return Err(Error::Msg(format!("all_reduce: send {} and receive {} lengths differ", send.len(), recv.len())));
         }
-        self.seq += 1;
-        let n = recv.len();
-        mpi::request::scope(|scope| {
-            let req = match op {
-                ReduceOp::Max => self.comm.immediate_all_reduce_into(scope, send, &mut *recv, SystemOperation::max()),
-                _ => self.comm.immediate_all_reduce_into(scope, send, &mut *recv, SystemOperation::sum()),
-            };
-            self.finish("all_reduce", n, req);
+        self.watched("all_reduce", send.len(), |c| match op {
+            ReduceOp::Max => c.all_reduce_into(send, &mut *recv, SystemOperation::max()),
+            _ => c.all_reduce_into(send, &mut *recv, SystemOperation::sum()),
         });
         if op == ReduceOp::Avg {
             let inv = 1.0 / self.info.world_size as f32;
@@ -140,31 +170,15 @@ impl Communicator for MpiComm {
         Ok(())
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        self.seq += 1;
-        let n = buf.len();
-        let rootp = self.comm.process_at_rank(root as i32);
-        mpi::request::scope(|scope| {
-            let req = rootp.immediate_broadcast_into(scope, &mut *buf);
-            self.finish("broadcast", n, req);
-        });
+        self.watched("broadcast", buf.len(), |c| c.process_at_rank(root as i32).broadcast_into(&mut *buf));
         Ok(())
     }
     fn broadcast_bytes(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
         // Length first, then the bytes.
-        self.seq += 1;
         let mut len = [buf.len() as u64];
-        let rootp = self.comm.process_at_rank(root as i32);
-        mpi::request::scope(|scope| {
-            let req = rootp.immediate_broadcast_into(scope, &mut len);
-            self.finish("broadcast_bytes(len)", 1, req);
-        });
+        self.watched("broadcast_bytes(len)", 1, |c| c.process_at_rank(root as i32).broadcast_into(&mut len));
         buf.resize(len[0] as usize, 0);
-        let n = buf.len();
-        let rootp = self.comm.process_at_rank(root as i32);
-        mpi::request::scope(|scope| {
-            let req = rootp.immediate_broadcast_into(scope, &mut buf[..]);
-            self.finish("broadcast_bytes", n, req);
-        });
+        self.watched("broadcast_bytes", buf.len(), |c| c.process_at_rank(root as i32).broadcast_into(&mut buf[..]));
         Ok(())
     }
     fn all_gather(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
@@ -176,18 +190,11 @@ impl Communicator for MpiComm {
                 self.info.world_size
             )));
         }
-        self.seq += 1;
-        let n = send.len();
-        mpi::request::scope(|scope| {
-            let req = self.comm.immediate_all_gather_into(scope, send, &mut *recv);
-            self.finish("all_gather", n, req);
-        });
+        self.watched("all_gather", send.len(), |c| c.all_gather_into(send, &mut *recv));
         Ok(())
     }
     fn barrier(&mut self) -> Result<()> {
-        self.seq += 1;
-        let req = self.comm.immediate_barrier();
-        self.finish("barrier", 0, req);
+        self.watched("barrier", 0, |c| c.barrier());
         Ok(())
     }
 }

@@ -16,11 +16,25 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// A bucket's send and receive buffers travel to the communication thread and back, and are
-/// reused every step (no allocation in steady state).
+/// A finished bucket's region of the flat gradient buffer, read in place by the
+/// communication thread (no copy-out).
+struct Region {
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: a Region is created only by `GradReducer::launch` for a bucket whose parameters'
+// gradients are final; the caller of `on_ready` guarantees (see its safety contract) that the
+// GradStore outlives the reduction and that nothing writes the region until `wait_all` has
+// received this job back. The engine writes gradients through per-parameter regions only
+// (`Tensor::region_mut`), so no reference to this region exists while the thread reads it.
+unsafe impl Send for Region {}
+
+/// A bucket's send region and receive buffer travel to the communication thread and back; the
+/// receive buffer is reused every step (no allocation in steady state).
 struct Job {
     idx: usize,
-    send: Vec<f32>,
+    send: Region,
     recv: Vec<f32>,
 }
 
@@ -62,8 +76,8 @@ pub struct GradReducer {
     rx: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     comm_s: f64,
-    /// Per bucket: (send, recv) buffers while idle here.
-    bufs: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Per bucket: the receive buffer while idle here.
+    bufs: Vec<Option<Vec<f32>>>,
     /// 1 / world size: the average is applied while copying results back.
     scale: f32,
 }
@@ -81,7 +95,7 @@ impl GradReducer {
             }
         }
         let scale = 1.0 / comm.world_size() as f32;
-        let bufs = buckets.iter().map(|b| Some((vec![0f32; b.len()], vec![0f32; b.len()]))).collect();
+        let bufs = buckets.iter().map(|b| Some(vec![0f32; b.len()])).collect();
         let (tx, jobs) = channel::<Job>();
         let (done, rx) = channel::<Done>();
         let thread = std::thread::Builder::new()
@@ -90,7 +104,10 @@ impl GradReducer {
                 let mut comm = comm;
                 for mut job in jobs {
                     let t = Instant::now();
-                    let result = comm.all_reduce_into(&job.send, &mut job.recv, ReduceOp::Sum);
+                    // SAFETY: see `Region`: the region is live and unwritten until this job
+                    // is returned through `done`.
+                    let send = unsafe { std::slice::from_raw_parts(job.send.ptr, job.send.len) };
+                    let result = comm.all_reduce_into(send, &mut job.recv, ReduceOp::Sum);
                     let busy_s = t.elapsed().as_secs_f64();
                     if done.send(Done { job, result, busy_s }).is_err() {
                         break;
@@ -135,15 +152,27 @@ impl GradReducer {
 
     fn launch(&mut self, b: usize, grads: &GradStore) -> Result<()> {
         let bk = &self.buckets[b];
-        let (mut send, recv) = self.bufs[b].take().ok_or_else(|| Error::Msg(format!("bucket {b} launched twice")))?;
-        send.copy_from_slice(&grads.flat().data::<f32>()?[bk.start..bk.end]);
+        let recv = self.bufs[b].take().ok_or_else(|| Error::Msg(format!("bucket {b} launched twice")))?;
+        if grads.flat().numel() < bk.end {
+            return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
+        }
+        // SAFETY: bk.start < bk.end ≤ numel (checked), so the pointer stays in the buffer.
+        let send = Region { ptr: unsafe { grads.flat().data_ptr::<f32>()?.add(bk.start) }, len: bk.len() };
         self.tx.as_ref().expect("alive").send(Job { idx: b, send, recv }).map_err(|_| Error::Msg("communication thread exited".into()))?;
         self.in_flight += 1;
         Ok(())
     }
 
     /// The engine's "parameter gradient final" event.
-    pub fn on_ready(&mut self, id: ParamId, grads: &GradStore) -> Result<()> {
+    ///
+    /// # Safety
+    /// When this launches a bucket, the communication thread reads the bucket's region of
+    /// `grads` in place until `wait_all` returns. The caller must keep `grads` alive and must
+    /// not write the finished parameters' gradients until then, and must call `wait_all` with
+    /// the same `grads` (or drop the reducer, which waits for in-flight buckets) before `grads`
+    /// is dropped. The autograd tape satisfies the write rule: after a parameter's final event
+    /// it never touches that parameter's gradient again in the same pass.
+    pub unsafe fn on_ready(&mut self, id: ParamId, grads: &GradStore) -> Result<()> {
         if !self.active {
             return Ok(());
         }
@@ -171,16 +200,16 @@ impl GradReducer {
             self.launch(self.next_launch, grads)?;
             self.next_launch += 1;
         }
-        let flat = grads.flat_mut::<f32>()?;
         while self.in_flight > 0 {
             let d = self.rx.recv().map_err(|_| Error::Msg("communication thread exited".into()))?;
             d.result?;
-            let Job { idx, send, recv } = d.job;
+            let Job { idx, recv, .. } = d.job;
             let bk = &self.buckets[idx];
-            for (g, &r) in flat[bk.start..bk.end].iter_mut().zip(&recv) {
+            // Only this bucket's region: others may still be read by the communication thread.
+            for (g, &r) in grads.region_mut(bk.start, bk.len())?.iter_mut().zip(&recv) {
                 *g = r * self.scale;
             }
-            self.bufs[idx] = Some((send, recv));
+            self.bufs[idx] = Some(recv);
             self.comm_s += d.busy_s;
             self.in_flight -= 1;
         }
@@ -225,7 +254,9 @@ mod tests {
             match red {
                 Some(r) => {
                     r.begin(true);
-                    tape.backward(loss, &mut g, |p, gs| r.on_ready(p, gs).unwrap()).unwrap();
+                    // SAFETY: `g` outlives the reduction (wait_all below) and the tape never
+                    // writes a parameter's gradient after its final event.
+                    tape.backward(loss, &mut g, |p, gs| unsafe { r.on_ready(p, gs) }.unwrap()).unwrap();
                     r.wait_all(&mut g).unwrap();
                 }
                 None => {

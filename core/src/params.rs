@@ -278,6 +278,11 @@ impl GradStore {
     pub fn range(&self, id: ParamId) -> (usize, usize) {
         self.ranges[id.0]
     }
+    /// Mutable f32 elements `[start, start + len)` of the flat buffer, borrowing nothing else
+    /// (the reducer writes one bucket back while others are still being read).
+    pub fn region_mut(&mut self, start: usize, len: usize) -> Result<&mut [f32]> {
+        self.data.region_mut::<f32>(start, len)
+    }
     /// A parameter's gradient as a tensor of `shape` (copy).
     pub fn tensor(&self, id: ParamId, shape: &[usize]) -> Tensor {
         self.data.view_at(self.ranges[id.0].0, shape).expect("layout").contiguous()
@@ -292,9 +297,11 @@ impl GradStore {
         let g = g.contiguous();
         let first = !self.touched[id.0];
         self.touched[id.0] = true;
+        // Only this parameter's region is borrowed: the reducer may be reading finished
+        // parameters' regions from its communication thread meanwhile.
         match g.dtype() {
-            DType::F32 => acc::<f32>(&mut self.data.data_mut::<f32>()?[o..o + n], g.data::<f32>()?, first),
-            DType::F64 => acc::<f64>(&mut self.data.data_mut::<f64>()?[o..o + n], g.data::<f64>()?, first),
+            DType::F32 => acc::<f32>(self.data.region_mut::<f32>(o, n)?, g.data::<f32>()?, first),
+            DType::F64 => acc::<f64>(self.data.region_mut::<f64>(o, n)?, g.data::<f64>()?, first),
             DType::BF16 => return Err(Error::Msg("bf16 gradients are not supported on CPU".into())),
         }
         Ok(())
@@ -305,8 +312,8 @@ impl GradStore {
         if !self.touched[id.0] {
             let (o, n) = self.ranges[id.0];
             match self.data.dtype() {
-                DType::F32 => self.data.data_mut::<f32>()?[o..o + n].fill(0.0),
-                DType::F64 => self.data.data_mut::<f64>()?[o..o + n].fill(0.0),
+                DType::F32 => self.data.region_mut::<f32>(o, n)?.fill(0.0),
+                DType::F64 => self.data.region_mut::<f64>(o, n)?.fill(0.0),
                 DType::BF16 => {}
             }
             self.touched[id.0] = true;

@@ -662,18 +662,21 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     };
     init_threads(run.threads);
     sync_start(&mut run, world.main.as_mut())?;
+    let mut grads = GradStore::new(&run.params);
     let mut reducer = match world.grads.take() {
         Some(c) if world.info().world_size > 1 => {
             Some(GradReducer::new(c, &run.params, run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap")))
         }
         _ => None,
     };
-    let out = train_loop(&mut run, world.main.as_mut(), reducer.as_mut());
+    let out = train_loop(&mut run, &mut grads, world.main.as_mut(), reducer.as_mut());
+    // The reducer goes first: dropping it waits for in-flight buckets, which read `grads`.
     drop(reducer);
+    drop(grads);
     out
 }
 
-fn train_loop(run: &mut Run, comm: &mut dyn Communicator, mut reducer: Option<&mut GradReducer>) -> Result<Summary> {
+fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator, mut reducer: Option<&mut GradReducer>) -> Result<Summary> {
     let rank0 = comm.rank() == 0;
     let ws = comm.world_size();
     let check_every = run.raw.count("comm.check_every")? as u64;
@@ -729,7 +732,6 @@ fn train_loop(run: &mut Run, comm: &mut dyn Communicator, mut reducer: Option<&m
         drop_last: run.raw.bool("data.drop_last"),
     };
     let mut stream = BatchStream::new(sampler, run.stream);
-    let mut grads = GradStore::new(&run.params);
     let tty = rank0 && std::io::stdout().is_terminal();
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(run.steps);
@@ -765,14 +767,17 @@ fn train_loop(run: &mut Run, comm: &mut dyn Communicator, mut reducer: Option<&m
             match reducer.as_deref_mut() {
                 Some(r) => {
                     r.begin(micro + 1 == run.accum);
-                    tape.backward(scaled, &mut grads, |p, g| {
-                        if let Err(e) = r.on_ready(p, g) {
+                    tape.backward(scaled, grads, |p, g| {
+                        // SAFETY: `grads` is owned by `train`, which drops the reducer (waiting
+                        // for in-flight buckets) before it; `wait_all(grads)` follows below; the
+                        // tape never writes a parameter's gradient after its final event.
+                        if let Err(e) = unsafe { r.on_ready(p, g) } {
                             reduce_err.get_or_insert(e);
                         }
                     })?;
                 }
                 None => {
-                    tape.backward(scaled, &mut grads, |_, _| {})?;
+                    tape.backward(scaled, grads, |_, _| {})?;
                 }
             }
             if let Some(e) = reduce_err {
@@ -786,20 +791,20 @@ fn train_loop(run: &mut Run, comm: &mut dyn Communicator, mut reducer: Option<&m
             }
         }
         let comm_stats = match reducer.as_deref_mut() {
-            Some(r) => Some(r.wait_all(&mut grads)?),
+            Some(r) => Some(r.wait_all(grads)?),
             None => None,
         };
         let mut avg = vec![loss_sum / run.accum as f64];
         avg_f64(comm, &mut avg)?;
         let loss = avg[0];
-        let grad_norm = clip_grad_norm(&mut grads, run.clip)?;
+        let grad_norm = clip_grad_norm(grads, run.clip)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(LaunchError::Runtime(format!(
                 "step {}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip)",
                 step + 1
             )));
         }
-        run.opt.step(&mut run.params, &grads, lr)?;
+        run.opt.step(&mut run.params, grads, lr)?;
         samples_done += run.global_batch;
         window_samples += run.global_batch;
         last_loss = loss;

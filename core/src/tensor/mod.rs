@@ -204,6 +204,45 @@ impl Tensor {
         Ok(&mut s[off..off + n])
     }
 
+    /// Mutable access to elements `[start, start + len)` of a contiguous tensor's packed data,
+    /// creating no reference to the rest of the buffer: other regions may meanwhile be read
+    /// through pointers from [`Tensor::data_ptr`] (the gradient reducer does this).
+    pub fn region_mut<T: Elem>(&mut self, start: usize, len: usize) -> Result<&mut [T]> {
+        if !self.is_contiguous() || start + len > self.numel() {
+            return Err(Error::shape("region_mut", format!("[{start}, {}) of {} elements", start + len, self.numel())));
+        }
+        let (off, dt) = (self.offset, self.dtype());
+        let st = Arc::get_mut(&mut self.storage)
+            .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
+        let Storage::Cpu(c) = st;
+        let ptr = match (T::DTYPE, c) {
+            (DType::F32, CpuStorage::F32(b)) => b.as_mut_ptr() as *mut T,
+            (DType::F64, CpuStorage::F64(b)) => b.as_mut_ptr() as *mut T,
+            (DType::BF16, CpuStorage::BF16(b)) => b.as_mut_ptr() as *mut T,
+            _ => return Err(Error::DType { op: "region_mut", expected: T::DTYPE.to_string(), got: dt.to_string() }),
+        };
+        // SAFETY: the range was checked against the tensor's extent, which lies inside the
+        // buffer; the element type matches (checked above); `&mut self` plus `Arc::get_mut`
+        // guarantee no other handle to the storage exists, and only this region is borrowed.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(off + start), len) })
+    }
+
+    /// Pointer to the first packed element of a contiguous tensor (for reading regions that no
+    /// one is writing, from another thread).
+    pub fn data_ptr<T: Elem>(&self) -> Result<*const T> {
+        if !self.is_contiguous() {
+            return Err(Error::shape("data_ptr", "tensor is not contiguous"));
+        }
+        let ptr = match (T::DTYPE, self.cpu()) {
+            (DType::F32, CpuStorage::F32(b)) => b.as_ptr() as *const T,
+            (DType::F64, CpuStorage::F64(b)) => b.as_ptr() as *const T,
+            (DType::BF16, CpuStorage::BF16(b)) => b.as_ptr() as *const T,
+            _ => return Err(Error::DType { op: "data_ptr", expected: T::DTYPE.to_string(), got: self.dtype().to_string() }),
+        };
+        // SAFETY: offset lies within the buffer (tensor invariant); no reference is created.
+        Ok(unsafe { ptr.add(self.offset) })
+    }
+
     /// Copies to a Vec in logical (row-major) order, converting to `T`.
     pub fn to_vec<T: Elem>(&self) -> Result<Vec<T>> {
         let c = self.contiguous();

@@ -23,6 +23,14 @@ impl<T: Elem> Buf<T> {
     pub fn as_mut_slice(&mut self) -> &mut [T] {
         &mut self.v
     }
+    /// Base pointer for writing, without creating a reference to the whole buffer (so disjoint
+    /// regions can be handed out separately).
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.v.as_mut_ptr()
+    }
+    pub fn as_ptr(&self) -> *const T {
+        self.v.as_ptr()
+    }
     pub fn len(&self) -> usize {
         self.v.len()
     }
