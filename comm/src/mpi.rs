@@ -15,7 +15,9 @@
 use dptrain_core::comm::{hostname, Communicator, ReduceOp, WorldInfo};
 use dptrain_core::{Error, Result};
 use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
+use mpi::raw::AsRaw;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
@@ -113,7 +115,7 @@ impl MpiEnv {
     pub fn comm(&self, timeout: Duration, name: &'static str) -> MpiComm {
         let slot: Slot = Arc::new(Mutex::new(None));
         self.watched.lock().unwrap_or_else(|e| e.into_inner()).push(Watched { slot: slot.clone(), timeout, comm: name });
-        MpiComm { comm: self.universe.world().duplicate(), info: self.info.clone(), seq: 0, slot }
+        MpiComm { comm: self.universe.world().duplicate(), info: self.info.clone(), seq: 0, slot, in_place: mpi_in_place() }
     }
 }
 
@@ -122,6 +124,22 @@ pub struct MpiComm {
     info: WorldInfo,
     seq: u64,
     slot: Slot,
+    in_place: Option<usize>,
+}
+
+/// `MPI_IN_PLACE` is a macro in `mpi.h`, not a symbol, and rsmpi does not expose it. Its value
+/// is part of each implementation's ABI: Open MPI `((void *) 1)`, MPICH and its derivatives
+/// (Intel MPI, MVAPICH, Cray MPICH) `((void *) -1)`. Unknown libraries get `None` and reduce
+/// from a copy instead.
+fn mpi_in_place() -> Option<usize> {
+    let v = mpi::environment::library_version().unwrap_or_default();
+    if v.contains("Open MPI") {
+        Some(1)
+    } else if v.contains("MPICH") || v.contains("Intel(R) MPI") || v.contains("MVAPICH") {
+        Some(usize::MAX)
+    } else {
+        None
+    }
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `MpiEnv::init`, which is the
@@ -151,9 +169,39 @@ impl Communicator for MpiComm {
         &self.info
     }
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        // rsmpi has no MPI_IN_PLACE: reduce from a copy.
-        let send = buf.to_vec();
-        self.all_reduce_into(&send, buf, op)
+        let Some(ip) = self.in_place else {
+            let send = buf.to_vec();
+            return self.all_reduce_into(&send, buf, op);
+        };
+        let mop = match op {
+            ReduceOp::Max => SystemOperation::max(),
+            _ => SystemOperation::sum(),
+        };
+        let count =
+            i32::try_from(buf.len()).map_err(|_| Error::Msg(format!("all_reduce of {} elements exceeds MPI's int count", buf.len())))?;
+        let rc = self.watched("all_reduce", buf.len(), |c| {
+            // SAFETY: `ip` is this library's MPI_IN_PLACE (see `mpi_in_place`); `buf` is a valid,
+            // exclusively borrowed f32 buffer of `count` elements; the datatype, op and
+            // communicator handles come from live rsmpi objects.
+            unsafe {
+                mpi::ffi::MPI_Allreduce(
+                    ip as *const std::ffi::c_void,
+                    buf.as_mut_ptr() as *mut std::ffi::c_void,
+                    count,
+                    f32::equivalent_datatype().as_raw(),
+                    mop.as_raw(),
+                    c.as_raw(),
+                )
+            }
+        });
+        if rc != 0 {
+            return Err(Error::Msg(format!("MPI_Allreduce failed with error code {rc}")));
+        }
+        if op == ReduceOp::Avg {
+            let inv = 1.0 / self.info.world_size as f32;
+            buf.iter_mut().for_each(|x| *x *= inv);
+        }
+        Ok(())
     }
     fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {
         if send.len() != recv.len() {

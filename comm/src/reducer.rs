@@ -16,26 +16,24 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// A finished bucket's region of the flat gradient buffer, read in place by the
-/// communication thread (no copy-out).
+/// A finished bucket's region of the flat gradient buffer, all-reduced in place by the
+/// communication thread (no copies).
 struct Region {
-    ptr: *const f32,
+    ptr: *mut f32,
     len: usize,
 }
 
 // SAFETY: a Region is created only by `GradReducer::launch` for a bucket whose parameters'
 // gradients are final; the caller of `on_ready` guarantees (see its safety contract) that the
-// GradStore outlives the reduction and that nothing writes the region until `wait_all` has
-// received this job back. The engine writes gradients through per-parameter regions only
-// (`Tensor::region_mut`), so no reference to this region exists while the thread reads it.
+// GradStore outlives the reduction and that nothing reads or writes the region until
+// `wait_all` has received this job back. The engine touches gradients through per-parameter
+// regions only (`Tensor::region_mut`), so no other reference to this region exists while the
+// communication thread holds it.
 unsafe impl Send for Region {}
 
-/// A bucket's send region and receive buffer travel to the communication thread and back; the
-/// receive buffer is reused every step (no allocation in steady state).
 struct Job {
     idx: usize,
-    send: Region,
-    recv: Vec<f32>,
+    region: Region,
 }
 
 struct Done {
@@ -76,8 +74,6 @@ pub struct GradReducer {
     rx: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
     comm_s: f64,
-    /// Per bucket: the receive buffer while idle here.
-    bufs: Vec<Option<Vec<f32>>>,
     /// 1 / world size: the average is applied while copying results back.
     scale: f32,
 }
@@ -95,19 +91,18 @@ impl GradReducer {
             }
         }
         let scale = 1.0 / comm.world_size() as f32;
-        let bufs = buckets.iter().map(|b| Some(vec![0f32; b.len()])).collect();
         let (tx, jobs) = channel::<Job>();
         let (done, rx) = channel::<Done>();
         let thread = std::thread::Builder::new()
             .name("dptrain-comm".into())
             .spawn(move || {
                 let mut comm = comm;
-                for mut job in jobs {
+                for job in jobs {
                     let t = Instant::now();
-                    // SAFETY: see `Region`: the region is live and unwritten until this job
-                    // is returned through `done`.
-                    let send = unsafe { std::slice::from_raw_parts(job.send.ptr, job.send.len) };
-                    let result = comm.all_reduce_into(send, &mut job.recv, ReduceOp::Sum);
+                    // SAFETY: see `Region`: the region is live and exclusively ours until
+                    // this job is returned through `done`.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(job.region.ptr, job.region.len) };
+                    let result = comm.all_reduce(buf, ReduceOp::Sum);
                     let busy_s = t.elapsed().as_secs_f64();
                     if done.send(Done { job, result, busy_s }).is_err() {
                         break;
@@ -129,7 +124,6 @@ impl GradReducer {
             rx,
             thread: Some(thread),
             comm_s: 0.0,
-            bufs,
             scale,
         }
     }
@@ -152,13 +146,13 @@ impl GradReducer {
 
     fn launch(&mut self, b: usize, grads: &GradStore) -> Result<()> {
         let bk = &self.buckets[b];
-        let recv = self.bufs[b].take().ok_or_else(|| Error::Msg(format!("bucket {b} launched twice")))?;
         if grads.flat().numel() < bk.end {
             return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
         }
-        // SAFETY: bk.start < bk.end ≤ numel (checked), so the pointer stays in the buffer.
-        let send = Region { ptr: unsafe { grads.flat().data_ptr::<f32>()?.add(bk.start) }, len: bk.len() };
-        self.tx.as_ref().expect("alive").send(Job { idx: b, send, recv }).map_err(|_| Error::Msg("communication thread exited".into()))?;
+        // SAFETY: bk.start < bk.end ≤ numel (checked), so the pointer stays in the buffer. The
+        // write access it grants is covered by `on_ready`'s contract (see `Region`).
+        let region = Region { ptr: unsafe { grads.flat().data_ptr::<f32>()?.add(bk.start) as *mut f32 }, len: bk.len() };
+        self.tx.as_ref().expect("alive").send(Job { idx: b, region }).map_err(|_| Error::Msg("communication thread exited".into()))?;
         self.in_flight += 1;
         Ok(())
     }
@@ -203,13 +197,11 @@ impl GradReducer {
         while self.in_flight > 0 {
             let d = self.rx.recv().map_err(|_| Error::Msg("communication thread exited".into()))?;
             d.result?;
-            let Job { idx, recv, .. } = d.job;
-            let bk = &self.buckets[idx];
-            // Only this bucket's region: others may still be read by the communication thread.
-            for (g, &r) in grads.region_mut(bk.start, bk.len())?.iter_mut().zip(&recv) {
-                *g = r * self.scale;
+            let bk = &self.buckets[d.job.idx];
+            // Sum → mean, on this bucket's region only: others may still be in flight.
+            for g in grads.region_mut(bk.start, bk.len())? {
+                *g *= self.scale;
             }
-            self.bufs[idx] = Some(recv);
             self.comm_s += d.busy_s;
             self.in_flight -= 1;
         }
