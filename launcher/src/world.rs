@@ -44,6 +44,15 @@ pub fn discover(timeout: Duration) -> Result<World> {
             }
         }
     }
+    // Started as one of several ranks by something that is not an MPI launcher (plain srun
+    // without --mpi, torchrun): running on as a world of one would train N unrelated copies.
+    if let Some((rank, size, _)) = dptrain_comm::world::env_world() {
+        if size > 1 {
+            return Err(LaunchError::Input(format!(
+                "this process is rank {rank} of {size} by its environment (Slurm/torchrun variables) but was not started by an MPI launcher; use `srun --mpi=pmix` or `mpirun`"
+            )));
+        }
+    }
     Ok(World {
         main: Box::new(LocalComm::new()),
         grads: None,
