@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # The test command (README, CI): installs what the tests need on a fresh machine, then runs
-# every test of the workspace, the multi-process ones under mpirun -np 2.
+# every test of the workspace — the multi-process ones under mpirun -np 2, and the NVRTC
+# compile check of every CUDA kernel (NVRTC 13.0 from PyPI; no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Open MPI refuses root without these; CI and dev machines here run as root.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+NVRTC_VENV=${DPTRAIN_NVRTC_VENV:-/tmp/dptrain-nvrtc-venv}
+NVRTC_LIB="$NVRTC_VENV/lib/python3.11/site-packages/nvidia/cu13/lib"
+if ! ls "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 >/dev/null 2>&1; then
+  python3 -m venv "$NVRTC_VENV"
+  "$NVRTC_VENV/bin/pip" install -q 'nvidia-cuda-nvrtc==13.0.*'
+fi
+NVRTC_LIB=$(ls -d "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib | head -n1)
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export DPTRAIN_REQUIRE_NVRTC=1
 cargo test --workspace

@@ -11,6 +11,7 @@ pub mod autograd;
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -340,7 +340,11 @@ pub fn load_raw(args: &TrainArgs) -> Result<(Raw, Option<PathBuf>)> {
 pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Communicator) -> Result<Run> {
     let device = raw.choice("run.device", &["cpu", "cuda"])?;
     if device == "cuda" {
-        return Err(input_err!("run.device: \"cuda\" is not available in this build yet (the CUDA backend is a later issue); use \"cpu\""));
+        let w = world.world();
+        dptrain_core::device::select("cuda", w.local_rank, w.local_size).map_err(|e| input_err!("run.device: \"cuda\": {e}"))?;
+        // A GPU is present, but tensors cannot live on it yet: the kernels compile (CI checks
+        // them with NVRTC) while CUDA storage and op dispatch are still to come.
+        return Err(input_err!("run.device: \"cuda\": a GPU is present, but this build's engine runs on CPU only (CUDA storage and op dispatch are not implemented yet); use \"cpu\""));
     }
     let seed = u64::try_from(raw.int("run.seed")).map_err(|_| input_err!("run.seed: must be ≥ 0"))?;
     let model_kind = raw.choice("model.kind", &["gpt", "mlp", "resnet"])?;

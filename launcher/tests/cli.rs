@@ -312,7 +312,13 @@ fn an_existing_run_directory_is_never_overwritten() {
 #[test]
 fn several_ranks_without_an_mpi_launcher_is_refused() {
     let d = tmp("nompi");
-    let o = bin().args(["train", "--set", "train.steps=1", "--run-dir"]).arg(d.join("r")).env("SLURM_PROCID", "1").env("SLURM_NTASKS", "4").output().unwrap();
+    let o = bin()
+        .args(["train", "--set", "train.steps=1", "--run-dir"])
+        .arg(d.join("r"))
+        .env("SLURM_PROCID", "1")
+        .env("SLURM_NTASKS", "4")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("rank 1 of 4") && err.contains("srun --mpi=pmix"), "{err}");

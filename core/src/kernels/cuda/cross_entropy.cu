@@ -1,0 +1,33 @@
+// Softmax cross-entropy with z-loss, one block per row. Forward writes per-row loss
+// (lse − x_t + z·lse²) and lse; backward recomputes softmax from the logits and lse:
+// d/dx = softmax · (1 + 2z·lse) − onehot, times the upstream scale g/N.
+
+extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, i64 rows, i64 v, float z) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * v;
+        float m = -DPT_INF;
+        for (i64 j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
+        m = block_max(m);
+        float s = 0.0f;
+        for (i64 j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
+        s = block_sum(s);
+        if (threadIdx.x == 0) {
+            const float lse = m + logf(s);
+            lse_out[r] = lse;
+            loss[r] = lse - xr[targets[r]] + z * lse * lse;
+        }
+    }
+}
+
+extern "C" __global__ void xent_bwd_f32(const float* x, const unsigned int* targets, const float* lse, float* gx, i64 rows, i64 v, float z,
+                                        float scale) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float l = lse[r];
+        const float f = scale * (1.0f + 2.0f * z * l);
+        for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+            float d = expf(x[r * v + j] - l) * f;
+            if (j == (i64)targets[r]) d -= scale;
+            gx[r * v + j] = d;
+        }
+    }
+}

@@ -1,0 +1,88 @@
+// Elementwise kernels: broadcasting binary ops in the engine's two fast patterns (same shape,
+// or an operand repeating every `na`/`nb` elements — the bias-add pattern; the CPU path's general
+// broadcast goes through a strided copy first), pointwise maps and their backward passes, fills,
+// accumulation, strided copies for non-contiguous views, and bf16 casts.
+
+#define BINARY(name, expr)                                                                        \
+extern "C" __global__ void name(const float* a, const float* b, float* out, i64 n, i64 na, i64 nb) { \
+    GRID_STRIDE(i, n) { const float x = a[i % na]; const float y = b[i % nb]; out[i] = (expr); }   \
+}
+BINARY(add_f32, x + y)
+BINARY(sub_f32, x - y)
+BINARY(mul_f32, x * y)
+BINARY(div_f32, x / y)
+
+#define UNARY(name, expr) \
+extern "C" __global__ void name(const float* in, float* out, i64 n) { GRID_STRIDE(i, n) { const float x = in[i]; out[i] = (expr); } }
+UNARY(exp_f32, expf(x))
+UNARY(log_f32, logf(x))
+UNARY(tanh_f32, tanhf(x))
+UNARY(relu_f32, fmaxf(x, 0.0f))
+UNARY(square_f32, x * x)
+
+extern "C" __global__ void affine_f32(const float* in, float* out, i64 n, float mul, float add) {
+    GRID_STRIDE(i, n) { out[i] = in[i] * mul + add; }
+}
+
+// Backward passes of the pointwise maps: g is the output gradient.
+extern "C" __global__ void tanh_bwd_f32(const float* g, const float* y, float* out, i64 n) {
+    GRID_STRIDE(i, n) { out[i] = g[i] * (1.0f - y[i] * y[i]); }
+}
+extern "C" __global__ void relu_bwd_f32(const float* g, const float* y, float* out, i64 n) {
+    GRID_STRIDE(i, n) { out[i] = y[i] > 0.0f ? g[i] : 0.0f; }
+}
+extern "C" __global__ void square_bwd_f32(const float* g, const float* x, float* out, i64 n) {
+    GRID_STRIDE(i, n) { out[i] = 2.0f * g[i] * x[i]; }
+}
+
+// GELU, exact (erf) and tanh forms, as torch.nn.functional.gelu.
+#define SQRT_2_OVER_PI 0.7978845608028654f
+#define INV_SQRT_2 0.7071067811865476f
+#define INV_SQRT_2PI 0.3989422804014327f
+extern "C" __global__ void gelu_f32(const float* in, float* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) {
+        const float x = in[i];
+        if (use_tanh) {
+            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+            out[i] = 0.5f * x * (1.0f + tanhf(u));
+        } else {
+            out[i] = 0.5f * x * (1.0f + erff(x * INV_SQRT_2));
+        }
+    }
+}
+extern "C" __global__ void gelu_bwd_f32(const float* g, const float* in, float* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) {
+        const float x = in[i];
+        float d;
+        if (use_tanh) {
+            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+            const float t = tanhf(u);
+            d = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+        } else {
+            d = 0.5f * (1.0f + erff(x * INV_SQRT_2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
+        }
+        out[i] = g[i] * d;
+    }
+}
+
+extern "C" __global__ void fill_f32(float* out, i64 n, float v) { GRID_STRIDE(i, n) { out[i] = v; } }
+extern "C" __global__ void scale_f32(float* x, i64 n, float s) { GRID_STRIDE(i, n) { x[i] *= s; } }
+// acc += x (gradient accumulation into the flat buffer).
+extern "C" __global__ void add_assign_f32(float* acc, const float* x, i64 n) { GRID_STRIDE(i, n) { acc[i] += x[i]; } }
+
+// Packed copy of a strided view of rank ≤ 6 (dims and strides in elements, outermost first).
+struct Strided6 { i64 shape[6]; i64 strides[6]; int rank; };
+extern "C" __global__ void strided_copy_f32(const float* src, float* out, i64 n, i64 offset, Strided6 s) {
+    GRID_STRIDE(i, n) {
+        i64 rem = i, src_i = offset;
+        for (int d = s.rank - 1; d >= 0; --d) {
+            const i64 idx = rem % s.shape[d];
+            rem /= s.shape[d];
+            src_i += idx * s.strides[d];
+        }
+        out[i] = src[src_i];
+    }
+}
+
+extern "C" __global__ void f32_to_bf16(const float* in, bf16_t* out, i64 n) { GRID_STRIDE(i, n) { out[i] = f32_to_bf16(in[i]); } }
+extern "C" __global__ void bf16_to_f32(const bf16_t* in, float* out, i64 n) { GRID_STRIDE(i, n) { out[i] = bf16_to_f32(in[i]); } }

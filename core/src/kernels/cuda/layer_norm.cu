@@ -1,0 +1,47 @@
+// Layer norm over the last dim, one block per row: forward saves mean and 1/std; backward
+// computes dx per row and accumulates dW, dB with atomics (w, b may be null: no affine).
+
+extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                                              i64 rows, i64 c, float eps) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * c;
+        float s = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
+        const float m = block_sum(s) / (float)c;
+        float v = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) { const float d = xr[j] - m; v += d * d; }
+        const float rs = rsqrtf(block_sum(v) / (float)c + eps);
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            float o = (xr[j] - m) * rs;
+            if (w) o *= w[j];
+            if (b) o += b[j];
+            y[r * c + j] = o;
+        }
+        if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
+    }
+}
+
+extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd,
+                                              float* gx, float* gw, float* gb, i64 rows, i64 c) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * c;
+        const float* gr = g + r * c;
+        const float m = mean[r], rs = rstd[r];
+        float a = 0.0f, bsum = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs;
+            const float gxh = w ? gr[j] * w[j] : gr[j];
+            a += gxh;
+            bsum += gxh * xh;
+            if (gw) atomicAdd(gw + j, gr[j] * xh);
+            if (gb) atomicAdd(gb + j, gr[j]);
+        }
+        a = block_sum(a) / (float)c;
+        bsum = block_sum(bsum) / (float)c;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs;
+            const float gxh = w ? gr[j] * w[j] : gr[j];
+            gx[r * c + j] = rs * (gxh - a - xh * bsum);
+        }
+    }
+}

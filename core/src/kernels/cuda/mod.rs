@@ -1,0 +1,86 @@
+//! CUDA kernel sources and their run-time compilation.
+//!
+//! Kernels are CUDA C (`*.cu` beside this file), embedded in the binary and compiled once per
+//! process with NVRTC for the device's architecture, so no CUDA toolkit is needed to build and
+//! the binary starts on machines without CUDA. Compilation goes through NVRTC's low-level API
+//! so the program log is kept: a warning is as much a failure as an error (the CI test compiles
+//! every source for sm_90 with NVRTC 13.0 — PTX newer than the GPU machines' driver would not
+//! load).
+
+use cudarc::nvrtc::result as nvrtc;
+use std::ffi::{CStr, CString};
+
+/// Helpers prepended to every source.
+pub const COMMON: &str = include_str!("common.cuh");
+
+/// (name, source) of every kernel file.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("elementwise.cu")),
+    ("reduce", include_str!("reduce.cu")),
+    ("layer_norm", include_str!("layer_norm.cu")),
+    ("cross_entropy", include_str!("cross_entropy.cu")),
+    ("attention", include_str!("attention.cu")),
+    ("optim", include_str!("optim.cu")),
+    ("embedding", include_str!("embedding.cu")),
+    ("conv", include_str!("conv.cu")),
+    ("batch_norm", include_str!("batch_norm.cu")),
+];
+
+/// True when the NVRTC library can be loaded (checked without letting cudarc panic).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// True when the CUDA driver library (libcuda) can be loaded.
+pub fn driver_available() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// A compiled kernel file.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub name: &'static str,
+    pub ptx: String,
+    /// NVRTC's program log (warnings); empty on a clean compile.
+    pub log: String,
+}
+
+fn log_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> String {
+    // SAFETY: `prog` is a live program; NVRTC returns a NUL-terminated log.
+    unsafe { nvrtc::get_program_log(prog) }
+        .map(|v| unsafe { CStr::from_ptr(v.as_ptr()) }.to_string_lossy().trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Compiles one kernel file for `arch` (e.g. "sm_90"). Errors carry NVRTC's log.
+pub fn compile(name: &'static str, src: &str, arch: &str) -> Result<Compiled, String> {
+    if !nvrtc_available() {
+        return Err("the NVRTC library (libnvrtc.so.13) was not found; put its directory on LD_LIBRARY_PATH".into());
+    }
+    let full = CString::new(format!("{COMMON}\n{src}")).map_err(|_| format!("{name}: source contains a NUL byte"))?;
+    let cname = CString::new(format!("{name}.cu")).expect("no NUL in names");
+    let prog = nvrtc::create_program(&full, Some(&cname)).map_err(|e| format!("{name}: {e:?}"))?;
+    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()];
+    // SAFETY: `prog` was just created and is destroyed below; options are valid C strings.
+    let res = unsafe { nvrtc::compile_program(prog, &opts) };
+    let log = log_of(prog);
+    let out = match res {
+        Err(e) => Err(format!("{name}: NVRTC error {e:?}\n{log}")),
+        Ok(()) => {
+            // SAFETY: compilation succeeded, so the PTX is available; it is NUL-terminated.
+            let ptx = unsafe { nvrtc::get_ptx(prog) }.map_err(|e| format!("{name}: {e:?}"))?;
+            let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().to_string();
+            Ok(Compiled { name, ptx, log })
+        }
+    };
+    // SAFETY: destroyed exactly once, after its last use.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    out
+}
+
+/// Compiles every kernel file for `arch`.
+pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
+    SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
+}
