@@ -904,6 +904,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
     }
     if let Some(b) = bar {
         b.finish();
+        eprintln!(); // the bar (on stderr) leaves the cursor on its line
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let summary = Summary {
