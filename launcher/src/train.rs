@@ -208,14 +208,7 @@ fn build_model(raw: &Raw, kind: &str, data: &Data, pb: &mut ParamBuilder) -> Res
     let mut t = toml::Table::new();
     t.insert("kind".into(), kind.into());
     let derived = |key: &str, from_data: Option<usize>, what: &str| -> Result<usize> {
-        let v =
-            raw.opt_positive(key)?.or(from_data).ok_or_else(|| input_err!("{key}: required ({what} cannot be derived from this data)"))?;
-        if let (Some(d), Some(given)) = (from_data, raw.opt_positive(key)?) {
-            if key != "model.classes" && given < d && key == "model.vocab_size" {
-                return Err(input_err!("model.vocab_size: {given} is smaller than the data's vocabulary ({d} token ids)"));
-            }
-        }
-        Ok(v)
+        raw.opt_positive(key)?.or(from_data).ok_or_else(|| input_err!("{key}: required ({what} cannot be derived from this data)"))
     };
     let model: Box<dyn Model> = match kind {
         "gpt" => {
@@ -231,6 +224,9 @@ fn build_model(raw: &Raw, kind: &str, data: &Data, pb: &mut ParamBuilder) -> Res
                 gelu_tanh: raw.bool("model.gelu_tanh"),
             };
             cfg.validate().map_err(|(k, m)| input_err!("{k}: {m}"))?;
+            if let Some(d) = data.vocab.filter(|&d| cfg.vocab_size < d) {
+                return Err(input_err!("model.vocab_size: {} is smaller than the data's vocabulary ({d} token ids)", cfg.vocab_size));
+            }
             t.extend(toml::Table::try_from(&cfg)?);
             Box::new(Gpt::new(cfg, pb)?)
         }
@@ -625,15 +621,22 @@ fn sync_start(run: &mut Run, comm: &mut dyn Communicator) -> Result<()> {
         let diff = a.iter().zip(&b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())));
         let mut flag = [if diff.is_some() { rank as f32 + 1.0 } else { 0.0 }];
         comm.all_reduce(&mut flag, ReduceOp::Max)?;
-        if let Some(i) = diff {
-            return Err(input_err!(
-                "rank {rank}: {what} differs from rank 0's: `{}` here, `{}` on rank 0 — every rank must run the same config",
-                b.get(i).map(String::as_str).unwrap_or("(end)"),
-                a.get(i).map(String::as_str).unwrap_or("(end)")
-            ));
-        }
         if flag[0] > 0.0 {
-            return Err(input_err!("rank {rank}: rank {} runs a different {what} (see its message)", flag[0] as usize - 1));
+            // The (highest) differing rank tells everyone what differs, so whichever process
+            // the launcher reports first carries the whole message.
+            let culprit = flag[0] as usize - 1;
+            let mut msg = diff
+                .map(|i| {
+                    format!(
+                        "rank {rank}: {what} differs from rank 0's: `{}` here, `{}` on rank 0 — every rank must run the same config",
+                        b.get(i).map(String::as_str).unwrap_or("(end)"),
+                        a.get(i).map(String::as_str).unwrap_or("(end)")
+                    )
+                })
+                .unwrap_or_default()
+                .into_bytes();
+            comm.broadcast_bytes(&mut msg, culprit)?;
+            return Err(input_err!("{}", String::from_utf8_lossy(&msg)));
         }
     }
     comm.broadcast(run.params.flat_mut::<f32>()?, 0)?;
@@ -655,15 +658,24 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     }
     let mut world = crate::world::discover(std::time::Duration::from_secs_f64(timeout))?;
     let res = setup(args, raw, ckpt, world.main.as_ref());
-    // Every rank learns whether every rank's input was valid, so none waits for a failed one.
-    let mut flag = [if res.is_ok() { 0.0f32 } else { 1.0 }];
+    // Every rank learns whether every rank's input was valid, so none waits for a failed one,
+    // and every rank reports the failing rank's message (the launcher may show any of them).
+    let rank = world.info().rank;
+    let mut flag = [if res.is_ok() { 0.0f32 } else { rank as f32 + 1.0 }];
     if world.info().world_size > 1 {
         world.main.all_reduce(&mut flag, ReduceOp::Max)?;
+        if flag[0] > 0.0 {
+            let culprit = flag[0] as usize - 1;
+            let mut msg = res.as_ref().err().map(|e| e.to_string()).unwrap_or_default().into_bytes();
+            world.main.broadcast_bytes(&mut msg, culprit)?;
+            let msg = String::from_utf8_lossy(&msg).to_string();
+            return Err(match res {
+                Err(LaunchError::Runtime(_)) => LaunchError::Runtime(format!("rank {culprit}: {msg}")),
+                _ => input_err!("rank {culprit}: {msg}"),
+            });
+        }
     }
-    let mut run = match res {
-        Ok(_) if flag[0] > 0.0 => return Err(input_err!("rank {}: another rank rejected its input (see its message)", world.info().rank)),
-        r => r?,
-    };
+    let mut run = res?;
     init_threads(run.threads);
     sync_start(&mut run, world.main.as_mut())?;
     let mut grads = GradStore::new(&run.params);
@@ -830,10 +842,8 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             let (maxes, means): (Vec<_>, Vec<_>) = probe_acc.into_iter().partition(|(k, _)| k.starts_with("attn_logit_max"));
             let mut mv: Vec<f64> = means.iter().map(|(_, v)| v / run.accum as f64).collect();
             avg_f64(comm, &mut mv)?;
-            let mut xv: Vec<f32> = maxes.iter().map(|(_, v)| *v as f32).collect();
-            if ws > 1 && !xv.is_empty() {
-                comm.all_reduce(&mut xv, ReduceOp::Max)?;
-            }
+            let mut xv: Vec<f64> = maxes.iter().map(|(_, v)| *v).collect();
+            reduce_f64(comm, &mut xv, ReduceOp::Max)?;
             let mut rec = Map::new();
             rec.insert("step".into(), json!(done));
             rec.insert("loss".into(), json!(loss));
@@ -848,8 +858,8 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             for ((k, _), v) in means.iter().zip(mv) {
                 rec.insert(k.clone(), json!(v));
             }
-            for ((k, v), x) in maxes.iter().zip(xv.iter().map(|&x| x as f64).chain(std::iter::repeat(f64::NAN))) {
-                rec.insert(k.clone(), json!(if ws > 1 { x } else { *v }));
+            for ((k, _), x) in maxes.iter().zip(xv) {
+                rec.insert(k.clone(), json!(x));
             }
             if let Some(m) = metrics.as_mut() {
                 m.write(&Value::Object(rec))?;
@@ -937,11 +947,16 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
 
 /// Averages f64 values over ranks (through the f32 collectives; exact in a world of one).
 fn avg_f64(comm: &mut dyn Communicator, v: &mut [f64]) -> Result<()> {
+    reduce_f64(comm, v, ReduceOp::Avg)
+}
+
+/// Reduces f64 values over ranks through the f32 collectives; exact in a world of one.
+fn reduce_f64(comm: &mut dyn Communicator, v: &mut [f64], op: ReduceOp) -> Result<()> {
     if comm.world_size() == 1 || v.is_empty() {
         return Ok(());
     }
     let mut f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    comm.all_reduce(&mut f, ReduceOp::Avg)?;
+    comm.all_reduce(&mut f, op)?;
     for (a, b) in v.iter_mut().zip(f) {
         *a = b as f64;
     }

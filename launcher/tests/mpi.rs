@@ -223,3 +223,22 @@ fn mismatched_config_across_ranks_is_a_clear_error_at_start() {
     assert!(!run.join("metrics.jsonl").exists(), "no training happened");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn an_input_error_on_one_rank_is_reported_by_all() {
+    if skip() {
+        return;
+    }
+    let d = tmp("one-bad");
+    let run = d.join("r");
+    let mut c = mpirun(1);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(args(&run, &["train.steps=5", "train.global_batch=16"]));
+    c.args([":", "-np", "1"]).arg(env!("CARGO_BIN_EXE_dptrain")).args(args(&run, &["train.steps=5", "train.global_batch=15"]));
+    let t = Instant::now();
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 1: train.global_batch: 15 is not divisible"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    std::fs::remove_dir_all(&d).ok();
+}
