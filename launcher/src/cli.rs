@@ -26,6 +26,13 @@ pub enum Cmd {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Check the GPU backend on this machine: compile every CUDA kernel for the device with
+    /// NVRTC, run them against the CPU engine, print a table (exit 1 if any op disagrees).
+    GpuCheck {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]

@@ -5,5 +5,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gpu_check;
 pub mod train;
 pub mod world;

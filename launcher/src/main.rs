@@ -17,6 +17,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             train(&TrainArgs { config, sets, run_dir, resume })?;
         }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
+        Cmd::GpuCheck { device } => dptrain_launcher::gpu_check::run(device)?,
     }
     Ok(())
 }

@@ -325,3 +325,14 @@ fn several_ranks_without_an_mpi_launcher_is_refused() {
     assert!(!d.join("r").exists());
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn gpu_check_without_a_gpu_is_one_clear_line() {
+    let o = bin().arg("gpu-check").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if dptrain_core::device::cuda_status() == dptrain_core::device::CudaStatus::NoDriver {
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("gpu-check: no CUDA driver"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1);
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one-shot GPU check, for a machine with an NVIDIA driver and PyTorch's pip NVIDIA libraries
+# but no Rust toolchain, no MPI and no network:
+#   here:   cargo build --release -p dptrain-launcher --no-default-features --features cuda
+#   there:  bash scripts/gpu-check.sh [path/to/dptrain]      (default target/release/dptrain)
+# Prints the device, the commit and a table of GPU-vs-CPU agreement; finishes in well under
+# 5 minutes. NVRTC comes from pip's nvidia-cuda-nvrtc (a PyTorch dependency).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/dptrain}
+if [ ! -x "$BIN" ]; then
+  echo "gpu-check.sh: $BIN not found; build it on a machine with Rust (see the header of this script)" >&2
+  exit 2
+fi
+libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    for d in glob.glob(os.path.join(sp, "nvidia", "*", "lib")):
+        dirs.add(d)
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+timeout 300 "$BIN" gpu-check
