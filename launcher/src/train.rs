@@ -399,10 +399,14 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
     let (start_step, stream, run_dir, resumed_from) = match &ckpt {
         Some(c) => {
             let st = checkpoint::read_state(c)?;
-            checkpoint::load(c, &st, &mut params, opt.as_mut())?;
-            if st.step > steps {
-                return Err(input_err!("train.steps: {steps} is before the checkpoint's step {}", st.step));
+            if st.step >= steps {
+                return Err(input_err!(
+                    "train.steps: the checkpoint is at step {} and train.steps is {steps}: nothing to do (continue with --set train.steps=N, N > {})",
+                    st.step,
+                    st.step
+                ));
             }
+            checkpoint::load(c, &st, &mut params, opt.as_mut())?;
             let run = c
                 .parent()
                 .and_then(Path::parent)

@@ -225,10 +225,11 @@ fn corrupt_or_mismatched_checkpoints_are_rejected() {
     // corrupt state and weights
     let c4 = run.join("checkpoints/step_0000004");
     std::fs::write(c4.join("model.safetensors"), b"not safetensors").unwrap();
-    bad("corrupt weights", &[], &["--resume", c4.to_str().unwrap()], "model.safetensors");
+    bad("corrupt weights", &["train.steps=6"], &["--resume", c4.to_str().unwrap()], "model.safetensors");
     std::fs::write(c2.join("state.json"), b"{ half").unwrap();
     bad("corrupt state", &[], &["--resume", c2.to_str().unwrap()], "state.json: corrupt checkpoint");
     bad("no checkpoint", &[], &["--resume", d.to_str().unwrap()], "no checkpoint found");
+    bad("finished", &[], &["--resume", c4.to_str().unwrap()], "nothing to do");
     std::fs::remove_dir_all(&d).ok();
 }
 
