@@ -10,6 +10,9 @@ pub mod bucket;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod nccl_lib;
 pub mod reducer;
 pub mod thread;
 pub mod world;

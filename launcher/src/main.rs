@@ -17,7 +17,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             train(&TrainArgs { config, sets, run_dir, resume })?;
         }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
-        Cmd::GpuCheck { device } => dptrain_launcher::gpu_check::run(device)?,
+        Cmd::GpuCheck { device } => {
+            #[cfg(feature = "cuda")]
+            if matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_)) {
+                dptrain_launcher::gpu_check::ensure_nccl();
+            }
+            dptrain_launcher::gpu_check::run(device)?
+        }
     }
     Ok(())
 }
