@@ -26,6 +26,13 @@ pub struct KeyDoc {
     pub doc: &'static str,
 }
 
+impl KeyDoc {
+    /// The schema default as a TOML value (`None` for derived keys).
+    pub fn default_value(&self) -> Option<Value> {
+        self.default.map(|lit| format!("v = {lit}").parse::<Table>().expect("schema defaults are valid TOML")["v"].clone())
+    }
+}
+
 const fn k(key: &'static str, ty: Ty, default: Option<&'static str>, doc: &'static str) -> KeyDoc {
     KeyDoc { key, ty, default, doc }
 }
@@ -230,12 +237,12 @@ impl Raw {
         let (sec, name) = key.split_once('.')?;
         self.t.get(sec)?.get(name).cloned()
     }
+    /// The key's value: as given, else the schema default (`None` for an absent derived key).
+    pub fn resolved(&self, key: &str) -> Option<Value> {
+        self.get(key).or_else(|| doc(key).and_then(KeyDoc::default_value))
+    }
     fn value(&self, key: &str) -> Value {
-        self.get(key).unwrap_or_else(|| {
-            let d = doc(key).unwrap_or_else(|| panic!("schema has no key {key}"));
-            let lit = d.default.unwrap_or_else(|| panic!("{key} is derived; use opt_*"));
-            format!("v = {lit}").parse::<Table>().expect("schema defaults are valid TOML")["v"].clone()
-        })
+        self.resolved(key).unwrap_or_else(|| panic!("{key} is not in the schema or is derived; use opt_*"))
     }
     pub fn is_set(&self, key: &str) -> bool {
         self.get(key).is_some()
@@ -350,8 +357,7 @@ mod tests {
     #[test]
     fn schema_defaults_parse_with_their_types() {
         for d in KEYS {
-            if let Some(lit) = d.default {
-                let v = format!("v = {lit}").parse::<Table>().unwrap()["v"].clone();
+            if let Some(v) = d.default_value() {
                 assert!(type_ok(d.ty, &v), "{}", d.key);
             }
         }

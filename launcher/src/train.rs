@@ -88,12 +88,17 @@ fn data_path(raw: &Raw, key: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(p))
 }
 
-/// Splits a token stream at `1 - val_fraction`.
-fn split_tokens(t: Vec<u32>, raw: &Raw, context: usize, path: &Path) -> Result<(TokenWindows, TokenWindows)> {
+fn val_fraction(raw: &Raw) -> Result<f64> {
     let vf = raw.float("data.val_fraction");
     if !(0.0..1.0).contains(&vf) {
         return Err(input_err!("data.val_fraction: must be in [0, 1), got {vf}"));
     }
+    Ok(vf)
+}
+
+/// Splits a token stream at `1 - val_fraction`.
+fn split_tokens(t: Vec<u32>, raw: &Raw, context: usize, path: &Path) -> Result<(TokenWindows, TokenWindows)> {
+    let vf = val_fraction(raw)?;
     let cut = ((t.len() as f64) * (1.0 - vf)) as usize;
     let (tr, va) = (t[..cut].to_vec(), t[cut.saturating_sub(1)..].to_vec());
     if tr.len() <= context || va.len() <= context {
@@ -186,10 +191,7 @@ fn load_data(raw: &Raw, kind: &str, model_kind: &str, seed: u64) -> Result<Data>
             need(false)?;
             let (p, l) = (data_path(raw, "data.path")?, data_path(raw, "data.labels")?);
             let set = load_npy_images(&p, &l)?;
-            let vf = raw.float("data.val_fraction");
-            if !(0.0..1.0).contains(&vf) {
-                return Err(input_err!("data.val_fraction: must be in [0, 1), got {vf}"));
-            }
+            let vf = val_fraction(raw)?;
             let n = set.labels.len();
             let nv = ((n as f64 * vf).round() as usize).clamp(1, n.saturating_sub(1).max(1));
             if n < 2 {
@@ -447,13 +449,7 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
         if sec == "model" {
             continue;
         }
-        let v = raw
-            .table()
-            .get(sec)
-            .and_then(|s| s.get(name))
-            .cloned()
-            .or_else(|| d.default.map(|lit| format!("v = {lit}").parse::<toml::Table>().expect("valid")["v"].clone()));
-        if let Some(v) = v {
+        if let Some(v) = raw.resolved(d.key) {
             resolved
                 .entry(sec.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -562,12 +558,18 @@ fn init_threads(n: usize) {
 /// Test hook: `DPTRAIN_TEST_FAULT=kill:RANK:STEP` (SIGKILL) or `hang:RANK:STEP` (sleep forever)
 /// makes one rank fail at a step, so the watchdog and job teardown can be tested for real.
 fn fault_hook(rank: usize, step: u64) {
-    let Ok(spec) = std::env::var("DPTRAIN_TEST_FAULT") else { return };
-    let parts: Vec<&str> = spec.split(':').collect();
-    if parts.len() != 3 || parts[1].parse() != Ok(rank) || parts[2].parse() != Ok(step) {
+    // Parsed once: this runs every step.
+    static SPEC: std::sync::OnceLock<Option<(String, usize, u64)>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| {
+        let s = std::env::var("DPTRAIN_TEST_FAULT").ok()?;
+        let mut p = s.split(':');
+        Some((p.next()?.to_string(), p.next()?.parse().ok()?, p.next()?.parse().ok()?))
+    });
+    let Some((kind, r, s)) = spec else { return };
+    if (*r, *s) != (rank, step) {
         return;
     }
-    match parts[0] {
+    match kind.as_str() {
         "kill" => {
             let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
             std::thread::sleep(std::time::Duration::from_secs(3600));
