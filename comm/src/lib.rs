@@ -4,7 +4,9 @@
 //! - `ThreadComm`: N in-process ranks over shared memory, for fast multi-rank tests;
 //! - `MpiComm` (feature `mpi`): rsmpi over the system MPI, every collective under a watchdog;
 //! - `bucket` / `reducer`: DDP-style gradient buckets all-reduced on a communication thread
-//!   while backward continues.
+//!   while backward continues;
+//! - `NcclComm` / `NcclReducer` (feature `nccl`): the same buckets averaged by NCCL on a
+//!   communication stream of the GPU, bootstrapped over MPI.
 
 pub mod bucket;
 pub mod local;
@@ -19,5 +21,5 @@ pub mod world;
 
 pub use bucket::{assign_buckets, Bucket};
 pub use local::LocalComm;
-pub use reducer::GradReducer;
+pub use reducer::{GradReducer, ReduceStats};
 pub use thread::ThreadComm;

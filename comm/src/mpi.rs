@@ -142,6 +142,22 @@ fn mpi_in_place() -> Option<usize> {
     }
 }
 
+/// MPI user reduction for bf16 bits carried as u16: `inout[i] = bf16(in[i] + inout[i])`.
+unsafe extern "C" fn bf16_sum(
+    invec: *mut std::ffi::c_void,
+    inout: *mut std::ffi::c_void,
+    len: *mut std::ffi::c_int,
+    _dt: *mut mpi::ffi::MPI_Datatype,
+) {
+    // SAFETY: MPI passes two buffers of `*len` elements of the operation's datatype (u16).
+    let n = unsafe { *len } as usize;
+    let (a, b) = unsafe { (std::slice::from_raw_parts(invec as *const u16, n), std::slice::from_raw_parts_mut(inout as *mut u16, n)) };
+    for (w, r) in b.iter_mut().zip(a) {
+        let s = half::bf16::from_bits(*w).to_f32() + half::bf16::from_bits(*r).to_f32();
+        *w = half::bf16::from_f32(s).to_bits();
+    }
+}
+
 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `MpiEnv::init`, which is the
 // only way to make an MpiComm), so MPI calls may come from any thread. An MpiComm is a handle to
 // its own duplicated communicator and every collective takes `&mut self`, so it is used by one
@@ -201,6 +217,16 @@ impl Communicator for MpiComm {
             let inv = 1.0 / self.info.world_size as f32;
             buf.iter_mut().for_each(|x| *x *= inv);
         }
+        Ok(())
+    }
+    fn all_reduce_bf16_sum(&mut self, buf: &mut [u16]) -> Result<()> {
+        // bf16 on the wire as 16-bit integers, summed by a user operation that widens each pair
+        // to f32, adds, and rounds back to bf16 (round to nearest even), as NCCL's bf16 sum does.
+        // SAFETY: `bf16_sum` has the MPI_User_function signature and only reads/writes `len`
+        // u16 values, the datatype this operation is used with below.
+        let op = unsafe { mpi::collective::UnsafeUserOperation::commutative(bf16_sum) };
+        let send = buf.to_vec();
+        self.watched("all_reduce (bf16)", buf.len(), |c| c.all_reduce_into(&send[..], &mut *buf, &op));
         Ok(())
     }
     fn all_reduce_into(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<()> {

@@ -82,6 +82,12 @@ impl GradReducer {
     /// Buckets from the store's layout (first 1 MiB, then `bucket_mb`); `comm` moves to the
     /// communication thread.
     pub fn new(comm: Box<dyn Communicator>, params: &ParamStore, bucket_mb: f64, overlap: bool) -> GradReducer {
+        Self::with_dtype(comm, params, bucket_mb, overlap, false)
+    }
+
+    /// As [`GradReducer::new`], communicating bf16 values when `bf16` (`comm.dtype`): each
+    /// bucket is rounded to bf16, summed over ranks in bf16, and widened back.
+    pub fn with_dtype(comm: Box<dyn Communicator>, params: &ParamStore, bucket_mb: f64, overlap: bool, bf16: bool) -> GradReducer {
         let cap = ((bucket_mb * 1024.0 * 1024.0) as usize).max(4);
         let buckets = assign_buckets(params.infos(), (1 << 20).min(cap), cap, 4);
         let mut bucket_of = vec![0; params.len()];
@@ -102,7 +108,16 @@ impl GradReducer {
                     // SAFETY: see `Region`: the region is live and exclusively ours until
                     // this job is returned through `done`.
                     let buf = unsafe { std::slice::from_raw_parts_mut(job.region.ptr, job.region.len) };
-                    let result = comm.all_reduce(buf, ReduceOp::Sum);
+                    let result = if bf16 {
+                        let mut h: Vec<u16> = buf.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                        comm.all_reduce_bf16_sum(&mut h).map(|()| {
+                            for (x, b) in buf.iter_mut().zip(&h) {
+                                *x = half::bf16::from_bits(*b).to_f32();
+                            }
+                        })
+                    } else {
+                        comm.all_reduce(buf, ReduceOp::Sum)
+                    };
                     let busy_s = t.elapsed().as_secs_f64();
                     if done.send(Done { job, result, busy_s }).is_err() {
                         break;

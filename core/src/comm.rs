@@ -57,6 +57,17 @@ pub trait Communicator: Send {
         recv.copy_from_slice(send);
         self.all_reduce(recv, op)
     }
+    /// In-place sum of bf16 values (raw bits), for `comm.dtype = "bf16"`: each partial sum is
+    /// rounded to bf16, as a reduction over a bf16 wire format does. The default widens to f32,
+    /// sums, and rounds once (in-process communicators); MPI overrides it to send 2-byte values.
+    fn all_reduce_bf16_sum(&mut self, buf: &mut [u16]) -> Result<()> {
+        let mut wide: Vec<f32> = buf.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        self.all_reduce(&mut wide, ReduceOp::Sum)?;
+        for (b, w) in buf.iter_mut().zip(&wide) {
+            *b = half::bf16::from_f32(*w).to_bits();
+        }
+        Ok(())
+    }
     /// In-place broadcast from `root`.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Broadcast of bytes from `root` (configs, fingerprints, NCCL ids).

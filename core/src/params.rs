@@ -151,6 +151,26 @@ impl ParamStore {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    pub fn device(&self) -> crate::tensor::Device {
+        self.values.device()
+    }
+    /// Moves the values and buffers to `device` (f32 there for CUDA).
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.values = self.values.to_device(device)?;
+        for (_, b) in &mut self.buffers {
+            let b = b.get_mut().map_err(|_| Error::Msg("parameter buffer lock poisoned".into()))?;
+            *b = b.to_device(device)?;
+        }
+        Ok(())
+    }
+    /// The flat value tensor for in-place updates on any device (optimizers' fused kernels);
+    /// fails while an autograd tape still holds parameter views.
+    pub fn flat_tensor_mut(&mut self) -> Result<&mut Tensor> {
+        if !self.values.is_unique() {
+            return Err(Error::Msg("parameter storage is shared (is an autograd tape still alive?)".into()));
+        }
+        Ok(&mut self.values)
+    }
     pub fn id(&self, name: &str) -> Option<ParamId> {
         self.by_name.get(name).copied()
     }
@@ -187,18 +207,23 @@ impl ParamStore {
         s
     }
 
-    /// Named tensors (parameters, then buffers) in store order, as f32 copies.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self.infos.iter().map(|p| (p.name.clone(), self.get(p.id).contiguous())).collect();
-        for (n, b) in &self.buffers {
-            v.push((n.clone(), b.lock().unwrap_or_else(|e| e.into_inner()).clone()));
+    /// Named tensors (parameters, then buffers) in store order, as f32 copies on the CPU
+    /// (one download of the flat buffer when the store lives on a GPU).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let flat = self.values.to_device(crate::tensor::Device::Cpu)?;
+        let mut v = Vec::with_capacity(self.infos.len() + self.buffers.len());
+        for p in &self.infos {
+            v.push((p.name.clone(), flat.view_at(p.offset, &p.shape)?.contiguous()));
         }
-        v
+        for (n, b) in &self.buffers {
+            v.push((n.clone(), b.lock().unwrap_or_else(|e| e.into_inner()).to_device(crate::tensor::Device::Cpu)?));
+        }
+        Ok(v)
     }
 
     /// Writes all parameters and buffers to a safetensors file (f32, PyTorch-style names).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let bytes = crate::checkpoint::tensors_to_bytes(&self.named_tensors())?;
+        let bytes = crate::checkpoint::tensors_to_bytes(&self.named_tensors()?)?;
         crate::checkpoint::atomic_write(path, &bytes)
     }
 
@@ -255,7 +280,7 @@ pub struct GradStore {
 impl GradStore {
     pub fn new(params: &ParamStore) -> GradStore {
         GradStore {
-            data: Tensor::zeros(&[params.numel()], params.dtype()),
+            data: Tensor::zeros_on(&[params.numel()], params.dtype(), params.device()).expect("device memory for the gradients"),
             ranges: params.infos().iter().map(|p| (p.offset, p.numel)).collect(),
             touched: vec![true; params.len()],
         }
@@ -267,6 +292,10 @@ impl GradStore {
     }
     pub fn flat(&self) -> &Tensor {
         &self.data
+    }
+    /// The flat gradient tensor for in-place work on any device (clipping, the reducer).
+    pub fn flat_tensor_mut(&mut self) -> &mut Tensor {
+        &mut self.data
     }
     pub fn flat_mut<T: Elem>(&mut self) -> Result<&mut [T]> {
         self.data.data_mut::<T>()
@@ -294,9 +323,15 @@ impl GradStore {
         if g.numel() != n {
             return Err(Error::Autograd(format!("gradient of {} elements for a parameter of {n}", g.numel())));
         }
-        let g = g.contiguous();
         let first = !self.touched[id.0];
         self.touched[id.0] = true;
+        #[cfg(feature = "cuda")]
+        if self.data.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let d = gpu::dev_of(&self.data)?;
+            return gpu::accumulate_raw(&d, gpu::ptr(&self.data)? + (o * 4) as u64, g, n, !first);
+        }
+        let g = g.contiguous();
         // Only this parameter's region is borrowed: the reducer may be reading finished
         // parameters' regions from its communication thread meanwhile.
         match g.dtype() {
@@ -311,6 +346,14 @@ impl GradStore {
     pub(crate) fn finish_one(&mut self, id: ParamId) -> Result<()> {
         if !self.touched[id.0] {
             let (o, n) = self.ranges[id.0];
+            #[cfg(feature = "cuda")]
+            if self.data.is_cuda() {
+                use crate::kernels::cuda::ops as gpu;
+                let d = gpu::dev_of(&self.data)?;
+                gpu::fill_raw(&d, gpu::ptr(&self.data)? + (o * 4) as u64, n, 0.0)?;
+                self.touched[id.0] = true;
+                return Ok(());
+            }
             match self.data.dtype() {
                 DType::F32 => self.data.region_mut::<f32>(o, n)?.fill(0.0),
                 DType::F64 => self.data.region_mut::<f64>(o, n)?.fill(0.0),

@@ -42,3 +42,125 @@ fn a_broken_kernel_is_reported_with_its_log() {
             .unwrap();
     assert!(!w.log.is_empty(), "an unused variable should warn");
 }
+
+/// Kernel signatures from PTX: name → parameter sizes in bytes (struct parameters by their
+/// `.b8 name[N]` size).
+fn ptx_signatures() -> std::collections::HashMap<(String, String), Vec<usize>> {
+    let mut out = std::collections::HashMap::new();
+    for c in compile_all("sm_90").unwrap_or_else(|e| panic!("{e}")) {
+        let mut lines = c.ptx.lines().peekable();
+        while let Some(l) = lines.next() {
+            let Some(rest) = l.trim().strip_prefix(".visible .entry ") else { continue };
+            let name = rest.trim_end_matches('(').trim().to_string();
+            let mut sizes = vec![];
+            for p in lines.by_ref() {
+                let p = p.trim();
+                if p.starts_with(')') {
+                    break;
+                }
+                let size = if p.contains(".u64") || p.contains(".s64") || p.contains(".f64") {
+                    8
+                } else if p.contains(".u32") || p.contains(".s32") || p.contains(".f32") {
+                    4
+                } else if let Some(i) = p.find('[') {
+                    p[i + 1..p.find(']').unwrap()].parse().unwrap()
+                } else {
+                    panic!("{}: unrecognised PTX parameter `{p}`", c.name)
+                };
+                sizes.push(size);
+            }
+            out.insert((c.name.to_string(), name), sizes);
+        }
+    }
+    out
+}
+
+/// Splits `s` on commas that are not inside brackets.
+fn top_level_split(s: &str, sep: char) -> Vec<String> {
+    let (mut depth, mut cur, mut out) = (0i32, String::new(), vec![]);
+    for ch in s.chars() {
+        match ch {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            _ => {}
+        }
+        if ch == sep && depth == 0 {
+            out.push(cur.trim().to_string());
+            cur.clear();
+        } else {
+            cur.push(ch);
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+/// Without a GPU, the host/device boundary is checked statically: every `launch!` in the CUDA
+/// ops names a kernel that exists in the named file, passes as many arguments as the kernel
+/// has parameters, and where an argument's width is visible in the source (`as i64`, `as f32`,
+/// `as i32`, a device pointer from `ptr(..)`) it matches the parameter's width in the PTX.
+#[test]
+fn every_launch_site_matches_its_kernel_signature() {
+    if !nvrtc_available() {
+        return;
+    }
+    let sigs = ptx_signatures();
+    let src = include_str!("../src/kernels/cuda/ops.rs");
+    let mut checked = 0;
+    let mut rest = src;
+    while let Some(i) = rest.find("launch!(") {
+        let body_start = i + "launch!(".len();
+        let mut depth = 1;
+        let mut end = body_start;
+        for (k, ch) in rest[body_start..].char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                end = body_start + k;
+                break;
+            }
+        }
+        let call = &rest[body_start..end];
+        rest = &rest[end..];
+        let Some((head, args)) = call.split_once(';') else { continue }; // the macro definition itself
+        let head = top_level_split(head, ',');
+        let (file, name) = (head[1].trim_matches('"').to_string(), head[2].to_string());
+        let names: Vec<String> = if name.starts_with('"') {
+            vec![name.trim_matches('"').to_string()]
+        } else {
+            // A kernel chosen by the caller (binary, unary, map_bwd, reductions): every kernel of
+            // that family must have the shape of the launch.
+            match name.as_str() {
+                "name" if args.contains("na as i64") => ["add_f32", "sub_f32", "mul_f32", "div_f32"].map(String::from).to_vec(),
+                "name" if args.contains("ptr(&s)?") => ["tanh_bwd_f32", "relu_bwd_f32", "square_bwd_f32"].map(String::from).to_vec(),
+                "name" if file == "reduce" => ["sum_f32", "sum_squares_f32"].map(String::from).to_vec(),
+                "name" => ["exp_f32", "log_f32", "tanh_f32", "relu_f32", "square_f32"].map(String::from).to_vec(),
+                other => panic!("launch with kernel expression `{other}` not covered by this test"),
+            }
+        };
+        let args = top_level_split(args, ',');
+        for n in names {
+            let sig = sigs.get(&(file.clone(), n.clone())).unwrap_or_else(|| panic!("kernel {file}.{n} does not exist"));
+            assert_eq!(sig.len(), args.len(), "{file}.{n}: {} parameters, launched with {} arguments: {args:?}", sig.len(), args.len());
+            for (a, &size) in args.iter().zip(sig) {
+                let want = if a.ends_with("as i64") || a.starts_with("ptr(") || a.ends_with(".ptr") || a.ends_with("as u64") {
+                    Some(8)
+                } else if a.ends_with("as f32") || a.ends_with("as i32") {
+                    Some(4)
+                } else {
+                    None
+                };
+                if let Some(w) = want {
+                    assert_eq!(w, size, "{file}.{n}: argument `{a}` is {w} bytes, the parameter {size}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} launches found");
+}

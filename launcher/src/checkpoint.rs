@@ -53,7 +53,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(rt)?;
     let (opt_tensors, _) = opt.state(params);
-    atomic_write(&tmp.join("model.safetensors"), &tensors_to_bytes(&params.named_tensors())?)?;
+    atomic_write(&tmp.join("model.safetensors"), &tensors_to_bytes(&params.named_tensors()?)?)?;
     atomic_write(&tmp.join("optimizer.safetensors"), &tensors_to_bytes(&opt_tensors)?)?;
     atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(state).map_err(rt)?.as_bytes())?;
     atomic_write(&tmp.join("config.toml"), config_toml.as_bytes())?;

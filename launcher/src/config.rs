@@ -44,7 +44,7 @@ use Ty::*;
 pub const KEYS: &[KeyDoc] = &[
     k("run.name", Str, Some("\"default\""), "run name; the run directory defaults to runs/<name>"),
     k("run.seed", Int, Some("1337"), "seed for init, data and sampling: a run is a function of its config"),
-    k("run.device", Str, Some("\"cpu\""), "cpu | cuda (cuda arrives with the GPU backend)"),
+    k("run.device", Str, Some("\"cpu\""), "cpu | cuda (one GPU per process: the only visible one, else the local rank's)"),
     k("run.threads", Int, Some("0"), "compute threads per process; 0 = all cores divided by the processes on this node"),
     k("run.log_every", Int, Some("10"), "write a metrics record every this many steps"),
     k("model.kind", Str, Some("\"gpt\""), "gpt | mlp | resnet"),
@@ -86,6 +86,12 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.micro_batch", Int, Some("0"), "samples per rank per micro-step; 0 = global_batch / ranks (no accumulation)"),
     k("train.eval_every", Int, Some("100"), "validation every this many steps (0 = only at the end)"),
     k("train.eval_batches", Int, Some("8"), "validation micro-batches per evaluation"),
+    k(
+        "train.precision",
+        Str,
+        Some("\"f32\""),
+        "f32 | bf16: matrix products take bf16 inputs, accumulate in f32; weights, grads, optimizer state stay f32",
+    ),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)"),
     k("optim.kind", Str, Some("\"adamw\""), "sgd | adamw"),
     k("optim.lr", Float, Some("3e-3"), "peak learning rate"),
@@ -103,6 +109,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("checkpoint.keep_last", Int, Some("2"), "checkpoints kept in <run>/checkpoints (older ones are deleted)"),
     k("comm.bucket_mb", Float, Some("25.0"), "gradient bucket cap in MiB (the first bucket is 1 MiB), as PyTorch DDP"),
     k("comm.overlap", Bool, Some("true"), "all-reduce buckets during backward (false: after backward)"),
+    k("comm.dtype", Str, Some("\"f32\""), "f32 | bf16: precision of the gradient all-reduce (bf16 halves the bytes sent)"),
     k("comm.check_every", Int, Some("100"), "compare a parameter checksum across ranks every this many steps (0 = never)"),
     k("comm.timeout_s", Float, Some("600.0"), "a collective that does not complete within this many seconds aborts the job"),
 ];

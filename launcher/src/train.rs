@@ -10,13 +10,14 @@ use crate::checkpoint::{self, State};
 use crate::config::{check_model_keys, Raw};
 use crate::error::{input_err, LaunchError, Result};
 use dptrain_comm::GradReducer;
+use dptrain_core::autograd::Precision;
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
 use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, StreamState, TokenWindows};
 use dptrain_core::model::Model;
 use dptrain_core::probe::Probes;
-use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
+use dptrain_core::{DType, Device, GradStore, ParamBuilder, ParamStore, Tape};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
 use dptrain_optim::{clip_grad_norm, AdamW, AdamWConfig, DecayMode, Optimizer, Schedule, ScheduleKind, Sgd, SgdConfig};
 use serde_json::{json, Map, Value};
@@ -70,6 +71,9 @@ pub struct Run {
     pub run_dir: PathBuf,
     pub resumed_from: Option<PathBuf>,
     pub config_toml: String,
+    pub device: Device,
+    pub precision: Precision,
+    pub comm_bf16: bool,
 }
 
 fn nonneg_f(raw: &Raw, key: &str) -> Result<f64> {
@@ -336,14 +340,15 @@ pub fn load_raw(args: &TrainArgs) -> Result<(Raw, Option<PathBuf>)> {
 
 /// Validates the whole run and builds it; writes nothing.
 pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Communicator) -> Result<Run> {
-    let device = raw.choice("run.device", &["cpu", "cuda"])?;
-    if device == "cuda" {
-        let w = world.world();
-        dptrain_core::device::select("cuda", w.local_rank, w.local_size).map_err(|e| input_err!("run.device: \"cuda\": {e}"))?;
-        // A GPU is present, but tensors cannot live on it yet: the kernels compile (CI checks
-        // them with NVRTC) while CUDA storage and op dispatch are still to come.
-        return Err(input_err!("run.device: \"cuda\": a GPU is present, but this build's engine runs on CPU only (CUDA storage and op dispatch are not implemented yet); use \"cpu\""));
-    }
+    let device_name = raw.choice("run.device", &["cpu", "cuda"])?;
+    let w = world.world();
+    let device = dptrain_core::device::select(&device_name, w.local_rank, w.local_size)
+        .map_err(|e| input_err!("run.device: \"{device_name}\": {e}"))?;
+    let precision = match raw.choice("train.precision", &["f32", "bf16"])?.as_str() {
+        "bf16" => Precision::Bf16,
+        _ => Precision::F32,
+    };
+    let comm_bf16 = raw.choice("comm.dtype", &["f32", "bf16"])? == "bf16";
     let seed = u64::try_from(raw.int("run.seed")).map_err(|_| input_err!("run.seed: must be ≥ 0"))?;
     let model_kind = raw.choice("model.kind", &["gpt", "mlp", "resnet"])?;
     check_model_keys(&raw, &model_kind)?;
@@ -496,6 +501,9 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
         run_dir,
         resumed_from,
         config_toml,
+        device,
+        precision,
+        comm_bf16,
     })
 }
 
@@ -507,6 +515,7 @@ fn evaluate(run: &Run) -> Result<f64> {
     for b in 0..run.eval_batches {
         let idx: Vec<usize> = (0..run.micro_batch).map(|i| (b * run.micro_batch + i) % n).collect();
         let tape = Tape::inference();
+        tape.set_precision(run.precision);
         let loss = run.model.loss(&tape, &run.params, &run.data.val.batch(&idx), false, &mut Probes::default())?;
         total += loss.item()?;
     }
@@ -582,7 +591,14 @@ fn fault_hook(rank: usize, step: u64) {
 /// A 64-bit FNV-1a hash of the parameter bits, as four exactly-representable 16-bit integers.
 fn param_checksum(params: &ParamStore) -> Result<[f32; 4]> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for x in params.flat().data::<f32>()? {
+    let host;
+    let vals: &[f32] = if params.flat().is_cuda() {
+        host = params.flat().to_vec::<f32>()?;
+        &host
+    } else {
+        params.flat().data::<f32>()?
+    };
+    for x in vals {
         h ^= x.to_bits() as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -684,12 +700,22 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     let mut run = res?;
     init_threads(run.threads);
     sync_start(&mut run, world.main.as_mut())?;
+    // Same values on every rank first (broadcast on the host), then onto the GPU.
+    run.params.to_device(run.device)?;
     let mut grads = GradStore::new(&run.params);
-    let mut reducer = match world.grads.take() {
-        Some(c) if world.info().world_size > 1 => {
-            Some(GradReducer::new(c, &run.params, run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap")))
+    let (bucket_mb, overlap) = (run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap"));
+    let mut reducer = match (world.grads.take(), run.device) {
+        (_, _) if world.info().world_size == 1 => None,
+        #[cfg(feature = "cuda")]
+        (_, Device::Cuda(o)) => {
+            use dptrain_comm::nccl::{NcclComm, NcclReducer};
+            let dev = dptrain_core::tensor::cuda::dev(o)?;
+            let comm = NcclComm::bootstrap(world.main.as_mut(), dev)?;
+            let t = std::time::Duration::from_secs_f64(timeout);
+            Some(Reducer::Nccl(NcclReducer::new(comm, &run.params, bucket_mb, overlap, run.comm_bf16, t)?))
         }
-        _ => None,
+        (Some(c), _) => Some(Reducer::Host(GradReducer::with_dtype(c, &run.params, bucket_mb, overlap, run.comm_bf16))),
+        (None, _) => None,
     };
     let out = train_loop(&mut run, &mut grads, world.main.as_mut(), reducer.as_mut());
     // The reducer goes first: dropping it waits for in-flight buckets, which read `grads`.
@@ -698,7 +724,48 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     out
 }
 
-fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator, mut reducer: Option<&mut GradReducer>) -> Result<Summary> {
+/// The gradient reducer of this run: MPI on the host, or NCCL on the GPU.
+enum Reducer {
+    Host(GradReducer),
+    #[cfg(feature = "cuda")]
+    Nccl(dptrain_comm::nccl::NcclReducer),
+}
+
+impl Reducer {
+    fn begin(&mut self, sync: bool) {
+        match self {
+            Reducer::Host(r) => r.begin(sync),
+            #[cfg(feature = "cuda")]
+            Reducer::Nccl(r) => r.begin(sync),
+        }
+    }
+    /// # Safety
+    /// As [`GradReducer::on_ready`].
+    unsafe fn on_ready(&mut self, p: dptrain_core::ParamId, g: &GradStore) -> dptrain_core::Result<()> {
+        match self {
+            // SAFETY: forwarded contract.
+            Reducer::Host(r) => unsafe { r.on_ready(p, g) },
+            #[cfg(feature = "cuda")]
+            Reducer::Nccl(r) => r.on_ready(p, g),
+        }
+    }
+    fn buckets(&self) -> &[dptrain_comm::Bucket] {
+        match self {
+            Reducer::Host(r) => r.buckets(),
+            #[cfg(feature = "cuda")]
+            Reducer::Nccl(r) => r.buckets(),
+        }
+    }
+    fn wait_all(&mut self, g: &mut GradStore) -> dptrain_core::Result<dptrain_comm::ReduceStats> {
+        match self {
+            Reducer::Host(r) => r.wait_all(g),
+            #[cfg(feature = "cuda")]
+            Reducer::Nccl(r) => r.wait_all(g),
+        }
+    }
+}
+
+fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator, mut reducer: Option<&mut Reducer>) -> Result<Summary> {
     let rank0 = comm.rank() == 0;
     let ws = comm.world_size();
     let check_every = run.raw.count("comm.check_every")? as u64;
@@ -779,6 +846,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         for micro in 0..run.accum {
             let batch = run.data.train.batch(&stream.next_indices(run.micro_batch));
             let tape = Tape::new();
+            tape.set_precision(run.precision);
             let mut probes = Probes::default();
             let loss = run.model.loss(&tape, &run.params, &batch, true, &mut probes)?;
             loss_sum += loss.item()?;

@@ -61,7 +61,7 @@ impl Model for Mlp {
                 msg: format!("is {}, but the data has {feat} features per sample", self.cfg.input_dim),
             });
         }
-        let x = Tensor::from_slice(pixels, &[*batch, feat])?.to_dtype(ps.dtype());
+        let x = Tensor::from_slice(pixels, &[*batch, feat])?.to_dtype(ps.dtype()).to_device(ps.device())?;
         let mut h = tape.constant(x);
         for (i, (lin, bn)) in self.layers.iter().enumerate() {
             h = lin.forward(tape, ps, h)?;

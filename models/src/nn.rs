@@ -86,7 +86,12 @@ impl BatchNorm {
 
 /// Root-mean-square of a value (a probe; not differentiated).
 pub fn rms(v: &Var<'_>) -> f64 {
-    let t = v.value().contiguous();
+    let t = v.value();
+    if t.is_cuda() {
+        let n = t.numel().max(1);
+        return dptrain_core::ops::flat::sum_squares(&t).map(|ss| (ss / n as f64).sqrt()).unwrap_or(f64::NAN);
+    }
+    let t = t.contiguous();
     let (ss, n) = match t.dtype() {
         DType::F32 => t.data::<f32>().map(|d| (d.iter().map(|&x| (x * x) as f64).sum::<f64>(), d.len())).unwrap_or((0.0, 0)),
         _ => t.to_vec::<f64>().map(|d| (d.iter().map(|x| x * x).sum::<f64>(), d.len())).unwrap_or((0.0, 0)),

@@ -105,7 +105,7 @@ impl Model for ResNet {
                 msg: format!("is {}, but images have {} channels", self.cfg.in_channels, shape[0]),
             });
         }
-        let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype());
+        let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype()).to_device(ps.device())?;
         let x = tape.constant(x);
         let mut h = self.bn1.forward(tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
         for (i, blk) in self.blocks.iter().enumerate() {

@@ -49,12 +49,15 @@ pub struct AdamW {
     v: Vec<f32>,
     mask: Vec<f32>,
     t: u64,
+    /// (m, v, mask) on the parameters' GPU once a step ran there; the host vectors are then
+    /// stale until `state` copies these back.
+    dev: Option<[Tensor; 3]>,
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, params: &ParamStore) -> AdamW {
         let n = params.numel();
-        AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], mask: decay_mask(params, cfg.decay_vectors), t: 0 }
+        AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], mask: decay_mask(params, cfg.decay_vectors), t: 0, dev: None }
     }
     pub fn steps(&self) -> u64 {
         self.t
@@ -77,6 +80,23 @@ impl Optimizer for AdamW {
         let step = (lr / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        if params.flat().is_cuda() {
+            let device = params.flat().device();
+            if self.dev.is_none() {
+                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
+                self.dev = Some([up(&self.m)?, up(&self.v)?, up(&self.mask)?]);
+            }
+            let [m, v, mask] = self.dev.as_mut().expect("just set");
+            dptrain_core::ops::flat::adamw_cuda(
+                params.flat_tensor_mut()?,
+                grads.flat(),
+                m,
+                v,
+                mask,
+                [b1, b2, eps, step, inv_sqrt_bc2, decay],
+            )?;
+            return Ok(());
+        }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
         let body = |(((p, g), (m, v)), mask): (((&mut [f32], &[f32]), (&mut [f32], &mut [f32])), &[f32])| {
@@ -102,11 +122,17 @@ impl Optimizer for AdamW {
         Ok(())
     }
     fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let mut v = split_state("exp_avg", &self.m, params);
-        v.extend(split_state("exp_avg_sq", &self.v, params));
+        let (m, v) = match &self.dev {
+            Some([m, v, _]) => (m.to_vec::<f32>().expect("optimizer state readable"), v.to_vec::<f32>().expect("optimizer state readable")),
+            None => (self.m.clone(), self.v.clone()),
+        };
+        let mut v_ = split_state("exp_avg", &m, params);
+        v_.extend(split_state("exp_avg_sq", &v, params));
+        let v = v_;
         (v, serde_json::json!({ "step": self.t }))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        self.dev = None;
         join_state("exp_avg", &mut self.m, params, t)?;
         join_state("exp_avg_sq", &mut self.v, params, t)?;
         self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| crate::OptimError::State("missing `step`".into()))?;

@@ -6,8 +6,7 @@ use dptrain_core::GradStore;
 
 /// ‖g‖₂ over all parameters (accumulated in f64).
 pub fn grad_norm(grads: &GradStore) -> Result<f64> {
-    let g = grads.flat().data::<f32>()?;
-    Ok(g.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>().sqrt())
+    Ok(dptrain_core::ops::flat::sum_squares(grads.flat())?.sqrt())
 }
 
 /// Clips in place when `max_norm > 0`; returns the norm before clipping.
@@ -17,7 +16,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, max_norm: f64) -> Result<f64> {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             let c = coef as f32;
-            grads.flat_mut::<f32>()?.iter_mut().for_each(|x| *x *= c);
+            dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), c)?;
         }
     }
     Ok(norm)

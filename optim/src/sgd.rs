@@ -24,11 +24,13 @@ pub struct Sgd {
     buf: Vec<f32>,
     mask: Vec<f32>,
     started: bool,
+    /// (momentum buffer, mask) on the parameters' GPU once a step ran there.
+    dev: Option<[Tensor; 2]>,
 }
 
 impl Sgd {
     pub fn new(cfg: SgdConfig, params: &ParamStore) -> Sgd {
-        Sgd { cfg, buf: vec![0.0; params.numel()], mask: decay_mask(params, cfg.decay_vectors), started: false }
+        Sgd { cfg, buf: vec![0.0; params.numel()], mask: decay_mask(params, cfg.decay_vectors), started: false, dev: None }
     }
 }
 
@@ -36,9 +38,20 @@ impl Optimizer for Sgd {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
         let c = self.cfg;
         let (wd, mu, damp, lr) = (c.weight_decay as f32, c.momentum as f32, c.dampening as f32, lr as f32);
+        let first = !self.started;
+        if params.flat().is_cuda() {
+            let device = params.flat().device();
+            if self.dev.is_none() {
+                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
+                self.dev = Some([up(&self.buf)?, up(&self.mask)?]);
+            }
+            let [buf, mask] = self.dev.as_mut().expect("just set");
+            dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, mask, [lr, wd, mu, damp], c.nesterov, first)?;
+            self.started = true;
+            return Ok(());
+        }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        let first = !self.started;
         for i in 0..p.len() {
             let mut d = g[i] + wd * self.mask[i] * p[i];
             if mu != 0.0 {
@@ -52,9 +65,14 @@ impl Optimizer for Sgd {
         Ok(())
     }
     fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        (split_state("momentum_buffer", &self.buf, params), serde_json::json!({ "started": self.started }))
+        let buf = match &self.dev {
+            Some([b, _]) => b.to_vec::<f32>().expect("optimizer state readable"),
+            None => self.buf.clone(),
+        };
+        (split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.started }))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        self.dev = None;
         join_state("momentum_buffer", &mut self.buf, params, t)?;
         self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| crate::OptimError::State("missing `started`".into()))?;
         Ok(())

@@ -16,6 +16,19 @@ use crate::tensor::{DType, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Input precision of matrix products (`train.precision`): `F32`, or `Bf16` — GEMM inputs
+/// rounded to bf16, products accumulated and returned in f32 (tensor cores on a GPU; on the CPU
+/// the same rounding followed by an f32 GEMM, so both paths compute the same numbers up to
+/// summation order). Parameters, activations outside GEMMs, gradients and optimizer state stay
+/// f32: the f32 master weights are rounded on the fly, never overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
@@ -33,6 +46,7 @@ pub struct Tape {
     params: RefCell<HashMap<ParamId, usize>>,
     grad_enabled: bool,
     used: std::cell::Cell<bool>,
+    precision: std::cell::Cell<Precision>,
 }
 
 /// A handle to a value on a tape.
@@ -66,11 +80,24 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records for backward (training).
     pub fn new() -> Tape {
-        Tape { nodes: RefCell::new(Vec::new()), params: RefCell::new(HashMap::new()), grad_enabled: true, used: false.into() }
+        Tape {
+            nodes: RefCell::new(Vec::new()),
+            params: RefCell::new(HashMap::new()),
+            grad_enabled: true,
+            used: false.into(),
+            precision: Precision::F32.into(),
+        }
     }
     /// A tape that records nothing for backward (evaluation).
     pub fn inference() -> Tape {
         Tape { grad_enabled: false, ..Tape::new() }
+    }
+    /// Sets the GEMM input precision for ops recorded from now on.
+    pub fn set_precision(&self, p: Precision) {
+        self.precision.set(p);
+    }
+    pub fn precision(&self) -> Precision {
+        self.precision.get()
     }
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled
@@ -159,7 +186,7 @@ impl Tape {
         let param_nodes: Vec<(usize, ParamId)> = nodes.iter().enumerate().filter_map(|(i, nd)| nd.param.map(|p| (i, p))).collect();
         let mut fired = vec![false; n];
         let mut pending: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
-        pending[loss.id] = Some(Tensor::ones(lv.shape(), lv.dtype()));
+        pending[loss.id] = Some(crate::ops::elementwise::t::full_like(lv, 1.0)?);
         let mut leaf_grads = HashMap::new();
         for i in (0..n).rev() {
             let g = pending[i].take();
@@ -224,6 +251,15 @@ impl Tape {
 
 /// `acc += g`, in place when `acc` owns its buffer, else into a new buffer.
 fn add_in_place(mut acc: Tensor, g: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if acc.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        if acc.is_contiguous() && acc.is_unique() {
+            gpu::accumulate_raw(&*gpu::dev_of(&acc)?, gpu::ptr(&acc)?, g, acc.numel(), true)?;
+            return Ok(acc);
+        }
+        return gpu::binary("add_f32", &acc, g);
+    }
     let g = g.contiguous();
     macro_rules! go {
         ($t:ty) => {{

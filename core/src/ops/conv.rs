@@ -71,7 +71,7 @@ fn col2im<T: Elem>(cols: &[T], g: Geom, x: &mut [T]) {
 impl<'t> Var<'t> {
     /// `self [N, C, H, W]` convolved with `weight [O, C, KH, KW]` (+ `bias [O]`).
     pub fn conv2d(self, weight: Var<'t>, bias: Option<Var<'t>>, stride: usize, pad: usize) -> Result<Var<'t>> {
-        let (xv, wv) = (self.value().contiguous(), weight.value().contiguous());
+        let (xv, wv) = (self.value().try_contiguous()?, weight.value().try_contiguous()?);
         let (xs, ws) = (xv.shape().to_vec(), wv.shape().to_vec());
         if xs.len() != 4 || ws.len() != 4 || xs[1] != ws[1] || stride == 0 || xs[2] + 2 * pad < ws[2] || xs[3] + 2 * pad < ws[3] {
             return Err(Error::shape("conv2d", format!("input {xs:?}, weight {ws:?}, stride {stride}, pad {pad}")));
@@ -82,7 +82,35 @@ impl<'t> Var<'t> {
         let g = Geom { c: xs[1], h: xs[2], w: xs[3], kh: ws[2], kw: ws[3], stride, pad, ho, wo };
         let ckk = g.c * g.kh * g.kw;
         let hw = ho * wo;
-        let bv = bias.map(|b| b.value().contiguous());
+        let bv = bias.map(|b| b.value().try_contiguous()).transpose()?;
+        #[cfg(feature = "cuda")]
+        if xv.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let cg = gpu::ConvGeom {
+                c: g.c as i64,
+                h: g.h as i64,
+                w: g.w as i64,
+                kh: g.kh as i64,
+                kw: g.kw as i64,
+                stride: g.stride as i64,
+                pad: g.pad as i64,
+                ho: g.ho as i64,
+                wo: g.wo as i64,
+            };
+            let w2 = wv.reshape(&[o, ckk])?;
+            let out = gpu::conv2d(&xv, &w2, bv.as_ref(), cg, n, o)?;
+            let has_b = bias.is_some();
+            let mut inputs = vec![self, weight];
+            inputs.extend(bias);
+            return Ok(self.tape().record("conv2d", out, &inputs, move |gout| {
+                let (gx, gw, gb) = gpu::conv2d_bwd(&xv, &w2, gout, cg, n, o, has_b)?;
+                let mut v = vec![Some(gx), Some(gw.reshape(&ws)?)];
+                if has_b {
+                    v.push(gb);
+                }
+                Ok(v)
+            }));
+        }
         let out = with_float!(xv.dtype(), "conv2d", T => {
             let (xd, wd) = (xv.data::<T>()?, wv.data::<T>()?);
             let bd = match &bv { Some(b) => Some(b.data::<T>()?), None => None };

@@ -1,39 +1,77 @@
 //! Broadcasting binary ops (add, sub, mul, div), scalar affine, and pointwise functions
 //! (exp, log, tanh, relu, square). Broadcast backward reduces the gradient back to each
-//! operand's shape with the threaded reductions in `kernels::cpu::reduce`.
+//! operand's shape with the threaded reductions in `kernels::cpu::reduce` (GEMM column sums on
+//! CUDA).
 
 use crate::autograd::Var;
 use crate::error::Result;
 use crate::kernels::cpu::{self, reduce::sum_to_shape};
 use crate::tensor::Tensor;
-use crate::with_float;
+use crate::{on_cuda, with_float};
 
 fn unbroadcast(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    on_cuda!(g => gpu::sum_to_shape(g, shape));
     with_float!(g.dtype(), "sum_to_shape", T => sum_to_shape::<T>(g, shape))
 }
 
-/// Elementwise math on tensors (no tape), shared by several ops' backward passes.
+/// Elementwise math on tensors (no tape), shared by several ops' backward passes; each runs on
+/// the tensors' device.
 pub mod t {
     use super::*;
     pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        on_cuda!(a => gpu::binary("add_f32", a, b));
         with_float!(a.dtype(), "add", T => cpu::broadcast_zip::<T>(a, b, |x, y| x + y))
     }
     pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        on_cuda!(a => gpu::binary("sub_f32", a, b));
         with_float!(a.dtype(), "sub", T => cpu::broadcast_zip::<T>(a, b, |x, y| x - y))
     }
     pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        on_cuda!(a => gpu::binary("mul_f32", a, b));
         with_float!(a.dtype(), "mul", T => cpu::broadcast_zip::<T>(a, b, |x, y| x * y))
     }
     pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        on_cuda!(a => gpu::binary("div_f32", a, b));
         with_float!(a.dtype(), "div", T => cpu::broadcast_zip::<T>(a, b, |x, y| x / y))
     }
     pub fn affine(a: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+        on_cuda!(a => gpu::affine(a, mul, add));
         with_float!(a.dtype(), "affine", T => { let (m, c) = (T::of(mul), T::of(add)); cpu::map::<T>(a, move |x| x * m + c) })
+    }
+    /// A tensor of `x`'s shape, dtype and device filled with `v`.
+    pub fn full_like(x: &Tensor, v: f64) -> Result<Tensor> {
+        on_cuda!(x => gpu::full(&gpu::dev_of(x)?, x.shape(), v as f32));
+        Ok(Tensor::full(x.shape(), v, x.dtype()))
     }
     /// `b` broadcast to `shape`.
     pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        on_cuda!(b => gpu::broadcast_to(b, shape));
         let z = Tensor::zeros(shape, b.dtype());
         with_float!(b.dtype(), "broadcast_to", T => cpu::broadcast_zip::<T>(&z, b, |_, y| y))
+    }
+    /// A pointwise map: `kernel` on CUDA, `f` on the CPU (generic, so the closure inlines).
+    pub fn map(x: &Tensor, kernel: &'static str, f: impl Fn(f64) -> f64 + Sync, f32f: impl Fn(f32) -> f32 + Sync) -> Result<Tensor> {
+        on_cuda!(x => gpu::unary(kernel, x));
+        match x.dtype() {
+            crate::tensor::DType::F32 => cpu::map::<f32>(x, f32f),
+            crate::tensor::DType::F64 => cpu::map::<f64>(x, f),
+            other => Err(crate::error::Error::DType { op: kernel, expected: "f32 or f64".into(), got: other.to_string() }),
+        }
+    }
+    /// A pointwise backward `out = f(g, s)` with a saved tensor `s`: `kernel` on CUDA.
+    pub fn map_bwd(
+        g: &Tensor,
+        s: &Tensor,
+        kernel: &'static str,
+        f: impl Fn(f64, f64) -> f64 + Sync,
+        f32f: impl Fn(f32, f32) -> f32 + Sync,
+    ) -> Result<Tensor> {
+        on_cuda!(g => gpu::map_bwd(kernel, g, s));
+        match g.dtype() {
+            crate::tensor::DType::F32 => cpu::zip::<f32>(g, s, f32f),
+            crate::tensor::DType::F64 => cpu::zip::<f64>(g, s, f),
+            other => Err(crate::error::Error::DType { op: kernel, expected: "f32 or f64".into(), got: other.to_string() }),
+        }
     }
 }
 
@@ -77,34 +115,34 @@ impl<'t> Var<'t> {
         self.affine(s, 0.0)
     }
     pub fn exp(self) -> Result<Var<'t>> {
-        let out = with_float!(self.dtype(), "exp", T => cpu::map::<T>(&self.value(), |x| x.exp()))?;
+        let out = t::map(&self.value(), "exp_f32", f64::exp, f32::exp)?;
         let y = out.clone();
         Ok(self.tape().record("exp", out, &[self], move |g| Ok(vec![Some(t::mul(g, &y)?)])))
     }
     pub fn log(self) -> Result<Var<'t>> {
         let x = self.value();
-        let out = with_float!(x.dtype(), "log", T => cpu::map::<T>(&x, |x| x.ln()))?;
+        let out = t::map(&x, "log_f32", f64::ln, f32::ln)?;
         Ok(self.tape().record("log", out, &[self], move |g| Ok(vec![Some(t::div(g, &x)?)])))
     }
     pub fn tanh(self) -> Result<Var<'t>> {
-        let out = with_float!(self.dtype(), "tanh", T => cpu::map::<T>(&self.value(), |x| x.tanh()))?;
+        let out = t::map(&self.value(), "tanh_f32", f64::tanh, f32::tanh)?;
         let y = out.clone();
         Ok(self.tape().record("tanh", out, &[self], move |g| {
-            Ok(vec![Some(with_float!(g.dtype(), "tanh", T => cpu::zip::<T>(g, &y, |g, y| g * (T::one() - y * y)))?)])
+            Ok(vec![Some(t::map_bwd(g, &y, "tanh_bwd_f32", |g, y| g * (1.0 - y * y), |g, y| g * (1.0 - y * y))?)])
         }))
     }
     pub fn relu(self) -> Result<Var<'t>> {
-        let out = with_float!(self.dtype(), "relu", T => cpu::map::<T>(&self.value(), |x| x.max(T::zero())))?;
+        let out = t::map(&self.value(), "relu_f32", |x| x.max(0.0), |x| x.max(0.0))?;
         let y = out.clone();
         Ok(self.tape().record("relu", out, &[self], move |g| {
-            Ok(vec![Some(with_float!(g.dtype(), "relu", T => cpu::zip::<T>(g, &y, |g, y| if y > T::zero() { g } else { T::zero() }))?)])
+            Ok(vec![Some(t::map_bwd(g, &y, "relu_bwd_f32", |g, y| if y > 0.0 { g } else { 0.0 }, |g, y| if y > 0.0 { g } else { 0.0 })?)])
         }))
     }
     pub fn square(self) -> Result<Var<'t>> {
         let x = self.value();
-        let out = with_float!(x.dtype(), "square", T => cpu::map::<T>(&x, |x| x * x))?;
+        let out = t::map(&x, "square_f32", |x| x * x, |x| x * x)?;
         Ok(self.tape().record("square", out, &[self], move |g| {
-            Ok(vec![Some(with_float!(g.dtype(), "square", T => cpu::zip::<T>(g, &x, |g, x| T::of(2.0) * g * x))?)])
+            Ok(vec![Some(t::map_bwd(g, &x, "square_bwd_f32", |g, x| 2.0 * g * x, |g, x| 2.0 * g * x)?)])
         }))
     }
 }

@@ -3,7 +3,7 @@
 use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::tensor::{Elem, Tensor};
-use crate::with_float;
+use crate::{on_cuda, with_float};
 
 fn gather<T: Elem>(w: &Tensor, ids: &[u32], dim: usize, out_shape: &[usize]) -> Result<Tensor> {
     let w = w.contiguous();
@@ -14,6 +14,11 @@ fn gather<T: Elem>(w: &Tensor, ids: &[u32], dim: usize, out_shape: &[usize]) -> 
             row.copy_from_slice(&wd[id * dim..(id + 1) * dim]);
         }
     }))
+}
+
+fn forward(w: &Tensor, ids: &[u32], dim: usize, shape: &[usize]) -> Result<Tensor> {
+    on_cuda!(w => gpu::embedding(w, ids, shape));
+    with_float!(w.dtype(), "embedding", T => gather::<T>(w, ids, dim, shape))
 }
 
 impl<'t> Var<'t> {
@@ -32,9 +37,10 @@ impl<'t> Var<'t> {
         }
         let mut shape = out_shape.to_vec();
         shape.push(dim);
-        let out = with_float!(w.dtype(), "embedding", T => gather::<T>(&w, ids, dim, &shape))?;
+        let out = forward(&w, ids, dim, &shape)?;
         let ids = ids.to_vec();
         Ok(self.tape().record("embedding", out, &[self], move |g| {
+            on_cuda!(g => Ok(vec![Some(gpu::embedding_bwd(g, &ids, vocab, dim)?)]));
             let gw = with_float!(g.dtype(), "embedding", T => {
                 let g = g.contiguous();
                 let gd = g.data::<T>()?;

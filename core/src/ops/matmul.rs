@@ -1,20 +1,34 @@
 //! Matrix products: `matmul` (with batching; transposed operands are strided views, never
 //! copies) and `linear` (y = x Wᵀ + b with PyTorch's [out, in] weight layout), whose backward
-//! writes dW directly in [out, in] order and the bias gradient as a threaded column sum.
+//! writes dW directly in [out, in] order and the bias gradient as a threaded column sum. Both
+//! honour the tape's GEMM precision (bf16 inputs, f32 accumulation) on either device.
 
+use crate::autograd::Precision;
 use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::matmul::{gemm_into, matmul as mm, parallelism, MatRef};
 use crate::kernels::cpu::reduce::sum_to_shape;
-use crate::tensor::{Elem, Storage, Tensor};
-use crate::with_float;
+use crate::tensor::{DType, Elem, Storage, Tensor};
+use crate::{on_cuda, with_float};
 
-pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    with_float!(a.dtype(), "matmul", T => mm::<T>(a, b))
+/// `a @ b` on the operands' device, with GEMM inputs at precision `prec`.
+pub fn matmul_t(a: &Tensor, b: &Tensor, prec: Precision) -> Result<Tensor> {
+    on_cuda!(a => gpu::matmul(a, b, prec));
+    let (a, b) = (round_for(a, prec)?, round_for(b, prec)?);
+    with_float!(a.dtype(), "matmul", T => mm::<T>(&a, &b))
+}
+
+/// The CPU side of `Precision::Bf16`: the operand rounded to bf16 (kept in f32), so the f32
+/// GEMM that follows computes what a bf16-input, f32-accumulate GEMM does.
+pub(crate) fn round_for(t: &Tensor, prec: Precision) -> Result<Tensor> {
+    match (prec, t.dtype()) {
+        (Precision::Bf16, DType::F32) => crate::kernels::cpu::map::<f32>(t, |x| half::bf16::from_f32(x).to_f32()),
+        _ => Ok(t.clone()),
+    }
 }
 
 fn raw<T: Elem>(t: &Tensor) -> &[T] {
-    let Storage::Cpu(c) = t.storage();
+    let Storage::Cpu(c) = t.storage() else { unreachable!("CPU kernel reached with a CUDA tensor: ops dispatch on the device first") };
     T::slice(c).expect("dtype checked")
 }
 
@@ -65,18 +79,19 @@ impl<'t> Var<'t> {
     /// `self [..., m, k] @ b [k, n]` or batched `[B..., m, k] @ [B..., k, n]`.
     pub fn matmul(self, b: Var<'t>) -> Result<Var<'t>> {
         let (av, bv) = (self.value(), b.value());
-        let out = matmul_t(&av, &bv)?;
+        let prec = self.tape().precision();
+        let out = matmul_t(&av, &bv, prec)?;
         Ok(self.tape().record("matmul", out, &[self, b], move |g| {
             let (ra, rb) = (av.rank(), bv.rank());
-            let ga = matmul_t(g, &bv.transpose(rb - 2, rb - 1)?)?;
+            let ga = matmul_t(g, &bv.transpose(rb - 2, rb - 1)?, prec)?;
             let gb = if rb == 2 {
                 let k = av.shape()[ra - 1];
                 let n = bv.shape()[1];
                 let a2 = av.reshape(&[usize::MAX, k])?;
                 let g2 = g.reshape(&[usize::MAX, n])?;
-                matmul_t(&a2.transpose(0, 1)?, &g2)?
+                matmul_t(&a2.transpose(0, 1)?, &g2, prec)?
             } else {
-                matmul_t(&av.transpose(ra - 2, ra - 1)?, g)?
+                matmul_t(&av.transpose(ra - 2, ra - 1)?, g, prec)?
             };
             Ok(vec![Some(ga), Some(gb)])
         }))
@@ -99,6 +114,25 @@ impl<'t> Var<'t> {
                 return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
             }
         }
+        let prec = self.tape().precision();
+        let has_b = b.is_some();
+        let mut inputs = vec![self, w];
+        inputs.extend(b);
+        let in_shape = xv.shape().to_vec();
+        #[cfg(feature = "cuda")]
+        if xv.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let out = gpu::linear(&x2, &wv, bv.as_ref(), &out_shape, prec)?;
+            return Ok(self.tape().record("linear", out, &inputs, move |g| {
+                let g2 = g.reshape(&[rows, n])?;
+                let mut v = vec![Some(gpu::linear_grad_input(&g2, &wv, &in_shape, prec)?), Some(gpu::linear_grad_weight(&g2, &x2, prec)?)];
+                if has_b {
+                    v.push(Some(gpu::sum_rows(&g2)?));
+                }
+                Ok(v)
+            }));
+        }
+        let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);
         let out = with_float!(xv.dtype(), "linear", T => {
             let xd = x2.data::<T>()?;
             let wd = raw::<T>(&wv);
@@ -114,15 +148,12 @@ impl<'t> Var<'t> {
                 gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
             }))
         })?;
-        let has_b = b.is_some();
-        let mut inputs = vec![self, w];
-        inputs.extend(b);
-        let in_shape = xv.shape().to_vec();
         Ok(self.tape().record("linear", out, &inputs, move |g| {
             with_float!(g.dtype(), "linear", T => {
                 let g2 = g.reshape(&[rows, n])?;
-                let gx = grad_input::<T>(&g2, &wv, rows, n, k, &in_shape)?;
-                let gw = grad_weight::<T>(&g2, &x2, rows, n, k)?;
+                let g2r = round_for(&g2, prec)?;
+                let gx = grad_input::<T>(&g2r, &wv, rows, n, k, &in_shape)?;
+                let gw = grad_weight::<T>(&g2r, &x2, rows, n, k)?;
                 let mut v = vec![Some(gx), Some(gw)];
                 if has_b {
                     v.push(Some(sum_to_shape::<T>(&g2, &[n])?));

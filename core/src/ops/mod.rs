@@ -5,10 +5,26 @@
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub mod flat;
 pub mod fused;
 pub mod matmul;
 pub mod reduce;
 pub mod shape;
+
+/// Returns `$gpu` from the enclosing function (or closure) when `$t` lives on a CUDA device,
+/// with `gpu` naming the CUDA tensor-level ops; compiled out without the `cuda` feature.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! on_cuda {
+    ($t:expr => $gpu:expr) => {
+        #[cfg(feature = "cuda")]
+        if $t.is_cuda() {
+            #[allow(unused_imports)]
+            use $crate::kernels::cuda::ops as gpu;
+            return $gpu;
+        }
+    };
+}
 
 /// Runs `$body` with `$T` bound to the Rust element type of `$dtype` (f32 or f64); bf16 is a
 /// storage format on CPU and is rejected with a dtype error.

@@ -4,7 +4,13 @@ use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::reduce::sum_dims;
 use crate::ops::elementwise::t;
-use crate::with_float;
+use crate::tensor::Tensor;
+use crate::{on_cuda, with_float};
+
+fn kept_sum(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    on_cuda!(x => gpu::sum_dims(x, dims));
+    with_float!(x.dtype(), "sum", T => sum_dims::<T>(x, dims))
+}
 
 impl<'t> Var<'t> {
     /// Sum over `dims`; the dims are kept as size 1 when `keepdim`.
@@ -13,7 +19,7 @@ impl<'t> Var<'t> {
         if let Some(&d) = dims.iter().find(|&&d| d >= x.rank()) {
             return Err(Error::shape("sum", format!("dim {d} for shape {:?}", x.shape())));
         }
-        let kept = with_float!(x.dtype(), "sum", T => sum_dims::<T>(&x, dims))?;
+        let kept = kept_sum(&x, dims)?;
         let kept_shape = kept.shape().to_vec();
         let out = if keepdim {
             kept

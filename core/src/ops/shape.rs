@@ -4,7 +4,7 @@
 use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::tensor::{Elem, Tensor};
-use crate::with_float;
+use crate::{on_cuda, with_float};
 
 /// Writes `src` into dim `dim` of a zero tensor of `shape` at `start` (narrow's backward, and
 /// cat's forward building block).
@@ -19,6 +19,21 @@ fn place<T: Elem>(out: &mut [T], shape: &[usize], dim: usize, start: usize, src:
         out[dst0..dst0 + len * inner].copy_from_slice(&s[o * len * inner..(o + 1) * len * inner]);
     }
     Ok(())
+}
+
+/// A zero tensor of `shape` on `like`'s device with `src` written at `start` of dim `dim`.
+fn placed(like: &Tensor, shape: &[usize], dim: usize, start: usize, src: &Tensor) -> Result<Tensor> {
+    on_cuda!(like => {
+        let z = gpu::zeros_like_dev(like, shape)?;
+        gpu::place(&z, dim, start, src)?;
+        Ok(z)
+    });
+    with_float!(like.dtype(), "narrow", T => {
+        let mut v = T::pool().take(shape.iter().product());
+        v.fill(T::zero());
+        place::<T>(&mut v, shape, dim, start, src)?;
+        Tensor::from_vec(v, shape)
+    })
 }
 
 fn cat_tensors(ts: &[Tensor], dim: usize) -> Result<Tensor> {
@@ -39,6 +54,15 @@ fn cat_tensors(ts: &[Tensor], dim: usize) -> Result<Tensor> {
             return Err(Error::shape("cat", format!("{:?} vs {:?} off dim {dim}", t.shape(), first.shape())));
         }
     }
+    on_cuda!(first => {
+        let z = gpu::zeros_like_dev(first, &shape)?;
+        let mut start = 0;
+        for t in ts {
+            gpu::place(&z, dim, start, t)?;
+            start += t.shape()[dim];
+        }
+        Ok(z)
+    });
     with_float!(first.dtype(), "cat", T => {
         let mut v = T::pool().take(shape.iter().product());
         let mut start = 0;
@@ -79,15 +103,7 @@ impl<'t> Var<'t> {
     pub fn narrow(self, dim: usize, start: usize, len: usize) -> Result<Var<'t>> {
         let in_shape = self.shape();
         let out = self.value().narrow(dim, start, len)?;
-        Ok(self.tape().record("narrow", out, &[self], move |g| {
-            let z = with_float!(g.dtype(), "narrow", T => {
-                let mut v = T::pool().take(in_shape.iter().product());
-                v.fill(T::zero());
-                place::<T>(&mut v, &in_shape, dim, start, g)?;
-                Tensor::from_vec(v, &in_shape)
-            })?;
-            Ok(vec![Some(z)])
-        }))
+        Ok(self.tape().record("narrow", out, &[self], move |g| Ok(vec![Some(placed(g, &in_shape, dim, start, g)?)])))
     }
     /// Splits dim `dim` into pieces of the given sizes.
     pub fn split(self, dim: usize, sizes: &[usize]) -> Result<Vec<Var<'t>>> {
@@ -114,7 +130,7 @@ pub fn cat<'t>(vars: &[Var<'t>], dim: usize) -> Result<Var<'t>> {
         let mut start = 0;
         let mut gs = Vec::with_capacity(sizes.len());
         for &s in &sizes {
-            gs.push(Some(g.narrow(dim, start, s)?.contiguous()));
+            gs.push(Some(g.narrow(dim, start, s)?.try_contiguous()?));
             start += s;
         }
         Ok(gs)

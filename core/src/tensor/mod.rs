@@ -7,6 +7,9 @@
 //! which succeeds only when nobody else holds the storage — that is how the parameter store and
 //! optimizers update flat buffers in place without locks.
 
+pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod pool;
 pub mod storage;
 
@@ -145,7 +148,50 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => Device::Cuda(c.dev().ordinal),
         }
+    }
+    pub fn is_cuda(&self) -> bool {
+        self.device() != Device::Cpu
+    }
+
+    /// A copy on `device` (the tensor itself when it is already there). CUDA tensors are f32
+    /// or bf16; f64 is converted to f32 on the way to a GPU.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            crate::kernels::cuda::ops::to_device(self, device)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::Device("this dptrain was built without the `cuda` feature".into()))
+        }
+    }
+
+    /// Zeros of `shape` on `device` (f32 on CUDA).
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(Self::zeros(shape, dtype)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(o) => crate::kernels::cuda::ops::full(&cuda::dev(o)?, shape, 0.0),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Device("this dptrain was built without the `cuda` feature".into())),
+        }
+    }
+
+    /// True when no other tensor shares this one's storage (so it may be written in place).
+    pub fn is_unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.storage).is_some()
+    }
+
+    /// A view of this tensor's storage with explicit shape, strides and offset (callers keep
+    /// it inside the storage).
+    pub(crate) fn view_with(&self, shape: &[usize], strides: &[usize], offset: usize) -> Tensor {
+        Tensor { storage: self.storage.clone(), shape: shape.to_vec(), strides: strides.to_vec(), offset }
     }
     pub fn storage(&self) -> &Storage {
         &self.storage
@@ -171,9 +217,11 @@ impl Tensor {
         true
     }
 
-    fn cpu(&self) -> &CpuStorage {
+    fn cpu(&self) -> Result<&CpuStorage> {
         match &*self.storage {
-            Storage::Cpu(c) => c,
+            Storage::Cpu(c) => Ok(c),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(on_gpu()),
         }
     }
 
@@ -182,7 +230,7 @@ impl Tensor {
         if !self.is_contiguous() {
             return Err(Error::shape("data", "tensor is not contiguous; call contiguous() first"));
         }
-        let s = T::slice(self.cpu()).ok_or_else(|| Error::DType {
+        let s = T::slice(self.cpu()?).ok_or_else(|| Error::DType {
             op: "data",
             expected: T::DTYPE.to_string(),
             got: self.dtype().to_string(),
@@ -199,7 +247,11 @@ impl Tensor {
         let (off, n, dt) = (self.offset, self.numel(), self.dtype());
         let st = Arc::get_mut(&mut self.storage)
             .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
-        let Storage::Cpu(c) = st;
+        let c = match st {
+            Storage::Cpu(c) => c,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => return Err(on_gpu()),
+        };
         let s = T::slice_mut(c).ok_or_else(|| Error::DType { op: "data_mut", expected: T::DTYPE.to_string(), got: dt.to_string() })?;
         Ok(&mut s[off..off + n])
     }
@@ -214,7 +266,11 @@ impl Tensor {
         let (off, dt) = (self.offset, self.dtype());
         let st = Arc::get_mut(&mut self.storage)
             .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
-        let Storage::Cpu(c) = st;
+        let c = match st {
+            Storage::Cpu(c) => c,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => return Err(on_gpu()),
+        };
         let ptr = match (T::DTYPE, c) {
             (DType::F32, CpuStorage::F32(b)) => b.as_mut_ptr() as *mut T,
             (DType::F64, CpuStorage::F64(b)) => b.as_mut_ptr() as *mut T,
@@ -233,7 +289,7 @@ impl Tensor {
         if !self.is_contiguous() {
             return Err(Error::shape("data_ptr", "tensor is not contiguous"));
         }
-        let ptr = match (T::DTYPE, self.cpu()) {
+        let ptr = match (T::DTYPE, self.cpu()?) {
             (DType::F32, CpuStorage::F32(b)) => b.as_ptr() as *const T,
             (DType::F64, CpuStorage::F64(b)) => b.as_ptr() as *const T,
             (DType::BF16, CpuStorage::BF16(b)) => b.as_ptr() as *const T,
@@ -245,6 +301,9 @@ impl Tensor {
 
     /// Copies to a Vec in logical (row-major) order, converting to `T`.
     pub fn to_vec<T: Elem>(&self) -> Result<Vec<T>> {
+        if self.is_cuda() {
+            return self.to_device(Device::Cpu)?.to_vec();
+        }
         let c = self.contiguous();
         match c.dtype() {
             DType::F32 => Ok(c.data::<f32>()?.iter().map(|&x| T::of(x as f64)).collect()),
@@ -266,6 +325,10 @@ impl Tensor {
         if dtype == self.dtype() {
             return self.clone();
         }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return crate::kernels::cuda::ops::cast(self, dtype).unwrap_or_else(|e| panic!("to_dtype on CUDA: {e}"));
+        }
         let c = self.contiguous();
         let shape = c.shape.clone();
         match dtype {
@@ -278,11 +341,25 @@ impl Tensor {
         }
     }
 
-    /// A packed copy, or `self` when already packed.
+    /// A packed copy, or `self` when already packed. On a GPU a failed copy (out of memory)
+    /// panics here; code that may run on a GPU calls [`Tensor::try_contiguous`].
     pub fn contiguous(&self) -> Tensor {
+        self.try_contiguous().unwrap_or_else(|e| panic!("contiguous: {e}"))
+    }
+
+    /// A packed copy, or `self` when already packed.
+    pub fn try_contiguous(&self) -> Result<Tensor> {
         if self.is_contiguous() {
-            return self.clone();
+            return Ok(self.clone());
         }
+        #[cfg(feature = "cuda")]
+        if self.is_cuda() {
+            return crate::kernels::cuda::ops::contiguous(self);
+        }
+        Ok(self.cpu_packed())
+    }
+
+    fn cpu_packed(&self) -> Tensor {
         match self.dtype() {
             DType::F32 => self.gather::<f32>(),
             DType::F64 => self.gather::<f64>(),
@@ -291,7 +368,7 @@ impl Tensor {
     }
 
     fn gather<T: Elem>(&self) -> Tensor {
-        let src = T::slice(self.cpu()).expect("dtype checked by caller");
+        let src = T::slice(self.cpu().expect("CPU tensor")).expect("dtype checked by caller");
         let shape = self.shape.clone();
         let strides = self.strides.clone();
         let off = self.offset;
@@ -313,7 +390,7 @@ impl Tensor {
         if shape.iter().product::<usize>() != n {
             return Err(Error::shape("reshape", format!("{:?} -> {:?}", self.shape, shape)));
         }
-        let c = self.contiguous();
+        let c = self.try_contiguous()?;
         Ok(Tensor { storage: c.storage, strides: contiguous_strides(&shape), shape, offset: c.offset })
     }
 
@@ -367,6 +444,11 @@ impl Tensor {
             offset: self.offset + offset,
         })
     }
+}
+
+#[cfg(feature = "cuda")]
+fn on_gpu() -> Error {
+    Error::Device("the tensor is on a CUDA device; copy it to the CPU first (Tensor::to_device)".into())
 }
 
 /// Copies a strided view into packed row-major order.

@@ -1,7 +1,7 @@
 //! Storage behind a tensor: one enum over devices (`Storage`), one over element types
 //! (`CpuStorage`), and the `Elem` trait that lets kernels be written once, generically, for f32
-//! (training) and f64 (finite-difference gradient checks). The CUDA variant plugs in here
-//! (GPU issue); every op matches on `Storage`, so callers of ops do not change.
+//! (training) and f64 (finite-difference gradient checks). The CUDA variant (`tensor::cuda`)
+//! plugs in here; every op dispatches on the device, so callers of ops do not change.
 
 use super::pool::Pool;
 use super::DType;
@@ -82,21 +82,26 @@ impl CpuStorage {
     }
 }
 
-/// Device storage. `Cuda` joins with the GPU backend.
-#[derive(Clone)]
+/// Device storage: host memory, or a buffer from a CUDA device's caching allocator.
 pub enum Storage {
     Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaStorage),
 }
 
 impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(c) => c.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.dtype,
         }
     }
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(c) => c.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.len,
         }
     }
     pub fn is_empty(&self) -> bool {

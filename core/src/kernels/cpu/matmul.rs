@@ -86,7 +86,9 @@ pub fn gemm_into<T: Elem>(
 
 /// Storage slice and offset of a tensor (any strides).
 fn raw<T: Elem>(t: &Tensor) -> Result<(&[T], usize)> {
-    let crate::tensor::Storage::Cpu(c) = t.storage();
+    let crate::tensor::Storage::Cpu(c) = t.storage() else {
+        unreachable!("CPU kernel reached with a CUDA tensor: ops dispatch on the device first")
+    };
     let s = T::slice(c).ok_or_else(|| Error::DType { op: "matmul", expected: T::DTYPE.to_string(), got: t.dtype().to_string() })?;
     Ok((s, t.offset()))
 }

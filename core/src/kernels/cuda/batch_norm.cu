@@ -52,3 +52,14 @@ extern "C" __global__ void bn_bwd_input_f32(const float* x, const float* g, cons
         }
     }
 }
+
+// Running-statistics update and 1/sqrt(var + eps), per channel (c is small: one thread each).
+extern "C" __global__ void bn_running_f32(float* rm, float* rv, const float* mean, const float* var, i64 c, float mo, float unbias) {
+    GRID_STRIDE(i, c) {
+        rm[i] = (1.0f - mo) * rm[i] + mo * mean[i];
+        rv[i] = (1.0f - mo) * rv[i] + mo * var[i] * unbias;
+    }
+}
+extern "C" __global__ void rsqrt_eps_f32(const float* var, float* rstd, i64 c, float eps) {
+    GRID_STRIDE(i, c) { rstd[i] = 1.0f / sqrtf(var[i] + eps); }
+}

@@ -1,8 +1,9 @@
 // Softmax cross-entropy with z-loss, one block per row. Forward writes per-row loss
-// (lse − x_t + z·lse²) and lse; backward recomputes softmax from the logits and lse:
+// (lse − x_t + z·lse²), lse and the row sum of logits (for the logit-mean probe); backward recomputes softmax from the logits and lse:
 // d/dx = softmax · (1 + 2z·lse) − onehot, times the upstream scale g/N.
 
-extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, i64 rows, i64 v, float z) {
+extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum, i64 rows,
+                                        i64 v, float z) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* xr = x + r * v;
         float m = -DPT_INF;
@@ -11,7 +12,11 @@ extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targ
         float s = 0.0f;
         for (i64 j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
         s = block_sum(s);
+        float t = 0.0f;
+        for (i64 j = threadIdx.x; j < v; j += blockDim.x) t += xr[j];
+        t = block_sum(t);
         if (threadIdx.x == 0) {
+            row_sum[r] = t;
             const float lse = m + logf(s);
             lse_out[r] = lse;
             loss[r] = lse - xr[targets[r]] + z * lse * lse;

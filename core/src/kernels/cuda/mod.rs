@@ -85,3 +85,4 @@ pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
     SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
 }
 pub mod check;
+pub mod ops;

@@ -160,12 +160,25 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
 impl<'t> Var<'t> {
     /// Causal multi-head self-attention core over packed `qkv [B, T, 3C]` with `n_heads` heads.
     pub fn causal_attention(self, n_heads: usize) -> Result<AttnOut<'t>> {
-        let qkv = self.value().contiguous();
+        let qkv = self.value().try_contiguous()?;
         let s = qkv.shape().to_vec();
         if s.len() != 3 || !s[2].is_multiple_of(3) || n_heads == 0 || !(s[2] / 3).is_multiple_of(n_heads) {
             return Err(Error::shape("causal_attention", format!("qkv {s:?} with {n_heads} heads")));
         }
         let dm = Dims { b: s[0], t: s[1], h: n_heads, d: s[2] / 3 / n_heads };
+        let prec = self.tape().precision();
+        #[cfg(feature = "cuda")]
+        if qkv.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let (y, saved, max_logit) = gpu::attention(&qkv, dm.b, dm.t, dm.h, dm.d, prec)?;
+            let y = self.tape().record("causal_attention", y, &[self], move |g| {
+                Ok(vec![Some(gpu::attention_bwd(g, &saved, dm.b, dm.t, dm.h, dm.d, prec)?)])
+            });
+            return Ok(AttnOut { y, max_logit });
+        }
+        // Under bf16 GEMM precision the CPU rounds q, k, v (the GEMM inputs that come from
+        // outside); the GPU also rounds the probabilities before P·V.
+        let qkv = crate::ops::matmul::round_for(&qkv, prec)?;
         let c = dm.c();
         let scale = 1.0 / (dm.d as f64).sqrt();
         let (out, probs, max_logit) = with_float!(qkv.dtype(), "causal_attention", T => {

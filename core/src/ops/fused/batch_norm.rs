@@ -45,7 +45,7 @@ impl<'t> Var<'t> {
     /// Batch norm with gain `w [C]`, bias `b [C]`. `train` selects batch statistics (and
     /// updates `stats`) or running statistics.
     pub fn batch_norm(self, w: Var<'t>, b: Var<'t>, stats: RunningStats<'_>, train: bool, eps: f64) -> Result<Var<'t>> {
-        let xv = self.value().contiguous();
+        let xv = self.value().try_contiguous()?;
         let sh = xv.shape().to_vec();
         if sh.len() < 2 || w.shape() != [sh[1]] || b.shape() != [sh[1]] {
             return Err(Error::shape("batch_norm", format!("input {sh:?} with affine {:?}", w.shape())));
@@ -55,7 +55,28 @@ impl<'t> Var<'t> {
         if train && n * s < 2 {
             return Err(Error::shape("batch_norm", "training needs more than one value per channel"));
         }
-        let (wv, bv) = (w.value().contiguous(), b.value().contiguous());
+        let (wv, bv) = (w.value().try_contiguous()?, b.value().try_contiguous()?);
+        #[cfg(feature = "cuda")]
+        if xv.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let (mean, var) = if train {
+                let (m, v) = gpu::bn_stats(&xv, n, c, s)?;
+                let rm = stats.mean.lock().unwrap_or_else(|e| e.into_inner());
+                let rv = stats.var.lock().unwrap_or_else(|e| e.into_inner());
+                gpu::bn_running(&rm, &rv, &m, &v, stats.momentum, (n * s) as f64 / (n * s - 1) as f64)?;
+                (m, v)
+            } else {
+                let m = stats.mean.lock().unwrap_or_else(|e| e.into_inner()).try_contiguous()?;
+                let v = stats.var.lock().unwrap_or_else(|e| e.into_inner()).try_contiguous()?;
+                (m, v)
+            };
+            let rstd = gpu::rsqrt_eps(&var, eps)?;
+            let y = gpu::bn_apply(&xv, &mean, &rstd, &wv, &bv, n, c, s)?;
+            return Ok(self.tape().record("batch_norm", y, &[self, w, b], move |g| {
+                let (gx, gw, gb) = gpu::bn_bwd(&xv, g, &mean, &rstd, &wv, n, c, s, train)?;
+                Ok(vec![Some(gx), Some(gw), Some(gb)])
+            }));
+        }
         let (out, mean_t, rstd_t) = with_float!(xv.dtype(), "batch_norm", T => {
             let xd = xv.data::<T>()?;
             let (mean, var) = if train {

@@ -21,7 +21,7 @@ impl<'t> Var<'t> {
     /// Mean cross-entropy of `self [N, V]` (or `[..., V]`) against `targets` (N class ids), plus
     /// `z_coef · mean(log²Z)`.
     pub fn cross_entropy(self, targets: &[u32], z_coef: f64) -> Result<CeOut<'t>> {
-        let x = self.value().contiguous();
+        let x = self.value().try_contiguous()?;
         let v = *x.shape().last().ok_or_else(|| Error::shape("cross_entropy", "scalar logits"))?;
         let n = x.numel() / v.max(1);
         if targets.len() != n {
@@ -29,6 +29,17 @@ impl<'t> Var<'t> {
         }
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
             return Err(Error::shape("cross_entropy", format!("target {t} out of range for {v} classes")));
+        }
+        #[cfg(feature = "cuda")]
+        if x.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let (lse, tg, loss, lz_mean, logit_mean) = gpu::cross_entropy(&x, targets, z_coef)?;
+            let lt = gpu::full(&gpu::dev_of(&x)?, &[], loss as f32)?;
+            let loss = self.tape().record("cross_entropy", lt, &[self], move |g| {
+                let go = g.item()?;
+                Ok(vec![Some(gpu::cross_entropy_bwd(&x, &tg, &lse, z_coef, go / n as f64)?)])
+            });
+            return Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean });
         }
         let (loss, lse, lz_mean, logit_mean) = with_float!(x.dtype(), "cross_entropy", T => {
             let xd = x.data::<T>()?;

@@ -4,8 +4,8 @@
 use crate::autograd::Var;
 use crate::error::Result;
 use crate::kernels::cpu;
-use crate::tensor::Elem;
-use crate::with_float;
+use crate::tensor::{Elem, Tensor};
+use crate::{on_cuda, with_float};
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const INV_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
@@ -34,13 +34,21 @@ fn dfwd<T: Elem>(x: T, tanh: bool) -> T {
     }
 }
 
+fn forward(x: &Tensor, tanh: bool) -> Result<Tensor> {
+    on_cuda!(x => gpu::gelu(x, tanh));
+    with_float!(x.dtype(), "gelu", T => cpu::map::<T>(x, move |v| fwd(v, tanh)))
+}
+
+fn backward(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
+    on_cuda!(g => gpu::gelu_bwd(g, x, tanh));
+    with_float!(g.dtype(), "gelu", T => cpu::zip::<T>(g, x, move |g, x| g * dfwd(x, tanh)))
+}
+
 impl<'t> Var<'t> {
     /// GELU; `tanh = true` for the tanh approximation.
     pub fn gelu(self, tanh: bool) -> Result<Var<'t>> {
         let x = self.value();
-        let out = with_float!(x.dtype(), "gelu", T => cpu::map::<T>(&x, move |v| fwd(v, tanh)))?;
-        Ok(self.tape().record("gelu", out, &[self], move |g| {
-            Ok(vec![Some(with_float!(g.dtype(), "gelu", T => cpu::zip::<T>(g, &x, move |g, x| g * dfwd(x, tanh)))?)])
-        }))
+        let out = forward(&x, tanh)?;
+        Ok(self.tape().record("gelu", out, &[self], move |g| Ok(vec![Some(backward(g, &x, tanh)?)])))
     }
 }

@@ -90,15 +90,35 @@ fn backward<T: Elem>(x: &[T], g: &[T], c: usize, w: Option<&[T]>, mean: &[T], rs
 impl<'t> Var<'t> {
     /// Layer norm over the last dim with optional gain `w [C]` and bias `b [C]`.
     pub fn layer_norm(self, w: Option<Var<'t>>, b: Option<Var<'t>>, eps: f64) -> Result<Var<'t>> {
-        let xv = self.value().contiguous();
+        let xv = self.value().try_contiguous()?;
         let c = *xv.shape().last().ok_or_else(|| Error::shape("layer_norm", "scalar input"))?;
         let rows = xv.numel() / c.max(1);
-        let wv = w.map(|w| w.value().contiguous());
-        let bv = b.map(|b| b.value().contiguous());
+        let wv = w.map(|w| w.value().try_contiguous()).transpose()?;
+        let bv = b.map(|b| b.value().try_contiguous()).transpose()?;
         for t in [&wv, &bv].into_iter().flatten() {
             if t.shape() != [c] {
                 return Err(Error::shape("layer_norm", format!("affine param {:?} for {c} features", t.shape())));
             }
+        }
+        #[cfg(feature = "cuda")]
+        if xv.is_cuda() {
+            use crate::kernels::cuda::ops as gpu;
+            let (y, mean, rstd) = gpu::layer_norm(&xv, wv.as_ref(), bv.as_ref(), eps)?;
+            let (has_w, has_b) = (w.is_some(), b.is_some());
+            let mut inputs = vec![self];
+            inputs.extend(w);
+            inputs.extend(b);
+            return Ok(self.tape().record("layer_norm", y, &inputs, move |g| {
+                let (gx, gw, gb) = gpu::layer_norm_bwd(&xv, g, wv.as_ref(), &mean, &rstd, has_w, has_b)?;
+                let mut v = vec![Some(gx)];
+                if has_w {
+                    v.push(gw);
+                }
+                if has_b {
+                    v.push(gb);
+                }
+                Ok(v)
+            }));
         }
         let dt = xv.dtype();
         let (out, stats) = with_float!(dt, "layer_norm", T => {
