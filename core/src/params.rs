@@ -278,6 +278,10 @@ pub struct GradStore {
 }
 
 impl GradStore {
+    /// A store for no parameters (tapes whose only gradients are leaves').
+    pub fn empty() -> GradStore {
+        GradStore { data: Tensor::zeros(&[0], DType::F32), ranges: vec![], touched: vec![] }
+    }
     pub fn new(params: &ParamStore) -> GradStore {
         GradStore {
             data: Tensor::zeros_on(&[params.numel()], params.dtype(), params.device()).expect("device memory for the gradients"),

@@ -1,7 +1,10 @@
 //! `dptrain gpu-check`: the one-shot device check for a machine with a GPU. Prints the device,
-//! the build's commit, and a table of every checked op's agreement with the CPU engine plus a
-//! 1-rank NCCL all-reduce; exits 2
-//! when there is no usable GPU (one line saying why) and 1 when an op disagrees.
+//! the build's commit and one table: (a) every op of the engine, forward and backward, GPU vs
+//! CPU on random inputs; (b) the default GPT trained 20 steps by the real trainer on each
+//! device, per-step losses compared; (d) a 1-rank NCCL all-reduce; then (c) tokens/s of a
+//! GPT-124M-shaped model in bf16 against PyTorch eager on the same GPU, with model FLOPs
+//! utilisation. Exits 2 when there is no usable GPU (one line saying why) and 1 when a check
+//! fails (throughput is reported, not judged).
 
 use crate::error::{LaunchError, Result};
 use dptrain_core::device::{cuda_status, CudaStatus};
@@ -20,49 +23,222 @@ pub fn run(device: usize) -> Result<()> {
     {
         if !dptrain_core::kernels::cuda::nvrtc_available() {
             return Err(LaunchError::Input(
-                "gpu-check: NVRTC (libnvrtc.so.13) not found; put pip's nvidia/cu13/lib on LD_LIBRARY_PATH (scripts/gpu-check.sh does)"
+                "gpu-check: NVRTC (libnvrtc.so) not found; put pip's nvidia/cu13/lib (or cuda_nvrtc/lib) on LD_LIBRARY_PATH (scripts/gpu-check.sh does)"
                     .into(),
             ));
         }
-        let (info, rows) = dptrain_core::kernels::cuda::check::run(device).map_err(|e| LaunchError::Runtime(format!("gpu-check: {e}")))?;
-        println!(
-            "dptrain gpu-check — {} (compute capability {}.{}, kernels compiled for {}), commit {}",
-            info.name,
-            info.compute_capability.0,
-            info.compute_capability.1,
-            info.arch,
-            option_env!("DPTRAIN_COMMIT").unwrap_or("unknown")
-        );
-        let mut rows = rows;
-        // (d) NCCL: a 1-rank all-reduce (average) on the device must return its input.
-        match dptrain_comm::nccl::single_rank_all_reduce(device, 1 << 20) {
-            Ok(diff) => rows.push(dptrain_core::kernels::cuda::check::CheckRow {
-                op: "nccl all_reduce avg, 1 rank, 4 MiB".into(),
-                max_rel_err: diff,
-                bound: 0.0,
-            }),
-            Err(e) => {
-                eprintln!("gpu-check: NCCL: {e}");
-                rows.push(dptrain_core::kernels::cuda::check::CheckRow {
-                    op: "nccl all_reduce (not loadable)".into(),
-                    max_rel_err: f64::INFINITY,
-                    bound: 0.0,
-                });
-            }
-        }
-        println!("| op | max rel. error vs CPU | bound | ok |");
-        println!("|---|---|---|---|");
-        for r in &rows {
-            println!("| {} | {:.2e} | {:.0e} | {} |", r.op, r.max_rel_err, r.bound, if r.ok() { "yes" } else { "NO" });
-        }
-        if rows.iter().any(|r| !r.ok()) {
-            return Err(LaunchError::Runtime("gpu-check: some ops disagree with the CPU engine".into()));
-        }
-        Ok(())
+        cuda_check(device)
     }
     #[cfg(not(feature = "cuda"))]
     {
         unreachable!("cuda_status() is NotBuilt without the cuda feature")
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_check(device: usize) -> Result<()> {
+    use dptrain_core::kernels::cuda::check::{self, CheckRow};
+    let t0 = std::time::Instant::now();
+    // (a) every op, forward and backward, GPU vs CPU.
+    let (info, mut rows) = check::run(device).map_err(|e| LaunchError::Runtime(format!("gpu-check: {e}")))?;
+    println!(
+        "dptrain gpu-check — {} (compute capability {}.{}, kernels compiled for {}), commit {}",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.arch,
+        option_env!("DPTRAIN_COMMIT").unwrap_or("unknown")
+    );
+    let fail = |op: &str, e: String| CheckRow { op: format!("{op} — FAILED: {e}"), max_rel_err: f64::INFINITY, bound: 0.0 };
+    // (b) the default GPT trained 20 steps by the real trainer on each device.
+    rows.push(match trainer_agreement(device) {
+        Ok((d, steps)) => {
+            CheckRow { op: format!("GPT-mini, {steps} training steps: loss GPU vs CPU (trainer, AdamW)"), max_rel_err: d, bound: 1e-3 }
+        }
+        Err(e) => fail("GPT-mini 20 steps GPU vs CPU", e),
+    });
+    // (d) NCCL: a 1-rank all-reduce (average) on the device must return its input.
+    rows.push(match dptrain_comm::nccl::single_rank_all_reduce(device, 1 << 20) {
+        Ok(diff) => CheckRow { op: "nccl all_reduce avg, 1 rank, 4 MiB".into(), max_rel_err: diff, bound: 0.0 },
+        Err(e) => fail("nccl all_reduce", e),
+    });
+    println!("| check | max rel. error vs CPU | bound | ok |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!("| {} | {:.2e} | {:.0e} | {} |", r.op, r.max_rel_err, r.bound, if r.ok() { "yes" } else { "NO" });
+    }
+    // (c) throughput of a GPT-124M-shaped model in bf16 against PyTorch eager.
+    match gpt124m_tokens_per_s(device) {
+        Ok(p) => {
+            let torch = torch_tokens_per_s();
+            println!();
+            println!("| GPT-124M, bf16, batch 8×1024, 1 GPU | tokens/s | step ms | MFU |");
+            println!("|---|---|---|---|");
+            println!("| dptrain | {:.0} | {:.1} | {:.1} % of {:.0} TFLOP/s |", p.tokens_per_s, p.step_ms, 100.0 * p.mfu, p.peak / 1e12);
+            match torch {
+                Ok((tps, ms)) => {
+                    println!(
+                        "| PyTorch eager (autocast bf16, SDPA) | {tps:.0} | {ms:.1} | {:.1} % |",
+                        100.0 * p.mfu * tps / p.tokens_per_s
+                    );
+                    println!("| ratio dptrain / PyTorch | {:.2} | | |", p.tokens_per_s / tps);
+                }
+                Err(e) => println!("| PyTorch eager | not run: {e} | | |"),
+            }
+            println!(
+                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache)",
+                p.raw_allocs_in_timed_steps
+            );
+        }
+        Err(e) => rows.push(fail("GPT-124M bf16 throughput", e)),
+    }
+    println!("gpu-check took {:.0} s", t0.elapsed().as_secs_f64());
+    if rows.iter().any(|r| !r.ok()) {
+        return Err(LaunchError::Runtime("gpu-check: some checks failed (see the table)".into()));
+    }
+    Ok(())
+}
+
+/// Trains the built-in default config for 20 steps on the CPU and on the GPU with the real
+/// trainer (config, device placement, AdamW, clipping, checkpoint) and returns the largest
+/// relative difference of the logged per-step losses.
+#[cfg(feature = "cuda")]
+fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
+    let dir = std::env::temp_dir().join(format!("dptrain-gpu-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let losses = |dev: &str| -> std::result::Result<Vec<f64>, String> {
+        let run_dir = dir.join(dev);
+        let args = crate::train::TrainArgs {
+            sets: ["train.steps=20", "run.log_every=1", "train.eval_every=0", "train.eval_batches=1", &format!("run.device={dev}")]
+                .map(String::from)
+                .to_vec(),
+            run_dir: Some(run_dir.clone()),
+            ..Default::default()
+        };
+        if dev == "cuda" && device != 0 {
+            return Err("the trainer check uses device 0 (set CUDA_VISIBLE_DEVICES to pick another)".into());
+        }
+        crate::train::train(&args).map_err(|e| format!("{dev}: {e}"))?;
+        let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).map_err(|e| e.to_string())?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect())
+    };
+    let (c, g) = (losses("cpu")?, losses("cuda")?);
+    let _ = std::fs::remove_dir_all(&dir);
+    if c.len() != g.len() || c.is_empty() {
+        return Err(format!("{} CPU and {} GPU loss records", c.len(), g.len()));
+    }
+    Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
+}
+
+#[cfg(feature = "cuda")]
+struct Perf {
+    tokens_per_s: f64,
+    step_ms: f64,
+    mfu: f64,
+    peak: f64,
+    raw_allocs_in_timed_steps: u64,
+}
+
+/// Dense bf16 tensor-core peak of the card, from its name (FLOP/s).
+#[cfg(feature = "cuda")]
+fn peak_bf16(name: &str) -> f64 {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H100") && n.contains("PCIE") {
+        756e12
+    } else if n.contains("H100") || n.contains("H200") || n.contains("H800") {
+        989e12
+    } else if n.contains("A100") {
+        312e12
+    } else {
+        // Unknown card: MFU against the H100 SXM figure, said in the table.
+        989e12
+    }
+}
+
+/// GPT-124M (GPT-2 small shapes, vocabulary 50304), batch 8 × 1024, bf16 GEMMs, AdamW: 3
+/// warm-up steps, then 10 timed.
+#[cfg(feature = "cuda")]
+fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
+    use dptrain_core::autograd::Precision;
+    use dptrain_core::model::{Batch, Model};
+    use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Tape};
+    use dptrain_models::{Gpt, GptConfig};
+    use dptrain_optim::Optimizer;
+    let e = |x: dptrain_core::Error| x.to_string();
+    let cfg = GptConfig {
+        vocab_size: 50304,
+        context: 1024,
+        d_model: 768,
+        n_layers: 12,
+        n_heads: 12,
+        mlp_ratio: 4,
+        bias: true,
+        z_loss: 0.0,
+        gelu_tanh: true,
+    };
+    let (b, t) = (8usize, 1024usize);
+    let mut pb = ParamBuilder::new();
+    let model = Gpt::new(cfg.clone(), &mut pb).map_err(e)?;
+    let mut params = pb.build(1, DType::F32).map_err(e)?;
+    let mut opt = dptrain_optim::AdamW::new(dptrain_optim::AdamWConfig { beta2: 0.95, weight_decay: 0.1, ..Default::default() }, &params);
+    params.to_device(Device::Cuda(device)).map_err(e)?;
+    let mut grads = GradStore::new(&params);
+    let mut rng = dptrain_core::rng::Rng::new(7);
+    let ids: Vec<u32> = (0..b * t).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32).collect();
+    let tg: Vec<u32> = (0..b * t).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32).collect();
+    let batch = Batch::Tokens { inputs: ids, targets: tg, batch: b, context: t };
+    let dev = dptrain_core::tensor::cuda::dev(device).map_err(e)?;
+    let (warm, timed) = (3, 10);
+    let mut t0 = std::time::Instant::now();
+    let mut allocs0 = 0;
+    for i in 0..warm + timed {
+        if i == warm {
+            dev.sync().map_err(e)?;
+            t0 = std::time::Instant::now();
+            allocs0 = dev.cache_stats().raw_allocs;
+        }
+        grads.zero_grad();
+        let tape = Tape::new();
+        tape.set_precision(Precision::Bf16);
+        let loss = model.loss(&tape, &params, &batch, true, &mut NoProbes).map_err(e)?;
+        loss.item().map_err(e)?;
+        tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
+        drop(tape);
+        dptrain_optim::clip_grad_norm(&mut grads, 1.0).map_err(|x| x.to_string())?;
+        opt.step(&mut params, &grads, 3e-4).map_err(|x| x.to_string())?;
+    }
+    dev.sync().map_err(e)?;
+    let dt = t0.elapsed().as_secs_f64() / timed as f64;
+    let tokens_per_s = (b * t) as f64 / dt;
+    // FLOPs per token as nanoGPT's estimate_mfu: 6N for the matmuls with parameters plus
+    // 12·L·T·C for attention scores and values.
+    let n = params.numel() as f64;
+    let per_token = 6.0 * n + 12.0 * (cfg.n_layers * t * cfg.d_model) as f64;
+    let peak = peak_bf16(&dev.name);
+    Ok(Perf {
+        tokens_per_s,
+        step_ms: dt * 1e3,
+        mfu: per_token * tokens_per_s / peak,
+        peak,
+        raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
+    })
+}
+
+/// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3).
+#[cfg(feature = "cuda")]
+fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
+    let py = std::env::var("DPTRAIN_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = std::env::var("DPTRAIN_TORCH_SCRIPT").unwrap_or_else(|_| "benches/gpt124m_torch.py".into());
+    let out = std::process::Command::new(&py).arg(&script).output().map_err(|e| format!("{py} {script}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
+    match (field("tokens_per_s="), field("step_ms=")) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no output"))),
     }
 }
 

@@ -1,0 +1,77 @@
+"""PyTorch eager side of `dptrain gpu-check` part (c): a GPT-124M-shaped model (GPT-2 small:
+12 layers, 12 heads, width 768, context 1024, vocabulary 50304, biases, tanh GELU, untied
+readout) trained with AdamW under bf16 autocast on one GPU, the same shapes and batch dptrain
+runs. Attention is F.scaled_dot_product_attention (what eager nanoGPT uses). Prints one line:
+`tokens_per_s=<float> step_ms=<float>`.
+
+usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup]"""
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+B = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+WARMUP = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+V, T, C, L, H = 50304, 1024, 768, 12, 12
+
+
+class Block(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.ln_1, s.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        s.c_attn, s.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        s.c_fc, s.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(s, x):
+        b, t, c = x.shape
+        q, k, v = s.c_attn(s.ln_1(x)).split(c, dim=2)
+        sh = lambda z: z.view(b, t, H, c // H).transpose(1, 2)
+        y = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), is_causal=True)
+        x = x + s.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.wte, s.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+        s.h = nn.ModuleList(Block() for _ in range(L))
+        s.ln_f, s.lm_head = nn.LayerNorm(C), nn.Linear(C, V, bias=False)
+
+    def forward(s, idx, tgt):
+        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for blk in s.h:
+            x = blk(x)
+        logits = s.lm_head(s.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, V), tgt.view(-1))
+
+
+def main():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = GPT().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    idx = torch.randint(0, V, (B, T), device=dev)
+    tgt = torch.randint(0, V, (B, T), device=dev)
+    for i in range(WARMUP + STEPS):
+        if i == WARMUP:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / STEPS
+    print(f"tokens_per_s={B * T / dt:.1f} step_ms={dt * 1e3:.2f}")
+
+
+if __name__ == "__main__":
+    main()
