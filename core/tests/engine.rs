@@ -196,3 +196,40 @@ fn init_is_deterministic_per_seed() {
     let std: f64 = (a[..12].iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / 12.0).sqrt();
     assert!(std > 0.2 && std < 0.9, "std {std}");
 }
+
+/// `Precision::Bf16` on the CPU: a GEMM op computes exactly what the f32 op computes on inputs
+/// rounded to bf16 (forward and the input/weight gradients), and differs from plain f32.
+#[test]
+fn bf16_precision_rounds_gemm_inputs_only() {
+    use dptrain_core::autograd::Precision;
+    let mut r = Rng::new(3);
+    let mut rnd = |n: usize| (0..n).map(|_| r.normal() as f32).collect::<Vec<f32>>();
+    let (x, w, b, g) = (rnd(6 * 10), rnd(5 * 10), rnd(5), rnd(6 * 5));
+    let round = |v: &[f32]| v.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect::<Vec<f32>>();
+    // Runs linear + a weighted sum; returns (y, dx, dw, db).
+    let run = |prec: Precision, x: &[f32], w: &[f32], g: &[f32]| {
+        let tape = Tape::new();
+        tape.set_precision(prec);
+        let xv = tape.leaf(Tensor::from_slice(x, &[6, 10]).unwrap());
+        let wv = tape.leaf(Tensor::from_slice(w, &[5, 10]).unwrap());
+        let bv = tape.leaf(Tensor::from_slice(&b, &[5]).unwrap());
+        let y = xv.linear(wv, Some(bv)).unwrap();
+        let loss = y.mul(tape.constant(Tensor::from_slice(g, &[6, 5]).unwrap())).unwrap().sum_all().unwrap();
+        let lg = tape.backward(loss, &mut GradStore::empty(), |_, _| {}).unwrap();
+        let get = |v| lg.get(v).unwrap().to_vec::<f32>().unwrap();
+        (y.value().to_vec::<f32>().unwrap(), get(xv), get(wv), get(bv))
+    };
+    let bf = run(Precision::Bf16, &x, &w, &g);
+    // Forward: bf16(x)·bf16(w)ᵀ + b. Backward: dx = bf16(g)·bf16(w), dw = bf16(g)ᵀ·bf16(x),
+    // db = Σg (the bias gradient is not a GEMM).
+    let (fy, _, _, fb) = run(Precision::F32, &round(&x), &round(&w), &g);
+    let (_, fx, fw, _) = run(Precision::F32, &round(&x), &round(&w), &round(&g));
+    assert_eq!(bf.0, fy);
+    assert_eq!(bf.1, fx);
+    assert_eq!(bf.2, fw);
+    assert_eq!(bf.3, fb);
+    let f32run = run(Precision::F32, &x, &w, &g);
+    assert_ne!(bf.0, f32run.0, "bf16 must change the numbers");
+    let rel = bf.0.iter().zip(&f32run.0).map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64).fold(0.0, f64::max);
+    assert!(rel < 2e-2, "bf16 vs f32 relative difference {rel}");
+}

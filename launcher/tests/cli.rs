@@ -102,6 +102,26 @@ fn a_run_writes_its_directory_and_learns() {
 }
 
 /// Resume at step k gives bitwise the same metrics from k on as the uninterrupted run.
+/// `train.precision = "bf16"` trains (GEMM inputs rounded to bf16) and stays close to f32.
+#[test]
+fn bf16_precision_trains_close_to_f32() {
+    let d = tmp("bf16");
+    let sets = ["train.steps=30", "run.log_every=1", "train.eval_every=0"];
+    ok(&train(&d.join("f32"), &sets, &[]));
+    let mut s2 = sets.to_vec();
+    s2.push("train.precision=\"bf16\"");
+    ok(&train(&d.join("bf16"), &s2, &[]));
+    let loss = |r: &[Value]| r.iter().filter_map(|v| v["loss"].as_f64()).collect::<Vec<f64>>();
+    let (a, b) = (loss(&records(&d.join("f32"))), loss(&records(&d.join("bf16"))));
+    assert_eq!(a.len(), 30);
+    assert!(a != b, "bf16 should change the numbers");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 2e-2 * x, "{x} vs {y}");
+    }
+    assert!(b[29] < b[0] - 0.5, "bf16 run did not learn: {} -> {}", b[0], b[29]);
+    assert!(std::fs::read_to_string(d.join("bf16/config.toml")).unwrap().contains("precision = \"bf16\""));
+}
+
 fn resume_matches(name: &str, sets: &[&str]) {
     let d = tmp(name);
     let (a, b) = (d.join("a"), d.join("b"));
@@ -177,6 +197,8 @@ fn bad_config_values_are_one_line_errors() {
     bad("heads", &["model.n_heads=5"], &[], "model.n_heads");
     bad("kind", &["optim.kind=\"rmsprop\""], &[], "optim.kind: expected one of sgd | adamw");
     bad("cuda", &["run.device=\"cuda\""], &[], "run.device");
+    bad("precision", &["train.precision=\"fp8\""], &[], "train.precision: expected one of f32 | bf16");
+    bad("comm dtype", &["comm.dtype=\"f16\""], &[], "comm.dtype: expected one of f32 | bf16");
     bad("model key", &["model.widths=[3]"], &[], "model.widths: not a key of model.kind = \"gpt\"");
     bad("data mismatch", &["data.kind=\"synthetic-images\""], &[], "data.kind");
     let d = tmp("files");

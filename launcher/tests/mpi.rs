@@ -124,6 +124,37 @@ fn two_ranks_match_one_rank_sgd_and_adamw() {
     }
 }
 
+/// `comm.dtype = "bf16"`: gradients cross the wire as bf16 (summed by an MPI user operation),
+/// so two ranks track one f32 rank to bf16 precision — close, but not bit-equal.
+#[test]
+fn bf16_gradient_all_reduce_tracks_f32() {
+    if skip() {
+        return;
+    }
+    let d = tmp("bf16-comm");
+    let sets = ["train.steps=20", "train.global_batch=16", "optim.kind=\"sgd\"", "optim.lr=0.01"];
+    ok(&single(&d.join("one"), &sets));
+    let mut s2 = sets.to_vec();
+    s2.push("comm.dtype=\"bf16\"");
+    ok(&multi(2, &d.join("two"), &s2, &[]));
+    let (la, lb) = (losses(&d.join("one")), losses(&d.join("two")));
+    assert_eq!(la.len(), 20);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-2 * x.abs(), "loss {x} (f32) vs {y} (bf16 all-reduce)");
+    }
+    let (pa, pb) = (params(&d.join("one"), 20), params(&d.join("two"), 20));
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (k, va) in &pa {
+        for (x, y) in va.iter().zip(&pb[k]) {
+            diff += ((x - y) as f64).powi(2);
+            norm += (*x as f64).powi(2);
+        }
+    }
+    let rel = (diff / norm).sqrt();
+    assert!(rel > 1e-7 && rel < 1e-2, "relative parameter difference {rel:e}: bf16 communication should perturb, slightly");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn accumulation_two_ranks_by_two_matches_one_rank_by_four() {
     if skip() {
