@@ -297,6 +297,34 @@ pub fn mat_layout(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(boo
     }
 }
 
+/// Dims of a view with size-1 dims dropped and neighbours merged where the outer stride is
+/// the inner extent (`(size, stride)`, outermost first): the strided copy kernel walks at most
+/// six, and GEMM batch dims must merge to one.
+pub fn merge_dims(shape: &[usize], strides: &[usize]) -> Vec<(usize, usize)> {
+    let mut dims: Vec<(usize, usize)> = shape.iter().zip(strides).filter(|(&n, _)| n != 1).map(|(&n, &s)| (n, s)).collect();
+    let mut i = 1;
+    while i < dims.len() {
+        let ((n0, s0), (n1, s1)) = (dims[i - 1], dims[i]);
+        if s0 == n1 * s1 {
+            dims[i - 1] = (n0 * n1, s1);
+            dims.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    dims
+}
+
+/// Elements a GEMM operand of logical shape `[rows, cols]` reads from its pointer over `batch`
+/// matrices: one past the largest offset.
+pub fn operand_extent(rows: usize, cols: usize, m: &MatArg, batch: usize) -> usize {
+    if rows == 0 || cols == 0 || batch == 0 {
+        return 0;
+    }
+    let last = if m.trans { (rows - 1) + (cols - 1) * m.ld } else { (rows - 1) * m.ld + (cols - 1) };
+    (batch - 1) * m.batch_stride + last + 1
+}
+
 /// A block of device memory from a device's cache; goes back to the cache on drop.
 pub struct DevBuf {
     pub ptr: u64,
@@ -346,5 +374,58 @@ mod tests {
         assert_eq!(mat_layout(1, 5, 0, 1), Some((true, 1)));
         // Neither dim unit-strided: must be packed.
         assert_eq!(mat_layout(4, 3, 6, 2), None);
+    }
+
+    /// The strided copy kernel's index walk over merged dims (a transcription of
+    /// `strided_copy_f32` in elementwise.cu) gathers exactly what the CPU's strided copy does,
+    /// for transposes, narrows, permutes and stride-0 broadcasts.
+    #[test]
+    fn merged_dims_address_the_same_elements() {
+        use crate::tensor::Tensor;
+        let base = Tensor::from_vec((0..720).map(|i| i as f32).collect::<Vec<f32>>(), &[4, 5, 6, 6]).unwrap();
+        let views = [
+            base.transpose(1, 3).unwrap(),
+            base.narrow(2, 1, 3).unwrap().permute(&[3, 0, 2, 1]).unwrap(),
+            base.narrow(0, 1, 2).unwrap(),
+            base.reshape(&[20, 36]).unwrap().transpose(0, 1).unwrap(),
+        ];
+        for v in &views {
+            let want = v.contiguous().to_vec::<f32>().unwrap();
+            let dims = super::merge_dims(v.shape(), v.strides());
+            assert!(dims.len() <= v.rank());
+            let src = base.to_vec::<f32>().unwrap();
+            let got: Vec<f32> = (0..v.numel())
+                .map(|i| {
+                    let (mut rem, mut at) = (i, v.offset());
+                    for &(n, s) in dims.iter().rev() {
+                        at += (rem % n) * s;
+                        rem /= n;
+                    }
+                    src[at]
+                })
+                .collect();
+            assert_eq!(got, want, "view {:?} strides {:?}", v.shape(), v.strides());
+        }
+        // Broadcast [3] -> [4, 3] (stride 0) and an all-unit shape.
+        assert_eq!(super::merge_dims(&[4, 3], &[0, 1]), vec![(4, 0), (3, 1)]);
+        assert_eq!(super::merge_dims(&[4, 5, 3], &[0, 0, 1]), vec![(20, 0), (3, 1)]);
+        assert!(super::merge_dims(&[1, 1], &[7, 9]).is_empty());
+        // Contiguous batch dims merge to one (a GEMM batch stride).
+        assert_eq!(super::merge_dims(&[2, 3], &[3 * 20, 20]), vec![(6, 20)]);
+    }
+
+    #[test]
+    fn operand_extent_covers_the_last_element() {
+        use super::{operand_extent, MatArg};
+        let m = |trans, ld, bs| MatArg { ptr: 0, trans, ld, batch_stride: bs };
+        // packed [4, 3]: 12 elements; as a transposed view of packed [3, 4]: also 12.
+        assert_eq!(operand_extent(4, 3, &m(false, 3, 0), 1), 12);
+        assert_eq!(operand_extent(4, 3, &m(true, 4, 0), 1), 12);
+        // a [4, 3] block at row stride 10 (a narrow): 3·10 + 3.
+        assert_eq!(operand_extent(4, 3, &m(false, 10, 0), 1), 33);
+        // 5 packed matrices of [4, 3].
+        assert_eq!(operand_extent(4, 3, &m(false, 3, 12), 5), 60);
+        // broadcast over the batch (stride 0): one matrix.
+        assert_eq!(operand_extent(4, 3, &m(false, 3, 0), 5), 12);
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::broadcast_shape;
-use crate::tensor::cuda::{dev, mat_layout, CudaDev, DevBuf, MatArg};
+use crate::tensor::cuda::{dev, mat_layout, merge_dims, operand_extent, CudaDev, DevBuf, MatArg};
 use crate::tensor::{DType, Device, Storage, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -162,18 +162,7 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
 /// the kernel's six.
 fn strided(t: &Tensor, shape: &[usize], strides: &[usize]) -> Result<Tensor> {
     let d = dev_of(t)?;
-    let mut dims: Vec<(usize, usize)> = shape.iter().zip(strides).filter(|(&n, _)| n != 1).map(|(&n, &s)| (n, s)).collect();
-    let mut i = 1;
-    while i < dims.len() {
-        let (n1, s1) = dims[i];
-        let (n0, s0) = dims[i - 1];
-        if s0 == n1 * s1 {
-            dims[i - 1] = (n0 * n1, s1);
-            dims.remove(i);
-        } else {
-            i += 1;
-        }
-    }
+    let dims = merge_dims(shape, strides);
     if dims.len() > 6 {
         return Err(Error::shape("contiguous", format!("a view of rank {} that does not merge to ≤ 6 dims on CUDA", dims.len())));
     }
@@ -193,11 +182,17 @@ fn strided(t: &Tensor, shape: &[usize], strides: &[usize]) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `b` broadcast to `shape` (packed).
+/// `b` broadcast to `shape` (packed; may share `b`'s storage when no broadcast is needed).
 pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if b.shape() == shape {
         return contiguous(b);
     }
+    expand_copy(b, shape)
+}
+
+/// `b` broadcast to `shape` in a new buffer of its own (a GEMM output to accumulate into, so
+/// it must never alias the bias it was filled from).
+fn expand_copy(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let r = shape.len();
     let lead = r.checked_sub(b.rank()).ok_or_else(|| Error::shape("broadcast_to", format!("{:?} -> {shape:?}", b.shape())))?;
     let mut st = vec![0usize; r];
@@ -422,9 +417,12 @@ fn reduce_all_host(name: &'static str, x: &Tensor) -> Result<f64> {
     Ok(d.download::<f64>(acc.ptr, 1)?[0])
 }
 
-/// A GEMM operand for a `[rows, cols]` view inside `t` (packing it when cuBLAS cannot read the
-/// strides), with the batch stride `bs`. Returns the tensor that owns the data.
-fn operand_2d(t: &Tensor, rows: usize, cols: usize, rs: usize, cs: usize, bs: usize) -> Result<(Tensor, MatArg)> {
+/// A GEMM operand for the logical `[.., rows, cols]` view `t` (its last two dims), packing it
+/// when cuBLAS cannot read the strides, with the batch stride `bs`. Returns the tensor that
+/// owns the data.
+fn operand_2d(t: &Tensor, bs: usize) -> Result<(Tensor, MatArg)> {
+    let r = t.rank();
+    let (rows, cols, rs, cs) = (t.shape()[r - 2], t.shape()[r - 1], t.strides()[r - 2], t.strides()[r - 1]);
     if let Some((trans, ld)) = mat_layout(rows, cols, rs, cs) {
         return Ok((t.clone(), MatArg { ptr: ptr(t)?, trans, ld, batch_stride: bs }));
     }
@@ -433,16 +431,11 @@ fn operand_2d(t: &Tensor, rows: usize, cols: usize, rs: usize, cs: usize, bs: us
     Ok((c.clone(), MatArg { ptr: ptr(&c)?, trans: false, ld: cols, batch_stride: bs }))
 }
 
-/// bf16 copy of a GEMM operand's whole buffer region (layout kept), for `Prec::Bf16`.
-fn to_bf16_operand(owner: &Tensor, m: MatArg) -> Result<(Tensor, MatArg)> {
+/// bf16 copy of the span a GEMM operand reads (`extent` elements from its pointer, layout
+/// kept), for `Prec::Bf16`.
+fn to_bf16_operand(owner: &Tensor, m: MatArg, extent: usize) -> Result<(Tensor, MatArg)> {
     let d = dev_of(owner)?;
-    // The operand reads elements [offset, offset + extent) of the storage; cast that span.
-    let (base, len) = match owner.storage() {
-        Storage::Cuda(c) => (c.ptr_at(0), c.len),
-        Storage::Cpu(_) => unreachable!("CUDA operand"),
-    };
-    let start = ((m.ptr - base) / 4) as usize;
-    let n = len - start;
+    let n = extent;
     let out = wrap(d.alloc(n * 2)?, DType::BF16, &[n]);
     launch!(d, "elementwise", "f32_to_bf16", grid(n); m.ptr, ptr(&out)?, n as i64)?;
     let p = ptr(&out)?;
@@ -463,17 +456,19 @@ pub fn matmul(a: &Tensor, b: &Tensor, prec: Prec) -> Result<Tensor> {
     // Batch dims must collapse to one stride; otherwise pack the operand.
     let collapse = |t: &Tensor| -> Result<Tensor> {
         let r = t.rank();
-        let ok = (0..r.saturating_sub(3)).all(|i| t.shape()[i + 1] == 1 || t.strides()[i] == t.strides()[i + 1] * t.shape()[i + 1]);
-        if ok {
+        if merge_dims(&t.shape()[..r - 2], &t.strides()[..r - 2]).len() <= 1 {
             Ok(t.clone())
         } else {
             contiguous(t)
         }
     };
     let (a, b) = (collapse(a)?, collapse(b)?);
-    let bs = |t: &Tensor| if t.rank() > 2 { t.strides()[t.rank() - 3] } else { 0 };
-    let (ao, am) = operand_2d(&a, m, k, a.strides()[ra - 2], a.strides()[ra - 1], bs(&a))?;
-    let (bo, bm) = operand_2d(&b, k, n, b.strides()[rb - 2], b.strides()[rb - 1], bs(&b))?;
+    let bs = |t: &Tensor| {
+        let r = t.rank();
+        merge_dims(&t.shape()[..r - 2], &t.strides()[..r - 2]).first().map(|d| d.1).unwrap_or(0)
+    };
+    let (ao, am) = operand_2d(&a, bs(&a))?;
+    let (bo, bm) = operand_2d(&b, bs(&b))?;
     let mut shape = a.shape()[..ra - 2].to_vec();
     shape.extend([m, n]);
     let out = empty(&d, &shape)?;
@@ -500,8 +495,8 @@ pub(crate) fn gemm_prec(
     match prec {
         Prec::F32 => d.gemm(m, n, k, a.1, b.1, c, batch, alpha, beta, DType::F32),
         Prec::Bf16 => {
-            let (_ka, a16) = to_bf16_operand(a.0, a.1)?;
-            let (_kb, b16) = to_bf16_operand(b.0, b.1)?;
+            let (_ka, a16) = to_bf16_operand(a.0, a.1, operand_extent(m, k, &a.1, batch))?;
+            let (_kb, b16) = to_bf16_operand(b.0, b.1, operand_extent(k, n, &b.1, batch))?;
             d.gemm(m, n, k, a16, b16, c, batch, alpha, beta, DType::BF16)
         }
     }
@@ -520,12 +515,12 @@ pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], 
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
     let out = match b {
-        Some(b) => broadcast_to(b, &[rows, n])?.reshape(out_shape)?,
+        Some(b) => expand_copy(b, &[rows, n])?.reshape(out_shape)?,
         None => empty(&d, out_shape)?,
     };
     let (xo, xm) = packed(x2)?;
-    // wᵀ as [k, n]: w's strides swapped.
-    let (wo, wm) = operand_2d(w, k, n, w.strides()[1], w.strides()[0], 0)?;
+    // wᵀ [k, n]: a transposed view of w (no copy).
+    let (wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
     gemm_prec(&d, rows, n, k, (&xo, xm), (&wo, wm), ptr(&out)?, 1, 1.0, if b.is_some() { 1.0 } else { 0.0 }, prec)?;
     Ok(out)
 }
@@ -536,7 +531,7 @@ pub fn linear_grad_input(g2: &Tensor, w: &Tensor, out_shape: &[usize], prec: Pre
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], w.shape()[1]);
     let out = empty(&d, out_shape)?;
     let (go, gm) = packed(g2)?;
-    let (wo, wm) = operand_2d(w, n, k, w.strides()[0], w.strides()[1], 0)?;
+    let (wo, wm) = operand_2d(w, 0)?;
     gemm_prec(&d, rows, k, n, (&go, gm), (&wo, wm), ptr(&out)?, 1, 1.0, 0.0, prec)?;
     Ok(out)
 }
@@ -890,7 +885,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: ConvGeom, n: usize,
     let (x, w) = (contiguous(x)?, contiguous(w)?);
     let (ckk, hw) = ((g.c * g.kh * g.kw) as usize, (g.ho * g.wo) as usize);
     let out = match b {
-        Some(b) => broadcast_to(&b.reshape(&[1, o, 1])?, &[n, o, hw])?.reshape(&[n, o, g.ho as usize, g.wo as usize])?,
+        Some(b) => expand_copy(&b.reshape(&[1, o, 1])?, &[n, o, hw])?.reshape(&[n, o, g.ho as usize, g.wo as usize])?,
         None => empty(&d, &[n, o, g.ho as usize, g.wo as usize])?,
     };
     let cols = empty(&d, &[ckk, hw])?;
