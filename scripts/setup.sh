@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages dptrain builds against: Open MPI (the `mpi` feature, on by
-# default) and libclang (rsmpi's bindgen). Debian/Ubuntu; needs root or sudo. Idempotent.
+# default), libclang (rsmpi's bindgen) and g++ (the tests' CPU emulator of the CUDA kernels). Debian/Ubuntu; needs root or sudo. Idempotent.
 set -euo pipefail
 need=()
 command -v mpicc >/dev/null 2>&1 || need+=(libopenmpi-dev)
 command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/setup.sh: installing ${need[*]}" >&2

@@ -16,4 +16,6 @@ fi
 NVRTC_LIB=$(ls -d "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib | head -n1)
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DPTRAIN_REQUIRE_NVRTC=1
-cargo test --workspace
+# cuda-emu: the CUDA kernels also run on their CPU emulator (core/tests/cuda_emu.rs and the
+# trainer's GPU path in launcher/tests/cli.rs), so the GPU code is exercised without a GPU.
+cargo test --workspace --features dptrain-launcher/cuda-emu

@@ -71,7 +71,7 @@ impl NcclComm {
         }
         mpi.barrier()?;
         dev.bind()?;
-        let stream = dev.ctx.new_stream().map_err(|e| nerr("communication stream", e))?;
+        let stream = dev.ctx()?.new_stream().map_err(|e| nerr("communication stream", e))?;
         let mut comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; every rank passes the same id and its
         // own rank; the device's context is current on this thread.
@@ -211,7 +211,7 @@ impl NcclReducer {
     }
 
     fn compute_event(&self) -> Result<CudaEvent> {
-        self.comm.dev.stream.record_event(None).map_err(|e| nerr("event", e))
+        self.comm.dev.stream()?.record_event(None).map_err(|e| nerr("event", e))
     }
 
     /// The engine's "parameter gradient final" event: queues every bucket that became complete
@@ -287,7 +287,7 @@ impl NcclReducer {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        self.comm.dev.stream.wait(&done).map_err(|e| nerr("stream wait", e))?;
+        self.comm.dev.stream()?.wait(&done).map_err(|e| nerr("stream wait", e))?;
         self.active = false;
         let comm_s = self.launched_at.map(|l| l.elapsed().as_secs_f64()).unwrap_or(0.0);
         Ok(ReduceStats { comm_s, wait_s: t.elapsed().as_secs_f64() })

@@ -22,6 +22,9 @@ pub enum CudaStatus {
 pub fn cuda_status() -> CudaStatus {
     #[cfg(feature = "cuda")]
     {
+        if crate::tensor::cuda::emulated() {
+            return CudaStatus::Devices(1);
+        }
         if !crate::kernels::cuda::driver_available() {
             return CudaStatus::NoDriver;
         }

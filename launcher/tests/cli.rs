@@ -101,7 +101,6 @@ fn a_run_writes_its_directory_and_learns() {
     std::fs::remove_dir_all(&d).ok();
 }
 
-/// Resume at step k gives bitwise the same metrics from k on as the uninterrupted run.
 /// `train.precision = "bf16"` trains (GEMM inputs rounded to bf16) and stays close to f32.
 #[test]
 fn bf16_precision_trains_close_to_f32() {
@@ -122,6 +121,71 @@ fn bf16_precision_trains_close_to_f32() {
     assert!(std::fs::read_to_string(d.join("bf16/config.toml")).unwrap().contains("precision = \"bf16\""));
 }
 
+/// The GPU path of the trainer — parameters, gradients and optimizer state on the device, every
+/// op dispatched to the CUDA kernels, AdamW/SGD kernels, clipping, batch-norm buffers,
+/// checkpoints written from the device and resumed onto it — run on the CPU emulator of the
+/// kernels (test builds with `cuda-emu`), against the CPU engine.
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
+    let d = tmp("emu");
+    let emu = |dir: &Path, sets: &[&str], extra: &[&str]| {
+        let mut c = bin();
+        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
+        let gpt = !sets.iter().any(|s| s.starts_with("model.kind="));
+        for s in SMALL.iter().chain(if gpt { SMALL_GPT } else { &[] }).chain(sets).chain(&["run.device=\"cuda\""]) {
+            c.arg("--set").arg(s);
+        }
+        c.args(extra);
+        c.output().unwrap()
+    };
+    let loss = |dir: &Path| records(dir).iter().filter_map(|v| v["loss"].as_f64()).collect::<Vec<f64>>();
+    let close = |name: &str, a: &[f64], b: &[f64], tol: f64| {
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * x.abs(), "{name}: {x} (cpu) vs {y} (emulated gpu)");
+        }
+    };
+    for (name, sets) in [
+        ("gpt-adamw", vec!["train.steps=8", "train.checkpoint_every=4", "checkpoint.keep_last=5", "train.eval_every=4"]),
+        (
+            "mlp-bn-sgd",
+            vec![
+                "model.kind=\"mlp\"",
+                "data.kind=\"synthetic-images\"",
+                "model.batch_norm=true",
+                "model.widths=[16]",
+                "optim.kind=\"sgd\"",
+                "optim.lr=0.05",
+                "train.steps=8",
+                "train.checkpoint_every=4",
+                "train.eval_every=4",
+            ],
+        ),
+        ("resnet", vec!["model.kind=\"resnet\"", "data.kind=\"synthetic-images\"", "model.width=4", "train.steps=3", "train.eval_every=0"]),
+        ("gpt-bf16", vec!["train.steps=4", "train.precision=\"bf16\"", "train.eval_every=0"]),
+    ] {
+        let (c, g) = (d.join(format!("{name}-cpu")), d.join(format!("{name}-gpu")));
+        ok(&train(&c, &sets, &[]));
+        let o = emu(&g, &sets, &[]);
+        ok(&o);
+        assert!(std::fs::read_to_string(g.join("config.toml")).unwrap().contains("device = \"cuda\""));
+        close(name, &loss(&c), &loss(&g), 1e-4);
+        let vals = |dir: &Path| records(dir).iter().filter_map(|v| v["val_loss"].as_f64()).collect::<Vec<f64>>();
+        close(&format!("{name} validation"), &vals(&c), &vals(&g), 1e-4);
+    }
+    // Resume on the (emulated) GPU from a checkpoint the GPU run wrote: the same metrics as the
+    // uninterrupted GPU run from there on.
+    let g = d.join("gpt-adamw-gpu");
+    let r = d.join("gpt-resumed");
+    let mut c = bin();
+    c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--resume").arg(g.join("checkpoints/step_0000004")).arg("--run-dir").arg(&r);
+    ok(&c.output().unwrap());
+    assert_eq!(values(&records(&g), 4), values(&records(&r), 4));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Resume at step k gives bitwise the same metrics from k on as the uninterrupted run.
 fn resume_matches(name: &str, sets: &[&str]) {
     let d = tmp(name);
     let (a, b) = (d.join("a"), d.join("b"));

@@ -25,24 +25,35 @@ pub(crate) fn derr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
 
-/// A CUDA device as the engine uses it.
+/// A CUDA device as the engine uses it — or, in test builds with the `cuda-emu` feature and
+/// `DPTRAIN_CUDA_EMULATOR=1`, the CPU emulator standing in for one (host memory as device memory,
+/// the kernels compiled as C++, a reference GEMM with cuBLAS's argument conventions).
 pub struct CudaDev {
     pub ordinal: usize,
     pub name: String,
     /// e.g. `sm_90`: what the kernels were compiled for.
     pub arch: String,
-    pub ctx: Arc<CudaContext>,
-    /// The compute stream: every kernel, copy and GEMM of this device, in order.
-    pub stream: Arc<CudaStream>,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    blas: CudaBlas,
+    real: Option<Real>,
     cache: Mutex<SizeCache<u64>>,
     /// A buffer of f32 ones for reductions done as GEMMs (grown on demand, never shrunk).
     ones: Mutex<Option<(DevBuf, usize)>>,
 }
 
+struct Real {
+    ctx: Arc<CudaContext>,
+    /// The compute stream: every kernel, copy and GEMM of this device, in order.
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    blas: CudaBlas,
+}
+
 static DEVS: Mutex<Vec<Arc<CudaDev>>> = Mutex::new(Vec::new());
+
+/// True when this process runs CUDA ops on the CPU emulator (test builds only).
+pub fn emulated() -> bool {
+    cfg!(feature = "cuda-emu") && std::env::var("DPTRAIN_CUDA_EMULATOR").as_deref() == Ok("1")
+}
 
 /// The engine's handle to device `ordinal`, created (and its kernels compiled) on first use.
 pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
@@ -54,9 +65,13 @@ pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
         crate::device::CudaStatus::Devices(n) if ordinal < n => {}
         other => return Err(Error::Device(format!("cuda:{ordinal} is not available ({other:?})"))),
     }
-    let d = Arc::new(CudaDev::open(ordinal)?);
+    let d = Arc::new(if emulated() { CudaDev::emulator(ordinal) } else { CudaDev::open(ordinal)? });
     devs.push(d.clone());
     Ok(d)
+}
+
+fn no_real() -> Error {
+    Error::Device("the CUDA emulator has no driver context or streams".into())
 }
 
 impl CudaDev {
@@ -75,6 +90,7 @@ impl CudaDev {
             let m = ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| derr(&format!("loading kernels {file}"), e))?;
             modules.insert(*file, m);
         }
+        // SAFETY: only tries to load the library.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::Device("cuBLAS (libcublas.so) was not found; put its directory on LD_LIBRARY_PATH".into()));
         }
@@ -83,56 +99,110 @@ impl CudaDev {
             ordinal,
             name,
             arch,
-            ctx,
-            stream,
-            modules,
-            funcs: Mutex::new(HashMap::new()),
-            blas,
+            real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas }),
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
         })
     }
 
-    /// Makes this device's context current on the calling thread (cheap when it already is).
-    pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| derr("binding the CUDA context", e))
+    fn emulator(ordinal: usize) -> CudaDev {
+        CudaDev {
+            ordinal,
+            name: "CPU emulator of the CUDA kernels (tests)".into(),
+            arch: "emulated".into(),
+            real: None,
+            cache: Mutex::new(SizeCache::default()),
+            ones: Mutex::new(None),
+        }
     }
 
-    /// Kernel `name` from kernel file `file`.
+    pub fn is_emulated(&self) -> bool {
+        self.real.is_none()
+    }
+
+    /// The driver context (not on the emulator).
+    pub fn ctx(&self) -> Result<&Arc<CudaContext>> {
+        self.real.as_ref().map(|r| &r.ctx).ok_or_else(no_real)
+    }
+
+    /// The compute stream (not on the emulator).
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        self.real.as_ref().map(|r| &r.stream).ok_or_else(no_real)
+    }
+
+    /// Makes this device's context current on the calling thread (cheap when it already is).
+    pub fn bind(&self) -> Result<()> {
+        match &self.real {
+            Some(r) => r.ctx.bind_to_thread().map_err(|e| derr("binding the CUDA context", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Kernel `name` from kernel file `file` (a real device's).
     pub fn func(&self, file: &'static str, name: &'static str) -> Result<CudaFunction> {
-        let mut f = self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?;
+        let r = self.real.as_ref().ok_or_else(no_real)?;
+        let mut f = r.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?;
         if let Some(k) = f.get(&(file, name)) {
             return Ok(k.clone());
         }
-        let m = self.modules.get(file).ok_or_else(|| Error::Device(format!("no kernel file {file}")))?;
+        let m = r.modules.get(file).ok_or_else(|| Error::Device(format!("no kernel file {file}")))?;
         let k = m.load_function(name).map_err(|e| derr(&format!("kernel {file}.{name}"), e))?;
         f.insert((file, name), k.clone());
         Ok(k)
+    }
+
+    /// Launches kernel `file.name` with `params` (pointers to each argument's value, in order),
+    /// on the compute stream (or the emulator).
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameter list in type and order, and every device
+    /// pointer among them must address enough live memory for the kernel's indexing.
+    pub unsafe fn launch_raw(
+        &self,
+        file: &'static str,
+        name: &'static str,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        match &self.real {
+            Some(r) => {
+                let f = self.func(file, name)?;
+                self.bind()?;
+                // SAFETY: forwarded contract; the stream belongs to this device's context.
+                unsafe {
+                    drv::launch_kernel(f.cu_function(), cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, r.stream.cu_stream(), params)
+                }
+                .map_err(|e| derr(&format!("launching {file}.{name}"), e))
+            }
+            None => emu::launch(file, name, cfg, params),
+        }
     }
 
     /// `bytes` of uninitialised device memory from the cache.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         self.bind()?;
         let class = size_class(bytes);
-        let stream = self.stream.clone();
         let mut cache = self.cache.lock().map_err(|_| Error::Device("allocator poisoned".into()))?;
+        let real = self.real.as_ref().map(|r| r.stream.clone());
         let ptr = cache
             .take(
                 class,
-                // SAFETY: plain device allocation on the bound context.
-                |c| unsafe { drv::malloc_sync(c) },
-                |p, _| {
-                    // SAFETY: cached blocks are unused once the stream has drained.
-                    let _ = stream.synchronize();
-                    let _ = unsafe { drv::free_sync(p) };
+                |c| match &real {
+                    // SAFETY: plain device allocation on the bound context.
+                    Some(_) => unsafe { drv::malloc_sync(c) }.map_err(|e| format!("{e:?}")),
+                    None => emu::alloc(c),
+                },
+                |p, c| match &real {
+                    Some(stream) => {
+                        // SAFETY: cached blocks are unused once the stream has drained.
+                        let _ = stream.synchronize();
+                        let _ = unsafe { drv::free_sync(p) };
+                    }
+                    None => emu::free(p, c),
                 },
             )
             .map_err(|e| {
-                Error::Device(format!(
-                    "out of memory on cuda:{} allocating {} MiB ({e:?}); lower the batch size",
-                    self.ordinal,
-                    bytes >> 20
-                ))
+                Error::Device(format!("out of memory on cuda:{} allocating {} MiB ({e}); lower the batch size", self.ordinal, bytes >> 20))
             })?;
         Ok(DevBuf { ptr, class, dev: self.clone() })
     }
@@ -140,8 +210,12 @@ impl CudaDev {
     /// `bytes` of zeroed device memory.
     pub fn alloc_zeros(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         let b = self.alloc(bytes)?;
-        // SAFETY: the block holds at least `bytes` bytes; the memset is ordered on the stream.
-        unsafe { drv::memset_d8_async(b.ptr, 0, bytes, self.stream.cu_stream()) }.map_err(|e| derr("memset", e))?;
+        match &self.real {
+            // SAFETY: the block holds at least `bytes` bytes; the memset is ordered on the stream.
+            Some(r) => unsafe { drv::memset_d8_async(b.ptr, 0, bytes, r.stream.cu_stream()) }.map_err(|e| derr("memset", e))?,
+            // SAFETY: the emulator's blocks are host memory of at least `bytes` bytes.
+            None => unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0, bytes) },
+        }
         Ok(b)
     }
 
@@ -151,10 +225,15 @@ impl CudaDev {
 
     /// Copies host data into a new device buffer.
     pub fn upload<T: DeviceRepr>(self: &Arc<Self>, src: &[T]) -> Result<DevBuf> {
-        let b = self.alloc(std::mem::size_of_val(src))?;
-        // SAFETY: the block holds the bytes of `src`; pageable sources are staged by the driver
-        // before this returns, so `src` may be dropped afterwards.
-        unsafe { drv::memcpy_htod_async(b.ptr, src, self.stream.cu_stream()) }.map_err(|e| derr("host-to-device copy", e))?;
+        let bytes = std::mem::size_of_val(src);
+        let b = self.alloc(bytes)?;
+        match &self.real {
+            // SAFETY: the block holds the bytes of `src`; pageable sources are staged by the
+            // driver before this returns, so `src` may be dropped afterwards.
+            Some(r) => unsafe { drv::memcpy_htod_async(b.ptr, src, r.stream.cu_stream()) }.map_err(|e| derr("host-to-device copy", e))?,
+            // SAFETY: host memory of `bytes` bytes on both sides.
+            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, b.ptr as *mut u8, bytes) },
+        }
         Ok(b)
     }
 
@@ -162,20 +241,36 @@ impl CudaDev {
     pub fn download<T: DeviceRepr + Default + Clone>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
         self.bind()?;
         let mut v = vec![T::default(); n];
-        // SAFETY: the caller passes a pointer to at least n elements of T on this device.
-        unsafe { drv::memcpy_dtoh_async(&mut v[..], ptr, self.stream.cu_stream()) }.map_err(|e| derr("device-to-host copy", e))?;
-        self.sync()?;
+        match &self.real {
+            Some(r) => {
+                // SAFETY: the caller passes a pointer to at least n elements of T on this device.
+                unsafe { drv::memcpy_dtoh_async(&mut v[..], ptr, r.stream.cu_stream()) }.map_err(|e| derr("device-to-host copy", e))?;
+                self.sync()?;
+            }
+            // SAFETY: as above, in host memory.
+            None => unsafe { std::ptr::copy_nonoverlapping(ptr as *const T, v.as_mut_ptr(), n) },
+        }
         Ok(v)
     }
 
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        // SAFETY: both ranges lie in live device buffers (callers' invariant).
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(|e| derr("device copy", e))
+        match &self.real {
+            // SAFETY: both ranges lie in live device buffers (callers' invariant).
+            Some(r) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, r.stream.cu_stream()) }.map_err(|e| derr("device copy", e)),
+            None => {
+                // SAFETY: as above, in host memory.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
+        }
     }
 
     /// Waits for everything queued on the compute stream; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| derr(&format!("cuda:{} (a kernel failed)", self.ordinal), e))
+        match &self.real {
+            Some(r) => r.stream.synchronize().map_err(|e| derr(&format!("cuda:{} (a kernel failed)", self.ordinal), e)),
+            None => Ok(()),
+        }
     }
 
     /// A device buffer of at least `n` f32 ones.
@@ -194,24 +289,6 @@ impl CudaDev {
         Ok(p)
     }
 
-    /// Launches `file.name` with the arguments pushed by `args`.
-    ///
-    /// # Safety
-    /// The arguments must match the kernel's parameter list in type and order, and every pointer
-    /// must address enough live device memory for the kernel's indexing with these sizes.
-    pub unsafe fn launch(
-        &self,
-        file: &'static str,
-        name: &'static str,
-        cfg: LaunchConfig,
-        args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'_>),
-    ) -> Result<()> {
-        let f = self.func(file, name)?;
-        let mut b = self.stream.launch_builder(&f);
-        args(&mut b);
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| derr(&format!("launching {file}.{name}"), e))
-    }
-
     /// Row-major strided-batched GEMM `C[b] = alpha·A[b]·B[b] + beta·C[b]` with A `[m, k]`,
     /// B `[k, n]` described by [`MatArg`]s, C packed `[m, n]`; inputs f32 or bf16 (`in_dtype`),
     /// output f32, accumulation f32 (no TF32: results follow the CPU path within 1e-5).
@@ -228,46 +305,186 @@ impl CudaDev {
         beta: f32,
         in_dtype: DType,
     ) -> Result<()> {
-        use blas_sys::{cublasComputeType_t as Ct, cublasGemmAlgo_t as Algo, cublasOperation_t as Op, cudaDataType as Dt};
-        self.bind()?;
-        let dt = match in_dtype {
-            DType::F32 => Dt::CUDA_R_32F,
-            DType::BF16 => Dt::CUDA_R_16BF,
-            DType::F64 => return Err(Error::Device("f64 GEMM is not supported on CUDA".into())),
-        };
-        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-        let i = |x: usize| x as i32;
+        if in_dtype == DType::F64 {
+            return Err(Error::Device("f64 GEMM is not supported on CUDA".into()));
+        }
         // Column-major view: Cᵀ[n, m] = Bᵀ · Aᵀ (see MatArg for how a row-major operand maps).
+        let g = ColGemm {
+            trans_a: b.trans,
+            trans_b: a.trans,
+            m: n,
+            n: m,
+            k,
+            a: b.ptr,
+            lda: b.ld,
+            stride_a: b.batch_stride,
+            b: a.ptr,
+            ldb: a.ld,
+            stride_b: a.batch_stride,
+            c,
+            ldc: n,
+            stride_c: m * n,
+            batch,
+            alpha,
+            beta,
+            bf16: in_dtype == DType::BF16,
+        };
+        match &self.real {
+            Some(r) => {
+                self.bind()?;
+                g.cublas(&r.blas)
+            }
+            None => {
+                // SAFETY: the emulator's pointers are host memory of the sizes the GEMM implies.
+                unsafe { g.reference() };
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A strided-batched GEMM in cuBLAS's column-major terms: `C = alpha·op(A)·op(B) + beta·C`, op
+/// = transpose when `trans_*`; `m × n` output, inner dimension `k`.
+#[derive(Debug, Clone, Copy)]
+struct ColGemm {
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    stride_a: usize,
+    b: u64,
+    ldb: usize,
+    stride_b: usize,
+    c: u64,
+    ldc: usize,
+    stride_c: usize,
+    batch: usize,
+    alpha: f32,
+    beta: f32,
+    bf16: bool,
+}
+
+impl ColGemm {
+    fn cublas(&self, blas: &CudaBlas) -> Result<()> {
+        use blas_sys::{cublasComputeType_t as Ct, cublasGemmAlgo_t as Algo, cublasOperation_t as Op, cudaDataType as Dt};
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let dt = if self.bf16 { Dt::CUDA_R_16BF } else { Dt::CUDA_R_32F };
+        let i = |x: usize| x as i32;
+        let (alpha, beta) = (self.alpha, self.beta);
         // SAFETY: pointers address live buffers of the sizes these dims and strides imply
         // (callers' invariant); alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
         unsafe {
             blas::gemm_strided_batched_ex(
-                *self.blas.handle(),
-                op(b.trans),
-                op(a.trans),
-                i(n),
-                i(m),
-                i(k),
+                *blas.handle(),
+                op(self.trans_a),
+                op(self.trans_b),
+                i(self.m),
+                i(self.n),
+                i(self.k),
                 (&alpha) as *const f32 as *const _,
-                b.ptr as *const _,
+                self.a as *const _,
                 dt,
-                i(b.ld),
-                b.batch_stride as i64,
-                a.ptr as *const _,
+                i(self.lda),
+                self.stride_a as i64,
+                self.b as *const _,
                 dt,
-                i(a.ld),
-                a.batch_stride as i64,
+                i(self.ldb),
+                self.stride_b as i64,
                 (&beta) as *const f32 as *const _,
-                c as *mut _,
+                self.c as *mut _,
                 Dt::CUDA_R_32F,
-                i(n),
-                (m * n) as i64,
-                i(batch),
+                i(self.ldc),
+                self.stride_c as i64,
+                i(self.batch),
                 Ct::CUBLAS_COMPUTE_32F,
                 Algo::CUBLAS_GEMM_DEFAULT,
             )
         }
         .map_err(|e| derr("cuBLAS GEMM", e))
+    }
+
+    /// The same GEMM on the CPU with cuBLAS's conventions (the emulator's cuBLAS): checks in
+    /// tests that the row-major → column-major mapping above is right.
+    ///
+    /// # Safety
+    /// Pointers must be host addresses of buffers as large as the dims and strides imply.
+    unsafe fn reference(&self) {
+        let rd = |p: u64, i: usize| -> f32 {
+            // SAFETY: in bounds by the caller's contract.
+            unsafe {
+                if self.bf16 {
+                    half::bf16::from_bits(*(p as *const u16).add(i)).to_f32()
+                } else {
+                    *(p as *const f32).add(i)
+                }
+            }
+        };
+        for bt in 0..self.batch {
+            let (a0, b0, c0) = (bt * self.stride_a, bt * self.stride_b, bt * self.stride_c);
+            for j in 0..self.n {
+                for i in 0..self.m {
+                    let mut acc = 0.0f32;
+                    for l in 0..self.k {
+                        let av = if self.trans_a { rd(self.a, a0 + l + i * self.lda) } else { rd(self.a, a0 + i + l * self.lda) };
+                        let bv = if self.trans_b { rd(self.b, b0 + j + l * self.ldb) } else { rd(self.b, b0 + l + j * self.ldb) };
+                        acc += av * bv;
+                    }
+                    // SAFETY: in bounds by the caller's contract.
+                    let cp = unsafe { (self.c as *mut f32).add(c0 + i + j * self.ldc) };
+                    // cuBLAS does not read C when beta is 0 (it may hold garbage or NaN).
+                    let prev = if self.beta == 0.0 { 0.0 } else { (unsafe { *cp }) * self.beta };
+                    unsafe { *cp = self.alpha * acc + prev };
+                }
+            }
+        }
+    }
+}
+
+/// The CPU emulator's device side (feature `cuda-emu`): host allocations and the C++-compiled
+/// kernels. Without the feature the emulator cannot be selected and these are unreachable.
+mod emu {
+    use super::*;
+
+    #[cfg(feature = "cuda-emu")]
+    mod table {
+        include!(concat!(env!("OUT_DIR"), "/emu_table.rs"));
+    }
+
+    pub fn alloc(bytes: usize) -> std::result::Result<u64, String> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256).map_err(|e| e.to_string())?;
+        // SAFETY: non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        if p.is_null() {
+            Err(format!("host allocation of {bytes} bytes failed"))
+        } else {
+            Ok(p as u64)
+        }
+    }
+
+    pub fn free(p: u64, bytes: usize) {
+        if let Ok(layout) = std::alloc::Layout::from_size_align(bytes.max(1), 256) {
+            // SAFETY: allocated by `alloc` with this layout (the cache keys blocks by class).
+            unsafe { std::alloc::dealloc(p as *mut u8, layout) }
+        }
+    }
+
+    pub fn launch(file: &'static str, name: &'static str, cfg: LaunchConfig, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+        #[cfg(feature = "cuda-emu")]
+        {
+            let f = table::lookup(file, name).ok_or_else(|| Error::Device(format!("emulator: no kernel {file}.{name}")))?;
+            // SAFETY: the wrapper reads each parameter as the kernel's declared type; the caller
+            // guarantees they match (see `launch_raw`).
+            unsafe { f(cfg.grid_dim.0, cfg.block_dim.0, params.as_mut_ptr()) };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda-emu"))]
+        {
+            let _ = (cfg, params);
+            Err(Error::Device(format!("{file}.{name}: this build has no CUDA emulator")))
+        }
     }
 }
 

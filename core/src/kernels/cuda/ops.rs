@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::broadcast_shape;
 use crate::tensor::cuda::{dev, mat_layout, merge_dims, operand_extent, CudaDev, DevBuf, MatArg};
 use crate::tensor::{DType, Device, Storage, Tensor};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 use std::sync::Arc;
 
 const BLOCK: u32 = 256;
@@ -27,12 +27,12 @@ fn per_row(rows: usize) -> LaunchConfig {
 macro_rules! launch {
     ($dev:expr, $file:literal, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let d: &CudaDev = &$dev;
-        let f = d.func($file, $name)?;
-        let mut b = d.stream.launch_builder(&f);
-        $( let a = $arg; b.arg(&a); )*
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
+        $( let a = $arg; params.push(&a as *const _ as *mut std::ffi::c_void); )*
         // SAFETY: each call site passes arguments matching the kernel's parameter list in the
-        // .cu source (noted beside it), and pointers to buffers sized for its indexing.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| crate::tensor::cuda::derr(concat!("launching ", $file), e))
+        // .cu source (noted beside it; checked against the PTX by core/tests/nvrtc.rs), and
+        // pointers to buffers sized for its indexing. The values live until the launch is queued.
+        unsafe { d.launch_raw($file, $name, $cfg, &mut params) }
     }};
 }
 
@@ -237,6 +237,7 @@ pub fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
 /// f32 ↔ bf16 conversion of `n` elements between raw device buffers, queued on `stream` (the
 /// gradient reducer's communication stream, for `comm.dtype = "bf16"`).
 pub fn cast_raw_on(d: &CudaDev, stream: &cudarc::driver::CudaStream, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
+    use cudarc::driver::PushKernelArg;
     let f = d.func("elementwise", if to_bf16 { "f32_to_bf16" } else { "bf16_to_f32" })?;
     let mut b = stream.launch_builder(&f);
     let ni = n as i64;

@@ -1,0 +1,53 @@
+// A CPU emulator for dptrain's CUDA kernels, for tests on machines without a GPU (feature
+// `cuda-emu`). The kernel sources compile unchanged as C++ against this header: the CUDA
+// built-ins become globals, a block's threads become cooperative contexts (ucontext) that run
+// until they finish or reach a barrier, and __shfl_xor_sync is two barriers around a shared
+// slot. Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
+// each launch with its own small configuration (at most 2 blocks of 64 threads: two warps, so
+// cross-warp reductions are exercised) and the results do not depend on it.
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+struct emu_dim3 {
+    unsigned x, y, z;
+};
+extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+void __syncthreads();
+float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body);
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+// One OS thread runs every emulated thread, so plain read-modify-write is atomic here.
+inline float atomicAdd(float* p, float v) {
+    float o = *p;
+    *p = o + v;
+    return o;
+}
+inline double atomicAdd(double* p, double v) {
+    double o = *p;
+    *p = o + v;
+    return o;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
