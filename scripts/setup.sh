@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages dptrain builds against: Open MPI (the `mpi` feature, on by
-# default), libclang (rsmpi's bindgen) and g++ (the tests' CPU emulator of the CUDA kernels). Debian/Ubuntu; needs root or sudo. Idempotent.
+# default), libclang (rsmpi's bindgen) and g++ (the tests' CPU emulator of the CUDA kernels).
+# Debian/Ubuntu; needs root or sudo. Idempotent.
 set -euo pipefail
 need=()
 command -v mpicc >/dev/null 2>&1 || need+=(libopenmpi-dev)

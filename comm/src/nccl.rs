@@ -33,28 +33,40 @@ fn nerr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("NCCL {what}: {e:?}"))
 }
 
-/// One rank's NCCL communicator on its device, with its own communication stream.
+/// One rank's NCCL communicator on its device, with its own communication stream — or, on the
+/// CPU emulator of the CUDA kernels (tests), a host communicator standing in for NCCL (the
+/// emulated device memory is host memory), so the reducer's logic runs in CI under mpirun.
 pub struct NcclComm {
-    comm: ns::ncclComm_t,
+    backend: Backend,
     rank: usize,
     world: usize,
     dev: Arc<CudaDev>,
-    stream: Arc<CudaStream>,
     /// Collectives issued (for error messages).
     seq: u64,
 }
 
+enum Backend {
+    Nccl { comm: ns::ncclComm_t, stream: Arc<CudaStream> },
+    Emulated(Box<dyn Communicator>),
+}
+
 // SAFETY: an ncclComm_t may be used from any thread as long as calls on it are not concurrent;
-// NcclComm is only reached through `&mut self`, so they never are.
+// NcclComm is only reached through `&mut self`, so they never are. The emulated backend's
+// communicator is Send.
 unsafe impl Send for NcclComm {}
 
 impl NcclComm {
-    /// Joins the NCCL world of `mpi`'s ranks on device `dev` (every rank calls this).
-    pub fn bootstrap(mpi: &mut dyn Communicator, dev: Arc<CudaDev>) -> Result<NcclComm> {
+    /// Joins the NCCL world of `mpi`'s ranks on device `dev` (every rank calls this). On the
+    /// emulated device, `host` (a communicator of the same ranks) carries the reductions.
+    pub fn bootstrap(mpi: &mut dyn Communicator, dev: Arc<CudaDev>, host: Option<Box<dyn Communicator>>) -> Result<NcclComm> {
+        let (rank, world) = (mpi.rank(), mpi.world_size());
+        if dev.is_emulated() {
+            let host = host.ok_or_else(|| Error::Device("the emulated NCCL needs a host communicator".into()))?;
+            return Ok(NcclComm { backend: Backend::Emulated(host), rank, world, dev, seq: 0 });
+        }
         if !nccl_present() {
             return Err(Error::Device("NCCL (libnccl.so) is not loadable; see DPTRAIN_NCCL_LIB in the README".into()));
         }
-        let (rank, world) = (mpi.rank(), mpi.world_size());
         let mut id_bytes = if rank == 0 {
             let id = nc::get_uniqueid().map_err(|e| nerr("unique id", e))?;
             id.internal.iter().map(|&c| c as u8).collect::<Vec<u8>>()
@@ -76,7 +88,7 @@ impl NcclComm {
         // SAFETY: `comm` receives the new communicator; every rank passes the same id and its
         // own rank; the device's context is current on this thread.
         unsafe { nc::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| nerr("init", e))?;
-        Ok(NcclComm { comm, rank, world, dev, stream, seq: 0 })
+        Ok(NcclComm { backend: Backend::Nccl { comm, stream }, rank, world, dev, seq: 0 })
     }
 
     pub fn rank(&self) -> usize {
@@ -86,47 +98,119 @@ impl NcclComm {
         self.world
     }
 
+    /// Makes the communication stream wait for `ev` (recorded on the compute stream).
+    fn wait_for(&self, ev: Option<&CudaEvent>) -> Result<()> {
+        match (&self.backend, ev) {
+            (Backend::Nccl { stream, .. }, Some(ev)) => stream.wait(ev).map_err(|e| nerr("stream wait", e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// An event on the compute stream (none on the emulator, where everything is in order).
+    fn compute_event(&self) -> Result<Option<CudaEvent>> {
+        match &self.backend {
+            Backend::Nccl { .. } => self.dev.stream()?.record_event(None).map(Some).map_err(|e| nerr("event", e)),
+            Backend::Emulated(_) => Ok(None),
+        }
+    }
+
+    /// f32 ↔ bf16 cast of `n` elements on the communication stream.
+    fn cast(&self, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
+        match &self.backend {
+            Backend::Nccl { stream, .. } => gpu::cast_raw_on(&self.dev, stream, src, dst, n, to_bf16),
+            Backend::Emulated(_) => gpu::cast_raw(&self.dev, src, dst, n, to_bf16),
+        }
+    }
+
     /// Queues an in-place average of `n` elements (f32, or bf16 when `bf16`) at `ptr` on the
     /// communication stream.
     fn all_reduce_avg(&mut self, ptr: u64, n: usize, bf16: bool) -> Result<()> {
         self.seq += 1;
-        let dt = if bf16 { ns::ncclDataType_t::ncclBfloat16 } else { ns::ncclDataType_t::ncclFloat32 };
-        // SAFETY: ptr addresses n live elements of the given type on this communicator's
-        // device (the reducer's bucket regions); in place (send == recv) is allowed by NCCL.
-        unsafe {
-            nc::all_reduce(
-                ptr as *const _,
-                ptr as *mut _,
-                n,
-                dt,
-                ns::ncclRedOp_t::ncclAvg,
-                self.comm,
-                self.stream.cu_stream() as ns::cudaStream_t,
-            )
+        let world = self.world;
+        match &mut self.backend {
+            Backend::Nccl { comm, stream } => {
+                let dt = if bf16 { ns::ncclDataType_t::ncclBfloat16 } else { ns::ncclDataType_t::ncclFloat32 };
+                // SAFETY: ptr addresses n live elements of the given type on this
+                // communicator's device (the reducer's bucket regions); in place (send ==
+                // recv) is allowed by NCCL.
+                unsafe {
+                    nc::all_reduce(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        n,
+                        dt,
+                        ns::ncclRedOp_t::ncclAvg,
+                        *comm,
+                        stream.cu_stream() as ns::cudaStream_t,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nerr(&format!("all_reduce #{}", self.seq), e))
+            }
+            Backend::Emulated(host) => {
+                // SAFETY: on the emulator device memory is host memory; ptr addresses n live
+                // elements of the given type (the reducer's bucket or its bf16 staging).
+                if bf16 {
+                    let v = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u16, n) };
+                    host.all_reduce_bf16_sum(v)?;
+                    let inv = 1.0 / world as f32;
+                    v.iter_mut().for_each(|b| *b = half::bf16::from_f32(half::bf16::from_bits(*b).to_f32() * inv).to_bits());
+                    Ok(())
+                } else {
+                    let v = unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, n) };
+                    host.all_reduce(v, dptrain_core::comm::ReduceOp::Avg)
+                }
+            }
         }
-        .map(|_| ())
-        .map_err(|e| nerr(&format!("all_reduce #{}", self.seq), e))
+    }
+
+    /// An event after everything queued on the communication stream.
+    fn record_done(&self) -> Result<Option<CudaEvent>> {
+        match &self.backend {
+            Backend::Nccl { stream, .. } => stream.record_event(None).map(Some).map_err(|e| nerr("event", e)),
+            Backend::Emulated(_) => Ok(None),
+        }
     }
 
     /// NCCL's asynchronous error state (a failed peer or network shows up here).
     fn async_error(&self) -> Option<String> {
+        let Backend::Nccl { comm, .. } = &self.backend else { return None };
         let mut r = ns::ncclResult_t::ncclSuccess;
         // SAFETY: a live communicator and a valid out-pointer.
-        let st = unsafe { ns::ncclCommGetAsyncError(self.comm, &mut r) };
+        let st = unsafe { ns::ncclCommGetAsyncError(*comm, &mut r) };
         match (st, r) {
             (ns::ncclResult_t::ncclSuccess, ns::ncclResult_t::ncclSuccess) => None,
             (ns::ncclResult_t::ncclSuccess, ns::ncclResult_t::ncclInProgress) => None,
             (s, r) => Some(format!("{s:?} / {r:?}")),
         }
     }
+
+    fn abort(&self) {
+        if let Backend::Nccl { comm, .. } = &self.backend {
+            // SAFETY: aborting a live communicator; the job is ending.
+            unsafe {
+                let _ = nc::comm_abort(*comm);
+            }
+        }
+    }
+
+    fn group(&self, start: bool) -> Result<()> {
+        if let Backend::Nccl { .. } = &self.backend {
+            let r = if start { nc::group_start() } else { nc::group_end() };
+            r.map_err(|e| nerr("group", e))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: destroyed once; pending work on the stream is finished first.
-        let _ = self.stream.synchronize();
-        unsafe {
-            let _ = nc::comm_destroy(self.comm);
+        if let Backend::Nccl { comm, stream } = &self.backend {
+            // SAFETY: destroyed once; pending work on the stream is finished first.
+            let _ = stream.synchronize();
+            unsafe {
+                let _ = nc::comm_destroy(*comm);
+            }
         }
     }
 }
@@ -189,29 +273,24 @@ impl NcclReducer {
         }
     }
 
-    fn launch(&mut self, b: usize, grads: &GradStore, after: &CudaEvent) -> Result<()> {
+    fn launch(&mut self, b: usize, grads: &GradStore, after: Option<&CudaEvent>) -> Result<()> {
         let bk = &self.buckets[b];
         if grads.flat().numel() < bk.end {
             return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
         }
-        self.comm.stream.wait(after).map_err(|e| nerr("stream wait", e))?;
+        self.comm.wait_for(after)?;
         let region = gpu::ptr(grads.flat())? + (bk.start * 4) as u64;
-        let (n, dev, stream) = (bk.len(), self.comm.dev.clone(), self.comm.stream.clone());
-        match &self.scratch {
-            Some(s) => {
-                let sp = s.ptr;
-                gpu::cast_raw_on(&dev, &stream, region, sp, n, true)?;
+        let n = bk.len();
+        match self.scratch.as_ref().map(|s| s.ptr) {
+            Some(sp) => {
+                self.comm.cast(region, sp, n, true)?;
                 self.comm.all_reduce_avg(sp, n, true)?;
-                gpu::cast_raw_on(&dev, &stream, sp, region, n, false)?;
+                self.comm.cast(sp, region, n, false)?;
             }
             None => self.comm.all_reduce_avg(region, n, false)?,
         }
         self.launched_at.get_or_insert_with(Instant::now);
         Ok(())
-    }
-
-    fn compute_event(&self) -> Result<CudaEvent> {
-        self.comm.dev.stream()?.record_event(None).map_err(|e| nerr("event", e))
     }
 
     /// The engine's "parameter gradient final" event: queues every bucket that became complete
@@ -225,9 +304,9 @@ impl NcclReducer {
         if self.pending[b] == 0 {
             self.ready[b] = true;
             if self.overlap && self.ready.get(self.next_launch).copied().unwrap_or(false) {
-                let ev = self.compute_event()?;
+                let ev = self.comm.compute_event()?;
                 while self.next_launch < self.buckets.len() && self.ready[self.next_launch] {
-                    self.launch(self.next_launch, grads, &ev)?;
+                    self.launch(self.next_launch, grads, ev.as_ref())?;
                     self.next_launch += 1;
                 }
             }
@@ -243,51 +322,46 @@ impl NcclReducer {
         }
         let t = Instant::now();
         if self.next_launch < self.buckets.len() {
-            let ev = self.compute_event()?;
+            let ev = self.comm.compute_event()?;
             let grouped = !self.overlap && self.scratch.is_none();
             if grouped {
-                nc::group_start().map_err(|e| nerr("group start", e))?;
+                self.comm.group(true)?;
             }
             let mut res = Ok(());
             while self.next_launch < self.buckets.len() && res.is_ok() {
-                res = self.launch(self.next_launch, grads, &ev);
+                res = self.launch(self.next_launch, grads, ev.as_ref());
                 self.next_launch += 1;
             }
             if grouped {
-                nc::group_end().map_err(|e| nerr("group end", e))?;
+                self.comm.group(false)?;
             }
             res?;
         }
-        let done = self.comm.stream.record_event(None).map_err(|e| nerr("event", e))?;
-        // Watchdog: poll the event and NCCL's async error state.
-        loop {
-            match done.try_is_complete() {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => return Err(nerr("waiting for the all-reduce", e)),
-            }
-            if let Some(e) = self.comm.async_error() {
-                // SAFETY: aborting a communicator that reported an error, once.
-                unsafe {
-                    let _ = nc::comm_abort(self.comm.comm);
+        if let Some(done) = self.comm.record_done()? {
+            // Watchdog: poll the event and NCCL's async error state.
+            loop {
+                match done.try_is_complete() {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => return Err(nerr("waiting for the all-reduce", e)),
                 }
-                return Err(Error::Device(format!("NCCL all_reduce #{} failed on rank {}: {e}", self.comm.seq, self.comm.rank)));
-            }
-            if t.elapsed() > self.timeout {
-                let seq = self.comm.seq;
-                // SAFETY: as above; the job is ending.
-                unsafe {
-                    let _ = nc::comm_abort(self.comm.comm);
+                if let Some(e) = self.comm.async_error() {
+                    self.comm.abort();
+                    return Err(Error::Device(format!("NCCL all_reduce #{} failed on rank {}: {e}", self.comm.seq, self.comm.rank)));
                 }
-                return Err(Error::Device(format!(
-                    "rank {}: NCCL all_reduce #{seq} did not complete within {:.0} s (a peer died or hangs); aborting",
-                    self.comm.rank,
-                    self.timeout.as_secs_f64()
-                )));
+                if t.elapsed() > self.timeout {
+                    self.comm.abort();
+                    return Err(Error::Device(format!(
+                        "rank {}: NCCL all_reduce #{} did not complete within {:.0} s (a peer died or hangs); aborting",
+                        self.comm.rank,
+                        self.comm.seq,
+                        self.timeout.as_secs_f64()
+                    )));
+                }
+                std::thread::sleep(Duration::from_micros(50));
             }
-            std::thread::sleep(Duration::from_micros(50));
+            self.comm.dev.stream()?.wait(&done).map_err(|e| nerr("stream wait", e))?;
         }
-        self.comm.dev.stream()?.wait(&done).map_err(|e| nerr("stream wait", e))?;
         self.active = false;
         let comm_s = self.launched_at.map(|l| l.elapsed().as_secs_f64()).unwrap_or(0.0);
         Ok(ReduceStats { comm_s, wait_s: t.elapsed().as_secs_f64() })

@@ -707,10 +707,10 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     let mut reducer = match (world.grads.take(), run.device) {
         (_, _) if world.info().world_size == 1 => None,
         #[cfg(feature = "cuda")]
-        (_, Device::Cuda(o)) => {
+        (host, Device::Cuda(o)) => {
             use dptrain_comm::nccl::{NcclComm, NcclReducer};
             let dev = dptrain_core::tensor::cuda::dev(o)?;
-            let comm = NcclComm::bootstrap(world.main.as_mut(), dev)?;
+            let comm = NcclComm::bootstrap(world.main.as_mut(), dev, host)?;
             let t = std::time::Duration::from_secs_f64(timeout);
             Some(Reducer::Nccl(NcclReducer::new(comm, &run.params, bucket_mb, overlap, run.comm_bf16, t)?))
         }

@@ -155,6 +155,35 @@ fn bf16_gradient_all_reduce_tracks_f32() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// Two ranks on (emulated) GPUs: the NCCL reducer's bucket logic, bf16 staging and the
+/// trainer's multi-GPU wiring, with the emulator's host collectives standing in for NCCL
+/// (test builds with `cuda-emu`). Same trajectory as one CPU rank with the whole batch.
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn two_emulated_gpus_match_one_cpu_rank() {
+    if skip() {
+        return;
+    }
+    let d = tmp("emu-gpus");
+    let sets = ["train.steps=6", "train.global_batch=16", "optim.lr=0.01", "comm.bucket_mb=0.01"];
+    ok(&single(&d.join("one"), &sets));
+    let env = [("DPTRAIN_CUDA_EMULATOR", "1")];
+    let mut s2 = sets.to_vec();
+    s2.push("run.device=\"cuda\"");
+    ok(&multi(2, &d.join("two"), &s2, &env));
+    assert_equivalent("emulated gpus", &d.join("one"), &d.join("two"), 6);
+    s2.push("comm.overlap=false");
+    ok(&multi(2, &d.join("two-no-overlap"), &s2, &env));
+    assert_equivalent("emulated gpus, overlap off", &d.join("one"), &d.join("two-no-overlap"), 6);
+    s2.pop();
+    s2.push("comm.dtype=\"bf16\"");
+    ok(&multi(2, &d.join("two-bf16"), &s2, &env));
+    for (x, y) in losses(&d.join("one")).iter().zip(&losses(&d.join("two-bf16"))) {
+        assert!((x - y).abs() <= 1e-2 * x.abs(), "{x} vs {y} with bf16 gradients");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn accumulation_two_ranks_by_two_matches_one_rank_by_four() {
     if skip() {

@@ -234,6 +234,18 @@ pub fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
     }
 }
 
+/// f32 ↔ bf16 conversion of `n` elements between raw device buffers on the compute stream (or
+/// the emulator).
+pub fn cast_raw(d: &CudaDev, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
+    if to_bf16 {
+        // f32_to_bf16(const float* in, bf16_t* out, i64 n)
+        launch!(d, "elementwise", "f32_to_bf16", grid(n); src, dst, n as i64)
+    } else {
+        // bf16_to_f32(const bf16_t* in, float* out, i64 n)
+        launch!(d, "elementwise", "bf16_to_f32", grid(n); src, dst, n as i64)
+    }
+}
+
 /// f32 ↔ bf16 conversion of `n` elements between raw device buffers, queued on `stream` (the
 /// gradient reducer's communication stream, for `comm.dtype = "bf16"`).
 pub fn cast_raw_on(d: &CudaDev, stream: &cudarc::driver::CudaStream, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
