@@ -185,6 +185,29 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `dptrain gpu-check` itself, end to end on the CPU emulator (test builds with `cuda-emu`):
+/// the command a GPU session runs first must print its whole table and pass. Part (c) runs a
+/// tiny model here (DPTRAIN_GPU_CHECK_TINY) and PyTorch is absent, which it must say.
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn gpu_check_runs_end_to_end_on_the_emulator() {
+    let o = bin()
+        .arg("gpu-check")
+        .env("DPTRAIN_CUDA_EMULATOR", "1")
+        .env("DPTRAIN_GPU_CHECK_TINY", "1")
+        .env("DPTRAIN_TORCH_PYTHON", "/nonexistent/python")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("CPU emulator"), "{out}");
+    let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
+    assert_eq!(rows, 33 + 2, "{out}");
+    assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
+    assert!(out.contains("| dptrain |") && out.contains("PyTorch eager | not run"), "{out}");
+    assert!(!out.contains("| NO |"), "{out}");
+}
+
 /// Resume at step k gives bitwise the same metrics from k on as the uninterrupted run.
 fn resume_matches(name: &str, sets: &[&str]) {
     let d = tmp(name);

@@ -182,17 +182,30 @@ fn cases() -> Vec<Case> {
     v
 }
 
-/// Runs every case on CUDA device `ordinal` and on the CPU.
-pub fn run(ordinal: usize) -> std::result::Result<(DeviceInfo, Vec<CheckRow>), String> {
+/// Opens CUDA device `ordinal` (compiling the kernels) and describes it.
+pub fn device_info(ordinal: usize) -> std::result::Result<DeviceInfo, String> {
     let dev = crate::tensor::cuda::dev(ordinal).map_err(|e| e.to_string())?;
     let (maj, min) = match dev.ctx() {
         Ok(ctx) => ctx.compute_capability().map_err(|e| format!("{e:?}"))?,
         Err(_) => (0, 0),
     };
-    let info = DeviceInfo { name: dev.name.clone(), compute_capability: (maj, min), arch: dev.arch.clone() };
+    Ok(DeviceInfo { name: dev.name.clone(), compute_capability: (maj, min), arch: dev.arch.clone() })
+}
+
+/// Runs every case on CUDA device `ordinal` and on the CPU, handing each row to `each` as soon
+/// as it is known (so a crash later still leaves the rows before it on the screen). A case that
+/// panics becomes a failed row.
+pub fn run_each(ordinal: usize, each: &mut dyn FnMut(&CheckRow)) -> Vec<CheckRow> {
     let mut rows = vec![];
     for c in cases() {
-        let row = match (run_on(&c, Device::Cpu), run_on(&c, Device::Cuda(ordinal))) {
+        let both = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (run_on(&c, Device::Cpu), run_on(&c, Device::Cuda(ordinal)))));
+        let Ok(both) = both else {
+            let row = CheckRow { op: format!("{} (panicked; message above)", c.name), max_rel_err: f64::INFINITY, bound: c.bound };
+            each(&row);
+            rows.push(row);
+            continue;
+        };
+        let row = match both {
             (Ok((yc, gc)), Ok((yg, gg))) => {
                 let mut e = rel_err(&yg, &yc);
                 for (a, b) in gg.iter().zip(&gc) {
@@ -203,9 +216,16 @@ pub fn run(ordinal: usize) -> std::result::Result<(DeviceInfo, Vec<CheckRow>), S
             (Err(e), _) => CheckRow { op: format!("{} (CPU failed: {e})", c.name), max_rel_err: f64::INFINITY, bound: c.bound },
             (_, Err(e)) => CheckRow { op: format!("{} (GPU failed: {e})", c.name), max_rel_err: f64::INFINITY, bound: c.bound },
         };
+        each(&row);
         rows.push(row);
     }
-    Ok((info, rows))
+    rows
+}
+
+/// [`device_info`] and [`run_each`] together.
+pub fn run(ordinal: usize) -> std::result::Result<(DeviceInfo, Vec<CheckRow>), String> {
+    let info = device_info(ordinal)?;
+    Ok((info, run_each(ordinal, &mut |_| {})))
 }
 
 #[cfg(test)]
