@@ -14,6 +14,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Train { config, sets, run_dir, resume } => {
+            // Multi-GPU runs need NCCL loadable; this must happen before MPI starts (it may
+            // re-execute the binary with NCCL's directory on the library path).
+            #[cfg(feature = "cuda")]
+            if !dptrain_core::tensor::cuda::emulated()
+                && matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_))
+            {
+                dptrain_launcher::gpu_check::ensure_nccl();
+            }
             train(&TrainArgs { config, sets, run_dir, resume })?;
         }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
