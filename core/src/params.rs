@@ -282,12 +282,18 @@ impl GradStore {
     pub fn empty() -> GradStore {
         GradStore { data: Tensor::zeros(&[0], DType::F32), ranges: vec![], touched: vec![] }
     }
+    /// Zero gradients on the parameters' device. Panics only if device memory for them cannot
+    /// be had; [`GradStore::try_new`] reports that as an error instead.
     pub fn new(params: &ParamStore) -> GradStore {
-        GradStore {
-            data: Tensor::zeros_on(&[params.numel()], params.dtype(), params.device()).expect("device memory for the gradients"),
+        Self::try_new(params).unwrap_or_else(|e| panic!("gradient store: {e}"))
+    }
+
+    pub fn try_new(params: &ParamStore) -> Result<GradStore> {
+        Ok(GradStore {
+            data: Tensor::zeros_on(&[params.numel()], params.dtype(), params.device())?,
             ranges: params.infos().iter().map(|p| (p.offset, p.numel)).collect(),
             touched: vec![true; params.len()],
-        }
+        })
     }
     /// Marks every gradient as empty: the next contribution is moved (copied) in, not added.
     /// Cheap: no memset; untouched gradients are zero-filled when a backward pass finishes.

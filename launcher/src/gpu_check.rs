@@ -214,7 +214,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let mut params = pb.build(1, DType::F32).map_err(e)?;
     let mut opt = dptrain_optim::AdamW::new(dptrain_optim::AdamWConfig { beta2: 0.95, weight_decay: 0.1, ..Default::default() }, &params);
     params.to_device(Device::Cuda(device)).map_err(e)?;
-    let mut grads = GradStore::new(&params);
+    let mut grads = GradStore::try_new(&params).map_err(e)?;
     let mut rng = dptrain_core::rng::Rng::new(7);
     let ids: Vec<u32> = (0..b * t).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32).collect();
     let tg: Vec<u32> = (0..b * t).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32).collect();

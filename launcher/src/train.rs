@@ -702,7 +702,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     sync_start(&mut run, world.main.as_mut())?;
     // Same values on every rank first (broadcast on the host), then onto the GPU.
     run.params.to_device(run.device)?;
-    let mut grads = GradStore::new(&run.params);
+    let mut grads = GradStore::try_new(&run.params)?;
     let (bucket_mb, overlap) = (run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap"));
     let mut reducer = match (world.grads.take(), run.device) {
         (_, _) if world.info().world_size == 1 => None,
