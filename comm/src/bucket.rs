@@ -92,3 +92,110 @@ mod tests {
         assert!(assign_buckets(&[], 40, 40, 4).is_empty());
     }
 }
+
+/// Which buckets may be launched, in the order every rank must launch them: a bucket is ready
+/// when all its parameters' gradients are final, and buckets go out strictly in index order
+/// (so ranks issue the same collectives in the same sequence even if backward finishes them in
+/// a different order). Shared by the MPI and the NCCL reducers.
+#[derive(Debug, Clone)]
+pub struct BucketSchedule {
+    buckets: Vec<Bucket>,
+    bucket_of: Vec<usize>,
+    pending: Vec<usize>,
+    ready: Vec<bool>,
+    next: usize,
+}
+
+impl BucketSchedule {
+    /// Buckets for `params` (first 1 MiB or less, then `bucket_mb`), f32 gradients.
+    pub fn new(params: &[ParamInfo], bucket_mb: f64) -> BucketSchedule {
+        let cap = ((bucket_mb * 1024.0 * 1024.0) as usize).max(4);
+        let buckets = assign_buckets(params, (1 << 20).min(cap), cap, 4);
+        let mut bucket_of = vec![0; params.len()];
+        for (b, bk) in buckets.iter().enumerate() {
+            for p in &bk.params {
+                bucket_of[p.0] = b;
+            }
+        }
+        let n = buckets.len();
+        let mut s = BucketSchedule { pending: vec![0; n], buckets, bucket_of, ready: vec![false; n], next: 0 };
+        s.begin();
+        s
+    }
+
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.buckets
+    }
+
+    /// Starts a backward pass: nothing final, nothing launched.
+    pub fn begin(&mut self) {
+        self.next = 0;
+        self.ready.fill(false);
+        for (p, b) in self.pending.iter_mut().zip(&self.buckets) {
+            *p = b.params.len();
+        }
+    }
+
+    /// Records that parameter `id`'s gradient is final.
+    pub fn finish(&mut self, id: ParamId) {
+        let b = self.bucket_of[id.0];
+        self.pending[b] -= 1;
+        if self.pending[b] == 0 {
+            self.ready[b] = true;
+        }
+    }
+
+    /// The next bucket to launch, if it is ready (call until `None`).
+    pub fn next_ready(&mut self) -> Option<usize> {
+        self.next_any().filter(|&b| self.ready[b]).inspect(|_| self.next += 1)
+    }
+
+    /// The next bucket not launched yet, ready or not (after backward, everything is).
+    pub fn next_unlaunched(&mut self) -> Option<usize> {
+        self.next_any().inspect(|_| self.next += 1)
+    }
+
+    fn next_any(&self) -> Option<usize> {
+        (self.next < self.buckets.len()).then_some(self.next)
+    }
+
+    /// True when some bucket has not been launched.
+    pub fn unlaunched(&self) -> bool {
+        self.next < self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+    use dptrain_core::{DType, Init, ParamBuilder, Role};
+
+    #[test]
+    fn buckets_launch_in_index_order_once_complete() {
+        let mut b = ParamBuilder::new();
+        for i in 0..4 {
+            b.add(&format!("p{i}"), &[8], Role::Vector, 1, 8, Init::Const(0.0));
+        }
+        let ps = b.build(1, DType::F32).unwrap();
+        // 8 floats = 32 bytes per parameter; a 32-byte cap makes one bucket per parameter,
+        // in reverse store order: bucket 0 = p3, 1 = p2, 2 = p1, 3 = p0.
+        let mut s = BucketSchedule::new(ps.infos(), 32.0 / (1024.0 * 1024.0));
+        assert_eq!(s.buckets().len(), 4);
+        assert_eq!(s.buckets()[0].params, vec![ParamId(3)]);
+        // p2 finishes first: bucket 1 is ready but bucket 0 is not, so nothing may launch.
+        s.finish(ParamId(2));
+        assert_eq!(s.next_ready(), None);
+        s.finish(ParamId(3));
+        assert_eq!((s.next_ready(), s.next_ready(), s.next_ready()), (Some(0), Some(1), None));
+        assert!(s.unlaunched());
+        assert_eq!((s.next_unlaunched(), s.next_unlaunched(), s.next_unlaunched()), (Some(2), Some(3), None));
+        assert!(!s.unlaunched());
+        // A new pass starts over.
+        s.begin();
+        assert_eq!(s.next_ready(), None);
+        for i in 0..4 {
+            s.finish(ParamId(i));
+        }
+        assert_eq!((0..4).map(|_| s.next_ready()).collect::<Vec<_>>(), vec![Some(0), Some(1), Some(2), Some(3)]);
+    }
+}

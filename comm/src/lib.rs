@@ -19,7 +19,7 @@ pub mod reducer;
 pub mod thread;
 pub mod world;
 
-pub use bucket::{assign_buckets, Bucket};
+pub use bucket::{assign_buckets, Bucket, BucketSchedule};
 pub use local::LocalComm;
 pub use reducer::{GradReducer, ReduceStats};
 pub use thread::ThreadComm;

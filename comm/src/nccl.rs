@@ -16,7 +16,7 @@
 //!
 //! Also here: the single-rank all-reduce that `dptrain gpu-check` runs.
 
-use crate::bucket::{assign_buckets, Bucket};
+use crate::bucket::{Bucket, BucketSchedule};
 use crate::reducer::ReduceStats;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::nccl::result as nc;
@@ -218,11 +218,7 @@ impl Drop for NcclComm {
 /// Bucketed in-place gradient averaging over NCCL, overlapping backward (see the module doc).
 pub struct NcclReducer {
     comm: NcclComm,
-    buckets: Vec<Bucket>,
-    bucket_of: Vec<usize>,
-    pending: Vec<usize>,
-    ready: Vec<bool>,
-    next_launch: usize,
+    sched: BucketSchedule,
     overlap: bool,
     active: bool,
     /// bf16 staging for the largest bucket (kept for the run: the communication stream uses it).
@@ -233,48 +229,25 @@ pub struct NcclReducer {
 
 impl NcclReducer {
     pub fn new(comm: NcclComm, params: &ParamStore, bucket_mb: f64, overlap: bool, bf16: bool, timeout: Duration) -> Result<NcclReducer> {
-        let cap = ((bucket_mb * 1024.0 * 1024.0) as usize).max(4);
-        let buckets = assign_buckets(params.infos(), (1 << 20).min(cap), cap, 4);
-        let mut bucket_of = vec![0; params.len()];
-        for (b, bk) in buckets.iter().enumerate() {
-            for p in &bk.params {
-                bucket_of[p.0] = b;
-            }
-        }
-        let scratch = if bf16 { Some(comm.dev.alloc(buckets.iter().map(Bucket::len).max().unwrap_or(1) * 2)?) } else { None };
-        let n = buckets.len();
-        Ok(NcclReducer {
-            pending: buckets.iter().map(|b| b.params.len()).collect(),
-            buckets,
-            bucket_of,
-            ready: vec![false; n],
-            next_launch: 0,
-            overlap,
-            active: false,
-            scratch,
-            comm,
-            timeout,
-            launched_at: None,
-        })
+        let sched = BucketSchedule::new(params.infos(), bucket_mb);
+        let largest = sched.buckets().iter().map(Bucket::len).max().unwrap_or(1);
+        let scratch = if bf16 { Some(comm.dev.alloc(largest * 2)?) } else { None };
+        Ok(NcclReducer { sched, overlap, active: false, scratch, comm, timeout, launched_at: None })
     }
 
     pub fn buckets(&self) -> &[Bucket] {
-        &self.buckets
+        self.sched.buckets()
     }
 
     /// Starts a backward pass; `sync` is true on the last micro-step of a step.
     pub fn begin(&mut self, sync: bool) {
         self.active = sync;
-        self.next_launch = 0;
         self.launched_at = None;
-        self.ready.fill(false);
-        for (p, b) in self.pending.iter_mut().zip(&self.buckets) {
-            *p = b.params.len();
-        }
+        self.sched.begin();
     }
 
     fn launch(&mut self, b: usize, grads: &GradStore, after: Option<&CudaEvent>) -> Result<()> {
-        let bk = &self.buckets[b];
+        let bk = &self.sched.buckets()[b];
         if grads.flat().numel() < bk.end {
             return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
         }
@@ -299,16 +272,15 @@ impl NcclReducer {
         if !self.active {
             return Ok(());
         }
-        let b = self.bucket_of[id.0];
-        self.pending[b] -= 1;
-        if self.pending[b] == 0 {
-            self.ready[b] = true;
-            if self.overlap && self.ready.get(self.next_launch).copied().unwrap_or(false) {
-                let ev = self.comm.compute_event()?;
-                while self.next_launch < self.buckets.len() && self.ready[self.next_launch] {
-                    self.launch(self.next_launch, grads, ev.as_ref())?;
-                    self.next_launch += 1;
+        self.sched.finish(id);
+        if self.overlap {
+            // One event on the compute stream covers every bucket launched now.
+            let mut ev = None;
+            while let Some(b) = self.sched.next_ready() {
+                if ev.is_none() {
+                    ev = Some(self.comm.compute_event()?);
                 }
+                self.launch(b, grads, ev.as_ref().and_then(|e| e.as_ref()))?;
             }
         }
         Ok(())
@@ -321,16 +293,18 @@ impl NcclReducer {
             return Ok(ReduceStats::default());
         }
         let t = Instant::now();
-        if self.next_launch < self.buckets.len() {
+        if self.sched.unlaunched() {
             let ev = self.comm.compute_event()?;
             let grouped = !self.overlap && self.scratch.is_none();
             if grouped {
                 self.comm.group(true)?;
             }
             let mut res = Ok(());
-            while self.next_launch < self.buckets.len() && res.is_ok() {
-                res = self.launch(self.next_launch, grads, ev.as_ref());
-                self.next_launch += 1;
+            while let Some(b) = self.sched.next_unlaunched() {
+                res = self.launch(b, grads, ev.as_ref());
+                if res.is_err() {
+                    break;
+                }
             }
             if grouped {
                 self.comm.group(false)?;

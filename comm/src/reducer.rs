@@ -9,7 +9,7 @@
 //! micro-steps of gradient accumulation (`begin(false)`) nothing is communicated (DDP's
 //! `no_sync`). With `overlap = false` all buckets are reduced after backward instead.
 
-use crate::bucket::{assign_buckets, Bucket};
+use crate::bucket::{Bucket, BucketSchedule};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::{Error, GradStore, ParamId, ParamStore, Result};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -62,11 +62,7 @@ impl ReduceStats {
 }
 
 pub struct GradReducer {
-    buckets: Vec<Bucket>,
-    bucket_of: Vec<usize>,
-    pending: Vec<usize>,
-    ready: Vec<bool>,
-    next_launch: usize,
+    sched: BucketSchedule,
     in_flight: usize,
     overlap: bool,
     active: bool,
@@ -88,14 +84,7 @@ impl GradReducer {
     /// As [`GradReducer::new`], communicating bf16 values when `bf16` (`comm.dtype`): each
     /// bucket is rounded to bf16, summed over ranks in bf16, and widened back.
     pub fn with_dtype(comm: Box<dyn Communicator>, params: &ParamStore, bucket_mb: f64, overlap: bool, bf16: bool) -> GradReducer {
-        let cap = ((bucket_mb * 1024.0 * 1024.0) as usize).max(4);
-        let buckets = assign_buckets(params.infos(), (1 << 20).min(cap), cap, 4);
-        let mut bucket_of = vec![0; params.len()];
-        for (b, bk) in buckets.iter().enumerate() {
-            for p in &bk.params {
-                bucket_of[p.0] = b;
-            }
-        }
+        let sched = BucketSchedule::new(params.infos(), bucket_mb);
         let scale = 1.0 / comm.world_size() as f32;
         let (tx, jobs) = channel::<Job>();
         let (done, rx) = channel::<Done>();
@@ -125,42 +114,23 @@ impl GradReducer {
                 }
             })
             .expect("spawn communication thread");
-        let n = buckets.len();
-        GradReducer {
-            pending: buckets.iter().map(|b| b.params.len()).collect(),
-            buckets,
-            bucket_of,
-            ready: vec![false; n],
-            next_launch: 0,
-            in_flight: 0,
-            overlap,
-            active: false,
-            tx: Some(tx),
-            rx,
-            thread: Some(thread),
-            comm_s: 0.0,
-            scale,
-        }
+        GradReducer { sched, in_flight: 0, overlap, active: false, tx: Some(tx), rx, thread: Some(thread), comm_s: 0.0, scale }
     }
 
     pub fn buckets(&self) -> &[Bucket] {
-        &self.buckets
+        self.sched.buckets()
     }
 
     /// Starts a backward pass; `sync` is true on the last micro-step of a step.
     pub fn begin(&mut self, sync: bool) {
         self.active = sync;
-        self.next_launch = 0;
         self.in_flight = 0;
         self.comm_s = 0.0;
-        self.ready.fill(false);
-        for (p, b) in self.pending.iter_mut().zip(&self.buckets) {
-            *p = b.params.len();
-        }
+        self.sched.begin();
     }
 
     fn launch(&mut self, b: usize, grads: &GradStore) -> Result<()> {
-        let bk = &self.buckets[b];
+        let bk = &self.sched.buckets()[b];
         if grads.flat().numel() < bk.end {
             return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
         }
@@ -185,15 +155,10 @@ impl GradReducer {
         if !self.active {
             return Ok(());
         }
-        let b = self.bucket_of[id.0];
-        self.pending[b] -= 1;
-        if self.pending[b] == 0 {
-            self.ready[b] = true;
-            if self.overlap {
-                while self.next_launch < self.buckets.len() && self.ready[self.next_launch] {
-                    self.launch(self.next_launch, grads)?;
-                    self.next_launch += 1;
-                }
+        self.sched.finish(id);
+        if self.overlap {
+            while let Some(b) = self.sched.next_ready() {
+                self.launch(b, grads)?;
             }
         }
         Ok(())
@@ -205,14 +170,13 @@ impl GradReducer {
             return Ok(ReduceStats::default());
         }
         let t = Instant::now();
-        while self.next_launch < self.buckets.len() {
-            self.launch(self.next_launch, grads)?;
-            self.next_launch += 1;
+        while let Some(b) = self.sched.next_unlaunched() {
+            self.launch(b, grads)?;
         }
         while self.in_flight > 0 {
             let d = self.rx.recv().map_err(|_| Error::Msg("communication thread exited".into()))?;
             d.result?;
-            let bk = &self.buckets[d.job.idx];
+            let bk = &self.sched.buckets()[d.job.idx];
             // Sum → mean, on this bucket's region only: others may still be in flight.
             for g in grads.region_mut(bk.start, bk.len())? {
                 *g *= self.scale;
