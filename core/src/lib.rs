@@ -1,6 +1,8 @@
-//! `dptrain-core`: the tensor engine (tensor, autograd tape, CPU kernels, fused training ops),
-//! the parameter store with its flat value/gradient buffers, checkpoint I/O, and the interfaces
-//! the other crates implement (`Communicator`, `Model`, `ProbeSink`).
+//! `dptrain-core`: the tensor engine (tensor, autograd tape, CPU kernels, CUDA kernels compiled
+//! at run time with NVRTC plus cuBLAS GEMMs behind the `cuda` feature, fused training ops), the
+//! parameter store with its flat value/gradient buffers, checkpoint I/O, and the interfaces the
+//! other crates implement (`Communicator`, `Model`, `ProbeSink`). Every op dispatches on its
+//! inputs' device; test builds can run the CUDA kernels on a CPU emulator (`cuda-emu`).
 //!
 //! Core knows no implementation of its traits: MPI and NCCL live in `dptrain-comm`, models in
 //! `dptrain-models`, optimizers in `dptrain-optim`. The engine is ours rather than candle's for
