@@ -1,4 +1,5 @@
-//! Finding NCCL. cudarc's loader asks the dynamic linker for `libnccl.so` (and `.so.1`, `.so.9`…),
+//! Finding NCCL (and, with the same search, NVRTC and cuBLAS). cudarc's loader asks the dynamic
+//! linker for `libnccl.so` (and `.so.1`, `.so.9`…),
 //! but pip's `nvidia-nccl-cu13` — how most GPU machines get NCCL — ships only the real soname
 //! `libnccl.so.2`. So dptrain looks for `libnccl.so.2` itself (`DPTRAIN_NCCL_LIB`, then the
 //! directories on `LD_LIBRARY_PATH`, then pip's `nvidia/nccl/lib` under the usual Python
@@ -18,10 +19,19 @@ fn lib_in(p: &Path) -> Option<PathBuf> {
     ["libnccl.so.2", "libnccl.so"].iter().map(|n| p.join(n)).find(|f| f.is_file())
 }
 
-/// Candidate directories, in search order (without `DPTRAIN_NCCL_LIB`).
+/// Candidate directories, in search order (without `DPTRAIN_NCCL_LIB`): `LD_LIBRARY_PATH`, then
+/// every `nvidia/<package>/lib` of pip's NVIDIA wheels (NCCL, NVRTC, cuBLAS — `nvidia/cu13/lib`
+/// for CUDA 13 wheels) under the usual Python prefixes, then the system library directories.
 pub fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
     let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"].iter().filter_map(std::env::var_os).map(PathBuf::from).collect();
+    // The environment of the `python3` on PATH (e.g. a venv's bin/python3 → the venv), without
+    // resolving its symlink (that would lead to the base interpreter).
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(bin) = std::env::split_paths(&path).find(|d| d.join("python3").exists()) {
+            prefixes.extend(bin.parent().map(Path::to_path_buf));
+        }
+    }
     prefixes.extend(["/usr/local", "/usr", "/opt/conda"].map(PathBuf::from));
     if let Some(home) = std::env::var_os("HOME") {
         prefixes.push(PathBuf::from(home).join(".local"));
@@ -37,13 +47,23 @@ pub fn search_dirs() -> Vec<PathBuf> {
             pys.sort();
             for py in pys {
                 for sp in ["site-packages", "dist-packages"] {
-                    dirs.push(py.join(sp).join("nvidia/nccl/lib"));
+                    let nv = py.join(sp).join("nvidia");
+                    dirs.push(nv.join("nccl/lib"));
+                    let Ok(pkgs) = std::fs::read_dir(&nv) else { continue };
+                    let mut libs: Vec<PathBuf> = pkgs.flatten().map(|e| e.path().join("lib")).filter(|l| l.is_dir()).collect();
+                    libs.sort();
+                    dirs.extend(libs);
                 }
             }
         }
     }
     dirs.extend(["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/cuda/lib64"].map(PathBuf::from));
     dirs
+}
+
+/// The first of `dirs` holding a file named one of `names` (e.g. `libnvrtc.so.13`).
+pub fn dir_with(dirs: &[PathBuf], names: &[&str]) -> Option<PathBuf> {
+    dirs.iter().find(|d| names.iter().any(|n| d.join(n).is_file())).cloned()
 }
 
 /// The NCCL library to use: `override_path` (from `DPTRAIN_NCCL_LIB`) if given — it must
@@ -99,9 +119,28 @@ mod tests {
         assert_eq!(std::fs::read_link(&link).unwrap(), found.canonicalize().unwrap());
         shim_dir(&found, &root.join("shim")).unwrap();
         assert_eq!(std::fs::read(&link).unwrap(), b"not really a library");
-        // search_dirs covers VIRTUAL_ENV-style prefixes
+        // search_dirs covers VIRTUAL_ENV-style prefixes, and every pip NVIDIA package's lib dir
+        let cu13 = root.join("venv/lib/python3.11/site-packages/nvidia/cu13/lib");
+        std::fs::create_dir_all(&cu13).unwrap();
+        std::fs::write(cu13.join("libnvrtc.so.13"), b"").unwrap();
         std::env::set_var("VIRTUAL_ENV", root.join("venv"));
-        assert!(search_dirs().contains(&pip));
+        let dirs = search_dirs();
+        assert!(dirs.contains(&pip) && dirs.contains(&cu13), "{dirs:?}");
+        assert_eq!(dir_with(&dirs, &["libnvrtc.so.13", "libnvrtc.so.12"]), Some(cu13.clone()));
+        assert_eq!(dir_with(&dirs, &["libnothing.so"]), None);
+        // ... and the environment of the python3 on PATH (a venv without VIRTUAL_ENV set)
+        std::env::remove_var("VIRTUAL_ENV");
+        let bin = root.join("venv/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("python3"), b"").unwrap();
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut path = std::ffi::OsString::from(bin.as_os_str());
+        path.push(":");
+        path.push(&old);
+        std::env::set_var("PATH", &path);
+        let dirs = search_dirs();
+        std::env::set_var("PATH", &old);
+        assert!(dirs.contains(&cu13), "{dirs:?}");
         std::fs::remove_dir_all(&root).ok();
     }
 }

@@ -273,28 +273,40 @@ fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
     }
 }
 
-/// Makes NCCL loadable for this process: if cudarc cannot load `libnccl.so` but a
-/// `libnccl.so.2` is found (see `dptrain_comm::nccl_lib`), links it into a private directory and
-/// re-executes the binary once with that directory on `LD_LIBRARY_PATH`. Returns normally when
-/// nothing needs doing (or nothing was found: the NCCL check then reports it).
+/// Makes the CUDA libraries dptrain loads at run time loadable for this process: NVRTC and
+/// cuBLAS when the dynamic linker cannot find them but pip's NVIDIA wheels (or a system CUDA)
+/// have them, and NCCL — cudarc asks for `libnccl.so`, pip ships `libnccl.so.2` — through a
+/// private `libnccl.so` link (see `dptrain_comm::nccl_lib`). If anything was missing and found,
+/// re-executes the binary once with those directories on `LD_LIBRARY_PATH` (the dynamic linker
+/// reads it only at start). Returns normally when nothing needs doing or nothing was found (the
+/// checks then report what is missing).
 #[cfg(feature = "cuda")]
-pub fn ensure_nccl() {
+pub fn ensure_cuda_libs() {
     use dptrain_comm::nccl_lib;
     use std::os::unix::process::CommandExt;
-    if std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some() || dptrain_comm::nccl::nccl_present() {
+    if std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some() {
         return;
     }
-    let over = std::env::var_os("DPTRAIN_NCCL_LIB").map(std::path::PathBuf::from);
-    let lib = match nccl_lib::find(over.as_deref(), &nccl_lib::search_dirs()) {
-        Ok(Some(l)) => l,
-        Ok(None) => return,
-        Err(e) => {
-            eprintln!("dptrain: {e}");
-            return;
+    let dirs = nccl_lib::search_dirs();
+    let mut add: Vec<std::path::PathBuf> = vec![];
+    if !dptrain_core::kernels::cuda::nvrtc_available() {
+        add.extend(nccl_lib::dir_with(&dirs, &["libnvrtc.so.13", "libnvrtc.so.12"]));
+    }
+    if !dptrain_core::kernels::cuda::cublas_available() {
+        add.extend(nccl_lib::dir_with(&dirs, &["libcublas.so.13", "libcublas.so.12"]));
+    }
+    if !dptrain_comm::nccl::nccl_present() {
+        let over = std::env::var_os("DPTRAIN_NCCL_LIB").map(std::path::PathBuf::from);
+        match nccl_lib::find(over.as_deref(), &dirs) {
+            Ok(Some(lib)) => add.extend(nccl_lib::shim_dir(&lib, &nccl_lib::default_shim_dir()).ok()),
+            Ok(None) => {}
+            Err(e) => eprintln!("dptrain: {e}"),
         }
-    };
-    let Ok(dir) = nccl_lib::shim_dir(&lib, &nccl_lib::default_shim_dir()) else { return };
-    let mut path = std::ffi::OsString::from(dir.as_os_str());
+    }
+    if add.is_empty() {
+        return;
+    }
+    let mut path = std::env::join_paths(&add).unwrap_or_default();
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
         path.push(":");
         path.push(old);
@@ -305,5 +317,5 @@ pub fn ensure_nccl() {
         .env("LD_LIBRARY_PATH", path)
         .env("DPTRAIN_NCCL_REEXEC", "1")
         .exec();
-    eprintln!("dptrain: re-executing with NCCL on LD_LIBRARY_PATH failed: {err}");
+    eprintln!("dptrain: re-executing with the CUDA libraries on LD_LIBRARY_PATH failed: {err}");
 }

@@ -14,13 +14,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Train { config, sets, run_dir, resume } => {
-            // Multi-GPU runs need NCCL loadable; this must happen before MPI starts (it may
-            // re-execute the binary with NCCL's directory on the library path).
+            // GPU runs need NVRTC, cuBLAS (and NCCL for several GPUs) loadable; this must happen
+            // before MPI starts (it may re-execute the binary with their directories on the
+            // library path).
             #[cfg(feature = "cuda")]
             if !dptrain_core::tensor::cuda::emulated()
                 && matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_))
             {
-                dptrain_launcher::gpu_check::ensure_nccl();
+                dptrain_launcher::gpu_check::ensure_cuda_libs();
             }
             train(&TrainArgs { config, sets, run_dir, resume })?;
         }
@@ -28,7 +29,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::GpuCheck { device } => {
             #[cfg(feature = "cuda")]
             if matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_)) {
-                dptrain_launcher::gpu_check::ensure_nccl();
+                dptrain_launcher::gpu_check::ensure_cuda_libs();
             }
             dptrain_launcher::gpu_check::run(device)?
         }

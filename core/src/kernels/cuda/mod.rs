@@ -32,6 +32,12 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// True when cuBLAS can be loaded.
+pub fn cublas_available() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
 /// True when the CUDA driver library (libcuda) can be loaded.
 pub fn driver_available() -> bool {
     // SAFETY: is_culib_present only tries to dlopen the library.
