@@ -122,11 +122,12 @@ mod tests {
         // search_dirs covers VIRTUAL_ENV-style prefixes, and every pip NVIDIA package's lib dir
         let cu13 = root.join("venv/lib/python3.11/site-packages/nvidia/cu13/lib");
         std::fs::create_dir_all(&cu13).unwrap();
-        std::fs::write(cu13.join("libnvrtc.so.13"), b"").unwrap();
+        // (a made-up name: the real libnvrtc may be on LD_LIBRARY_PATH, which is searched first)
+        std::fs::write(cu13.join("libdptrain-test.so.13"), b"").unwrap();
         std::env::set_var("VIRTUAL_ENV", root.join("venv"));
         let dirs = search_dirs();
         assert!(dirs.contains(&pip) && dirs.contains(&cu13), "{dirs:?}");
-        assert_eq!(dir_with(&dirs, &["libnvrtc.so.13", "libnvrtc.so.12"]), Some(cu13.clone()));
+        assert_eq!(dir_with(&dirs, &["libdptrain-test.so.12", "libdptrain-test.so.13"]), Some(cu13.clone()));
         assert_eq!(dir_with(&dirs, &["libnothing.so"]), None);
         // ... and the environment of the python3 on PATH (a venv without VIRTUAL_ENV set)
         std::env::remove_var("VIRTUAL_ENV");
