@@ -7,7 +7,7 @@
 use crate::error::{input_err, LaunchError, Result};
 use dptrain_core::checkpoint::{atomic_write, tensors_from_bytes, tensors_to_bytes};
 use dptrain_core::data::StreamState;
-use dptrain_core::ParamStore;
+use dptrain_core::{ParamStore, Tensor};
 use dptrain_optim::Optimizer;
 use std::path::{Path, PathBuf};
 
@@ -41,7 +41,7 @@ pub fn save(
     run: &Path,
     step: u64,
     params: &ParamStore,
-    opt: &dyn Optimizer,
+    opt_tensors: &[(String, Tensor)],
     state: &State,
     config_toml: &str,
     keep_last: usize,
@@ -52,9 +52,8 @@ pub fn save(
     let tmp = root.join(format!(".step_{step:07}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(rt)?;
-    let (opt_tensors, _) = opt.state(params);
     atomic_write(&tmp.join("model.safetensors"), &tensors_to_bytes(&params.named_tensors()?)?)?;
-    atomic_write(&tmp.join("optimizer.safetensors"), &tensors_to_bytes(&opt_tensors)?)?;
+    atomic_write(&tmp.join("optimizer.safetensors"), &tensors_to_bytes(opt_tensors)?)?;
     atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(state).map_err(rt)?.as_bytes())?;
     atomic_write(&tmp.join("config.toml"), config_toml.as_bytes())?;
     let _ = std::fs::remove_dir_all(&dst);

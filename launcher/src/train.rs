@@ -970,7 +970,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.steps {
             // Only rank 0 writes; no collective inside the rank-0 branch; everyone waits after.
             if rank0 {
-                let (_, scalars) = run.opt.state(&run.params);
+                let (opt_tensors, scalars) = run.opt.state(&run.params)?;
                 let st = State {
                     format: checkpoint::FORMAT,
                     step: done,
@@ -981,7 +981,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
                     fingerprint: run.params.layout_fingerprint(),
                     seed: run.seed,
                 };
-                checkpoint::save(&run.run_dir, done, &run.params, run.opt.as_ref(), &st, &run.config_toml, run.keep_last)?;
+                checkpoint::save(&run.run_dir, done, &run.params, &opt_tensors, &st, &run.config_toml, run.keep_last)?;
             }
             comm.barrier()?;
         }

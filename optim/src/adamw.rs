@@ -121,15 +121,16 @@ impl Optimizer for AdamW {
         }
         Ok(())
     }
-    fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
+        // On a GPU the moments are read back (once per checkpoint).
         let (m, v) = match &self.dev {
-            Some([m, v, _]) => (m.to_vec::<f32>().expect("optimizer state readable"), v.to_vec::<f32>().expect("optimizer state readable")),
+            Some([m, v, _]) => (m.to_vec::<f32>()?, v.to_vec::<f32>()?),
             None => (self.m.clone(), self.v.clone()),
         };
         let mut v_ = split_state("exp_avg", &m, params);
         v_.extend(split_state("exp_avg_sq", &v, params));
         let v = v_;
-        (v, serde_json::json!({ "step": self.t }))
+        Ok((v, serde_json::json!({ "step": self.t })))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;

@@ -32,7 +32,7 @@ pub trait Optimizer: Send {
     /// One update with learning rate `lr` (the schedule's value for this step).
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, lr: f64) -> Result<()>;
     /// Named state tensors (e.g. `exp_avg.transformer.wte.weight`) plus scalar state as JSON.
-    fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value);
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)>;
     /// Restores what `state` produced; names and shapes must match.
     fn load_state(
         &mut self,

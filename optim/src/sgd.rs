@@ -64,12 +64,12 @@ impl Optimizer for Sgd {
         self.started = true;
         Ok(())
     }
-    fn state(&self, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         let buf = match &self.dev {
-            Some([b, _]) => b.to_vec::<f32>().expect("optimizer state readable"),
+            Some([b, _]) => b.to_vec::<f32>()?,
             None => self.buf.clone(),
         };
-        (split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.started }))
+        Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.started })))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;

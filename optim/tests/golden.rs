@@ -132,7 +132,7 @@ fn state_roundtrips_by_param_name() {
     let mut g = GradStore::new(&ps);
     g.flat_mut::<f32>().unwrap().copy_from_slice(&vals(&f["grads"][0]));
     a.step(&mut ps, &g, 0.1).unwrap();
-    let (tensors, scalars) = a.state(&ps);
+    let (tensors, scalars) = a.state(&ps).unwrap();
     assert!(tensors.iter().any(|(n, _)| n == "exp_avg.p"));
     let map = tensors.into_iter().collect();
     let mut b = AdamW::new(AdamWConfig::default(), &ps);
