@@ -138,7 +138,6 @@ fn every_launch_site_matches_its_kernel_signature() {
             match name.as_str() {
                 "name" if args.contains("na as i64") => ["add_f32", "sub_f32", "mul_f32", "div_f32"].map(String::from).to_vec(),
                 "name" if args.contains("ptr(&s)?") => ["tanh_bwd_f32", "relu_bwd_f32", "square_bwd_f32"].map(String::from).to_vec(),
-                "name" if file == "reduce" => ["sum_f32", "sum_squares_f32"].map(String::from).to_vec(),
                 "name" => ["exp_f32", "log_f32", "tanh_f32", "relu_f32", "square_f32"].map(String::from).to_vec(),
                 other => panic!("launch with kernel expression `{other}` not covered by this test"),
             }

@@ -408,25 +408,16 @@ pub fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
     sum_dims(g, &dims)?.reshape(target)
 }
 
-/// Σx over all elements, returned to the host (waits for the device).
-pub fn sum_all_host(x: &Tensor) -> Result<f64> {
-    reduce_all_host("sum_f32", x)
-}
-
 /// Σx² over all elements, returned to the host (waits for the device).
 pub fn sum_squares_host(x: &Tensor) -> Result<f64> {
-    reduce_all_host("sum_squares_f32", x)
-}
-
-fn reduce_all_host(name: &'static str, x: &Tensor) -> Result<f64> {
-    f32_only(x, name)?;
+    f32_only(x, "sum_squares")?;
     let d = dev_of(x)?;
     let c = contiguous(x)?;
     let acc = d.alloc_zeros(8)?;
     let n = c.numel();
     let cfg = grid(n.min(BLOCK as usize * 1024));
-    // name(const float* x, double* out, i64 n)
-    launch!(d, "reduce", name, cfg; ptr(&c)?, acc.ptr, n as i64)?;
+    // sum_squares_f32(const float* x, double* out, i64 n)
+    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, acc.ptr, n as i64)?;
     Ok(d.download::<f64>(acc.ptr, 1)?[0])
 }
 

@@ -25,11 +25,3 @@ extern "C" __global__ void sum_squares_f32(const float* x, double* out, i64 n) {
     acc = block_sum(acc);
     if (threadIdx.x == 0) atomicAdd(out, (double)acc);
 }
-
-// Sum of all elements (block partials accumulated in double; out must be zeroed first).
-extern "C" __global__ void sum_f32(const float* x, double* out, i64 n) {
-    float acc = 0.0f;
-    GRID_STRIDE(i, n) { acc += x[i]; }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(out, (double)acc);
-}
