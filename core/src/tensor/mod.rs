@@ -238,6 +238,17 @@ impl Tensor {
         Ok(&s[self.offset..self.offset + self.numel()])
     }
 
+    /// The CPU storage, for writing: fails on a GPU tensor and unless this is the only handle.
+    fn cpu_unique(&mut self) -> Result<&mut CpuStorage> {
+        let st = Arc::get_mut(&mut self.storage)
+            .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
+        match st {
+            Storage::Cpu(c) => Ok(c),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(on_gpu()),
+        }
+    }
+
     /// Mutable access to the packed elements; fails unless this is the only handle to the
     /// storage (an autograd tape still holding the tensor is the usual reason).
     pub fn data_mut<T: Elem>(&mut self) -> Result<&mut [T]> {
@@ -245,13 +256,7 @@ impl Tensor {
             return Err(Error::shape("data_mut", "tensor is not contiguous"));
         }
         let (off, n, dt) = (self.offset, self.numel(), self.dtype());
-        let st = Arc::get_mut(&mut self.storage)
-            .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
-        let c = match st {
-            Storage::Cpu(c) => c,
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => return Err(on_gpu()),
-        };
+        let c = self.cpu_unique()?;
         let s = T::slice_mut(c).ok_or_else(|| Error::DType { op: "data_mut", expected: T::DTYPE.to_string(), got: dt.to_string() })?;
         Ok(&mut s[off..off + n])
     }
@@ -264,13 +269,7 @@ impl Tensor {
             return Err(Error::shape("region_mut", format!("[{start}, {}) of {} elements", start + len, self.numel())));
         }
         let (off, dt) = (self.offset, self.dtype());
-        let st = Arc::get_mut(&mut self.storage)
-            .ok_or_else(|| Error::Msg("tensor storage is shared (is an autograd tape still alive?)".into()))?;
-        let c = match st {
-            Storage::Cpu(c) => c,
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => return Err(on_gpu()),
-        };
+        let c = self.cpu_unique()?;
         let ptr = match (T::DTYPE, c) {
             (DType::F32, CpuStorage::F32(b)) => b.as_mut_ptr() as *mut T,
             (DType::F64, CpuStorage::F64(b)) => b.as_mut_ptr() as *mut T,
