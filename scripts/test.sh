@@ -4,7 +4,7 @@
 # compile check of every CUDA kernel (NVRTC 13.0 from PyPI; no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 # Open MPI refuses root without these; CI and dev machines here run as root.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 NVRTC_VENV=${DPTRAIN_NVRTC_VENV:-/tmp/dptrain-nvrtc-venv}
