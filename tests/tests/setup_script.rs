@@ -78,10 +78,7 @@ impl Drop for FakeMachine {
 }
 
 fn line<'a>(report: &'a str, name: &str) -> &'a str {
-    report
-        .lines()
-        .find(|l| l.split_whitespace().nth(1) == Some(name))
-        .unwrap_or_else(|| panic!("no line for {name} in:\n{report}"))
+    report.lines().find(|l| l.split_whitespace().nth(1) == Some(name)).unwrap_or_else(|| panic!("no line for {name} in:\n{report}"))
 }
 
 #[test]
@@ -218,10 +215,7 @@ fn install_mode_fails_in_one_line_when_the_install_did_not_help() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or("");
-    assert_eq!(
-        last, "scripts/setup.sh: still missing after apt-get install: mpirun (openmpi-bin) libclang (libclang-dev)",
-        "{err}"
-    );
+    assert_eq!(last, "scripts/setup.sh: still missing after apt-get install: mpirun (openmpi-bin) libclang (libclang-dev)", "{err}");
 }
 
 #[test]
