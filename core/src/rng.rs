@@ -1,6 +1,37 @@
 //! A small, seedable, serialisable RNG (xoshiro256++ seeded through SplitMix64). Parameter init,
 //! synthetic data and samplers all draw from it, so a run is a pure function of its seed, and a
 //! checkpoint can save the RNG state as four integers for bitwise-exact resume.
+//!
+//! Beside it, counter-based draws ([`key_of`], [`draw`]): a value that is a pure function of a
+//! key and an index, with no state to carry. Random LM windows and dropout masks use them, keyed
+//! by (seed, step, rank, micro-step, ...), so a resumed run draws exactly what the uninterrupted
+//! one did, and a CUDA kernel regenerates the same dropout mask as the CPU (integer arithmetic
+//! only: `dpt_draw` in `kernels/cuda/common.cuh` is this function).
+
+/// SplitMix64's increment: the golden ratio in 64 bits.
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: a bijective 64-bit mixer.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A key for counter-based draws from a tuple of integers (order matters).
+pub fn key_of(parts: &[u64]) -> u64 {
+    parts.iter().fold(0x6A09_E667_F3BC_C909, |k, &p| mix64(k ^ mix64(p.wrapping_add(GOLDEN))))
+}
+
+/// The `i`-th 64-bit draw of the stream `key`.
+pub fn draw(key: u64, i: u64) -> u64 {
+    mix64(key.wrapping_add(i.wrapping_mul(GOLDEN)))
+}
+
+/// Uniform integer in [0, n) from a 64-bit draw (multiply-shift).
+pub fn below_from(draw: u64, n: u64) -> u64 {
+    ((draw as u128 * n as u128) >> 64) as u64
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
@@ -8,11 +39,8 @@ pub struct Rng {
 }
 
 fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    *x = x.wrapping_add(GOLDEN);
+    mix64(*x)
 }
 
 impl Rng {

@@ -129,6 +129,10 @@ fn fused_ops() {
     check("gelu erf", vec![rand(&[9], &mut Rng::new(5), -3.0, 3.0)], |_, v| v[0].gelu(false));
     check("gelu tanh", vec![rand(&[9], &mut Rng::new(6), -3.0, 3.0)], |_, v| v[0].gelu(true));
     check("attention", vec![r(&[2, 5, 12], 7)], |_, v| Ok(v[0].causal_attention(2)?.y));
+    // Dropout with a fixed mask (fixed key): a linear map, so central differences see it exactly.
+    let drop = dptrain_core::ops::dropout::Dropout::new(0.4, 1234).unwrap();
+    check("dropout", vec![r(&[6, 7], 21)], |_, v| v[0].dropout(drop));
+    check("attention + dropout", vec![r(&[2, 6, 12], 22)], |_, v| Ok(v[0].causal_attention_dropout(2, drop)?.y));
     check("cross_entropy", vec![r(&[4, 6], 8)], |_, v| Ok(v[0].cross_entropy(&[0, 5, 3, 3], 0.0)?.loss));
     check("cross_entropy z-loss", vec![r(&[4, 6], 9)], |_, v| Ok(v[0].cross_entropy(&[1, 2, 3, 4], 0.1)?.loss));
     let (m, var) = stats(3);

@@ -47,6 +47,7 @@ pub struct Tape {
     grad_enabled: bool,
     used: std::cell::Cell<bool>,
     precision: std::cell::Cell<Precision>,
+    rng_key: std::cell::Cell<u64>,
 }
 
 /// A handle to a value on a tape.
@@ -86,6 +87,7 @@ impl Tape {
             grad_enabled: true,
             used: false.into(),
             precision: Precision::F32.into(),
+            rng_key: 0.into(),
         }
     }
     /// A tape that records nothing for backward (evaluation).
@@ -98,6 +100,15 @@ impl Tape {
     }
     pub fn precision(&self) -> Precision {
         self.precision.get()
+    }
+    /// Keys the dropout masks drawn on this tape (the trainer: seed, step, rank, micro-step);
+    /// 0 until set.
+    pub fn set_rng_key(&self, key: u64) {
+        self.rng_key.set(key);
+    }
+    /// The mask of dropout site `site` with probability `p` on this tape (`None` when `p` is 0).
+    pub fn dropout(&self, p: f64, site: u64) -> Result<Option<crate::ops::dropout::Dropout>> {
+        Ok(crate::ops::dropout::Dropout::new(p, self.rng_key.get())?.map(|d| d.site(site)))
     }
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled

@@ -3,6 +3,7 @@
 //! [`Var`](crate::autograd::Var) (`x.matmul(w)`, `x.gelu(..)`), so model code reads like math.
 
 pub mod conv;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod flat;

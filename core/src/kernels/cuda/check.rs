@@ -145,6 +145,15 @@ fn cases() -> Vec<Case> {
     ));
     v.push(f32c("layer_norm (no affine)", vec![randn(&[64, 96], 40)], Box::new(|_, x, _| x[0].layer_norm(None, None, 1e-5))));
     v.push(f32c("causal_attention", vec![randn(&[2, 33, 3 * 32], 41)], Box::new(|_, x, _| Ok(x[0].causal_attention(4)?.y))));
+    // Dropout masks are drawn on the device from (key, index): the GPU must keep exactly the
+    // elements the CPU keeps, or these rows fail by O(1).
+    let drop = crate::ops::dropout::Dropout::new(0.3, 0xd1ce).expect("valid p");
+    v.push(f32c("dropout (p 0.3)", vec![randn(&[3, 1000], 54)], Box::new(move |_, x, _| x[0].dropout(drop))));
+    v.push(f32c(
+        "causal_attention + dropout 0.3",
+        vec![randn(&[2, 33, 3 * 32], 55)],
+        Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(4, drop)?.y)),
+    ));
     v.push(Case {
         name: "causal_attention, bf16 GEMM inputs".into(),
         inputs: vec![randn(&[2, 33, 3 * 32], 42)],

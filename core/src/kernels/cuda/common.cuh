@@ -43,4 +43,20 @@ __device__ __forceinline__ float block_max(float v) {
     return t;
 }
 
+// Counter-based draws, bit for bit those of core/src/rng.rs (mix64, draw): dropout masks are
+// regenerated from (key, element index) instead of stored, and match the CPU's exactly.
+typedef unsigned long long u64_t;
+__device__ __forceinline__ u64_t dpt_mix64(u64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ u64_t dpt_draw(u64_t key, u64_t i) {
+    return dpt_mix64(key + i * 0x9E3779B97F4A7C15ULL);
+}
+// Element i survives dropout when the top 32 bits of its draw reach the threshold p·2^32.
+__device__ __forceinline__ bool dpt_keep(i64 key, i64 i, i64 threshold) {
+    return (i64)(dpt_draw((u64_t)key, (u64_t)i) >> 32) >= threshold;
+}
+
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)

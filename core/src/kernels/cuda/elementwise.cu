@@ -24,6 +24,11 @@ extern "C" __global__ void affine_f32(const float* in, float* out, i64 n, float 
     GRID_STRIDE(i, n) { out[i] = in[i] * mul + add; }
 }
 
+// Inverted dropout with a mask regenerated from (key, index); also its own backward.
+extern "C" __global__ void dropout_f32(const float* in, float* out, i64 n, i64 key, i64 threshold, float scale) {
+    GRID_STRIDE(i, n) { out[i] = dpt_keep(key, i, threshold) ? in[i] * scale : 0.0f; }
+}
+
 // Backward passes of the pointwise maps: g is the output gradient.
 extern "C" __global__ void tanh_bwd_f32(const float* g, const float* y, float* out, i64 n) {
     GRID_STRIDE(i, n) { out[i] = g[i] * (1.0f - y[i] * y[i]); }

@@ -298,6 +298,21 @@ pub fn unary(name: &'static str, x: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Dropout with mask `dr` (see `ops::dropout`); `out` may be `x` itself (in place).
+pub(crate) fn dropout_raw(d: &CudaDev, x: u64, out: u64, n: usize, dr: crate::ops::dropout::Dropout) -> Result<()> {
+    // dropout_f32(const float* in, float* out, i64 n, i64 key, i64 threshold, float scale)
+    launch!(d, "elementwise", "dropout_f32", grid(n); x, out, n as i64, dr.key as i64, dr.threshold() as i64, dr.scale() as f32)
+}
+
+pub fn dropout(x: &Tensor, dr: crate::ops::dropout::Dropout) -> Result<Tensor> {
+    f32_only(x, "dropout")?;
+    let d = dev_of(x)?;
+    let c = contiguous(x)?;
+    let out = empty(&d, x.shape())?;
+    dropout_raw(&d, ptr(&c)?, ptr(&out)?, out.numel(), dr)?;
+    Ok(out)
+}
+
 pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
     f32_only(x, "affine")?;
     let d = dev_of(x)?;
@@ -645,7 +660,16 @@ pub struct AttnSaved {
 
 /// Causal attention over packed qkv `[b, t, 3c]`: (y `[b, t, c]`, saved, max logit).
 /// Returns the max logit to the host (waits for the device).
-pub fn attention(qkv: &Tensor, b: usize, t: usize, h: usize, dh: usize, prec: Prec) -> Result<(Tensor, AttnSaved, f64)> {
+/// `drop`: dropout on the probabilities before P·V (the mask regenerated in backward).
+pub fn attention(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    prec: Prec,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<(Tensor, AttnSaved, f64)> {
     f32_only(qkv, "causal_attention")?;
     let d = dev_of(qkv)?;
     let qkv = contiguous(qkv)?;
@@ -666,8 +690,16 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, h: usize, dh: usize, prec: Pr
     // causal_softmax_fwd_f32(float* s, float* row_max, i64 rows, i64 t)
     launch!(d, "attention", "causal_softmax_fwd_f32", per_row(bh * t); ptr(&p)?, ptr(&row_max)?, (bh * t) as i64, ti)?;
     let o = empty(&d, &[bh, t, dh])?;
-    let pm = MatArg { ptr: ptr(&p)?, trans: false, ld: t, batch_stride: t * t };
-    gemm_prec(&d, t, dh, t, (&p, pm), (&v, row(&v)?), ptr(&o)?, bh, 1.0, 0.0, prec)?;
+    // P·V reads the dropped probabilities; P itself is saved for the softmax backward.
+    let pd = drop.map(|dr| -> Result<Tensor> {
+        let pd = empty(&d, &[bh, t, t])?;
+        dropout_raw(&d, ptr(&p)?, ptr(&pd)?, bh * t * t, dr)?;
+        Ok(pd)
+    });
+    let pd = pd.transpose()?;
+    let pv = pd.as_ref().unwrap_or(&p);
+    let pm = MatArg { ptr: ptr(pv)?, trans: false, ld: t, batch_stride: t * t };
+    gemm_prec(&d, t, dh, t, (pv, pm), (&v, row(&v)?), ptr(&o)?, bh, 1.0, 0.0, prec)?;
     let y = empty(&d, &[b, t, h * dh])?;
     // merge_heads_f32(const float* o, float* y, i64 b, i64 t, i64 h, i64 d)
     launch!(d, "attention", "merge_heads_f32", grid(n); ptr(&o)?, ptr(&y)?, bi, ti, hi, di)?;
@@ -675,7 +707,16 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, h: usize, dh: usize, prec: Pr
     Ok((y, AttnSaved { q, k, v, p }, mx))
 }
 
-pub fn attention_bwd(g: &Tensor, s: &AttnSaved, b: usize, t: usize, h: usize, dh: usize, prec: Prec) -> Result<Tensor> {
+pub fn attention_bwd(
+    g: &Tensor,
+    s: &AttnSaved,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    prec: Prec,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<Tensor> {
     let d = dev_of(g)?;
     let g = contiguous(g)?;
     let bh = b * h;
@@ -688,12 +729,24 @@ pub fn attention_bwd(g: &Tensor, s: &AttnSaved, b: usize, t: usize, h: usize, dh
     let row = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: false, ld: dh, batch_stride: td }) };
     let tr = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: true, ld: dh, batch_stride: td }) };
     let sq = |x: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans, ld: t, batch_stride: t * t }) };
-    // dV = Pᵀ·dO
+    // dV = Pᵀ·dO, with the dropped P forward used (regenerated from the mask's key)
     let dv = empty(&d, &[bh, t, dh])?;
-    gemm_prec(&d, t, dh, t, (&s.p, sq(&s.p, true)?), (&go, row(&go)?), ptr(&dv)?, bh, 1.0, 0.0, prec)?;
-    // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale in place
+    let pd = drop
+        .map(|dr| -> Result<Tensor> {
+            let pd = empty(&d, &[bh, t, t])?;
+            dropout_raw(&d, ptr(&s.p)?, ptr(&pd)?, bh * t * t, dr)?;
+            Ok(pd)
+        })
+        .transpose()?;
+    let pv = pd.as_ref().unwrap_or(&s.p);
+    gemm_prec(&d, t, dh, t, (pv, sq(pv, true)?), (&go, row(&go)?), ptr(&dv)?, bh, 1.0, 0.0, prec)?;
+    std::mem::drop(pd);
+    // dP = dO·Vᵀ (through the dropout mask), then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale in place
     let dp = empty(&d, &[bh, t, t])?;
     gemm_prec(&d, t, t, dh, (&go, row(&go)?), (&s.v, tr(&s.v)?), ptr(&dp)?, bh, 1.0, 0.0, prec)?;
+    if let Some(dr) = drop {
+        dropout_raw(&d, ptr(&dp)?, ptr(&dp)?, bh * t * t, dr)?;
+    }
     let scale = (1.0 / (dh as f64).sqrt()) as f32;
     // causal_softmax_bwd_f32(const float* p, float* dp, i64 rows, i64 t, float scale)
     launch!(d, "attention", "causal_softmax_bwd_f32", per_row(bh * t); ptr(&s.p)?, ptr(&dp)?, (bh * t) as i64, ti, scale)?;
@@ -707,22 +760,39 @@ pub fn attention_bwd(g: &Tensor, s: &AttnSaved, b: usize, t: usize, h: usize, dh
     Ok(gx)
 }
 
-/// Cross-entropy rows over packed logits `[rows, v]`: (lse per row on the device, and on the
-/// host: mean loss, mean log Z, mean logit). Waits for the device.
-pub fn cross_entropy(x: &Tensor, targets: &[u32], z: f64) -> Result<(Tensor, DevBuf, f64, f64, f64)> {
+/// Host-side results of [`cross_entropy`] (means over rows).
+pub struct CeStats {
+    pub loss: f64,
+    pub log_z_mean: f64,
+    pub logit_mean: f64,
+    pub z_loss: f64,
+    pub accuracy: f64,
+}
+
+/// Cross-entropy rows over packed logits `[rows, v]`: lse per row and the targets on the
+/// device, and the means on the host. Waits for the device.
+pub fn cross_entropy(x: &Tensor, targets: &[u32], z: f64) -> Result<(Tensor, DevBuf, CeStats)> {
     f32_only(x, "cross_entropy")?;
     let d = dev_of(x)?;
     let x = contiguous(x)?;
     let v = *x.shape().last().unwrap_or(&1);
     let rows = targets.len();
     let tg = upload_ids(&d, targets)?;
-    let (loss, lse, rsum) = (empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?);
-    // xent_fwd_f32(x, targets, loss, lse, row_sum, i64 rows, i64 v, float z)
+    let (loss, lse, rsum, correct) = (empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?);
+    // xent_fwd_f32(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
     launch!(d, "cross_entropy", "xent_fwd_f32", per_row(rows);
-        ptr(&x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, rows as i64, v as i64, z as f32)?;
-    let mean = |t: &Tensor| -> Result<f64> { Ok(d.download::<f32>(ptr(t)?, rows)?.iter().map(|&a| a as f64).sum::<f64>() / rows as f64) };
-    let (l, lz, ls) = (mean(&loss)?, mean(&lse)?, mean(&rsum)? / v as f64);
-    Ok((lse, tg, l, lz, ls))
+        ptr(&x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+    let get = |t: &Tensor| -> Result<Vec<f64>> { Ok(d.download::<f32>(ptr(t)?, rows)?.into_iter().map(f64::from).collect()) };
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / rows as f64;
+    let lse_h = get(&lse)?;
+    let st = CeStats {
+        loss: mean(&get(&loss)?),
+        log_z_mean: mean(&lse_h),
+        logit_mean: mean(&get(&rsum)?) / v as f64,
+        z_loss: z * lse_h.iter().map(|l| l * l).sum::<f64>() / rows as f64,
+        accuracy: mean(&get(&correct)?),
+    };
+    Ok((lse, tg, st))
 }
 
 pub fn cross_entropy_bwd(x: &Tensor, targets: &DevBuf, lse: &Tensor, z: f64, scale: f64) -> Result<Tensor> {

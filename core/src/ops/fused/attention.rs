@@ -3,10 +3,15 @@
 //! copies), scale 1/√d, causal masking done by index (no T×T mask tensor), a row softmax, and
 //! P·V. Saves the probabilities P for backward. Reports the largest pre-softmax logit over
 //! unmasked positions, the "max attention logit" probe of Wortsman et al. (2023).
+//!
+//! Attention dropout (nanoGPT's `attn_dropout`) is fused in: P·V reads the dropped, rescaled
+//! probabilities, whose mask is drawn per element of `[B, H, T, T]` from the mask's key and
+//! regenerated in backward (see `ops::dropout`); P itself is what is saved.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::matmul::{gemm_into, MatRef};
+use crate::ops::dropout::Dropout;
 use crate::tensor::{Elem, Tensor};
 use crate::with_float;
 use gemm::Parallelism;
@@ -37,7 +42,22 @@ impl Dims {
     }
 }
 
-fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, probs: &mut [T], ohd: &mut [T]) -> f64 {
+/// Applies the dropout mask of (b, h) block `bh` of `[B·H, T, T]` to `x` in place.
+fn mask_in_place<T: Elem>(x: &mut [T], bh: usize, t: usize, d: Dropout) {
+    let base = (bh * t * t) as u64;
+    let s = T::of(d.scale() as f64);
+    for (k, v) in x.iter_mut().enumerate() {
+        *v = if d.keep(base + k as u64) { *v * s } else { T::zero() };
+    }
+}
+
+/// The dropped, rescaled copy of block `bh` of P, for P·V and dV.
+fn dropped<T: Elem>(p: &[T], bh: usize, t: usize, d: Dropout, out: &mut [T]) {
+    out.copy_from_slice(p);
+    mask_in_place(out, bh, t, d);
+}
+
+fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, drop: Option<Dropout>, probs: &mut [T], ohd: &mut [T]) -> f64 {
     let (t, d) = (dm.t, dm.d);
     let rs = (3 * dm.c()) as isize;
     probs
@@ -75,26 +95,34 @@ fn forward<T: Elem>(qkv: &[T], dm: Dims, scale: T, probs: &mut [T], ohd: &mut [T
                 }
                 row[i + 1..].fill(T::zero());
             }
-            // O = P V
+            let mut pd = drop.map(|dr| {
+                let mut pd = T::pool().take(t * t);
+                dropped(p, bh, t, dr, &mut pd);
+                pd
+            });
+            // O = P V (P dropped when dropout is on)
             gemm_into(
                 t,
                 d,
                 t,
                 o,
                 d,
-                MatRef { data: p, off: 0, rs: t as isize, cs: 1 },
+                MatRef { data: pd.as_deref().unwrap_or(p), off: 0, rs: t as isize, cs: 1 },
                 MatRef { data: qkv, off: dm.qkv_off(b, 2, h), rs, cs: 1 },
                 false,
                 T::one(),
                 Parallelism::None,
             );
+            if let Some(pd) = pd.take() {
+                T::pool().give(pd);
+            }
             mx
         })
         .reduce(|| f64::NEG_INFINITY, f64::max)
 }
 
 /// Per (b, h): dQ, dK, dV into `dhd [B, H, 3, T, D]`.
-fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &mut [T]) {
+fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, drop: Option<Dropout>, dhd: &mut [T]) {
     let (t, d, c) = (dm.t, dm.d, dm.c());
     let rs = (3 * c) as isize;
     dhd.par_chunks_mut(3 * t * d).enumerate().for_each(|(bh, out)| {
@@ -103,8 +131,17 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
         let go = MatRef { data: g, off: b * t * c + h * d, rs: c as isize, cs: 1 };
         let (dq, rest) = out.split_at_mut(t * d);
         let (dk, dv) = rest.split_at_mut(t * d);
-        // dV = Pᵀ dO
-        gemm_into(t, d, t, dv, d, MatRef { data: p, off: 0, rs: 1, cs: t as isize }, go, false, T::one(), Parallelism::None);
+        let pd = drop.map(|dr| {
+            let mut pd = T::pool().take(t * t);
+            dropped(p, bh, t, dr, &mut pd);
+            pd
+        });
+        // dV = Pᵀ dO (the dropped P that forward multiplied V by)
+        let pv = pd.as_deref().unwrap_or(p);
+        gemm_into(t, d, t, dv, d, MatRef { data: pv, off: 0, rs: 1, cs: t as isize }, go, false, T::one(), Parallelism::None);
+        if let Some(pd) = pd {
+            T::pool().give(pd);
+        }
         // dP = dO Vᵀ
         let mut ds = T::pool().take(t * t);
         gemm_into(
@@ -119,6 +156,10 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
             T::one(),
             Parallelism::None,
         );
+        // Through dropout: dP = dP_dropped ⊙ mask · 1/(1−p).
+        if let Some(dr) = drop {
+            mask_in_place(&mut ds, bh, t, dr);
+        }
         // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale (zero where masked since P = 0 there)
         for i in 0..t {
             let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
@@ -160,6 +201,11 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, dhd: &
 impl<'t> Var<'t> {
     /// Causal multi-head self-attention core over packed `qkv [B, T, 3C]` with `n_heads` heads.
     pub fn causal_attention(self, n_heads: usize) -> Result<AttnOut<'t>> {
+        self.causal_attention_dropout(n_heads, None)
+    }
+
+    /// [`causal_attention`](Self::causal_attention) with dropout `drop` on the probabilities.
+    pub fn causal_attention_dropout(self, n_heads: usize, drop: Option<Dropout>) -> Result<AttnOut<'t>> {
         let qkv = self.value().try_contiguous()?;
         let s = qkv.shape().to_vec();
         if s.len() != 3 || !s[2].is_multiple_of(3) || n_heads == 0 || !(s[2] / 3).is_multiple_of(n_heads) {
@@ -170,9 +216,9 @@ impl<'t> Var<'t> {
         #[cfg(feature = "cuda")]
         if qkv.is_cuda() {
             use crate::kernels::cuda::ops as gpu;
-            let (y, saved, max_logit) = gpu::attention(&qkv, dm.b, dm.t, dm.h, dm.d, prec)?;
+            let (y, saved, max_logit) = gpu::attention(&qkv, dm.b, dm.t, dm.h, dm.d, prec, drop)?;
             let y = self.tape().record("causal_attention", y, &[self], move |g| {
-                Ok(vec![Some(gpu::attention_bwd(g, &saved, dm.b, dm.t, dm.h, dm.d, prec)?)])
+                Ok(vec![Some(gpu::attention_bwd(g, &saved, dm.b, dm.t, dm.h, dm.d, prec, drop)?)])
             });
             return Ok(AttnOut { y, max_logit });
         }
@@ -185,7 +231,7 @@ impl<'t> Var<'t> {
             let xd = qkv.data::<T>()?;
             let mut probs = T::pool().take(dm.b * dm.h * dm.t * dm.t);
             let mut ohd = T::pool().take(dm.b * dm.h * dm.t * dm.d);
-            let mx = forward(xd, dm, T::of(scale), &mut probs, &mut ohd);
+            let mx = forward(xd, dm, T::of(scale), drop, &mut probs, &mut ohd);
             // [B, H, T, D] → [B, T, H·D]
             let y = Tensor::build::<T>(&[dm.b, dm.t, c], |y| {
                 y.par_chunks_mut(dm.t * c).enumerate().for_each(|(b, yb)| {
@@ -205,7 +251,7 @@ impl<'t> Var<'t> {
                 let g = g.contiguous();
                 let (xd, gd, pd) = (qkv.data::<T>()?, g.data::<T>()?, probs.data::<T>()?);
                 let mut dhd = T::pool().take(dm.b * dm.h * 3 * dm.t * dm.d);
-                backward(xd, gd, pd, dm, T::of(scale), &mut dhd);
+                backward(xd, gd, pd, dm, T::of(scale), drop, &mut dhd);
                 // [B, H, 3, T, D] → [B, T, 3C]
                 let gx = Tensor::build::<T>(&[dm.b, dm.t, 3 * c], |gx| {
                     gx.par_chunks_mut(dm.t * 3 * c).enumerate().for_each(|(b, gb)| {

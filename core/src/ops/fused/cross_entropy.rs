@@ -1,7 +1,9 @@
 //! Softmax cross-entropy over the last dim with an optional z-loss term `coef · log²Z`
 //! (PaLM; Wortsman et al. 2023), averaged over rows. Saves log Z per row; backward recomputes
 //! the softmax from the saved logits in one pass. Reports the mean logit and mean log Z, the
-//! output-logit-divergence probes.
+//! output-logit-divergence probes, the z-loss term on its own (so the cross-entropy can be
+//! logged without it) and the top-1 accuracy (the target is the first largest logit, as
+//! `argmax` picks it).
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
@@ -15,6 +17,10 @@ pub struct CeOut<'t> {
     pub log_z_mean: f64,
     /// Mean over all logits.
     pub logit_mean: f64,
+    /// The z-loss part of `loss`: `z_coef · mean(log²Z)` (0 without z-loss).
+    pub z_loss: f64,
+    /// Fraction of rows whose first largest logit is the target.
+    pub accuracy: f64,
 }
 
 impl<'t> Var<'t> {
@@ -33,29 +39,34 @@ impl<'t> Var<'t> {
         #[cfg(feature = "cuda")]
         if x.is_cuda() {
             use crate::kernels::cuda::ops as gpu;
-            let (lse, tg, loss, lz_mean, logit_mean) = gpu::cross_entropy(&x, targets, z_coef)?;
+            let (lse, tg, st) = gpu::cross_entropy(&x, targets, z_coef)?;
+            let loss = st.loss;
             let lt = gpu::full(&gpu::dev_of(&x)?, &[], loss as f32)?;
             let loss = self.tape().record("cross_entropy", lt, &[self], move |g| {
                 let go = g.item()?;
                 Ok(vec![Some(gpu::cross_entropy_bwd(&x, &tg, &lse, z_coef, go / n as f64)?)])
             });
-            return Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean });
+            return Ok(CeOut { loss, log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy });
         }
-        let (loss, lse, lz_mean, logit_mean) = with_float!(x.dtype(), "cross_entropy", T => {
+        let (loss, lse, lz_mean, logit_mean, z_loss, accuracy) = with_float!(x.dtype(), "cross_entropy", T => {
             let xd = x.data::<T>()?;
-            let rows: Vec<(T, T, T)> = xd.par_chunks(v).zip(targets.par_iter()).map(|(r, &t)| {
+            let rows: Vec<(T, T, T, bool)> = xd.par_chunks(v).zip(targets.par_iter()).map(|(r, &t)| {
                 let m = r.iter().copied().fold(T::neg_infinity(), T::max);
                 let s: T = r.iter().map(|&a| (a - m).exp()).sum();
                 let lse = m + s.ln();
-                let l = lse - r[t as usize] + T::of(z_coef) * lse * lse;
-                (l, lse, crate::kernels::cpu::reduce::sum_slice(r))
+                let xt = r[t as usize];
+                let l = lse - xt + T::of(z_coef) * lse * lse;
+                let correct = r[..t as usize].iter().all(|&a| a < xt) && r[t as usize + 1..].iter().all(|&a| a <= xt);
+                (l, lse, crate::kernels::cpu::reduce::sum_slice(r), correct)
             }).collect();
             let inv = 1.0 / n as f64;
             let loss: f64 = rows.iter().map(|r| r.0.f64()).sum::<f64>() * inv;
             let lz: f64 = rows.iter().map(|r| r.1.f64()).sum::<f64>() * inv;
+            let lz2: f64 = rows.iter().map(|r| r.1.f64() * r.1.f64()).sum::<f64>() * inv;
             let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
+            let acc = rows.iter().filter(|r| r.3).count() as f64 * inv;
             let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
-            Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, lz, lm))
+            Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, lz, lm, z_coef * lz2, acc))
         })?;
         let targets = targets.to_vec();
         let shape = x.shape().to_vec();
@@ -77,6 +88,6 @@ impl<'t> Var<'t> {
                 Ok(vec![Some(gx)])
             })
         });
-        Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean })
+        Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean, z_loss, accuracy })
     }
 }

@@ -1,0 +1,133 @@
+//! Dropout with masks that are never stored: element `i` of a tensor is kept when the `i`-th
+//! counter-based draw of the mask's key clears the threshold `p·2³²`, and kept values are scaled
+//! by 1/(1−p) (inverted dropout, as `torch.nn.Dropout`). Backward regenerates the same mask from
+//! the key, so no mask tensor lives between forward and backward, and the CUDA kernel draws
+//! bit-for-bit the mask the CPU draws (integer arithmetic only; `dpt_keep` in
+//! `kernels/cuda/common.cuh`).
+//!
+//! Keys come from the tape ([`Tape::dropout`](crate::autograd::Tape::dropout)): the trainer keys
+//! each micro-step's tape by (seed, step, rank, micro-step) and each dropout site adds its own
+//! number (layer, position in the block), so a run's masks are a function of its config and a
+//! resumed run draws the same ones. The fused attention applies the same rule to its
+//! probabilities (`ops::fused::attention`).
+
+use crate::autograd::Var;
+use crate::error::{Error, Result};
+use crate::rng::{draw, key_of};
+use crate::tensor::Tensor;
+use crate::{on_cuda, with_float};
+use rayon::prelude::*;
+
+/// One dropout mask: probability and key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    pub key: u64,
+}
+
+impl Dropout {
+    /// A mask dropping with probability `p` ∈ [0, 1); `None` when `p` is 0 (nothing to do).
+    pub fn new(p: f64, key: u64) -> Result<Option<Dropout>> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config { key: "dropout".into(), msg: format!("probability must be in [0, 1), got {p}") });
+        }
+        Ok((p > 0.0).then_some(Dropout { p, key }))
+    }
+    /// The same probability under a sub-key (one per dropout site).
+    pub fn site(self, site: u64) -> Dropout {
+        Dropout { key: key_of(&[self.key, site]), ..self }
+    }
+    /// Draws below this (the top 32 bits of the 64-bit draw) drop.
+    pub fn threshold(&self) -> u32 {
+        ((self.p * 4_294_967_296.0).round() as u64).min(u32::MAX as u64) as u32
+    }
+    /// 1/(1−p), in f32 on every device and dtype so CPU and GPU scale identically.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+    /// Whether element `i` is kept.
+    #[inline]
+    pub fn keep(&self, i: u64) -> bool {
+        (draw(self.key, i) >> 32) as u32 >= self.threshold()
+    }
+}
+
+/// `x` with the mask applied (contiguous result): `x[i]·scale` where kept, else 0. Also the
+/// backward (the same mask on the gradient).
+pub fn apply(x: &Tensor, d: Dropout) -> Result<Tensor> {
+    on_cuda!(x => gpu::dropout(x, d));
+    let x = x.contiguous();
+    with_float!(x.dtype(), "dropout", T => {
+        let xd = x.data::<T>()?;
+        let (thr, scale) = (d.threshold(), T::of(d.scale() as f64));
+        Ok(Tensor::build::<T>(x.shape(), |y| {
+            y.par_chunks_mut(1 << 14).zip(xd.par_chunks(1 << 14)).enumerate().for_each(|(c, (y, x))| {
+                let base = (c as u64) << 14;
+                for (k, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                    let keep = (draw(d.key, base + k as u64) >> 32) as u32 >= thr;
+                    *y = if keep { x * scale } else { T::zero() };
+                }
+            })
+        }))
+    })
+}
+
+impl<'t> Var<'t> {
+    /// Dropout with mask `d`; the identity for `None` (evaluation, or p = 0).
+    pub fn dropout(self, d: Option<Dropout>) -> Result<Var<'t>> {
+        let Some(d) = d else { return Ok(self) };
+        let y = apply(&self.value(), d)?;
+        Ok(self.tape().record("dropout", y, &[self], move |g| Ok(vec![Some(apply(g, d)?)])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_the_expected_fraction_and_scales_the_rest() {
+        for p in [0.1, 0.2, 0.5, 0.9] {
+            let d = Dropout::new(p, 42).unwrap().unwrap();
+            let n = 200_000;
+            let x = Tensor::from_vec(vec![1.0f32; n], &[n]).unwrap();
+            let y = apply(&x, d).unwrap().to_vec::<f32>().unwrap();
+            let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+            // Binomial std at n = 2e5 is ≤ 0.0012: 5 sigma.
+            assert!((dropped - p).abs() < 0.006, "p {p}: dropped {dropped}");
+            let want = (1.0 / (1.0 - p)) as f32;
+            assert!(y.iter().all(|&v| v == 0.0 || v == want), "p {p}: kept values must be x/(1-p)");
+            // The mean is preserved in expectation.
+            let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            assert!((mean - 1.0).abs() < 0.03, "p {p}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn masks_are_a_function_of_the_key_and_sites_differ() {
+        let x = Tensor::from_vec((0..4096).map(|i| i as f32).collect::<Vec<_>>(), &[64, 64]).unwrap();
+        let d = Dropout::new(0.5, 7).unwrap().unwrap();
+        let a = apply(&x, d).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(a, apply(&x, d).unwrap().to_vec::<f32>().unwrap());
+        assert_ne!(a, apply(&x, d.site(1)).unwrap().to_vec::<f32>().unwrap());
+        assert_ne!(a, apply(&x, Dropout { key: 8, ..d }).unwrap().to_vec::<f32>().unwrap());
+        assert!(Dropout::new(0.0, 1).unwrap().is_none());
+        assert!(Dropout::new(1.0, 1).is_err() && Dropout::new(-0.1, 1).is_err());
+    }
+
+    #[test]
+    fn backward_applies_the_forward_mask() {
+        let tape = crate::autograd::Tape::new();
+        let x = tape.leaf(Tensor::from_vec(vec![2.0f32; 1000], &[1000]).unwrap());
+        let d = Dropout::new(0.3, 99).unwrap();
+        let y = x.dropout(d).unwrap();
+        let fwd = y.value().to_vec::<f32>().unwrap();
+        let loss = y.sum_all().unwrap();
+        let g = tape.backward(loss, &mut crate::params::GradStore::empty(), |_, _| {}).unwrap();
+        let gx = g.get(x).unwrap().to_vec::<f32>().unwrap();
+        for (f, g) in fwd.iter().zip(&gx) {
+            // y = 2·m·s, so dy/dx = m·s = y/2.
+            assert_eq!(*g, f / 2.0);
+        }
+    }
+}
