@@ -126,7 +126,7 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
     let losses = |dev: &str| -> std::result::Result<Vec<f64>, String> {
         let run_dir = dir.join(dev);
         let mut sets: Vec<String> =
-            ["train.steps=20", "run.log_every=1", "train.eval_every=0", "train.eval_batches=1", &format!("run.device={dev}")]
+            ["train.steps=20", "run.log_every=1", "train.eval_every=0", "train.eval_samples=32", &format!("run.device={dev}")]
                 .map(String::from)
                 .to_vec();
         if std::env::var("DPTRAIN_GPU_CHECK_TINY").as_deref() == Ok("1") {
@@ -202,6 +202,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         bias: true,
         z_loss: 0.0,
         gelu_tanh: true,
+        dropout: 0.0,
     };
     let (mut b, mut t) = (8usize, 1024usize);
     // Tests of this command on the CPU emulator shrink the model (the numbers then mean nothing).

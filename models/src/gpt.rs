@@ -26,6 +26,9 @@ pub struct GptConfig {
     pub z_loss: f64,
     /// Use the tanh approximation of GELU (GPT-2's) instead of the exact erf form.
     pub gelu_tanh: bool,
+    /// Dropout probability (nanoGPT's places); 0 = off. Only in training.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl Default for GptConfig {
@@ -40,6 +43,7 @@ impl Default for GptConfig {
             bias: true,
             z_loss: 0.0,
             gelu_tanh: false,
+            dropout: 0.0,
         }
     }
 }
@@ -58,6 +62,9 @@ impl GptConfig {
         }
         if !(self.z_loss >= 0.0 && self.z_loss.is_finite()) {
             return Err(("model.z_loss".into(), "must be a finite number ≥ 0".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(("model.dropout".into(), format!("must be in [0, 1), got {}", self.dropout)));
         }
         Ok(())
     }
@@ -115,7 +122,7 @@ impl Gpt {
         Ok(Gpt { cfg, wte, wpe, blocks, ln_f, lm_head })
     }
 
-    /// Logits `[B, T, V]` for token ids `[B, T]`.
+    /// Logits `[B, T, V]` for token ids `[B, T]` (`train`: with dropout).
     pub fn logits<'t>(
         &self,
         tape: &'t Tape,
@@ -123,23 +130,28 @@ impl Gpt {
         ids: &[u32],
         b: usize,
         t: usize,
+        train: bool,
         probes: &mut dyn ProbeSink,
     ) -> Result<Var<'t>> {
+        // Site numbers: 0 for the embeddings, then four per block.
+        let p = if train { self.cfg.dropout } else { 0.0 };
+        let drop = |site: u64| tape.dropout(p, site);
         if t > self.cfg.context || t == 0 || ids.len() != b * t {
             return Err(Error::shape("gpt", format!("{} ids as [{b}, {t}] with context {}", ids.len(), self.cfg.context)));
         }
         let tok = tape.param(ps, self.wte).embedding(ids, &[b, t])?;
         let pos = tape.param(ps, self.wpe).narrow(0, 0, t)?;
-        let mut x = tok.add(pos)?;
+        let mut x = tok.add(pos)?.dropout(drop(0)?)?;
         for (i, blk) in self.blocks.iter().enumerate() {
+            let site = 1 + 4 * i as u64;
             let h = blk.ln_1.forward(tape, ps, x)?;
             let qkv = blk.c_attn.forward(tape, ps, h)?;
-            let att = qkv.causal_attention(self.cfg.n_heads)?;
+            let att = qkv.causal_attention_dropout(self.cfg.n_heads, drop(site)?)?;
             probes.record(&format!("attn_logit_max/{i}"), att.max_logit);
-            x = x.add(blk.attn_proj.forward(tape, ps, att.y)?)?;
+            x = x.add(blk.attn_proj.forward(tape, ps, att.y)?.dropout(drop(site + 1)?)?)?;
             let h = blk.ln_2.forward(tape, ps, x)?;
             let m = blk.c_fc.forward(tape, ps, h)?.gelu(self.cfg.gelu_tanh)?;
-            x = x.add(blk.mlp_proj.forward(tape, ps, m)?)?;
+            x = x.add(blk.mlp_proj.forward(tape, ps, m)?.dropout(drop(site + 2)?)?)?;
             probes.record(&format!("resid_rms/{i}"), rms(&x));
         }
         let x = self.ln_f.forward(tape, ps, x)?;
@@ -148,18 +160,25 @@ impl Gpt {
 }
 
 impl Model for Gpt {
-    fn loss<'t>(&self, tape: &'t Tape, params: &ParamStore, batch: &Batch, _train: bool, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
+    fn loss<'t>(&self, tape: &'t Tape, params: &ParamStore, batch: &Batch, train: bool, probes: &mut dyn ProbeSink) -> Result<Var<'t>> {
         let Batch::Tokens { inputs, targets, batch, context } = batch else {
             return Err(Error::Msg("gpt needs a token batch (data.kind synthetic-lm, text or tokens)".into()));
         };
-        let logits = self.logits(tape, params, inputs, *batch, *context, probes)?;
+        let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
         let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
         probes.record("logit_mean", ce.logit_mean);
         probes.record("log_z", ce.log_z_mean);
+        if self.cfg.z_loss > 0.0 {
+            probes.record("z_loss", ce.z_loss);
+        }
         Ok(ce.loss)
     }
     fn describe(&self) -> String {
         let c = &self.cfg;
-        format!("gpt(vocab {}, context {}, d_model {}, {} layers, {} heads)", c.vocab_size, c.context, c.d_model, c.n_layers, c.n_heads)
+        let drop = if c.dropout > 0.0 { format!(", dropout {}", c.dropout) } else { String::new() };
+        format!(
+            "gpt(vocab {}, context {}, d_model {}, {} layers, {} heads{drop})",
+            c.vocab_size, c.context, c.d_model, c.n_layers, c.n_heads
+        )
     }
 }

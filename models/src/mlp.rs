@@ -1,6 +1,6 @@
-//! MLP classifier: flattened input → [Linear (→ BatchNorm) → ReLU] × depth → Linear head.
-//! PyTorch default init. Probes: `resid_rms/<layer>` (activation RMS after each hidden layer),
-//! `logit_mean`, `log_z`.
+//! MLP classifier: flattened input → [Linear (→ BatchNorm) → ReLU (→ Dropout)] × depth → Linear
+//! head. PyTorch default init. Probes: `resid_rms/<layer>` (activation RMS after each hidden
+//! layer), `logit_mean`, `log_z`, `acc` (top-1 accuracy of the batch).
 
 use crate::nn::{rms, BatchNorm, Linear};
 use dptrain_core::model::{Batch, Model};
@@ -16,11 +16,14 @@ pub struct MlpConfig {
     pub widths: Vec<usize>,
     pub classes: usize,
     pub batch_norm: bool,
+    /// Dropout probability after each hidden activation; 0 = off. Only in training.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl Default for MlpConfig {
     fn default() -> Self {
-        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, batch_norm: false }
+        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, batch_norm: false, dropout: 0.0 }
     }
 }
 
@@ -34,6 +37,9 @@ impl Mlp {
     pub fn new(cfg: MlpConfig, pb: &mut ParamBuilder) -> Result<Mlp> {
         if cfg.input_dim == 0 || cfg.classes == 0 || cfg.widths.contains(&0) {
             return Err(Error::Config { key: "model".into(), msg: "mlp input_dim, widths and classes must be positive".into() });
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(Error::Config { key: "model.dropout".into(), msg: format!("must be in [0, 1), got {}", cfg.dropout) });
         }
         let mut fan_in = cfg.input_dim;
         let mut layers = vec![];
@@ -68,15 +74,17 @@ impl Model for Mlp {
             if let Some(bn) = bn {
                 h = bn.forward(tape, ps, h, train)?;
             }
-            h = h.relu()?;
+            h = h.relu()?.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
             probes.record(&format!("resid_rms/{i}"), rms(&h));
         }
         let ce = self.head.forward(tape, ps, h)?.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", ce.logit_mean);
         probes.record("log_z", ce.log_z_mean);
+        probes.record("acc", ce.accuracy);
         Ok(ce.loss)
     }
     fn describe(&self) -> String {
-        format!("mlp({} -> {:?} -> {}, batch_norm {})", self.cfg.input_dim, self.cfg.widths, self.cfg.classes, self.cfg.batch_norm)
+        let drop = if self.cfg.dropout > 0.0 { format!(", dropout {}", self.cfg.dropout) } else { String::new() };
+        format!("mlp({} -> {:?} -> {}, batch_norm {}{drop})", self.cfg.input_dim, self.cfg.widths, self.cfg.classes, self.cfg.batch_norm)
     }
 }

@@ -122,6 +122,7 @@ impl Model for ResNet {
         let ce = self.fc.forward(tape, ps, pooled)?.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", ce.logit_mean);
         probes.record("log_z", ce.log_z_mean);
+        probes.record("acc", ce.accuracy);
         Ok(ce.loss)
     }
     fn describe(&self) -> String {

@@ -1,5 +1,7 @@
 //! Whole-model gradient checks on tiny instances in f64: for two entries of every parameter
 //! tensor, the backprop gradient must match a central finite difference of the full loss.
+//! With dropout on, every evaluation draws the same masks (the tape's key stays fixed), so the
+//! loss is a smooth function of the parameters and the check applies unchanged.
 
 use dptrain_core::model::{Batch, Model};
 use dptrain_core::probe::Probes;
@@ -43,6 +45,12 @@ fn check_model(name: &str, m: &dyn Model, mut ps: ParamStore, b: &Batch) {
 
 #[test]
 fn gpt_gradients() {
+    for dropout in [0.0, 0.3] {
+        gpt_gradients_with(dropout);
+    }
+}
+
+fn gpt_gradients_with(dropout: f64) {
     let cfg = GptConfig {
         vocab_size: 11,
         context: 6,
@@ -53,6 +61,7 @@ fn gpt_gradients() {
         bias: true,
         z_loss: 1e-2,
         gelu_tanh: false,
+        dropout,
     };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
@@ -62,7 +71,7 @@ fn gpt_gradients() {
     let mut rng = Rng::new(2);
     let ids: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
     let targets: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
-    check_model("gpt", &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
+    check_model(&format!("gpt dropout {dropout}"), &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
 }
 
 fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
@@ -77,11 +86,11 @@ fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
 
 #[test]
 fn mlp_gradients() {
-    for bn in [false, true] {
+    for (bn, dropout) in [(false, 0.0), (true, 0.0), (false, 0.25)] {
         let mut pb = ParamBuilder::new();
-        let m = Mlp::new(MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, batch_norm: bn }, &mut pb).unwrap();
+        let m = Mlp::new(MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, batch_norm: bn, dropout }, &mut pb).unwrap();
         let ps = pb.build(4, DType::F64).unwrap();
-        check_model(if bn { "mlp+bn" } else { "mlp" }, &m, ps, &images(5, [1, 2, 3], 3));
+        check_model(&format!("mlp bn {bn} dropout {dropout}"), &m, ps, &images(5, [1, 2, 3], 3));
     }
 }
 

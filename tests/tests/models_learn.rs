@@ -30,6 +30,7 @@ fn gpt_memorises_a_batch_with_adamw() {
         bias: true,
         z_loss: 1e-4,
         gelu_tanh: false,
+        dropout: 0.0,
     };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
@@ -52,7 +53,7 @@ fn gpt_memorises_a_batch_with_adamw() {
 fn mlp_memorises_a_batch_with_sgd_and_with_batch_norm() {
     for bn in [false, true] {
         let mut pb = ParamBuilder::new();
-        let m = Mlp::new(MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, batch_norm: bn }, &mut pb).unwrap();
+        let m = Mlp::new(MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, batch_norm: bn, dropout: 0.0 }, &mut pb).unwrap();
         let mut ps = pb.build(2, DType::F32).unwrap();
         let mut opt = Sgd::new(SgdConfig { momentum: 0.9, nesterov: true, ..Default::default() }, &ps);
         let l = fit(&m, &mut ps, &mut opt, &images(32, [1, 8, 8], 10, 3), 60, 0.05);
