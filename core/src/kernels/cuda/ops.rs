@@ -300,8 +300,8 @@ pub fn unary(name: &'static str, x: &Tensor) -> Result<Tensor> {
 
 /// Dropout with mask `dr` (see `ops::dropout`); `out` may be `x` itself (in place).
 pub(crate) fn dropout_raw(d: &CudaDev, x: u64, out: u64, n: usize, dr: crate::ops::dropout::Dropout) -> Result<()> {
-    // dropout_f32(const float* in, float* out, i64 n, i64 key, i64 threshold, float scale)
-    launch!(d, "elementwise", "dropout_f32", grid(n); x, out, n as i64, dr.key as i64, dr.threshold() as i64, dr.scale() as f32)
+    // dropout_f32(const float* in, float* out, i64 n, i64 key, i64 threshold, float scale); scale() is f32
+    launch!(d, "elementwise", "dropout_f32", grid(n); x, out, n as i64, dr.key as i64, dr.threshold() as i64, dr.scale())
 }
 
 pub fn dropout(x: &Tensor, dr: crate::ops::dropout::Dropout) -> Result<Tensor> {
@@ -658,6 +658,16 @@ pub struct AttnSaved {
     p: Tensor,
 }
 
+/// The probabilities `p` with dropout `drop` applied, as a new tensor (`None` without dropout).
+fn dropped_probs(d: &Arc<CudaDev>, p: &Tensor, drop: Option<crate::ops::dropout::Dropout>) -> Result<Option<Tensor>> {
+    drop.map(|dr| {
+        let pd = empty(d, p.shape())?;
+        dropout_raw(d, ptr(p)?, ptr(&pd)?, p.numel(), dr)?;
+        Ok(pd)
+    })
+    .transpose()
+}
+
 /// Causal attention over packed qkv `[b, t, 3c]`: (y `[b, t, c]`, saved, max logit).
 /// Returns the max logit to the host (waits for the device).
 /// `drop`: dropout on the probabilities before P·V (the mask regenerated in backward).
@@ -691,12 +701,7 @@ pub fn attention(
     launch!(d, "attention", "causal_softmax_fwd_f32", per_row(bh * t); ptr(&p)?, ptr(&row_max)?, (bh * t) as i64, ti)?;
     let o = empty(&d, &[bh, t, dh])?;
     // P·V reads the dropped probabilities; P itself is saved for the softmax backward.
-    let pd = drop.map(|dr| -> Result<Tensor> {
-        let pd = empty(&d, &[bh, t, t])?;
-        dropout_raw(&d, ptr(&p)?, ptr(&pd)?, bh * t * t, dr)?;
-        Ok(pd)
-    });
-    let pd = pd.transpose()?;
+    let pd = dropped_probs(&d, &p, drop)?;
     let pv = pd.as_ref().unwrap_or(&p);
     let pm = MatArg { ptr: ptr(pv)?, trans: false, ld: t, batch_stride: t * t };
     gemm_prec(&d, t, dh, t, (pv, pm), (&v, row(&v)?), ptr(&o)?, bh, 1.0, 0.0, prec)?;
@@ -731,13 +736,7 @@ pub fn attention_bwd(
     let sq = |x: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans, ld: t, batch_stride: t * t }) };
     // dV = Pᵀ·dO, with the dropped P forward used (regenerated from the mask's key)
     let dv = empty(&d, &[bh, t, dh])?;
-    let pd = drop
-        .map(|dr| -> Result<Tensor> {
-            let pd = empty(&d, &[bh, t, t])?;
-            dropout_raw(&d, ptr(&s.p)?, ptr(&pd)?, bh * t * t, dr)?;
-            Ok(pd)
-        })
-        .transpose()?;
+    let pd = dropped_probs(&d, &s.p, drop)?;
     let pv = pd.as_ref().unwrap_or(&s.p);
     gemm_prec(&d, t, dh, t, (pv, sq(pv, true)?), (&go, row(&go)?), ptr(&dv)?, bh, 1.0, 0.0, prec)?;
     std::mem::drop(pd);
