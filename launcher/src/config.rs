@@ -57,6 +57,12 @@ pub const KEYS: &[KeyDoc] = &[
     k("model.bias", Bool, Some("true"), "gpt: biases in Linear and LayerNorm layers"),
     k("model.z_loss", Float, Some("0.0"), "gpt: z-loss coefficient (coef * log^2 Z added to the loss)"),
     k("model.gelu_tanh", Bool, Some("false"), "gpt: tanh approximation of GELU instead of the erf form"),
+    k(
+        "model.dropout",
+        Float,
+        Some("0.0"),
+        "gpt/mlp: dropout probability in [0, 1), training only (gpt: nanoGPT's places — embeddings, attention probabilities, after the attention and MLP projections; mlp: after each hidden activation)",
+    ),
     k("model.input_dim", Int, None, "mlp: input features (derived from the data when absent)"),
     k("model.widths", IntList, Some("[256, 256]"), "mlp: hidden layer widths"),
     k("model.batch_norm", Bool, Some("false"), "mlp: batch norm after each hidden Linear"),
@@ -67,6 +73,12 @@ pub const KEYS: &[KeyDoc] = &[
     k("data.kind", Str, Some("\"synthetic-lm\""), "synthetic-lm | synthetic-images | text | tokens | npy"),
     k("data.path", Str, Some("\"\""), "text: a UTF-8 file; tokens: a uint16 .bin file; npy: the images .npy"),
     k("data.labels", Str, Some("\"\""), "npy: the labels .npy (integers, one per image)"),
+    k(
+        "data.windows",
+        Str,
+        None,
+        "token data: random | fixed — training windows of context+1 tokens at uniformly random offsets of the training split (nanoGPT's get_batch; default for text and tokens), or the fixed non-overlapping windows shuffled each epoch (default for synthetic-lm); validation always reads the fixed windows",
+    ),
     k("data.val_fraction", Float, Some("0.1"), "text/tokens/npy: fraction held out (from the end) for validation"),
     k("data.vocab", Int, Some("64"), "synthetic-lm: vocabulary of the Markov source"),
     k("data.order", Int, Some("1"), "synthetic-lm: Markov order (tokens of context that matter)"),
@@ -85,7 +97,12 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.global_batch", Int, Some("32"), "samples per optimizer step, over all ranks"),
     k("train.micro_batch", Int, Some("0"), "samples per rank per micro-step; 0 = global_batch / ranks (no accumulation)"),
     k("train.eval_every", Int, Some("100"), "validation every this many steps (0 = only at the end)"),
-    k("train.eval_batches", Int, Some("8"), "validation micro-batches per evaluation"),
+    k(
+        "train.eval_samples",
+        Int,
+        None,
+        "validation samples per evaluation: the first N of the validation split, the same every time and whatever the batch size (split over ranks); 0 = all; when absent 512, or the whole split if smaller",
+    ),
     k(
         "train.precision",
         Str,
@@ -116,13 +133,26 @@ pub const KEYS: &[KeyDoc] = &[
 
 /// Which `model.*` keys each kind accepts (the first entry is the default kind).
 pub const MODEL_KEYS: &[(&str, &[&str])] = &[
-    ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh"]),
-    ("mlp", &["input_dim", "widths", "batch_norm", "classes"]),
+    ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh", "dropout"]),
+    ("mlp", &["input_dim", "widths", "batch_norm", "classes", "dropout"]),
     ("resnet", &["in_channels", "width", "depth", "classes"]),
 ];
 
+/// Keys that were replaced: (old key, what to use instead).
+pub const REPLACED: &[(&str, &str)] =
+    &[("train.eval_batches", "replaced by train.eval_samples (a number of validation samples, the same whatever the batch size)")];
+
 fn doc(key: &str) -> Option<&'static KeyDoc> {
     KEYS.iter().find(|d| d.key == key)
+}
+
+/// The error for a key that is not in the schema (naming its replacement, if it had one).
+fn unknown_key(key: &str, origin: &str) -> LaunchError {
+    match REPLACED.iter().find(|(old, _)| *old == key) {
+        Some((_, instead)) => input_err!("{origin}{key}: {instead}"),
+        None if origin.is_empty() => input_err!("{key}: unknown config key (see `dptrain config show`)"),
+        None => input_err!("{origin}{key}: unknown config key"),
+    }
 }
 
 fn type_name(ty: Ty) -> &'static str {
@@ -194,7 +224,7 @@ pub fn apply_sets(t: &mut Table, sets: &[String]) -> Result<()> {
         let (key, val) = s.split_once('=').ok_or_else(|| input_err!("--set {s}: expected key=value"))?;
         let key = key.trim();
         if doc(key).is_none() {
-            return Err(input_err!("--set {key}: unknown config key"));
+            return Err(unknown_key(key, "--set "));
         }
         let val = val.trim();
         let v =
@@ -219,7 +249,7 @@ pub fn check_keys(t: &Table) -> Result<()> {
         if key == "derived" || key.starts_with("derived.") {
             continue; // written by dptrain into resolved configs; ignored on input
         }
-        let d = doc(key).ok_or_else(|| input_err!("{key}: unknown config key (see `dptrain config show`)"))?;
+        let d = doc(key).ok_or_else(|| unknown_key(key, ""))?;
         if !type_ok(d.ty, v) {
             return Err(input_err!("{key}: expected {}, got {}", type_name(d.ty), short(v)));
         }

@@ -17,6 +17,7 @@ use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
 use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, StreamState, TokenWindows};
 use dptrain_core::model::Model;
 use dptrain_core::probe::Probes;
+use dptrain_core::rng::key_of;
 use dptrain_core::{DType, Device, GradStore, ParamBuilder, ParamStore, Tape};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
 use dptrain_optim::{clip_grad_norm, AdamW, AdamWConfig, DecayMode, Optimizer, Schedule, ScheduleKind, Sgd, SgdConfig};
@@ -24,6 +25,14 @@ use serde_json::{json, Map, Value};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Stream numbers of the counter-based draws keyed per micro-step (see `key_of` in the loop).
+const WINDOW_STREAM: u64 = 1;
+const DROPOUT_STREAM: u64 = 2;
+
+/// Validation samples per evaluation when `train.eval_samples` is absent (fewer if the split is
+/// smaller).
+const DEFAULT_EVAL_SAMPLES: usize = 512;
 
 /// What `dptrain train` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -62,7 +71,12 @@ pub struct Run {
     pub seed: u64,
     pub log_every: u64,
     pub eval_every: u64,
-    pub eval_batches: usize,
+    /// Validation samples per evaluation (the first ones of the split).
+    pub eval_samples: usize,
+    /// Training windows at random offsets (`data.windows = "random"`), else the sampler's.
+    pub random_windows: bool,
+    /// Lines printed (by rank 0) before training: settings that are valid but likely unintended.
+    pub warnings: Vec<String>,
     pub checkpoint_every: u64,
     pub keep_last: usize,
     pub threads: usize,
@@ -82,6 +96,14 @@ fn nonneg_f(raw: &Raw, key: &str) -> Result<f64> {
         return Err(input_err!("{key}: must be a finite number ≥ 0, got {v}"));
     }
     Ok(v)
+}
+
+fn dropout_p(raw: &Raw) -> Result<f64> {
+    let p = raw.float("model.dropout");
+    if !(0.0..1.0).contains(&p) {
+        return Err(input_err!("model.dropout: must be a probability in [0, 1), got {p}"));
+    }
+    Ok(p)
 }
 
 fn data_path(raw: &Raw, key: &str) -> Result<PathBuf> {
@@ -228,6 +250,7 @@ fn build_model(raw: &Raw, kind: &str, data: &Data, pb: &mut ParamBuilder) -> Res
                 bias: raw.bool("model.bias"),
                 z_loss: nonneg_f(raw, "model.z_loss")?,
                 gelu_tanh: raw.bool("model.gelu_tanh"),
+                dropout: dropout_p(raw)?,
             };
             cfg.validate().map_err(|(k, m)| input_err!("{k}: {m}"))?;
             if let Some(d) = data.vocab.filter(|&d| cfg.vocab_size < d) {
@@ -249,6 +272,7 @@ fn build_model(raw: &Raw, kind: &str, data: &Data, pb: &mut ParamBuilder) -> Res
                 widths,
                 classes: derived("model.classes", data.classes, "classes")?,
                 batch_norm: raw.bool("model.batch_norm"),
+                dropout: dropout_p(raw)?,
             };
             t.extend(toml::Table::try_from(&cfg)?);
             Box::new(Mlp::new(cfg, pb)?)
@@ -321,6 +345,21 @@ fn fresh_dir(dir: &Path) -> PathBuf {
     (1..).map(|i| PathBuf::from(format!("{}-{i}", dir.display()))).find(|p| empty(p)).expect("some suffix is free")
 }
 
+/// A checkpoint's resolved config from before `data.windows` and `train.eval_samples` existed
+/// resumes as it ran: fixed windows (the only kind then), and its `train.eval_batches` dropped
+/// for the default number of evaluation samples.
+fn upgrade_checkpoint_config(t: &mut toml::Table) {
+    if let Some(toml::Value::Table(train)) = t.get_mut("train") {
+        train.remove("eval_batches");
+    }
+    if let Some(toml::Value::Table(data)) = t.get_mut("data") {
+        let token_data = matches!(data.get("kind").and_then(|k| k.as_str()), Some("text" | "tokens" | "synthetic-lm"));
+        if token_data && !data.contains_key("windows") {
+            data.insert("windows".into(), "fixed".into());
+        }
+    }
+}
+
 /// Reads the raw config: the file (or, when resuming, the checkpoint's resolved config), then
 /// `--set` overrides. Returns it with the checkpoint to resume from.
 pub fn load_raw(args: &TrainArgs) -> Result<(Raw, Option<PathBuf>)> {
@@ -334,6 +373,9 @@ pub fn load_raw(args: &TrainArgs) -> Result<(Raw, Option<PathBuf>)> {
         (None, None) => toml::Table::new(),
     };
     table.remove("derived");
+    if ckpt.is_some() {
+        upgrade_checkpoint_config(&mut table);
+    }
     crate::config::apply_sets(&mut table, &args.sets)?;
     Ok((Raw::new(table)?, ckpt))
 }
@@ -386,18 +428,52 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
         total_steps: steps,
     };
     let clip = nonneg_f(&raw, "optim.clip")?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = match raw.count("run.threads")? {
-        0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / world.world().local_size.max(1)).max(1),
+        0 => (cores / world.world().local_size.max(1)).max(1),
+        t if t > 4 * cores => {
+            return Err(input_err!(
+                "run.threads: {t} is more than 4 × the {cores} cores of this machine (at most {}; 0 = the cores divided by the processes on this node)",
+                4 * cores
+            ))
+        }
         t => t,
+    };
+    let bucket_mb = raw.float("comm.bucket_mb");
+    if !(bucket_mb > 0.0 && bucket_mb.is_finite()) {
+        return Err(input_err!("comm.bucket_mb: must be a positive number of MiB, got {bucket_mb}"));
+    }
+    let mut warnings = vec![];
+    if schedule.warmup_steps > steps {
+        warnings.push(format!(
+            "schedule.warmup_steps = {} is more than train.steps = {steps}: the learning rate never reaches optim.lr = {lr:e}",
+            schedule.warmup_steps
+        ));
+    }
+    let lm_data = matches!(data_kind.as_str(), "synthetic-lm" | "text" | "tokens");
+    let random_windows = match raw.resolved("data.windows") {
+        None => lm_data && data_kind != "synthetic-lm",
+        Some(_) if !lm_data => return Err(input_err!("data.windows: only for token data (data.kind text, tokens or synthetic-lm)")),
+        Some(_) => raw.choice("data.windows", &["random", "fixed"])? == "random",
     };
 
     let data = load_data(&raw, &data_kind, &model_kind, seed)?;
-    if data.train.len() < micro_batch * ws {
+    if !random_windows && data.train.len() < micro_batch * ws {
         return Err(input_err!(
             "train.micro_batch: {micro_batch} × {ws} ranks exceeds the {} training samples of the data",
             data.train.len()
         ));
     }
+    let n_val = data.val.len();
+    let eval_samples = match raw.opt_int("train.eval_samples") {
+        None => DEFAULT_EVAL_SAMPLES.min(n_val),
+        Some(0) => n_val,
+        Some(n) if n < 0 => return Err(input_err!("train.eval_samples: must be ≥ 0, got {n}")),
+        Some(n) if n as usize > n_val => {
+            return Err(input_err!("train.eval_samples: {n} is more than the {n_val} samples of the validation split (0 = all of them)"))
+        }
+        Some(n) => n as usize,
+    };
     let mut pb = ParamBuilder::new();
     let (model, model_table) = build_model(&raw, &model_kind, &data, &mut pb)?;
     let mut params = pb.build(seed, DType::F32)?;
@@ -463,6 +539,16 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
                 .insert(name.into(), v);
         }
     }
+    // Keys whose value follows from the data: written as resolved, so a resume reads them back.
+    let mut set = |sec: &str, key: &str, v: toml::Value| {
+        if let Some(toml::Value::Table(t)) = resolved.get_mut(sec) {
+            t.insert(key.into(), v);
+        }
+    };
+    if lm_data {
+        set("data", "windows", if random_windows { "random" } else { "fixed" }.into());
+    }
+    set("train", "eval_samples", (eval_samples as i64).into());
     resolved.insert("model".into(), toml::Value::Table(model_table));
     let mut derived = toml::Table::new();
     derived.insert("micro_batch".into(), (micro_batch as i64).into());
@@ -480,7 +566,9 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
     Ok(Run {
         log_every: raw.positive("run.log_every")? as u64,
         eval_every: raw.count("train.eval_every")? as u64,
-        eval_batches: raw.positive("train.eval_batches")?,
+        eval_samples,
+        random_windows,
+        warnings,
         checkpoint_every: raw.count("train.checkpoint_every")? as u64,
         keep_last: raw.count("checkpoint.keep_last")?,
         raw,
@@ -507,19 +595,41 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
     })
 }
 
-/// Mean validation loss over `eval_batches` micro-batches read in order from the start of the
-/// validation set (the same samples every evaluation).
-fn evaluate(run: &Run) -> Result<f64> {
-    let n = run.data.val.len();
-    let mut total = 0.0;
-    for b in 0..run.eval_batches {
-        let idx: Vec<usize> = (0..run.micro_batch).map(|i| (b * run.micro_batch + i) % n).collect();
+/// One evaluation's results.
+struct Eval {
+    /// Mean cross-entropy (without the z-loss term).
+    loss: f64,
+    /// Mean z-loss term, when the model has one.
+    z_loss: Option<f64>,
+    /// Top-1 accuracy, for classifiers.
+    acc: Option<f64>,
+}
+
+/// Evaluates the first `eval_samples` validation samples — the same ones every time, whatever
+/// the batch size or the number of ranks — split over the ranks and read in chunks of
+/// `micro_batch`; every rank gets the means over all of them.
+fn evaluate(run: &Run, comm: &mut dyn Communicator) -> Result<Eval> {
+    let (rank, ws) = (comm.rank(), comm.world_size());
+    let mine: Vec<usize> = (rank..run.eval_samples).step_by(ws).collect();
+    // Sums over samples of: cross-entropy, z-loss, accuracy; then the sample count and whether
+    // the model reported z-loss / accuracy (a rank with no samples cannot know on its own).
+    let mut sums = [0.0f64; 6];
+    for chunk in mine.chunks(run.micro_batch.max(1)) {
         let tape = Tape::inference();
         tape.set_precision(run.precision);
-        let loss = run.model.loss(&tape, &run.params, &run.data.val.batch(&idx), false, &mut Probes::default())?;
-        total += loss.item()?;
+        let mut probes = Probes::default();
+        let loss = run.model.loss(&tape, &run.params, &run.data.val.batch(chunk), false, &mut probes)?.item()?;
+        let (z, acc, n) = (probes.get("z_loss"), probes.get("acc"), chunk.len() as f64);
+        sums[0] += (loss - z.unwrap_or(0.0)) * n;
+        sums[1] += z.unwrap_or(0.0) * n;
+        sums[2] += acc.unwrap_or(0.0) * n;
+        sums[3] += n;
+        sums[4] = sums[4].max(z.is_some() as u8 as f64);
+        sums[5] = sums[5].max(acc.is_some() as u8 as f64);
     }
-    Ok(total / run.eval_batches as f64)
+    reduce_f64(comm, &mut sums, ReduceOp::Sum)?;
+    let n = sums[3].max(1.0);
+    Ok(Eval { loss: sums[0] / n, z_loss: (sums[4] > 0.0).then(|| sums[1] / n), acc: (sums[5] > 0.0).then(|| sums[2] / n) })
 }
 
 struct Metrics {
@@ -551,6 +661,7 @@ pub struct Summary {
     pub steps: u64,
     pub final_loss: f64,
     pub final_val_loss: Option<f64>,
+    pub final_val_acc: Option<f64>,
     pub entropy_floor: Option<f64>,
     pub gap_to_floor: Option<f64>,
     pub elapsed_s: f64,
@@ -703,7 +814,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     // Same values on every rank first (broadcast on the host), then onto the GPU.
     run.params.to_device(run.device)?;
     let mut grads = GradStore::try_new(&run.params)?;
-    let (bucket_mb, overlap) = (run.raw.float("comm.bucket_mb").max(1e-6), run.raw.bool("comm.overlap"));
+    let (bucket_mb, overlap) = (run.raw.float("comm.bucket_mb"), run.raw.bool("comm.overlap"));
     let mut reducer = match (world.grads.take(), run.device) {
         (_, _) if world.info().world_size == 1 => None,
         #[cfg(feature = "cuda")]
@@ -810,6 +921,9 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         if let Some(c) = &run.resumed_from {
             println!("dptrain: resumed from {} at step {}", c.display(), run.start_step);
         }
+        for w in &run.warnings {
+            eprintln!("dptrain: warning: {w}");
+        }
     }
 
     let sampler = DistributedSampler {
@@ -834,7 +948,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
     let mut window_start = Instant::now();
     let mut window_samples = 0usize;
     let mut last_loss = f64::NAN;
-    let mut last_val = None;
+    let mut last_val: Option<Eval> = None;
     let mut samples_done = 0usize;
 
     for step in run.start_step..run.steps {
@@ -844,9 +958,20 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         let mut loss_sum = 0.0;
         let mut probe_acc: Vec<(String, f64)> = vec![];
         for micro in 0..run.accum {
-            let batch = run.data.train.batch(&stream.next_indices(run.micro_batch));
+            // Random windows and dropout masks: counter-based draws keyed by where they are
+            // used, so a resumed run draws what the uninterrupted one did and ranks differ.
+            let key = |stream: u64| key_of(&[run.seed, stream, step, comm.rank() as u64, micro as u64]);
+            let batch = if run.random_windows {
+                run.data
+                    .train
+                    .random_windows(key(WINDOW_STREAM), run.micro_batch)
+                    .ok_or_else(|| LaunchError::Runtime("data.windows = \"random\" needs token data".into()))?
+            } else {
+                run.data.train.batch(&stream.next_indices(run.micro_batch))
+            };
             let tape = Tape::new();
             tape.set_precision(run.precision);
+            tape.set_rng_key(key(DROPOUT_STREAM));
             let mut probes = Probes::default();
             let loss = run.model.loss(&tape, &run.params, &batch, true, &mut probes)?;
             loss_sum += loss.item()?;
@@ -874,6 +999,8 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
                 return Err(e.into());
             }
             for (k, v) in probes.0 {
+                // The batch's accuracy is logged as train_acc beside evaluation's val_acc.
+                let k = if k == "acc" { "train_acc".to_string() } else { k };
                 match probe_acc.iter_mut().find(|(n, _)| *n == k) {
                     Some((n, acc)) => *acc = if n.starts_with("attn_logit_max") { acc.max(v) } else { *acc + v },
                     None => probe_acc.push((k, v)),
@@ -931,6 +1058,10 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             }
             for ((k, _), v) in means.iter().zip(mv) {
                 rec.insert(k.clone(), json!(v));
+                if k == "z_loss" {
+                    // `loss` is what is minimised; with the z-loss on, its two parts beside it.
+                    rec.insert("ce_loss".into(), json!(loss - v));
+                }
             }
             for ((k, _), x) in maxes.iter().zip(xv) {
                 rec.insert(k.clone(), json!(x));
@@ -950,22 +1081,29 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             b.set_position(done);
         }
         if (run.eval_every > 0 && done % run.eval_every == 0) || done == run.steps {
-            let mut v = vec![evaluate(run)?];
-            avg_f64(comm, &mut v)?;
-            last_val = Some(v[0]);
+            let ev = evaluate(run, comm)?;
             if let Some(m) = metrics.as_mut() {
-                let mut rec = json!({ "step": done, "val_loss": v[0] });
+                let mut rec = json!({ "step": done, "val_loss": ev.loss });
+                let mut line = format!("step {done}: val loss {:.4}", ev.loss);
+                if let Some(z) = ev.z_loss {
+                    rec["val_z_loss"] = json!(z);
+                }
+                if let Some(a) = ev.acc {
+                    rec["val_acc"] = json!(a);
+                    line.push_str(&format!(" acc {:.4}", a));
+                }
                 if let Some(f) = run.data.floor {
                     rec["entropy_floor"] = json!(f);
-                    rec["val_gap"] = json!(v[0] - f);
+                    rec["val_gap"] = json!(ev.loss - f);
+                    line.push_str(&format!(" (entropy floor {f:.4}, gap {:.4})", ev.loss - f));
                 }
                 m.write(&rec)?;
-                let floor = run.data.floor.map(|f| format!(" (entropy floor {f:.4}, gap {:.4})", v[0] - f)).unwrap_or_default();
                 match &bar {
-                    Some(b) => b.println(format!("step {done}: val loss {:.4}{floor}", v[0])),
-                    None => println!("step {done}: val loss {:.4}{floor}", v[0]),
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
                 }
             }
+            last_val = Some(ev);
         }
         if (run.checkpoint_every > 0 && done % run.checkpoint_every == 0) || done == run.steps {
             // Only rank 0 writes; no collective inside the rank-0 branch; everyone waits after.
@@ -995,9 +1133,10 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         run_dir: run.run_dir.clone(),
         steps: run.steps,
         final_loss: last_loss,
-        final_val_loss: last_val,
+        final_val_loss: last_val.as_ref().map(|e| e.loss),
+        final_val_acc: last_val.as_ref().and_then(|e| e.acc),
         entropy_floor: run.data.floor,
-        gap_to_floor: run.data.floor.zip(last_val).map(|(f, v)| v - f),
+        gap_to_floor: run.data.floor.zip(last_val.as_ref()).map(|(f, v)| v.loss - f),
         elapsed_s: elapsed,
         samples_per_s: samples_done as f64 / elapsed.max(1e-9),
         parameters: run.params.numel(),
@@ -1012,7 +1151,10 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
                 v - f,
                 100.0 * (v - f) / f
             ),
-            (Some(v), None) => println!("dptrain: done in {elapsed:.1} s — val loss {v:.4}"),
+            (Some(v), None) => {
+                let acc = summary.final_val_acc.map(|a| format!(", val acc {a:.4}")).unwrap_or_default();
+                println!("dptrain: done in {elapsed:.1} s — val loss {v:.4}{acc}")
+            }
             _ => println!("dptrain: done in {elapsed:.1} s"),
         }
     }

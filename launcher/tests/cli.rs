@@ -19,15 +19,8 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A small, fast GPT run on the synthetic source.
 const SMALL_GPT: &[&str] = &["model.d_model=32", "model.n_layers=1", "model.context=16"];
-const SMALL: &[&str] = &[
-    "data.vocab=16",
-    "data.train_tokens=20000",
-    "data.val_tokens=4000",
-    "train.global_batch=8",
-    "train.eval_batches=2",
-    "run.log_every=1",
-    "run.threads=1",
-];
+const SMALL: &[&str] =
+    &["data.vocab=16", "data.train_tokens=20000", "data.val_tokens=4000", "train.global_batch=8", "run.log_every=1", "run.threads=1"];
 
 fn train(run_dir: &Path, sets: &[&str], extra: &[&str]) -> Output {
     let mut c = bin();
@@ -164,7 +157,23 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         ),
         ("resnet", vec!["model.kind=\"resnet\"", "data.kind=\"synthetic-images\"", "model.width=4", "train.steps=3", "train.eval_every=0"]),
         ("gpt-bf16", vec!["train.steps=4", "train.precision=\"bf16\"", "train.eval_every=0"]),
+        // The CUDA kernels draw the same dropout masks as the CPU, and random windows are the
+        // same on both devices.
+        ("gpt-dropout", vec!["train.steps=6", "model.dropout=0.2", "data.windows=\"random\"", "train.eval_every=3"]),
+        (
+            "mlp-dropout",
+            vec![
+                "model.kind=\"mlp\"",
+                "data.kind=\"synthetic-images\"",
+                "model.widths=[16, 16]",
+                "model.dropout=0.3",
+                "train.steps=6",
+                "train.eval_every=3",
+            ],
+        ),
     ] {
+        // The emulator runs kernels on one core: validation reads 16 samples, not the default.
+        let sets: Vec<&str> = sets.into_iter().chain(["train.eval_samples=16"]).collect();
         let (c, g) = (d.join(format!("{name}-cpu")), d.join(format!("{name}-gpu")));
         ok(&train(&c, &sets, &[]));
         let o = emu(&g, &sets, &[]);
@@ -202,7 +211,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 33 + 2, "{out}");
+    assert_eq!(rows, 35 + 2, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     assert!(out.contains("| dptrain |") && out.contains("PyTorch eager | not run"), "{out}");
     assert!(!out.contains("| NO |"), "{out}");
@@ -375,11 +384,7 @@ fn every_data_format_trains() {
 
 #[test]
 fn tinyshakespeare_trains_as_text() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
-    if !p.is_file() {
-        eprintln!("skipping: {} not present", p.display());
-        return;
-    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/tinyshakespeare.txt");
     let d = tmp("shakespeare");
     let o = train(&d.join("r"), &["train.steps=40", "optim.lr=1e-2", "data.kind=\"text\"", &format!("data.path=\"{}\"", p.display())], &[]);
     ok(&o);
@@ -445,4 +450,172 @@ fn gpu_check_without_a_gpu_is_one_clear_line() {
         assert!(err.contains("gpu-check: no CUDA driver"), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1);
     }
+}
+
+/// A small text corpus with some structure (so a model learns something in a few steps).
+fn corpus(d: &Path) -> PathBuf {
+    let text = d.join("corpus.txt");
+    let words = ["alpha ", "beta ", "gamma ", "delta ", "epsilon. ", "zeta\n"];
+    let s: String = (0..4000usize).map(|i| words[(i * 7 + i / 5) % words.len()]).collect();
+    std::fs::write(&text, s).unwrap();
+    text
+}
+
+/// Random-offset windows and dropout are keyed by (seed, step, rank, micro-step): resuming
+/// replays them exactly, so the metrics from the checkpoint on are bitwise those of the
+/// uninterrupted run; and they do change the numbers.
+#[test]
+fn random_windows_and_dropout_resume_bitwise() {
+    let d = tmp("random-windows");
+    let path = format!("data.path=\"{}\"", corpus(&d).display());
+    let common = [
+        "data.kind=\"text\"",
+        path.as_str(),
+        "train.steps=20",
+        "train.checkpoint_every=10",
+        "checkpoint.keep_last=5",
+        "train.eval_every=10",
+        "train.micro_batch=4",
+    ];
+    let (a, b, f) = (d.join("a"), d.join("b"), d.join("fixed"));
+    let mut sa = common.to_vec();
+    sa.push("model.dropout=0.2");
+    ok(&train(&a, &sa, &[]));
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(cfg.contains("windows = \"random\""), "text data defaults to random windows:\n{cfg}");
+    assert!(cfg.contains("dropout = 0.2"), "{cfg}");
+    let out = bin().arg("train").arg("--resume").arg(a.join("checkpoints/step_0000010")).arg("--run-dir").arg(&b).output().unwrap();
+    ok(&out);
+    assert_eq!(values(&records(&a), 10), values(&records(&b), 10), "resumed metrics differ from the uninterrupted run");
+    // The same run with fixed windows and no dropout draws other numbers.
+    let mut sf = common.to_vec();
+    sf.push("data.windows=\"fixed\"");
+    ok(&train(&f, &sf, &[]));
+    let loss = |r: &Path| records(r).iter().filter_map(|v| v["loss"].as_f64()).collect::<Vec<f64>>();
+    assert_ne!(loss(&a), loss(&f));
+    // synthetic-lm keeps fixed windows by default.
+    ok(&train(&d.join("synth"), &["train.steps=2"], &[]));
+    assert!(std::fs::read_to_string(d.join("synth/config.toml")).unwrap().contains("windows = \"fixed\""));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Validation reads `train.eval_samples` samples whatever the batch layout: the same global
+/// batch as 1 × 16 or 4 × 4 micro-batches reaches the same parameters (up to rounding) and is
+/// scored on the same 40 samples, so the validation losses agree.
+#[test]
+fn validation_does_not_depend_on_the_micro_batch() {
+    let d = tmp("eval-samples");
+    let val = |dir: &Path| records(dir).iter().filter_map(|v| v["val_loss"].as_f64()).collect::<Vec<f64>>();
+    let base = ["train.global_batch=16", "train.steps=3", "train.eval_every=0", "train.eval_samples=40"];
+    let mut runs = vec![];
+    for micro in ["train.micro_batch=16", "train.micro_batch=4"] {
+        let dir = d.join(micro.replace(['.', '='], "-"));
+        let mut sets = base.to_vec();
+        sets.push(micro);
+        ok(&train(&dir, &sets, &[]));
+        assert!(std::fs::read_to_string(dir.join("config.toml")).unwrap().contains("eval_samples = 40"));
+        runs.push(val(&dir)[0]);
+    }
+    assert!((runs[0] - runs[1]).abs() < 1e-5, "val loss {} (micro 16) vs {} (micro 4)", runs[0], runs[1]);
+    // All of the split with 0.
+    ok(&train(&d.join("all"), &["train.steps=1", "train.eval_samples=0"], &[]));
+    let cfg = std::fs::read_to_string(d.join("all/config.toml")).unwrap();
+    assert!(cfg.contains("eval_samples = 249"), "4000 validation tokens / 16 = 249 windows:\n{cfg}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Classifiers log top-1 accuracy: `train_acc` on the training batch, `val_acc` at evaluation;
+/// the z-loss is logged apart from the cross-entropy.
+#[test]
+fn accuracy_and_z_loss_are_logged() {
+    let d = tmp("acc");
+    let run = d.join("mlp");
+    let sets = [
+        "model.kind=\"mlp\"",
+        "data.kind=\"synthetic-images\"",
+        "model.widths=[32]",
+        "train.steps=40",
+        "train.eval_every=20",
+        "optim.lr=1e-2",
+    ];
+    let o = train(&run, &sets, &[]);
+    ok(&o);
+    let recs = records(&run);
+    let train_acc: Vec<f64> = recs.iter().filter_map(|r| r["train_acc"].as_f64()).collect();
+    let val_acc: Vec<f64> = recs.iter().filter_map(|r| r["val_acc"].as_f64()).collect();
+    assert_eq!(train_acc.len(), 40);
+    assert_eq!(val_acc.len(), 2);
+    assert!(train_acc.iter().chain(&val_acc).all(|a| (0.0..=1.0).contains(a)));
+    // 10 well-separated classes: chance is 0.1.
+    assert!(val_acc[1] > 0.5, "val_acc {val_acc:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("val acc"), "{}", String::from_utf8_lossy(&o.stdout));
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["final_val_acc"].as_f64(), Some(val_acc[1]));
+
+    let z = d.join("z");
+    ok(&train(&z, &["train.steps=4", "model.z_loss=1e-2", "train.eval_every=2"], &[]));
+    for r in records(&z) {
+        if let Some(loss) = r["loss"].as_f64() {
+            let (ce, zl) = (r["ce_loss"].as_f64().unwrap(), r["z_loss"].as_f64().unwrap());
+            assert!(zl > 0.0 && (ce + zl - loss).abs() < 1e-9 * loss, "{r}");
+        }
+        if let Some(v) = r["val_loss"].as_f64() {
+            let vz = r["val_z_loss"].as_f64().unwrap();
+            assert!(vz > 0.0 && v > 1.0, "{r}");
+        }
+    }
+    // Without z-loss there is no z_loss or ce_loss column.
+    assert!(records(&run).iter().all(|r| r.get("z_loss").is_none() && r.get("ce_loss").is_none()));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bad_values_of_the_new_keys_are_one_line_errors() {
+    bad("dropout 1", &["model.dropout=1.0"], &[], "model.dropout: must be a probability in [0, 1), got 1");
+    bad("dropout neg", &["model.dropout=-0.1"], &[], "model.dropout");
+    bad("windows", &["data.windows=\"sliding\""], &[], "data.windows: expected one of random | fixed");
+    bad(
+        "windows images",
+        &["model.kind=\"mlp\"", "data.kind=\"synthetic-images\"", "data.windows=\"random\""],
+        &[],
+        "data.windows: only for token data",
+    );
+    bad("eval samples", &["train.eval_samples=100000"], &[], "train.eval_samples: 100000 is more than the 624 samples");
+    bad("eval batches", &["train.eval_batches=2"], &[], "train.eval_batches: replaced by train.eval_samples");
+    bad("threads", &["run.threads=100000"], &[], "run.threads: 100000 is more than 4 ×");
+    bad("bucket 0", &["comm.bucket_mb=0"], &[], "comm.bucket_mb: must be a positive number");
+    bad("bucket neg", &["comm.bucket_mb=-5"], &[], "comm.bucket_mb");
+}
+
+/// A warmup longer than the run is allowed but said, once, before training.
+#[test]
+fn a_warmup_longer_than_the_run_is_a_warning() {
+    let d = tmp("warmup");
+    let o = train(&d.join("r"), &["train.steps=3", "schedule.warmup_steps=1000000"], &[]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: schedule.warmup_steps = 1000000 is more than train.steps = 3: the learning rate never reaches optim.lr"),
+        "{err}"
+    );
+    let o = train(&d.join("q"), &["train.steps=3", "schedule.warmup_steps=3"], &[]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// The shipped examples run as they are (from the repository root), here for a few steps.
+#[test]
+fn the_examples_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let d = tmp("examples");
+    for (name, extra) in [("shakespeare-cpu", vec![]), ("shakespeare-char", vec!["--set", "run.device=\"cpu\""])] {
+        let mut c = bin();
+        c.current_dir(&root).arg("train").arg(format!("examples/{name}.toml")).arg("--run-dir").arg(d.join(name));
+        c.args(["--set", "train.steps=2", "--set", "train.eval_samples=4", "--set", "run.threads=1"]).args(&extra);
+        let o = c.output().unwrap();
+        ok(&o);
+        let cfg = std::fs::read_to_string(d.join(name).join("config.toml")).unwrap();
+        assert!(cfg.contains("windows = \"random\""), "{cfg}");
+    }
+    std::fs::remove_dir_all(&d).ok();
 }
