@@ -16,7 +16,7 @@ use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
 use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, StreamState, TokenWindows};
 use dptrain_core::model::Model;
-use dptrain_core::probe::Probes;
+use dptrain_core::probe::{Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{DType, Device, GradStore, ParamBuilder, ParamStore, Tape};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
@@ -956,7 +956,10 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         let lr = run.schedule.lr(step);
         grads.zero_grad();
         let mut loss_sum = 0.0;
-        let mut probe_acc: Vec<(String, f64)> = vec![];
+        let done = step + 1;
+        // Probes are computed only on the steps that log them.
+        let log_step = done % run.log_every == 0 || done == run.steps;
+        let mut probe_acc = Probes::on_if(log_step);
         for micro in 0..run.accum {
             // Random windows and dropout masks: counter-based draws keyed by where they are
             // used, so a resumed run draws what the uninterrupted one did and ranks differ.
@@ -972,7 +975,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             let tape = Tape::new();
             tape.set_precision(run.precision);
             tape.set_rng_key(key(DROPOUT_STREAM));
-            let mut probes = Probes::default();
+            let mut probes = Probes::on_if(log_step);
             let loss = run.model.loss(&tape, &run.params, &batch, true, &mut probes)?;
             loss_sum += loss.item()?;
             // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
@@ -998,14 +1001,7 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             if let Some(e) = reduce_err {
                 return Err(e.into());
             }
-            for (k, v) in probes.0 {
-                // The batch's accuracy is logged as train_acc beside evaluation's val_acc.
-                let k = if k == "acc" { "train_acc".to_string() } else { k };
-                match probe_acc.iter_mut().find(|(n, _)| *n == k) {
-                    Some((n, acc)) => *acc = if n.starts_with("attn_logit_max") { acc.max(v) } else { *acc + v },
-                    None => probe_acc.push((k, v)),
-                }
-            }
+            probe_acc.accumulate(probes);
         }
         let comm_stats = match reducer.as_deref_mut() {
             Some(r) => Some(r.wait_all(grads)?),
@@ -1025,7 +1021,6 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         samples_done += run.global_batch;
         window_samples += run.global_batch;
         last_loss = loss;
-        let done = step + 1;
 
         if check_every > 0 && ws > 1 && done % check_every == 0 {
             let bad = drifted(comm, &run.params)?;
@@ -1036,15 +1031,12 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
             }
         }
 
-        if done % run.log_every == 0 || done == run.steps {
+        if log_step {
             let dt = window_start.elapsed().as_secs_f64();
             let sps = window_samples as f64 / dt.max(1e-9);
-            // Probes averaged over micro-steps, then over ranks (max for attention logits).
-            let (maxes, means): (Vec<_>, Vec<_>) = probe_acc.into_iter().partition(|(k, _)| k.starts_with("attn_logit_max"));
-            let mut mv: Vec<f64> = means.iter().map(|(_, v)| v / run.accum as f64).collect();
-            avg_f64(comm, &mut mv)?;
-            let mut xv: Vec<f64> = maxes.iter().map(|(_, v)| *v).collect();
-            reduce_f64(comm, &mut xv, ReduceOp::Max)?;
+            // Probes combined over micro-steps, then over ranks, each by its own reduction.
+            probe_acc.finish_mean(run.accum);
+            reduce_probes(comm, &mut probe_acc)?;
             let mut rec = Map::new();
             rec.insert("step".into(), json!(done));
             rec.insert("loss".into(), json!(loss));
@@ -1056,15 +1048,13 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
                 rec.insert("comm_s".into(), json!(cs.comm_s));
                 rec.insert("comm_hidden".into(), json!(cs.hidden_fraction()));
             }
-            for ((k, _), v) in means.iter().zip(mv) {
-                rec.insert(k.clone(), json!(v));
+            for (k, _, v) in probe_acc.values {
                 if k == "z_loss" {
                     // `loss` is what is minimised; with the z-loss on, its two parts beside it.
                     rec.insert("ce_loss".into(), json!(loss - v));
                 }
-            }
-            for ((k, _), x) in maxes.iter().zip(xv) {
-                rec.insert(k.clone(), json!(x));
+                // The batch's accuracy is logged as train_acc beside evaluation's val_acc.
+                rec.insert(if k == "acc" { "train_acc".into() } else { k }, json!(v));
             }
             if let Some(m) = metrics.as_mut() {
                 m.write(&Value::Object(rec))?;
@@ -1159,6 +1149,25 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
         }
     }
     Ok(summary)
+}
+
+/// Combines probe values over ranks, each group of probes by its reduction (one collective per
+/// reduction kind; every rank records the same probes, so every rank makes the same calls).
+fn reduce_probes(comm: &mut dyn Communicator, probes: &mut Probes) -> Result<()> {
+    for (kind, op, sign) in [
+        (Reduce::Mean, ReduceOp::Avg, 1.0),
+        (Reduce::Max, ReduceOp::Max, 1.0),
+        (Reduce::Min, ReduceOp::Max, -1.0),
+        (Reduce::Sum, ReduceOp::Sum, 1.0),
+    ] {
+        // A minimum is the negated maximum of the negated values.
+        let mut v: Vec<f64> = probes.values.iter().filter(|p| p.1 == kind).map(|p| sign * p.2).collect();
+        reduce_f64(comm, &mut v, op)?;
+        for (p, x) in probes.values.iter_mut().filter(|p| p.1 == kind).zip(v) {
+            p.2 = sign * x;
+        }
+    }
+    Ok(())
 }
 
 /// Averages f64 values over ranks (through the f32 collectives; exact in a world of one).

@@ -8,7 +8,7 @@
 
 use crate::nn::{rms, LayerNorm, Linear};
 use dptrain_core::model::{Batch, Model};
-use dptrain_core::probe::ProbeSink;
+use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Error, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Var};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -147,12 +147,14 @@ impl Gpt {
             let h = blk.ln_1.forward(tape, ps, x)?;
             let qkv = blk.c_attn.forward(tape, ps, h)?;
             let att = qkv.causal_attention_dropout(self.cfg.n_heads, drop(site)?)?;
-            probes.record(&format!("attn_logit_max/{i}"), att.max_logit);
+            probes.record(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
             x = x.add(blk.attn_proj.forward(tape, ps, att.y)?.dropout(drop(site + 1)?)?)?;
             let h = blk.ln_2.forward(tape, ps, x)?;
             let m = blk.c_fc.forward(tape, ps, h)?.gelu(self.cfg.gelu_tanh)?;
             x = x.add(blk.mlp_proj.forward(tape, ps, m)?.dropout(drop(site + 2)?)?)?;
-            probes.record(&format!("resid_rms/{i}"), rms(&x));
+            if probes.enabled() {
+                probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&x));
+            }
         }
         let x = self.ln_f.forward(tape, ps, x)?;
         self.lm_head.forward(tape, ps, x)
@@ -166,10 +168,10 @@ impl Model for Gpt {
         };
         let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
         let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
-        probes.record("logit_mean", ce.logit_mean);
-        probes.record("log_z", ce.log_z_mean);
+        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
         if self.cfg.z_loss > 0.0 {
-            probes.record("z_loss", ce.z_loss);
+            probes.record("z_loss", Reduce::Mean, ce.z_loss);
         }
         Ok(ce.loss)
     }

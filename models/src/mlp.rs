@@ -4,7 +4,7 @@
 
 use crate::nn::{rms, BatchNorm, Linear};
 use dptrain_core::model::{Batch, Model};
-use dptrain_core::probe::ProbeSink;
+use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Error, ParamBuilder, ParamStore, Result, Role, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -75,12 +75,14 @@ impl Model for Mlp {
                 h = bn.forward(tape, ps, h, train)?;
             }
             h = h.relu()?.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
-            probes.record(&format!("resid_rms/{i}"), rms(&h));
+            if probes.enabled() {
+                probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
+            }
         }
         let ce = self.head.forward(tape, ps, h)?.cross_entropy(labels, 0.0)?;
-        probes.record("logit_mean", ce.logit_mean);
-        probes.record("log_z", ce.log_z_mean);
-        probes.record("acc", ce.accuracy);
+        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+        probes.record("acc", Reduce::Mean, ce.accuracy);
         Ok(ce.loss)
     }
     fn describe(&self) -> String {

@@ -5,7 +5,7 @@
 
 use crate::nn::{rms, BatchNorm, Linear};
 use dptrain_core::model::{Batch, Model};
-use dptrain_core::probe::ProbeSink;
+use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Error, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -116,13 +116,15 @@ impl Model for ResNet {
                 None => h,
             };
             h = y.add(short)?.relu()?;
-            probes.record(&format!("resid_rms/{i}"), rms(&h));
+            if probes.enabled() {
+                probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
+            }
         }
         let pooled = h.mean_dims(&[2, 3], false)?;
         let ce = self.fc.forward(tape, ps, pooled)?.cross_entropy(labels, 0.0)?;
-        probes.record("logit_mean", ce.logit_mean);
-        probes.record("log_z", ce.log_z_mean);
-        probes.record("acc", ce.accuracy);
+        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+        probes.record("acc", Reduce::Mean, ce.accuracy);
         Ok(ce.loss)
     }
     fn describe(&self) -> String {
