@@ -18,4 +18,5 @@ export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DPTRAIN_REQUIRE_NVRTC=1
 # cuda-emu: the CUDA kernels also run on their CPU emulator (core/tests/cuda_emu.rs and the
 # trainer's GPU path in launcher/tests/cli.rs), so the GPU code is exercised without a GPU.
-cargo test --workspace --features dptrain-launcher/cuda-emu
+# fault-injection: `dptrain train --fault` kills or hangs a rank (launcher/tests/mpi.rs).
+cargo test --workspace --features dptrain-launcher/cuda-emu,dptrain-launcher/fault-injection

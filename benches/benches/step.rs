@@ -53,7 +53,7 @@ fn bench(name: &str, model: &dyn Model, mut pb_store: dptrain_core::ParamStore, 
 }
 
 fn main() {
-    let steps: usize = std::env::var("DPTRAIN_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let steps: usize = dptrain_core::env::env().bench_steps.unwrap_or(10);
     rayon::ThreadPoolBuilder::new().num_threads(1).build_global().expect("rayon pool");
     let mut rng = Rng::new(0);
     let mut rows = vec![];

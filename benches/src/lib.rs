@@ -17,12 +17,13 @@ pub fn median(xs: &[f64]) -> f64 {
 /// The Python with torch to compare against: `$DPTRAIN_TORCH_PYTHON`, else the venv that
 /// `DPTRAIN_INSTALL_TORCH=1` creates under /tmp (never done in CI), else none.
 pub fn torch_python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DPTRAIN_TORCH_PYTHON") {
+    let env = dptrain_core::env::env();
+    if let Some(p) = &env.torch_python {
         return Some(PathBuf::from(p));
     }
     let venv = PathBuf::from("/tmp/dptrain-torch-venv");
     let py = venv.join("bin/python");
-    if !py.exists() && std::env::var("DPTRAIN_INSTALL_TORCH").as_deref() == Ok("1") {
+    if !py.exists() && env.install_torch {
         eprintln!("installing torch into {} (several GB, a few minutes)...", venv.display());
         let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().map(|s| s.success()).unwrap_or(false)
             && Command::new(&py).args(["-m", "pip", "install", "-q", "torch", "numpy"]).status().map(|s| s.success()).unwrap_or(false);

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod device;
+pub mod env;
 pub mod error;
 pub mod kernels;
 pub mod model;

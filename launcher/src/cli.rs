@@ -25,6 +25,10 @@ pub enum Cmd {
         /// Continue a run from its newest checkpoint (a run directory or a checkpoint directory).
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Tests: make rank RANK fail at step STEP (kill:RANK:STEP or hang:RANK:STEP).
+        #[cfg(feature = "fault-injection")]
+        #[arg(long, hide = true, value_name = "KIND:RANK:STEP")]
+        fault: Option<crate::fault::Fault>,
     },
     /// Check the GPU backend on this machine: compile every CUDA kernel for the device with
     /// NVRTC, run them against the CPU engine, print a table (exit 1 if any op disagrees).

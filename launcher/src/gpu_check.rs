@@ -129,7 +129,7 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
             ["train.steps=20", "run.log_every=1", "train.eval_every=0", "train.eval_samples=32", &format!("run.device={dev}")]
                 .map(String::from)
                 .to_vec();
-        if std::env::var("DPTRAIN_GPU_CHECK_TINY").as_deref() == Ok("1") {
+        if dptrain_core::env::env().gpu_check_tiny {
             sets.extend(
                 ["model.d_model=32", "model.n_layers=1", "model.context=16", "data.vocab=16", "train.global_batch=8"].map(String::from),
             );
@@ -206,7 +206,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     };
     let (mut b, mut t) = (8usize, 1024usize);
     // Tests of this command on the CPU emulator shrink the model (the numbers then mean nothing).
-    if std::env::var("DPTRAIN_GPU_CHECK_TINY").as_deref() == Ok("1") {
+    if dptrain_core::env::env().gpu_check_tiny {
         cfg = GptConfig { vocab_size: 96, context: 16, d_model: 32, n_layers: 1, n_heads: 2, ..cfg };
         (b, t) = (2, 16);
     }
@@ -263,8 +263,9 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
 /// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3).
 #[cfg(feature = "cuda")]
 fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
-    let py = std::env::var("DPTRAIN_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = std::env::var("DPTRAIN_TORCH_SCRIPT").unwrap_or_else(|_| "benches/gpt124m_torch.py".into());
+    let env = dptrain_core::env::env();
+    let py = env.torch_python.clone().unwrap_or_else(|| "python3".into());
+    let script = env.torch_script.clone();
     let out = std::process::Command::new(&py).arg(&script).output().map_err(|e| format!("{py} {script}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
@@ -285,7 +286,7 @@ fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
 pub fn ensure_cuda_libs() {
     use dptrain_comm::nccl_lib;
     use std::os::unix::process::CommandExt;
-    if std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some() {
+    if dptrain_core::env::env().nccl_reexec {
         return;
     }
     let dirs = nccl_lib::search_dirs();
@@ -297,8 +298,7 @@ pub fn ensure_cuda_libs() {
         add.extend(nccl_lib::dir_with(&dirs, &["libcublas.so.13", "libcublas.so.12"]));
     }
     if !dptrain_comm::nccl::nccl_present() {
-        let over = std::env::var_os("DPTRAIN_NCCL_LIB").map(std::path::PathBuf::from);
-        match nccl_lib::find(over.as_deref(), &dirs) {
+        match nccl_lib::find(dptrain_core::env::env().nccl_lib.as_deref(), &dirs) {
             Ok(Some(lib)) => add.extend(nccl_lib::shim_dir(&lib, &nccl_lib::default_shim_dir()).ok()),
             Ok(None) => {}
             Err(e) => eprintln!("dptrain: {e}"),

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod gpu_check;
 pub mod train;
 pub mod world;

@@ -13,17 +13,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        #[cfg(feature = "fault-injection")]
+        Cmd::Train { config, sets, run_dir, resume, fault } => {
+            ensure_cuda_libs_for_train();
+            train(&TrainArgs { config, sets, run_dir, resume, fault })?;
+        }
+        #[cfg(not(feature = "fault-injection"))]
         Cmd::Train { config, sets, run_dir, resume } => {
             // GPU runs need NVRTC, cuBLAS (and NCCL for several GPUs) loadable; this must happen
             // before MPI starts (it may re-execute the binary with their directories on the
             // library path).
-            #[cfg(feature = "cuda")]
-            if !dptrain_core::tensor::cuda::emulated()
-                && matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_))
-            {
-                dptrain_launcher::gpu_check::ensure_cuda_libs();
-            }
-            train(&TrainArgs { config, sets, run_dir, resume })?;
+            ensure_cuda_libs_for_train();
+            train(&TrainArgs { config, sets, run_dir, resume, fault: None })?;
         }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
         Cmd::GpuCheck { device } => {
@@ -37,9 +38,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// GPU runs need NVRTC, cuBLAS (and NCCL for several GPUs) loadable; this must happen before MPI
+/// starts (it may re-execute the binary with their directories on the library path).
+fn ensure_cuda_libs_for_train() {
+    #[cfg(feature = "cuda")]
+    if !dptrain_core::tensor::cuda::emulated()
+        && matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_))
+    {
+        dptrain_launcher::gpu_check::ensure_cuda_libs();
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DPTRAIN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            dptrain_core::env::env()
+                .log
+                .as_deref()
+                .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = match Cli::try_parse() {

@@ -41,6 +41,8 @@ pub struct TrainArgs {
     pub sets: Vec<String>,
     pub run_dir: Option<PathBuf>,
     pub resume: Option<PathBuf>,
+    /// Tests: a rank to fail at a step (see `fault`).
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// The run's data.
@@ -77,6 +79,8 @@ pub struct Run {
     pub random_windows: bool,
     /// Lines printed (by rank 0) before training: settings that are valid but likely unintended.
     pub warnings: Vec<String>,
+    /// Tests: a rank to fail at a step.
+    pub fault: Option<crate::fault::Fault>,
     pub checkpoint_every: u64,
     pub keep_last: usize,
     pub threads: usize,
@@ -569,6 +573,7 @@ pub fn setup(args: &TrainArgs, raw: Raw, ckpt: Option<PathBuf>, world: &dyn Comm
         eval_samples,
         random_windows,
         warnings,
+        fault: args.fault,
         checkpoint_every: raw.count("train.checkpoint_every")? as u64,
         keep_last: raw.count("checkpoint.keep_last")?,
         raw,
@@ -673,30 +678,6 @@ pub struct Summary {
 /// Sets the compute thread pool once per process.
 fn init_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-}
-
-/// Test hook: `DPTRAIN_TEST_FAULT=kill:RANK:STEP` (SIGKILL) or `hang:RANK:STEP` (sleep forever)
-/// makes one rank fail at a step, so the watchdog and job teardown can be tested for real.
-fn fault_hook(rank: usize, step: u64) {
-    // Parsed once: this runs every step.
-    static SPEC: std::sync::OnceLock<Option<(String, usize, u64)>> = std::sync::OnceLock::new();
-    let spec = SPEC.get_or_init(|| {
-        let s = std::env::var("DPTRAIN_TEST_FAULT").ok()?;
-        let mut p = s.split(':');
-        Some((p.next()?.to_string(), p.next()?.parse().ok()?, p.next()?.parse().ok()?))
-    });
-    let Some((kind, r, s)) = spec else { return };
-    if (*r, *s) != (rank, step) {
-        return;
-    }
-    match kind.as_str() {
-        "kill" => {
-            let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
-        "hang" => std::thread::sleep(std::time::Duration::from_secs(3600)),
-        _ => {}
-    }
 }
 
 /// A 64-bit FNV-1a hash of the parameter bits, as four exactly-representable 16-bit integers.
@@ -952,7 +933,9 @@ fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator,
     let mut samples_done = 0usize;
 
     for step in run.start_step..run.steps {
-        fault_hook(comm.rank(), step + 1);
+        if let Some(f) = &run.fault {
+            f.fire_if(comm.rank(), step + 1);
+        }
         let lr = run.schedule.lr(step);
         grads.zero_grad();
         let mut loss_sum = 0.0;

@@ -69,6 +69,14 @@ fn multi(np: usize, run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Outp
     c.output().expect("mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
 }
 
+/// `multi` with extra command-line arguments (the fault-injection flag of test builds).
+#[cfg(feature = "fault-injection")]
+fn multi_args(np: usize, run_dir: &Path, sets: &[&str], extra: &[&str]) -> Output {
+    let mut c = mpirun(np);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(args(run_dir, sets)).args(extra);
+    c.output().expect("mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
+}
+
 fn ok(o: &Output) {
     assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
@@ -284,6 +292,8 @@ fn random_windows_and_dropout_resume_exactly_on_two_ranks() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// Needs the `fault-injection` feature (scripts/test.sh turns it on).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_killed_rank_ends_the_job() {
     if skip() {
@@ -291,13 +301,15 @@ fn a_killed_rank_ends_the_job() {
     }
     let d = tmp("kill");
     let t = Instant::now();
-    let o = multi(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=5"], &[("DPTRAIN_TEST_FAULT", "kill:1:5")]);
+    let o = multi_args(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=5"], &["--fault", "kill:1:5"]);
     let dt = t.elapsed();
     assert!(!o.status.success(), "job must fail when a rank is killed");
     assert!(dt < Duration::from_secs(5 + 15), "job took {dt:?} to end");
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// Needs the `fault-injection` feature (scripts/test.sh turns it on).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_hung_rank_trips_the_watchdog_naming_the_collective() {
     if skip() {
@@ -305,7 +317,7 @@ fn a_hung_rank_trips_the_watchdog_naming_the_collective() {
     }
     let d = tmp("hang");
     let t = Instant::now();
-    let o = multi(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=3"], &[("DPTRAIN_TEST_FAULT", "hang:1:5")]);
+    let o = multi_args(2, &d.join("r"), &["train.steps=200", "comm.timeout_s=3"], &["--fault", "hang:1:5"]);
     let dt = t.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");

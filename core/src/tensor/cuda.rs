@@ -52,7 +52,7 @@ static DEVS: Mutex<Vec<Arc<CudaDev>>> = Mutex::new(Vec::new());
 
 /// True when this process runs CUDA ops on the CPU emulator (test builds only).
 pub fn emulated() -> bool {
-    cfg!(feature = "cuda-emu") && std::env::var("DPTRAIN_CUDA_EMULATOR").as_deref() == Ok("1")
+    cfg!(feature = "cuda-emu") && crate::env::env().cuda_emulator
 }
 
 /// The engine's handle to device `ordinal`, created (and its kernels compiled) on first use.

@@ -19,8 +19,7 @@ const MAX_PER_BIN: usize = 64;
 /// `DPTRAIN_POOL=0` turns reuse off (every buffer from the system allocator), so the
 /// benchmark can measure what the pool saves.
 fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DPTRAIN_POOL").map(|v| v != "0").unwrap_or(true))
+    crate::env::env().pool
 }
 
 pub struct Pool<T> {

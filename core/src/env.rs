@@ -1,0 +1,103 @@
+//! Every environment variable dptrain itself reads, in one place: its name, what it does, and its
+//! typed value, read once per process. Variables that belong to other programs (MPI's and Slurm's
+//! rank variables, `LD_LIBRARY_PATH`, `PATH`, `HOME`) are read where they are used; these are
+//! dptrain's own switches, none of them needed for normal use.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// (name, what it does), for documentation; every entry is a field of [`Env`].
+pub const VARS: &[(&str, &str)] = &[
+    ("DPTRAIN_LOG", "log filter for tracing (e.g. `info`, `dptrain_comm=debug`); default `warn`"),
+    ("DPTRAIN_POOL", "`0` turns the CPU buffer pool off (for measuring it)"),
+    ("DPTRAIN_CUDA_EMULATOR", "`1` runs the CUDA kernels on the CPU emulator (test builds with the `cuda-emu` feature)"),
+    ("DPTRAIN_GPU_CHECK_TINY", "`1` shrinks gpu-check's GPT-124M and trainer parts to tiny models (tests on the emulator)"),
+    ("DPTRAIN_TORCH_PYTHON", "the python that runs gpu-check's PyTorch side (default `python3`)"),
+    ("DPTRAIN_TORCH_SCRIPT", "gpu-check's PyTorch script (default `benches/gpt124m_torch.py`)"),
+    ("DPTRAIN_NCCL_LIB", "a specific libnccl.so.2 (or its directory) to use"),
+    ("DPTRAIN_NCCL_REEXEC", "set by dptrain on its one re-execution with the CUDA libraries on the library path"),
+    ("DPTRAIN_INSTALL_TORCH", "benches: `1` installs torch into a venv under /tmp when no DPTRAIN_TORCH_PYTHON is given"),
+    ("DPTRAIN_BENCH_STEPS", "benches: timed steps per model (default 10)"),
+];
+
+/// The typed values of [`VARS`].
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub log: Option<String>,
+    pub pool: bool,
+    pub cuda_emulator: bool,
+    pub gpu_check_tiny: bool,
+    pub torch_python: Option<String>,
+    pub torch_script: String,
+    pub nccl_lib: Option<PathBuf>,
+    pub nccl_reexec: bool,
+    pub install_torch: bool,
+    pub bench_steps: Option<usize>,
+}
+
+impl Env {
+    /// Reads the variables from the process environment.
+    pub fn from_process() -> Env {
+        let var = |k: &str| std::env::var(k).ok();
+        let flag = |k: &str| var(k).as_deref() == Some("1");
+        Env {
+            log: var("DPTRAIN_LOG"),
+            pool: var("DPTRAIN_POOL").as_deref() != Some("0"),
+            cuda_emulator: flag("DPTRAIN_CUDA_EMULATOR"),
+            gpu_check_tiny: flag("DPTRAIN_GPU_CHECK_TINY"),
+            torch_python: var("DPTRAIN_TORCH_PYTHON"),
+            torch_script: var("DPTRAIN_TORCH_SCRIPT").unwrap_or_else(|| "benches/gpt124m_torch.py".into()),
+            nccl_lib: std::env::var_os("DPTRAIN_NCCL_LIB").map(PathBuf::from),
+            nccl_reexec: std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some(),
+            install_torch: flag("DPTRAIN_INSTALL_TORCH"),
+            bench_steps: var("DPTRAIN_BENCH_STEPS").and_then(|s| s.parse().ok()),
+        }
+    }
+}
+
+/// The process's values, read on first use.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(Env::from_process)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No other source file of the workspace reads a `DPTRAIN_*` variable itself.
+    #[test]
+    fn dptrain_variables_are_read_here_only() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut stack = vec![root.clone()];
+        let mut offenders = vec![];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if p.is_dir() && !name.starts_with('.') && name != "target" && name != "tests" {
+                    stack.push(p);
+                } else if name.ends_with(".rs") && !p.ends_with("core/src/env.rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    for pat in ["var(\"DPTRAIN_", "var_os(\"DPTRAIN_", "from_env(\"DPTRAIN_"] {
+                        if text.contains(pat) {
+                            offenders.push(p.strip_prefix(&root).unwrap_or(&p).display().to_string());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "read DPTRAIN_* through dptrain_core::env instead: {offenders:?}");
+    }
+
+    #[test]
+    fn every_variable_read_is_documented() {
+        let src = include_str!("env.rs");
+        let body = &src[src.find("fn from_process").unwrap()..src.find("/// The process's values").unwrap()];
+        let read: Vec<&str> = body.split('"').filter(|s| s.starts_with("DPTRAIN_")).collect();
+        assert_eq!(read.len(), VARS.len());
+        for name in read {
+            assert!(VARS.iter().any(|(v, _)| *v == name), "{name} is read but not in VARS");
+        }
+    }
+}
