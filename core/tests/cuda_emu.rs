@@ -5,7 +5,7 @@
 //! GPU is left out: the driver and cuBLAS calls themselves, NVRTC loading, NCCL, streams.
 #![cfg(feature = "cuda-emu")]
 
-use dptrain_core::kernels::cuda::check;
+use dptrain_core::diagnostics::gpu_ops as check;
 
 #[test]
 fn gpu_check_ops_pass_on_the_emulator() {

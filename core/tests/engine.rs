@@ -201,7 +201,7 @@ fn init_is_deterministic_per_seed() {
 /// rounded to bf16 (forward and the input/weight gradients), and differs from plain f32.
 #[test]
 fn bf16_precision_rounds_gemm_inputs_only() {
-    use dptrain_core::autograd::Precision;
+    use dptrain_core::Precision;
     let mut r = Rng::new(3);
     let mut rnd = |n: usize| (0..n).map(|_| r.normal() as f32).collect::<Vec<f32>>();
     let (x, w, b, g) = (rnd(6 * 10), rnd(5 * 10), rnd(5), rnd(6 * 5));

@@ -37,7 +37,7 @@ pub fn run(device: usize) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn cuda_check(device: usize) -> Result<()> {
-    use dptrain_core::kernels::cuda::check::{self, CheckRow};
+    use dptrain_core::diagnostics::gpu_ops::{self as check, CheckRow};
     use std::io::Write;
     let t0 = std::time::Instant::now();
     let info = check::device_info(device).map_err(|e| LaunchError::Runtime(format!("gpu-check: {e}")))?;
@@ -186,8 +186,8 @@ fn peak_bf16(name: &str) -> f64 {
 /// warm-up steps, then 10 timed.
 #[cfg(feature = "cuda")]
 fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
-    use dptrain_core::autograd::Precision;
     use dptrain_core::model::{Batch, Model};
+    use dptrain_core::Precision;
     use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Tape};
     use dptrain_models::{Gpt, GptConfig};
     use dptrain_optim::Optimizer;
@@ -273,50 +273,4 @@ fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
         (Some(a), Some(b)) => Ok((a, b)),
         _ => Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no output"))),
     }
-}
-
-/// Makes the CUDA libraries dptrain loads at run time loadable for this process: NVRTC and
-/// cuBLAS when the dynamic linker cannot find them but pip's NVIDIA wheels (or a system CUDA)
-/// have them, and NCCL — cudarc asks for `libnccl.so`, pip ships `libnccl.so.2` — through a
-/// private `libnccl.so` link (see `dptrain_comm::nccl_lib`). If anything was missing and found,
-/// re-executes the binary once with those directories on `LD_LIBRARY_PATH` (the dynamic linker
-/// reads it only at start). Returns normally when nothing needs doing or nothing was found (the
-/// checks then report what is missing).
-#[cfg(feature = "cuda")]
-pub fn ensure_cuda_libs() {
-    use dptrain_comm::nccl_lib;
-    use std::os::unix::process::CommandExt;
-    if dptrain_core::env::env().nccl_reexec {
-        return;
-    }
-    let dirs = nccl_lib::search_dirs();
-    let mut add: Vec<std::path::PathBuf> = vec![];
-    if !dptrain_core::kernels::cuda::nvrtc_available() {
-        add.extend(nccl_lib::dir_with(&dirs, &["libnvrtc.so.13", "libnvrtc.so.12"]));
-    }
-    if !dptrain_core::kernels::cuda::cublas_available() {
-        add.extend(nccl_lib::dir_with(&dirs, &["libcublas.so.13", "libcublas.so.12"]));
-    }
-    if !dptrain_comm::nccl::nccl_present() {
-        match nccl_lib::find(dptrain_core::env::env().nccl_lib.as_deref(), &dirs) {
-            Ok(Some(lib)) => add.extend(nccl_lib::shim_dir(&lib, &nccl_lib::default_shim_dir()).ok()),
-            Ok(None) => {}
-            Err(e) => eprintln!("dptrain: {e}"),
-        }
-    }
-    if add.is_empty() {
-        return;
-    }
-    let mut path = std::env::join_paths(&add).unwrap_or_default();
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
-        path.push(":");
-        path.push(old);
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("LD_LIBRARY_PATH", path)
-        .env("DPTRAIN_NCCL_REEXEC", "1")
-        .exec();
-    eprintln!("dptrain: re-executing with the CUDA libraries on LD_LIBRARY_PATH failed: {err}");
 }

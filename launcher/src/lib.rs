@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_libs;
 pub mod error;
 pub mod fault;
 pub mod gpu_check;

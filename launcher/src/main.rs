@@ -30,7 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::GpuCheck { device } => {
             #[cfg(feature = "cuda")]
             if matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_)) {
-                dptrain_launcher::gpu_check::ensure_cuda_libs();
+                dptrain_launcher::cuda_libs::ensure_cuda_libs();
             }
             dptrain_launcher::gpu_check::run(device)?
         }
@@ -45,7 +45,7 @@ fn ensure_cuda_libs_for_train() {
     if !dptrain_core::tensor::cuda::emulated()
         && matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_))
     {
-        dptrain_launcher::gpu_check::ensure_cuda_libs();
+        dptrain_launcher::cuda_libs::ensure_cuda_libs();
     }
 }
 

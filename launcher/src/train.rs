@@ -10,7 +10,6 @@ use crate::checkpoint::{self, State};
 use crate::config::{check_model_keys, Raw};
 use crate::error::{input_err, LaunchError, Result};
 use dptrain_comm::GradReducer;
-use dptrain_core::autograd::Precision;
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
@@ -18,7 +17,7 @@ use dptrain_core::data::{BatchStream, Dataset, DistributedSampler, ImageSet, Str
 use dptrain_core::model::Model;
 use dptrain_core::probe::{Probes, Reduce};
 use dptrain_core::rng::key_of;
-use dptrain_core::{DType, Device, GradStore, ParamBuilder, ParamStore, Tape};
+use dptrain_core::{DType, Device, GradStore, ParamBuilder, ParamStore, Precision, Tape};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
 use dptrain_optim::{clip_grad_norm, AdamW, AdamWConfig, DecayMode, Optimizer, Schedule, ScheduleKind, Sgd, SgdConfig};
 use serde_json::{json, Map, Value};

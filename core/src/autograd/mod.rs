@@ -12,22 +12,9 @@
 
 use crate::error::{Error, Result};
 use crate::params::{GradStore, ParamId, ParamStore};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Precision, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
-
-/// Input precision of matrix products (`train.precision`): `F32`, or `Bf16` — GEMM inputs
-/// rounded to bf16, products accumulated and returned in f32 (tensor cores on a GPU; on the CPU
-/// the same rounding followed by an f32 GEMM, so both paths compute the same numbers up to
-/// summation order). Parameters, activations outside GEMMs, gradients and optimizer state stay
-/// f32: the f32 master weights are rounded on the fly, never overwritten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
-}
 
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 

@@ -3,11 +3,11 @@
 //! writes dW directly in [out, in] order and the bias gradient as a threaded column sum. Both
 //! honour the tape's GEMM precision (bf16 inputs, f32 accumulation) on either device.
 
-use crate::autograd::Precision;
 use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::matmul::{gemm_into, matmul as mm, parallelism, MatRef};
 use crate::kernels::cpu::reduce::sum_to_shape;
+use crate::tensor::Precision;
 use crate::tensor::{DType, Elem, Storage, Tensor};
 use crate::{on_cuda, with_float};
 

@@ -18,6 +18,19 @@ pub use pool::PoolStats;
 use std::sync::Arc;
 pub use storage::{Buf, CpuStorage, Elem, Storage};
 
+/// Input precision of matrix products (`train.precision`): `F32`, or `Bf16` — GEMM inputs
+/// rounded to bf16, products accumulated and returned in f32 (tensor cores on a GPU; on the CPU
+/// the same rounding followed by an f32 GEMM, so both paths compute the same numbers up to
+/// summation order). Parameters, activations outside GEMMs, gradients and optimizer state stay
+/// f32: the f32 master weights are rounded on the fly, never overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {

@@ -90,5 +90,4 @@ pub fn compile(name: &'static str, src: &str, arch: &str) -> Result<Compiled, St
 pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
     SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
 }
-pub mod check;
 pub mod ops;

@@ -63,8 +63,8 @@ pub struct ConvGeom {
 // SAFETY: plain-old-data with the C layout of `struct ConvGeom` in conv.cu.
 unsafe impl DeviceRepr for ConvGeom {}
 
-/// GEMM input precision (see [`crate::autograd::Precision`]).
-pub use crate::autograd::Precision as Prec;
+/// GEMM input precision (see [`crate::tensor::Precision`]).
+use crate::tensor::Precision as Prec;
 
 pub fn is_cuda(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cuda(_))

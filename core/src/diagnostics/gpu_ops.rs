@@ -7,11 +7,11 @@
 //! Everything here is reached only after `device::cuda_status()` found a device, so cudarc's
 //! loader never panics on a machine without CUDA.
 
-use crate::autograd::{Precision, Tape, Var};
+use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::ops::fused::batch_norm::RunningStats;
 use crate::rng::Rng;
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{Device, Precision, Tensor};
 use std::sync::Mutex;
 
 /// One row of the check: an op, its largest relative error against the CPU engine, and the
