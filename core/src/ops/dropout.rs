@@ -18,11 +18,13 @@ use crate::tensor::Tensor;
 use crate::{on_cuda, with_float};
 use rayon::prelude::*;
 
-/// One dropout mask: probability and key.
+/// One dropout mask: probability and key (and the threshold that follows from p, computed once:
+/// `keep` runs per element).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
-    pub p: f64,
-    pub key: u64,
+    pub(crate) p: f64,
+    pub(crate) key: u64,
+    thr: u32,
 }
 
 impl Dropout {
@@ -31,7 +33,8 @@ impl Dropout {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::Config { key: "dropout".into(), msg: format!("probability must be in [0, 1), got {p}") });
         }
-        Ok((p > 0.0).then_some(Dropout { p, key }))
+        let thr = ((p * 4_294_967_296.0).round() as u64).min(u32::MAX as u64) as u32;
+        Ok((p > 0.0).then_some(Dropout { p, key, thr }))
     }
     /// The same probability under a sub-key (one per dropout site).
     pub fn site(self, site: u64) -> Dropout {
@@ -39,7 +42,7 @@ impl Dropout {
     }
     /// Draws below this (the top 32 bits of the 64-bit draw) drop.
     pub fn threshold(&self) -> u32 {
-        ((self.p * 4_294_967_296.0).round() as u64).min(u32::MAX as u64) as u32
+        self.thr
     }
     /// 1/(1−p), in f32 on every device and dtype so CPU and GPU scale identically.
     pub fn scale(&self) -> f32 {
@@ -48,7 +51,7 @@ impl Dropout {
     /// Whether element `i` is kept.
     #[inline]
     pub fn keep(&self, i: u64) -> bool {
-        (draw(self.key, i) >> 32) as u32 >= self.threshold()
+        (draw(self.key, i) >> 32) as u32 >= self.thr
     }
 }
 
@@ -59,13 +62,12 @@ pub fn apply(x: &Tensor, d: Dropout) -> Result<Tensor> {
     let x = x.contiguous();
     with_float!(x.dtype(), "dropout", T => {
         let xd = x.data::<T>()?;
-        let (thr, scale) = (d.threshold(), T::of(d.scale() as f64));
+        let scale = T::of(d.scale() as f64);
         Ok(Tensor::build::<T>(x.shape(), |y| {
             y.par_chunks_mut(1 << 14).zip(xd.par_chunks(1 << 14)).enumerate().for_each(|(c, (y, x))| {
                 let base = (c as u64) << 14;
                 for (k, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-                    let keep = (draw(d.key, base + k as u64) >> 32) as u32 >= thr;
-                    *y = if keep { x * scale } else { T::zero() };
+                    *y = if d.keep(base + k as u64) { x * scale } else { T::zero() };
                 }
             })
         }))
