@@ -6,7 +6,8 @@
 //! - `bucket` / `reducer`: DDP-style gradient buckets all-reduced on a communication thread
 //!   while backward continues;
 //! - `NcclComm` / `NcclReducer` (feature `nccl`): the same buckets averaged by NCCL on a
-//!   communication stream of the GPU, bootstrapped over MPI.
+//!   communication stream of the GPU, bootstrapped over MPI;
+//! - `GradSync`: the one interface the trainer drives both reducers through.
 
 pub mod bucket;
 pub mod local;
@@ -16,10 +17,12 @@ pub mod mpi;
 pub mod nccl;
 pub mod nccl_lib;
 pub mod reducer;
+pub mod sync;
 pub mod thread;
 pub mod world;
 
 pub use bucket::{assign_buckets, Bucket, BucketSchedule};
 pub use local::LocalComm;
 pub use reducer::{GradReducer, ReduceStats};
+pub use sync::GradSync;
 pub use thread::ThreadComm;

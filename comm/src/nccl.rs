@@ -342,6 +342,21 @@ impl NcclReducer {
     }
 }
 
+impl crate::GradSync for NcclReducer {
+    fn buckets(&self) -> &[Bucket] {
+        NcclReducer::buckets(self)
+    }
+    fn begin(&mut self, sync: bool) {
+        NcclReducer::begin(self, sync)
+    }
+    unsafe fn on_ready(&mut self, id: ParamId, grads: &GradStore) -> Result<()> {
+        NcclReducer::on_ready(self, id, grads)
+    }
+    fn wait_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
+        NcclReducer::wait_all(self, grads)
+    }
+}
+
 /// Averages a random buffer over a 1-rank NCCL communicator on device `ordinal`; returns the
 /// largest absolute difference from the input (0 when NCCL works).
 pub fn single_rank_all_reduce(ordinal: usize, n: usize) -> std::result::Result<f64, String> {

@@ -189,6 +189,22 @@ impl GradReducer {
     }
 }
 
+impl crate::GradSync for GradReducer {
+    fn buckets(&self) -> &[Bucket] {
+        GradReducer::buckets(self)
+    }
+    fn begin(&mut self, sync: bool) {
+        GradReducer::begin(self, sync)
+    }
+    unsafe fn on_ready(&mut self, id: ParamId, grads: &GradStore) -> Result<()> {
+        // SAFETY: the trait's contract is this method's.
+        unsafe { GradReducer::on_ready(self, id, grads) }
+    }
+    fn wait_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
+        GradReducer::wait_all(self, grads)
+    }
+}
+
 impl Drop for GradReducer {
     fn drop(&mut self) {
         self.tx.take();

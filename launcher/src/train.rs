@@ -9,7 +9,7 @@
 use crate::checkpoint::{self, State};
 use crate::config::{check_model_keys, Raw};
 use crate::error::{input_err, LaunchError, Result};
-use dptrain_comm::GradReducer;
+use dptrain_comm::{GradReducer, GradSync};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
@@ -795,7 +795,8 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     run.params.to_device(run.device)?;
     let mut grads = GradStore::try_new(&run.params)?;
     let (bucket_mb, overlap) = (run.raw.float("comm.bucket_mb"), run.raw.bool("comm.overlap"));
-    let mut reducer = match (world.grads.take(), run.device) {
+    // The gradient synchroniser: MPI on the host, or NCCL on the GPU.
+    let mut reducer: Option<Box<dyn GradSync>> = match (world.grads.take(), run.device) {
         (_, _) if world.info().world_size == 1 => None,
         #[cfg(feature = "cuda")]
         (host, Device::Cuda(o)) => {
@@ -803,60 +804,24 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             let dev = dptrain_core::tensor::cuda::dev(o)?;
             let comm = NcclComm::bootstrap(world.main.as_mut(), dev, host)?;
             let t = std::time::Duration::from_secs_f64(timeout);
-            Some(Reducer::Nccl(NcclReducer::new(comm, &run.params, bucket_mb, overlap, run.comm_bf16, t)?))
+            Some(Box::new(NcclReducer::new(comm, &run.params, bucket_mb, overlap, run.comm_bf16, t)?))
         }
-        (Some(c), _) => Some(Reducer::Host(GradReducer::with_dtype(c, &run.params, bucket_mb, overlap, run.comm_bf16))),
+        (Some(c), _) => Some(Box::new(GradReducer::with_dtype(c, &run.params, bucket_mb, overlap, run.comm_bf16))),
         (None, _) => None,
     };
-    let out = train_loop(&mut run, &mut grads, world.main.as_mut(), reducer.as_mut());
+    let out = train_loop(&mut run, &mut grads, world.main.as_mut(), reducer.as_deref_mut());
     // The reducer goes first: dropping it waits for in-flight buckets, which read `grads`.
     drop(reducer);
     drop(grads);
     out
 }
 
-/// The gradient reducer of this run: MPI on the host, or NCCL on the GPU.
-enum Reducer {
-    Host(GradReducer),
-    #[cfg(feature = "cuda")]
-    Nccl(dptrain_comm::nccl::NcclReducer),
-}
-
-impl Reducer {
-    fn begin(&mut self, sync: bool) {
-        match self {
-            Reducer::Host(r) => r.begin(sync),
-            #[cfg(feature = "cuda")]
-            Reducer::Nccl(r) => r.begin(sync),
-        }
-    }
-    /// # Safety
-    /// As [`GradReducer::on_ready`].
-    unsafe fn on_ready(&mut self, p: dptrain_core::ParamId, g: &GradStore) -> dptrain_core::Result<()> {
-        match self {
-            // SAFETY: forwarded contract.
-            Reducer::Host(r) => unsafe { r.on_ready(p, g) },
-            #[cfg(feature = "cuda")]
-            Reducer::Nccl(r) => r.on_ready(p, g),
-        }
-    }
-    fn buckets(&self) -> &[dptrain_comm::Bucket] {
-        match self {
-            Reducer::Host(r) => r.buckets(),
-            #[cfg(feature = "cuda")]
-            Reducer::Nccl(r) => r.buckets(),
-        }
-    }
-    fn wait_all(&mut self, g: &mut GradStore) -> dptrain_core::Result<dptrain_comm::ReduceStats> {
-        match self {
-            Reducer::Host(r) => r.wait_all(g),
-            #[cfg(feature = "cuda")]
-            Reducer::Nccl(r) => r.wait_all(g),
-        }
-    }
-}
-
-fn train_loop(run: &mut Run, grads: &mut GradStore, comm: &mut dyn Communicator, mut reducer: Option<&mut Reducer>) -> Result<Summary> {
+fn train_loop(
+    run: &mut Run,
+    grads: &mut GradStore,
+    comm: &mut dyn Communicator,
+    mut reducer: Option<&mut (dyn GradSync + 'static)>,
+) -> Result<Summary> {
     let rank0 = comm.rank() == 0;
     let ws = comm.world_size();
     let check_every = run.raw.count("comm.check_every")? as u64;
