@@ -1,6 +1,8 @@
 //! `dptrain-launcher`: the composition root. The only crate that knows the models,
 //! optimizers and communicators; it turns a config into a run and drives the training loop.
 
+pub mod agree;
+pub mod build;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -9,5 +11,7 @@ pub mod cuda_libs;
 pub mod error;
 pub mod fault;
 pub mod gpu_check;
+pub mod metrics;
+pub mod setup;
 pub mod train;
 pub mod world;

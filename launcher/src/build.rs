@@ -1,0 +1,223 @@
+//! Config → objects: the run's data, model and optimizer, built from the typed `RunConfig`.
+//! A new model kind, data source or optimizer is one arm here (plus its schema keys); the
+//! errors that depend on the data (sizes that do not fit, missing files) are raised here, named
+//! after the key to change.
+
+use crate::config::{DataKind, ModelKind, OptimKind, RunConfig};
+use crate::error::{input_err, Result};
+use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
+use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
+use dptrain_core::data::{Dataset, ImageSet, TokenWindows};
+use dptrain_core::model::Model;
+use dptrain_core::{ParamBuilder, ParamStore};
+use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
+use dptrain_optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
+use std::path::{Path, PathBuf};
+
+/// The run's data.
+pub struct Data {
+    pub train: Box<dyn Dataset>,
+    pub val: Box<dyn Dataset>,
+    /// Best achievable loss (nats per token), when the source is known exactly.
+    pub floor: Option<f64>,
+    pub vocab: Option<usize>,
+    pub image_shape: Option<[usize; 3]>,
+    pub classes: Option<usize>,
+    pub describe: String,
+}
+
+fn data_path(cfg: &RunConfig, key: &str, value: &str) -> Result<PathBuf> {
+    if value.is_empty() {
+        return Err(input_err!("{key}: required for data.kind = \"{}\"", cfg.data.kind.name()));
+    }
+    Ok(PathBuf::from(value))
+}
+
+/// Splits a token stream at `1 - val_fraction`.
+fn split_tokens(t: Vec<u32>, vf: f64, context: usize, path: &Path) -> Result<(TokenWindows, TokenWindows)> {
+    let cut = ((t.len() as f64) * (1.0 - vf)) as usize;
+    let (tr, va) = (t[..cut].to_vec(), t[cut.saturating_sub(1)..].to_vec());
+    if tr.len() <= context || va.len() <= context {
+        return Err(input_err!(
+            "{}: {} tokens is too short for model.context = {context} with data.val_fraction = {vf}",
+            path.display(),
+            t.len()
+        ));
+    }
+    Ok((TokenWindows::new(tr, context), TokenWindows::new(va, context)))
+}
+
+pub fn load_data(cfg: &RunConfig) -> Result<Data> {
+    let (d, seed) = (&cfg.data, cfg.run.seed);
+    let kind = d.kind.name();
+    let model_kind = cfg.model.kind.name();
+    let context = cfg.model.context;
+    if d.kind.is_tokens() != (cfg.model.kind == ModelKind::Gpt) {
+        return Err(input_err!("data.kind: \"{kind}\" does not fit model.kind = \"{model_kind}\" (gpt takes synthetic-lm, text or tokens; mlp/resnet take synthetic-images or npy)"));
+    }
+    let tokens = |tr: TokenWindows, va: TokenWindows, floor, vocab, describe| Data {
+        train: Box::new(tr),
+        val: Box::new(va),
+        floor,
+        vocab: Some(vocab),
+        image_shape: None,
+        classes: None,
+        describe,
+    };
+    let images = |tr: ImageSet, va: ImageSet, describe: String| {
+        let (shape, classes) = (tr.shape, tr.num_classes().max(va.num_classes()));
+        Data {
+            train: Box::new(tr),
+            val: Box::new(va),
+            floor: None,
+            vocab: None,
+            image_shape: Some(shape),
+            classes: Some(classes),
+            describe,
+        }
+    };
+    match d.kind {
+        DataKind::SyntheticLm => {
+            let (v, order, br) = (d.vocab, d.order, d.branching);
+            if (v as f64).powi(order as i32) > 4e6 {
+                return Err(input_err!("data.order: vocab^order = {v}^{order} states is too many (limit 4e6)"));
+            }
+            let src = MarkovSource::new(v, order, br.min(v), seed);
+            let (ntr, nva) = (d.train_tokens, d.val_tokens);
+            if ntr <= context || nva <= context {
+                return Err(input_err!("data.train_tokens / data.val_tokens: must exceed model.context = {context}"));
+            }
+            let floor = src.entropy_rate();
+            let desc = format!("synthetic-lm (order-{order} Markov, vocab {v}, {br} successors, entropy {floor:.4} nats/token)");
+            Ok(tokens(
+                TokenWindows::new(src.sample(ntr, seed), context),
+                TokenWindows::new(src.sample(nva, seed ^ 0x5eed), context),
+                Some(floor),
+                v,
+                desc,
+            ))
+        }
+        DataKind::Text => {
+            let p = data_path(cfg, "data.path", &d.path)?;
+            let t = load_text(&p)?;
+            let (tr, va) = split_tokens(t, d.val_fraction, context, &p)?;
+            Ok(tokens(tr, va, None, 256, format!("text {} (byte tokens)", p.display())))
+        }
+        DataKind::Tokens => {
+            let p = data_path(cfg, "data.path", &d.path)?;
+            let t = load_tokens_u16(&p)?;
+            let (tr, va) = split_tokens(t, d.val_fraction, context, &p)?;
+            let vocab = tr.max_token().max(va.max_token()) as usize + 1;
+            Ok(tokens(tr, va, None, vocab, format!("tokens {} (uint16)", p.display())))
+        }
+        DataKind::SyntheticImages => {
+            let (s, c, k) = (d.image_size, d.channels, d.classes);
+            let (n, nv, noise) = (d.samples, d.val_samples, d.noise);
+            let all = synthetic_images(n + nv, [c, s, s], k, noise, seed);
+            let (tr, va) = all.split(nv);
+            Ok(images(tr, va, format!("synthetic-images ({n} train / {nv} val, {c}x{s}x{s}, {k} classes, noise {noise})")))
+        }
+        DataKind::Npy => {
+            let (p, l) = (data_path(cfg, "data.path", &d.path)?, data_path(cfg, "data.labels", &d.labels)?);
+            let set = load_npy_images(&p, &l)?;
+            let n = set.labels.len();
+            let nv = ((n as f64 * d.val_fraction).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+            if n < 2 {
+                return Err(input_err!("{}: needs at least 2 samples (train and validation)", p.display()));
+            }
+            let (tr, va) = set.split(nv);
+            Ok(images(tr, va, format!("npy {} ({} train / {} val)", p.display(), n - nv, nv)))
+        }
+    }
+}
+
+/// Builds the model from the config and the data's shape, returning it with the resolved model
+/// table (derived values filled in).
+pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
+    let m = &cfg.model;
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), m.kind.name().into());
+    let derived = |key: &str, given: Option<usize>, from_data: Option<usize>, what: &str| -> Result<usize> {
+        given.or(from_data).ok_or_else(|| input_err!("{key}: required ({what} cannot be derived from this data)"))
+    };
+    let model: Box<dyn Model> = match m.kind {
+        ModelKind::Gpt => {
+            let g = GptConfig {
+                vocab_size: derived("model.vocab_size", m.vocab_size, data.vocab, "the vocabulary")?,
+                context: m.context,
+                d_model: m.d_model,
+                n_layers: m.n_layers,
+                n_heads: m.n_heads,
+                mlp_ratio: m.mlp_ratio,
+                bias: m.bias,
+                z_loss: m.z_loss,
+                gelu_tanh: m.gelu_tanh,
+                dropout: m.dropout,
+            };
+            g.validate().map_err(|(k, msg)| input_err!("{k}: {msg}"))?;
+            if let Some(d) = data.vocab.filter(|&d| g.vocab_size < d) {
+                return Err(input_err!("model.vocab_size: {} is smaller than the data's vocabulary ({d} token ids)", g.vocab_size));
+            }
+            t.extend(toml::Table::try_from(&g)?);
+            Box::new(Gpt::new(g, pb)?)
+        }
+        ModelKind::Mlp => {
+            let shape = data.image_shape.unwrap_or([1, 1, 1]);
+            let c = MlpConfig {
+                input_dim: derived("model.input_dim", m.input_dim, Some(shape.iter().product()), "input_dim")?,
+                widths: m.widths.clone(),
+                classes: derived("model.classes", m.classes, data.classes, "classes")?,
+                batch_norm: m.batch_norm,
+                dropout: m.dropout,
+            };
+            t.extend(toml::Table::try_from(&c)?);
+            Box::new(Mlp::new(c, pb)?)
+        }
+        ModelKind::Resnet => {
+            let c = ResNetConfig {
+                in_channels: derived("model.in_channels", m.in_channels, data.image_shape.map(|s| s[0]), "in_channels")?,
+                width: m.width,
+                depth: m.depth,
+                classes: derived("model.classes", m.classes, data.classes, "classes")?,
+            };
+            t.extend(toml::Table::try_from(&c)?);
+            Box::new(ResNet::new(c, pb)?)
+        }
+    };
+    if let Some(c) = data.classes {
+        if let Some(Ok(k)) = t.get("classes").and_then(|v| v.as_integer()).map(usize::try_from) {
+            if k < c {
+                return Err(input_err!("model.classes: {k} is smaller than the labels in the data ({c} classes)"));
+            }
+        }
+    }
+    Ok((model, t))
+}
+
+pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore) -> Box<dyn Optimizer> {
+    let o = &cfg.optim;
+    match o.kind {
+        OptimKind::Sgd => Box::new(Sgd::new(
+            SgdConfig {
+                momentum: o.momentum,
+                dampening: 0.0,
+                nesterov: o.nesterov,
+                weight_decay: o.weight_decay,
+                decay_vectors: o.decay_vectors,
+            },
+            params,
+        )),
+        OptimKind::Adamw => Box::new(AdamW::new(
+            AdamWConfig {
+                beta1: o.betas[0],
+                beta2: o.betas[1],
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+                decay_mode: o.decay,
+                peak_lr: o.lr,
+                decay_vectors: o.decay_vectors,
+            },
+            params,
+        )),
+    }
+}

@@ -1,0 +1,188 @@
+//! The one table of config keys: each key's type, default, allowed values and documentation.
+//! Checking (`super::check_keys`), defaults, the typed `RunConfig` and `dptrain config show`
+//! all read it, so docs, defaults and validation cannot drift apart. A key is a dotted path of
+//! any depth: `optim.lr` lives in `[optim]`, a key `optim.soap.distribute` in `[optim.soap]`.
+
+use toml::{Table, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    Int,
+    Float,
+    Str,
+    Bool,
+    IntList,
+    FloatList,
+}
+
+/// What a value of the right type must also satisfy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Check {
+    Any,
+    /// ≥ 0 (numbers: also finite).
+    NonNeg,
+    /// > 0 (numbers: also finite); for integer lists, every element.
+    Positive,
+    /// In [0, 1): fractions, momenta.
+    Unit,
+    /// In [0, 1), said as a probability (dropout).
+    Probability,
+    /// Two numbers in [0, 1) (Adam's betas).
+    UnitPair,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+}
+
+pub struct KeyDoc {
+    pub key: &'static str,
+    pub ty: Ty,
+    /// TOML literal; `None` means derived when absent.
+    pub default: Option<&'static str>,
+    pub check: Check,
+    pub doc: &'static str,
+}
+
+impl KeyDoc {
+    /// The schema default as a TOML value (`None` for derived keys).
+    pub fn default_value(&self) -> Option<Value> {
+        self.default.map(|lit| format!("v = {lit}").parse::<Table>().expect("schema defaults are valid TOML")["v"].clone())
+    }
+    /// The table path (`optim.soap` for `optim.soap.distribute`) and the key's own name.
+    pub fn section_and_name(&self) -> (&'static str, &'static str) {
+        self.key.rsplit_once('.').expect("schema keys are section.name")
+    }
+    const fn with(self, check: Check) -> KeyDoc {
+        KeyDoc { check, ..self }
+    }
+    const fn nonneg(self) -> KeyDoc {
+        self.with(Check::NonNeg)
+    }
+    const fn pos(self) -> KeyDoc {
+        self.with(Check::Positive)
+    }
+    const fn unit(self) -> KeyDoc {
+        self.with(Check::Unit)
+    }
+    const fn one_of(self, choices: &'static [&'static str]) -> KeyDoc {
+        self.with(Check::OneOf(choices))
+    }
+}
+
+const fn k(key: &'static str, ty: Ty, default: Option<&'static str>, doc: &'static str) -> KeyDoc {
+    KeyDoc { key, ty, default, check: Check::Any, doc }
+}
+
+use Ty::*;
+
+/// Every config key. `model.*` keys after `model.kind` belong to one model kind each (see
+/// `MODEL_KEYS`). Sections appear in `config show` in the order of their first key here.
+pub const KEYS: &[KeyDoc] = &[
+    k("run.name", Str, Some("\"default\""), "run name; the run directory defaults to runs/<name>"),
+    k("run.seed", Int, Some("1337"), "seed for init, data and sampling: a run is a function of its config").nonneg(),
+    k("run.device", Str, Some("\"cpu\""), "cpu | cuda (one GPU per process: the only visible one, else the local rank's)").one_of(&["cpu", "cuda"]),
+    k("run.threads", Int, Some("0"), "compute threads per process; 0 = all cores divided by the processes on this node").nonneg(),
+    k("run.log_every", Int, Some("10"), "write a metrics record every this many steps").pos(),
+    k("model.kind", Str, Some("\"gpt\""), "gpt | mlp | resnet").one_of(&["gpt", "mlp", "resnet"]),
+    k("model.vocab_size", Int, None, "gpt: vocabulary size (derived from the data when absent)").pos(),
+    k("model.context", Int, Some("64"), "gpt: context length in tokens").pos(),
+    k("model.d_model", Int, Some("64"), "gpt: model width").pos(),
+    k("model.n_layers", Int, Some("2"), "gpt: Transformer blocks").pos(),
+    k("model.n_heads", Int, Some("4"), "gpt: attention heads (must divide d_model)").pos(),
+    k("model.mlp_ratio", Int, Some("4"), "gpt: MLP hidden width / d_model").pos(),
+    k("model.bias", Bool, Some("true"), "gpt: biases in Linear and LayerNorm layers"),
+    k("model.z_loss", Float, Some("0.0"), "gpt: z-loss coefficient (coef * log^2 Z added to the loss)").nonneg(),
+    k("model.gelu_tanh", Bool, Some("false"), "gpt: tanh approximation of GELU instead of the erf form"),
+    k(
+        "model.dropout",
+        Float,
+        Some("0.0"),
+        "gpt/mlp: dropout probability in [0, 1), training only (gpt: nanoGPT's places — embeddings, attention probabilities, after the attention and MLP projections; mlp: after each hidden activation)",
+    )
+    .with(Check::Probability),
+    k("model.input_dim", Int, None, "mlp: input features (derived from the data when absent)").pos(),
+    k("model.widths", IntList, Some("[256, 256]"), "mlp: hidden layer widths").pos(),
+    k("model.batch_norm", Bool, Some("false"), "mlp: batch norm after each hidden Linear"),
+    k("model.classes", Int, None, "mlp/resnet: classes (derived from the data when absent)").pos(),
+    k("model.in_channels", Int, None, "resnet: image channels (derived from the data when absent)").pos(),
+    k("model.width", Int, Some("16"), "resnet: channels of the first stage (then 2x, 4x)").pos(),
+    k("model.depth", Int, Some("1"), "resnet: basic blocks per stage").pos(),
+    k("data.kind", Str, Some("\"synthetic-lm\""), "synthetic-lm | synthetic-images | text | tokens | npy")
+        .one_of(&["synthetic-lm", "synthetic-images", "text", "tokens", "npy"]),
+    k("data.path", Str, Some("\"\""), "text: a UTF-8 file; tokens: a uint16 .bin file; npy: the images .npy"),
+    k("data.labels", Str, Some("\"\""), "npy: the labels .npy (integers, one per image)"),
+    k(
+        "data.windows",
+        Str,
+        None,
+        "token data: random | fixed — training windows of context+1 tokens at uniformly random offsets of the training split (nanoGPT's get_batch; default for text and tokens), or the fixed non-overlapping windows shuffled each epoch (default for synthetic-lm); validation always reads the fixed windows",
+    )
+    .one_of(&["random", "fixed"]),
+    k("data.val_fraction", Float, Some("0.1"), "text/tokens/npy: fraction held out (from the end) for validation").unit(),
+    k("data.vocab", Int, Some("64"), "synthetic-lm: vocabulary of the Markov source").pos(),
+    k("data.order", Int, Some("1"), "synthetic-lm: Markov order (tokens of context that matter)").pos(),
+    k("data.branching", Int, Some("4"), "synthetic-lm: possible successors of each context").pos(),
+    k("data.train_tokens", Int, Some("400000"), "synthetic-lm: training tokens generated").pos(),
+    k("data.val_tokens", Int, Some("40000"), "synthetic-lm: validation tokens generated (separate stream)").pos(),
+    k("data.samples", Int, Some("8192"), "synthetic-images: training images").pos(),
+    k("data.val_samples", Int, Some("1024"), "synthetic-images: validation images").pos(),
+    k("data.image_size", Int, Some("8"), "synthetic-images: height = width").pos(),
+    k("data.channels", Int, Some("1"), "synthetic-images: channels").pos(),
+    k("data.classes", Int, Some("10"), "synthetic-images: classes").pos(),
+    k("data.noise", Float, Some("1.0"), "synthetic-images: noise std around each class prototype").nonneg(),
+    k("data.shuffle", Bool, Some("true"), "reshuffle each epoch (seed + epoch), as DistributedSampler"),
+    k("data.drop_last", Bool, Some("true"), "drop the tail that does not divide over ranks (else pad with the head)"),
+    k("train.steps", Int, Some("600"), "optimizer steps").pos(),
+    k("train.global_batch", Int, Some("32"), "samples per optimizer step, over all ranks").pos(),
+    k("train.micro_batch", Int, Some("0"), "samples per rank per micro-step; 0 = global_batch / ranks (no accumulation)").nonneg(),
+    k("train.eval_every", Int, Some("100"), "validation every this many steps (0 = only at the end)").nonneg(),
+    k(
+        "train.eval_samples",
+        Int,
+        None,
+        "validation samples per evaluation: the first N of the validation split, the same every time and whatever the batch size (split over ranks); 0 = all; when absent 512, or the whole split if smaller",
+    )
+    .nonneg(),
+    k(
+        "train.precision",
+        Str,
+        Some("\"f32\""),
+        "f32 | bf16: matrix products take bf16 inputs, accumulate in f32; weights, grads, optimizer state stay f32",
+    )
+    .one_of(&["f32", "bf16"]),
+    k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
+    k("optim.kind", Str, Some("\"adamw\""), "sgd | adamw").one_of(&["sgd", "adamw"]),
+    k("optim.lr", Float, Some("3e-3"), "peak learning rate").pos(),
+    k("optim.weight_decay", Float, Some("0.1"), "weight decay (adamw: decoupled; sgd: L2 added to the gradient)").nonneg(),
+    k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw: (beta1, beta2)").with(Check::UnitPair),
+    k("optim.eps", Float, Some("1e-8"), "adamw: epsilon").pos(),
+    k("optim.clip", Float, Some("1.0"), "global gradient-norm clip (0 = off)").nonneg(),
+    k("optim.momentum", Float, Some("0.9"), "sgd: momentum").unit(),
+    k("optim.nesterov", Bool, Some("false"), "sgd: Nesterov momentum"),
+    k("optim.decay", Str, Some("\"coupled\""), "adamw: coupled (torch: lr * wd) | independent (schedule multiplier * wd)")
+        .one_of(&["coupled", "independent"]),
+    k("optim.decay_vectors", Bool, Some("false"), "also decay biases and norm gains"),
+    k("schedule.kind", Str, Some("\"cosine\""), "cosine | linear | constant (after warmup)").one_of(&["cosine", "linear", "constant"]),
+    k("schedule.warmup_steps", Int, Some("30"), "linear warmup steps").nonneg(),
+    k("schedule.final_lr", Float, Some("3e-4"), "learning rate at the last step").nonneg(),
+    k("checkpoint.keep_last", Int, Some("2"), "checkpoints kept in <run>/checkpoints (older ones are deleted)").nonneg(),
+    k("comm.bucket_mb", Float, Some("25.0"), "gradient bucket cap in MiB (the first bucket is 1 MiB), as PyTorch DDP").pos(),
+    k("comm.overlap", Bool, Some("true"), "all-reduce buckets during backward (false: after backward)"),
+    k("comm.dtype", Str, Some("\"f32\""), "f32 | bf16: precision of the gradient all-reduce (bf16 halves the bytes sent)").one_of(&["f32", "bf16"]),
+    k("comm.check_every", Int, Some("100"), "compare a parameter checksum across ranks every this many steps (0 = never)").nonneg(),
+    k("comm.timeout_s", Float, Some("600.0"), "a collective that does not complete within this many seconds aborts the job").pos(),
+];
+
+/// Which `model.*` keys each kind accepts (the first entry is the default kind).
+pub const MODEL_KEYS: &[(&str, &[&str])] = &[
+    ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh", "dropout"]),
+    ("mlp", &["input_dim", "widths", "batch_norm", "classes", "dropout"]),
+    ("resnet", &["in_channels", "width", "depth", "classes"]),
+];
+
+/// Keys that were replaced: (old key, what to use instead).
+pub const REPLACED: &[(&str, &str)] =
+    &[("train.eval_batches", "replaced by train.eval_samples (a number of validation samples, the same whatever the batch size)")];
+
+pub fn doc(key: &str) -> Option<&'static KeyDoc> {
+    KEYS.iter().find(|d| d.key == key)
+}

@@ -1,0 +1,217 @@
+//! The typed configuration a run reads: one serde struct per section, built once from a checked
+//! raw table with the schema's defaults filled in (`RunConfig::from_raw`). Every value here has
+//! already passed its schema check (type, range, choice), so code that reads a field needs no
+//! validation of its own; what depends on the data or the world (derived sizes, divisibility)
+//! is checked where those are known, in `setup`.
+//!
+//! A new section or nested table (`[optim.soap]`) is a struct here plus its keys in `schema`;
+//! a test checks that every schema key deserialises into this struct.
+
+use dptrain_core::Precision;
+use dptrain_optim::{DecayMode, ScheduleKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub optim: OptimSection,
+    pub schedule: ScheduleSection,
+    pub checkpoint: CheckpointSection,
+    pub comm: CommSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub name: String,
+    pub seed: u64,
+    pub device: DeviceKind,
+    pub threads: usize,
+    pub log_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Gpt,
+    Mlp,
+    Resnet,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Gpt => "gpt",
+            ModelKind::Mlp => "mlp",
+            ModelKind::Resnet => "resnet",
+        }
+    }
+}
+
+/// The keys of every model kind (each kind reads its own; `check_model_keys` rejects the others'
+/// when set). Derived sizes are `None` until the data is known.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub kind: ModelKind,
+    pub vocab_size: Option<usize>,
+    pub context: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub mlp_ratio: usize,
+    pub bias: bool,
+    pub z_loss: f64,
+    pub gelu_tanh: bool,
+    pub dropout: f64,
+    pub input_dim: Option<usize>,
+    pub widths: Vec<usize>,
+    pub batch_norm: bool,
+    pub classes: Option<usize>,
+    pub in_channels: Option<usize>,
+    pub width: usize,
+    pub depth: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataKind {
+    SyntheticLm,
+    SyntheticImages,
+    Text,
+    Tokens,
+    Npy,
+}
+
+impl DataKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataKind::SyntheticLm => "synthetic-lm",
+            DataKind::SyntheticImages => "synthetic-images",
+            DataKind::Text => "text",
+            DataKind::Tokens => "tokens",
+            DataKind::Npy => "npy",
+        }
+    }
+    /// Token streams (language-model data), as opposed to labelled images.
+    pub fn is_tokens(self) -> bool {
+        matches!(self, DataKind::SyntheticLm | DataKind::Text | DataKind::Tokens)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Windows {
+    Random,
+    Fixed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub kind: DataKind,
+    pub path: String,
+    pub labels: String,
+    pub windows: Option<Windows>,
+    pub val_fraction: f64,
+    pub vocab: usize,
+    pub order: usize,
+    pub branching: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub samples: usize,
+    pub val_samples: usize,
+    pub image_size: usize,
+    pub channels: usize,
+    pub classes: usize,
+    pub noise: f64,
+    pub shuffle: bool,
+    pub drop_last: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: u64,
+    pub global_batch: usize,
+    /// 0 = global_batch / ranks.
+    pub micro_batch: usize,
+    pub eval_every: u64,
+    /// `None` = derived (512, or the whole split if smaller); 0 = all.
+    pub eval_samples: Option<usize>,
+    pub precision: Precision,
+    pub checkpoint_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    pub kind: OptimKind,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub clip: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub decay: DecayMode,
+    pub decay_vectors: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    pub kind: ScheduleKind,
+    pub warmup_steps: u64,
+    pub final_lr: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub keep_last: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommSection {
+    pub bucket_mb: f64,
+    pub overlap: bool,
+    pub dtype: CommDtype,
+    pub check_every: u64,
+    pub timeout_s: f64,
+}
