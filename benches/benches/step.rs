@@ -13,7 +13,7 @@ use dptrain_core::probe::Probes;
 use dptrain_core::rng::Rng;
 use dptrain_core::{DType, GradStore, ParamBuilder, Tape};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig};
-use dptrain_optim::{AdamW, AdamWConfig, Optimizer};
+use dptrain_optim::{AdamW, AdamWConfig, Optimizer, StepCtx};
 use std::time::Instant;
 
 struct Row {
@@ -27,6 +27,7 @@ struct Row {
 fn bench(name: &str, model: &dyn Model, mut pb_store: dptrain_core::ParamStore, batch: &Batch, steps: usize) -> Row {
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.01, ..Default::default() }, &pb_store);
     let mut grads = GradStore::new(&pb_store);
+    let mut solo = dptrain_comm::LocalComm::new();
     let (mut f, mut b, mut o, mut tot) = (vec![], vec![], vec![], vec![]);
     let mut last = 0.0;
     for i in 0..steps + 2 {
@@ -39,7 +40,7 @@ fn bench(name: &str, model: &dyn Model, mut pb_store: dptrain_core::ParamStore, 
         last = loss.item().unwrap();
         drop(tape);
         let t2 = Instant::now();
-        opt.step(&mut pb_store, &grads, 1e-3).expect("step");
+        opt.step(&mut pb_store, &grads, &mut StepCtx { step: i as u64 + 1, lr: 1e-3, comm: &mut solo }).expect("step");
         let t3 = Instant::now();
         if i >= 2 {
             f.push((t1 - t0).as_secs_f64() * 1e3);

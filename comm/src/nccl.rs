@@ -23,9 +23,8 @@ use cudarc::nccl::result as nc;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use cudarc::nccl::sys as ns;
 use dptrain_core::comm::Communicator;
-use dptrain_core::kernels::cuda::ops as gpu;
-use dptrain_core::tensor::cuda::{CudaDev, DevBuf};
-use dptrain_core::{Error, GradStore, ParamId, ParamStore, Result};
+use dptrain_core::tensor::cuda::{CudaDev, DevBuf, DevRegion};
+use dptrain_core::{DType, Error, GradStore, ParamId, ParamStore, Result, Tape, Var};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,17 +113,23 @@ impl NcclComm {
         }
     }
 
-    /// f32 ↔ bf16 cast of `n` elements on the communication stream.
-    fn cast(&self, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
-        match &self.backend {
-            Backend::Nccl { stream, .. } => gpu::cast_raw_on(&self.dev, stream, src, dst, n, to_bf16),
-            Backend::Emulated(_) => gpu::cast_raw(&self.dev, src, dst, n, to_bf16),
-        }
+    /// f32 ↔ bf16 cast between two regions of the same length, on the communication stream.
+    fn cast(&self, src: DevRegion, dst: DevRegion) -> Result<()> {
+        let stream = match &self.backend {
+            Backend::Nccl { stream, .. } => Some(stream.as_ref()),
+            Backend::Emulated(_) => None,
+        };
+        dptrain_core::ops::flat::cast_region(&self.dev, src, dst, stream)
     }
 
-    /// Queues an in-place average of `n` elements (f32, or bf16 when `bf16`) at `ptr` on the
-    /// communication stream.
-    fn all_reduce_avg(&mut self, ptr: u64, n: usize, bf16: bool) -> Result<()> {
+    /// Queues an in-place average of a region (f32 or bf16) on the communication stream.
+    fn all_reduce_avg(&mut self, r: DevRegion) -> Result<()> {
+        let (ptr, n) = (r.ptr, r.len);
+        let bf16 = match r.dtype {
+            DType::F32 => false,
+            DType::BF16 => true,
+            other => return Err(Error::Msg(format!("all-reduce of {other} gradients: expected f32 or bf16"))),
+        };
         self.seq += 1;
         let world = self.world;
         match &mut self.backend {
@@ -252,15 +257,15 @@ impl NcclReducer {
             return Err(Error::Msg("gradient store does not match the reducer's layout".into()));
         }
         self.comm.wait_for(after)?;
-        let region = gpu::ptr(grads.flat())? + (bk.start * 4) as u64;
-        let n = bk.len();
-        match self.scratch.as_ref().map(|s| s.ptr) {
-            Some(sp) => {
-                self.comm.cast(region, sp, n, true)?;
-                self.comm.all_reduce_avg(sp, n, true)?;
-                self.comm.cast(sp, region, n, false)?;
+        let region = grads.flat().device_region(bk.start, bk.len())?;
+        match &self.scratch {
+            Some(s) => {
+                let staged = s.region(DType::BF16, region.len)?;
+                self.comm.cast(region, staged)?;
+                self.comm.all_reduce_avg(staged)?;
+                self.comm.cast(staged, region)?;
             }
-            None => self.comm.all_reduce_avg(region, n, false)?,
+            None => self.comm.all_reduce_avg(region)?,
         }
         self.launched_at.get_or_insert_with(Instant::now);
         Ok(())
@@ -342,10 +347,7 @@ impl NcclReducer {
     }
 }
 
-impl crate::GradSync for NcclReducer {
-    fn buckets(&self) -> &[Bucket] {
-        NcclReducer::buckets(self)
-    }
+impl crate::sync::BucketSync for NcclReducer {
     fn begin(&mut self, sync: bool) {
         NcclReducer::begin(self, sync)
     }
@@ -354,6 +356,15 @@ impl crate::GradSync for NcclReducer {
     }
     fn wait_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
         NcclReducer::wait_all(self, grads)
+    }
+}
+
+impl crate::GradSync for NcclReducer {
+    fn buckets(&self) -> &[Bucket] {
+        NcclReducer::buckets(self)
+    }
+    fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>> {
+        crate::sync::backward_with(self, tape, loss, grads, sync)
     }
 }
 

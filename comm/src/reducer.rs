@@ -11,7 +11,7 @@
 
 use crate::bucket::{Bucket, BucketSchedule};
 use dptrain_core::comm::{Communicator, ReduceOp};
-use dptrain_core::{Error, GradStore, ParamId, ParamStore, Result};
+use dptrain_core::{Error, GradStore, ParamId, ParamStore, Result, Tape, Var};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -173,26 +173,35 @@ impl GradReducer {
         while let Some(b) = self.sched.next_unlaunched() {
             self.launch(b, grads)?;
         }
+        // Every job is received back even after a failed one, so no region stays with the
+        // communication thread once this returns (if the thread itself is gone, so are its jobs).
+        let mut first_err = None;
         while self.in_flight > 0 {
-            let d = self.rx.recv().map_err(|_| Error::Msg("communication thread exited".into()))?;
-            d.result?;
+            let Ok(d) = self.rx.recv() else {
+                first_err.get_or_insert(Error::Msg("communication thread exited".into()));
+                break;
+            };
+            self.in_flight -= 1;
+            if let Err(e) = d.result {
+                first_err.get_or_insert(e);
+                continue;
+            }
             let bk = &self.sched.buckets()[d.job.idx];
             // Sum → mean, on this bucket's region only: others may still be in flight.
             for g in grads.region_mut(bk.start, bk.len())? {
                 *g *= self.scale;
             }
             self.comm_s += d.busy_s;
-            self.in_flight -= 1;
         }
         self.active = false;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         Ok(ReduceStats { comm_s: self.comm_s, wait_s: t.elapsed().as_secs_f64() })
     }
 }
 
-impl crate::GradSync for GradReducer {
-    fn buckets(&self) -> &[Bucket] {
-        GradReducer::buckets(self)
-    }
+impl crate::sync::BucketSync for GradReducer {
     fn begin(&mut self, sync: bool) {
         GradReducer::begin(self, sync)
     }
@@ -202,6 +211,15 @@ impl crate::GradSync for GradReducer {
     }
     fn wait_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
         GradReducer::wait_all(self, grads)
+    }
+}
+
+impl crate::GradSync for GradReducer {
+    fn buckets(&self) -> &[Bucket] {
+        GradReducer::buckets(self)
+    }
+    fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>> {
+        crate::sync::backward_with(self, tape, loss, grads, sync)
     }
 }
 
@@ -217,8 +235,9 @@ impl Drop for GradReducer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GradSync;
     use crate::ThreadComm;
-    use dptrain_core::{DType, Init, ParamBuilder, Role, Tape, Tensor};
+    use dptrain_core::{DType, Init, ParamBuilder, Role, Tensor};
     use std::time::Duration;
 
     /// Two ranks, each with its own data: after reduction both hold the mean gradient, with and
@@ -240,11 +259,7 @@ mod tests {
             g.zero_grad();
             match red {
                 Some(r) => {
-                    r.begin(true);
-                    // SAFETY: `g` outlives the reduction (wait_all below) and the tape never
-                    // writes a parameter's gradient after its final event.
-                    tape.backward(loss, &mut g, |p, gs| unsafe { r.on_ready(p, gs) }.unwrap()).unwrap();
-                    r.wait_all(&mut g).unwrap();
+                    r.backward(&tape, loss, &mut g, true).unwrap();
                 }
                 None => {
                     tape.backward(loss, &mut g, |_, _| {}).unwrap();

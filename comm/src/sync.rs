@@ -1,28 +1,69 @@
 //! `GradSync`: what the training loop needs from a gradient synchroniser, whichever transport
 //! carries the buckets — MPI on a communication thread ([`GradReducer`](crate::GradReducer)) or
 //! NCCL on a communication stream (`nccl::NcclReducer`). The trainer holds one
-//! `Box<dyn GradSync>` and drives it the same way for both: `begin` each backward pass, feed it
-//! the tape's "parameter gradient final" events, `wait_all` before clipping.
+//! `Box<dyn GradSync>` and calls `backward` once per micro-step: the synchroniser runs the
+//! tape's backward itself, so the gradient buffer stays borrowed for as long as any bucket of
+//! it is being reduced, and no caller handles raw regions or an `unsafe` contract.
+//!
+//! Inside, both reducers follow the same protocol (`BucketSync`): `begin` a pass, the tape's
+//! "parameter gradient final" events start every bucket that became complete, `wait_all`
+//! completes them. That protocol is `unsafe` (a started bucket's region is read and written by
+//! another thread or stream while backward writes other parameters' gradients) and stays
+//! inside this crate, where `backward_with` upholds it.
 
 use crate::bucket::Bucket;
 use crate::ReduceStats;
-use dptrain_core::{GradStore, ParamId, Result};
+use dptrain_core::{GradStore, ParamId, Result, Tape, Var};
 
 pub trait GradSync: Send {
     /// The bucket layout (the same on every rank).
     fn buckets(&self) -> &[Bucket];
-    /// Starts a backward pass; `sync` is true on the last micro-step of a step (the others
-    /// communicate nothing, as DDP's `no_sync`).
+    /// Backward of `loss` into `grads`. When `sync` (the last micro-step of an optimizer step)
+    /// the gradients are averaged over ranks — bucket by bucket while backward goes on, when
+    /// overlapping — and hold the averages when this returns, with the reduction's timing.
+    /// Otherwise nothing is communicated (DDP's `no_sync`) and the result is `None`.
+    fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>>;
+}
+
+/// The bucket protocol both reducers implement (see the module doc).
+pub(crate) trait BucketSync {
+    /// Starts a backward pass; `sync` false communicates nothing.
     fn begin(&mut self, sync: bool);
-    /// The engine's "parameter gradient final" event: starts every bucket that became complete.
+    /// The tape's "parameter gradient final" event: starts every bucket that became complete.
     ///
     /// # Safety
-    /// A started bucket's region of `grads` is read (and written, with the average) in place
-    /// until `wait_all` returns: the caller keeps `grads` alive, does not write the finished
-    /// parameters' gradients until then, and calls `wait_all` with the same `grads` (or drops
-    /// the synchroniser, which waits for in-flight buckets) before dropping `grads`. The autograd
-    /// tape never touches a parameter's gradient after its final event in the same pass.
+    /// A started bucket's region of `grads` is read and written in place until `wait_all`
+    /// returns: `grads` must stay alive and unwritten in the finished parameters' regions until
+    /// then, and `wait_all` must be called with the same `grads`.
     unsafe fn on_ready(&mut self, id: ParamId, grads: &GradStore) -> Result<()>;
-    /// Completes every bucket; `grads` then holds the average over ranks.
+    /// Starts the remaining buckets and completes all of them, even after a failed one (no
+    /// region stays in use when this returns); `grads` then holds the averages.
     fn wait_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats>;
+}
+
+/// `GradSync::backward` for any `BucketSync`: the one place that upholds its safety contract.
+pub(crate) fn backward_with<S: BucketSync + ?Sized>(
+    s: &mut S,
+    tape: &Tape,
+    loss: Var<'_>,
+    grads: &mut GradStore,
+    sync: bool,
+) -> Result<Option<ReduceStats>> {
+    s.begin(sync);
+    let mut event_err = None;
+    let res = tape.backward(loss, grads, |p, g| {
+        // SAFETY: `grads` is borrowed mutably by this function until `wait_all` below has
+        // completed every started bucket, also when backward fails; the tape never writes a
+        // parameter's gradient after its final event in the same pass (core/tests/engine.rs).
+        if let Err(e) = unsafe { s.on_ready(p, g) } {
+            event_err.get_or_insert(e);
+        }
+    });
+    let stats = s.wait_all(grads);
+    res?;
+    if let Some(e) = event_err {
+        return Err(e);
+    }
+    let stats = stats?;
+    Ok(sync.then_some(stats))
 }

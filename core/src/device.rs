@@ -44,6 +44,18 @@ pub fn cuda_status() -> CudaStatus {
     }
 }
 
+/// Whether NVRTC (libnvrtc, which compiles the CUDA kernels at run time) can be loaded.
+#[cfg(feature = "cuda")]
+pub fn nvrtc_available() -> bool {
+    crate::kernels::cuda::nvrtc_available()
+}
+
+/// Whether cuBLAS (and cuBLASLt) can be loaded.
+#[cfg(feature = "cuda")]
+pub fn cublas_available() -> bool {
+    crate::kernels::cuda::cublas_available()
+}
+
 /// Resolves `run.device` for a process with local rank `local_rank` of `local_size`: one
 /// visible device → 0; as many devices as local ranks → the local rank; otherwise an error.
 pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device> {

@@ -18,6 +18,10 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_NCCL_REEXEC", "set by dptrain on its one re-execution with the CUDA libraries on the library path"),
     ("DPTRAIN_INSTALL_TORCH", "benches: `1` installs torch into a venv under /tmp when no DPTRAIN_TORCH_PYTHON is given"),
     ("DPTRAIN_BENCH_STEPS", "benches: timed steps per model (default 10)"),
+    (
+        "DPTRAIN_REQUIRE_NVRTC",
+        "tests: `1` makes the NVRTC tests fail instead of skipping when libnvrtc.so.13 cannot be loaded (scripts/test.sh sets it)",
+    ),
 ];
 
 /// The typed values of [`VARS`].
@@ -33,6 +37,7 @@ pub struct Env {
     pub nccl_reexec: bool,
     pub install_torch: bool,
     pub bench_steps: Option<usize>,
+    pub require_nvrtc: bool,
 }
 
 impl Env {
@@ -51,6 +56,7 @@ impl Env {
             nccl_reexec: std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some(),
             install_torch: flag("DPTRAIN_INSTALL_TORCH"),
             bench_steps: var("DPTRAIN_BENCH_STEPS").and_then(|s| s.parse().ok()),
+            require_nvrtc: flag("DPTRAIN_REQUIRE_NVRTC"),
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod device;
 pub mod diagnostics;
 pub mod env;
 pub mod error;
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod model;
 pub mod ops;
 pub mod params;

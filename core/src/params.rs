@@ -339,7 +339,7 @@ impl GradStore {
         if self.data.is_cuda() {
             use crate::kernels::cuda::ops as gpu;
             let d = gpu::dev_of(&self.data)?;
-            return gpu::accumulate_raw(&d, gpu::ptr(&self.data)? + (o * 4) as u64, g, n, !first);
+            return gpu::accumulate_raw(&d, self.data.device_region(o, n)?.ptr, g, n, !first);
         }
         let g = g.contiguous();
         // Only this parameter's region is borrowed: the reducer may be reading finished
@@ -360,7 +360,7 @@ impl GradStore {
             if self.data.is_cuda() {
                 use crate::kernels::cuda::ops as gpu;
                 let d = gpu::dev_of(&self.data)?;
-                gpu::fill_raw(&d, gpu::ptr(&self.data)? + (o * 4) as u64, n, 0.0)?;
+                gpu::fill_raw(&d, self.data.device_region(o, n)?.ptr, n, 0.0)?;
                 self.touched[id.0] = true;
                 return Ok(());
             }

@@ -7,6 +7,13 @@
 //! A sink can be off ([`ProbeSink::enabled`]): the trainer turns probes on only for the steps it
 //! logs, and models skip the probes that cost work (a norm over an activation, on a GPU a device
 //! synchronisation) when it is off.
+//!
+//! A value computed on a GPU can stay there ([`ProbeValue::Device`]): `Probes` keeps it pending
+//! and [`Probes::resolve`] reads every pending value in one device-to-host transfer, on the
+//! logging step, instead of one synchronisation per layer and micro-step.
+
+use crate::error::Result;
+use crate::tensor::Tensor;
 
 /// How a probe's values combine over micro-steps and over ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,9 +24,46 @@ pub enum Reduce {
     Sum,
 }
 
+/// A probe value: on the host, or a tensor (typically on a GPU) whose elements combine by the
+/// given reduction into the value (e.g. the per-row maxima of attention logits, by `Max`).
+#[derive(Debug, Clone)]
+pub enum ProbeValue {
+    Host(f64),
+    Device(Tensor, Reduce),
+}
+
+impl ProbeValue {
+    /// The value on the host (a device value is downloaded: this waits for the device).
+    pub fn to_host(&self) -> Result<f64> {
+        match self {
+            ProbeValue::Host(v) => Ok(*v),
+            ProbeValue::Device(t, r) => Ok(combine(&t.to_vec::<f32>()?, *r)),
+        }
+    }
+}
+
+/// The elements of a device probe value combined by its reduction.
+fn combine(x: &[f32], r: Reduce) -> f64 {
+    match r {
+        Reduce::Max => x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64,
+        Reduce::Min => x.iter().copied().fold(f32::INFINITY, f32::min) as f64,
+        Reduce::Sum => x.iter().map(|&v| v as f64).sum(),
+        Reduce::Mean => x.iter().map(|&v| v as f64).sum::<f64>() / x.len().max(1) as f64,
+    }
+}
+
 /// Receives named scalar probe values.
 pub trait ProbeSink {
     fn record(&mut self, name: &str, reduce: Reduce, value: f64);
+    /// Records a value that may still be on a device. The default reads it at once; `Probes`
+    /// keeps device values pending until [`Probes::resolve`].
+    fn record_value(&mut self, name: &str, reduce: Reduce, value: ProbeValue) {
+        if !self.enabled() {
+            return;
+        }
+        // A value that cannot be read (a failed device) shows as NaN rather than stopping a run.
+        self.record(name, reduce, value.to_host().unwrap_or(f64::NAN));
+    }
     /// Whether recorded values are kept: when not, a model may skip computing them.
     fn enabled(&self) -> bool {
         true
@@ -30,12 +74,15 @@ pub trait ProbeSink {
 #[derive(Debug, Clone)]
 pub struct Probes {
     pub values: Vec<(String, Reduce, f64)>,
+    /// Device values not read yet, in recording order (micro-step by micro-step), each folded
+    /// into `values` by `resolve` as `accumulate` would have.
+    pending: Vec<(String, Reduce, Tensor, Reduce)>,
     on: bool,
 }
 
 impl Default for Probes {
     fn default() -> Self {
-        Probes { values: vec![], on: true }
+        Probes { values: vec![], pending: vec![], on: true }
     }
 }
 
@@ -43,6 +90,13 @@ impl ProbeSink for Probes {
     fn record(&mut self, name: &str, reduce: Reduce, value: f64) {
         if self.on {
             self.values.push((name.to_string(), reduce, value));
+        }
+    }
+    fn record_value(&mut self, name: &str, reduce: Reduce, value: ProbeValue) {
+        match value {
+            _ if !self.on => {}
+            ProbeValue::Host(v) => self.record(name, reduce, v),
+            ProbeValue::Device(t, r) => self.pending.push((name.to_string(), reduce, t, r)),
         }
     }
     fn enabled(&self) -> bool {
@@ -53,7 +107,7 @@ impl ProbeSink for Probes {
 impl Probes {
     /// A sink that is on only when `on` (the trainer: on logging steps).
     pub fn on_if(on: bool) -> Probes {
-        Probes { values: vec![], on }
+        Probes { values: vec![], pending: vec![], on }
     }
     pub fn get(&self, name: &str) -> Option<f64> {
         self.values.iter().rev().find(|(n, _, _)| n == name).map(|(_, _, v)| *v)
@@ -62,17 +116,40 @@ impl Probes {
     /// reduction (means are summed here; [`Probes::finish_mean`] divides).
     pub fn accumulate(&mut self, other: Probes) {
         for (k, r, v) in other.values {
-            match self.values.iter_mut().find(|(n, _, _)| *n == k) {
-                Some((_, r, acc)) => {
-                    *acc = match r {
-                        Reduce::Max => acc.max(v),
-                        Reduce::Min => acc.min(v),
-                        Reduce::Mean | Reduce::Sum => *acc + v,
-                    }
-                }
-                None => self.values.push((k, r, v)),
-            }
+            self.fold(k, r, v);
         }
+        self.pending.extend(other.pending);
+    }
+
+    fn fold(&mut self, k: String, r: Reduce, v: f64) {
+        match self.values.iter_mut().find(|(n, _, _)| *n == k) {
+            Some((_, r, acc)) => {
+                *acc = match r {
+                    Reduce::Max => acc.max(v),
+                    Reduce::Min => acc.min(v),
+                    Reduce::Mean | Reduce::Sum => *acc + v,
+                }
+            }
+            None => self.values.push((k, r, v)),
+        }
+    }
+
+    /// Reads every pending device value — gathered on the device, then one transfer — and
+    /// folds them into `values` in recording order.
+    pub fn resolve(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let tensors: Vec<&Tensor> = pending.iter().map(|p| &p.2).collect();
+        let host = gather_to_host(&tensors)?;
+        let mut at = 0;
+        for (k, r, t, er) in pending {
+            let n = t.numel();
+            self.fold(k, r, combine(&host[at..at + n], er));
+            at += n;
+        }
+        Ok(())
     }
     /// Divides the accumulated means by the number of micro-steps folded in.
     pub fn finish_mean(&mut self, micro_steps: usize) {
@@ -84,11 +161,37 @@ impl Probes {
     }
 }
 
+/// The elements of `ts` (f32), concatenated on the host; device tensors are first gathered into
+/// one device buffer, so they cost one transfer however many there are.
+fn gather_to_host(ts: &[&Tensor]) -> Result<Vec<f32>> {
+    #[cfg(feature = "cuda")]
+    if ts.iter().all(|t| t.is_cuda()) && !ts.is_empty() {
+        use crate::kernels::cuda::ops as gpu;
+        let d = gpu::dev_of(ts[0])?;
+        let total: usize = ts.iter().map(|t| t.numel()).sum();
+        let all = gpu::empty(&d, &[total])?;
+        let mut at = all.device_region(0, total)?.ptr;
+        for t in ts {
+            let t = gpu::contiguous(t)?;
+            let r = t.device_region(0, t.numel())?;
+            d.copy(at, r.ptr, r.bytes())?;
+            at += r.bytes() as u64;
+        }
+        return all.to_vec::<f32>();
+    }
+    let mut out = vec![];
+    for t in ts {
+        out.extend(t.to_vec::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// A sink that drops everything.
 pub struct NoProbes;
 
 impl ProbeSink for NoProbes {
     fn record(&mut self, _: &str, _: Reduce, _: f64) {}
+    fn record_value(&mut self, _: &str, _: Reduce, _: ProbeValue) {}
     fn enabled(&self) -> bool {
         false
     }
@@ -114,5 +217,30 @@ mod tests {
         let mut off = Probes::on_if(false);
         off.record("x", Reduce::Mean, 1.0);
         assert!(!off.enabled() && off.values.is_empty());
+    }
+
+    /// Tensor-held values stay pending until `resolve`, then fold in recording order exactly
+    /// as host values recorded micro-step by micro-step would.
+    #[test]
+    fn pending_values_resolve_like_host_values() {
+        let (mut host, mut dev) = (Probes::default(), Probes::default());
+        for rows in [[1.0f32, 7.0, -2.0], [3.0, 2.0, 9.5]] {
+            let t = Tensor::from_slice(&rows, &[3]).unwrap();
+            let (mut h, mut d) = (Probes::default(), Probes::default());
+            h.record("m", Reduce::Max, ProbeValue::Device(t.clone(), Reduce::Max).to_host().unwrap());
+            h.record("a", Reduce::Mean, ProbeValue::Device(t.clone(), Reduce::Mean).to_host().unwrap());
+            d.record_value("m", Reduce::Max, ProbeValue::Device(t.clone(), Reduce::Max));
+            d.record_value("a", Reduce::Mean, ProbeValue::Device(t, Reduce::Mean));
+            host.accumulate(h);
+            dev.accumulate(d);
+        }
+        assert!(dev.values.is_empty());
+        dev.resolve().unwrap();
+        assert_eq!(dev.get("m"), Some(9.5));
+        assert_eq!(dev.values, host.values);
+        let mut off = Probes::on_if(false);
+        off.record_value("m", Reduce::Max, ProbeValue::Device(Tensor::from_slice(&[1.0f32], &[1]).unwrap(), Reduce::Max));
+        off.resolve().unwrap();
+        assert!(off.values.is_empty());
     }
 }

@@ -19,10 +19,10 @@ pub fn ensure_cuda_libs() {
     }
     let dirs = nccl_lib::search_dirs();
     let mut add: Vec<std::path::PathBuf> = vec![];
-    if !dptrain_core::kernels::cuda::nvrtc_available() {
+    if !dptrain_core::device::nvrtc_available() {
         add.extend(nccl_lib::dir_with(&dirs, &["libnvrtc.so.13", "libnvrtc.so.12"]));
     }
-    if !dptrain_core::kernels::cuda::cublas_available() {
+    if !dptrain_core::device::cublas_available() {
         add.extend(nccl_lib::dir_with(&dirs, &["libcublas.so.13", "libcublas.so.12"]));
     }
     if !dptrain_comm::nccl::nccl_present() {

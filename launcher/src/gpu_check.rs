@@ -21,7 +21,7 @@ pub fn run(device: usize) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        if !dptrain_core::tensor::cuda::emulated() && !dptrain_core::kernels::cuda::nvrtc_available() {
+        if !dptrain_core::tensor::cuda::emulated() && !dptrain_core::device::nvrtc_available() {
             return Err(LaunchError::Input(
                 "gpu-check: NVRTC (libnvrtc.so) not found; put pip's nvidia/cu13/lib (or cuda_nvrtc/lib) on LD_LIBRARY_PATH (scripts/gpu-check.sh does)"
                     .into(),
@@ -224,6 +224,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let (warm, timed) = (3, 10);
     let mut t0 = std::time::Instant::now();
     let mut allocs0 = 0;
+    let mut solo = dptrain_comm::LocalComm::new();
     for i in 0..warm + timed {
         if i == warm {
             dev.sync().map_err(e)?;
@@ -238,7 +239,8 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
         drop(tape);
         dptrain_optim::clip_grad_norm(&mut grads, 1.0).map_err(|x| x.to_string())?;
-        opt.step(&mut params, &grads, 3e-4).map_err(|x| x.to_string())?;
+        let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
+        opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())?;
     }
     dev.sync().map_err(e)?;
     let dt = t0.elapsed().as_secs_f64() / timed as f64;

@@ -12,14 +12,14 @@ use crate::config::CommDtype;
 use crate::error::{LaunchError, Result};
 use crate::metrics::{Eval, MetricSink, StepLog};
 use crate::setup::{load_config, setup, Run};
-use dptrain_comm::{GradReducer, GradSync};
+use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
 use dptrain_core::probe::{ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
-use dptrain_core::{Device, GradStore, Tape};
-use dptrain_optim::clip_grad_norm;
+use dptrain_core::{GradStore, Tape};
+use dptrain_optim::{clip_grad_norm, StepCtx};
 use std::path::PathBuf;
 
 /// Stream numbers of the counter-based draws keyed per micro-step (see `key_of`).
@@ -70,7 +70,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     let mut reducer: Option<Box<dyn GradSync>> = match (world.grads.take(), run.device) {
         (_, _) if world.info().world_size == 1 => None,
         #[cfg(feature = "cuda")]
-        (host, Device::Cuda(o)) => {
+        (host, dptrain_core::Device::Cuda(o)) => {
             use dptrain_comm::nccl::{NcclComm, NcclReducer};
             let dev = dptrain_core::tensor::cuda::dev(o)?;
             let comm = NcclComm::bootstrap(world.main.as_mut(), dev, host)?;
@@ -80,8 +80,8 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         (Some(c), _) => Some(Box::new(GradReducer::with_dtype(c, &run.params, bucket_mb, overlap, bf16))),
         (None, _) => None,
     };
-    let out = train_loop(&mut run, &mut grads, world.main.as_mut(), reducer.as_deref_mut());
-    // The reducer goes first: dropping it waits for in-flight buckets, which read `grads`.
+    let out = train_loop(&mut run, &mut grads, world.main.as_mut(), world.optim.as_mut(), reducer.as_deref_mut());
+    // The reducer (its communication thread, NCCL communicator) goes before the gradients.
     drop(reducer);
     drop(grads);
     out
@@ -91,6 +91,7 @@ fn train_loop(
     run: &mut Run,
     grads: &mut GradStore,
     comm: &mut dyn Communicator,
+    optim_comm: &mut dyn Communicator,
     mut reducer: Option<&mut (dyn GradSync + 'static)>,
 ) -> Result<Summary> {
     let (rank, ws) = (comm.rank(), comm.world_size());
@@ -119,7 +120,7 @@ fn train_loop(
         let log_step = done % log_every == 0 || done == steps;
         let mut probes = Probes::on_if(log_step);
         grads.zero_grad();
-        let mut loss_sum = 0.0;
+        let (mut loss_sum, mut comm_stats) = (0.0, None);
         for micro in 0..run.accum {
             // Random windows and dropout masks: counter-based draws keyed by where they are
             // used, so a resumed run draws what the uninterrupted one did and ranks differ.
@@ -127,9 +128,10 @@ fn train_loop(
             let batch = next_batch(run, &mut stream, key(WINDOW_STREAM))?;
             // Gradients are communicated on the last micro-step only (DDP's no_sync).
             let sync = micro + 1 == run.accum;
-            loss_sum += forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(DROPOUT_STREAM), sync, &mut probes)?;
+            let (loss, stats) = forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(DROPOUT_STREAM), sync, &mut probes)?;
+            loss_sum += loss;
+            comm_stats = comm_stats.or(stats);
         }
-        let comm_stats = reducer.as_deref_mut().map(|r| r.wait_all(grads)).transpose()?;
         let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
         let grad_norm = clip_grad_norm(grads, cfg.optim.clip)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -137,7 +139,7 @@ fn train_loop(
                 "step {done}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip)"
             )));
         }
-        run.opt.step(&mut run.params, grads, lr)?;
+        run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
         sink.step_done(done, cfg.train.global_batch);
         last_loss = loss;
 
@@ -145,7 +147,9 @@ fn train_loop(
             check_no_drift(comm, &run.params, done)?;
         }
         if log_step {
-            // Probes combined over micro-steps, then over ranks, each by its own reduction.
+            // Probes still on the device are read in one transfer, then combined over
+            // micro-steps and over ranks, each by its own reduction.
+            probes.resolve()?;
             probes.finish_mean(run.accum);
             reduce_probes(comm, &mut probes)?;
             sink.log_step(StepLog { step: done, loss, lr, grad_norm, comm: comm_stats, probes: &probes.values })?;
@@ -191,9 +195,10 @@ fn next_batch(run: &Run, stream: &mut BatchStream, key: u64) -> Result<Batch> {
     }
 }
 
-/// One micro-step: forward, backward with each parameter's gradient handed to the synchroniser
-/// as soon as it is final (so buckets are all-reduced while backward goes on), probes kept.
-/// Returns the micro-batch loss.
+/// One micro-step: forward, then backward through the gradient synchroniser (buckets are
+/// all-reduced while backward goes on; on the last micro-step the gradients are the averages
+/// over ranks when it returns), probes kept. Returns the micro-batch loss and, when it
+/// synchronised, the reduction's timing.
 fn forward_backward(
     run: &Run,
     grads: &mut GradStore,
@@ -202,7 +207,7 @@ fn forward_backward(
     dropout_key: u64,
     sync: bool,
     probes: &mut Probes,
-) -> Result<f64> {
+) -> Result<(f64, Option<ReduceStats>)> {
     let tape = Tape::new();
     tape.set_precision(run.cfg.train.precision);
     tape.set_rng_key(dropout_key);
@@ -211,29 +216,15 @@ fn forward_backward(
     let value = loss.item()?;
     // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
     let scaled = if run.accum > 1 { loss.scale(1.0 / run.accum as f64)? } else { loss };
-    let mut reduce_err = None;
-    match reducer {
-        Some(r) => {
-            r.begin(sync);
-            tape.backward(scaled, grads, |p, g| {
-                // SAFETY: `grads` is owned by `train`, which drops the reducer (waiting for
-                // in-flight buckets) before it; the loop calls `wait_all(grads)` before touching
-                // the gradients; the tape never writes a parameter's gradient after its final
-                // event.
-                if let Err(e) = unsafe { r.on_ready(p, g) } {
-                    reduce_err.get_or_insert(e);
-                }
-            })?;
-        }
+    let stats = match reducer {
+        Some(r) => r.backward(&tape, scaled, grads, sync)?,
         None => {
             tape.backward(scaled, grads, |_, _| {})?;
+            None
         }
-    }
-    if let Some(e) = reduce_err {
-        return Err(e.into());
-    }
+    };
     probes.accumulate(mine);
-    Ok(value)
+    Ok((value, stats))
 }
 
 /// Prints what is about to run (rank 0), and each rank's place in the world.

@@ -1,7 +1,8 @@
 //! World discovery: MPI when an MPI launcher (mpirun, mpiexec, srun with PMI/PMIx) started the
-//! process and this build has MPI; otherwise a world of one. Returns two communicators over the
-//! same ranks — one for the training thread, one for the gradient reducer's communication
-//! thread — so their collectives never interleave.
+//! process and this build has MPI; otherwise a world of one. Returns three communicators over
+//! the same ranks — the training loop's, the gradient reducer's (used from its communication
+//! thread) and the optimizer's (`StepCtx::comm`) — so collectives of one never interleave with
+//! another's.
 
 use crate::error::{LaunchError, Result};
 use dptrain_comm::LocalComm;
@@ -12,6 +13,8 @@ pub struct World {
     pub main: Box<dyn Communicator>,
     /// Taken by the gradient reducer (multi-rank runs only).
     pub grads: Option<Box<dyn Communicator>>,
+    /// The optimizer's collectives.
+    pub optim: Box<dyn Communicator>,
     // Declared last: dropped after the communicators (dropping it finalises MPI).
     #[cfg(feature = "mpi")]
     _mpi: Option<dptrain_comm::mpi::MpiEnv>,
@@ -30,7 +33,8 @@ pub fn discover(timeout: Duration) -> Result<World> {
             let env = dptrain_comm::mpi::MpiEnv::init().map_err(|e| LaunchError::Runtime(format!("MPI: {e}")))?;
             let main = Box::new(env.comm(timeout, "main"));
             let grads = Box::new(env.comm(timeout, "grads"));
-            return Ok(World { main, grads: Some(grads), _mpi: Some(env) });
+            let optim = Box::new(env.comm(timeout, "optim"));
+            return Ok(World { main, grads: Some(grads), optim, _mpi: Some(env) });
         }
         #[cfg(not(feature = "mpi"))]
         {
@@ -56,6 +60,7 @@ pub fn discover(timeout: Duration) -> Result<World> {
     Ok(World {
         main: Box::new(LocalComm::new()),
         grads: None,
+        optim: Box::new(LocalComm::new()),
         #[cfg(feature = "mpi")]
         _mpi: None,
     })

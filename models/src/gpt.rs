@@ -147,7 +147,7 @@ impl Gpt {
             let h = blk.ln_1.forward(tape, ps, x)?;
             let qkv = blk.c_attn.forward(tape, ps, h)?;
             let att = qkv.causal_attention_dropout(self.cfg.n_heads, drop(site)?)?;
-            probes.record(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
+            probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
             x = x.add(blk.attn_proj.forward(tape, ps, att.y)?.dropout(drop(site + 1)?)?)?;
             let h = blk.ln_2.forward(tape, ps, x)?;
             let m = blk.c_fc.forward(tape, ps, h)?.gelu(self.cfg.gelu_tanh)?;

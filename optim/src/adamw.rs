@@ -4,9 +4,12 @@
 //! Two decay forms: `Coupled` is torch's — θ ← θ·(1 − lr·λ) — so decay scales with the LR;
 //! `Independent` is the paper's/"independent" form θ ← θ − s_t(ηΔ + λθ) with s_t = lr_t/η the
 //! schedule multiplier, so λ does not change when the peak LR is swept (Wortsman et al. 2023).
-//! The update is a single fused pass over the flat buffers.
+//! Per-parameter multipliers (`ParamScales`) act as torch's parameter groups would: a
+//! parameter's learning rate is lr·scale, and in the coupled form its decay follows its own
+//! learning rate. The update is a single fused pass over the flat buffers.
 
-use crate::{decay_mask, join_state, split_state, Optimizer, Result};
+use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use dptrain_core::ops::flat::{AdamWStep, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -26,6 +29,7 @@ pub struct AdamWConfig {
     pub decay_mode: DecayMode,
     /// Peak LR η (for the independent decay form's schedule multiplier).
     pub peak_lr: f64,
+    /// Decay biases and norm gains too (`AdamW::new`; `with_scales` takes explicit multipliers).
     pub decay_vectors: bool,
 }
 
@@ -47,17 +51,37 @@ pub struct AdamW {
     pub cfg: AdamWConfig,
     m: Vec<f32>,
     v: Vec<f32>,
-    mask: Vec<f32>,
+    /// Per-element decay multiplier (the coupled form's includes the learning-rate multiplier).
+    decay_scale: Vec<f32>,
+    /// Per-element learning-rate multiplier; `None` when all are 1.
+    lr_scale: Option<Vec<f32>>,
     t: u64,
-    /// (m, v, mask) on the parameters' GPU once a step ran there; the host vectors are then
+    /// The buffers on the parameters' GPU once a step ran there; the host moments are then
     /// stale until `state` copies these back.
-    dev: Option<[Tensor; 3]>,
+    dev: Option<DevState>,
+}
+
+struct DevState {
+    m: Tensor,
+    v: Tensor,
+    decay_scale: Tensor,
+    lr_scale: Option<Tensor>,
 }
 
 impl AdamW {
+    /// AdamW with the standard grouping (`ParamScales::standard` with `cfg.decay_vectors`).
     pub fn new(cfg: AdamWConfig, params: &ParamStore) -> AdamW {
+        AdamW::with_scales(cfg, params, &ParamScales::standard(params, cfg.decay_vectors)).expect("standard scales are valid")
+    }
+    /// AdamW with explicit per-parameter multipliers (`cfg.decay_vectors` is then unused).
+    pub fn with_scales(cfg: AdamWConfig, params: &ParamStore, scales: &ParamScales) -> Result<AdamW> {
+        scales.validate(params)?;
         let n = params.numel();
-        AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], mask: decay_mask(params, cfg.decay_vectors), t: 0, dev: None }
+        let decay_scale = match cfg.decay_mode {
+            DecayMode::Coupled => scales.expand(params, |i| scales.wd[i] * scales.lr[i]),
+            DecayMode::Independent => scales.expand(params, |i| scales.wd[i]),
+        };
+        Ok(AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], decay_scale, lr_scale: scales.lr_elems(params), t: 0, dev: None })
     }
     pub fn steps(&self) -> u64 {
         self.t
@@ -67,12 +91,13 @@ impl AdamW {
 const CHUNK: usize = 1 << 14;
 
 impl Optimizer for AdamW {
-    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        let lr = ctx.lr;
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        // θ ← θ·(1 − decay·mask) − step·m/(√v/√bc2 + ε)
+        // θ ← θ·(1 − decay·decay_scale) − step·lr_scale·m/(√v/√bc2 + ε)
         let decay = match c.decay_mode {
             DecayMode::Coupled => lr * c.weight_decay,
             DecayMode::Independent => (lr / c.peak_lr) * c.weight_decay,
@@ -84,47 +109,51 @@ impl Optimizer for AdamW {
             let device = params.flat().device();
             if self.dev.is_none() {
                 let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-                self.dev = Some([up(&self.m)?, up(&self.v)?, up(&self.mask)?]);
+                let lr_scale = self.lr_scale.as_deref().map(up).transpose()?;
+                self.dev = Some(DevState { m: up(&self.m)?, v: up(&self.v)?, decay_scale: up(&self.decay_scale)?, lr_scale });
             }
-            let [m, v, mask] = self.dev.as_mut().expect("just set");
-            dptrain_core::ops::flat::adamw_cuda(
-                params.flat_tensor_mut()?,
-                grads.flat(),
-                m,
-                v,
-                mask,
-                [b1, b2, eps, step, inv_sqrt_bc2, decay],
-            )?;
+            let d = self.dev.as_mut().expect("just set");
+            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+            let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
+            dptrain_core::ops::flat::adamw_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, scales, s)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        let body = |(((p, g), (m, v)), mask): (((&mut [f32], &[f32]), (&mut [f32], &mut [f32])), &[f32])| {
+        type Chunk<'a> = (((&'a mut [f32], &'a [f32]), (&'a mut [f32], &'a mut [f32])), (&'a [f32], Option<&'a [f32]>));
+        let body = |(((p, g), (m, v)), (ds, ls)): Chunk| {
             for i in 0..p.len() {
                 let gi = g[i];
                 let mi = b1 * m[i] + (1.0 - b1) * gi;
                 let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
                 m[i] = mi;
                 v[i] = vi;
-                let pi = p[i] * (1.0 - decay * mask[i]);
+                let pi = p[i] * (1.0 - decay * ds[i]);
+                let step = ls.map_or(step, |l| step * l[i]);
                 p[i] = pi - step * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
             }
         };
+        let lr_scale = self.lr_scale.as_deref();
         if p.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
+            let n_chunks = p.len().div_ceil(CHUNK);
+            let lr_chunks: Vec<Option<&[f32]>> = match lr_scale {
+                Some(l) => l.chunks(CHUNK).map(Some).collect(),
+                None => vec![None; n_chunks],
+            };
             p.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK))
                 .zip(self.m.par_chunks_mut(CHUNK).zip(self.v.par_chunks_mut(CHUNK)))
-                .zip(self.mask.par_chunks(CHUNK))
+                .zip(self.decay_scale.par_chunks(CHUNK).zip(lr_chunks.into_par_iter()))
                 .for_each(body);
         } else {
-            body((((p, g), (&mut self.m[..], &mut self.v[..])), &self.mask[..]));
+            body((((p, g), (&mut self.m[..], &mut self.v[..])), (&self.decay_scale[..], lr_scale)));
         }
         Ok(())
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the moments are read back (once per checkpoint).
         let (m, v) = match &self.dev {
-            Some([m, v, _]) => (m.to_vec::<f32>()?, v.to_vec::<f32>()?),
+            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
             None => (self.m.clone(), self.v.clone()),
         };
         let mut v_ = split_state("exp_avg", &m, params);

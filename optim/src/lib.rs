@@ -1,20 +1,27 @@
 //! `dptrain-optim`: optimizers, schedules and clipping.
 //!
 //! Optimizers update the parameter store's flat buffer in **one fused in-place pass** over all
-//! parameters (per-parameter options come from a per-parameter table indexed by `ParamId`).
-//! State is kept in flat buffers with the store's layout, and saved/loaded as named tensors
-//! keyed by parameter name (`exp_avg.<param>`), so it survives a change of process count.
+//! parameters. Per-parameter learning-rate and weight-decay multipliers (`ParamScales`, indexed
+//! by `ParamId`: torch's parameter groups, μP's per-layer rates) are expanded once into
+//! per-element buffers on the parameters' device. Each step gets a `StepCtx`: the step number,
+//! the schedule's learning rate and the optimizer's own communicator, for optimizers whose
+//! update needs other ranks (preconditioners split across ranks). State is kept in flat buffers
+//! with the store's layout, and saved/loaded as named tensors keyed by parameter name
+//! (`exp_avg.<param>`), so it survives a change of process count.
 
 pub mod adamw;
 pub mod clip;
+pub mod scales;
 pub mod schedule;
 pub mod sgd;
 
 pub use adamw::{AdamW, AdamWConfig, DecayMode};
 pub use clip::{clip_grad_norm, grad_norm};
+pub use scales::ParamScales;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::{Sgd, SgdConfig};
 
+use dptrain_core::comm::Communicator;
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +34,22 @@ pub enum OptimError {
 
 pub type Result<T> = std::result::Result<T, OptimError>;
 
+/// What one optimizer step may use besides the parameters and their (averaged) gradients.
+pub struct StepCtx<'a> {
+    /// The trainer's 1-based number of this step.
+    pub step: u64,
+    /// The schedule's learning rate for this step (each parameter's is this × its
+    /// `ParamScales::lr` multiplier).
+    pub lr: f64,
+    /// The optimizer's own communicator over all ranks: its collectives never interleave with
+    /// the gradient buckets (those have theirs). A world of one when training alone.
+    pub comm: &'a mut dyn Communicator,
+}
+
 /// An optimizer over a `ParamStore`'s flat buffers. Boxable; state keyed by parameter.
 pub trait Optimizer: Send {
-    /// One update with learning rate `lr` (the schedule's value for this step).
-    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, lr: f64) -> Result<()>;
+    /// One update; every rank calls it with the same gradients.
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()>;
     /// Named state tensors (e.g. `exp_avg.transformer.wte.weight`) plus scalar state as JSON.
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)>;
     /// Restores what `state` produced; names and shapes must match.
@@ -68,16 +87,4 @@ pub(crate) fn join_state(
         flat[p.offset..p.offset + p.numel].copy_from_slice(&t.to_vec::<f32>()?);
     }
     Ok(())
-}
-
-/// Per-parameter weight-decay factor (1 or 0): biases and norm gains (μP role `Vector`) are
-/// exempt when `decay_vectors` is false, as in nanoGPT and most large-batch recipes.
-pub fn decay_mask(params: &ParamStore, decay_vectors: bool) -> Vec<f32> {
-    let mut m = vec![1.0f32; params.numel()];
-    for p in params.infos() {
-        if !decay_vectors && p.role == dptrain_core::Role::Vector {
-            m[p.offset..p.offset + p.numel].fill(0.0);
-        }
-    }
-    m
 }

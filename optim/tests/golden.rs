@@ -10,6 +10,11 @@ fn fixtures() -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// One optimizer step in a world of one.
+fn step<O: Optimizer + ?Sized>(opt: &mut O, ps: &mut ParamStore, g: &GradStore, lr: f64) {
+    opt.step(ps, g, &mut StepCtx { step: 0, lr, comm: &mut dptrain_comm::LocalComm::new() }).unwrap();
+}
+
 fn vals(v: &Value) -> Vec<f32> {
     v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
@@ -28,7 +33,7 @@ fn run(f: &Value, make: impl Fn(&ParamStore) -> Box<dyn Optimizer>) -> Vec<f32> 
     let mut grads = GradStore::new(&ps);
     for (g, lr) in f["grads"].as_array().unwrap().iter().zip(f["lrs"].as_array().unwrap()) {
         grads.flat_mut::<f32>().unwrap().copy_from_slice(&vals(g));
-        opt.step(&mut ps, &grads, lr.as_f64().unwrap()).unwrap();
+        step(opt.as_mut(), &mut ps, &grads, lr.as_f64().unwrap());
     }
     ps.flat().to_vec::<f32>().unwrap()
 }
@@ -77,7 +82,7 @@ fn independent_decay_is_lr_free() {
             AdamW::new(AdamWConfig { weight_decay: 0.01, decay_mode: DecayMode::Independent, peak_lr: peak, ..Default::default() }, &ps);
         let g = GradStore::new(&ps);
         for s in [1.0, 0.5] {
-            opt.step(&mut ps, &g, s * peak).unwrap();
+            step(&mut opt, &mut ps, &g, s * peak);
         }
         let want = (1.0 - 0.01) * (1.0 - 0.005);
         let got = ps.flat().to_vec::<f32>().unwrap();
@@ -93,7 +98,7 @@ fn vectors_can_be_exempt_from_decay() {
     let mut ps = b.build(0, DType::F32).unwrap();
     let mut opt = Sgd::new(SgdConfig { momentum: 0.0, weight_decay: 0.5, decay_vectors: false, ..Default::default() }, &ps);
     let g = GradStore::new(&ps);
-    opt.step(&mut ps, &g, 1.0).unwrap();
+    step(&mut opt, &mut ps, &g, 1.0);
     assert_eq!(ps.flat().to_vec::<f32>().unwrap(), vec![0.5, 0.5, 1.0, 1.0]);
 }
 
@@ -131,15 +136,90 @@ fn state_roundtrips_by_param_name() {
     let mut a = AdamW::new(AdamWConfig::default(), &ps);
     let mut g = GradStore::new(&ps);
     g.flat_mut::<f32>().unwrap().copy_from_slice(&vals(&f["grads"][0]));
-    a.step(&mut ps, &g, 0.1).unwrap();
+    step(&mut a, &mut ps, &g, 0.1);
     let (tensors, scalars) = a.state(&ps).unwrap();
     assert!(tensors.iter().any(|(n, _)| n == "exp_avg.p"));
     let map = tensors.into_iter().collect();
     let mut b = AdamW::new(AdamWConfig::default(), &ps);
     b.load_state(&ps, &map, &scalars).unwrap();
     let mut ps2 = store(&ps.flat().to_vec::<f32>().unwrap());
-    a.step(&mut ps, &g, 0.1).unwrap();
-    b.step(&mut ps2, &g, 0.1).unwrap();
+    step(&mut a, &mut ps, &g, 0.1);
+    step(&mut b, &mut ps2, &g, 0.1);
     assert_eq!(ps.flat().to_vec::<f32>().unwrap(), ps2.flat().to_vec::<f32>().unwrap());
     assert!(b.load_state(&ps, &Default::default(), &scalars).is_err());
+}
+
+/// Two parameters with torch's fixture values, the second with its own learning-rate and decay
+/// multipliers: each must follow the trajectory of an optimizer run on it alone with
+/// lr·multiplier (and, for coupled AdamW and SGD, decay λ·wd-multiplier) — torch's parameter
+/// groups.
+#[test]
+fn per_parameter_scales_act_as_parameter_groups() {
+    let f = fixtures();
+    let p0 = vals(&f["p0"]);
+    let n = p0.len();
+    let grads: Vec<Vec<f32>> = f["grads"].as_array().unwrap().iter().map(vals).collect();
+    let lrs: Vec<f64> = f["lrs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let (lr_b, wd_b) = (0.25, 0.5);
+    type Make = Box<dyn Fn(&ParamStore, Option<&ParamScales>) -> Box<dyn Optimizer>>;
+    let cases: Vec<(&str, Make)> = vec![
+        (
+            "adamw coupled",
+            Box::new(|ps: &ParamStore, s: Option<&ParamScales>| {
+                let c = AdamWConfig { weight_decay: 0.1, decay_vectors: true, ..Default::default() };
+                match s {
+                    Some(s) => Box::new(AdamW::with_scales(c, ps, s).unwrap()) as Box<dyn Optimizer>,
+                    None => Box::new(AdamW::new(c, ps)),
+                }
+            }),
+        ),
+        (
+            "sgd nesterov",
+            Box::new(|ps: &ParamStore, s: Option<&ParamScales>| {
+                let c = SgdConfig { momentum: 0.8, nesterov: true, weight_decay: 0.01, decay_vectors: true, ..Default::default() };
+                match s {
+                    Some(s) => Box::new(Sgd::with_scales(c, ps, s).unwrap()) as Box<dyn Optimizer>,
+                    None => Box::new(Sgd::new(c, ps)),
+                }
+            }),
+        ),
+    ];
+    for (name, make) in &cases {
+        // Both parameters in one store, the second scaled.
+        let mut b = ParamBuilder::new();
+        b.add("a", &[n], Role::Hidden, 1, 1, Init::Const(0.0));
+        b.add("b", &[n], Role::Hidden, 1, 1, Init::Const(0.0));
+        let mut ps = b.build(0, DType::F32).unwrap();
+        ps.flat_mut::<f32>().unwrap()[..n].copy_from_slice(&p0);
+        ps.flat_mut::<f32>().unwrap()[n..].copy_from_slice(&p0);
+        let scales = ParamScales { lr: vec![1.0, lr_b], wd: vec![1.0, wd_b] };
+        let mut opt = make(&ps, Some(&scales));
+        let mut g = GradStore::new(&ps);
+        // Each alone: the first at lr, the second at lr·lr_b with its decay multiplier.
+        let mut a_alone = store(&p0);
+        let mut opt_a = make(&a_alone, None);
+        let mut b_alone = store(&p0);
+        let mut opt_b = make(&b_alone, Some(&ParamScales { lr: vec![1.0], wd: vec![wd_b] }));
+        let mut ga = GradStore::new(&a_alone);
+        for (gr, &lr) in grads.iter().zip(&lrs) {
+            g.flat_mut::<f32>().unwrap()[..n].copy_from_slice(gr);
+            g.flat_mut::<f32>().unwrap()[n..].copy_from_slice(gr);
+            ga.flat_mut::<f32>().unwrap().copy_from_slice(gr);
+            step(opt.as_mut(), &mut ps, &g, lr);
+            step(opt_a.as_mut(), &mut a_alone, &ga, lr);
+            step(opt_b.as_mut(), &mut b_alone, &ga, lr * lr_b);
+        }
+        let got = ps.flat().to_vec::<f32>().unwrap();
+        assert_eq!(got[..n], a_alone.flat().to_vec::<f32>().unwrap()[..], "{name}: the unscaled parameter");
+        let want_b = b_alone.flat().to_vec::<f32>().unwrap();
+        for (x, y) in got[n..].iter().zip(&want_b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{name}: scaled parameter {:?} vs alone at lr·{lr_b} {want_b:?}", &got[n..]);
+        }
+        // And the scaled parameter really moved differently from the unscaled one.
+        assert!(got[n..] != got[..n], "{name}: the multipliers had no effect");
+    }
+    // Bad multipliers are refused.
+    let ps = store(&p0);
+    assert!(AdamW::with_scales(AdamWConfig::default(), &ps, &ParamScales { lr: vec![1.0, 1.0], wd: vec![1.0] }).is_err());
+    assert!(Sgd::with_scales(SgdConfig::default(), &ps, &ParamScales { lr: vec![f64::NAN], wd: vec![1.0] }).is_err());
 }

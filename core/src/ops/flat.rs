@@ -24,36 +24,99 @@ pub fn scale_in_place(t: &mut Tensor, s: f32) -> Result<()> {
     Ok(())
 }
 
+/// f32 ↔ bf16 conversion between two device regions of the same length (the bf16 gradient
+/// all-reduce stages buckets through this), on `stream` when given, else the device's compute
+/// stream.
+#[cfg(feature = "cuda")]
+pub fn cast_region(
+    dev: &crate::tensor::cuda::CudaDev,
+    src: crate::tensor::cuda::DevRegion,
+    dst: crate::tensor::cuda::DevRegion,
+    stream: Option<&cudarc::driver::CudaStream>,
+) -> Result<()> {
+    use crate::tensor::DType;
+    let to_bf16 = match (src.dtype, dst.dtype) {
+        (DType::F32, DType::BF16) => true,
+        (DType::BF16, DType::F32) => false,
+        (a, b) => return Err(crate::error::Error::Msg(format!("cast_region from {a} to {b}: expected f32 ↔ bf16"))),
+    };
+    if src.len != dst.len {
+        return Err(crate::error::Error::Msg(format!("cast_region of {} elements into {}", src.len, dst.len)));
+    }
+    use crate::kernels::cuda::ops as gpu;
+    match stream {
+        Some(s) => gpu::cast_raw_on(dev, s, src.ptr, dst.ptr, src.len, to_bf16),
+        None => gpu::cast_raw(dev, src.ptr, dst.ptr, src.len, to_bf16),
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> crate::error::Error {
     crate::error::Error::Device("this dptrain was built without the `cuda` feature".into())
 }
 
+/// AdamW's scalars for one step, as the fused kernel reads them (the C layout of
+/// `struct AdamWStep` in `kernels/cuda/optim.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// lr / (1 − β1ᵗ), before the per-element learning-rate multiplier.
+    pub step_size: f32,
+    /// 1 / √(1 − β2ᵗ).
+    pub inv_sqrt_bc2: f32,
+    /// The decay factor, before the per-element decay multiplier: θ ← θ·(1 − decay·scale).
+    pub decay: f32,
+}
+
+/// SGD's scalars for one step (the C layout of `struct SgdStep` in `kernels/cuda/optim.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdStep {
+    /// Before the per-element learning-rate multiplier.
+    pub lr: f32,
+    /// Before the per-element decay multiplier.
+    pub weight_decay: f32,
+    pub momentum: f32,
+    pub dampening: f32,
+    pub nesterov: bool,
+    /// The first step: the momentum buffer starts as the gradient (torch).
+    pub first: bool,
+}
+
+/// Per-element multipliers of a fused optimizer step, in the flat layout of the parameters.
+#[derive(Clone, Copy)]
+pub struct StepScales<'a> {
+    /// Multiplies the decay (0 exempts an element).
+    pub decay: &'a Tensor,
+    /// Multiplies the learning rate; `None` = 1 everywhere (nothing is read).
+    pub lr: Option<&'a Tensor>,
+}
+
 /// One fused AdamW step on device buffers (the arithmetic of dptrain-optim's CPU loop).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_cuda(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, mask: &Tensor, c: [f32; 6]) -> Result<()> {
+pub fn adamw_cuda(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, scales: StepScales, s: AdamWStep) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let [b1, b2, eps, step, inv_sqrt_bc2, decay] = c;
-        crate::kernels::cuda::ops::adamw(p, g, m, v, mask, b1, b2, eps, step, inv_sqrt_bc2, decay)
+        crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, mask, c);
+        let _ = (p, g, m, v, scales, s);
         Err(no_cuda())
     }
 }
 
-/// One fused SGD step on device buffers: `c = [lr, wd, momentum, dampening]`.
-pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, mask: &Tensor, c: [f32; 4], nesterov: bool, first: bool) -> Result<()> {
+/// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop).
+pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, s: SgdStep) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let [lr, wd, mu, damp] = c;
-        crate::kernels::cuda::ops::sgd(p, g, buf, mask, lr, wd, mu, damp, nesterov, first)
+        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, mask, c, nesterov, first);
+        let _ = (p, g, buf, scales, s);
         Err(no_cuda())
     }
 }

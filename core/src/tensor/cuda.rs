@@ -557,6 +557,33 @@ impl Drop for DevBuf {
     }
 }
 
+impl DevBuf {
+    /// The first `len` elements of type `dtype` of this block.
+    pub fn region(&self, dtype: DType, len: usize) -> Result<DevRegion> {
+        if len * dtype.size_in_bytes() > self.class {
+            return Err(Error::Device(format!("{len} {dtype} elements do not fit a block of {} bytes", self.class)));
+        }
+        Ok(DevRegion { ptr: self.ptr, len, dtype })
+    }
+}
+
+/// A run of elements of one device buffer: its address, length and element type. Raw kernel
+/// launches and NCCL calls take these rather than addresses computed by hand, so an offset is
+/// always scaled by the right element size and checked against the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevRegion {
+    pub ptr: u64,
+    pub len: usize,
+    pub dtype: DType,
+}
+
+impl DevRegion {
+    /// Bytes covered.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size_in_bytes()
+    }
+}
+
 /// Element-typed device storage (f32 or bf16).
 pub struct CudaStorage {
     pub buf: DevBuf,

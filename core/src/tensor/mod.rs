@@ -295,6 +295,18 @@ impl Tensor {
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr.add(off + start), len) })
     }
 
+    /// Elements `[start, start + len)` of a contiguous device tensor, as a typed device region.
+    #[cfg(feature = "cuda")]
+    pub fn device_region(&self, start: usize, len: usize) -> Result<cuda::DevRegion> {
+        if !self.is_contiguous() || start + len > self.numel() {
+            return Err(Error::shape("device_region", format!("[{start}, {}) of {} elements", start + len, self.numel())));
+        }
+        match self.storage() {
+            Storage::Cuda(c) => Ok(cuda::DevRegion { ptr: c.ptr_at(self.offset + start), len, dtype: c.dtype }),
+            Storage::Cpu(_) => Err(Error::Device("expected a CUDA tensor, got a CPU one".into())),
+        }
+    }
+
     /// Pointer to the first packed element of a contiguous tensor (for reading regions that no
     /// one is writing, from another thread).
     pub fn data_ptr<T: Elem>(&self) -> Result<*const T> {

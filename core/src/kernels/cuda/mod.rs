@@ -44,8 +44,9 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// A compiled kernel file.
+/// A compiled kernel file. (`name` and `log` are read by the NVRTC tests; the device loads `ptx`.)
 #[derive(Debug, Clone)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub struct Compiled {
     pub name: &'static str,
     pub ptx: String,
@@ -87,7 +88,12 @@ pub fn compile(name: &'static str, src: &str, arch: &str) -> Result<Compiled, St
 }
 
 /// Compiles every kernel file for `arch`.
+#[cfg(test)]
 pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
     SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
 }
+
 pub mod ops;
+
+#[cfg(test)]
+mod nvrtc_tests;

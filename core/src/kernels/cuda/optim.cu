@@ -1,28 +1,35 @@
 // Fused optimizer updates over the flat parameter / gradient / state buffers, one pass each,
 // with exactly the CPU path's arithmetic (see dptrain-optim).
 
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* mask, i64 n, float b1, float b2, float eps,
-                                     float step, float inv_sqrt_bc2, float decay) {
+// A step's scalars (the Rust side: dptrain_core::ops::flat::{AdamWStep, SgdStep}).
+struct AdamWStep { float beta1, beta2, eps, step_size, inv_sqrt_bc2, decay; };
+struct SgdStep { float lr, weight_decay, momentum, dampening; bool nesterov, first; };
+
+// decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
+// null when every one is 1 (the common case reads nothing).
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
+                                     AdamWStep s) {
     GRID_STRIDE(i, n) {
         const float gi = g[i];
-        const float mi = b1 * m[i] + (1.0f - b1) * gi;
-        const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+        const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        const float pi = p[i] * (1.0f - decay * mask[i]);
-        p[i] = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
+        const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
+        const float step = lr_scale ? s.step_size * lr_scale[i] : s.step_size;
+        p[i] = pi - step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
     }
 }
 
-extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* mask, i64 n, float lr, float wd, float mu, float damp,
-                                   int nesterov, int first) {
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s) {
     GRID_STRIDE(i, n) {
-        float d = g[i] + wd * mask[i] * p[i];
-        if (mu != 0.0f) {
-            const float b = first ? d : mu * buf[i] + (1.0f - damp) * d;
+        float d = g[i] + s.weight_decay * decay_scale[i] * p[i];
+        if (s.momentum != 0.0f) {
+            const float b = s.first ? d : s.momentum * buf[i] + (1.0f - s.dampening) * d;
             buf[i] = b;
-            d = nesterov ? d + mu * b : b;
+            d = s.nesterov ? d + s.momentum * b : b;
         }
+        const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
         p[i] -= lr * d;
     }
 }

@@ -12,6 +12,7 @@ use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::matmul::{gemm_into, MatRef};
 use crate::ops::dropout::Dropout;
+use crate::probe::{ProbeValue, Reduce};
 use crate::tensor::{Elem, Tensor};
 use crate::with_float;
 use gemm::Parallelism;
@@ -20,8 +21,9 @@ use rayon::prelude::*;
 /// Output of [`Var::causal_attention`].
 pub struct AttnOut<'t> {
     pub y: Var<'t>,
-    /// max over batch, heads and unmasked (i, j) of q·k/√d.
-    pub max_logit: f64,
+    /// max over batch, heads and unmasked (i, j) of q·k/√d; on a GPU it stays there (the
+    /// per-row maxima, combined by max when read).
+    pub max_logit: ProbeValue,
 }
 
 #[derive(Clone, Copy)]
@@ -220,7 +222,7 @@ impl<'t> Var<'t> {
             let y = self.tape().record("causal_attention", y, &[self], move |g| {
                 Ok(vec![Some(gpu::attention_bwd(g, &saved, dm.b, dm.t, dm.h, dm.d, prec, drop)?)])
             });
-            return Ok(AttnOut { y, max_logit });
+            return Ok(AttnOut { y, max_logit: ProbeValue::Device(max_logit, Reduce::Max) });
         }
         // Under bf16 GEMM precision the CPU rounds q, k, v (the GEMM inputs that come from
         // outside); the GPU also rounds the probabilities before P·V.
@@ -269,6 +271,6 @@ impl<'t> Var<'t> {
                 Ok(vec![Some(gx)])
             })
         });
-        Ok(AttnOut { y, max_logit })
+        Ok(AttnOut { y, max_logit: ProbeValue::Host(max_logit) })
     }
 }

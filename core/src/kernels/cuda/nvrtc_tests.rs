@@ -2,14 +2,14 @@
 //! that the GPU machines' driver (CUDA 13.0) can load. Needs libnvrtc.so.13 on
 //! LD_LIBRARY_PATH (scripts/test.sh installs `nvidia-cuda-nvrtc==13.0.*` from PyPI into a venv
 //! and sets DPTRAIN_REQUIRE_NVRTC=1, so CI fails rather than skips when it is missing).
-#![cfg(feature = "cuda")]
+//! (Unit tests of the kernel layer, which is private to the engine.)
 
-use dptrain_core::kernels::cuda::{compile_all, nvrtc_available, SOURCES};
+use super::{compile, compile_all, nvrtc_available, SOURCES};
 
 #[test]
 fn every_kernel_compiles_cleanly_for_sm_90() {
     if !nvrtc_available() {
-        assert!(std::env::var("DPTRAIN_REQUIRE_NVRTC").as_deref() != Ok("1"), "DPTRAIN_REQUIRE_NVRTC=1 but libnvrtc.so.13 is not loadable");
+        assert!(!crate::env::env().require_nvrtc, "DPTRAIN_REQUIRE_NVRTC=1 but libnvrtc.so.13 is not loadable");
         eprintln!("skipping: NVRTC not found (set LD_LIBRARY_PATH to nvidia/cu13/lib of the nvidia-cuda-nvrtc wheel)");
         return;
     }
@@ -34,12 +34,9 @@ fn a_broken_kernel_is_reported_with_its_log() {
     if !nvrtc_available() {
         return;
     }
-    let e = dptrain_core::kernels::cuda::compile("broken", "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }", "sm_90")
-        .unwrap_err();
+    let e = compile("broken", "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }", "sm_90").unwrap_err();
     assert!(e.contains("undefined_name"), "{e}");
-    let w =
-        dptrain_core::kernels::cuda::compile("warn", "extern \"C\" __global__ void k(float* x) { int unused = 3; x[0] = 1.0f; }", "sm_90")
-            .unwrap();
+    let w = compile("warn", "extern \"C\" __global__ void k(float* x) { int unused = 3; x[0] = 1.0f; }", "sm_90").unwrap();
     assert!(!w.log.is_empty(), "an unused variable should warn");
 }
 
@@ -107,7 +104,13 @@ fn every_launch_site_matches_its_kernel_signature() {
         return;
     }
     let sigs = ptx_signatures();
-    let src = include_str!("../src/kernels/cuda/ops.rs");
+    // The launch sites of every CUDA op family (`ops/*.rs`).
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kernels/cuda/ops");
+    let mut files: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "rs")).collect();
+    files.sort();
+    let src: String = files.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect::<Vec<_>>().join("\n");
+    let src = src.as_str();
     let mut checked = 0;
     let mut rest = src;
     while let Some(i) = rest.find("launch!(") {

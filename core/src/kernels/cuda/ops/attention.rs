@@ -1,0 +1,111 @@
+//! The fused causal attention core (optionally with dropout on the probabilities), forward and backward.
+
+use super::*;
+
+/// What the attention forward keeps for backward.
+pub struct AttnSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+}
+
+/// The probabilities `p` with dropout `drop` applied, as a new tensor (`None` without dropout).
+pub(super) fn dropped_probs(d: &Arc<CudaDev>, p: &Tensor, drop: Option<crate::ops::dropout::Dropout>) -> Result<Option<Tensor>> {
+    drop.map(|dr| {
+        let pd = empty(d, p.shape())?;
+        dropout_raw(d, ptr(p)?, ptr(&pd)?, p.numel(), dr)?;
+        Ok(pd)
+    })
+    .transpose()
+}
+
+/// Causal attention over packed qkv `[b, t, 3c]`: (y `[b, t, c]`, saved, the maximum logit of
+/// each row `[b·h·t]`, left on the device).
+/// `drop`: dropout on the probabilities before P·V (the mask regenerated in backward).
+pub fn attention(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    prec: Prec,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<(Tensor, AttnSaved, Tensor)> {
+    f32_only(qkv, "causal_attention")?;
+    let d = dev_of(qkv)?;
+    let qkv = contiguous(qkv)?;
+    let bh = b * h;
+    let (q, k, v) = (empty(&d, &[bh, t, dh])?, empty(&d, &[bh, t, dh])?, empty(&d, &[bh, t, dh])?);
+    let n = b * t * h * dh;
+    let (bi, ti, hi, di) = (b as i64, t as i64, h as i64, dh as i64);
+    // split_heads_f32(const float* qkv, float* q, float* k, float* v, i64 b, i64 t, i64 h, i64 d)
+    launch!(d, "attention", "split_heads_f32", grid(n); ptr(&qkv)?, ptr(&q)?, ptr(&k)?, ptr(&v)?, bi, ti, hi, di)?;
+    let p = empty(&d, &[bh, t, t])?;
+    let td = t * dh;
+    let row = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: false, ld: dh, batch_stride: td }) };
+    let tr = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: true, ld: dh, batch_stride: td }) };
+    let scale = 1.0 / (dh as f64).sqrt();
+    // S = Q·Kᵀ·scale
+    gemm_prec(&d, t, t, dh, (&q, row(&q)?), (&k, tr(&k)?), ptr(&p)?, bh, scale as f32, 0.0, prec)?;
+    let row_max = empty(&d, &[bh * t])?;
+    // causal_softmax_fwd_f32(float* s, float* row_max, i64 rows, i64 t)
+    launch!(d, "attention", "causal_softmax_fwd_f32", per_row(bh * t); ptr(&p)?, ptr(&row_max)?, (bh * t) as i64, ti)?;
+    let o = empty(&d, &[bh, t, dh])?;
+    // P·V reads the dropped probabilities; P itself is saved for the softmax backward.
+    let pd = dropped_probs(&d, &p, drop)?;
+    let pv = pd.as_ref().unwrap_or(&p);
+    let pm = MatArg { ptr: ptr(pv)?, trans: false, ld: t, batch_stride: t * t };
+    gemm_prec(&d, t, dh, t, (pv, pm), (&v, row(&v)?), ptr(&o)?, bh, 1.0, 0.0, prec)?;
+    let y = empty(&d, &[b, t, h * dh])?;
+    // merge_heads_f32(const float* o, float* y, i64 b, i64 t, i64 h, i64 d)
+    launch!(d, "attention", "merge_heads_f32", grid(n); ptr(&o)?, ptr(&y)?, bi, ti, hi, di)?;
+    Ok((y, AttnSaved { q, k, v, p }, row_max))
+}
+
+pub fn attention_bwd(
+    g: &Tensor,
+    s: &AttnSaved,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    prec: Prec,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<Tensor> {
+    let d = dev_of(g)?;
+    let g = contiguous(g)?;
+    let bh = b * h;
+    let n = b * t * h * dh;
+    let (bi, ti, hi, di) = (b as i64, t as i64, h as i64, dh as i64);
+    let go = empty(&d, &[bh, t, dh])?;
+    // unmerge_heads_f32(const float* y, float* o, i64 b, i64 t, i64 h, i64 d)
+    launch!(d, "attention", "unmerge_heads_f32", grid(n); ptr(&g)?, ptr(&go)?, bi, ti, hi, di)?;
+    let td = t * dh;
+    let row = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: false, ld: dh, batch_stride: td }) };
+    let tr = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: true, ld: dh, batch_stride: td }) };
+    let sq = |x: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans, ld: t, batch_stride: t * t }) };
+    // dV = Pᵀ·dO, with the dropped P forward used (regenerated from the mask's key)
+    let dv = empty(&d, &[bh, t, dh])?;
+    let pd = dropped_probs(&d, &s.p, drop)?;
+    let pv = pd.as_ref().unwrap_or(&s.p);
+    gemm_prec(&d, t, dh, t, (pv, sq(pv, true)?), (&go, row(&go)?), ptr(&dv)?, bh, 1.0, 0.0, prec)?;
+    std::mem::drop(pd);
+    // dP = dO·Vᵀ (through the dropout mask), then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale in place
+    let dp = empty(&d, &[bh, t, t])?;
+    gemm_prec(&d, t, t, dh, (&go, row(&go)?), (&s.v, tr(&s.v)?), ptr(&dp)?, bh, 1.0, 0.0, prec)?;
+    if let Some(dr) = drop {
+        dropout_raw(&d, ptr(&dp)?, ptr(&dp)?, bh * t * t, dr)?;
+    }
+    let scale = (1.0 / (dh as f64).sqrt()) as f32;
+    // causal_softmax_bwd_f32(const float* p, float* dp, i64 rows, i64 t, float scale)
+    launch!(d, "attention", "causal_softmax_bwd_f32", per_row(bh * t); ptr(&s.p)?, ptr(&dp)?, (bh * t) as i64, ti, scale)?;
+    // dQ = dS·K, dK = dSᵀ·Q
+    let (dq, dk) = (empty(&d, &[bh, t, dh])?, empty(&d, &[bh, t, dh])?);
+    gemm_prec(&d, t, dh, t, (&dp, sq(&dp, false)?), (&s.k, row(&s.k)?), ptr(&dq)?, bh, 1.0, 0.0, prec)?;
+    gemm_prec(&d, t, dh, t, (&dp, sq(&dp, true)?), (&s.q, row(&s.q)?), ptr(&dk)?, bh, 1.0, 0.0, prec)?;
+    let gx = empty(&d, &[b, t, 3 * h * dh])?;
+    // join_heads_f32(const float* dq, const float* dk, const float* dv, float* dqkv, i64 b, i64 t, i64 h, i64 d)
+    launch!(d, "attention", "join_heads_f32", grid(n); ptr(&dq)?, ptr(&dk)?, ptr(&dv)?, ptr(&gx)?, bi, ti, hi, di)?;
+    Ok(gx)
+}

@@ -1,0 +1,31 @@
+//! Embedding lookup and its scatter-add backward.
+
+use super::*;
+
+pub(super) fn upload_ids(d: &Arc<CudaDev>, ids: &[u32]) -> Result<DevBuf> {
+    d.upload(ids)
+}
+
+/// Rows `ids` of `w [vocab, dim]`.
+pub fn embedding(w: &Tensor, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
+    let d = dev_of(w)?;
+    let w = contiguous(w)?;
+    let dim = w.shape()[1];
+    let idb = upload_ids(&d, ids)?;
+    let out = empty(&d, shape)?;
+    let n = ids.len();
+    // embedding_fwd_f32(const float* w, const unsigned int* ids, float* out, i64 n, i64 dim)
+    launch!(d, "embedding", "embedding_fwd_f32", grid(n * dim); ptr(&w)?, idb.ptr, ptr(&out)?, n as i64, dim as i64)?;
+    Ok(out)
+}
+
+pub fn embedding_bwd(g: &Tensor, ids: &[u32], vocab: usize, dim: usize) -> Result<Tensor> {
+    let d = dev_of(g)?;
+    let g = contiguous(g)?;
+    let idb = upload_ids(&d, ids)?;
+    let out = zeros(&d, &[vocab, dim])?;
+    let n = ids.len();
+    // embedding_bwd_f32(const float* g, const unsigned int* ids, float* gw, i64 n, i64 dim)
+    launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, ptr(&out)?, n as i64, dim as i64)?;
+    Ok(out)
+}

@@ -1,0 +1,135 @@
+//! Matrix products on cuBLAS(Lt): batched and transposed operands, bf16 inputs with f32 accumulation, `linear` and its gradients.
+
+use super::*;
+
+/// A GEMM operand for the logical `[.., rows, cols]` view `t` (its last two dims), packing it
+/// when cuBLAS cannot read the strides, with the batch stride `bs`. Returns the tensor that
+/// owns the data.
+pub(super) fn operand_2d(t: &Tensor, bs: usize) -> Result<(Tensor, MatArg)> {
+    let r = t.rank();
+    let (rows, cols, rs, cs) = (t.shape()[r - 2], t.shape()[r - 1], t.strides()[r - 2], t.strides()[r - 1]);
+    if let Some((trans, ld)) = mat_layout(rows, cols, rs, cs) {
+        return Ok((t.clone(), MatArg { ptr: ptr(t)?, trans, ld, batch_stride: bs }));
+    }
+    let c = contiguous(t)?;
+    let bs = if bs == 0 { 0 } else { rows * cols };
+    Ok((c.clone(), MatArg { ptr: ptr(&c)?, trans: false, ld: cols, batch_stride: bs }))
+}
+
+/// bf16 copy of the span a GEMM operand reads (`extent` elements from its pointer, layout
+/// kept), for `Prec::Bf16`.
+pub(super) fn to_bf16_operand(owner: &Tensor, m: MatArg, extent: usize) -> Result<(Tensor, MatArg)> {
+    let d = dev_of(owner)?;
+    let n = extent;
+    let out = wrap(d.alloc(n * 2)?, DType::BF16, &[n]);
+    launch!(d, "elementwise", "f32_to_bf16", grid(n); m.ptr, ptr(&out)?, n as i64)?;
+    let p = ptr(&out)?;
+    Ok((out, MatArg { ptr: p, ..m }))
+}
+
+/// Batched product `[.., m, k] @ [.., k, n]` (or `@ [k, n]`) into a new packed f32 tensor.
+pub fn matmul(a: &Tensor, b: &Tensor, prec: Prec) -> Result<Tensor> {
+    f32_only(a, "matmul")?;
+    f32_only(b, "matmul")?;
+    let d = dev_of(a)?;
+    let (ra, rb) = (a.rank(), b.rank());
+    if ra < 2 || rb < 2 || a.shape()[ra - 1] != b.shape()[rb - 2] || (rb > 2 && a.shape()[..ra - 2] != b.shape()[..rb - 2]) {
+        return Err(Error::shape("matmul", format!("{:?} @ {:?}", a.shape(), b.shape())));
+    }
+    let (m, k, n) = (a.shape()[ra - 2], a.shape()[ra - 1], b.shape()[rb - 1]);
+    let batch: usize = a.shape()[..ra - 2].iter().product();
+    // Batch dims must collapse to one stride; otherwise pack the operand.
+    let collapse = |t: &Tensor| -> Result<Tensor> {
+        let r = t.rank();
+        if merge_dims(&t.shape()[..r - 2], &t.strides()[..r - 2]).len() <= 1 {
+            Ok(t.clone())
+        } else {
+            contiguous(t)
+        }
+    };
+    let (a, b) = (collapse(a)?, collapse(b)?);
+    let bs = |t: &Tensor| {
+        let r = t.rank();
+        merge_dims(&t.shape()[..r - 2], &t.strides()[..r - 2]).first().map(|d| d.1).unwrap_or(0)
+    };
+    let (ao, am) = operand_2d(&a, bs(&a))?;
+    let (bo, bm) = operand_2d(&b, bs(&b))?;
+    let mut shape = a.shape()[..ra - 2].to_vec();
+    shape.extend([m, n]);
+    let out = empty(&d, &shape)?;
+    gemm_prec(&d, m, n, k, (&ao, am), (&bo, bm), ptr(&out)?, batch.max(1), 1.0, 0.0, prec)?;
+    Ok(out)
+}
+
+/// One GEMM with operands given as (owner, layout), casting them to bf16 first under
+/// `Prec::Bf16`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_prec(
+    d: &Arc<CudaDev>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&Tensor, MatArg),
+    b: (&Tensor, MatArg),
+    c: u64,
+    batch: usize,
+    alpha: f32,
+    beta: f32,
+    prec: Prec,
+) -> Result<()> {
+    match prec {
+        Prec::F32 => d.gemm(m, n, k, a.1, b.1, c, batch, alpha, beta, DType::F32),
+        Prec::Bf16 => {
+            let (_ka, a16) = to_bf16_operand(a.0, a.1, operand_extent(m, k, &a.1, batch))?;
+            let (_kb, b16) = to_bf16_operand(b.0, b.1, operand_extent(k, n, &b.1, batch))?;
+            d.gemm(m, n, k, a16, b16, c, batch, alpha, beta, DType::BF16)
+        }
+    }
+}
+
+pub(super) fn packed(t: &Tensor) -> Result<(Tensor, MatArg)> {
+    let c = contiguous(t)?;
+    let cols = *c.shape().last().unwrap_or(&1);
+    let p = ptr(&c)?;
+    Ok((c, MatArg { ptr: p, trans: false, ld: cols.max(1), batch_stride: 0 }))
+}
+
+/// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`.
+pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<Tensor> {
+    f32_only(x2, "linear")?;
+    let d = dev_of(x2)?;
+    let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
+    let out = match b {
+        Some(b) => expand_copy(b, &[rows, n])?.reshape(out_shape)?,
+        None => empty(&d, out_shape)?,
+    };
+    let (xo, xm) = packed(x2)?;
+    // wᵀ [k, n]: a transposed view of w (no copy).
+    let (wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
+    gemm_prec(&d, rows, n, k, (&xo, xm), (&wo, wm), ptr(&out)?, 1, 1.0, if b.is_some() { 1.0 } else { 0.0 }, prec)?;
+    Ok(out)
+}
+
+/// `g @ w` for g `[rows, n]`, w `[n, k]` → `out_shape` (linear's input gradient).
+pub fn linear_grad_input(g2: &Tensor, w: &Tensor, out_shape: &[usize], prec: Prec) -> Result<Tensor> {
+    let d = dev_of(g2)?;
+    let (rows, n, k) = (g2.shape()[0], g2.shape()[1], w.shape()[1]);
+    let out = empty(&d, out_shape)?;
+    let (go, gm) = packed(g2)?;
+    let (wo, wm) = operand_2d(w, 0)?;
+    gemm_prec(&d, rows, k, n, (&go, gm), (&wo, wm), ptr(&out)?, 1, 1.0, 0.0, prec)?;
+    Ok(out)
+}
+
+/// `gᵀ @ x` for g `[rows, n]`, x `[rows, k]` → `[n, k]` (linear's weight gradient).
+pub fn linear_grad_weight(g2: &Tensor, x2: &Tensor, prec: Prec) -> Result<Tensor> {
+    let d = dev_of(g2)?;
+    let (rows, n, k) = (g2.shape()[0], g2.shape()[1], x2.shape()[1]);
+    let out = empty(&d, &[n, k])?;
+    let (go, _) = packed(g2)?;
+    let (xo, xm) = packed(x2)?;
+    // gᵀ: the packed [rows, n] read transposed (strides (1, n)).
+    let gt = MatArg { ptr: ptr(&go)?, trans: true, ld: n.max(1), batch_stride: 0 };
+    gemm_prec(&d, n, k, rows, (&go, gt), (&xo, xm), ptr(&out)?, 1, 1.0, 0.0, prec)?;
+    Ok(out)
+}

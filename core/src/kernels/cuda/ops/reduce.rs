@@ -1,0 +1,75 @@
+//! Sums over dimensions (GEMMs against a ones vector) and the full sum of squares.
+
+use super::*;
+
+/// Column sums of a packed `[rows, cols]` f32 matrix at `p`, written (or added, `beta = 1`) to
+/// `out` — `onesᵀ·X` as a GEMM.
+pub(crate) fn sum_rows_into(d: &Arc<CudaDev>, p: u64, rows: usize, cols: usize, out: u64, beta: f32) -> Result<()> {
+    let ones = d.ones(rows)?;
+    d.gemm(
+        1,
+        cols,
+        rows,
+        MatArg { ptr: ones, trans: false, ld: rows, batch_stride: 0 },
+        MatArg { ptr: p, trans: false, ld: cols, batch_stride: 0 },
+        out,
+        1,
+        1.0,
+        beta,
+        DType::F32,
+    )
+}
+
+/// Sums over `dims`, keeping them as size 1.
+pub fn sum_dims(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    f32_only(x, "sum")?;
+    let d = dev_of(x)?;
+    let r = x.rank();
+    let kept_shape: Vec<usize> = (0..r).map(|i| if dims.contains(&i) { 1 } else { x.shape()[i] }).collect();
+    // Reduced dims first, kept dims last, then a column-sum GEMM over the packed result.
+    let perm: Vec<usize> = (0..r).filter(|i| dims.contains(i)).chain((0..r).filter(|i| !dims.contains(i))).collect();
+    let p = contiguous(&x.permute(&perm)?)?;
+    let rows: usize = dims.iter().map(|&i| x.shape()[i]).product();
+    let cols = x.numel() / rows.max(1);
+    let out = empty(&d, &kept_shape)?;
+    if rows == 0 {
+        fill_raw(&d, ptr(&out)?, cols, 0.0)?;
+    } else {
+        sum_rows_into(&d, ptr(&p)?, rows, cols, ptr(&out)?, 0.0)?;
+    }
+    Ok(out)
+}
+
+/// Reduces a broadcast result `g` back to `target` (broadcast backward).
+pub fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
+    if g.shape() == target {
+        return Ok(g.clone());
+    }
+    let r = g.rank();
+    let lead = r.checked_sub(target.len()).ok_or_else(|| Error::shape("sum_to_shape", format!("{:?} -> {target:?}", g.shape())))?;
+    let dims: Vec<usize> = (0..r).filter(|&i| i < lead || (target[i - lead] == 1 && g.shape()[i] != 1)).collect();
+    sum_dims(g, &dims)?.reshape(target)
+}
+
+/// Σx² over all elements, returned to the host (waits for the device).
+pub fn sum_squares_host(x: &Tensor) -> Result<f64> {
+    f32_only(x, "sum_squares")?;
+    let d = dev_of(x)?;
+    let c = contiguous(x)?;
+    let acc = d.alloc_zeros(8)?;
+    let n = c.numel();
+    let cfg = grid(n.min(BLOCK as usize * 1024));
+    // sum_squares_f32(const float* x, double* out, i64 n)
+    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, acc.ptr, n as i64)?;
+    Ok(d.download::<f64>(acc.ptr, 1)?[0])
+}
+
+/// Column sums of `g2 [rows, n]` → `[n]` (the bias gradient).
+pub fn sum_rows(g2: &Tensor) -> Result<Tensor> {
+    let d = dev_of(g2)?;
+    let (rows, n) = (g2.shape()[0], g2.shape()[1]);
+    let g = contiguous(g2)?;
+    let out = empty(&d, &[n])?;
+    sum_rows_into(&d, ptr(&g)?, rows, n, ptr(&out)?, 0.0)?;
+    Ok(out)
+}
