@@ -105,7 +105,6 @@ impl<'t> Var<'t> {
         }
         let (n, k) = (wv.shape()[0], wv.shape()[1]);
         let x2 = xv.reshape(&[usize::MAX, k])?;
-        let rows = x2.shape()[0];
         let mut out_shape = xv.shape().to_vec();
         *out_shape.last_mut().expect("rank ≥ 1") = n;
         let bv = b.map(|b| b.value());
@@ -119,47 +118,62 @@ impl<'t> Var<'t> {
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let in_shape = xv.shape().to_vec();
-        #[cfg(feature = "cuda")]
-        if xv.is_cuda() {
-            use crate::kernels::cuda::ops as gpu;
-            let out = gpu::linear(&x2, &wv, bv.as_ref(), &out_shape, prec)?;
-            return Ok(self.tape().record("linear", out, &inputs, move |g| {
-                let g2 = g.reshape(&[rows, n])?;
-                let mut v = vec![Some(gpu::linear_grad_input(&g2, &wv, &in_shape, prec)?), Some(gpu::linear_grad_weight(&g2, &x2, prec)?)];
-                if has_b {
-                    v.push(Some(gpu::sum_rows(&g2)?));
-                }
-                Ok(v)
-            }));
-        }
-        let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);
-        let out = with_float!(xv.dtype(), "linear", T => {
-            let xd = x2.data::<T>()?;
-            let wd = raw::<T>(&wv);
-            let (woff, wrs, wcs) = (wv.offset(), wv.strides()[0] as isize, wv.strides()[1] as isize);
-            let bias = bv.as_ref().map(|b| b.contiguous());
-            let bias_d = match &bias { Some(b) => Some(b.data::<T>()?), None => None };
-            Ok(Tensor::build::<T>(&out_shape, |o| {
-                let acc = if let Some(bd) = bias_d {
-                    for row in o.chunks_mut(n) { row.copy_from_slice(bd); }
-                    true
-                } else { false };
-                // y = x @ wᵀ: wᵀ is w read with swapped strides.
-                gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
-            }))
-        })?;
-        Ok(self.tape().record("linear", out, &inputs, move |g| {
-            with_float!(g.dtype(), "linear", T => {
-                let g2 = g.reshape(&[rows, n])?;
-                let g2r = round_for(&g2, prec)?;
-                let gx = grad_input::<T>(&g2r, &wv, rows, n, k, &in_shape)?;
-                let gw = grad_weight::<T>(&g2r, &x2, rows, n, k)?;
-                let mut v = vec![Some(gx), Some(gw)];
-                if has_b {
-                    v.push(Some(sum_to_shape::<T>(&g2, &[n])?));
-                }
-                Ok(v)
-            })
-        }))
+        let (out, x2, wv) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
+        Ok(self.tape().record("linear", out, &inputs, move |g| linear_backward(g, &x2, &wv, &in_shape, has_b, prec)))
     }
+}
+
+/// `linear`'s forward on the input's device: the output, and the operands backward reads (on
+/// the CPU rounded as the GEMM saw them under bf16 precision).
+fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usize], prec: Precision) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x2.is_cuda() {
+        let out = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec)?;
+        return Ok((out, x2, wv));
+    }
+    let (rows, k) = (x2.shape()[0], x2.shape()[1]);
+    let n = wv.shape()[0];
+    let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);
+    let out = with_float!(x2.dtype(), "linear", T => {
+        let xd = x2.data::<T>()?;
+        let wd = raw::<T>(&wv);
+        let (woff, wrs, wcs) = (wv.offset(), wv.strides()[0] as isize, wv.strides()[1] as isize);
+        let bias = bv.map(|b| b.contiguous());
+        let bias_d = match &bias { Some(b) => Some(b.data::<T>()?), None => None };
+        Ok(Tensor::build::<T>(out_shape, |o| {
+            let acc = if let Some(bd) = bias_d {
+                for row in o.chunks_mut(n) { row.copy_from_slice(bd); }
+                true
+            } else { false };
+            // y = x @ wᵀ: wᵀ is w read with swapped strides.
+            gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
+        }))
+    })?;
+    Ok((out, x2, wv))
+}
+
+/// `linear`'s backward on the saved operands' device: gradients of (x, w, b when `has_b`).
+fn linear_backward(g: &Tensor, x2: &Tensor, wv: &Tensor, in_shape: &[usize], has_b: bool, prec: Precision) -> Result<Vec<Option<Tensor>>> {
+    let (rows, k) = (x2.shape()[0], x2.shape()[1]);
+    let n = wv.shape()[0];
+    let g2 = g.reshape(&[rows, n])?;
+    #[cfg(feature = "cuda")]
+    if g2.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        let mut v = vec![Some(gpu::linear_grad_input(&g2, wv, in_shape, prec)?), Some(gpu::linear_grad_weight(&g2, x2, prec)?)];
+        if has_b {
+            v.push(Some(gpu::sum_rows(&g2)?));
+        }
+        return Ok(v);
+    }
+    with_float!(g.dtype(), "linear", T => {
+        let g2r = round_for(&g2, prec)?;
+        let gx = grad_input::<T>(&g2r, wv, rows, n, k, in_shape)?;
+        let gw = grad_weight::<T>(&g2r, x2, rows, n, k)?;
+        let mut v = vec![Some(gx), Some(gw)];
+        if has_b {
+            v.push(Some(sum_to_shape::<T>(&g2, &[n])?));
+        }
+        Ok(v)
+    })
 }

@@ -12,7 +12,7 @@ use crate::autograd::Var;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::matmul::{gemm_into, MatRef};
 use crate::ops::dropout::Dropout;
-use crate::probe::{ProbeValue, Reduce};
+use crate::probe::ProbeValue;
 use crate::tensor::{Elem, Tensor};
 use crate::with_float;
 use gemm::Parallelism;
@@ -200,6 +200,82 @@ fn backward<T: Elem>(qkv: &[T], g: &[T], probs: &[T], dm: Dims, scale: T, drop: 
     });
 }
 
+/// What the attention backward reads.
+enum Saved {
+    /// qkv (rounded as the GEMMs saw it) and the probabilities.
+    Host { qkv: Tensor, probs: Tensor },
+    #[cfg(feature = "cuda")]
+    Device(crate::kernels::cuda::ops::AttnSaved),
+}
+
+/// Forward on qkv's device: (y `[B, T, C]`, what backward reads, the max logit as a probe value
+/// — on a GPU the per-row maxima, left there).
+fn device_forward(qkv: &Tensor, dm: Dims, prec: crate::tensor::Precision, drop: Option<Dropout>) -> Result<(Tensor, Saved, ProbeValue)> {
+    #[cfg(feature = "cuda")]
+    if qkv.is_cuda() {
+        let (y, saved, row_max) = crate::kernels::cuda::ops::attention(qkv, dm.b, dm.t, dm.h, dm.d, prec, drop)?;
+        return Ok((y, Saved::Device(saved), ProbeValue::Device(row_max, crate::probe::Reduce::Max)));
+    }
+    // Under bf16 GEMM precision the CPU rounds q, k, v (the GEMM inputs that come from
+    // outside); the GPU also rounds the probabilities before P·V.
+    let qkv = crate::ops::matmul::round_for(qkv, prec)?;
+    let c = dm.c();
+    let scale = 1.0 / (dm.d as f64).sqrt();
+    let (out, probs, max_logit) = with_float!(qkv.dtype(), "causal_attention", T => {
+        let xd = qkv.data::<T>()?;
+        let mut probs = T::pool().take(dm.b * dm.h * dm.t * dm.t);
+        let mut ohd = T::pool().take(dm.b * dm.h * dm.t * dm.d);
+        let mx = forward(xd, dm, T::of(scale), drop, &mut probs, &mut ohd);
+        // [B, H, T, D] → [B, T, H·D]
+        let y = Tensor::build::<T>(&[dm.b, dm.t, c], |y| {
+            y.par_chunks_mut(dm.t * c).enumerate().for_each(|(b, yb)| {
+                for h in 0..dm.h {
+                    let src = &ohd[(b * dm.h + h) * dm.t * dm.d..][..dm.t * dm.d];
+                    for i in 0..dm.t {
+                        yb[i * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
+                    }
+                }
+            })
+        });
+        T::pool().give(ohd);
+        Ok((y, Tensor::from_vec(probs, &[dm.b, dm.h, dm.t, dm.t])?, mx))
+    })?;
+    Ok((out, Saved::Host { qkv, probs }, ProbeValue::Host(max_logit)))
+}
+
+/// Backward on the saved tensors' device: the gradient of qkv.
+fn device_backward(g: &Tensor, saved: &Saved, dm: Dims, prec: crate::tensor::Precision, drop: Option<Dropout>) -> Result<Tensor> {
+    let (qkv, probs) = match saved {
+        Saved::Host { qkv, probs } => (qkv, probs),
+        #[cfg(feature = "cuda")]
+        Saved::Device(s) => return crate::kernels::cuda::ops::attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, prec, drop),
+    };
+    let _ = prec; // the CPU backward reads the rounded qkv saved by forward
+    let c = dm.c();
+    let scale = 1.0 / (dm.d as f64).sqrt();
+    with_float!(g.dtype(), "causal_attention", T => {
+        let g = g.contiguous();
+        let (xd, gd, pd) = (qkv.data::<T>()?, g.data::<T>()?, probs.data::<T>()?);
+        let mut dhd = T::pool().take(dm.b * dm.h * 3 * dm.t * dm.d);
+        backward(xd, gd, pd, dm, T::of(scale), drop, &mut dhd);
+        // [B, H, 3, T, D] → [B, T, 3C]
+        let gx = Tensor::build::<T>(&[dm.b, dm.t, 3 * c], |gx| {
+            gx.par_chunks_mut(dm.t * 3 * c).enumerate().for_each(|(b, gb)| {
+                for h in 0..dm.h {
+                    for part in 0..3 {
+                        let src = &dhd[((b * dm.h + h) * 3 + part) * dm.t * dm.d..][..dm.t * dm.d];
+                        for i in 0..dm.t {
+                            gb[i * 3 * c + part * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
+                        }
+                    }
+                }
+            })
+        });
+        T::pool().give(dhd);
+        Ok(gx)
+    })
+}
+
 impl<'t> Var<'t> {
     /// Causal multi-head self-attention core over packed `qkv [B, T, 3C]` with `n_heads` heads.
     pub fn causal_attention(self, n_heads: usize) -> Result<AttnOut<'t>> {
@@ -215,62 +291,8 @@ impl<'t> Var<'t> {
         }
         let dm = Dims { b: s[0], t: s[1], h: n_heads, d: s[2] / 3 / n_heads };
         let prec = self.tape().precision();
-        #[cfg(feature = "cuda")]
-        if qkv.is_cuda() {
-            use crate::kernels::cuda::ops as gpu;
-            let (y, saved, max_logit) = gpu::attention(&qkv, dm.b, dm.t, dm.h, dm.d, prec, drop)?;
-            let y = self.tape().record("causal_attention", y, &[self], move |g| {
-                Ok(vec![Some(gpu::attention_bwd(g, &saved, dm.b, dm.t, dm.h, dm.d, prec, drop)?)])
-            });
-            return Ok(AttnOut { y, max_logit: ProbeValue::Device(max_logit, Reduce::Max) });
-        }
-        // Under bf16 GEMM precision the CPU rounds q, k, v (the GEMM inputs that come from
-        // outside); the GPU also rounds the probabilities before P·V.
-        let qkv = crate::ops::matmul::round_for(&qkv, prec)?;
-        let c = dm.c();
-        let scale = 1.0 / (dm.d as f64).sqrt();
-        let (out, probs, max_logit) = with_float!(qkv.dtype(), "causal_attention", T => {
-            let xd = qkv.data::<T>()?;
-            let mut probs = T::pool().take(dm.b * dm.h * dm.t * dm.t);
-            let mut ohd = T::pool().take(dm.b * dm.h * dm.t * dm.d);
-            let mx = forward(xd, dm, T::of(scale), drop, &mut probs, &mut ohd);
-            // [B, H, T, D] → [B, T, H·D]
-            let y = Tensor::build::<T>(&[dm.b, dm.t, c], |y| {
-                y.par_chunks_mut(dm.t * c).enumerate().for_each(|(b, yb)| {
-                    for h in 0..dm.h {
-                        let src = &ohd[(b * dm.h + h) * dm.t * dm.d..][..dm.t * dm.d];
-                        for i in 0..dm.t {
-                            yb[i * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
-                        }
-                    }
-                })
-            });
-            T::pool().give(ohd);
-            Ok((y, Tensor::from_vec(probs, &[dm.b, dm.h, dm.t, dm.t])?, mx))
-        })?;
-        let y = self.tape().record("causal_attention", out, &[self], move |g| {
-            with_float!(g.dtype(), "causal_attention", T => {
-                let g = g.contiguous();
-                let (xd, gd, pd) = (qkv.data::<T>()?, g.data::<T>()?, probs.data::<T>()?);
-                let mut dhd = T::pool().take(dm.b * dm.h * 3 * dm.t * dm.d);
-                backward(xd, gd, pd, dm, T::of(scale), drop, &mut dhd);
-                // [B, H, 3, T, D] → [B, T, 3C]
-                let gx = Tensor::build::<T>(&[dm.b, dm.t, 3 * c], |gx| {
-                    gx.par_chunks_mut(dm.t * 3 * c).enumerate().for_each(|(b, gb)| {
-                        for h in 0..dm.h {
-                            for part in 0..3 {
-                                let src = &dhd[((b * dm.h + h) * 3 + part) * dm.t * dm.d..][..dm.t * dm.d];
-                                for i in 0..dm.t {
-                                    gb[i * 3 * c + part * c + h * dm.d..][..dm.d].copy_from_slice(&src[i * dm.d..(i + 1) * dm.d]);
-                                }
-                            }
-                        }
-                    })
-                });
-                T::pool().give(dhd);
-                Ok(vec![Some(gx)])
-            })
-        });
-        Ok(AttnOut { y, max_logit: ProbeValue::Host(max_logit) })
+        let (out, saved, max_logit) = device_forward(&qkv, dm, prec, drop)?;
+        let y = self.tape().record("causal_attention", out, &[self], move |g| Ok(vec![Some(device_backward(g, &saved, dm, prec, drop)?)]));
+        Ok(AttnOut { y, max_logit })
     }
 }

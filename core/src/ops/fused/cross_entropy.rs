@@ -23,6 +23,79 @@ pub struct CeOut<'t> {
     pub accuracy: f64,
 }
 
+/// The cross-entropy statistics reported beside the loss (see [`CeOut`]).
+struct Stats {
+    log_z_mean: f64,
+    logit_mean: f64,
+    z_loss: f64,
+    accuracy: f64,
+}
+
+/// The targets as backward needs them: on the host, or uploaded once to the logits' GPU.
+enum Targets {
+    Host(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Device(crate::tensor::cuda::DevBuf),
+}
+
+/// Forward on the logits' device: (loss scalar, per-row log Z, the saved targets, statistics).
+fn device_forward(x: &Tensor, targets: &[u32], z_coef: f64, n: usize, v: usize) -> Result<(Tensor, Tensor, Targets, Stats)> {
+    #[cfg(feature = "cuda")]
+    if x.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        let (lse, tg, st) = gpu::cross_entropy(x, targets, z_coef)?;
+        let loss = gpu::full(&gpu::dev_of(x)?, &[], st.loss as f32)?;
+        let stats = Stats { log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy };
+        return Ok((loss, lse, Targets::Device(tg), stats));
+    }
+    with_float!(x.dtype(), "cross_entropy", T => {
+        let xd = x.data::<T>()?;
+        let rows: Vec<(T, T, T, bool)> = xd.par_chunks(v).zip(targets.par_iter()).map(|(r, &t)| {
+            let m = r.iter().copied().fold(T::neg_infinity(), T::max);
+            let s: T = r.iter().map(|&a| (a - m).exp()).sum();
+            let lse = m + s.ln();
+            let xt = r[t as usize];
+            let l = lse - xt + T::of(z_coef) * lse * lse;
+            let correct = r[..t as usize].iter().all(|&a| a < xt) && r[t as usize + 1..].iter().all(|&a| a <= xt);
+            (l, lse, crate::kernels::cpu::reduce::sum_slice(r), correct)
+        }).collect();
+        let inv = 1.0 / n as f64;
+        let loss: f64 = rows.iter().map(|r| r.0.f64()).sum::<f64>() * inv;
+        let lz: f64 = rows.iter().map(|r| r.1.f64()).sum::<f64>() * inv;
+        let lz2: f64 = rows.iter().map(|r| r.1.f64() * r.1.f64()).sum::<f64>() * inv;
+        let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
+        let acc = rows.iter().filter(|r| r.3).count() as f64 * inv;
+        let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
+        let stats = Stats { log_z_mean: lz, logit_mean: lm, z_loss: z_coef * lz2, accuracy: acc };
+        Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, Targets::Host(targets.to_vec()), stats))
+    })
+}
+
+/// Backward on the logits' device, for an upstream gradient `go` of the (mean) loss.
+fn device_backward(x: &Tensor, lse: &Tensor, targets: &Targets, z_coef: f64, go: f64, n: usize, v: usize) -> Result<Tensor> {
+    let targets = match targets {
+        Targets::Host(t) => t,
+        #[cfg(feature = "cuda")]
+        Targets::Device(tg) => return crate::kernels::cuda::ops::cross_entropy_bwd(x, tg, lse, z_coef, go / n as f64),
+    };
+    let shape = x.shape();
+    with_float!(x.dtype(), "cross_entropy", T => {
+        let (xd, ld) = (x.data::<T>()?, lse.data::<T>()?);
+        let scale = T::of(go / n as f64);
+        let gx = Tensor::build::<T>(shape, |o| {
+            o.par_chunks_mut(v).zip(xd.par_chunks(v)).zip(ld.par_iter().zip(targets.par_iter())).for_each(|((o, r), (&lse, &t))| {
+                // d/dx [lse - x_t + z·lse²] = softmax·(1 + 2z·lse) - onehot
+                let f = scale * (T::one() + T::of(2.0 * z_coef) * lse);
+                for (o, &a) in o.iter_mut().zip(r) {
+                    *o = (a - lse).exp() * f;
+                }
+                o[t as usize] -= scale;
+            })
+        });
+        Ok(gx)
+    })
+}
+
 impl<'t> Var<'t> {
     /// Mean cross-entropy of `self [N, V]` (or `[..., V]`) against `targets` (N class ids), plus
     /// `z_coef · mean(log²Z)`.
@@ -36,58 +109,11 @@ impl<'t> Var<'t> {
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
             return Err(Error::shape("cross_entropy", format!("target {t} out of range for {v} classes")));
         }
-        #[cfg(feature = "cuda")]
-        if x.is_cuda() {
-            use crate::kernels::cuda::ops as gpu;
-            let (lse, tg, st) = gpu::cross_entropy(&x, targets, z_coef)?;
-            let loss = st.loss;
-            let lt = gpu::full(&gpu::dev_of(&x)?, &[], loss as f32)?;
-            let loss = self.tape().record("cross_entropy", lt, &[self], move |g| {
-                let go = g.item()?;
-                Ok(vec![Some(gpu::cross_entropy_bwd(&x, &tg, &lse, z_coef, go / n as f64)?)])
-            });
-            return Ok(CeOut { loss, log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy });
-        }
-        let (loss, lse, lz_mean, logit_mean, z_loss, accuracy) = with_float!(x.dtype(), "cross_entropy", T => {
-            let xd = x.data::<T>()?;
-            let rows: Vec<(T, T, T, bool)> = xd.par_chunks(v).zip(targets.par_iter()).map(|(r, &t)| {
-                let m = r.iter().copied().fold(T::neg_infinity(), T::max);
-                let s: T = r.iter().map(|&a| (a - m).exp()).sum();
-                let lse = m + s.ln();
-                let xt = r[t as usize];
-                let l = lse - xt + T::of(z_coef) * lse * lse;
-                let correct = r[..t as usize].iter().all(|&a| a < xt) && r[t as usize + 1..].iter().all(|&a| a <= xt);
-                (l, lse, crate::kernels::cpu::reduce::sum_slice(r), correct)
-            }).collect();
-            let inv = 1.0 / n as f64;
-            let loss: f64 = rows.iter().map(|r| r.0.f64()).sum::<f64>() * inv;
-            let lz: f64 = rows.iter().map(|r| r.1.f64()).sum::<f64>() * inv;
-            let lz2: f64 = rows.iter().map(|r| r.1.f64() * r.1.f64()).sum::<f64>() * inv;
-            let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
-            let acc = rows.iter().filter(|r| r.3).count() as f64 * inv;
-            let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
-            Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, lz, lm, z_coef * lz2, acc))
-        })?;
-        let targets = targets.to_vec();
-        let shape = x.shape().to_vec();
+        let (loss, lse, saved, st) = device_forward(&x, targets, z_coef, n, v)?;
         let loss = self.tape().record("cross_entropy", loss, &[self], move |g| {
             let go = g.item()?;
-            with_float!(x.dtype(), "cross_entropy", T => {
-                let (xd, ld) = (x.data::<T>()?, lse.data::<T>()?);
-                let scale = T::of(go / n as f64);
-                let gx = Tensor::build::<T>(&shape, |o| {
-                    o.par_chunks_mut(v).zip(xd.par_chunks(v)).zip(ld.par_iter().zip(targets.par_iter())).for_each(|((o, r), (&lse, &t))| {
-                        // d/dx [lse - x_t + z·lse²] = softmax·(1 + 2z·lse) - onehot
-                        let f = scale * (T::one() + T::of(2.0 * z_coef) * lse);
-                        for (o, &a) in o.iter_mut().zip(r) {
-                            *o = (a - lse).exp() * f;
-                        }
-                        o[t as usize] -= scale;
-                    })
-                });
-                Ok(vec![Some(gx)])
-            })
+            Ok(vec![Some(device_backward(&x, &lse, &saved, z_coef, go, n, v)?)])
         });
-        Ok(CeOut { loss, log_z_mean: lz_mean, logit_mean, z_loss, accuracy })
+        Ok(CeOut { loss, log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy })
     }
 }

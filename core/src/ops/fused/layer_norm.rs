@@ -7,7 +7,6 @@ use crate::error::{Error, Result};
 use crate::tensor::{Elem, Tensor};
 use crate::with_float;
 use rayon::prelude::*;
-use std::sync::Arc;
 
 fn forward<T: Elem>(x: &[T], c: usize, w: Option<&[T]>, b: Option<&[T]>, eps: f64, y: &mut [T], mean: &mut [T], rstd: &mut [T]) {
     let chunk = row_chunk(mean.len(), 16);
@@ -87,12 +86,54 @@ fn backward<T: Elem>(x: &[T], g: &[T], c: usize, w: Option<&[T]>, mean: &[T], rs
     (gw, gb)
 }
 
+/// Forward on the input's device: (y, per-row mean, per-row 1/std).
+fn device_forward(xv: &Tensor, wv: Option<&Tensor>, bv: Option<&Tensor>, c: usize, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    crate::on_cuda!(xv => crate::kernels::cuda::ops::layer_norm(xv, wv, bv, eps));
+    let rows = xv.numel() / c.max(1);
+    with_float!(xv.dtype(), "layer_norm", T => {
+        let mut mean = vec![T::zero(); rows];
+        let mut rstd = vec![T::zero(); rows];
+        let wd = match wv { Some(w) => Some(w.data::<T>()?), None => None };
+        let bd = match bv { Some(b) => Some(b.data::<T>()?), None => None };
+        let xd = xv.data::<T>()?;
+        let y = Tensor::build::<T>(xv.shape(), |y| forward(xd, c, wd, bd, eps, y, &mut mean, &mut rstd));
+        Ok((y, Tensor::from_vec(mean, &[rows])?, Tensor::from_vec(rstd, &[rows])?))
+    })
+}
+
+/// Backward on the saved tensors' device: (dx, dw when `has_w`, db when `has_b`).
+#[allow(clippy::type_complexity)]
+fn device_backward(
+    xv: &Tensor,
+    g: &Tensor,
+    wv: Option<&Tensor>,
+    mean: &Tensor,
+    rstd: &Tensor,
+    c: usize,
+    has_w: bool,
+    has_b: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    crate::on_cuda!(xv => crate::kernels::cuda::ops::layer_norm_bwd(xv, g, wv, mean, rstd, has_w, has_b));
+    with_float!(g.dtype(), "layer_norm", T => {
+        let g = g.contiguous();
+        let wd = match wv { Some(w) => Some(w.data::<T>()?), None => None };
+        let (mean, rstd) = (mean.data::<T>()?, rstd.data::<T>()?);
+        let mut parts = None;
+        let gx = Tensor::build::<T>(xv.shape(), |gx| {
+            parts = Some(backward(xv.data::<T>().expect("checked"), g.data::<T>().expect("contiguous"), c, wd, mean, rstd, gx))
+        });
+        let (gw, gb) = parts.expect("set by build");
+        let gw = if has_w { Some(Tensor::from_vec(gw, &[c])?) } else { None };
+        let gb = if has_b { Some(Tensor::from_vec(gb, &[c])?) } else { None };
+        Ok((gx, gw, gb))
+    })
+}
+
 impl<'t> Var<'t> {
     /// Layer norm over the last dim with optional gain `w [C]` and bias `b [C]`.
     pub fn layer_norm(self, w: Option<Var<'t>>, b: Option<Var<'t>>, eps: f64) -> Result<Var<'t>> {
         let xv = self.value().try_contiguous()?;
         let c = *xv.shape().last().ok_or_else(|| Error::shape("layer_norm", "scalar input"))?;
-        let rows = xv.numel() / c.max(1);
         let wv = w.map(|w| w.value().try_contiguous()).transpose()?;
         let bv = b.map(|b| b.value().try_contiguous()).transpose()?;
         for t in [&wv, &bv].into_iter().flatten() {
@@ -100,56 +141,21 @@ impl<'t> Var<'t> {
                 return Err(Error::shape("layer_norm", format!("affine param {:?} for {c} features", t.shape())));
             }
         }
-        #[cfg(feature = "cuda")]
-        if xv.is_cuda() {
-            use crate::kernels::cuda::ops as gpu;
-            let (y, mean, rstd) = gpu::layer_norm(&xv, wv.as_ref(), bv.as_ref(), eps)?;
-            let (has_w, has_b) = (w.is_some(), b.is_some());
-            let mut inputs = vec![self];
-            inputs.extend(w);
-            inputs.extend(b);
-            return Ok(self.tape().record("layer_norm", y, &inputs, move |g| {
-                let (gx, gw, gb) = gpu::layer_norm_bwd(&xv, g, wv.as_ref(), &mean, &rstd, has_w, has_b)?;
-                let mut v = vec![Some(gx)];
-                if has_w {
-                    v.push(gw);
-                }
-                if has_b {
-                    v.push(gb);
-                }
-                Ok(v)
-            }));
-        }
-        let dt = xv.dtype();
-        let (out, stats) = with_float!(dt, "layer_norm", T => {
-            let mut mean = vec![T::zero(); rows];
-            let mut rstd = vec![T::zero(); rows];
-            let wd = match &wv { Some(w) => Some(w.data::<T>()?), None => None };
-            let bd = match &bv { Some(b) => Some(b.data::<T>()?), None => None };
-            let xd = xv.data::<T>()?;
-            let y = Tensor::build::<T>(xv.shape(), |y| forward(xd, c, wd, bd, eps, y, &mut mean, &mut rstd));
-            Ok((y, (Tensor::from_vec(mean, &[rows])?, Tensor::from_vec(rstd, &[rows])?)))
-        })?;
+        let (y, mean, rstd) = device_forward(&xv, wv.as_ref(), bv.as_ref(), c, eps)?;
         let (has_w, has_b) = (w.is_some(), b.is_some());
         let mut inputs = vec![self];
         inputs.extend(w);
         inputs.extend(b);
-        let stats = Arc::new(stats);
-        Ok(self.tape().record("layer_norm", out, &inputs, move |g| {
-            with_float!(g.dtype(), "layer_norm", T => {
-                let g = g.contiguous();
-                let wd = match &wv { Some(w) => Some(w.data::<T>()?), None => None };
-                let (mean, rstd) = (stats.0.data::<T>()?, stats.1.data::<T>()?);
-                let mut parts = None;
-                let gx = Tensor::build::<T>(xv.shape(), |gx| {
-                    parts = Some(backward(xv.data::<T>().expect("checked"), g.data::<T>().expect("contiguous"), c, wd, mean, rstd, gx))
-                });
-                let (gw, gb) = parts.expect("set by build");
-                let mut v = vec![Some(gx)];
-                if has_w { v.push(Some(Tensor::from_vec(gw, &[c])?)); }
-                if has_b { v.push(Some(Tensor::from_vec(gb, &[c])?)); }
-                Ok(v)
-            })
+        Ok(self.tape().record("layer_norm", y, &inputs, move |g| {
+            let (gx, gw, gb) = device_backward(&xv, g, wv.as_ref(), &mean, &rstd, c, has_w, has_b)?;
+            let mut v = vec![Some(gx)];
+            if has_w {
+                v.push(gw);
+            }
+            if has_b {
+                v.push(gb);
+            }
+            Ok(v)
         }))
     }
 }
