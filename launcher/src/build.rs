@@ -11,7 +11,7 @@ use dptrain_core::data::{Dataset, ImageSet, TokenWindows};
 use dptrain_core::model::Model;
 use dptrain_core::{ParamBuilder, ParamStore};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
-use dptrain_optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
+use dptrain_optim::{AdamW, AdamWConfig, Distribute, Optimizer, ParamScales, Sgd, SgdConfig, Soap, SoapConfig};
 use std::path::{Path, PathBuf};
 
 /// The run's data.
@@ -194,9 +194,10 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
     Ok((model, t))
 }
 
-pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore) -> Box<dyn Optimizer> {
+/// The optimizer `[optim]` describes, for a world of `world` ranks.
+pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Result<Box<dyn Optimizer>> {
     let o = &cfg.optim;
-    match o.kind {
+    Ok(match o.kind {
         OptimKind::Sgd => Box::new(Sgd::new(
             SgdConfig {
                 momentum: o.momentum,
@@ -219,5 +220,27 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore) -> Box<dyn Optimize
             },
             params,
         )),
-    }
+        OptimKind::Soap => {
+            if o.shampoo_beta >= 1.0 || !o.shampoo_beta.is_finite() {
+                return Err(input_err!("optim.shampoo_beta: must be below 1 (negative = use beta2), got {}", o.shampoo_beta));
+            }
+            let c = SoapConfig {
+                beta1: o.betas[0],
+                beta2: o.betas[1],
+                shampoo_beta: o.shampoo_beta,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+                precondition_frequency: o.precondition_frequency,
+                max_precond_dim: o.max_precond_dim,
+                merge_dims: o.merge_dims,
+                precondition_1d: o.precondition_1d,
+                normalize_grads: o.normalize_grads,
+                correct_bias: o.correct_bias,
+                distribute: o.distribute.unwrap_or(if world > 1 { Distribute::Owner } else { Distribute::Replicated }),
+            };
+            // Biases and norm gains are exempt from decay unless optim.decay_vectors, as for AdamW.
+            let scales = ParamScales::standard(params, o.decay_vectors);
+            Box::new(Soap::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
+        }
+    })
 }

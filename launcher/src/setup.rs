@@ -168,7 +168,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, cfg: RunConfig, ckpt: Option<PathBuf>,
     let mut pb = ParamBuilder::new();
     let (model, model_table) = build_model(&cfg, &data, &mut pb)?;
     let mut params = pb.build(cfg.run.seed, DType::F32)?;
-    let mut opt = build_optimizer(&cfg, &params);
+    let mut opt = build_optimizer(&cfg, &params, ws)?;
 
     let (start_step, stream, run_dir, resumed_from) = match &ckpt {
         Some(c) => {

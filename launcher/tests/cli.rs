@@ -245,6 +245,13 @@ fn resume_is_bitwise_exact_gpt_adamw() {
     resume_matches("resume-gpt", &[]);
 }
 
+/// SOAP's state (moments, factors, eigenbases, step) round-trips through checkpoints: a run
+/// resumed at step 10 continues bitwise as the uninterrupted one, across basis refreshes.
+#[test]
+fn resume_is_bitwise_exact_soap() {
+    resume_matches("resume-soap", &["optim.kind=\"soap\"", "optim.precondition_frequency=4"]);
+}
+
 #[test]
 fn resume_is_bitwise_exact_mlp_batchnorm_sgd_accumulation() {
     resume_matches(
@@ -585,6 +592,19 @@ fn bad_values_of_the_new_keys_are_one_line_errors() {
     bad("threads", &["run.threads=100000"], &[], "run.threads: 100000 is more than 4 ×");
     bad("bucket 0", &["comm.bucket_mb=0"], &[], "comm.bucket_mb: must be a positive number");
     bad("bucket neg", &["comm.bucket_mb=-5"], &[], "comm.bucket_mb");
+    bad(
+        "soap distribute",
+        &["optim.kind=\"soap\"", "optim.distribute=\"all\""],
+        &[],
+        "optim.distribute: expected one of replicated | owner",
+    );
+    bad("soap shampoo beta", &["optim.kind=\"soap\"", "optim.shampoo_beta=1.5"], &[], "optim.shampoo_beta: must be below 1");
+    bad(
+        "soap frequency",
+        &["optim.kind=\"soap\"", "optim.precondition_frequency=0"],
+        &[],
+        "optim.precondition_frequency: must be a positive integer",
+    );
 }
 
 /// A warmup longer than the run is allowed but said, once, before training.

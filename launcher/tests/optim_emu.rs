@@ -1,6 +1,7 @@
-//! The fused optimizer kernels with per-parameter multipliers on the CPU emulator of the CUDA
-//! kernels (feature `cuda-emu`): AdamW (both decay forms) and SGD, with and without
-//! learning-rate multipliers, must follow the CPU optimizers step for step.
+//! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
+//! fused AdamW (both decay forms) and SGD kernels, with and without learning-rate multipliers,
+//! and SOAP (stepped on the host for device parameters) must follow the CPU optimizers step for
+//! step.
 #![cfg(feature = "cuda-emu")]
 
 use dptrain_core::rng::Rng;
@@ -58,4 +59,12 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             }
         }
     }
+    // SOAP, with a basis refresh inside the four steps: bitwise the CPU's.
+    let soap = SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() };
+    let (mut cpu, grads) = stores(5);
+    let (mut gpu, _) = stores(5);
+    let want = run(&mut Soap::new(soap, &cpu), &mut cpu, &grads, Device::Cpu);
+    let got = run(&mut Soap::new(soap, &gpu), &mut gpu, &grads, Device::Cuda(0));
+    assert_eq!(got, want, "soap: emulated GPU vs CPU");
+    assert!(got != stores(5).0.flat().to_vec::<f32>().unwrap(), "soap did not move the parameters");
 }

@@ -14,12 +14,14 @@ pub mod clip;
 pub mod scales;
 pub mod schedule;
 pub mod sgd;
+pub mod soap;
 
 pub use adamw::{AdamW, AdamWConfig, DecayMode};
 pub use clip::{clip_grad_norm, grad_norm};
 pub use scales::ParamScales;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::{Sgd, SgdConfig};
+pub use soap::{Distribute, Soap, SoapConfig};
 
 use dptrain_core::comm::Communicator;
 use dptrain_core::{GradStore, ParamStore, Tensor};

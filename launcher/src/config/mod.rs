@@ -9,7 +9,7 @@
 pub mod schema;
 pub mod typed;
 
-pub use schema::{doc, Check, KeyDoc, Ty, KEYS, MODEL_KEYS, REPLACED};
+pub use schema::{doc, Check, KeyDoc, Ty, KEYS, KIND_DEFAULTS, MODEL_KEYS, REPLACED};
 pub use typed::*;
 
 use crate::error::{input_err, LaunchError, Result};
@@ -224,9 +224,18 @@ impl Raw {
     pub fn table(&self) -> &Table {
         &self.t
     }
-    /// The key's value: as given, else the schema default (`None` for an absent derived key).
+    /// The key's value: as given, else its default — the one for the configured kind when
+    /// `KIND_DEFAULTS` has one, else the schema's (`None` for an absent derived key).
     pub fn resolved(&self, key: &str) -> Option<Value> {
-        get_path(&self.t, key).cloned().or_else(|| doc(key).and_then(KeyDoc::default_value))
+        if let Some(v) = get_path(&self.t, key) {
+            return Some(v.clone());
+        }
+        for (kind_key, kind, k, lit) in KIND_DEFAULTS {
+            if *k == key && self.resolved(kind_key).as_ref().and_then(Value::as_str) == Some(kind) {
+                return Some(format!("v = {lit}").parse::<Table>().expect("kind defaults are valid TOML")["v"].clone());
+            }
+        }
+        doc(key).and_then(KeyDoc::default_value)
     }
     pub fn is_set(&self, key: &str) -> bool {
         get_path(&self.t, key).is_some()
@@ -272,6 +281,9 @@ pub fn show_default() -> String {
             out.push_str(&format!("# {}\n", d.doc));
             // Keys of the other model kinds are shown commented out: the file stays a valid config.
             let other_kind = sec == "model" && name != "kind" && !MODEL_KEYS[0].1.contains(&name);
+            for (kind_key, kind, _, lit) in KIND_DEFAULTS.iter().filter(|kd| kd.2 == d.key) {
+                out.push_str(&format!("# default when {kind_key} = \"{kind}\": {lit}\n"));
+            }
             match d.default {
                 Some(v) if !other_kind => out.push_str(&format!("{name} = {v}\n")),
                 Some(v) => out.push_str(&format!("# {name} = {v}\n")),
@@ -374,6 +386,17 @@ mod tests {
         let mut t = Table::new();
         assert!(apply_sets(&mut t, &["train.nope=1".into()]).unwrap_err().to_string().contains("train.nope"));
         assert!(apply_sets(&mut t, &["train.steps".into()]).is_err());
+    }
+
+    #[test]
+    fn soap_takes_the_reference_defaults_unless_set() {
+        let cfg = raw("[optim]\nkind = \"soap\"").unwrap().typed().unwrap();
+        assert_eq!((cfg.optim.betas, cfg.optim.weight_decay), ([0.95, 0.95], 0.01));
+        let cfg = raw("[optim]\nkind = \"soap\"\nweight_decay = 0.2").unwrap().typed().unwrap();
+        assert_eq!((cfg.optim.betas, cfg.optim.weight_decay), ([0.95, 0.95], 0.2));
+        let cfg = raw("[optim]\nkind = \"adamw\"").unwrap().typed().unwrap();
+        assert_eq!((cfg.optim.betas, cfg.optim.weight_decay), ([0.9, 0.95], 0.1));
+        assert!(show_default().contains("# default when optim.kind = \"soap\": [0.95, 0.95]"));
     }
 
     #[test]

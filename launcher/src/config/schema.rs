@@ -150,17 +150,37 @@ pub const KEYS: &[KeyDoc] = &[
     )
     .one_of(&["f32", "bf16"]),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
-    k("optim.kind", Str, Some("\"adamw\""), "sgd | adamw").one_of(&["sgd", "adamw"]),
+    k("optim.kind", Str, Some("\"adamw\""), "sgd | adamw | soap (Adam in Shampoo's eigenbasis, Vyas et al. 2024)").one_of(&["sgd", "adamw", "soap"]),
     k("optim.lr", Float, Some("3e-3"), "peak learning rate").pos(),
-    k("optim.weight_decay", Float, Some("0.1"), "weight decay (adamw: decoupled; sgd: L2 added to the gradient)").nonneg(),
-    k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw: (beta1, beta2)").with(Check::UnitPair),
-    k("optim.eps", Float, Some("1e-8"), "adamw: epsilon").pos(),
+    k(
+        "optim.weight_decay",
+        Float,
+        Some("0.1"),
+        "weight decay (adamw: decoupled; sgd: L2 added to the gradient; soap: p ← p·(1 − lr·wd) after the update)",
+    )
+    .nonneg(),
+    k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw/soap: (beta1, beta2)").with(Check::UnitPair),
+    k("optim.eps", Float, Some("1e-8"), "adamw/soap: epsilon").pos(),
     k("optim.clip", Float, Some("1.0"), "global gradient-norm clip (0 = off)").nonneg(),
     k("optim.momentum", Float, Some("0.9"), "sgd: momentum").unit(),
     k("optim.nesterov", Bool, Some("false"), "sgd: Nesterov momentum"),
     k("optim.decay", Str, Some("\"coupled\""), "adamw: coupled (torch: lr * wd) | independent (schedule multiplier * wd)")
         .one_of(&["coupled", "independent"]),
     k("optim.decay_vectors", Bool, Some("false"), "also decay biases and norm gains"),
+    k("optim.shampoo_beta", Float, Some("-1.0"), "soap: EMA factor of the preconditioner statistics; negative = use beta2"),
+    k("optim.precondition_frequency", Int, Some("10"), "soap: refresh the eigenbases every this many updates").pos(),
+    k("optim.max_precond_dim", Int, Some("10000"), "soap: dims larger than this are not preconditioned").pos(),
+    k("optim.merge_dims", Bool, Some("false"), "soap: merge consecutive dims while their product stays ≤ max_precond_dim"),
+    k("optim.precondition_1d", Bool, Some("false"), "soap: precondition 1-D parameters too (else Adam on them)"),
+    k("optim.normalize_grads", Bool, Some("false"), "soap: divide each update by its RMS"),
+    k("optim.correct_bias", Bool, Some("true"), "soap: Adam's bias correction of the step size"),
+    k(
+        "optim.distribute",
+        Str,
+        None,
+        "soap: replicated | owner — who computes each parameter's eigenbasis refresh: every rank, or one rank per parameter (balanced by cost) broadcasting it; default owner when there are several ranks",
+    )
+    .one_of(&["replicated", "owner"]),
     k("schedule.kind", Str, Some("\"cosine\""), "cosine | linear | constant (after warmup)").one_of(&["cosine", "linear", "constant"]),
     k("schedule.warmup_steps", Int, Some("30"), "linear warmup steps").nonneg(),
     k("schedule.final_lr", Float, Some("3e-4"), "learning rate at the last step").nonneg(),
@@ -178,6 +198,11 @@ pub const MODEL_KEYS: &[(&str, &[&str])] = &[
     ("mlp", &["input_dim", "widths", "batch_norm", "classes", "dropout"]),
     ("resnet", &["in_channels", "width", "depth", "classes"]),
 ];
+
+/// Defaults that depend on another key: (that key, its value, the key, the default literal).
+/// SOAP takes the reference's defaults where they differ from AdamW's.
+pub const KIND_DEFAULTS: &[(&str, &str, &str, &str)] =
+    &[("optim.kind", "soap", "optim.betas", "[0.95, 0.95]"), ("optim.kind", "soap", "optim.weight_decay", "0.01")];
 
 /// Keys that were replaced: (old key, what to use instead).
 pub const REPLACED: &[(&str, &str)] =

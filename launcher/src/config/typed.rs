@@ -8,7 +8,7 @@
 //! a test checks that every schema key deserialises into this struct.
 
 use dptrain_core::Precision;
-use dptrain_optim::{DecayMode, ScheduleKind};
+use dptrain_optim::{DecayMode, Distribute, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +168,7 @@ pub struct TrainSection {
 pub enum OptimKind {
     Sgd,
     Adamw,
+    Soap,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +184,15 @@ pub struct OptimSection {
     pub nesterov: bool,
     pub decay: DecayMode,
     pub decay_vectors: bool,
+    pub shampoo_beta: f64,
+    pub precondition_frequency: u64,
+    pub max_precond_dim: usize,
+    pub merge_dims: bool,
+    pub precondition_1d: bool,
+    pub normalize_grads: bool,
+    pub correct_bias: bool,
+    /// `None` = derived (owner when there are several ranks).
+    pub distribute: Option<Distribute>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,626 @@
+//! SOAP (Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam"): Adam run in
+//! the eigenbasis of Shampoo's preconditioner, following the authors' `soap.py` (and PyPI
+//! `pytorch-optimizer`'s port of it, which the golden tests compare against):
+//!
+//! - per parameter (dims merged when `merge_dims`), one factor GG_k = EMA of the mode-k Gram of
+//!   the gradient per dim of size ≤ `max_precond_dim`, and its eigenbasis Q_k;
+//! - the first step only builds GG and Q (eigh) and updates nothing;
+//! - then: m ← lerp(m, g) in the original space, v ← lerp(v, project(g)²) in the eigenbasis,
+//!   u = project_back(project(m) / (√v + ε)), p ← p − step_size·u, then decoupled decay with the
+//!   raw lr (after the update), then GG from the same raw g;
+//! - every `precondition_frequency` updates the bases are refreshed by one power-iteration step
+//!   (Q ← qr(GG·Q) with columns re-sorted by their estimated eigenvalue, v re-sorted with them).
+//!
+//! Factors and bases are f32; eigh and QR run in f64 on the host through faer, sequentially, so
+//! the same input gives bitwise the same basis on every rank. With `Distribute::Owner` each
+//! parameter's eigh/QR is computed by one rank (greedy largest-first by cost) and broadcast over
+//! the optimizer's communicator; every rank applies the same bases, so replicas stay identical.
+//!
+//! Parameters on a GPU are stepped on the host (gradients down, parameters up): correct, but the
+//! projections do not run on the device yet.
+
+use crate::{join_state, split_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
+use dptrain_core::comm::Communicator;
+use dptrain_core::{GradStore, ParamStore, Tensor};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+
+/// Who computes a parameter's eigenbasis refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribute {
+    /// Every rank computes every basis.
+    Replicated,
+    /// One rank per parameter computes it and broadcasts it.
+    Owner,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoapConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// EMA factor of the preconditioner statistics; negative = `beta2`.
+    pub shampoo_beta: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub precondition_frequency: u64,
+    pub max_precond_dim: usize,
+    pub merge_dims: bool,
+    pub precondition_1d: bool,
+    pub normalize_grads: bool,
+    pub correct_bias: bool,
+    pub distribute: Distribute,
+}
+
+impl Default for SoapConfig {
+    /// The reference's defaults.
+    fn default() -> Self {
+        SoapConfig {
+            beta1: 0.95,
+            beta2: 0.95,
+            shampoo_beta: -1.0,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            precondition_frequency: 10,
+            max_precond_dim: 10000,
+            merge_dims: false,
+            precondition_1d: false,
+            normalize_grads: false,
+            correct_bias: true,
+            distribute: Distribute::Replicated,
+        }
+    }
+}
+
+impl SoapConfig {
+    fn shampoo_beta(&self) -> f64 {
+        if self.shampoo_beta < 0.0 {
+            self.beta2
+        } else {
+            self.shampoo_beta
+        }
+    }
+}
+
+/// The reference's `merge_dims`: consecutive dims are multiplied together while the product
+/// stays ≤ `max`; size-1 dims vanish.
+pub fn merge_dims(shape: &[usize], max: usize) -> Vec<usize> {
+    let mut out = vec![];
+    let mut acc = 1usize;
+    for &d in shape {
+        if acc * d > max {
+            if acc > 1 {
+                out.push(acc);
+                acc = d;
+            } else {
+                out.push(d);
+                acc = 1;
+            }
+        } else {
+            acc *= d;
+        }
+    }
+    if acc > 1 || out.is_empty() {
+        out.push(acc);
+    }
+    out
+}
+
+/// One preconditioned dim: the d×d statistics and eigenbasis (row-major; Q's columns are the
+/// basis vectors, by descending eigenvalue).
+#[derive(Debug, Clone)]
+struct Factor {
+    d: usize,
+    gg: Vec<f32>,
+    q: Vec<f32>,
+}
+
+/// A parameter's SOAP layout.
+#[derive(Debug, Clone)]
+struct PState {
+    name: String,
+    offset: usize,
+    numel: usize,
+    /// The dims the factors refer to (merged when `merge_dims`).
+    dims: Vec<usize>,
+    /// One entry per dim: a factor, or none (dim too large, or 1-D without precondition_1d).
+    factors: Vec<Option<Factor>>,
+    /// Rank that computes this parameter's bases (owner mode).
+    owner: usize,
+}
+
+impl PState {
+    /// Cost of one update step's projections plus an amortised refresh (relative units).
+    fn cost(&self, f: u64) -> f64 {
+        let n = self.numel as f64;
+        self.factors.iter().flatten().map(|fa| 2.0 * n * fa.d as f64 + (fa.d as f64).powi(3) / f.max(1) as f64).sum::<f64>() + n
+    }
+}
+
+pub struct Soap {
+    pub cfg: SoapConfig,
+    ps: Vec<PState>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Per-parameter lr and decay multipliers.
+    lr_scale: Vec<f64>,
+    wd_scale: Vec<f64>,
+    /// Updates applied (the first step only initialises, as the reference).
+    t: u64,
+    started: bool,
+    /// The world size the owners were assigned for (0 = not yet).
+    assigned_for: usize,
+}
+
+impl Soap {
+    pub fn new(cfg: SoapConfig, params: &ParamStore) -> Soap {
+        Soap::with_scales(cfg, params, &ParamScales::ones(params)).expect("unit scales are valid")
+    }
+
+    pub fn with_scales(cfg: SoapConfig, params: &ParamStore, scales: &ParamScales) -> Result<Soap> {
+        scales.validate(params)?;
+        let ps = params
+            .infos()
+            .iter()
+            .map(|p| {
+                let shape: Vec<usize> = if p.shape.is_empty() { vec![1] } else { p.shape.clone() };
+                let dims = if shape.len() > 1 && cfg.merge_dims { merge_dims(&shape, cfg.max_precond_dim) } else { shape.clone() };
+                let one_d = shape.len() == 1;
+                let factors = dims
+                    .iter()
+                    .map(|&d| {
+                        let wanted = d <= cfg.max_precond_dim && (!one_d || cfg.precondition_1d);
+                        wanted.then(|| Factor { d, gg: vec![0.0; d * d], q: vec![] })
+                    })
+                    .collect();
+                PState { name: p.name.clone(), offset: p.offset, numel: p.numel, dims, factors, owner: 0 }
+            })
+            .collect();
+        let n = params.numel();
+        Ok(Soap {
+            cfg,
+            ps,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            lr_scale: scales.lr.clone(),
+            wd_scale: scales.wd.clone(),
+            t: 0,
+            started: false,
+            assigned_for: 0,
+        })
+    }
+
+    /// Greedy largest-first assignment of parameters to ranks by cost.
+    fn assign_owners(&mut self, world: usize) {
+        if self.assigned_for == world {
+            return;
+        }
+        let f = self.cfg.precondition_frequency;
+        let mut order: Vec<usize> = (0..self.ps.len()).collect();
+        order.sort_by(|&a, &b| self.ps[b].cost(f).total_cmp(&self.ps[a].cost(f)).then(a.cmp(&b)));
+        let mut load = vec![0.0f64; world];
+        for i in order {
+            let r = (0..world).min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b))).expect("world ≥ 1");
+            load[r] += self.ps[i].cost(f);
+            self.ps[i].owner = r;
+        }
+        self.assigned_for = world;
+    }
+
+    /// Per-rank relative refresh cost under the current assignment (for the benchmark).
+    pub fn owner_loads(&mut self, world: usize) -> Vec<f64> {
+        self.assign_owners(world);
+        let f = self.cfg.precondition_frequency;
+        let mut load = vec![0.0; world];
+        for p in &self.ps {
+            load[p.owner] += p.cost(f);
+        }
+        load
+    }
+}
+
+// ---- dense helpers (row-major f32 buffers) -------------------------------------------------
+
+fn view(x: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+    MatRef::from_row_major_slice(x, rows, cols)
+}
+
+fn view_mut(x: &mut [f32], rows: usize, cols: usize) -> MatMut<'_, f32> {
+    MatMut::from_row_major_slice_mut(x, rows, cols)
+}
+
+/// Mode-k product: out[a, j, b] = Σ_i x[a, i, b]·M[i, j] (`back` = false: M = Q, the
+/// projection) or Σ_i x[a, i, b]·Q[j, i] (`back` = true).
+fn mode_product(x: &[f32], dims: &[usize], k: usize, q: &[f32], back: bool) -> Vec<f32> {
+    let d = dims[k];
+    let a_n: usize = dims[..k].iter().product();
+    let b_n: usize = dims[k + 1..].iter().product();
+    let mut out = vec![0.0f32; x.len()];
+    let qm = view(q, d, d);
+    // out_a [d, B] = Mᵀ · x_a [d, B]
+    let mt = if back { qm } else { qm.transpose() };
+    for a in 0..a_n {
+        let xa = view(&x[a * d * b_n..(a + 1) * d * b_n], d, b_n);
+        let oa = view_mut(&mut out[a * d * b_n..(a + 1) * d * b_n], d, b_n);
+        matmul(oa, Accum::Replace, mt, xa, 1.0f32, Par::Seq);
+    }
+    out
+}
+
+/// The tensor in the eigenbasis (`back` = false) or back from it, mode by mode.
+fn project(x: &[f32], dims: &[usize], factors: &[Option<Factor>], back: bool) -> Vec<f32> {
+    let mut y = x.to_vec();
+    for (k, f) in factors.iter().enumerate() {
+        if let Some(f) = f {
+            y = mode_product(&y, dims, k, &f.q, back);
+        }
+    }
+    y
+}
+
+/// The mode-k Gram matrix Σ_{a,b} x[a, :, b]·x[a, :, b]ᵀ (d×d).
+fn gram(x: &[f32], dims: &[usize], k: usize) -> Vec<f32> {
+    let d = dims[k];
+    let a_n: usize = dims[..k].iter().product();
+    let b_n: usize = dims[k + 1..].iter().product();
+    let mut g = vec![0.0f32; d * d];
+    for a in 0..a_n {
+        let xa = view(&x[a * d * b_n..(a + 1) * d * b_n], d, b_n);
+        let acc = if a == 0 { Accum::Replace } else { Accum::Add };
+        matmul(view_mut(&mut g, d, d), acc, xa, xa.transpose(), 1.0f32, Par::Seq);
+    }
+    g
+}
+
+fn to_f64(x: &[f32], d: usize) -> Mat<f64> {
+    Mat::from_fn(d, d, |i, j| x[i * d + j] as f64)
+}
+
+fn from_f64(m: MatRef<'_, f64>) -> Vec<f32> {
+    let d = m.nrows();
+    let mut out = vec![0.0f32; d * m.ncols()];
+    for i in 0..d {
+        for j in 0..m.ncols() {
+            out[i * m.ncols() + j] = m[(i, j)] as f32;
+        }
+    }
+    out
+}
+
+/// Eigenvectors of GG + 1e-30·I by descending eigenvalue (f64, rounded to f32).
+fn eigenbasis(gg: &[f32], d: usize) -> Result<Vec<f32>> {
+    let mut a = to_f64(gg, d);
+    for i in 0..d {
+        a[(i, i)] += 1e-30;
+    }
+    let evd = a
+        .as_ref()
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| OptimError::State(format!("soap: eigendecomposition failed: {e:?}")))?;
+    let u = evd.U();
+    // faer returns ascending eigenvalues: flip the columns, as the reference does.
+    let flipped = Mat::from_fn(d, d, |i, j| u[(i, d - 1 - j)]);
+    Ok(from_f64(flipped.as_ref()))
+}
+
+/// One power-iteration refresh: columns of GG·Q sorted by the estimated eigenvalues
+/// diag(Qᵀ·GG·Q), descending; returns (the Q of their QR, the sort order).
+fn refresh_basis(gg: &[f32], q: &[f32], d: usize) -> (Vec<f32>, Vec<usize>) {
+    let mut mp = vec![0.0f32; d * d];
+    matmul(view_mut(&mut mp, d, d), Accum::Replace, view(gg, d, d), view(q, d, d), 1.0f32, Par::Seq);
+    let est: Vec<f32> = (0..d).map(|j| (0..d).map(|i| q[i * d + j] * mp[i * d + j]).sum()).collect();
+    let mut idx: Vec<usize> = (0..d).collect();
+    // Stable descending sort: ties keep their order.
+    idx.sort_by(|&a, &b| est[b].total_cmp(&est[a]));
+    let pi = Mat::from_fn(d, d, |i, j| mp[i * d + idx[j]] as f64);
+    let qr = pi.as_ref().qr();
+    let qn = qr.compute_Q();
+    (from_f64(qn.as_ref()), idx)
+}
+
+/// Reorders `v` (laid out as `dims`) along axis k by `idx`.
+fn permute_axis(v: &mut [f32], dims: &[usize], k: usize, idx: &[usize]) {
+    let d = dims[k];
+    let a_n: usize = dims[..k].iter().product();
+    let b_n: usize = dims[k + 1..].iter().product();
+    let old = v.to_vec();
+    for a in 0..a_n {
+        for (j, &src) in idx.iter().enumerate().take(d) {
+            let o = (a * d + j) * b_n;
+            let s = (a * d + src) * b_n;
+            v[o..o + b_n].copy_from_slice(&old[s..s + b_n]);
+        }
+    }
+}
+
+impl Soap {
+    /// GG_k ← lerp(GG_k, Gram_k(g), 1 − β_sh) for every factor of parameter `i`.
+    fn accumulate_statistics(&mut self, i: usize, g: &[f32]) {
+        let w = (1.0 - self.cfg.shampoo_beta()) as f32;
+        let p = &mut self.ps[i];
+        for k in 0..p.dims.len() {
+            if let Some(f) = &mut p.factors[k] {
+                let gk = gram(g, &p.dims, k);
+                for (a, b) in f.gg.iter_mut().zip(&gk) {
+                    *a += w * (b - *a);
+                }
+            }
+        }
+    }
+
+    /// Computes (on the ranks that own them, or everywhere) and exchanges the new bases:
+    /// eigh when `initial`, else the power-iteration refresh with v re-sorted.
+    fn refresh(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
+        if owner_mode {
+            self.assign_owners(world);
+        }
+        // Computed results per parameter: per factor (Q, sort order).
+        let mut results: Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>> = vec![vec![]; self.ps.len()];
+        for (i, p) in self.ps.iter().enumerate() {
+            if owner_mode && p.owner != rank {
+                continue;
+            }
+            let mut r = vec![];
+            for f in &p.factors {
+                r.push(match f {
+                    None => None,
+                    Some(f) if initial => Some((eigenbasis(&f.gg, f.d)?, (0..f.d).collect())),
+                    Some(f) => Some(refresh_basis(&f.gg, &f.q, f.d)),
+                });
+            }
+            results[i] = r;
+        }
+        if owner_mode {
+            // Each rank broadcasts its parameters' results in parameter order: per factor d×d
+            // basis values then d sort indices (exact in f32 below 2^24).
+            for src in 0..world {
+                let owned: Vec<usize> = (0..self.ps.len()).filter(|&i| self.ps[i].owner == src).collect();
+                let len: usize = owned.iter().flat_map(|&i| self.ps[i].factors.iter().flatten()).map(|f| f.d * f.d + f.d).sum();
+                if len == 0 {
+                    continue;
+                }
+                let mut buf = vec![0.0f32; len];
+                if src == rank {
+                    let mut at = 0;
+                    for &i in &owned {
+                        for (q, idx) in results[i].iter().flatten() {
+                            buf[at..at + q.len()].copy_from_slice(q);
+                            at += q.len();
+                            for (o, &x) in buf[at..at + idx.len()].iter_mut().zip(idx) {
+                                *o = x as f32;
+                            }
+                            at += idx.len();
+                        }
+                    }
+                }
+                comm.broadcast(&mut buf, src).map_err(OptimError::Core)?;
+                if src != rank {
+                    let mut at = 0;
+                    for &i in &owned {
+                        results[i] = self.ps[i]
+                            .factors
+                            .iter()
+                            .map(|f| {
+                                f.as_ref().map(|f| {
+                                    let q = buf[at..at + f.d * f.d].to_vec();
+                                    at += f.d * f.d;
+                                    let idx = buf[at..at + f.d].iter().map(|&x| x as usize).collect();
+                                    at += f.d;
+                                    (q, idx)
+                                })
+                            })
+                            .collect();
+                    }
+                }
+            }
+        }
+        for (i, r) in results.into_iter().enumerate() {
+            let p = &mut self.ps[i];
+            let v = &mut self.v[p.offset..p.offset + p.numel];
+            for (k, res) in r.into_iter().enumerate() {
+                if let (Some(f), Some((q, idx))) = (&mut p.factors[k], res) {
+                    if !initial {
+                        permute_axis(v, &p.dims, k, &idx);
+                    }
+                    f.q = q;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn step_host(&mut self, p: &mut [f32], g: &[f32], ctx: &mut StepCtx) -> Result<()> {
+        let finite: Vec<bool> = self.ps.iter().map(|s| g[s.offset..s.offset + s.numel].iter().all(|x| x.is_finite())).collect();
+        if !self.started {
+            // The reference's first call: statistics and bases only, no update.
+            for i in 0..self.ps.len() {
+                let s = &self.ps[i];
+                if finite[i] {
+                    let gi = g[s.offset..s.offset + s.numel].to_vec();
+                    self.accumulate_statistics(i, &gi);
+                }
+            }
+            self.refresh(true, ctx.comm)?;
+            self.started = true;
+            return Ok(());
+        }
+        self.t += 1;
+        let c = self.cfg;
+        let t = self.t as i32;
+        let mut step_size = ctx.lr;
+        if c.correct_bias {
+            step_size *= (1.0 - c.beta2.powi(t)).sqrt() / (1.0 - c.beta1.powi(t));
+        }
+        let (w1, w2, eps) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, c.eps as f32);
+        for i in 0..self.ps.len() {
+            let s = &self.ps[i];
+            let (o, n) = (s.offset, s.numel);
+            let gi = &g[o..o + n];
+            let gp = project(gi, &s.dims, &s.factors, false);
+            let (m, v) = (&mut self.m[o..o + n], &mut self.v[o..o + n]);
+            for j in 0..n {
+                m[j] += w1 * (gi[j] - m[j]);
+                v[j] += w2 * (gp[j] * gp[j] - v[j]);
+            }
+            let mp = project(m, &s.dims, &s.factors, false);
+            let ratio: Vec<f32> = mp.iter().zip(v.iter()).map(|(&a, &b)| a / (b.sqrt() + eps)).collect();
+            let mut u = project(&ratio, &s.dims, &s.factors, true);
+            if c.normalize_grads {
+                let rms = (u.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / n.max(1) as f64).sqrt();
+                let inv = (1.0 / (1e-30 + rms)) as f32;
+                u.iter_mut().for_each(|x| *x *= inv);
+            }
+            let ss = (step_size * self.lr_scale[i]) as f32;
+            let pi = &mut p[o..o + n];
+            for j in 0..n {
+                pi[j] -= ss * u[j];
+            }
+            let decay = ctx.lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i];
+            if decay > 0.0 {
+                let keep = (1.0 - decay) as f32;
+                pi.iter_mut().for_each(|x| *x *= keep);
+            }
+            // The same raw gradient feeds the statistics (never the basis it was projected by);
+            // a non-finite one is left out, so eigh never sees it.
+            if finite[i] {
+                let gi = gi.to_vec();
+                self.accumulate_statistics(i, &gi);
+            }
+        }
+        if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
+            self.refresh(false, ctx.comm)?;
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Soap {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        if params.flat().is_cuda() {
+            let device = params.flat().device();
+            let mut p = params.flat().to_vec::<f32>()?;
+            let g = grads.flat().to_vec::<f32>()?;
+            self.step_host(&mut p, &g, ctx)?;
+            let shape = params.flat().shape().to_vec();
+            *params.flat_tensor_mut()? = Tensor::from_vec(p, &shape)?.to_device(device)?;
+            return Ok(());
+        }
+        let g = grads.flat().data::<f32>()?.to_vec();
+        let p = params.flat_mut::<f32>()?;
+        self.step_host(p, &g, ctx)
+    }
+
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
+        let mut out = split_state("exp_avg", &self.m, params);
+        out.extend(split_state("exp_avg_sq", &self.v, params));
+        for p in &self.ps {
+            for (k, f) in p.factors.iter().enumerate() {
+                if let Some(f) = f {
+                    out.push((format!("GG{k}.{}", p.name), Tensor::from_slice(&f.gg, &[f.d, f.d])?));
+                    if self.started {
+                        out.push((format!("Q{k}.{}", p.name), Tensor::from_slice(&f.q, &[f.d, f.d])?));
+                    }
+                }
+            }
+        }
+        Ok((out, serde_json::json!({ "step": self.t, "started": self.started })))
+    }
+
+    fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        join_state("exp_avg", &mut self.m, params, t)?;
+        join_state("exp_avg_sq", &mut self.v, params, t)?;
+        self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))?;
+        self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| OptimError::State("missing `started`".into()))?;
+        let started = self.started;
+        for p in &mut self.ps {
+            for (k, f) in p.factors.iter_mut().enumerate() {
+                if let Some(f) = f {
+                    let get = |what: &str| -> Result<Vec<f32>> {
+                        let key = format!("{what}{k}.{}", p.name);
+                        let x = t.get(&key).ok_or_else(|| OptimError::State(format!("missing `{key}`")))?;
+                        if x.shape() != [f.d, f.d] {
+                            return Err(OptimError::State(format!("`{key}` has shape {:?}, expected [{}, {}]", x.shape(), f.d, f.d)));
+                        }
+                        Ok(x.to_vec::<f32>()?)
+                    };
+                    f.gg = get("GG")?;
+                    if started {
+                        f.q = get("Q")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "soap"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_dims_follows_the_reference_table() {
+        assert_eq!(merge_dims(&[4, 3, 3, 3], 16), vec![12, 9]);
+        assert_eq!(merge_dims(&[1024, 1024, 3, 3], 10000), vec![1024, 9216]);
+        assert_eq!(merge_dims(&[64, 3, 7, 7], 10000), vec![9408]);
+        assert_eq!(merge_dims(&[1, 5], 10000), vec![5]);
+    }
+
+    #[test]
+    fn projections_are_mode_products_and_invert() {
+        // A 2×3 tensor, bases a rotation (2×2) and a permutation-with-sign (3×3).
+        let dims = [2, 3];
+        let (c, s) = (0.6f32, 0.8f32);
+        let q0 = vec![c, -s, s, c];
+        let q1 = vec![0.0, 1.0, 0.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0];
+        let f = |d: usize, q: Vec<f32>| Some(Factor { d, gg: vec![0.0; d * d], q });
+        let factors = vec![f(2, q0.clone()), f(3, q1.clone())];
+        let x: Vec<f32> = (1..=6).map(|v| v as f32).collect();
+        let y = project(&x, &dims, &factors, false);
+        // Q0ᵀ X Q1, by hand.
+        let mut want = vec![0.0f32; 6];
+        for j in 0..2 {
+            for l in 0..3 {
+                for i in 0..2 {
+                    for k in 0..3 {
+                        want[j * 3 + l] += q0[i * 2 + j] * x[i * 3 + k] * q1[k * 3 + l];
+                    }
+                }
+            }
+        }
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+        let back = project(&y, &dims, &factors, true);
+        for (a, b) in back.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5, "{back:?} vs {x:?}");
+        }
+    }
+
+    #[test]
+    fn eigenbasis_is_orthonormal_and_sorted_descending() {
+        let d = 4;
+        let a: Vec<f32> = vec![4.0, 1.0, 0.0, 0.0, 1.0, 3.0, 0.5, 0.0, 0.0, 0.5, 2.0, 0.1, 0.0, 0.0, 0.1, 1.0];
+        let q = eigenbasis(&a, d).unwrap();
+        // Qᵀ Q = I and the Rayleigh quotients descend.
+        let mut last = f64::INFINITY;
+        for j in 0..d {
+            for l in 0..d {
+                let dot: f64 = (0..d).map(|i| q[i * d + j] as f64 * q[i * d + l] as f64).sum();
+                assert!((dot - if j == l { 1.0 } else { 0.0 }).abs() < 1e-5);
+            }
+            let ray: f64 =
+                (0..d).map(|i| (0..d).map(|k| q[i * d + j] as f64 * a[i * d + k] as f64 * q[k * d + j] as f64).sum::<f64>()).sum();
+            assert!(ray <= last + 1e-9);
+            last = ray;
+        }
+        // Bitwise reproducible.
+        assert_eq!(q, eigenbasis(&a, d).unwrap());
+    }
+}
