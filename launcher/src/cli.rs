@@ -42,6 +42,34 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Replay a component on given inputs, for comparison with a reference implementation.
+    Parity {
+        #[command(subcommand)]
+        cmd: ParityCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ParityCmd {
+    /// Apply an optimizer to given gradients at a constant learning rate and write the
+    /// parameters after every step (formats: README, "Parity replay").
+    Optim {
+        /// Flat TOML of [optim] keys: `kind` and the hyperparameters.
+        #[arg(long)]
+        config: PathBuf,
+        /// safetensors with param.<name> and grad.<t>.<name> for t = 0..T-1.
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors written with param.<t>.<name> after each step.
+        #[arg(long)]
+        output: PathBuf,
+        /// Optimizer state to start from (as --state-out writes it).
+        #[arg(long)]
+        state_in: Option<PathBuf>,
+        /// Where to write the optimizer state after the last step.
+        #[arg(long)]
+        state_out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fault;
 pub mod gpu_check;
 pub mod metrics;
+pub mod parity;
 pub mod setup;
 pub mod train;
 pub mod world;

@@ -2,7 +2,7 @@
 //! input, 1 for failures during a run). `anyhow` is used here only.
 
 use clap::Parser;
-use dptrain_launcher::cli::{Cli, Cmd, ConfigCmd};
+use dptrain_launcher::cli::{Cli, Cmd, ConfigCmd, ParityCmd};
 use dptrain_launcher::error::LaunchError;
 use dptrain_launcher::train::{train, TrainArgs};
 use std::process::ExitCode;
@@ -27,6 +27,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             train(&TrainArgs { config, sets, run_dir, resume, fault: None })?;
         }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
+        Cmd::Parity { cmd: ParityCmd::Optim { config, input, output, state_in, state_out } } => {
+            dptrain_launcher::parity::optim(&dptrain_launcher::parity::ParityArgs { config, input, output, state_in, state_out })?
+        }
         Cmd::GpuCheck { device } => {
             #[cfg(feature = "cuda")]
             if matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_)) {

@@ -639,3 +639,109 @@ fn the_examples_run() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `dptrain parity optim` replays SOAP on the reference's gradients — from scratch, and from
+/// the reference's state for a rank-deficient case — and matches its parameters after every
+/// step; its state round-trips through --state-out/--state-in; bad files are one-line errors.
+#[test]
+fn parity_replay_matches_the_soap_reference() {
+    use dptrain_core::checkpoint::{tensors_from_bytes, tensors_to_bytes};
+    use dptrain_core::Tensor;
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/soap.json")).unwrap())
+            .unwrap();
+    let vals = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let d = tmp("parity");
+    for case in
+        fx["cases"].as_array().unwrap().iter().filter(|c| ["square f=3 wd", "rectangular (replay)"].contains(&c["name"].as_str().unwrap()))
+    {
+        let shape: Vec<usize> = case["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        // HP.toml: the [optim] keys, flat.
+        let mut hp = String::from("kind = \"soap\"\n");
+        for (k, v) in case["hp"].as_object().unwrap() {
+            hp.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(d.join("hp.toml"), &hp).unwrap();
+        let start = case["state_at"].as_u64().unwrap_or(0) as usize;
+        let mut input = vec![];
+        let mut state_args = vec![];
+        match case.get("state") {
+            None => input.push(("param.w".to_string(), Tensor::from_vec(vals(&case["p0"]), &shape).unwrap())),
+            Some(st) => {
+                input.push(("param.w".to_string(), Tensor::from_vec(vals(&st["param"]), &shape).unwrap()));
+                let mut s = vec![
+                    ("exp_avg.w".to_string(), Tensor::from_vec(vals(&st["exp_avg"]), &shape).unwrap()),
+                    ("exp_avg_sq.w".to_string(), Tensor::from_vec(vals(&st["exp_avg_sq"]), &shape).unwrap()),
+                    ("scalar.step".to_string(), Tensor::from_vec(vec![st["step"].as_f64().unwrap() as f32], &[1]).unwrap()),
+                    ("scalar.started".to_string(), Tensor::from_vec(vec![1.0f32], &[1]).unwrap()),
+                ];
+                for (k, (gg, q)) in st["GG"].as_array().unwrap().iter().zip(st["Q"].as_array().unwrap()).enumerate() {
+                    if !gg.is_null() {
+                        let n = (gg.as_array().unwrap().len() as f64).sqrt() as usize;
+                        s.push((format!("GG{k}.w"), Tensor::from_vec(vals(gg), &[n, n]).unwrap()));
+                        s.push((format!("Q{k}.w"), Tensor::from_vec(vals(q), &[n, n]).unwrap()));
+                    }
+                }
+                std::fs::write(d.join("state-in.safetensors"), tensors_to_bytes(&s).unwrap()).unwrap();
+                state_args = vec!["--state-in".to_string(), d.join("state-in.safetensors").display().to_string()];
+            }
+        }
+        let grads = case["grads"].as_array().unwrap();
+        for (t, g) in grads.iter().enumerate().skip(start) {
+            input.push((format!("grad.{}.w", t - start), Tensor::from_vec(vals(g), &shape).unwrap()));
+        }
+        std::fs::write(d.join("in.safetensors"), tensors_to_bytes(&input).unwrap()).unwrap();
+        let o = bin()
+            .args(["parity", "optim", "--config"])
+            .arg(d.join("hp.toml"))
+            .arg("--input")
+            .arg(d.join("in.safetensors"))
+            .arg("--output")
+            .arg(d.join("out.safetensors"))
+            .arg("--state-out")
+            .arg(d.join("state-out.safetensors"))
+            .args(&state_args)
+            .output()
+            .unwrap();
+        ok(&o);
+        let out = tensors_from_bytes(&std::fs::read(d.join("out.safetensors")).unwrap()).unwrap();
+        let after = case["after"].as_array().unwrap();
+        for t in start..grads.len() {
+            let got = out[&format!("param.{}.w", t - start)].to_vec::<f32>().unwrap();
+            let want = vals(&after[t]);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-5, "{}: step {}: max |Δp| {worst:e}", case["name"], t + 1);
+        }
+        let st = tensors_from_bytes(&std::fs::read(d.join("state-out.safetensors")).unwrap()).unwrap();
+        assert!(st.contains_key("GG0.w") && st.contains_key("Q0.w") && st.contains_key("scalar.step"), "{:?}", st.keys());
+    }
+    // Bad input: one line, exit 2, naming the tensor or key.
+    let run = |hp: &str, tensors: Vec<(String, Tensor)>| {
+        std::fs::write(d.join("bad.toml"), hp).unwrap();
+        std::fs::write(d.join("bad.safetensors"), tensors_to_bytes(&tensors).unwrap()).unwrap();
+        let o = bin()
+            .args(["parity", "optim", "--config"])
+            .arg(d.join("bad.toml"))
+            .arg("--input")
+            .arg(d.join("bad.safetensors"))
+            .arg("--output")
+            .arg(d.join("bad-out.safetensors"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!d.join("bad-out.safetensors").exists());
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        err
+    };
+    let t = |v: &[f32], s: &[usize]| Tensor::from_vec(v.to_vec(), s).unwrap();
+    let p = ("param.w".to_string(), t(&[1.0, 2.0], &[2]));
+    let err =
+        run("kind = \"soap\"\n", vec![p.clone(), ("grad.0.w".into(), t(&[1.0, 1.0], &[2])), ("grad.2.w".into(), t(&[1.0, 1.0], &[2]))]);
+    assert!(err.contains("grad.1.w: missing"), "{err}");
+    let err = run("kind = \"soap\"\n", vec![p.clone(), ("grad.0.w".into(), t(&[1.0, 1.0, 1.0], &[3]))]);
+    assert!(err.contains("grad.0.w: shape [3], expected [2]"), "{err}");
+    let err = run("kind = \"soap\"\nprecondition_frequncy = 3\n", vec![p, ("grad.0.w".into(), t(&[1.0, 1.0], &[2]))]);
+    assert!(err.contains("optim.precondition_frequncy: unknown config key"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -150,6 +150,8 @@ pub struct Soap {
     started: bool,
     /// The world size the owners were assigned for (0 = not yet).
     assigned_for: usize,
+    /// Seconds this rank spent computing bases (eigh / power iteration + QR), for benchmarks.
+    precond_s: f64,
 }
 
 impl Soap {
@@ -187,6 +189,7 @@ impl Soap {
             t: 0,
             started: false,
             assigned_for: 0,
+            precond_s: 0.0,
         })
     }
 
@@ -205,6 +208,17 @@ impl Soap {
             self.ps[i].owner = r;
         }
         self.assigned_for = world;
+    }
+
+    /// Seconds this rank has spent computing eigenbases so far.
+    pub fn precond_seconds(&self) -> f64 {
+        self.precond_s
+    }
+
+    /// Bytes of optimizer state: the moments, and each factor's statistics and basis.
+    pub fn state_bytes(&self) -> usize {
+        4 * (self.m.len() + self.v.len())
+            + self.ps.iter().flat_map(|p| p.factors.iter().flatten()).map(|f| 4 * 2 * f.d * f.d).sum::<usize>()
     }
 
     /// Per-rank relative refresh cost under the current assignment (for the benchmark).
@@ -357,6 +371,7 @@ impl Soap {
             self.assign_owners(world);
         }
         // Computed results per parameter: per factor (Q, sort order).
+        let t0 = std::time::Instant::now();
         let mut results: Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>> = vec![vec![]; self.ps.len()];
         for (i, p) in self.ps.iter().enumerate() {
             if owner_mode && p.owner != rank {
@@ -372,6 +387,7 @@ impl Soap {
             }
             results[i] = r;
         }
+        self.precond_s += t0.elapsed().as_secs_f64();
         if owner_mode {
             // Each rank broadcasts its parameters' results in parameter order: per factor d×d
             // basis values then d sort indices (exact in f32 below 2^24).

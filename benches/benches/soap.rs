@@ -1,0 +1,98 @@
+//! SOAP against AdamW on GPT-mini (vocab 256, context 128, d_model 128, 4 layers, 4 heads,
+//! batch 16), f32, 1 thread, CPU: optimizer-step and whole training-step time (means over the
+//! timed steps, so periodic basis refreshes are amortised) at precondition frequency 1, 10, 100,
+//! and optimizer-state bytes per parameter. Then the owner split: per-rank time spent computing
+//! eigenbases with 1 rank and with 2 in-process ranks (`distribute = owner`, f = 1).
+//!
+//! `cargo bench -p dptrain-benches --bench soap` (`DPTRAIN_BENCH_STEPS` timed steps, default 20).
+
+use dptrain_comm::{LocalComm, ThreadComm};
+use dptrain_core::comm::Communicator;
+use dptrain_core::model::{Batch, Model};
+use dptrain_core::probe::Probes;
+use dptrain_core::rng::Rng;
+use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
+use dptrain_models::{Gpt, GptConfig};
+use dptrain_optim::{AdamW, AdamWConfig, Distribute, Optimizer, Soap, SoapConfig, StepCtx};
+use std::time::{Duration, Instant};
+
+/// Mean (step ms, optimizer ms) over `steps` timed steps after 2 warm-up steps.
+fn run(model: &dyn Model, mut ps: ParamStore, batch: &Batch, opt: &mut dyn Optimizer, steps: usize) -> (f64, f64) {
+    let mut grads = GradStore::new(&ps);
+    let mut solo = LocalComm::new();
+    let (mut step_ms, mut opt_ms) = (0.0, 0.0);
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        let tape = Tape::new();
+        let loss = model.loss(&tape, &ps, batch, true, &mut Probes::on_if(false)).expect("forward");
+        grads.zero_grad();
+        tape.backward(loss, &mut grads, |_, _| {}).expect("backward");
+        drop(tape);
+        let t1 = Instant::now();
+        opt.step(&mut ps, &grads, &mut StepCtx { step: i as u64 + 1, lr: 1e-3, comm: &mut solo }).expect("step");
+        if i >= 2 {
+            opt_ms += t1.elapsed().as_secs_f64() * 1e3;
+            step_ms += t0.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+    (step_ms / steps as f64, opt_ms / steps as f64)
+}
+
+fn main() {
+    let steps: usize = dptrain_core::env::env().bench_steps.unwrap_or(20);
+    rayon::ThreadPoolBuilder::new().num_threads(1).build_global().expect("rayon pool");
+    let mut rng = Rng::new(0);
+    // The same model and initial parameters for every run (a store per run: built, not cloned).
+    let make = || {
+        let mut pb = ParamBuilder::new();
+        let gpt = Gpt::new(GptConfig::default(), &mut pb).unwrap();
+        (gpt, pb.build(0, DType::F32).unwrap())
+    };
+    let (gpt, ps) = make();
+    let n = ps.numel();
+    let ids: Vec<u32> = (0..16 * 128).map(|_| rng.below(256) as u32).collect();
+    let tg: Vec<u32> = (0..16 * 128).map(|_| rng.below(256) as u32).collect();
+    let batch = Batch::Tokens { inputs: ids, targets: tg, batch: 16, context: 128 };
+
+    let mut adamw = AdamW::new(AdamWConfig { weight_decay: 0.01, ..Default::default() }, &ps);
+    let (a_step, a_opt) = run(&gpt, make().1, &batch, &mut adamw, steps);
+    println!("\nSOAP vs AdamW, GPT-mini ({n} parameters), f32, 1 thread, mean of {steps} steps (ms)");
+    println!("| optimizer | step | optimizer | step ratio vs AdamW | state bytes / parameter |");
+    println!("|---|---|---|---|---|");
+    // AdamW's state: two moments and the per-element decay multiplier.
+    println!("| AdamW | {a_step:.1} | {a_opt:.1} | 1.00× | {:.1} |", 12.0);
+    for f in [1u64, 10, 100] {
+        let mut soap = Soap::new(SoapConfig { precondition_frequency: f, ..Default::default() }, &ps);
+        let (s_step, s_opt) = run(&gpt, make().1, &batch, &mut soap, steps);
+        println!("| SOAP f={f} | {s_step:.1} | {s_opt:.1} | {:.2}× | {:.1} |", s_step / a_step, soap.state_bytes() as f64 / n as f64);
+    }
+
+    // Owner split: the same gradients on each rank, a refresh every step.
+    let grads: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 1e-2).collect();
+    let precond = |comm: &mut dyn Communicator, distribute: Distribute| -> f64 {
+        let mut p = make().1;
+        let mut g = GradStore::new(&p);
+        g.flat_mut::<f32>().unwrap().copy_from_slice(&grads);
+        let mut soap = Soap::new(SoapConfig { precondition_frequency: 1, distribute, ..Default::default() }, &p);
+        for i in 0..6 {
+            soap.step(&mut p, &g, &mut StepCtx { step: i + 1, lr: 1e-3, comm }).expect("step");
+        }
+        soap.precond_seconds()
+    };
+    let one = precond(&mut LocalComm::new(), Distribute::Replicated);
+    let per_rank: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(2, Duration::from_secs(600))
+            .into_iter()
+            .map(|mut c| {
+                let precond = &precond;
+                s.spawn(move || precond(&mut c, Distribute::Owner))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    println!("\nSOAP eigenbasis time per rank over 6 steps at f = 1 (s): owner mode splits the parameters by cost");
+    println!("| ranks | rank 0 | rank 1 | max / 1-rank |");
+    println!("|---|---|---|---|");
+    println!("| 1 | {one:.3} | – | 1.00 |");
+    println!("| 2 (owner) | {:.3} | {:.3} | {:.2} |", per_rank[0], per_rank[1], per_rank[0].max(per_rank[1]) / one);
+}
