@@ -1,7 +1,8 @@
 //! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
 //! fused AdamW (both decay forms) and SGD kernels, with and without learning-rate multipliers,
-//! and SOAP (stepped on the host for device parameters) must follow the CPU optimizers step for
-//! step.
+//! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
+//! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
+//! step for step.
 #![cfg(feature = "cuda-emu")]
 
 use dptrain_core::rng::Rng;
@@ -9,8 +10,13 @@ use dptrain_core::{DType, Device, GradStore, Init, ParamBuilder, ParamStore, Rol
 use dptrain_optim::*;
 
 fn stores(n: usize) -> (ParamStore, Vec<Vec<f32>>) {
+    stores_with(n, 3)
+}
+
+/// A `[n, k]` matrix and an `[n]` vector with random values, and four random gradients.
+fn stores_with(n: usize, k: usize) -> (ParamStore, Vec<Vec<f32>>) {
     let mut b = ParamBuilder::new();
-    b.add("w", &[n, 3], Role::Hidden, 3, n, Init::Normal { std: 0.5 });
+    b.add("w", &[n, k], Role::Hidden, k, n, Init::Normal { std: 0.5 });
     b.add("bias", &[n], Role::Vector, 1, 1, Init::Normal { std: 0.5 });
     let ps = b.build(7, DType::F32).unwrap();
     let mut rng = Rng::new(11);
@@ -59,12 +65,25 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             }
         }
     }
-    // SOAP, with a basis refresh inside the four steps: bitwise the CPU's.
-    let soap = SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() };
-    let (mut cpu, grads) = stores(5);
-    let (mut gpu, _) = stores(5);
-    let want = run(&mut Soap::new(soap, &cpu), &mut cpu, &grads, Device::Cpu);
-    let got = run(&mut Soap::new(soap, &gpu), &mut gpu, &grads, Device::Cuda(0));
-    assert_eq!(got, want, "soap: emulated GPU vs CPU");
-    assert!(got != stores(5).0.flat().to_vec::<f32>().unwrap(), "soap did not move the parameters");
+    // SOAP, with basis refreshes inside the four steps, with and without normalisation. The
+    // matrix is square so both factors have full rank: a rank-deficient factor's null-space
+    // basis is whatever eigh returns, and the device's statistics (GEMM rounding) pick another.
+    for (name, soap) in [
+        ("soap", SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() }),
+        ("soap normalize", SoapConfig { precondition_frequency: 1, normalize_grads: true, ..Default::default() }),
+    ] {
+        let (mut cpu, grads) = stores_with(5, 5);
+        let (mut gpu, _) = stores_with(5, 5);
+        let mut on_gpu = Soap::new(soap, &gpu);
+        let want = run(&mut Soap::new(soap, &cpu), &mut cpu, &grads, Device::Cpu);
+        let got = run(&mut on_gpu, &mut gpu, &grads, Device::Cuda(0));
+        for (x, y) in got.iter().zip(&want) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{name}: emulated GPU {got:?}\nvs CPU {want:?}");
+        }
+        assert!(got != stores_with(5, 5).0.flat().to_vec::<f32>().unwrap(), "{name} did not move the parameters");
+        // The state read back from the device has every factor and basis.
+        let (tensors, scalars) = on_gpu.state(&gpu).unwrap();
+        assert!(tensors.iter().any(|(k, _)| k == "Q0.w") && tensors.iter().any(|(k, _)| k == "GG1.w"), "{name}");
+        assert_eq!(scalars["step"], 3);
+    }
 }

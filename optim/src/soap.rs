@@ -16,12 +16,17 @@
 //! parameter's eigh/QR is computed by one rank (greedy largest-first by cost) and broadcast over
 //! the optimizer's communicator; every rank applies the same bases, so replicas stay identical.
 //!
-//! Parameters on a GPU are stepped on the host (gradients down, parameters up): correct, but the
-//! projections do not run on the device yet.
+//! On a GPU the projections, moments and update run on the device (engine GEMMs and three small
+//! kernels); the statistics are accumulated there too and come down to the host only for the
+//! eigh/QR every `precondition_frequency` updates, with the new bases (and the re-sorted second
+//! moment) going back up.
 
 use crate::{join_state, split_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::comm::Communicator;
-use dptrain_core::{GradStore, ParamStore, Tensor};
+use dptrain_core::ops::elementwise::t as ew;
+use dptrain_core::ops::flat;
+use dptrain_core::ops::matmul::matmul_t;
+use dptrain_core::{Device, GradStore, ParamStore, Precision, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
@@ -152,6 +157,18 @@ pub struct Soap {
     assigned_for: usize,
     /// Seconds this rank spent computing bases (eigh / power iteration + QR), for benchmarks.
     precond_s: f64,
+    /// The state on the parameters' GPU once a step ran there (the host copies are then stale
+    /// until synced down).
+    dev: Option<DevState>,
+}
+
+/// SOAP's state on a GPU: the moments over the flat layout, and per parameter and dim the
+/// statistics and basis (`None` where the dim has no factor).
+struct DevState {
+    m: Tensor,
+    v: Tensor,
+    gg: Vec<Vec<Option<Tensor>>>,
+    q: Vec<Vec<Option<Tensor>>>,
 }
 
 impl Soap {
@@ -190,6 +207,7 @@ impl Soap {
             started: false,
             assigned_for: 0,
             precond_s: 0.0,
+            dev: None,
         })
     }
 
@@ -348,6 +366,18 @@ fn permute_axis(v: &mut [f32], dims: &[usize], k: usize, idx: &[usize]) {
 }
 
 impl Soap {
+    /// Counts an update and returns its step size: lr, times Adam's bias correction
+    /// √(1 − β2ᵗ) / (1 − β1ᵗ) when `correct_bias`.
+    fn next_step_size(&mut self, lr: f64) -> f64 {
+        self.t += 1;
+        let (c, t) = (self.cfg, self.t as i32);
+        if c.correct_bias {
+            lr * ((1.0 - c.beta2.powi(t)).sqrt() / (1.0 - c.beta1.powi(t)))
+        } else {
+            lr
+        }
+    }
+
     /// GG_k ← lerp(GG_k, Gram_k(g), 1 − β_sh) for every factor of parameter `i`.
     fn accumulate_statistics(&mut self, i: usize, g: &[f32]) {
         let w = (1.0 - self.cfg.shampoo_beta()) as f32;
@@ -462,13 +492,8 @@ impl Soap {
             self.started = true;
             return Ok(());
         }
-        self.t += 1;
+        let step_size = self.next_step_size(ctx.lr);
         let c = self.cfg;
-        let t = self.t as i32;
-        let mut step_size = ctx.lr;
-        if c.correct_bias {
-            step_size *= (1.0 - c.beta2.powi(t)).sqrt() / (1.0 - c.beta1.powi(t));
-        }
         let (w1, w2, eps) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, c.eps as f32);
         for i in 0..self.ps.len() {
             let s = &self.ps[i];
@@ -512,16 +537,180 @@ impl Soap {
     }
 }
 
+// ---- the device path ------------------------------------------------------------------------
+
+/// `x` (laid out as `dims`) as the matrix [d_k, rest] with dim k first (a copy unless k = 0).
+fn mode_matrix(x: &Tensor, dims: &[usize], k: usize) -> dptrain_core::Result<Tensor> {
+    let a: usize = dims[..k].iter().product();
+    let (d, b) = (dims[k], dims[k + 1..].iter().product::<usize>());
+    if a == 1 {
+        return x.reshape(&[d, b]);
+    }
+    x.reshape(&[a, d, b])?.permute(&[1, 0, 2])?.try_contiguous()?.reshape(&[d, a * b])
+}
+
+/// The inverse of `mode_matrix`: [d_k, rest] back to the layout `dims`.
+fn from_mode_matrix(y: &Tensor, dims: &[usize], k: usize) -> dptrain_core::Result<Tensor> {
+    let a: usize = dims[..k].iter().product();
+    let (d, b) = (dims[k], dims[k + 1..].iter().product::<usize>());
+    if a == 1 {
+        return y.reshape(dims);
+    }
+    y.reshape(&[d, a, b])?.permute(&[1, 0, 2])?.try_contiguous()?.reshape(dims)
+}
+
+/// `project` on the device: mode by mode, Qᵀ·X (into the eigenbasis) or Q·X (back).
+fn project_dev(x: &Tensor, dims: &[usize], qs: &[Option<Tensor>], back: bool) -> dptrain_core::Result<Tensor> {
+    let mut y = x.reshape(dims)?;
+    for (k, q) in qs.iter().enumerate() {
+        if let Some(q) = q {
+            let qt = if back { q.clone() } else { q.transpose(0, 1)? };
+            let ym = matmul_t(&qt, &mode_matrix(&y, dims, k)?, Precision::F32)?;
+            y = from_mode_matrix(&ym, dims, k)?;
+        }
+    }
+    Ok(y)
+}
+
+/// A device tensor from host values.
+fn up(v: &[f32], shape: &[usize], device: Device) -> dptrain_core::Result<Tensor> {
+    Tensor::from_slice(v, shape)?.to_device(device)
+}
+
+impl Soap {
+    /// Brings the host copies of the device state up to date (before the host refresh, or to
+    /// save state).
+    fn sync_down(&mut self) -> Result<()> {
+        let Some(d) = &self.dev else { return Ok(()) };
+        self.m = d.m.to_vec::<f32>()?;
+        self.v = d.v.to_vec::<f32>()?;
+        for (p, (ggs, qs)) in self.ps.iter_mut().zip(d.gg.iter().zip(&d.q)) {
+            for (f, (gg, q)) in p.factors.iter_mut().zip(ggs.iter().zip(qs)) {
+                if let (Some(f), Some(gg)) = (f, gg) {
+                    f.gg = gg.to_vec::<f32>()?;
+                    if let Some(q) = q {
+                        f.q = q.to_vec::<f32>()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the host state on `device` (all of it, or only v and the bases after a refresh).
+    fn sync_up(&mut self, device: Device, all: bool) -> Result<()> {
+        let n = self.m.len();
+        let v = up(&self.v, &[n], device)?;
+        let q: Vec<Vec<Option<Tensor>>> = self
+            .ps
+            .iter()
+            .map(|p| {
+                p.factors
+                    .iter()
+                    .map(|f| f.as_ref().filter(|f| !f.q.is_empty()).map(|f| up(&f.q, &[f.d, f.d], device)).transpose())
+                    .collect()
+            })
+            .collect::<dptrain_core::Result<_>>()?;
+        match (&mut self.dev, all) {
+            (Some(d), false) => {
+                d.v = v;
+                d.q = q;
+            }
+            _ => {
+                let gg = self
+                    .ps
+                    .iter()
+                    .map(|p| p.factors.iter().map(|f| f.as_ref().map(|f| up(&f.gg, &[f.d, f.d], device)).transpose()).collect())
+                    .collect::<dptrain_core::Result<_>>()?;
+                self.dev = Some(DevState { m: up(&self.m, &[n], device)?, v, gg, q });
+            }
+        }
+        Ok(())
+    }
+
+    /// GG_k ← GG_k + w·(Gram_k(g) − GG_k) on the device.
+    fn accumulate_statistics_dev(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        let w = 1.0 - self.cfg.shampoo_beta();
+        let dims = self.ps[i].dims.clone();
+        let d = self.dev.as_mut().expect("device state");
+        for (k, gg) in d.gg[i].iter_mut().enumerate() {
+            if let Some(gg) = gg {
+                let x = mode_matrix(&g.reshape(&dims)?, &dims, k)?;
+                let gram = matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?;
+                *gg = ew::add(gg, &ew::affine(&ew::sub(&gram, gg)?, w, 0.0)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn step_device(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        let device = params.flat().device();
+        if self.dev.is_none() {
+            self.sync_up(device, true)?;
+        }
+        let g_all = grads.flat().clone();
+        // One synchronisation: per parameter only when something is non-finite.
+        let all_finite = flat::sum_squares(&g_all)?.is_finite();
+        let finite: Vec<bool> = if all_finite {
+            vec![true; self.ps.len()]
+        } else {
+            self.ps
+                .iter()
+                .map(|s| g_all.narrow(0, s.offset, s.numel).and_then(|g| flat::sum_squares(&g)).map(f64::is_finite))
+                .collect::<dptrain_core::Result<_>>()?
+        };
+        if !self.started {
+            for i in 0..self.ps.len() {
+                if finite[i] {
+                    let s = &self.ps[i];
+                    self.accumulate_statistics_dev(i, &g_all.narrow(0, s.offset, s.numel)?)?;
+                }
+            }
+            self.sync_down()?;
+            self.refresh(true, ctx.comm)?;
+            self.sync_up(device, false)?;
+            self.started = true;
+            return Ok(());
+        }
+        let step_size = self.next_step_size(ctx.lr);
+        let c = self.cfg;
+        // Written in place through a view: no tape may still hold the parameters.
+        let p_all = params.flat_tensor_mut()?.clone();
+        for i in 0..self.ps.len() {
+            let (o, n, dims) = (self.ps[i].offset, self.ps[i].numel, self.ps[i].dims.clone());
+            let d = self.dev.as_ref().expect("device state");
+            let g = g_all.narrow(0, o, n)?;
+            let (m, v) = (d.m.narrow(0, o, n)?, d.v.narrow(0, o, n)?);
+            let gp = project_dev(&g, &dims, &d.q[i], false)?;
+            flat::soap_moments_cuda(&g, &gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32)?;
+            let mp = project_dev(&m, &dims, &d.q[i], false)?;
+            let ratio = flat::soap_ratio_cuda(&mp, &v.reshape(&dims)?, c.eps as f32)?;
+            let mut u = project_dev(&ratio, &dims, &d.q[i], true)?.try_contiguous()?;
+            if c.normalize_grads {
+                let rms = (flat::sum_squares(&u)? / n.max(1) as f64).sqrt();
+                flat::scale_in_place(&mut u, (1.0 / (1e-30 + rms)) as f32)?;
+            }
+            let decay = ctx.lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i];
+            let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
+            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, (step_size * self.lr_scale[i]) as f32, keep)?;
+            if finite[i] {
+                self.accumulate_statistics_dev(i, &g)?;
+            }
+        }
+        if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
+            // Factors down, eigh/QR on the host (owner mode included), bases and v back up.
+            self.sync_down()?;
+            self.refresh(false, ctx.comm)?;
+            self.sync_up(device, false)?;
+        }
+        Ok(())
+    }
+}
+
 impl Optimizer for Soap {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         if params.flat().is_cuda() {
-            let device = params.flat().device();
-            let mut p = params.flat().to_vec::<f32>()?;
-            let g = grads.flat().to_vec::<f32>()?;
-            self.step_host(&mut p, &g, ctx)?;
-            let shape = params.flat().shape().to_vec();
-            *params.flat_tensor_mut()? = Tensor::from_vec(p, &shape)?.to_device(device)?;
-            return Ok(());
+            return self.step_device(params, grads, ctx);
         }
         let g = grads.flat().data::<f32>()?.to_vec();
         let p = params.flat_mut::<f32>()?;
@@ -529,13 +718,36 @@ impl Optimizer for Soap {
     }
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
-        let mut out = split_state("exp_avg", &self.m, params);
-        out.extend(split_state("exp_avg_sq", &self.v, params));
-        for p in &self.ps {
+        // On a GPU the state is read back (once per checkpoint).
+        let synced;
+        let me = match &self.dev {
+            Some(d) => {
+                let mut host = Soap {
+                    cfg: self.cfg,
+                    ps: self.ps.clone(),
+                    m: vec![],
+                    v: vec![],
+                    lr_scale: vec![],
+                    wd_scale: vec![],
+                    t: self.t,
+                    started: self.started,
+                    assigned_for: 0,
+                    precond_s: 0.0,
+                    dev: Some(DevState { m: d.m.clone(), v: d.v.clone(), gg: d.gg.clone(), q: d.q.clone() }),
+                };
+                host.sync_down()?;
+                synced = host;
+                &synced
+            }
+            None => self,
+        };
+        let mut out = split_state("exp_avg", &me.m, params);
+        out.extend(split_state("exp_avg_sq", &me.v, params));
+        for p in &me.ps {
             for (k, f) in p.factors.iter().enumerate() {
                 if let Some(f) = f {
                     out.push((format!("GG{k}.{}", p.name), Tensor::from_slice(&f.gg, &[f.d, f.d])?));
-                    if self.started {
+                    if me.started {
                         out.push((format!("Q{k}.{}", p.name), Tensor::from_slice(&f.q, &[f.d, f.d])?));
                     }
                 }
@@ -545,6 +757,7 @@ impl Optimizer for Soap {
     }
 
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        self.dev = None;
         join_state("exp_avg", &mut self.m, params, t)?;
         join_state("exp_avg_sq", &mut self.v, params, t)?;
         self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))?;

@@ -108,6 +108,46 @@ pub fn adamw_cuda(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, sc
     }
 }
 
+/// SOAP's moment updates on one parameter's device buffers: `m += w1·(g − m)` (original
+/// space), `v += w2·(gp² − v)` (eigenbasis; `gp` the projected gradient).
+pub fn soap_moments_cuda(g: &Tensor, gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::soap_moments(g, gp, m, v, w1, w2)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (g, gp, m, v, w1, w2);
+        Err(no_cuda())
+    }
+}
+
+/// SOAP's Adam ratio `mp / (√v + eps)` on device buffers.
+pub fn soap_ratio_cuda(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::soap_ratio(mp, v, eps)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (mp, v, eps);
+        Err(no_cuda())
+    }
+}
+
+/// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep`.
+pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: f32, keep: f32) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::soap_apply(p, u, step, keep)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, u, step, keep);
+        Err(no_cuda())
+    }
+}
+
 /// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop).
 pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, s: SgdStep) -> Result<()> {
     #[cfg(feature = "cuda")]

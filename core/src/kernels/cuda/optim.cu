@@ -33,3 +33,26 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const f
         p[i] -= lr * d;
     }
 }
+
+// SOAP on one parameter's device buffers (n elements): the moments — m in the original space,
+// v in the eigenbasis (gp is the projected gradient) — as dptrain-optim's host loop does them,
+extern "C" __global__ void soap_moments_f32(const float* g, const float* gp, float* m, float* v, i64 n, float w1, float w2) {
+    GRID_STRIDE(i, n) {
+        m[i] += w1 * (g[i] - m[i]);
+        v[i] += w2 * (gp[i] * gp[i] - v[i]);
+    }
+}
+
+// the Adam ratio in the eigenbasis,
+extern "C" __global__ void soap_ratio_f32(const float* mp, const float* v, float* out, i64 n, float eps) {
+    GRID_STRIDE(i, n) {
+        out[i] = mp[i] / (sqrtf(v[i]) + eps);
+    }
+}
+
+// and the update, then the decay (keep = 1 − lr·wd, after the update as the reference).
+extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep) {
+    GRID_STRIDE(i, n) {
+        p[i] = (p[i] - step * u[i]) * keep;
+    }
+}
