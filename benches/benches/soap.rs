@@ -4,6 +4,9 @@
 //! and optimizer-state bytes per parameter. Then the owner split: per-rank time spent computing
 //! eigenbases with 1 rank and with 2 in-process ranks (`distribute = owner`, f = 1).
 //!
+//! Last, the host's eigenbasis cost per factor at GPT-124M's sizes, and what one refresh of all
+//! of GPT-124M's factors costs on one core (whether the refresh can stay on the host).
+//!
 //! `cargo bench -p dptrain-benches --bench soap` (`DPTRAIN_BENCH_STEPS` timed steps, default 20).
 
 use dptrain_comm::{LocalComm, ThreadComm};
@@ -13,6 +16,7 @@ use dptrain_core::probe::Probes;
 use dptrain_core::rng::Rng;
 use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
 use dptrain_models::{Gpt, GptConfig};
+use dptrain_optim::soap::basis_refresh_seconds;
 use dptrain_optim::{AdamW, AdamWConfig, Distribute, Optimizer, Soap, SoapConfig, StepCtx};
 use std::time::{Duration, Instant};
 
@@ -95,4 +99,25 @@ fn main() {
     println!("|---|---|---|---|");
     println!("| 1 | {one:.3} | – | 1.00 |");
     println!("| 2 (owner) | {:.3} | {:.3} | {:.2} |", per_rank[0], per_rank[1], per_rank[0].max(per_rank[1]) / one);
+
+    // GPT-124M (d_model 768, 12 layers, context 1024, vocab 50257 — above max_precond_dim, so the
+    // embedding has only its 768 factor): per layer qkv 2304+768, attention projection 768+768,
+    // MLP 3072+768 and 768+3072; the position embedding 1024+768.
+    println!("\nHost eigenbasis cost per factor (f64, faer, 1 thread) at GPT-124M's sizes (s)");
+    println!("| d | eigh (first step) | power iteration + QR (each refresh) |");
+    println!("|---|---|---|");
+    let mut cost = std::collections::HashMap::new();
+    for d in [768usize, 1024, 2304, 3072] {
+        let (e, q) = basis_refresh_seconds(d).expect("factor");
+        println!("| {d} | {e:.2} | {q:.2} |");
+        cost.insert(d, (e, q));
+    }
+    let count = [(768usize, 12 * 5 + 2), (1024, 1), (2304, 12), (3072, 24)];
+    let total = |pick: fn(&(f64, f64)) -> f64| count.iter().map(|(d, k)| *k as f64 * pick(&cost[d])).sum::<f64>();
+    println!(
+        "GPT-124M, all {} factors on one core: eigh {:.0} s, one refresh {:.0} s",
+        count.iter().map(|c| c.1).sum::<usize>(),
+        total(|c| c.0),
+        total(|c| c.1)
+    );
 }

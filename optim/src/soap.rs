@@ -537,6 +537,26 @@ impl Soap {
     }
 }
 
+/// Seconds for one eigendecomposition and one power-iteration refresh (GG·Q, re-sort, QR) of a
+/// d×d factor on this host, as SOAP computes them (f64, sequential) — the per-factor cost of a
+/// refresh, for benchmarks. The factor is the Gram matrix of a fixed pseudo-random d×d matrix.
+pub fn basis_refresh_seconds(d: usize) -> Result<(f64, f64)> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let x: Vec<f32> = (0..d * d)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    let gg = gram(&x, &[d, d], 0);
+    let t0 = std::time::Instant::now();
+    let q = eigenbasis(&gg, d)?;
+    let eigh_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let _ = refresh_basis(&gg, &q, d);
+    Ok((eigh_s, t1.elapsed().as_secs_f64()))
+}
+
 // ---- the device path ------------------------------------------------------------------------
 
 /// `x` (laid out as `dims`) as the matrix [d_k, rest] with dim k first (a copy unless k = 0).
