@@ -482,10 +482,9 @@ impl Soap {
         if !self.started {
             // The reference's first call: statistics and bases only, no update.
             for i in 0..self.ps.len() {
-                let s = &self.ps[i];
+                let (o, n) = (self.ps[i].offset, self.ps[i].numel);
                 if finite[i] {
-                    let gi = g[s.offset..s.offset + s.numel].to_vec();
-                    self.accumulate_statistics(i, &gi);
+                    self.accumulate_statistics(i, &g[o..o + n]);
                 }
             }
             self.refresh(true, ctx.comm)?;
@@ -526,8 +525,7 @@ impl Soap {
             // The same raw gradient feeds the statistics (never the basis it was projected by);
             // a non-finite one is left out, so eigh never sees it.
             if finite[i] {
-                let gi = gi.to_vec();
-                self.accumulate_statistics(i, &gi);
+                self.accumulate_statistics(i, gi);
             }
         }
         if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
@@ -732,9 +730,9 @@ impl Optimizer for Soap {
         if params.flat().is_cuda() {
             return self.step_device(params, grads, ctx);
         }
-        let g = grads.flat().data::<f32>()?.to_vec();
+        let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        self.step_host(p, &g, ctx)
+        self.step_host(p, g, ctx)
     }
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
