@@ -11,7 +11,9 @@ use dptrain_core::data::{Dataset, ImageSet, TokenWindows};
 use dptrain_core::model::Model;
 use dptrain_core::{ParamBuilder, ParamStore};
 use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
-use dptrain_optim::{AdamW, AdamWConfig, Distribute, Optimizer, ParamScales, Sgd, SgdConfig, Soap, SoapConfig};
+use dptrain_optim::{
+    AdamW, AdamWConfig, Distribute, Lamb, LambConfig, Lars, LarsConfig, Optimizer, ParamScales, Sgd, SgdConfig, Soap, SoapConfig,
+};
 use std::path::{Path, PathBuf};
 
 /// The run's data.
@@ -241,6 +243,27 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
             // Biases and norm gains are exempt from decay unless optim.decay_vectors, as for AdamW.
             let scales = ParamScales::standard(params, o.decay_vectors);
             Box::new(Soap::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
+        }
+        OptimKind::Lamb => {
+            let c = LambConfig {
+                beta1: o.betas[0],
+                beta2: o.betas[1],
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+                correct_bias: o.correct_bias,
+                clamp: o.trust_clamp,
+            };
+            Box::new(Lamb::with_scales(c, params, &ParamScales::standard(params, o.decay_vectors)).map_err(|e| input_err!("optim: {e}"))?)
+        }
+        OptimKind::Lars => {
+            let c = LarsConfig {
+                momentum: o.momentum,
+                dampening: 0.0,
+                nesterov: o.nesterov,
+                weight_decay: o.weight_decay,
+                trust_coefficient: o.trust_coefficient,
+            };
+            Box::new(Lars::with_scales(c, params, &ParamScales::standard(params, o.decay_vectors)).map_err(|e| input_err!("optim: {e}"))?)
         }
     })
 }

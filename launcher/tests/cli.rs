@@ -252,6 +252,13 @@ fn resume_is_bitwise_exact_soap() {
     resume_matches("resume-soap", &["optim.kind=\"soap\"", "optim.precondition_frequency=4"]);
 }
 
+/// LAMB's moments and step count, LARS's momentum buffer round-trip through checkpoints.
+#[test]
+fn resume_is_bitwise_exact_lamb_and_lars() {
+    resume_matches("resume-lamb", &["optim.kind=\"lamb\"", "optim.lr=1e-2"]);
+    resume_matches("resume-lars", &["optim.kind=\"lars\"", "optim.lr=0.5", "optim.trust_coefficient=0.02"]);
+}
+
 #[test]
 fn resume_is_bitwise_exact_mlp_batchnorm_sgd_accumulation() {
     resume_matches(
@@ -743,5 +750,58 @@ fn parity_replay_matches_the_soap_reference() {
     assert!(err.contains("grad.0.w: shape [3], expected [2]"), "{err}");
     let err = run("kind = \"soap\"\nprecondition_frequncy = 3\n", vec![p, ("grad.0.w".into(), t(&[1.0, 1.0], &[2]))]);
     assert!(err.contains("optim.precondition_frequncy: unknown config key"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `dptrain parity optim` replays LAMB and LARS on the reference's gradients (several tensors
+/// at once: the trust ratio is per tensor) and matches pytorch-optimizer after every step.
+#[test]
+fn parity_replay_matches_the_lamb_and_lars_references() {
+    use dptrain_core::checkpoint::{tensors_from_bytes, tensors_to_bytes};
+    use dptrain_core::Tensor;
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/trust.json")).unwrap())
+            .unwrap();
+    let vals = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let d = tmp("parity-trust");
+    let mut kinds = vec![];
+    for case in fx["cases"].as_array().unwrap().iter().filter(|c| ["lamb decay", "lars nesterov"].contains(&c["name"].as_str().unwrap())) {
+        let kind = case["kind"].as_str().unwrap();
+        kinds.push(kind);
+        let mut hp = format!("kind = \"{kind}\"\n");
+        for (k, v) in case["hp"].as_object().unwrap() {
+            hp.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(d.join("hp.toml"), &hp).unwrap();
+        let shapes = case["shapes"].as_object().unwrap();
+        let shape = |n: &str| -> Vec<usize> { shapes[n].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect() };
+        let mut input = vec![];
+        for n in shapes.keys() {
+            input.push((format!("param.{n}"), Tensor::from_vec(vals(&case["p0"][n]), &shape(n)).unwrap()));
+            for (t, g) in case["grads"].as_array().unwrap().iter().enumerate() {
+                input.push((format!("grad.{t}.{n}"), Tensor::from_vec(vals(&g[n]), &shape(n)).unwrap()));
+            }
+        }
+        std::fs::write(d.join("in.safetensors"), tensors_to_bytes(&input).unwrap()).unwrap();
+        let o = bin()
+            .args(["parity", "optim", "--config"])
+            .arg(d.join("hp.toml"))
+            .arg("--input")
+            .arg(d.join("in.safetensors"))
+            .arg("--output")
+            .arg(d.join("out.safetensors"))
+            .output()
+            .unwrap();
+        ok(&o);
+        let out = tensors_from_bytes(&std::fs::read(d.join("out.safetensors")).unwrap()).unwrap();
+        for (t, want) in case["after"].as_array().unwrap().iter().enumerate() {
+            for n in shapes.keys() {
+                let got = out[&format!("param.{t}.{n}")].to_vec::<f32>().unwrap();
+                let worst = got.iter().zip(vals(&want[n])).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-5, "{}: step {}: {n}: max |Δp| {worst:e}", case["name"], t + 1);
+            }
+        }
+    }
+    assert_eq!(kinds, ["lamb", "lars"]);
     std::fs::remove_dir_all(&d).ok();
 }

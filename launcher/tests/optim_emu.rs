@@ -65,6 +65,34 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             }
         }
     }
+    // LAMB and LARS: a 100×100 matrix spans two chunks of the segmented norm (8192 elements
+    // each), so the per-tensor norms combine partials across blocks; the vector takes LARS's
+    // unadapted path.
+    let makers: [(&str, Make); 2] = [
+        ("lamb", |ps, s| {
+            let c = LambConfig { weight_decay: 0.1, correct_bias: true, ..Default::default() };
+            Box::new(Lamb::with_scales(c, ps, s).unwrap())
+        }),
+        ("lars", |ps, s| {
+            let c = LarsConfig { weight_decay: 0.01, nesterov: true, trust_coefficient: 0.05, ..Default::default() };
+            Box::new(Lars::with_scales(c, ps, s).unwrap())
+        }),
+    ];
+    for (name, make) in makers {
+        for with_lr in [false, true] {
+            let (mut cpu, grads) = stores_with(100, 100);
+            let (mut gpu, _) = stores_with(100, 100);
+            let s = ParamScales { lr: if with_lr { vec![1.0, 0.25] } else { vec![1.0; 2] }, wd: vec![0.5, 1.0] };
+            let want = run(make(&cpu, &s).as_mut(), &mut cpu, &grads, Device::Cpu);
+            let got = run(make(&gpu, &s).as_mut(), &mut gpu, &grads, Device::Cuda(0));
+            let start = stores_with(100, 100).0.flat().to_vec::<f32>().unwrap();
+            let moved = want.iter().zip(&start).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(moved > 1e-3, "{name} barely moved the parameters ({moved})");
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{name} (lr scales {with_lr}): element {i}: emulated GPU {x} vs CPU {y}");
+            }
+        }
+    }
     // SOAP, with basis refreshes inside the four steps, with and without normalisation. The
     // matrix is square so both factors have full rank: a rank-deficient factor's null-space
     // basis is whatever eigh returns, and the device's statistics (GEMM rounding) pick another.

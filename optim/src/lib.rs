@@ -11,13 +11,18 @@
 
 pub mod adamw;
 pub mod clip;
+pub mod lamb;
+pub mod lars;
 pub mod scales;
 pub mod schedule;
 pub mod sgd;
 pub mod soap;
+mod trust;
 
 pub use adamw::{AdamW, AdamWConfig, DecayMode};
 pub use clip::{clip_grad_norm, grad_norm};
+pub use lamb::{Lamb, LambConfig};
+pub use lars::{Lars, LarsConfig};
 pub use scales::ParamScales;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::{Sgd, SgdConfig};

@@ -160,3 +160,122 @@ pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales
         Err(no_cuda())
     }
 }
+
+/// LAMB's scalars for one step (the C layout of `struct LambStep` in `kernels/cuda/optim.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LambStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1 / (1 − β1ᵗ) with bias correction, else 1.
+    pub c1: f32,
+    /// 1 / √(1 − β2ᵗ) with bias correction, else 1.
+    pub inv_sqrt_bc2: f32,
+    /// Coupled decay λ (added to the direction), before the per-element decay multiplier.
+    pub weight_decay: f32,
+    /// Before the per-element learning-rate multiplier.
+    pub lr: f32,
+    /// φ: the weight norm is clamped to at most this.
+    pub clamp: f32,
+}
+
+/// LARS's scalars for one step (the C layout of `struct LarsStep` in `kernels/cuda/optim.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LarsStep {
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub momentum: f32,
+    pub dampening: f32,
+    pub trust_coefficient: f32,
+    pub nesterov: bool,
+}
+
+/// One parameter's place in a flat buffer, for per-tensor reductions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: usize,
+    pub len: usize,
+    /// More than one dimension (LARS adapts only these).
+    pub matrix: bool,
+}
+
+/// Elements per chunk of a segment table: small enough that a big parameter spreads over many
+/// blocks, large enough that a block's partial is worth a launch slot.
+const SEG_CHUNK: usize = 8192;
+
+/// The parameters' segments of a flat buffer, laid out for the device's per-tensor norms: the
+/// buffer cut into chunks that never cross a parameter's boundary, uploaded once. Each step's
+/// norms are then one reduction launch over all chunks and one finishing launch, whatever the
+/// number of parameters.
+pub struct DeviceSegments {
+    #[cfg(feature = "cuda")]
+    table: crate::kernels::cuda::ops::DevTable,
+}
+
+impl DeviceSegments {
+    /// The chunk table of `segs` (in buffer order) on the device of `like`.
+    pub fn new(segs: &[Segment], like: &Tensor) -> Result<DeviceSegments> {
+        let mut chunks: Vec<i64> = vec![];
+        let mut first: Vec<i64> = vec![];
+        for (s, seg) in segs.iter().enumerate() {
+            first.push((chunks.len() / 4) as i64);
+            let mut at = seg.offset;
+            while at < seg.offset + seg.len {
+                let end = (at + SEG_CHUNK).min(seg.offset + seg.len);
+                chunks.extend([at as i64, end as i64, s as i64, seg.matrix as i64]);
+                at = end;
+            }
+        }
+        let nchunks = chunks.len() / 4;
+        first.push(nchunks as i64);
+        chunks.extend(first);
+        #[cfg(feature = "cuda")]
+        {
+            Ok(DeviceSegments { table: crate::kernels::cuda::ops::upload_table(like, &chunks, nchunks, segs.len())? })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (like, chunks);
+            Err(no_cuda())
+        }
+    }
+}
+
+/// One fused LAMB step on device buffers (`r`: a scratch buffer of the parameters' size for
+/// the direction, whose norm sets the trust ratio before any parameter moves).
+#[allow(clippy::too_many_arguments)]
+pub fn lamb_cuda(
+    p: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    r: &mut Tensor,
+    scales: StepScales,
+    segs: &DeviceSegments,
+    s: LambStep,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::lamb(p, g, m, v, r, scales, &segs.table, s)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, g, m, v, r, scales, segs, s);
+        Err(no_cuda())
+    }
+}
+
+/// One fused LARS step on device buffers.
+pub fn lars_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, segs: &DeviceSegments, s: LarsStep) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::lars(p, g, buf, scales, &segs.table, s)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, g, buf, scales, segs, s);
+        Err(no_cuda())
+    }
+}

@@ -150,20 +150,26 @@ pub const KEYS: &[KeyDoc] = &[
     )
     .one_of(&["f32", "bf16"]),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
-    k("optim.kind", Str, Some("\"adamw\""), "sgd | adamw | soap (Adam in Shampoo's eigenbasis, Vyas et al. 2024)").one_of(&["sgd", "adamw", "soap"]),
+    k(
+        "optim.kind",
+        Str,
+        Some("\"adamw\""),
+        "sgd | adamw | soap (Adam in Shampoo's eigenbasis, Vyas et al. 2024) | lamb (Adam with a per-tensor trust ratio, You et al. 2020) | lars (SGD with a per-matrix trust ratio, You et al. 2017)",
+    )
+    .one_of(&["sgd", "adamw", "soap", "lamb", "lars"]),
     k("optim.lr", Float, Some("3e-3"), "peak learning rate").pos(),
     k(
         "optim.weight_decay",
         Float,
         Some("0.1"),
-        "weight decay (adamw: decoupled; sgd: L2 added to the gradient; soap: p ← p·(1 − lr·wd) after the update)",
+        "weight decay (adamw: decoupled; sgd: L2 added to the gradient; soap: p ← p·(1 − lr·wd) after the update; lamb: λw added to the Adam direction before its norm; lars: λw added to the gradient of matrices, none on 1-D parameters)",
     )
     .nonneg(),
-    k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw/soap: (beta1, beta2)").with(Check::UnitPair),
-    k("optim.eps", Float, Some("1e-8"), "adamw/soap: epsilon").pos(),
+    k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw/soap/lamb: (beta1, beta2)").with(Check::UnitPair),
+    k("optim.eps", Float, Some("1e-8"), "adamw/soap/lamb: epsilon").pos(),
     k("optim.clip", Float, Some("1.0"), "global gradient-norm clip (0 = off)").nonneg(),
-    k("optim.momentum", Float, Some("0.9"), "sgd: momentum").unit(),
-    k("optim.nesterov", Bool, Some("false"), "sgd: Nesterov momentum"),
+    k("optim.momentum", Float, Some("0.9"), "sgd/lars: momentum").unit(),
+    k("optim.nesterov", Bool, Some("false"), "sgd/lars: Nesterov momentum"),
     k("optim.decay", Str, Some("\"coupled\""), "adamw: coupled (torch: lr * wd) | independent (schedule multiplier * wd)")
         .one_of(&["coupled", "independent"]),
     k("optim.decay_vectors", Bool, Some("false"), "also decay biases and norm gains"),
@@ -173,7 +179,9 @@ pub const KEYS: &[KeyDoc] = &[
     k("optim.merge_dims", Bool, Some("false"), "soap: merge consecutive dims while their product stays ≤ max_precond_dim"),
     k("optim.precondition_1d", Bool, Some("false"), "soap: precondition 1-D parameters too (else Adam on them)"),
     k("optim.normalize_grads", Bool, Some("false"), "soap: divide each update by its RMS"),
-    k("optim.correct_bias", Bool, Some("true"), "soap: Adam's bias correction of the step size"),
+    k("optim.correct_bias", Bool, Some("true"), "soap: Adam's bias correction of the step size; lamb: of both moments (m̂, v̂)"),
+    k("optim.trust_clamp", Float, Some("10.0"), "lamb: the weight norm in the trust ratio is clamped to at most this (φ)").pos(),
+    k("optim.trust_coefficient", Float, Some("1e-3"), "lars: trust coefficient tc in tc·‖w‖/(‖g‖ + λ‖w‖)").pos(),
     k(
         "optim.distribute",
         Str,
@@ -200,9 +208,14 @@ pub const MODEL_KEYS: &[(&str, &[&str])] = &[
 ];
 
 /// Defaults that depend on another key: (that key, its value, the key, the default literal).
-/// SOAP takes the reference's defaults where they differ from AdamW's.
-pub const KIND_DEFAULTS: &[(&str, &str, &str, &str)] =
-    &[("optim.kind", "soap", "optim.betas", "[0.95, 0.95]"), ("optim.kind", "soap", "optim.weight_decay", "0.01")];
+/// SOAP and LAMB take their references' defaults where they differ from AdamW's.
+pub const KIND_DEFAULTS: &[(&str, &str, &str, &str)] = &[
+    ("optim.kind", "soap", "optim.betas", "[0.95, 0.95]"),
+    ("optim.kind", "soap", "optim.weight_decay", "0.01"),
+    ("optim.kind", "lamb", "optim.betas", "[0.9, 0.999]"),
+    ("optim.kind", "lamb", "optim.eps", "1e-6"),
+    ("optim.kind", "lamb", "optim.correct_bias", "false"),
+];
 
 /// Keys that were replaced: (old key, what to use instead).
 pub const REPLACED: &[(&str, &str)] =

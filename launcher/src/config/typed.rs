@@ -169,6 +169,8 @@ pub enum OptimKind {
     Sgd,
     Adamw,
     Soap,
+    Lamb,
+    Lars,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +193,8 @@ pub struct OptimSection {
     pub precondition_1d: bool,
     pub normalize_grads: bool,
     pub correct_bias: bool,
+    pub trust_clamp: f64,
+    pub trust_coefficient: f64,
     /// `None` = derived (owner when there are several ranks).
     pub distribute: Option<Distribute>,
 }

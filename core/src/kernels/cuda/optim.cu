@@ -56,3 +56,102 @@ extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float
         p[i] = (p[i] - step * u[i]) * keep;
     }
 }
+
+// Per-tensor norms and the trust-ratio optimizers (LAMB, LARS). The flat buffer is cut into
+// chunks that never cross a parameter's boundary (`table`: nchunks Chunk records, then
+// nseg + 1 offsets of each parameter's first chunk); one block reduces a chunk at a time, the
+// chunk partials are summed per parameter in order, in double — one launch each, and bitwise
+// the same result on every run and every rank.
+struct Chunk { i64 start, end, seg, matrix; };
+struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp; };
+struct LarsStep { float lr, weight_decay, momentum, dampening, trust_coefficient; bool nesterov; };
+
+// partial[2c], partial[2c + 1] = Σx², Σy² over chunk c.
+extern "C" __global__ void seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial) {
+    const Chunk* chunks = (const Chunk*)table;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const Chunk ch = chunks[c];
+        float a = 0.0f, b = 0.0f;
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+            a += x[i] * x[i];
+            b += y[i] * y[i];
+        }
+        a = block_sum(a);
+        b = block_sum(b);
+        if (threadIdx.x == 0) {
+            partial[2 * c] = a;
+            partial[2 * c + 1] = b;
+        }
+    }
+}
+
+// norms[2s], norms[2s + 1] = ‖x‖, ‖y‖ over parameter s.
+extern "C" __global__ void seg_norms_f32(const float* partial, const i64* table, i64 nchunks, i64 nseg, float* norms) {
+    const i64* first = table + 4 * nchunks;
+    GRID_STRIDE(s, nseg) {
+        double a = 0.0, b = 0.0;
+        for (i64 c = first[s]; c < first[s + 1]; ++c) {
+            a += (double)partial[2 * c];
+            b += (double)partial[2 * c + 1];
+        }
+        norms[2 * s] = (float)sqrt(a);
+        norms[2 * s + 1] = (float)sqrt(b);
+    }
+}
+
+// LAMB, first pass: the moments and the Adam direction with coupled decay,
+// r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias correction).
+extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n,
+                                            LambStep s) {
+    GRID_STRIDE(i, n) {
+        const float gi = g[i];
+        const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+        const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        r[i] = mi * s.c1 / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * decay_scale[i] * p[i];
+    }
+}
+
+// LAMB, second pass: p ← p − lr·trust·r with trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0.
+extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* lr_scale, const i64* table, i64 nchunks, const float* norms,
+                                          LambStep s) {
+    const Chunk* chunks = (const Chunk*)table;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const Chunk ch = chunks[c];
+        const float wn = fminf(norms[2 * ch.seg], s.clamp), rn = norms[2 * ch.seg + 1];
+        const float trust = (wn == 0.0f || rn == 0.0f) ? 1.0f : wn / (rn + s.eps);
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+            const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
+            p[i] -= lr * trust * r[i];
+        }
+    }
+}
+
+// LARS on norms[2s] = ‖p‖, norms[2s + 1] = ‖g‖: matrices take d = trust·(g + λp) with
+// trust = tc·‖p‖ / (‖g‖ + λ‖p‖) (1 when ‖p‖ or the denominator is 0); vectors plain d = g.
+// Then momentum (buffer starts at zero) and p ← p − lr·d.
+extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale,
+                                          const i64* table, i64 nchunks, const float* norms, LarsStep s) {
+    const Chunk* chunks = (const Chunk*)table;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const Chunk ch = chunks[c];
+        const float pn = norms[2 * ch.seg], gn = norms[2 * ch.seg + 1];
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+            float d = g[i];
+            if (ch.matrix) {
+                const float wd = s.weight_decay * decay_scale[i];
+                const float den = gn + wd * pn;
+                const float trust = (pn > 0.0f && den > 0.0f) ? s.trust_coefficient * pn / den : 1.0f;
+                d = (d + wd * p[i]) * trust;
+            }
+            if (s.momentum != 0.0f) {
+                const float b = s.momentum * buf[i] + (1.0f - s.dampening) * d;
+                buf[i] = b;
+                d = s.nesterov ? d + s.momentum * b : b;
+            }
+            const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
+            p[i] -= lr * d;
+        }
+    }
+}

@@ -65,3 +65,71 @@ pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32) -> Result<()> {
     // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep)
     launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep)
 }
+
+// SAFETY: plain-old-data with the C layouts of `struct LambStep` / `struct LarsStep` in optim.cu.
+unsafe impl DeviceRepr for crate::ops::flat::LambStep {}
+
+unsafe impl DeviceRepr for crate::ops::flat::LarsStep {}
+
+/// A chunk table on the device (see `seg_sumsq_f32` in optim.cu).
+pub struct DevTable {
+    pub(crate) buf: DevBuf,
+    pub(crate) nchunks: usize,
+    pub(crate) nseg: usize,
+}
+
+/// Uploads `table` (4 i64 per chunk, then nseg + 1 first-chunk offsets) next to `like`.
+pub fn upload_table(like: &Tensor, table: &[i64], nchunks: usize, nseg: usize) -> Result<DevTable> {
+    Ok(DevTable { buf: dev_of(like)?.upload(table)?, nchunks, nseg })
+}
+
+/// `[nseg, 2]` device tensor of (‖x‖, ‖y‖) per segment: one reduction launch, one finishing launch.
+pub fn segment_norms(x: &Tensor, y: &Tensor, t: &DevTable) -> Result<Tensor> {
+    let d = dev_of(x)?;
+    let partial = empty(&d, &[t.nchunks.max(1), 2])?;
+    let norms = empty(&d, &[t.nseg.max(1), 2])?;
+    // seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial)
+    launch!(d, "optim", "seg_sumsq_f32", per_row(t.nchunks); ptr(x)?, ptr(y)?, t.buf.ptr, t.nchunks as i64, ptr(&partial)?)?;
+    // seg_norms_f32(const float* partial, const i64* table, i64 nchunks, i64 nseg, float* norms)
+    launch!(d, "optim", "seg_norms_f32", grid(t.nseg); ptr(&partial)?, t.buf.ptr, t.nchunks as i64, t.nseg as i64, ptr(&norms)?)?;
+    Ok(norms)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Fused LAMB over flat buffers: moments and direction into `r`, the per-parameter norms of
+/// `p` and `r`, then the trust-scaled update.
+pub fn lamb(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    r: &Tensor,
+    scales: crate::ops::flat::StepScales,
+    t: &DevTable,
+    s: crate::ops::flat::LambStep,
+) -> Result<()> {
+    let d = dev_of(p)?;
+    let n = p.numel();
+    // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n, LambStep s)
+    launch!(d, "optim", "lamb_moments_f32", grid(n); ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, ptr(scales.decay)?, n as i64, s)?;
+    let norms = segment_norms(p, r, t)?;
+    // lamb_apply_f32(float* p, const float* r, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LambStep s)
+    launch!(d, "optim", "lamb_apply_f32", per_row(t.nchunks);
+        ptr(p)?, ptr(r)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
+}
+
+/// Fused LARS over flat buffers: the per-parameter norms of `p` and `g`, then the update.
+pub fn lars(
+    p: &Tensor,
+    g: &Tensor,
+    buf: &Tensor,
+    scales: crate::ops::flat::StepScales,
+    t: &DevTable,
+    s: crate::ops::flat::LarsStep,
+) -> Result<()> {
+    let d = dev_of(p)?;
+    let norms = segment_norms(p, g, t)?;
+    // lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LarsStep s)
+    launch!(d, "optim", "lars_apply_f32", per_row(t.nchunks);
+        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
+}

@@ -1,0 +1,160 @@
+//! LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
+//! minutes"): Adam's direction rescaled per parameter tensor by a trust ratio, so every layer
+//! moves by about the same fraction of its norm whatever its gradient scale — what lets the
+//! batch grow to tens of thousands.
+//!
+//! Per tensor: m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², r = m̂/(√v̂ + ε) + λ·w,
+//! trust = min(‖w‖, clamp)/(‖r‖ + ε) (1 when either norm is 0), w ← w − lr·trust·r. Without
+//! `correct_bias` (the default) m̂ = m and v̂ = v: the reference parity settings, PyPI
+//! `pytorch-optimizer`'s `Lamb(weight_decouple=False, adam_debias=True)` (= `torch-optimizer`'s
+//! `Lamb(debias=False)`). The decay is coupled into r, before the norm, as there. Per-parameter
+//! multipliers scale λ and lr (`ParamScales`).
+
+use crate::trust::{norm, segments};
+use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use dptrain_core::ops::flat::{DeviceSegments, LambStep, Segment, StepScales};
+use dptrain_core::{GradStore, ParamStore, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LambConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Adam's bias correction of both moments (the paper's m̂, v̂); off in the reference.
+    pub correct_bias: bool,
+    /// φ: the weight norm in the trust ratio is clamped to at most this (reference: 10).
+    pub clamp: f64,
+}
+
+impl Default for LambConfig {
+    fn default() -> Self {
+        LambConfig { beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0, correct_bias: false, clamp: 10.0 }
+    }
+}
+
+pub struct Lamb {
+    pub cfg: LambConfig,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// The direction r, kept between the two passes (its norm is needed before the update).
+    r: Vec<f32>,
+    decay_scale: Vec<f32>,
+    lr_scale: Option<Vec<f32>>,
+    segs: Vec<Segment>,
+    t: u64,
+    dev: Option<DevState>,
+}
+
+struct DevState {
+    m: Tensor,
+    v: Tensor,
+    r: Tensor,
+    decay_scale: Tensor,
+    lr_scale: Option<Tensor>,
+    segs: DeviceSegments,
+}
+
+impl Lamb {
+    /// LAMB with per-parameter multipliers of λ and lr.
+    pub fn with_scales(cfg: LambConfig, params: &ParamStore, scales: &ParamScales) -> Result<Lamb> {
+        scales.validate(params)?;
+        let n = params.numel();
+        Ok(Lamb {
+            cfg,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            r: vec![0.0; n],
+            decay_scale: scales.expand(params, |i| scales.wd[i]),
+            lr_scale: scales.lr_elems(params),
+            segs: segments(params),
+            t: 0,
+            dev: None,
+        })
+    }
+
+    fn scalars(&self, lr: f64) -> LambStep {
+        let c = self.cfg;
+        let t = self.t as i32;
+        let (c1, inv_sqrt_bc2) =
+            if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)).sqrt()) } else { (1.0, 1.0) };
+        LambStep {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            c1: c1 as f32,
+            inv_sqrt_bc2: inv_sqrt_bc2 as f32,
+            weight_decay: c.weight_decay as f32,
+            lr: lr as f32,
+            clamp: c.clamp as f32,
+        }
+    }
+}
+
+impl Optimizer for Lamb {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        self.t += 1;
+        let s = self.scalars(ctx.lr);
+        if params.flat().is_cuda() {
+            if self.dev.is_none() {
+                let like = params.flat();
+                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
+                self.dev = Some(DevState {
+                    m: up(&self.m)?,
+                    v: up(&self.v)?,
+                    r: up(&self.r)?,
+                    decay_scale: up(&self.decay_scale)?,
+                    lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
+                    segs: DeviceSegments::new(&self.segs, like)?,
+                });
+            }
+            let d = self.dev.as_mut().expect("just set");
+            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+            dptrain_core::ops::flat::lamb_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s)?;
+            return Ok(());
+        }
+        let g = grads.flat().data::<f32>()?;
+        let p = params.flat_mut::<f32>()?;
+        for seg in &self.segs {
+            let range = seg.offset..seg.offset + seg.len;
+            let (p, g) = (&mut p[range.clone()], &g[range.clone()]);
+            let (m, v, r) = (&mut self.m[range.clone()], &mut self.v[range.clone()], &mut self.r[range.clone()]);
+            let ds = &self.decay_scale[range.clone()];
+            for i in 0..p.len() {
+                let gi = g[i];
+                let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
+                let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                r[i] = mi * s.c1 / (vi.sqrt() * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * ds[i] * p[i];
+            }
+            let (wn, rn) = (norm(p).min(s.clamp), norm(r));
+            let trust = if wn == 0.0 || rn == 0.0 { 1.0 } else { wn / (rn + s.eps) };
+            let ls = self.lr_scale.as_ref().map(|l| &l[range]);
+            for i in 0..p.len() {
+                let lr = ls.map_or(s.lr, |l| s.lr * l[i]);
+                p[i] -= lr * trust * r[i];
+            }
+        }
+        Ok(())
+    }
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
+        let (m, v) = match &self.dev {
+            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
+            None => (self.m.clone(), self.v.clone()),
+        };
+        let mut out = split_state("exp_avg", &m, params);
+        out.extend(split_state("exp_avg_sq", &v, params));
+        Ok((out, serde_json::json!({ "step": self.t })))
+    }
+    fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
+        self.dev = None;
+        join_state("exp_avg", &mut self.m, params, t)?;
+        join_state("exp_avg_sq", &mut self.v, params, t)?;
+        self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| crate::OptimError::State("missing `step`".into()))?;
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "lamb"
+    }
+}

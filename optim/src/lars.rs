@@ -1,0 +1,130 @@
+//! LARS (You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks"): SGD
+//! whose step for each weight matrix is rescaled by a layer-wise trust ratio, the rule behind
+//! ResNet-50 at batch 32k.
+//!
+//! For parameters with more than one dimension: trust = tc·‖w‖/(‖g‖ + λ‖w‖) (1 when ‖w‖ or the
+//! denominator is 0), d = trust·(g + λw); biases and norm gains (1-D) take plain d = g — no
+//! decay, no adaptation — as in the reference, PyPI `pytorch-optimizer`'s `LARS`. Then momentum
+//! b ← μb + (1 − dampening)·d (the buffer starts at zero, unlike torch's SGD), d = d + μb
+//! (Nesterov) or b, and w ← w − lr·d. Per-parameter multipliers scale λ and lr.
+
+use crate::trust::{norm, segments};
+use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use dptrain_core::ops::flat::{DeviceSegments, LarsStep, Segment, StepScales};
+use dptrain_core::{GradStore, ParamStore, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LarsConfig {
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// tc: the fraction of ‖w‖ a step moves a layer by (before the learning rate).
+    pub trust_coefficient: f64,
+}
+
+impl Default for LarsConfig {
+    fn default() -> Self {
+        LarsConfig { momentum: 0.9, dampening: 0.0, nesterov: false, weight_decay: 0.0, trust_coefficient: 1e-3 }
+    }
+}
+
+pub struct Lars {
+    pub cfg: LarsConfig,
+    buf: Vec<f32>,
+    decay_scale: Vec<f32>,
+    lr_scale: Option<Vec<f32>>,
+    segs: Vec<Segment>,
+    dev: Option<DevState>,
+}
+
+struct DevState {
+    buf: Tensor,
+    decay_scale: Tensor,
+    lr_scale: Option<Tensor>,
+    segs: DeviceSegments,
+}
+
+impl Lars {
+    /// LARS with per-parameter multipliers of λ and lr.
+    pub fn with_scales(cfg: LarsConfig, params: &ParamStore, scales: &ParamScales) -> Result<Lars> {
+        scales.validate(params)?;
+        Ok(Lars {
+            cfg,
+            buf: vec![0.0; params.numel()],
+            decay_scale: scales.expand(params, |i| scales.wd[i]),
+            lr_scale: scales.lr_elems(params),
+            segs: segments(params),
+            dev: None,
+        })
+    }
+}
+
+impl Optimizer for Lars {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        let c = self.cfg;
+        let s = LarsStep {
+            lr: ctx.lr as f32,
+            weight_decay: c.weight_decay as f32,
+            momentum: c.momentum as f32,
+            dampening: c.dampening as f32,
+            trust_coefficient: c.trust_coefficient as f32,
+            nesterov: c.nesterov,
+        };
+        if params.flat().is_cuda() {
+            if self.dev.is_none() {
+                let like = params.flat();
+                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
+                self.dev = Some(DevState {
+                    buf: up(&self.buf)?,
+                    decay_scale: up(&self.decay_scale)?,
+                    lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
+                    segs: DeviceSegments::new(&self.segs, like)?,
+                });
+            }
+            let d = self.dev.as_mut().expect("just set");
+            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+            dptrain_core::ops::flat::lars_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.buf, scales, &d.segs, s)?;
+            return Ok(());
+        }
+        let g = grads.flat().data::<f32>()?;
+        let p = params.flat_mut::<f32>()?;
+        for seg in &self.segs {
+            let range = seg.offset..seg.offset + seg.len;
+            let (p, g, b) = (&mut p[range.clone()], &g[range.clone()], &mut self.buf[range.clone()]);
+            let ds = &self.decay_scale[range.clone()];
+            let ls = self.lr_scale.as_ref().map(|l| &l[range]);
+            let (pn, gn) = (norm(p), norm(g));
+            for i in 0..p.len() {
+                let mut d = g[i];
+                if seg.matrix {
+                    let wd = s.weight_decay * ds[i];
+                    let den = gn + wd * pn;
+                    let trust = if pn > 0.0 && den > 0.0 { s.trust_coefficient * pn / den } else { 1.0 };
+                    d = (d + wd * p[i]) * trust;
+                }
+                if s.momentum != 0.0 {
+                    let bi = s.momentum * b[i] + (1.0 - s.dampening) * d;
+                    b[i] = bi;
+                    d = if s.nesterov { d + s.momentum * bi } else { bi };
+                }
+                p[i] -= ls.map_or(s.lr, |l| s.lr * l[i]) * d;
+            }
+        }
+        Ok(())
+    }
+    fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
+        let buf = match &self.dev {
+            Some(d) => d.buf.to_vec::<f32>()?,
+            None => self.buf.clone(),
+        };
+        Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({})))
+    }
+    fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, _s: &serde_json::Value) -> Result<()> {
+        self.dev = None;
+        join_state("momentum_buffer", &mut self.buf, params, t)
+    }
+    fn name(&self) -> &'static str {
+        "lars"
+    }
+}
