@@ -40,6 +40,11 @@ pub fn optim(args: &ParityArgs) -> Result<()> {
     table.insert("optim".into(), toml::Value::Table(hp));
     let raw = Raw::new(table).map_err(|e| input_err!("{}: {e}", args.config.display()))?;
     let cfg = raw.typed()?;
+    for key in ["lr_scaling", "base_batch"] {
+        if raw.is_set(&format!("optim.{key}")) {
+            return Err(input_err!("{}: {key}: a replay applies lr as given (no batch-size rules)", args.config.display()));
+        }
+    }
 
     let input = read_tensors(&args.input)?;
     let inp = args.input.display();

@@ -38,6 +38,8 @@ pub struct Run {
     pub threads: usize,
     /// Lines printed (by rank 0) before training: settings that are valid but likely unintended.
     pub warnings: Vec<String>,
+    /// Lines printed (by rank 0) before training: what derived settings resolved to.
+    pub notes: Vec<String>,
     /// Tests: a rank to fail at a step.
     pub fault: Option<crate::fault::Fault>,
     pub start_step: u64,
@@ -98,7 +100,13 @@ pub fn load_config(args: &TrainArgs) -> Result<(Raw, RunConfig, Option<PathBuf>)
 }
 
 /// Validates the whole run and builds it; writes nothing.
-pub fn setup(args: &TrainArgs, raw: &Raw, cfg: RunConfig, ckpt: Option<PathBuf>, world: &dyn Communicator) -> Result<Run> {
+pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathBuf>, world: &dyn Communicator) -> Result<Run> {
+    // The batch-size rules (optim.lr_scaling, schedule.warmup_samples, train.regime_adaptation)
+    // rewrite the learning rates, steps and warmup before anything reads them.
+    let mut notes = vec![];
+    if let Some(a) = crate::config::batch_rules::apply(raw, &mut cfg)? {
+        notes.push(format!("batch-size rules: {}", a.summary));
+    }
     let w = world.world();
     let device_name = cfg.run.device.name();
     let device = dptrain_core::device::select(device_name, w.local_rank, w.local_size)
@@ -216,6 +224,13 @@ pub fn setup(args: &TrainArgs, raw: &Raw, cfg: RunConfig, ckpt: Option<PathBuf>,
     // The resolved config: every key with its value, the model's derived shape, and a
     // [derived] table; printed at start and saved with the run and each checkpoint.
     let mut resolved = raw.resolved_table(&["model"]);
+    if cfg.schedule.warmup_samples.is_some() {
+        // The warmup was given in samples: the default step count is not part of the config
+        // (a resume must not read both).
+        if let Some(toml::Value::Table(t)) = resolved.get_mut("schedule") {
+            t.remove("warmup_steps");
+        }
+    }
     // Keys whose value follows from the data: written as resolved, so a resume reads them back.
     let mut set = |sec: &str, key: &str, v: toml::Value| {
         if let Some(toml::Value::Table(t)) = resolved.get_mut(sec) {
@@ -234,6 +249,11 @@ pub fn setup(args: &TrainArgs, raw: &Raw, cfg: RunConfig, ckpt: Option<PathBuf>,
     derived.insert("threads".into(), (threads as i64).into());
     derived.insert("parameters".into(), (params.numel() as i64).into());
     derived.insert("train_samples".into(), (data.train.len() as i64).into());
+    // After the batch-size rules: what the schedule runs with.
+    derived.insert("lr".into(), cfg.optim.lr.into());
+    derived.insert("final_lr".into(), cfg.schedule.final_lr.into());
+    derived.insert("steps".into(), (steps as i64).into());
+    derived.insert("warmup_steps".into(), (cfg.schedule.warmup_steps as i64).into());
     if let Some(f) = data.floor {
         derived.insert("entropy_floor".into(), f.into());
     }
@@ -253,6 +273,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, cfg: RunConfig, ckpt: Option<PathBuf>,
         random_windows,
         threads,
         warnings,
+        notes,
         fault: args.fault,
         start_step,
         stream,

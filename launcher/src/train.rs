@@ -255,6 +255,9 @@ fn announce(run: &Run, comm: &dyn Communicator, reducer: Option<&(dyn GradSync +
     if let Some(c) = &run.resumed_from {
         println!("dptrain: resumed from {} at step {}", c.display(), run.start_step);
     }
+    for n in &run.notes {
+        println!("dptrain: {n}");
+    }
     for w in &run.warnings {
         eprintln!("dptrain: warning: {w}");
     }

@@ -805,3 +805,51 @@ fn parity_replay_matches_the_lamb_and_lars_references() {
     assert_eq!(kinds, ["lamb", "lars"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The batch-size rules resolve the learning rates, steps and warmup from B/B0, print them,
+/// save them in `[derived]`, and a resumed run applies them again to the same result.
+#[test]
+fn batch_size_rules_resolve_print_and_resume() {
+    let d = tmp("batch-rules");
+    let (a, b) = (d.join("a"), d.join("b"));
+    // B = 8 (SMALL), B0 = 4: sqrt scaling ×√2; regime adaptation ×2 on 10 steps and on the
+    // warmup of ceil(20 / 8) = 3 steps.
+    let sets = [
+        "optim.lr=1e-3",
+        "schedule.final_lr=1e-4",
+        "optim.lr_scaling=\"sqrt\"",
+        "optim.base_batch=4",
+        "train.regime_adaptation=true",
+        "schedule.warmup_samples=20",
+        "train.steps=10",
+        "train.checkpoint_every=10",
+        "train.eval_every=10",
+    ];
+    let o = train(&a, &sets, &[]);
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("batch-size rules:") && out.contains("train.steps 10 → 20") && out.contains("warmup 3 → 6 steps"), "{out}");
+    let cfg: toml::Table = std::fs::read_to_string(a.join("config.toml")).unwrap().parse().unwrap();
+    let dv = cfg["derived"].as_table().unwrap();
+    let lr = 1e-3 * 2f64.sqrt();
+    assert!((dv["lr"].as_float().unwrap() - lr).abs() < 1e-15, "{dv:?}");
+    assert!((dv["final_lr"].as_float().unwrap() - 1e-4 * 2f64.sqrt()).abs() < 1e-15, "{dv:?}");
+    assert_eq!((dv["steps"].as_integer(), dv["warmup_steps"].as_integer()), (Some(20), Some(6)));
+    // What was given is saved as given (a resume applies the rules again).
+    assert_eq!(cfg["train"]["steps"].as_integer(), Some(10));
+    assert!(cfg["schedule"].get("warmup_steps").is_none(), "warmup given in samples: no step count saved");
+    let recs = records(&a);
+    let train_recs: Vec<&Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(train_recs.len(), 20);
+    // Linear warmup reaches the scaled peak at step 6.
+    let at = |s: u64| train_recs.iter().find(|r| r["step"] == s).unwrap()["lr"].as_f64().unwrap();
+    assert!((at(6) - lr).abs() < 1e-9 && at(5) < lr && at(8) < lr, "lr at 5/6/8: {} {} {}", at(5), at(6), at(8));
+    let o = bin().arg("train").arg("--resume").arg(a.join("checkpoints/step_0000010")).arg("--run-dir").arg(&b).output().unwrap();
+    ok(&o);
+    assert_eq!(values(&records(&a), 10), values(&records(&b), 10), "resumed run differs");
+    bad("rules without base", &["optim.lr_scaling=\"linear\""], &[], "optim.base_batch: needed by optim.lr_scaling = \"linear\"");
+    bad("regime without base", &["train.regime_adaptation=true"], &[], "optim.base_batch: needed by train.regime_adaptation");
+    bad("two warmups", &["schedule.warmup_steps=5", "schedule.warmup_samples=40"], &[], "schedule.warmup_samples: give either");
+    bad("scaling kind", &["optim.lr_scaling=\"cubic\""], &[], "optim.lr_scaling: expected one of none | linear | sqrt");
+    std::fs::remove_dir_all(&d).ok();
+}

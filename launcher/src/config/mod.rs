@@ -6,6 +6,7 @@
 //! and validation cannot drift apart. Keys are dotted paths of any depth (`[optim.soap]` tables
 //! work in files and as `--set optim.soap.distribute=owner`).
 
+pub mod batch_rules;
 pub mod schema;
 pub mod typed;
 

@@ -149,6 +149,12 @@ pub const KEYS: &[KeyDoc] = &[
         "f32 | bf16: matrix products take bf16 inputs, accumulate in f32; weights, grads, optimizer state stay f32",
     )
     .one_of(&["f32", "bf16"]),
+    k(
+        "train.regime_adaptation",
+        Bool,
+        Some("false"),
+        "multiply train.steps and the warmup by B/B0 (optim.base_batch): k× the batch for k× the epochs, so the number of updates matches the base run's (Hoffer et al. 2017)",
+    ),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
     k(
         "optim.kind",
@@ -167,6 +173,20 @@ pub const KEYS: &[KeyDoc] = &[
     .nonneg(),
     k("optim.betas", FloatList, Some("[0.9, 0.95]"), "adamw/soap/lamb: (beta1, beta2)").with(Check::UnitPair),
     k("optim.eps", Float, Some("1e-8"), "adamw/soap/lamb: epsilon").pos(),
+    k(
+        "optim.lr_scaling",
+        Str,
+        Some("\"none\""),
+        "none | linear | sqrt: scale optim.lr and schedule.final_lr by B/B0 (Goyal et al. 2017) or sqrt(B/B0) (Hoffer et al. 2017), B = train.global_batch, B0 = optim.base_batch",
+    )
+    .one_of(&["none", "linear", "sqrt"]),
+    k(
+        "optim.base_batch",
+        Int,
+        None,
+        "the global batch B0 at which optim.lr, schedule.final_lr, train.steps and the warmup were set; needed by optim.lr_scaling and train.regime_adaptation",
+    )
+    .pos(),
     k("optim.clip", Float, Some("1.0"), "global gradient-norm clip (0 = off)").nonneg(),
     k("optim.momentum", Float, Some("0.9"), "sgd/lars: momentum").unit(),
     k("optim.nesterov", Bool, Some("false"), "sgd/lars: Nesterov momentum"),
@@ -191,6 +211,13 @@ pub const KEYS: &[KeyDoc] = &[
     .one_of(&["replicated", "owner"]),
     k("schedule.kind", Str, Some("\"cosine\""), "cosine | linear | constant (after warmup)").one_of(&["cosine", "linear", "constant"]),
     k("schedule.warmup_steps", Int, Some("30"), "linear warmup steps").nonneg(),
+    k(
+        "schedule.warmup_samples",
+        Int,
+        None,
+        "warmup as a number of samples instead (warmup_steps = ceil(samples / train.global_batch)); not together with warmup_steps",
+    )
+    .nonneg(),
     k("schedule.final_lr", Float, Some("3e-4"), "learning rate at the last step").nonneg(),
     k("checkpoint.keep_last", Int, Some("2"), "checkpoints kept in <run>/checkpoints (older ones are deleted)").nonneg(),
     k("comm.bucket_mb", Float, Some("25.0"), "gradient bucket cap in MiB (the first bucket is 1 MiB), as PyTorch DDP").pos(),

@@ -160,7 +160,16 @@ pub struct TrainSection {
     /// `None` = derived (512, or the whole split if smaller); 0 = all.
     pub eval_samples: Option<usize>,
     pub precision: Precision,
+    pub regime_adaptation: bool,
     pub checkpoint_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    None,
+    Linear,
+    Sqrt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +190,9 @@ pub struct OptimSection {
     pub weight_decay: f64,
     pub betas: [f64; 2],
     pub eps: f64,
+    pub lr_scaling: LrScaling,
+    /// `None` = not given (then no rule may need it).
+    pub base_batch: Option<usize>,
     pub clip: f64,
     pub momentum: f64,
     pub nesterov: bool,
@@ -204,6 +216,8 @@ pub struct OptimSection {
 pub struct ScheduleSection {
     pub kind: ScheduleKind,
     pub warmup_steps: u64,
+    /// `None` = use `warmup_steps`.
+    pub warmup_samples: Option<u64>,
     pub final_lr: f64,
 }
 
