@@ -87,3 +87,11 @@ fn batch_norm_train_and_eval_match_torch() {
         tape.constant(tensor(&f["x_eval"])).batch_norm(w, b, RunningStats { mean: &mean, var: &var, momentum: 0.1 }, false, 1e-5).unwrap();
     assert_close("bn eval", &y.value(), &f["y_eval"], 2e-6);
 }
+
+#[path = "common/ghost_bn.rs"]
+mod ghost_bn;
+
+#[test]
+fn ghost_batch_norm_matches_torch_over_several_steps() {
+    assert_eq!(ghost_bn::check(dptrain_core::Device::Cpu), 3);
+}

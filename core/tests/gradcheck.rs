@@ -143,6 +143,14 @@ fn fused_ops() {
     check("batch_norm train 2d", vec![r(&[5, 4], 13), r(&[4], 14), r(&[4], 15)], |_, v| {
         v[0].batch_norm(v[1], v[2], RunningStats { mean: &m, var: &var, momentum: 0.1 }, true, 1e-5)
     });
+    let (m, var) = stats(3);
+    check("ghost batch_norm train 4d", vec![r(&[6, 3, 2, 2], 21), r(&[3], 22), r(&[3], 23)], |_, v| {
+        v[0].ghost_batch_norm(v[1], v[2], RunningStats { mean: &m, var: &var, momentum: 0.1 }, true, 1e-5, 2)
+    });
+    let (m, var) = stats(4);
+    check("ghost batch_norm train 2d", vec![r(&[6, 4], 24), r(&[4], 25), r(&[4], 26)], |_, v| {
+        v[0].ghost_batch_norm(v[1], v[2], RunningStats { mean: &m, var: &var, momentum: 0.1 }, true, 1e-5, 3)
+    });
     let (m, var) = (Mutex::new(r(&[4], 16)), Mutex::new(rand(&[4], &mut Rng::new(17), 0.5, 2.0)));
     check("batch_norm eval", vec![r(&[5, 4], 18), r(&[4], 19), r(&[4], 20)], |_, v| {
         v[0].batch_norm(v[1], v[2], RunningStats { mean: &m, var: &var, momentum: 0.1 }, false, 1e-5)

@@ -117,3 +117,41 @@ pub fn check_no_drift(comm: &mut dyn Communicator, params: &ParamStore, step: u6
     }
     Ok(())
 }
+
+/// Replaces every rank's buffers (batch-norm running statistics) by their average over the
+/// ranks. Each rank updates its running statistics from its own batches, so they drift apart;
+/// evaluation and checkpoints must see one set — the ranks' average, not rank 0's alone. One
+/// all-reduce for all buffers; a no-op alone.
+pub fn average_buffers(comm: &mut dyn Communicator, params: &ParamStore, step: u64) -> Result<()> {
+    let ws = comm.world_size();
+    if ws == 1 || params.buffers().next().is_none() {
+        return Ok(());
+    }
+    let mut all = vec![];
+    let mut mine = vec![];
+    for (name, b) in params.buffers() {
+        let t = b.lock().unwrap_or_else(|e| e.into_inner()).to_device(dptrain_core::Device::Cpu)?;
+        all.extend(t.to_vec::<f32>()?);
+        mine.push((name.to_string(), t));
+    }
+    // Test builds: each rank's own statistics before averaging, so a test can check the saved
+    // ones are their average.
+    #[cfg(feature = "fault-injection")]
+    if let Some(dir) = std::env::var_os("DPTRAIN_TEST_DUMP_BUFFERS") {
+        let path = std::path::Path::new(&dir).join(format!("rank{}-step{step}.safetensors", comm.rank()));
+        std::fs::write(&path, dptrain_core::checkpoint::tensors_to_bytes(&mine)?)
+            .map_err(|e| LaunchError::Runtime(format!("{}: {e}", path.display())))?;
+    }
+    let _ = (step, mine);
+    comm.all_reduce(&mut all, ReduceOp::Sum)?;
+    let mut at = 0;
+    for (_, b) in params.buffers() {
+        let mut t = b.lock().unwrap_or_else(|e| e.into_inner());
+        let (shape, device) = (t.shape().to_vec(), t.device());
+        let n = t.numel();
+        let avg: Vec<f32> = all[at..at + n].iter().map(|x| x / ws as f32).collect();
+        at += n;
+        *t = dptrain_core::Tensor::from_vec(avg, &shape)?.to_device(device)?;
+    }
+    Ok(())
+}

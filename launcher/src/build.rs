@@ -169,7 +169,8 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
                 input_dim: derived("model.input_dim", m.input_dim, Some(shape.iter().product()), "input_dim")?,
                 widths: m.widths.clone(),
                 classes: derived("model.classes", m.classes, data.classes, "classes")?,
-                batch_norm: m.batch_norm,
+                norm: m.norm,
+                ghost_batch: m.ghost_batch,
                 dropout: m.dropout,
             };
             t.extend(toml::Table::try_from(&c)?);
@@ -181,6 +182,8 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
                 width: m.width,
                 depth: m.depth,
                 classes: derived("model.classes", m.classes, data.classes, "classes")?,
+                norm: m.norm,
+                ghost_batch: m.ghost_batch,
             };
             t.extend(toml::Table::try_from(&c)?);
             Box::new(ResNet::new(c, pb)?)

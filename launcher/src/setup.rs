@@ -6,13 +6,14 @@
 
 use crate::build::{build_model, build_optimizer, load_data, Data};
 use crate::checkpoint;
-use crate::config::{check_model_keys, DataKind, Raw, RunConfig, Windows};
+use crate::config::{check_model_keys, DataKind, ModelKind, Raw, RunConfig, Windows};
 use crate::error::{input_err, Result};
 use crate::train::TrainArgs;
 use dptrain_core::comm::Communicator;
 use dptrain_core::data::StreamState;
 use dptrain_core::model::Model;
 use dptrain_core::{DType, Device, ParamBuilder, ParamStore};
+use dptrain_models::NormKind;
 use dptrain_optim::{Optimizer, Schedule};
 use std::path::{Path, PathBuf};
 
@@ -61,10 +62,16 @@ fn fresh_dir(dir: &Path) -> PathBuf {
     (1..).map(|i| PathBuf::from(format!("{}-{i}", dir.display()))).find(|p| empty(p)).expect("some suffix is free")
 }
 
-/// A checkpoint's resolved config from before `data.windows` and `train.eval_samples` existed
-/// resumes as it ran: fixed windows (the only kind then), and its `train.eval_batches` dropped
-/// for the default number of evaluation samples.
+/// A checkpoint's resolved config from before `data.windows`, `train.eval_samples` and
+/// `model.norm` existed resumes as it ran: fixed windows (the only kind then), its
+/// `train.eval_batches` dropped for the default number of evaluation samples, and
+/// `model.batch_norm` as the `model.norm` it meant.
 fn upgrade_checkpoint_config(t: &mut toml::Table) {
+    if let Some(toml::Value::Table(model)) = t.get_mut("model") {
+        if let Some(bn) = model.remove("batch_norm") {
+            model.insert("norm".into(), if bn.as_bool() == Some(true) { "batch" } else { "none" }.into());
+        }
+    }
     if let Some(toml::Value::Table(train)) = t.get_mut("train") {
         train.remove("eval_batches");
     }
@@ -125,6 +132,15 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         return Err(input_err!("train.global_batch: {global_batch} is not divisible by train.micro_batch × ranks = {micro_batch} × {ws}"));
     }
     let accum = global_batch / (micro_batch * ws);
+    if cfg.model.norm == NormKind::Ghost
+        && matches!(cfg.model.kind, ModelKind::Mlp | ModelKind::Resnet)
+        && micro_batch % cfg.model.ghost_batch != 0
+    {
+        return Err(input_err!(
+            "model.ghost_batch: {} does not divide the micro-batch of {micro_batch} samples per rank (train.micro_batch, or train.global_batch / ranks)",
+            cfg.model.ghost_batch
+        ));
+    }
     let schedule = Schedule {
         kind: cfg.schedule.kind,
         peak_lr: cfg.optim.lr,

@@ -6,7 +6,7 @@
 //! checkpoint files in `checkpoint`. The gradient synchroniser (`GradSync`: MPI buckets on the
 //! host or NCCL on the GPU) plugs into backward's "gradient final" events.
 
-use crate::agree::{agree_on_setup, check_no_drift, sync_start};
+use crate::agree::{agree_on_setup, average_buffers, check_no_drift, sync_start};
 use crate::checkpoint::{self, State};
 use crate::config::CommDtype;
 use crate::error::{LaunchError, Result};
@@ -154,12 +154,18 @@ fn train_loop(
             reduce_probes(comm, &mut probes)?;
             sink.log_step(StepLog { step: done, loss, lr, grad_norm, comm: comm_stats, probes: &probes.values })?;
         }
-        if (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps {
+        let eval_now = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps;
+        let save_now = (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == steps;
+        if eval_now || save_now {
+            // Evaluation and checkpoints use the ranks' average running statistics.
+            average_buffers(comm, &run.params, done)?;
+        }
+        if eval_now {
             let ev = evaluate(run, comm)?;
             sink.log_eval(done, &ev, run.data.floor)?;
             last_val = Some(ev);
         }
-        if (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == steps {
+        if save_now {
             save_checkpoint(run, comm, done, &stream)?;
         }
     }

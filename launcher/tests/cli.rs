@@ -146,7 +146,7 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
             vec![
                 "model.kind=\"mlp\"",
                 "data.kind=\"synthetic-images\"",
-                "model.batch_norm=true",
+                "model.norm=\"batch\"",
                 "model.widths=[16]",
                 "optim.kind=\"sgd\"",
                 "optim.lr=0.05",
@@ -266,7 +266,7 @@ fn resume_is_bitwise_exact_mlp_batchnorm_sgd_accumulation() {
         &[
             "model.kind=\"mlp\"",
             "model.widths=[16]",
-            "model.batch_norm=true",
+            "model.norm=\"batch\"",
             "data.kind=\"synthetic-images\"",
             "data.samples=256",
             "data.val_samples=32",
@@ -596,6 +596,12 @@ fn bad_values_of_the_new_keys_are_one_line_errors() {
     );
     bad("eval samples", &["train.eval_samples=100000"], &[], "train.eval_samples: 100000 is more than the 624 samples");
     bad("eval batches", &["train.eval_batches=2"], &[], "train.eval_batches: replaced by train.eval_samples");
+    bad("batch_norm key", &["model.kind=\"mlp\"", "model.batch_norm=true"], &[], "model.batch_norm: replaced by model.norm");
+    let mlp = ["model.kind=\"mlp\"", "data.kind=\"synthetic-images\"", "model.norm=\"ghost\""];
+    let ghost = [&mlp[..], &["model.ghost_batch=3"]].concat();
+    bad("ghost divides", &ghost, &[], "model.ghost_batch: 3 does not divide the micro-batch of 32");
+    bad("norm kind", &[&mlp[..2], &["model.norm=\"layer\""]].concat(), &[], "model.norm: expected one of none | batch | ghost");
+    bad("norm on gpt", &["model.norm=\"batch\""], &[], "model.norm: not a key of model.kind = \"gpt\"");
     bad("threads", &["run.threads=100000"], &[], "run.threads: 100000 is more than 4 ×");
     bad("bucket 0", &["comm.bucket_mb=0"], &[], "comm.bucket_mb: must be a positive number");
     bad("bucket neg", &["comm.bucket_mb=-5"], &[], "comm.bucket_mb");
@@ -643,6 +649,16 @@ fn the_examples_run() {
         ok(&o);
         let cfg = std::fs::read_to_string(d.join(name).join("config.toml")).unwrap();
         assert!(cfg.contains("windows = \"random\""), "{cfg}");
+    }
+    // The large-batch examples, with the batch-size rules resolved as their comments say.
+    for (name, lr, steps) in [("large-batch-resnet", 2.0, 2 * 4), ("large-batch-gpt-lamb", 2e-2, 2)] {
+        let mut c = bin();
+        c.current_dir(&root).arg("train").arg(format!("examples/{name}.toml")).arg("--run-dir").arg(d.join(name));
+        c.args(["--set", "train.steps=2", "--set", "train.eval_samples=4", "--set", "run.threads=1"]);
+        ok(&c.output().unwrap());
+        let cfg: toml::Table = std::fs::read_to_string(d.join(name).join("config.toml")).unwrap().parse().unwrap();
+        let dv = cfg["derived"].as_table().unwrap();
+        assert!((dv["lr"].as_float().unwrap() - lr).abs() < 1e-12 && dv["steps"].as_integer() == Some(steps), "{name}: {dv:?}");
     }
     std::fs::remove_dir_all(&d).ok();
 }
@@ -851,5 +867,40 @@ fn batch_size_rules_resolve_print_and_resume() {
     bad("regime without base", &["train.regime_adaptation=true"], &[], "optim.base_batch: needed by train.regime_adaptation");
     bad("two warmups", &["schedule.warmup_steps=5", "schedule.warmup_samples=40"], &[], "schedule.warmup_samples: give either");
     bad("scaling kind", &["optim.lr_scaling=\"cubic\""], &[], "optim.lr_scaling: expected one of none | linear | sqrt");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A checkpoint written before `model.norm` existed (its config says `model.batch_norm = true`)
+/// resumes as the batch-norm model it was, bitwise as the uninterrupted run.
+#[test]
+fn a_checkpoint_with_the_old_batch_norm_key_resumes() {
+    let d = tmp("old-bn");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let sets = [
+        "model.kind=\"mlp\"",
+        "model.widths=[16]",
+        "model.norm=\"batch\"",
+        "data.kind=\"synthetic-images\"",
+        "data.samples=256",
+        "data.val_samples=32",
+        "optim.kind=\"sgd\"",
+        "optim.lr=0.05",
+        "train.steps=20",
+        "train.checkpoint_every=10",
+        "checkpoint.keep_last=5",
+    ];
+    ok(&train(&a, &sets, &[]));
+    let ck = a.join("checkpoints/step_0000010/config.toml");
+    let cfg = std::fs::read_to_string(&ck).unwrap();
+    assert!(cfg.contains("norm = \"batch\"") && cfg.contains("ghost_batch = 128"), "{cfg}");
+    let old: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("ghost_batch ="))
+        .map(|l| if l == "norm = \"batch\"" { "batch_norm = true" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&ck, old).unwrap();
+    ok(&bin().arg("train").arg("--resume").arg(a.join("checkpoints/step_0000010")).arg("--run-dir").arg(&b).output().unwrap());
+    assert_eq!(values(&records(&a), 10), values(&records(&b), 10));
     std::fs::remove_dir_all(&d).ok();
 }

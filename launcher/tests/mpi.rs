@@ -396,3 +396,70 @@ fn soap_owner_mode_on_two_ranks_matches_replicated_and_tracks_one_rank() {
     assert!(cfg.contains("kind = \"soap\"") && cfg.contains("betas = [0.95, 0.95]"), "{cfg}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `mpirun -np 2` trains a ResNet with Ghost BN, and the running statistics it evaluates with
+/// and saves are the ranks' average: each rank's own statistics (written by test builds just
+/// before averaging) differ, and every saved `running_mean` / `running_var` equals their mean.
+/// Needs the `fault-injection` feature (the test hook).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn ghost_batch_norm_on_two_ranks_saves_the_ranks_average_statistics() {
+    if skip() {
+        return;
+    }
+    let d = tmp("ghost");
+    let dumps = d.join("dumps");
+    std::fs::create_dir_all(&dumps).unwrap();
+    let run = d.join("run");
+    let sets = [
+        "model.kind=\"resnet\"",
+        "model.width=4",
+        "model.norm=\"ghost\"",
+        "model.ghost_batch=4",
+        "data.kind=\"synthetic-images\"",
+        "data.samples=512",
+        "data.val_samples=64",
+        "train.global_batch=16",
+        "train.steps=100",
+        "train.eval_every=50",
+        "train.checkpoint_every=50",
+        "schedule.warmup_steps=5",
+        "optim.kind=\"sgd\"",
+        "optim.lr=0.1",
+        "run.log_every=1",
+        "run.threads=1",
+    ];
+    let mut c = mpirun(2);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).arg("train").arg("--run-dir").arg(&run).env("DPTRAIN_TEST_DUMP_BUFFERS", &dumps);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    let o = c.output().unwrap();
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ghost batch norm of 4"), "{out}");
+    assert_eq!(losses(&run).len(), 100);
+    // Evaluated with the averaged statistics: well above chance (0.1) on 10 classes.
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let acc = summary["final_val_acc"].as_f64().unwrap();
+    assert!(acc > 0.5, "ghost-BN resnet did not learn: val acc {acc}");
+    let read = |p: PathBuf| -> std::collections::HashMap<String, Vec<f32>> {
+        let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        dptrain_core::checkpoint::tensors_from_bytes(&bytes).unwrap().into_iter().map(|(k, v)| (k, v.to_vec::<f32>().unwrap())).collect()
+    };
+    for step in [50u64, 100] {
+        let (r0, r1) =
+            (read(dumps.join(format!("rank0-step{step}.safetensors"))), read(dumps.join(format!("rank1-step{step}.safetensors"))));
+        let saved = params(&run, step);
+        assert!(r0.keys().any(|k| k.ends_with("running_mean")) && r0.len() == r1.len());
+        let mut differ = 0;
+        for (k, a) in &r0 {
+            let b = &r1[k];
+            differ += (a != b) as usize;
+            let avg: Vec<f32> = a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect();
+            assert_eq!(saved[k], avg, "step {step}: saved {k} is not the ranks' average");
+        }
+        assert!(differ > 0, "step {step}: the ranks' statistics are identical, the test shows nothing");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -9,4 +9,5 @@ pub mod resnet;
 
 pub use gpt::{Gpt, GptConfig};
 pub use mlp::{Mlp, MlpConfig};
+pub use nn::NormKind;
 pub use resnet::{ResNet, ResNetConfig};

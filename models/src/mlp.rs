@@ -1,8 +1,8 @@
-//! MLP classifier: flattened input → [Linear (→ BatchNorm) → ReLU (→ Dropout)] × depth → Linear
-//! head. PyTorch default init. Probes: `resid_rms/<layer>` (activation RMS after each hidden
+//! MLP classifier: flattened input → [Linear (→ batch norm or Ghost BN) → ReLU (→ Dropout)] ×
+//! depth → Linear head. PyTorch default init. Probes: `resid_rms/<layer>` (activation RMS after each hidden
 //! layer), `logit_mean`, `log_z`, `acc` (top-1 accuracy of the batch).
 
-use crate::nn::{rms, BatchNorm, Linear};
+use crate::nn::{rms, BatchNorm, Linear, NormKind};
 use dptrain_core::model::{Batch, Model};
 use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Error, ParamBuilder, ParamStore, Result, Role, Tape, Tensor, Var};
@@ -15,7 +15,10 @@ pub struct MlpConfig {
     /// Hidden widths, one per hidden layer.
     pub widths: Vec<usize>,
     pub classes: usize,
-    pub batch_norm: bool,
+    /// Normalisation after each hidden Linear (which then has no bias).
+    pub norm: NormKind,
+    /// Samples per ghost batch (`norm = Ghost`).
+    pub ghost_batch: usize,
     /// Dropout probability after each hidden activation; 0 = off. Only in training.
     #[serde(default)]
     pub dropout: f64,
@@ -23,7 +26,7 @@ pub struct MlpConfig {
 
 impl Default for MlpConfig {
     fn default() -> Self {
-        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, batch_norm: false, dropout: 0.0 }
+        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, norm: NormKind::None, ghost_batch: 128, dropout: 0.0 }
     }
 }
 
@@ -45,8 +48,9 @@ impl Mlp {
         let mut layers = vec![];
         for (i, &w) in cfg.widths.iter().enumerate() {
             let role = if i == 0 { Role::Input } else { Role::Hidden };
-            let lin = pb.scope("layers", |pb| Linear::torch_default(pb, &i.to_string(), fan_in, w, !cfg.batch_norm, role));
-            let bn = cfg.batch_norm.then(|| pb.scope("bn", |pb| BatchNorm::new(pb, &i.to_string(), w)));
+            let bias = cfg.norm == NormKind::None;
+            let lin = pb.scope("layers", |pb| Linear::torch_default(pb, &i.to_string(), fan_in, w, bias, role));
+            let bn = pb.scope("bn", |pb| BatchNorm::of_kind(pb, &i.to_string(), w, cfg.norm, cfg.ghost_batch));
             layers.push((lin, bn));
             fan_in = w;
         }
@@ -87,6 +91,11 @@ impl Model for Mlp {
     }
     fn describe(&self) -> String {
         let drop = if self.cfg.dropout > 0.0 { format!(", dropout {}", self.cfg.dropout) } else { String::new() };
-        format!("mlp({} -> {:?} -> {}, batch_norm {}{drop})", self.cfg.input_dim, self.cfg.widths, self.cfg.classes, self.cfg.batch_norm)
+        let norm = match self.cfg.norm {
+            NormKind::None => "no norm".to_string(),
+            NormKind::Batch => "batch norm".to_string(),
+            NormKind::Ghost => format!("ghost batch norm of {}", self.cfg.ghost_batch),
+        };
+        format!("mlp({} -> {:?} -> {}, {norm}{drop})", self.cfg.input_dim, self.cfg.widths, self.cfg.classes)
     }
 }

@@ -60,27 +60,61 @@ impl LayerNorm {
     }
 }
 
-/// `nn.BatchNorm1d/2d(c)` with running statistics as store buffers.
+/// The normalisation after a layer of the image models (`model.norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    None,
+    /// Batch norm over the per-rank micro-batch.
+    Batch,
+    /// Ghost Batch Normalization over chunks of `ghost_batch` samples of the micro-batch.
+    Ghost,
+}
+
+/// `nn.BatchNorm1d/2d(c)` with running statistics as store buffers; with `ghost`, Ghost Batch
+/// Normalization (each chunk of that many samples normalised on its own in training).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchNorm {
     pub w: ParamId,
     pub b: ParamId,
     pub mean: BufferId,
     pub var: BufferId,
+    pub ghost: Option<usize>,
 }
 
 impl BatchNorm {
-    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize) -> BatchNorm {
+    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, ghost: Option<usize>) -> BatchNorm {
         pb.scope(name, |pb| BatchNorm {
             w: pb.add("weight", &[c], Role::Vector, 1, c, Init::Const(1.0)),
             b: pb.add("bias", &[c], Role::Vector, 1, c, Init::Const(0.0)),
             mean: pb.add_buffer("running_mean", &[c], 0.0),
             var: pb.add_buffer("running_var", &[c], 1.0),
+            ghost,
         })
+    }
+    /// The layer `kind` asks for after a layer of `c` channels: `None` for no normalisation.
+    pub fn of_kind(pb: &mut ParamBuilder, name: &str, c: usize, kind: NormKind, ghost_batch: usize) -> Option<BatchNorm> {
+        match kind {
+            NormKind::None => None,
+            NormKind::Batch => Some(BatchNorm::new(pb, name, c, None)),
+            NormKind::Ghost => Some(BatchNorm::new(pb, name, c, Some(ghost_batch))),
+        }
     }
     pub fn forward<'t>(&self, tape: &'t Tape, ps: &ParamStore, x: Var<'t>, train: bool) -> Result<Var<'t>> {
         let stats = RunningStats { mean: ps.buffer(self.mean), var: ps.buffer(self.var), momentum: 0.1 };
-        x.batch_norm(tape.param(ps, self.w), tape.param(ps, self.b), stats, train, 1e-5)
+        let (w, b) = (tape.param(ps, self.w), tape.param(ps, self.b));
+        match self.ghost {
+            Some(g) => x.ghost_batch_norm(w, b, stats, train, 1e-5, g),
+            None => x.batch_norm(w, b, stats, train, 1e-5),
+        }
+    }
+}
+
+/// `x`, through `norm` when there is one.
+pub fn maybe_norm<'t>(norm: &Option<BatchNorm>, tape: &'t Tape, ps: &ParamStore, x: Var<'t>, train: bool) -> Result<Var<'t>> {
+    match norm {
+        Some(n) => n.forward(tape, ps, x, train),
+        None => Ok(x),
     }
 }
 

@@ -1,9 +1,10 @@
 //! A small CIFAR-style ResNet (He et al. 2016, §4.2): a 3×3 stem, three stages of basic blocks
 //! (widths w, 2w, 4w; stride 2 at the start of stages 2 and 3, 1×1 projection shortcuts),
-//! batch norm after every convolution, global average pooling and a linear head. `depth` is
-//! the number of blocks per stage (ResNet-20 is depth 3). torchvision-style names.
+//! batch norm (or Ghost BN) after every convolution, global average pooling and a linear head.
+//! `depth` is the number of blocks per stage (ResNet-20 is depth 3). torchvision-style names.
+//! Without normalisation the convolutions get biases, as torch's default.
 
-use crate::nn::{rms, BatchNorm, Linear};
+use crate::nn::{maybe_norm, rms, BatchNorm, Linear, NormKind};
 use dptrain_core::model::{Batch, Model};
 use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Error, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Tensor, Var};
@@ -16,44 +17,55 @@ pub struct ResNetConfig {
     /// Basic blocks per stage.
     pub depth: usize,
     pub classes: usize,
+    /// Normalisation after each convolution.
+    pub norm: NormKind,
+    /// Samples per ghost batch (`norm = Ghost`).
+    pub ghost_batch: usize,
 }
 
 impl Default for ResNetConfig {
     fn default() -> Self {
-        ResNetConfig { in_channels: 3, width: 16, depth: 1, classes: 10 }
+        ResNetConfig { in_channels: 3, width: 16, depth: 1, classes: 10, norm: NormKind::Batch, ghost_batch: 128 }
     }
 }
 
 struct Conv {
     w: ParamId,
+    b: Option<ParamId>,
     stride: usize,
     pad: usize,
 }
 
 impl Conv {
-    /// Kaiming-normal (fan_out, ReLU gain) as torchvision's ResNet.
-    fn new(pb: &mut ParamBuilder, name: &str, cin: usize, cout: usize, k: usize, stride: usize, role: Role) -> Conv {
+    /// Kaiming-normal (fan_out, ReLU gain) as torchvision's ResNet; a bias (torch's default
+    /// U(±1/√fan_in)) only when `bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(pb: &mut ParamBuilder, name: &str, cin: usize, cout: usize, k: usize, stride: usize, role: Role, bias: bool) -> Conv {
         let std = (2.0 / (cout * k * k) as f64).sqrt();
-        let w = pb.scope(name, |pb| pb.add("weight", &[cout, cin, k, k], role, cin * k * k, cout * k * k, Init::Normal { std }));
-        Conv { w, stride, pad: k / 2 }
+        let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+        let (w, b) = pb.scope(name, |pb| {
+            let w = pb.add("weight", &[cout, cin, k, k], role, cin * k * k, cout * k * k, Init::Normal { std });
+            (w, bias.then(|| pb.add("bias", &[cout], Role::Vector, 1, cout, Init::Uniform { bound })))
+        });
+        Conv { w, b, stride, pad: k / 2 }
     }
     fn forward<'t>(&self, tape: &'t Tape, ps: &ParamStore, x: Var<'t>) -> Result<Var<'t>> {
-        x.conv2d(tape.param(ps, self.w), None, self.stride, self.pad)
+        x.conv2d(tape.param(ps, self.w), self.b.map(|b| tape.param(ps, b)), self.stride, self.pad)
     }
 }
 
 struct BasicBlock {
     conv1: Conv,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     conv2: Conv,
-    bn2: BatchNorm,
-    downsample: Option<(Conv, BatchNorm)>,
+    bn2: Option<BatchNorm>,
+    downsample: Option<(Conv, Option<BatchNorm>)>,
 }
 
 pub struct ResNet {
     pub cfg: ResNetConfig,
     conv1: Conv,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     blocks: Vec<BasicBlock>,
     fc: Linear,
 }
@@ -64,8 +76,10 @@ impl ResNet {
             return Err(Error::Config { key: "model".into(), msg: "resnet in_channels, width, depth and classes must be positive".into() });
         }
         let w = cfg.width;
-        let conv1 = Conv::new(pb, "conv1", cfg.in_channels, w, 3, 1, Role::Input);
-        let bn1 = BatchNorm::new(pb, "bn1", w);
+        let bias = cfg.norm == NormKind::None;
+        let (kind, gb) = (cfg.norm, cfg.ghost_batch);
+        let conv1 = Conv::new(pb, "conv1", cfg.in_channels, w, 3, 1, Role::Input, bias);
+        let bn1 = BatchNorm::of_kind(pb, "bn1", w, kind, gb);
         let mut blocks = vec![];
         let mut cin = w;
         for stage in 0..3 {
@@ -74,13 +88,13 @@ impl ResNet {
                 let stride = if stage > 0 && b == 0 { 2 } else { 1 };
                 let blk = pb.scope(format!("layer{}", stage + 1), |pb| {
                     pb.scope(b.to_string(), |pb| BasicBlock {
-                        conv1: Conv::new(pb, "conv1", cin, cout, 3, stride, Role::Hidden),
-                        bn1: BatchNorm::new(pb, "bn1", cout),
-                        conv2: Conv::new(pb, "conv2", cout, cout, 3, 1, Role::Hidden),
-                        bn2: BatchNorm::new(pb, "bn2", cout),
+                        conv1: Conv::new(pb, "conv1", cin, cout, 3, stride, Role::Hidden, bias),
+                        bn1: BatchNorm::of_kind(pb, "bn1", cout, kind, gb),
+                        conv2: Conv::new(pb, "conv2", cout, cout, 3, 1, Role::Hidden, bias),
+                        bn2: BatchNorm::of_kind(pb, "bn2", cout, kind, gb),
                         downsample: (stride != 1 || cin != cout).then(|| {
                             pb.scope("downsample", |pb| {
-                                (Conv::new(pb, "0", cin, cout, 1, stride, Role::Hidden), BatchNorm::new(pb, "1", cout))
+                                (Conv::new(pb, "0", cin, cout, 1, stride, Role::Hidden, bias), BatchNorm::of_kind(pb, "1", cout, kind, gb))
                             })
                         }),
                     })
@@ -107,12 +121,12 @@ impl Model for ResNet {
         }
         let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype()).to_device(ps.device())?;
         let x = tape.constant(x);
-        let mut h = self.bn1.forward(tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
+        let mut h = maybe_norm(&self.bn1, tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let y = blk.bn1.forward(tape, ps, blk.conv1.forward(tape, ps, h)?, train)?.relu()?;
-            let y = blk.bn2.forward(tape, ps, blk.conv2.forward(tape, ps, y)?, train)?;
+            let y = maybe_norm(&blk.bn1, tape, ps, blk.conv1.forward(tape, ps, h)?, train)?.relu()?;
+            let y = maybe_norm(&blk.bn2, tape, ps, blk.conv2.forward(tape, ps, y)?, train)?;
             let short = match &blk.downsample {
-                Some((c, bn)) => bn.forward(tape, ps, c.forward(tape, ps, h)?, train)?,
+                Some((c, bn)) => maybe_norm(bn, tape, ps, c.forward(tape, ps, h)?, train)?,
                 None => h,
             };
             h = y.add(short)?.relu()?;
@@ -128,6 +142,11 @@ impl Model for ResNet {
         Ok(ce.loss)
     }
     fn describe(&self) -> String {
-        format!("resnet(width {}, {} blocks/stage, {} classes)", self.cfg.width, self.cfg.depth, self.cfg.classes)
+        let norm = match self.cfg.norm {
+            NormKind::None => "no norm".to_string(),
+            NormKind::Batch => "batch norm".to_string(),
+            NormKind::Ghost => format!("ghost batch norm of {}", self.cfg.ghost_batch),
+        };
+        format!("resnet(width {}, {} blocks/stage, {} classes, {norm})", self.cfg.width, self.cfg.depth, self.cfg.classes)
     }
 }

@@ -7,7 +7,7 @@ use dptrain_core::model::{Batch, Model};
 use dptrain_core::probe::Probes;
 use dptrain_core::rng::Rng;
 use dptrain_core::{DType, GradStore, ParamBuilder, ParamStore, Tape};
-use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
+use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, NormKind, ResNet, ResNetConfig};
 
 fn loss_and_grads(m: &dyn Model, ps: &ParamStore, b: &Batch) -> (f64, Vec<f64>) {
     let tape = Tape::new();
@@ -86,19 +86,26 @@ fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
 
 #[test]
 fn mlp_gradients() {
-    for (bn, dropout) in [(false, 0.0), (true, 0.0), (false, 0.25)] {
+    // Ghost batches of 2 over a batch of 6: three normalisations in one layer.
+    for (norm, dropout, n) in [(NormKind::None, 0.0, 5), (NormKind::Batch, 0.0, 5), (NormKind::None, 0.25, 5), (NormKind::Ghost, 0.0, 6)] {
         let mut pb = ParamBuilder::new();
-        let m = Mlp::new(MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, batch_norm: bn, dropout }, &mut pb).unwrap();
+        let c = MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, norm, ghost_batch: 2, dropout };
+        let m = Mlp::new(c, &mut pb).unwrap();
         let ps = pb.build(4, DType::F64).unwrap();
-        check_model(&format!("mlp bn {bn} dropout {dropout}"), &m, ps, &images(5, [1, 2, 3], 3));
+        check_model(&format!("mlp {norm:?} dropout {dropout}"), &m, ps, &images(n, [1, 2, 3], 3));
     }
 }
 
 #[test]
 fn resnet_gradients() {
-    let mut pb = ParamBuilder::new();
-    let m = ResNet::new(ResNetConfig { in_channels: 2, width: 2, depth: 1, classes: 3 }, &mut pb).unwrap();
-    let ps = pb.build(6, DType::F64).unwrap();
-    assert!(ps.id("layer2.0.downsample.0.weight").is_some());
-    check_model("resnet", &m, ps, &images(3, [2, 6, 6], 3));
+    for (norm, n) in [(NormKind::Batch, 3), (NormKind::Ghost, 4), (NormKind::None, 3)] {
+        let mut pb = ParamBuilder::new();
+        let c = ResNetConfig { in_channels: 2, width: 2, depth: 1, classes: 3, norm, ghost_batch: 2 };
+        let m = ResNet::new(c, &mut pb).unwrap();
+        let ps = pb.build(6, DType::F64).unwrap();
+        assert!(ps.id("layer2.0.downsample.0.weight").is_some());
+        // Without normalisation the convolutions carry biases.
+        assert_eq!(ps.id("layer2.0.conv1.bias").is_some(), norm == NormKind::None);
+        check_model(&format!("resnet {norm:?}"), &m, ps, &images(n, [2, 6, 6], 3));
+    }
 }

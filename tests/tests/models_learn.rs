@@ -4,7 +4,7 @@
 use dptrain_core::model::Batch;
 use dptrain_core::rng::Rng;
 use dptrain_core::{DType, ParamBuilder};
-use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, ResNet, ResNetConfig};
+use dptrain_models::{Gpt, GptConfig, Mlp, MlpConfig, NormKind, ResNet, ResNetConfig};
 use dptrain_optim::{AdamW, AdamWConfig, Sgd, SgdConfig};
 use dptrain_tests::fit;
 
@@ -51,20 +51,21 @@ fn gpt_memorises_a_batch_with_adamw() {
 
 #[test]
 fn mlp_memorises_a_batch_with_sgd_and_with_batch_norm() {
-    for bn in [false, true] {
+    for bn in [NormKind::None, NormKind::Batch, NormKind::Ghost] {
         let mut pb = ParamBuilder::new();
-        let m = Mlp::new(MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, batch_norm: bn, dropout: 0.0 }, &mut pb).unwrap();
+        let c = MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, norm: bn, ghost_batch: 8, dropout: 0.0 };
+        let m = Mlp::new(c, &mut pb).unwrap();
         let mut ps = pb.build(2, DType::F32).unwrap();
         let mut opt = Sgd::new(SgdConfig { momentum: 0.9, nesterov: true, ..Default::default() }, &ps);
         let l = fit(&m, &mut ps, &mut opt, &images(32, [1, 8, 8], 10, 3), 60, 0.05);
-        assert!(l[59] < 0.1 * l[0], "mlp (bn {bn}) loss {} -> {}", l[0], l[59]);
+        assert!(l[59] < 0.1 * l[0], "mlp ({bn:?}) loss {} -> {}", l[0], l[59]);
     }
 }
 
 #[test]
 fn resnet_memorises_a_batch_with_adamw() {
     let mut pb = ParamBuilder::new();
-    let m = ResNet::new(ResNetConfig { in_channels: 3, width: 8, depth: 1, classes: 4 }, &mut pb).unwrap();
+    let m = ResNet::new(ResNetConfig { in_channels: 3, width: 8, depth: 1, classes: 4, ..Default::default() }, &mut pb).unwrap();
     let mut ps = pb.build(4, DType::F32).unwrap();
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &ps);
     let l = fit(&m, &mut ps, &mut opt, &images(16, [3, 8, 8], 4, 5), 40, 1e-2);

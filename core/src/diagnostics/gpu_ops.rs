@@ -181,6 +181,15 @@ fn cases() -> Vec<Case> {
         }),
     ));
     v.push(f32c(
+        "ghost batch_norm (train, 4 ghost batches)",
+        vec![randn(&[8, 6, 5, 5], 44), rand(&[6], 45, 0.5, 1.5), randn(&[6], 46)],
+        Box::new(|_, x, dev| {
+            let mean = Mutex::new(Tensor::zeros(&[6], crate::DType::F32).to_device(dev)?);
+            let var = Mutex::new(Tensor::ones(&[6], crate::DType::F32).to_device(dev)?);
+            x[0].ghost_batch_norm(x[1], x[2], RunningStats { mean: &mean, var: &var, momentum: 0.1 }, true, 1e-5, 2)
+        }),
+    ));
+    v.push(f32c(
         "conv2d (3x3, stride 2, pad 1, +bias)",
         vec![randn(&[2, 3, 9, 9], 47), randn(&[5, 3, 3, 3], 48), randn(&[5], 49)],
         Box::new(|_, x, _| x[0].conv2d(x[1], Some(x[2]), 2, 1)),

@@ -101,7 +101,14 @@ pub const KEYS: &[KeyDoc] = &[
     .with(Check::Probability),
     k("model.input_dim", Int, None, "mlp: input features (derived from the data when absent)").pos(),
     k("model.widths", IntList, Some("[256, 256]"), "mlp: hidden layer widths").pos(),
-    k("model.batch_norm", Bool, Some("false"), "mlp: batch norm after each hidden Linear"),
+    k(
+        "model.norm",
+        Str,
+        Some("\"none\""),
+        "mlp/resnet: none | batch | ghost — normalisation after each hidden Linear / convolution: batch norm over the per-rank micro-batch, or Ghost Batch Normalization over chunks of model.ghost_batch samples (Hoffer et al. 2017)",
+    )
+    .one_of(&["none", "batch", "ghost"]),
+    k("model.ghost_batch", Int, Some("128"), "mlp/resnet: samples per ghost batch (model.norm = \"ghost\"); must divide the micro-batch").pos(),
     k("model.classes", Int, None, "mlp/resnet: classes (derived from the data when absent)").pos(),
     k("model.in_channels", Int, None, "resnet: image channels (derived from the data when absent)").pos(),
     k("model.width", Int, Some("16"), "resnet: channels of the first stage (then 2x, 4x)").pos(),
@@ -230,23 +237,27 @@ pub const KEYS: &[KeyDoc] = &[
 /// Which `model.*` keys each kind accepts (the first entry is the default kind).
 pub const MODEL_KEYS: &[(&str, &[&str])] = &[
     ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh", "dropout"]),
-    ("mlp", &["input_dim", "widths", "batch_norm", "classes", "dropout"]),
-    ("resnet", &["in_channels", "width", "depth", "classes"]),
+    ("mlp", &["input_dim", "widths", "norm", "ghost_batch", "classes", "dropout"]),
+    ("resnet", &["in_channels", "width", "depth", "norm", "ghost_batch", "classes"]),
 ];
 
 /// Defaults that depend on another key: (that key, its value, the key, the default literal).
-/// SOAP and LAMB take their references' defaults where they differ from AdamW's.
+/// SOAP and LAMB take their references' defaults where they differ from AdamW's; a ResNet has
+/// batch norm unless told otherwise.
 pub const KIND_DEFAULTS: &[(&str, &str, &str, &str)] = &[
     ("optim.kind", "soap", "optim.betas", "[0.95, 0.95]"),
     ("optim.kind", "soap", "optim.weight_decay", "0.01"),
     ("optim.kind", "lamb", "optim.betas", "[0.9, 0.999]"),
     ("optim.kind", "lamb", "optim.eps", "1e-6"),
     ("optim.kind", "lamb", "optim.correct_bias", "false"),
+    ("model.kind", "resnet", "model.norm", "\"batch\""),
 ];
 
 /// Keys that were replaced: (old key, what to use instead).
-pub const REPLACED: &[(&str, &str)] =
-    &[("train.eval_batches", "replaced by train.eval_samples (a number of validation samples, the same whatever the batch size)")];
+pub const REPLACED: &[(&str, &str)] = &[
+    ("train.eval_batches", "replaced by train.eval_samples (a number of validation samples, the same whatever the batch size)"),
+    ("model.batch_norm", "replaced by model.norm = \"batch\" | \"ghost\" | \"none\""),
+];
 
 pub fn doc(key: &str) -> Option<&'static KeyDoc> {
     KEYS.iter().find(|d| d.key == key)
