@@ -63,6 +63,8 @@ mod tests {
                     fan_in: 1,
                     fan_out: 1,
                     init: Init::Const(0.0),
+                    owner: None,
+                    base_shape: None,
                 };
                 off += n;
                 p

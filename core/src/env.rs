@@ -22,6 +22,10 @@ pub const VARS: &[(&str, &str)] = &[
         "DPTRAIN_REQUIRE_NVRTC",
         "tests: `1` makes the NVRTC tests fail instead of skipping when libnvrtc.so.13 cannot be loaded (scripts/test.sh sets it)",
     ),
+    (
+        "DPTRAIN_TEST_DUMP_BUFFERS",
+        "tests: a directory where each rank writes its own batch-norm running statistics before they are averaged over ranks (builds with the `fault-injection` feature only)",
+    ),
 ];
 
 /// The typed values of [`VARS`].
@@ -38,6 +42,7 @@ pub struct Env {
     pub install_torch: bool,
     pub bench_steps: Option<usize>,
     pub require_nvrtc: bool,
+    pub test_dump_buffers: Option<PathBuf>,
 }
 
 impl Env {
@@ -57,6 +62,7 @@ impl Env {
             install_torch: flag("DPTRAIN_INSTALL_TORCH"),
             bench_steps: var("DPTRAIN_BENCH_STEPS").and_then(|s| s.parse().ok()),
             require_nvrtc: flag("DPTRAIN_REQUIRE_NVRTC"),
+            test_dump_buffers: std::env::var_os("DPTRAIN_TEST_DUMP_BUFFERS").map(PathBuf::from),
         }
     }
 }

@@ -32,9 +32,68 @@ pub enum Role {
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Init {
-    Normal { std: f64 },
-    Uniform { bound: f64 },
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
     Const(f64),
+    /// Normal, then the first `zeros` elements set to zero (the query rows of a fused q|k|v
+    /// projection under μP's zero-initialised query).
+    NormalZeroPrefix {
+        std: f64,
+        zeros: usize,
+    },
+}
+
+impl Init {
+    /// The same distribution with its spread multiplied by `k` (constants unchanged).
+    pub fn scaled(self, k: f64) -> Init {
+        match self {
+            Init::Normal { std } => Init::Normal { std: std * k },
+            Init::Uniform { bound } => Init::Uniform { bound: bound * k },
+            Init::NormalZeroPrefix { std, zeros } => Init::NormalZeroPrefix { std: std * k, zeros },
+            c @ Init::Const(_) => c,
+        }
+    }
+    /// This distribution with the spread of `base` (the same parameter's init in μP's base
+    /// model): for inits that depend on the fan-in, the base width's.
+    pub fn with_spread_of(self, base: Init) -> Init {
+        match (self, base) {
+            (Init::Const(c), _) => Init::Const(c),
+            (_, Init::Const(c)) => Init::Const(c),
+            (Init::Uniform { .. }, b) => Init::Uniform { bound: b.std() * 3f64.sqrt() },
+            (Init::NormalZeroPrefix { zeros, .. }, b) => Init::NormalZeroPrefix { std: b.std(), zeros },
+            (Init::Normal { .. }, b) => Init::Normal { std: b.std() },
+        }
+    }
+    /// The standard deviation of the distribution (0 for a constant).
+    pub fn std(self) -> f64 {
+        match self {
+            Init::Normal { std } | Init::NormalZeroPrefix { std, .. } => std,
+            Init::Uniform { bound } => bound / 3f64.sqrt(),
+            Init::Const(_) => 0.0,
+        }
+    }
+}
+
+/// μP (Yang et al., Tensor Programs V) as PyPI `mup` 1.0.0 applies it, for the parameter
+/// builder: each parameter is compared with the same-named parameter of the *base model* (the
+/// same architecture at the base width); a dimension that differs is "infinite" (a width
+/// dimension). Inits are the base model's (its spread, for inits that depend on the fan-in) with
+/// two changes: matrices with two infinite dims
+/// (hidden weights) get their spread divided by √m, m = the fan-in's width multiplier (`mup.init`),
+/// and with `zero_readout` the readout (role `Output`) and its bias start at zero. Everything
+/// else — embeddings, input layers, readout, biases, norm gains — keeps its base init, so the
+/// model at the base width is the standard one. Learning-rate multipliers are the optimizer's
+/// business (from [`ParamInfo::width_mult`] and friends); the readout's 1/m output multiplier
+/// the model's.
+#[derive(Debug, Clone, Default)]
+pub struct Mup {
+    /// Every parameter's shape and init in the base model, by name.
+    pub base: HashMap<String, (Vec<usize>, Init)>,
+    pub zero_readout: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -48,6 +107,45 @@ pub struct ParamInfo {
     pub fan_in: usize,
     pub fan_out: usize,
     pub init: Init,
+    /// For a bias: the weight it belongs to (μP treats it with its layer).
+    #[serde(default)]
+    pub owner: Option<ParamId>,
+    /// Under μP: the parameter's shape in the base model (a differing dim is a width dim).
+    #[serde(default)]
+    pub base_shape: Option<Vec<usize>>,
+}
+
+impl ParamInfo {
+    /// Which dims are width ("infinite") dims: those that differ from the base shape.
+    pub fn inf_dims(&self) -> Vec<bool> {
+        match &self.base_shape {
+            Some(b) => self.shape.iter().zip(b).map(|(d, bd)| d != bd).collect(),
+            None => vec![false; self.shape.len()],
+        }
+    }
+    /// How many dims are width dims (mup's `ninf`).
+    pub fn ninf(&self) -> usize {
+        self.inf_dims().iter().filter(|&&x| x).count()
+    }
+    fn dim_mult(&self, i: usize) -> f64 {
+        match &self.base_shape {
+            Some(b) if b[i] != self.shape[i] => self.shape[i] as f64 / b[i] as f64,
+            _ => 1.0,
+        }
+    }
+    /// mup's `width_mult`: the multiplier of the last width dim (the fan-in of a matrix), 1 when
+    /// there is none.
+    pub fn width_mult(&self) -> f64 {
+        self.inf_dims().iter().rposition(|&x| x).map_or(1.0, |i| self.dim_mult(i))
+    }
+    /// mup's `fanin_fanout_mult_ratio` (dims 1 and 0 of a matrix): MuSGD divides a hidden
+    /// matrix's learning rate by it.
+    pub fn fanin_fanout_mult_ratio(&self) -> f64 {
+        if self.shape.len() < 2 {
+            return 1.0;
+        }
+        self.dim_mult(1) / self.dim_mult(0)
+    }
 }
 
 /// Collects parameter declarations from a model's constructor.
@@ -57,6 +155,9 @@ pub struct ParamBuilder {
     buffers: Vec<(String, Vec<usize>, f64)>,
     total: usize,
     prefix: Vec<String>,
+    mup: Option<Mup>,
+    /// Parameters the base model lacks (or has with another rank), reported by `build`.
+    mup_errors: Vec<String>,
 }
 
 /// Index of a non-trainable buffer.
@@ -82,12 +183,42 @@ impl ParamBuilder {
         s.push_str(name);
         s
     }
+    /// Declares parameters under μP relative to `mup.base_shapes` from now on.
+    pub fn set_mup(&mut self, mup: Mup) {
+        self.mup = Some(mup);
+    }
+    /// Every declared parameter's shape and init, by name (what a base model gives [`Mup::base`]).
+    pub fn declarations(&self) -> HashMap<String, (Vec<usize>, Init)> {
+        self.infos.iter().map(|p| (p.name.clone(), (p.shape.clone(), p.init))).collect()
+    }
+    /// The declarations so far.
+    pub fn infos(&self) -> &[ParamInfo] {
+        &self.infos
+    }
     pub fn add(&mut self, name: &str, shape: &[usize], role: Role, fan_in: usize, fan_out: usize, init: Init) -> ParamId {
+        self.push(name, shape, role, fan_in, fan_out, init, None)
+    }
+    /// A bias `[n]` of the layer whose weight is `owner` (role `Vector`).
+    pub fn add_bias(&mut self, name: &str, n: usize, owner: ParamId, init: Init) -> ParamId {
+        self.push(name, &[n], Role::Vector, 1, n, init, Some(owner))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        role: Role,
+        fan_in: usize,
+        fan_out: usize,
+        init: Init,
+        owner: Option<ParamId>,
+    ) -> ParamId {
         let numel = shape.iter().product();
         let id = ParamId(self.infos.len());
-        self.infos.push(ParamInfo {
+        let full = self.full_name(name);
+        let mut info = ParamInfo {
             id,
-            name: self.full_name(name),
+            name: full.clone(),
             shape: shape.to_vec(),
             offset: self.total,
             numel,
@@ -95,7 +226,27 @@ impl ParamBuilder {
             fan_in,
             fan_out,
             init,
-        });
+            owner,
+            base_shape: None,
+        };
+        if let Some(m) = &self.mup {
+            match m.base.get(&full) {
+                Some((b, base_init)) if b.len() == shape.len() => {
+                    info.base_shape = Some(b.clone());
+                    let readout = role == Role::Output || owner.is_some_and(|o| self.infos[o.0].role == Role::Output);
+                    info.init = if m.zero_readout && readout {
+                        Init::Const(0.0)
+                    } else if info.ninf() == 2 {
+                        init.with_spread_of(*base_init).scaled(info.width_mult().powf(-0.5))
+                    } else {
+                        init.with_spread_of(*base_init)
+                    };
+                }
+                Some((b, _)) => self.mup_errors.push(format!("{full}: shape {shape:?} against {b:?} in the base model")),
+                None => self.mup_errors.push(format!("{full}: not in the base model")),
+            }
+        }
+        self.infos.push(info);
         self.total += numel;
         id
     }
@@ -107,6 +258,14 @@ impl ParamBuilder {
     /// Allocates the flat buffer and initialises each parameter from its own RNG stream
     /// (seed, parameter index), so values do not depend on thread count or visiting order.
     pub fn build(self, seed: u64, dtype: DType) -> Result<ParamStore> {
+        if let Some(e) = self.mup_errors.first() {
+            return Err(Error::Config { key: "mup".into(), msg: format!("base model mismatch: {e}") });
+        }
+        if let Some(m) = &self.mup {
+            if let Some(extra) = m.base.keys().find(|k| !self.infos.iter().any(|p| &&p.name == k)) {
+                return Err(Error::Config { key: "mup".into(), msg: format!("base model mismatch: {extra} is not in the model") });
+            }
+        }
         let mut flat = vec![0f64; self.total];
         for p in &self.infos {
             let mut rng = Rng::stream(seed, p.id.0 as u64);
@@ -115,6 +274,11 @@ impl ParamBuilder {
                 Init::Normal { std } => dst.iter_mut().for_each(|x| *x = rng.normal() * std),
                 Init::Uniform { bound } => dst.iter_mut().for_each(|x| *x = (2.0 * rng.uniform() - 1.0) * bound),
                 Init::Const(c) => dst.fill(c),
+                Init::NormalZeroPrefix { std, zeros } => {
+                    dst.iter_mut().for_each(|x| *x = rng.normal() * std);
+                    let z = zeros.min(dst.len());
+                    dst[..z].fill(0.0);
+                }
             }
         }
         let values = Tensor::from_vec(flat, &[self.total])?.to_dtype(dtype);

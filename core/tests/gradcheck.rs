@@ -129,6 +129,7 @@ fn fused_ops() {
     check("gelu erf", vec![rand(&[9], &mut Rng::new(5), -3.0, 3.0)], |_, v| v[0].gelu(false));
     check("gelu tanh", vec![rand(&[9], &mut Rng::new(6), -3.0, 3.0)], |_, v| v[0].gelu(true));
     check("attention", vec![r(&[2, 5, 12], 7)], |_, v| Ok(v[0].causal_attention(2)?.y));
+    check("attention, scale 1/d", vec![r(&[2, 5, 12], 27)], |_, v| Ok(v[0].causal_attention_scaled(2, None, Some(0.5))?.y));
     // Dropout with a fixed mask (fixed key): a linear map, so central differences see it exactly.
     let drop = dptrain_core::ops::dropout::Dropout::new(0.4, 1234).unwrap();
     check("dropout", vec![r(&[6, 7], 21)], |_, v| v[0].dropout(drop));

@@ -137,8 +137,8 @@ pub fn average_buffers(comm: &mut dyn Communicator, params: &ParamStore, step: u
     // Test builds: each rank's own statistics before averaging, so a test can check the saved
     // ones are their average.
     #[cfg(feature = "fault-injection")]
-    if let Some(dir) = std::env::var_os("DPTRAIN_TEST_DUMP_BUFFERS") {
-        let path = std::path::Path::new(&dir).join(format!("rank{}-step{step}.safetensors", comm.rank()));
+    if let Some(dir) = &dptrain_core::env::env().test_dump_buffers {
+        let path = dir.join(format!("rank{}-step{step}.safetensors", comm.rank()));
         std::fs::write(&path, dptrain_core::checkpoint::tensors_to_bytes(&mine)?)
             .map_err(|e| LaunchError::Runtime(format!("{}: {e}", path.display())))?;
     }

@@ -133,8 +133,62 @@ pub fn load_data(cfg: &RunConfig) -> Result<Data> {
     }
 }
 
+/// A model kind's resolved config.
+enum ModelCfg {
+    Gpt(GptConfig),
+    Mlp(MlpConfig),
+    ResNet(ResNetConfig),
+}
+
+impl ModelCfg {
+    /// What μP calls the width: gpt d_model, mlp widths[0] (all entries scale together), resnet
+    /// width.
+    fn width(&self) -> usize {
+        match self {
+            ModelCfg::Gpt(g) => g.d_model,
+            ModelCfg::Mlp(c) => c.widths.first().copied().unwrap_or(1),
+            ModelCfg::ResNet(c) => c.width,
+        }
+    }
+    /// The same model at width `w` (μP's base model).
+    fn at_width(&self, w: usize) -> Result<ModelCfg> {
+        let w0 = self.width();
+        Ok(match self {
+            ModelCfg::Gpt(g) => {
+                if !w.is_multiple_of(g.n_heads) {
+                    return Err(input_err!("mup.base_width: {w} is not divisible by model.n_heads = {}", g.n_heads));
+                }
+                ModelCfg::Gpt(GptConfig { d_model: w, ..g.clone() })
+            }
+            ModelCfg::Mlp(c) => {
+                let widths = c
+                    .widths
+                    .iter()
+                    .map(|&x| {
+                        (x * w)
+                            .is_multiple_of(w0)
+                            .then_some(x * w / w0)
+                            .ok_or_else(|| input_err!("mup.base_width: {w} scales model.widths = {:?} to fractions", c.widths))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                ModelCfg::Mlp(MlpConfig { widths, ..c.clone() })
+            }
+            ModelCfg::ResNet(c) => ModelCfg::ResNet(ResNetConfig { width: w, ..c.clone() }),
+        })
+    }
+    fn build(self, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
+        Ok(match self {
+            ModelCfg::Gpt(g) => (toml::Table::try_from(&g)?, Box::new(Gpt::new(g, pb)?) as Box<dyn Model>),
+            ModelCfg::Mlp(c) => (toml::Table::try_from(&c)?, Box::new(Mlp::new(c, pb)?) as Box<dyn Model>),
+            ModelCfg::ResNet(c) => (toml::Table::try_from(&c)?, Box::new(ResNet::new(c, pb)?) as Box<dyn Model>),
+        })
+        .map(|(t, m)| (m, t))
+    }
+}
+
 /// Builds the model from the config and the data's shape, returning it with the resolved model
-/// table (derived values filled in).
+/// table (derived values filled in). Under μP the same model is first declared at
+/// `mup.base_width` (nothing allocated) for its shapes, which set what scales with width.
 pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
     let m = &cfg.model;
     let mut t = toml::Table::new();
@@ -142,7 +196,7 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
     let derived = |key: &str, given: Option<usize>, from_data: Option<usize>, what: &str| -> Result<usize> {
         given.or(from_data).ok_or_else(|| input_err!("{key}: required ({what} cannot be derived from this data)"))
     };
-    let model: Box<dyn Model> = match m.kind {
+    let mut mc = match m.kind {
         ModelKind::Gpt => {
             let g = GptConfig {
                 vocab_size: derived("model.vocab_size", m.vocab_size, data.vocab, "the vocabulary")?,
@@ -155,40 +209,59 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
                 z_loss: m.z_loss,
                 gelu_tanh: m.gelu_tanh,
                 dropout: m.dropout,
+                ..Default::default()
             };
             g.validate().map_err(|(k, msg)| input_err!("{k}: {msg}"))?;
             if let Some(d) = data.vocab.filter(|&d| g.vocab_size < d) {
                 return Err(input_err!("model.vocab_size: {} is smaller than the data's vocabulary ({d} token ids)", g.vocab_size));
             }
-            t.extend(toml::Table::try_from(&g)?);
-            Box::new(Gpt::new(g, pb)?)
+            ModelCfg::Gpt(g)
         }
         ModelKind::Mlp => {
             let shape = data.image_shape.unwrap_or([1, 1, 1]);
-            let c = MlpConfig {
+            ModelCfg::Mlp(MlpConfig {
                 input_dim: derived("model.input_dim", m.input_dim, Some(shape.iter().product()), "input_dim")?,
                 widths: m.widths.clone(),
                 classes: derived("model.classes", m.classes, data.classes, "classes")?,
                 norm: m.norm,
                 ghost_batch: m.ghost_batch,
                 dropout: m.dropout,
-            };
-            t.extend(toml::Table::try_from(&c)?);
-            Box::new(Mlp::new(c, pb)?)
+                ..Default::default()
+            })
         }
-        ModelKind::Resnet => {
-            let c = ResNetConfig {
-                in_channels: derived("model.in_channels", m.in_channels, data.image_shape.map(|s| s[0]), "in_channels")?,
-                width: m.width,
-                depth: m.depth,
-                classes: derived("model.classes", m.classes, data.classes, "classes")?,
-                norm: m.norm,
-                ghost_batch: m.ghost_batch,
-            };
-            t.extend(toml::Table::try_from(&c)?);
-            Box::new(ResNet::new(c, pb)?)
-        }
+        ModelKind::Resnet => ModelCfg::ResNet(ResNetConfig {
+            in_channels: derived("model.in_channels", m.in_channels, data.image_shape.map(|s| s[0]), "in_channels")?,
+            width: m.width,
+            depth: m.depth,
+            classes: derived("model.classes", m.classes, data.classes, "classes")?,
+            norm: m.norm,
+            ghost_batch: m.ghost_batch,
+            ..Default::default()
+        }),
     };
+    if cfg.mup.enabled {
+        let w0 = cfg.mup.base_width.ok_or_else(|| {
+            input_err!("mup.base_width: required when mup.enabled (the width at which μP equals the standard parametrization)")
+        })?;
+        let mut base = ParamBuilder::new();
+        mc.at_width(w0)?.build(&mut base).map_err(|e| input_err!("mup.base_width: the base model: {e}"))?;
+        pb.set_mup(dptrain_core::params::Mup { base: base.declarations(), zero_readout: cfg.mup.zero_init_readout });
+        // The readout's input × output_mult / m (MuReadout), m = the readout fan-in's multiplier.
+        let readout_mult = cfg.mup.output_mult * w0 as f64 / mc.width() as f64;
+        match &mut mc {
+            ModelCfg::Gpt(g) => {
+                g.readout_mult = readout_mult;
+                g.attn_scale = Some(1.0 / (g.d_model / g.n_heads) as f64);
+                g.zero_query = cfg.mup.zero_init_query;
+            }
+            ModelCfg::Mlp(c) => c.readout_mult = readout_mult,
+            ModelCfg::ResNet(c) => c.readout_mult = readout_mult,
+        }
+    } else if cfg.mup.zero_init_query || cfg.mup.zero_init_readout {
+        return Err(input_err!("mup.zero_init_readout / mup.zero_init_query: only with mup.enabled = true"));
+    }
+    let (model, table) = mc.build(pb)?;
+    t.extend(table);
     if let Some(c) = data.classes {
         if let Some(Ok(k)) = t.get("classes").and_then(|v| v.as_integer()).map(usize::try_from) {
             if k < c {
@@ -199,32 +272,70 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
     Ok((model, t))
 }
 
+/// μP's per-parameter learning-rate and weight-decay multipliers (PyPI `mup`'s `MuAdam` /
+/// `MuSGD` parameter groups), on top of the standard grouping's decay exemptions. Adam family
+/// (adamw, lamb, soap): a matrix with two width dims gets lr/m and decay ×m (m its fan-in's
+/// multiplier), so coupled decay lr·wd stays put — under independent decay the decay is left
+/// alone. SGD family (sgd, lars): one width dim (vectors, input and readout weights) lr×m and
+/// decay /m; two width dims lr / (fan-in mult / fan-out mult) and decay × that.
+pub fn mup_scales(cfg: &RunConfig, params: &ParamStore) -> ParamScales {
+    let mut s = ParamScales::standard(params, cfg.optim.decay_vectors);
+    if !cfg.mup.enabled {
+        return s;
+    }
+    let adam = matches!(cfg.optim.kind, OptimKind::Adamw | OptimKind::Lamb | OptimKind::Soap);
+    let independent = cfg.optim.kind == OptimKind::Adamw && cfg.optim.decay == dptrain_optim::DecayMode::Independent;
+    for (i, p) in params.infos().iter().enumerate() {
+        let (lr, wd) = match (adam, p.ninf()) {
+            (true, 2) => (1.0 / p.width_mult(), if independent { 1.0 } else { p.width_mult() }),
+            (true, _) => (1.0, 1.0),
+            (false, 1) => (p.width_mult(), 1.0 / p.width_mult()),
+            (false, 2) => (1.0 / p.fanin_fanout_mult_ratio(), p.fanin_fanout_mult_ratio()),
+            (false, _) => (1.0, 1.0),
+        };
+        s.lr[i] *= lr;
+        s.wd[i] *= wd;
+    }
+    s
+}
+
 /// The optimizer `[optim]` describes, for a world of `world` ranks.
 pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Result<Box<dyn Optimizer>> {
     let o = &cfg.optim;
+    // The standard grouping (vectors not decayed unless optim.decay_vectors), and μP's
+    // multipliers when it is on.
+    let scales = mup_scales(cfg, params);
     Ok(match o.kind {
-        OptimKind::Sgd => Box::new(Sgd::new(
-            SgdConfig {
-                momentum: o.momentum,
-                dampening: 0.0,
-                nesterov: o.nesterov,
-                weight_decay: o.weight_decay,
-                decay_vectors: o.decay_vectors,
-            },
-            params,
-        )),
-        OptimKind::Adamw => Box::new(AdamW::new(
-            AdamWConfig {
-                beta1: o.betas[0],
-                beta2: o.betas[1],
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-                decay_mode: o.decay,
-                peak_lr: o.lr,
-                decay_vectors: o.decay_vectors,
-            },
-            params,
-        )),
+        OptimKind::Sgd => Box::new(
+            Sgd::with_scales(
+                SgdConfig {
+                    momentum: o.momentum,
+                    dampening: 0.0,
+                    nesterov: o.nesterov,
+                    weight_decay: o.weight_decay,
+                    decay_vectors: o.decay_vectors,
+                },
+                params,
+                &scales,
+            )
+            .map_err(|e| input_err!("optim: {e}"))?,
+        ),
+        OptimKind::Adamw => Box::new(
+            AdamW::with_scales(
+                AdamWConfig {
+                    beta1: o.betas[0],
+                    beta2: o.betas[1],
+                    eps: o.eps,
+                    weight_decay: o.weight_decay,
+                    decay_mode: o.decay,
+                    peak_lr: o.lr,
+                    decay_vectors: o.decay_vectors,
+                },
+                params,
+                &scales,
+            )
+            .map_err(|e| input_err!("optim: {e}"))?,
+        ),
         OptimKind::Soap => {
             if o.shampoo_beta >= 1.0 || !o.shampoo_beta.is_finite() {
                 return Err(input_err!("optim.shampoo_beta: must be below 1 (negative = use beta2), got {}", o.shampoo_beta));
@@ -244,7 +355,6 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
                 distribute: o.distribute.unwrap_or(if world > 1 { Distribute::Owner } else { Distribute::Replicated }),
             };
             // Biases and norm gains are exempt from decay unless optim.decay_vectors, as for AdamW.
-            let scales = ParamScales::standard(params, o.decay_vectors);
             Box::new(Soap::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
         }
         OptimKind::Lamb => {
@@ -256,7 +366,7 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
                 correct_bias: o.correct_bias,
                 clamp: o.trust_clamp,
             };
-            Box::new(Lamb::with_scales(c, params, &ParamScales::standard(params, o.decay_vectors)).map_err(|e| input_err!("optim: {e}"))?)
+            Box::new(Lamb::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
         }
         OptimKind::Lars => {
             let c = LarsConfig {
@@ -266,7 +376,7 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
                 weight_decay: o.weight_decay,
                 trust_coefficient: o.trust_coefficient,
             };
-            Box::new(Lars::with_scales(c, params, &ParamScales::standard(params, o.decay_vectors)).map_err(|e| input_err!("optim: {e}"))?)
+            Box::new(Lars::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
         }
     })
 }

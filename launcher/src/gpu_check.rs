@@ -203,6 +203,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         z_loss: 0.0,
         gelu_tanh: true,
         dropout: 0.0,
+        ..Default::default()
     };
     let (mut b, mut t) = (8usize, 1024usize);
     // Tests of this command on the CPU emulator shrink the model (the numbers then mean nothing).

@@ -29,6 +29,15 @@ pub struct GptConfig {
     /// Dropout probability (nanoGPT's places); 0 = off. Only in training.
     #[serde(default)]
     pub dropout: f64,
+    /// Attention score scale; `None` = 1/√d_head (μP: 1/d_head).
+    #[serde(skip)]
+    pub attn_scale: Option<f64>,
+    /// Multiplies the readout's input (μP: output_mult / width multiplier; 1 = standard).
+    #[serde(skip, default = "crate::nn::one")]
+    pub readout_mult: f64,
+    /// Zero-initialise the query projection (the first d_model rows of c_attn; μP's option).
+    #[serde(skip)]
+    pub zero_query: bool,
 }
 
 impl Default for GptConfig {
@@ -44,6 +53,9 @@ impl Default for GptConfig {
             z_loss: 0.0,
             gelu_tanh: false,
             dropout: 0.0,
+            attn_scale: None,
+            readout_mult: 1.0,
+            zero_query: false,
         }
     }
 }
@@ -97,6 +109,7 @@ impl Gpt {
         let std = Init::Normal { std: 0.02 };
         let proj_std = Init::Normal { std: 0.02 / ((2 * l) as f64).sqrt() };
         let zero = Init::Const(0.0);
+        let qkv_init = if cfg.zero_query { Init::NormalZeroPrefix { std: 0.02, zeros: c * c } } else { std };
         let hid = cfg.mlp_ratio * c;
         let (wte, wpe, blocks, ln_f) = pb.scope("transformer", |pb| {
             let wte = pb.scope("wte", |pb| pb.add("weight", &[v, c], Role::Input, v, c, std));
@@ -106,7 +119,7 @@ impl Gpt {
                     pb.scope("h", |pb| {
                         pb.scope(i.to_string(), |pb| Block {
                             ln_1: LayerNorm::new(pb, "ln_1", c, cfg.bias),
-                            c_attn: pb.scope("attn", |pb| Linear::new(pb, "c_attn", c, 3 * c, cfg.bias, Role::Hidden, std, zero)),
+                            c_attn: pb.scope("attn", |pb| Linear::new(pb, "c_attn", c, 3 * c, cfg.bias, Role::Hidden, qkv_init, zero)),
                             attn_proj: pb.scope("attn", |pb| Linear::new(pb, "c_proj", c, c, cfg.bias, Role::Hidden, proj_std, zero)),
                             ln_2: LayerNorm::new(pb, "ln_2", c, cfg.bias),
                             c_fc: pb.scope("mlp", |pb| Linear::new(pb, "c_fc", c, hid, cfg.bias, Role::Hidden, std, zero)),
@@ -146,7 +159,7 @@ impl Gpt {
             let site = 1 + 4 * i as u64;
             let h = blk.ln_1.forward(tape, ps, x)?;
             let qkv = blk.c_attn.forward(tape, ps, h)?;
-            let att = qkv.causal_attention_dropout(self.cfg.n_heads, drop(site)?)?;
+            let att = qkv.causal_attention_scaled(self.cfg.n_heads, drop(site)?, self.cfg.attn_scale)?;
             probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
             x = x.add(blk.attn_proj.forward(tape, ps, att.y)?.dropout(drop(site + 1)?)?)?;
             let h = blk.ln_2.forward(tape, ps, x)?;
@@ -157,7 +170,7 @@ impl Gpt {
             }
         }
         let x = self.ln_f.forward(tape, ps, x)?;
-        self.lm_head.forward(tape, ps, x)
+        self.lm_head.forward(tape, ps, crate::nn::readout_input(x, self.cfg.readout_mult)?)
     }
 }
 

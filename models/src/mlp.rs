@@ -22,11 +22,22 @@ pub struct MlpConfig {
     /// Dropout probability after each hidden activation; 0 = off. Only in training.
     #[serde(default)]
     pub dropout: f64,
+    /// Multiplies the readout's input (μP: output_mult / width multiplier; 1 = standard).
+    #[serde(skip, default = "crate::nn::one")]
+    pub readout_mult: f64,
 }
 
 impl Default for MlpConfig {
     fn default() -> Self {
-        MlpConfig { input_dim: 784, widths: vec![1024, 1024], classes: 10, norm: NormKind::None, ghost_batch: 128, dropout: 0.0 }
+        MlpConfig {
+            input_dim: 784,
+            widths: vec![1024, 1024],
+            classes: 10,
+            norm: NormKind::None,
+            ghost_batch: 128,
+            dropout: 0.0,
+            readout_mult: 1.0,
+        }
     }
 }
 
@@ -83,7 +94,7 @@ impl Model for Mlp {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
-        let ce = self.head.forward(tape, ps, h)?.cross_entropy(labels, 0.0)?;
+        let ce = self.head.forward(tape, ps, crate::nn::readout_input(h, self.cfg.readout_mult)?)?.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);
         probes.record("acc", Reduce::Mean, ce.accuracy);

@@ -26,10 +26,14 @@ impl Linear {
         w_init: Init,
         bias_init: Init,
     ) -> Linear {
-        pb.scope(name, |pb| Linear {
-            w: pb.add("weight", &[fan_out, fan_in], role, fan_in, fan_out, w_init),
-            b: bias.then(|| pb.add("bias", &[fan_out], Role::Vector, 1, fan_out, bias_init)),
-        })
+        pb.scope(name, |pb| Linear { w: pb.add("weight", &[fan_out, fan_in], role, fan_in, fan_out, w_init), b: None })
+            .with_bias(pb, name, bias, fan_out, bias_init)
+    }
+    fn with_bias(mut self, pb: &mut ParamBuilder, name: &str, bias: bool, fan_out: usize, bias_init: Init) -> Linear {
+        if bias {
+            self.b = Some(pb.scope(name, |pb| pb.add_bias("bias", fan_out, self.w, bias_init)));
+        }
+        self
     }
     /// PyTorch's default init: U(±1/√fan_in) for weight and bias.
     pub fn torch_default(pb: &mut ParamBuilder, name: &str, fan_in: usize, fan_out: usize, bias: bool, role: Role) -> Linear {
@@ -115,6 +119,21 @@ pub fn maybe_norm<'t>(norm: &Option<BatchNorm>, tape: &'t Tape, ps: &ParamStore,
     match norm {
         Some(n) => n.forward(tape, ps, x, train),
         None => Ok(x),
+    }
+}
+
+/// Serde default of multipliers that are derived, not configured.
+pub fn one() -> f64 {
+    1.0
+}
+
+/// The readout's input times `mult` (μP's output multiplier); untouched when it is 1, so the
+/// standard parametrization computes exactly what it did without the option.
+pub fn readout_input(x: Var<'_>, mult: f64) -> Result<Var<'_>> {
+    if mult == 1.0 {
+        Ok(x)
+    } else {
+        x.scale(mult)
     }
 }
 

@@ -21,11 +21,14 @@ pub struct ResNetConfig {
     pub norm: NormKind,
     /// Samples per ghost batch (`norm = Ghost`).
     pub ghost_batch: usize,
+    /// Multiplies the readout's input (μP: output_mult / width multiplier; 1 = standard).
+    #[serde(skip, default = "crate::nn::one")]
+    pub readout_mult: f64,
 }
 
 impl Default for ResNetConfig {
     fn default() -> Self {
-        ResNetConfig { in_channels: 3, width: 16, depth: 1, classes: 10, norm: NormKind::Batch, ghost_batch: 128 }
+        ResNetConfig { in_channels: 3, width: 16, depth: 1, classes: 10, norm: NormKind::Batch, ghost_batch: 128, readout_mult: 1.0 }
     }
 }
 
@@ -45,7 +48,7 @@ impl Conv {
         let bound = 1.0 / ((cin * k * k) as f64).sqrt();
         let (w, b) = pb.scope(name, |pb| {
             let w = pb.add("weight", &[cout, cin, k, k], role, cin * k * k, cout * k * k, Init::Normal { std });
-            (w, bias.then(|| pb.add("bias", &[cout], Role::Vector, 1, cout, Init::Uniform { bound })))
+            (w, bias.then(|| pb.add_bias("bias", cout, w, Init::Uniform { bound })))
         });
         Conv { w, b, stride, pad: k / 2 }
     }
@@ -135,7 +138,7 @@ impl Model for ResNet {
             }
         }
         let pooled = h.mean_dims(&[2, 3], false)?;
-        let ce = self.fc.forward(tape, ps, pooled)?.cross_entropy(labels, 0.0)?;
+        let ce = self.fc.forward(tape, ps, crate::nn::readout_input(pooled, self.cfg.readout_mult)?)?.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);
         probes.record("acc", Reduce::Mean, ce.accuracy);

@@ -46,11 +46,13 @@ fn check_model(name: &str, m: &dyn Model, mut ps: ParamStore, b: &Batch) {
 #[test]
 fn gpt_gradients() {
     for dropout in [0.0, 0.3] {
-        gpt_gradients_with(dropout);
+        gpt_gradients_with(dropout, None, 1.0);
     }
+    // μP's forward: attention scale 1/d_head and a readout multiplier.
+    gpt_gradients_with(0.0, Some(0.25), 0.5);
 }
 
-fn gpt_gradients_with(dropout: f64) {
+fn gpt_gradients_with(dropout: f64, attn_scale: Option<f64>, readout_mult: f64) {
     let cfg = GptConfig {
         vocab_size: 11,
         context: 6,
@@ -62,6 +64,9 @@ fn gpt_gradients_with(dropout: f64) {
         z_loss: 1e-2,
         gelu_tanh: false,
         dropout,
+        attn_scale,
+        readout_mult,
+        ..Default::default()
     };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
@@ -71,7 +76,7 @@ fn gpt_gradients_with(dropout: f64) {
     let mut rng = Rng::new(2);
     let ids: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
     let targets: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
-    check_model(&format!("gpt dropout {dropout}"), &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
+    check_model(&format!("gpt dropout {dropout} scale {attn_scale:?} readout × {readout_mult}"), &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
 }
 
 fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
@@ -89,7 +94,7 @@ fn mlp_gradients() {
     // Ghost batches of 2 over a batch of 6: three normalisations in one layer.
     for (norm, dropout, n) in [(NormKind::None, 0.0, 5), (NormKind::Batch, 0.0, 5), (NormKind::None, 0.25, 5), (NormKind::Ghost, 0.0, 6)] {
         let mut pb = ParamBuilder::new();
-        let c = MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, norm, ghost_batch: 2, dropout };
+        let c = MlpConfig { input_dim: 6, widths: vec![5, 4], classes: 3, norm, ghost_batch: 2, dropout, ..Default::default() };
         let m = Mlp::new(c, &mut pb).unwrap();
         let ps = pb.build(4, DType::F64).unwrap();
         check_model(&format!("mlp {norm:?} dropout {dropout}"), &m, ps, &images(n, [1, 2, 3], 3));
@@ -100,7 +105,7 @@ fn mlp_gradients() {
 fn resnet_gradients() {
     for (norm, n) in [(NormKind::Batch, 3), (NormKind::Ghost, 4), (NormKind::None, 3)] {
         let mut pb = ParamBuilder::new();
-        let c = ResNetConfig { in_channels: 2, width: 2, depth: 1, classes: 3, norm, ghost_batch: 2 };
+        let c = ResNetConfig { in_channels: 2, width: 2, depth: 1, classes: 3, norm, ghost_batch: 2, ..Default::default() };
         let m = ResNet::new(c, &mut pb).unwrap();
         let ps = pb.build(6, DType::F64).unwrap();
         assert!(ps.id("layer2.0.downsample.0.weight").is_some());

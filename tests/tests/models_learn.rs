@@ -31,6 +31,7 @@ fn gpt_memorises_a_batch_with_adamw() {
         z_loss: 1e-4,
         gelu_tanh: false,
         dropout: 0.0,
+        ..Default::default()
     };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
@@ -53,7 +54,7 @@ fn gpt_memorises_a_batch_with_adamw() {
 fn mlp_memorises_a_batch_with_sgd_and_with_batch_norm() {
     for bn in [NormKind::None, NormKind::Batch, NormKind::Ghost] {
         let mut pb = ParamBuilder::new();
-        let c = MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, norm: bn, ghost_batch: 8, dropout: 0.0 };
+        let c = MlpConfig { input_dim: 64, widths: vec![64, 64], classes: 10, norm: bn, ghost_batch: 8, ..Default::default() };
         let m = Mlp::new(c, &mut pb).unwrap();
         let mut ps = pb.build(2, DType::F32).unwrap();
         let mut opt = Sgd::new(SgdConfig { momentum: 0.9, nesterov: true, ..Default::default() }, &ps);

@@ -145,6 +145,12 @@ fn cases() -> Vec<Case> {
     ));
     v.push(f32c("layer_norm (no affine)", vec![randn(&[64, 96], 40)], Box::new(|_, x, _| x[0].layer_norm(None, None, 1e-5))));
     v.push(f32c("causal_attention", vec![randn(&[2, 33, 3 * 32], 41)], Box::new(|_, x, _| Ok(x[0].causal_attention(4)?.y))));
+    // μP's score scale 1/d_head (d_head = 8) instead of 1/√d_head.
+    v.push(f32c(
+        "causal_attention, scale 1/d_head",
+        vec![randn(&[2, 33, 3 * 32], 41)],
+        Box::new(|_, x, _| Ok(x[0].causal_attention_scaled(4, None, Some(1.0 / 8.0))?.y)),
+    ));
     // Dropout masks are drawn on the device from (key, index): the GPU must keep exactly the
     // elements the CPU keeps, or these rows fail by O(1).
     let drop = crate::ops::dropout::Dropout::new(0.3, 0xd1ce).expect("valid p");

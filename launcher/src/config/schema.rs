@@ -231,6 +231,22 @@ pub const KEYS: &[KeyDoc] = &[
     k("comm.overlap", Bool, Some("true"), "all-reduce buckets during backward (false: after backward)"),
     k("comm.dtype", Str, Some("\"f32\""), "f32 | bf16: precision of the gradient all-reduce (bf16 halves the bytes sent)").one_of(&["f32", "bf16"]),
     k("comm.check_every", Int, Some("100"), "compare a parameter checksum across ranks every this many steps (0 = never)").nonneg(),
+    k(
+        "mup.enabled",
+        Bool,
+        Some("false"),
+        "μP (Yang et al., Tensor Programs V, as PyPI mup): init, per-parameter learning rates and readout multiplier scale with width relative to the same model at mup.base_width",
+    ),
+    k(
+        "mup.base_width",
+        Int,
+        None,
+        "the width at which μP equals the standard parametrization (gpt: d_model; mlp: widths[0], every entry scaled together; resnet: width); required when enabled",
+    )
+    .pos(),
+    k("mup.output_mult", Float, Some("1.0"), "the readout's input is multiplied by output_mult / width multiplier").pos(),
+    k("mup.zero_init_readout", Bool, Some("false"), "start the readout (and its bias) at zero"),
+    k("mup.zero_init_query", Bool, Some("false"), "gpt: start the query projection at zero"),
     k("comm.timeout_s", Float, Some("600.0"), "a collective that does not complete within this many seconds aborts the job").pos(),
 ];
 

@@ -22,6 +22,18 @@ pub struct RunConfig {
     pub schedule: ScheduleSection,
     pub checkpoint: CheckpointSection,
     pub comm: CommSection,
+    pub mup: MupSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MupSection {
+    pub enabled: bool,
+    /// `None` = not given (an error when enabled).
+    pub base_width: Option<usize>,
+    pub output_mult: f64,
+    pub zero_init_readout: bool,
+    pub zero_init_query: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -32,6 +32,8 @@ struct Dims {
     t: usize,
     h: usize,
     d: usize,
+    /// The score scale: 1/√d (standard) or as given (μP: 1/d).
+    scale: f64,
 }
 
 impl Dims {
@@ -213,14 +215,14 @@ enum Saved {
 fn device_forward(qkv: &Tensor, dm: Dims, prec: crate::tensor::Precision, drop: Option<Dropout>) -> Result<(Tensor, Saved, ProbeValue)> {
     #[cfg(feature = "cuda")]
     if qkv.is_cuda() {
-        let (y, saved, row_max) = crate::kernels::cuda::ops::attention(qkv, dm.b, dm.t, dm.h, dm.d, prec, drop)?;
+        let (y, saved, row_max) = crate::kernels::cuda::ops::attention(qkv, dm.b, dm.t, dm.h, dm.d, dm.scale, prec, drop)?;
         return Ok((y, Saved::Device(saved), ProbeValue::Device(row_max, crate::probe::Reduce::Max)));
     }
     // Under bf16 GEMM precision the CPU rounds q, k, v (the GEMM inputs that come from
     // outside); the GPU also rounds the probabilities before P·V.
     let qkv = crate::ops::matmul::round_for(qkv, prec)?;
     let c = dm.c();
-    let scale = 1.0 / (dm.d as f64).sqrt();
+    let scale = dm.scale;
     let (out, probs, max_logit) = with_float!(qkv.dtype(), "causal_attention", T => {
         let xd = qkv.data::<T>()?;
         let mut probs = T::pool().take(dm.b * dm.h * dm.t * dm.t);
@@ -248,11 +250,11 @@ fn device_backward(g: &Tensor, saved: &Saved, dm: Dims, prec: crate::tensor::Pre
     let (qkv, probs) = match saved {
         Saved::Host { qkv, probs } => (qkv, probs),
         #[cfg(feature = "cuda")]
-        Saved::Device(s) => return crate::kernels::cuda::ops::attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, prec, drop),
+        Saved::Device(s) => return crate::kernels::cuda::ops::attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, dm.scale, prec, drop),
     };
     let _ = prec; // the CPU backward reads the rounded qkv saved by forward
     let c = dm.c();
-    let scale = 1.0 / (dm.d as f64).sqrt();
+    let scale = dm.scale;
     with_float!(g.dtype(), "causal_attention", T => {
         let g = g.contiguous();
         let (xd, gd, pd) = (qkv.data::<T>()?, g.data::<T>()?, probs.data::<T>()?);
@@ -284,12 +286,23 @@ impl<'t> Var<'t> {
 
     /// [`causal_attention`](Self::causal_attention) with dropout `drop` on the probabilities.
     pub fn causal_attention_dropout(self, n_heads: usize, drop: Option<Dropout>) -> Result<AttnOut<'t>> {
+        self.causal_attention_scaled(n_heads, drop, None)
+    }
+
+    /// Attention with the score scale given (`None`: 1/√d_head; μP uses 1/d_head, so that
+    /// attention logits stay O(1) as the head dimension grows with width).
+    pub fn causal_attention_scaled(self, n_heads: usize, drop: Option<Dropout>, scale: Option<f64>) -> Result<AttnOut<'t>> {
         let qkv = self.value().try_contiguous()?;
         let s = qkv.shape().to_vec();
         if s.len() != 3 || !s[2].is_multiple_of(3) || n_heads == 0 || !(s[2] / 3).is_multiple_of(n_heads) {
             return Err(Error::shape("causal_attention", format!("qkv {s:?} with {n_heads} heads")));
         }
-        let dm = Dims { b: s[0], t: s[1], h: n_heads, d: s[2] / 3 / n_heads };
+        let d = s[2] / 3 / n_heads;
+        let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::shape("causal_attention", format!("score scale {scale}")));
+        }
+        let dm = Dims { b: s[0], t: s[1], h: n_heads, d, scale };
         let prec = self.tape().precision();
         let (out, saved, max_logit) = device_forward(&qkv, dm, prec, drop)?;
         let y = self.tape().record("causal_attention", out, &[self], move |g| Ok(vec![Some(device_backward(g, &saved, dm, prec, drop)?)]));

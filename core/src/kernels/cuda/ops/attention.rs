@@ -22,13 +22,16 @@ pub(super) fn dropped_probs(d: &Arc<CudaDev>, p: &Tensor, drop: Option<crate::op
 
 /// Causal attention over packed qkv `[b, t, 3c]`: (y `[b, t, c]`, saved, the maximum logit of
 /// each row `[b·h·t]`, left on the device).
-/// `drop`: dropout on the probabilities before P·V (the mask regenerated in backward).
+/// `scale` multiplies the scores; `drop`: dropout on the probabilities before P·V (the mask
+/// regenerated in backward).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     qkv: &Tensor,
     b: usize,
     t: usize,
     h: usize,
     dh: usize,
+    scale: f64,
     prec: Prec,
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<(Tensor, AttnSaved, Tensor)> {
@@ -45,7 +48,6 @@ pub fn attention(
     let td = t * dh;
     let row = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: false, ld: dh, batch_stride: td }) };
     let tr = |x: &Tensor| -> Result<MatArg> { Ok(MatArg { ptr: ptr(x)?, trans: true, ld: dh, batch_stride: td }) };
-    let scale = 1.0 / (dh as f64).sqrt();
     // S = Q·Kᵀ·scale
     gemm_prec(&d, t, t, dh, (&q, row(&q)?), (&k, tr(&k)?), ptr(&p)?, bh, scale as f32, 0.0, prec)?;
     let row_max = empty(&d, &[bh * t])?;
@@ -63,6 +65,7 @@ pub fn attention(
     Ok((y, AttnSaved { q, k, v, p }, row_max))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     g: &Tensor,
     s: &AttnSaved,
@@ -70,6 +73,7 @@ pub fn attention_bwd(
     t: usize,
     h: usize,
     dh: usize,
+    scale: f64,
     prec: Prec,
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<Tensor> {
@@ -97,7 +101,7 @@ pub fn attention_bwd(
     if let Some(dr) = drop {
         dropout_raw(&d, ptr(&dp)?, ptr(&dp)?, bh * t * t, dr)?;
     }
-    let scale = (1.0 / (dh as f64).sqrt()) as f32;
+    let scale = scale as f32;
     // causal_softmax_bwd_f32(const float* p, float* dp, i64 rows, i64 t, float scale)
     launch!(d, "attention", "causal_softmax_bwd_f32", per_row(bh * t); ptr(&s.p)?, ptr(&dp)?, (bh * t) as i64, ti, scale)?;
     // dQ = dS·K, dK = dSᵀ·Q
