@@ -8,6 +8,10 @@
 //! logs, and models skip the probes that cost work (a norm over an activation, on a GPU a device
 //! synchronisation) when it is off.
 //!
+//! The coordinate check (`dptrain coord-check`) asks for one more kind of probe: the mean |x| of
+//! every module's output, recorded as `coord/<module>` only when the sink wants them
+//! ([`ProbeSink::coords`]) — they cost a pass over each activation.
+//!
 //! A value computed on a GPU can stay there ([`ProbeValue::Device`]): `Probes` keeps it pending
 //! and [`Probes::resolve`] reads every pending value in one device-to-host transfer, on the
 //! logging step, instead of one synchronisation per layer and micro-step.
@@ -68,6 +72,19 @@ pub trait ProbeSink {
     fn enabled(&self) -> bool {
         true
     }
+    /// Whether the sink wants every module's mean |output| (`coord/<module>`).
+    fn coords(&self) -> bool {
+        false
+    }
+}
+
+/// Records `coord/<module>` = mean |x| of a module's output when the sink wants coordinates.
+pub fn record_coord(sink: &mut dyn ProbeSink, module: &str, x: &Tensor) {
+    if !sink.coords() {
+        return;
+    }
+    let mean_abs = x.to_vec::<f64>().map(|v| v.iter().map(|a| a.abs()).sum::<f64>() / v.len().max(1) as f64).unwrap_or(f64::NAN);
+    sink.record(&format!("coord/{module}"), Reduce::Mean, mean_abs);
 }
 
 /// A sink that keeps values in recording order, with their reductions.
@@ -78,11 +95,12 @@ pub struct Probes {
     /// into `values` by `resolve` as `accumulate` would have.
     pending: Vec<(String, Reduce, Tensor, Reduce)>,
     on: bool,
+    coords: bool,
 }
 
 impl Default for Probes {
     fn default() -> Self {
-        Probes { values: vec![], pending: vec![], on: true }
+        Probes { values: vec![], pending: vec![], on: true, coords: false }
     }
 }
 
@@ -102,12 +120,19 @@ impl ProbeSink for Probes {
     fn enabled(&self) -> bool {
         self.on
     }
+    fn coords(&self) -> bool {
+        self.coords
+    }
 }
 
 impl Probes {
     /// A sink that is on only when `on` (the trainer: on logging steps).
     pub fn on_if(on: bool) -> Probes {
-        Probes { values: vec![], pending: vec![], on }
+        Probes { values: vec![], pending: vec![], on, coords: false }
+    }
+    /// A sink that also takes every module's mean |output| (the coordinate check).
+    pub fn with_coords() -> Probes {
+        Probes { values: vec![], pending: vec![], on: true, coords: true }
     }
     pub fn get(&self, name: &str) -> Option<f64> {
         self.values.iter().rev().find(|(n, _, _)| n == name).map(|(_, _, v)| *v)

@@ -37,6 +37,34 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// μP coordinate check: train the configured model at several widths for a few steps on
+    /// one batch, fit log2(mean |module output|) against log2(width); exit 1 when any |slope|
+    /// reaches --max-slope. Writes coord_check.json and coord_check.png to --out.
+    CoordCheck {
+        /// A TOML config file (default: the built-in default run).
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable), e.g. --set mup.enabled=true.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Widths to train at (gpt d_model, mlp widths[0] with the rest scaled, resnet width).
+        #[arg(long, value_delimiter = ',', default_value = "64,128,256,512,1024")]
+        widths: Vec<usize>,
+        /// Fail when any module's |slope| reaches this.
+        #[arg(long, default_value_t = 0.1)]
+        max_slope: f64,
+        /// Seeds averaged per width.
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+        /// Training steps recorded (t = 1..steps; t = 1 is at initialisation).
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        /// Learning rate (constant, no warmup or clipping): deliberately large.
+        #[arg(long, default_value_t = 1e-2)]
+        lr: f64,
+        /// Directory for coord_check.json and coord_check.png.
+        #[arg(long, default_value = "runs/coord-check")]
+        out: PathBuf,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]

@@ -6,6 +6,7 @@ pub mod build;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod coord_check;
 #[cfg(feature = "cuda")]
 pub mod cuda_libs;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod fault;
 pub mod gpu_check;
 pub mod metrics;
 pub mod parity;
+pub mod plot;
 pub mod setup;
 pub mod train;
 pub mod world;

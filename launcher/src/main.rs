@@ -26,6 +26,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ensure_cuda_libs_for_train();
             train(&TrainArgs { config, sets, run_dir, resume, fault: None })?;
         }
+        Cmd::CoordCheck { config, sets, widths, max_slope, seeds, steps, lr, out } => {
+            use dptrain_launcher::coord_check as cc;
+            let args = cc::CoordArgs { config, sets, widths, max_slope, seeds, steps, lr, out };
+            let report = cc::run(&args)?;
+            print!("{}", cc::table(&report));
+            cc::write(&report, &args.out)?;
+            println!("wrote {} and {}", args.out.join("coord_check.json").display(), args.out.join("coord_check.png").display());
+            if !report.failures.is_empty() {
+                return Err(LaunchError::Runtime(format!(
+                    "coordinate check failed: {} (module, step) curves with |slope| ≥ {}",
+                    report.failures.len(),
+                    max_slope
+                ))
+                .into());
+            }
+        }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
         Cmd::Parity { cmd: ParityCmd::Optim { config, input, output, state_in, state_out } } => {
             dptrain_launcher::parity::optim(&dptrain_launcher::parity::ParityArgs { config, input, output, state_in, state_out })?

@@ -651,7 +651,7 @@ fn the_examples_run() {
         assert!(cfg.contains("windows = \"random\""), "{cfg}");
     }
     // The large-batch examples, with the batch-size rules resolved as their comments say.
-    for (name, lr, steps) in [("large-batch-resnet", 2.0, 2 * 4), ("large-batch-gpt-lamb", 2e-2, 2)] {
+    for (name, lr, steps) in [("large-batch-resnet", 2.0, 2 * 4), ("large-batch-gpt-lamb", 2e-2, 2), ("mup-gpt", 3e-3, 2)] {
         let mut c = bin();
         c.current_dir(&root).arg("train").arg(format!("examples/{name}.toml")).arg("--run-dir").arg(d.join(name));
         c.args(["--set", "train.steps=2", "--set", "train.eval_samples=4", "--set", "run.threads=1"]);
@@ -902,5 +902,45 @@ fn a_checkpoint_with_the_old_batch_norm_key_resumes() {
     std::fs::write(&ck, old).unwrap();
     ok(&bin().arg("train").arg("--resume").arg(a.join("checkpoints/step_0000010")).arg("--run-dir").arg(&b).output().unwrap());
     assert_eq!(values(&records(&a), 10), values(&records(&b), 10));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `dptrain coord-check`: μP's activations stay flat across widths (exit 0), the standard
+/// parametrization's grow (exit 1, the readout among the failing modules), for gpt and mlp;
+/// the table, the JSON and the PNG are written.
+#[test]
+fn coord_check_passes_for_mup_and_fails_for_the_standard_parametrization() {
+    let d = tmp("coord");
+    let mup = ["mup.enabled=true", "mup.base_width=64", "mup.zero_init_readout=true"];
+    // The GPT at short context and batch: widths up to 1024 stay cheap, and the readout's first
+    // Adam step is past the small-width regime where its noise still shrinks with width.
+    let gpt = (["model.context=16", "train.global_batch=4", "mup.zero_init_query=true"], "128,256,512,1024", "lm_head");
+    let mlp = (["model.kind=\"mlp\"", "data.kind=\"synthetic-images\"", "data.samples=256"], "64,128,256,512", "head");
+    for (model, (sets, widths, readout)) in [("gpt", gpt), ("mlp", mlp)] {
+        for with_mup in [true, false] {
+            let out = d.join(format!("{model}-{with_mup}"));
+            let mut c = bin();
+            c.args(["coord-check", "--widths", widths, "--seeds", "2", "--out"]).arg(&out);
+            for s in sets.iter().chain(if with_mup { &mup[..] } else { &[] }).filter(|s| with_mup || !s.starts_with("mup.")) {
+                c.args(["--set", s]);
+            }
+            let o = c.output().unwrap();
+            let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("coord_check.json")).unwrap()).unwrap();
+            assert!(std::fs::metadata(out.join("coord_check.png")).unwrap().len() > 10_000, "{model}: no plot");
+            let failing: Vec<&str> = report["failures"].as_array().unwrap().iter().map(|f| f[0].as_str().unwrap()).collect();
+            if with_mup {
+                assert!(o.status.success(), "{model} μP failed the check:\n{stdout}{stderr}");
+                assert!(stdout.contains("PASS"), "{stdout}");
+            } else {
+                assert_eq!(o.status.code(), Some(1), "{model} SP passed the check:\n{stdout}{stderr}");
+                assert!(failing.contains(&readout), "{model} SP: the readout {readout} is not among the failures {failing:?}");
+                assert!(stderr.contains("coordinate check failed"), "{stderr}");
+            }
+        }
+    }
+    let o = bin().args(["coord-check", "--widths", "64"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--widths: at least two widths"));
     std::fs::remove_dir_all(&d).ok();
 }

@@ -4,7 +4,7 @@
 
 use crate::nn::{rms, BatchNorm, Linear, NormKind};
 use dptrain_core::model::{Batch, Model};
-use dptrain_core::probe::{ProbeSink, Reduce};
+use dptrain_core::probe::{record_coord, ProbeSink, Reduce};
 use dptrain_core::{Error, ParamBuilder, ParamStore, Result, Role, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -86,15 +86,20 @@ impl Model for Mlp {
         let mut h = tape.constant(x);
         for (i, (lin, bn)) in self.layers.iter().enumerate() {
             h = lin.forward(tape, ps, h)?;
+            record_coord(probes, &format!("layers.{i}"), &h.value());
             if let Some(bn) = bn {
                 h = bn.forward(tape, ps, h, train)?;
+                record_coord(probes, &format!("bn.{i}"), &h.value());
             }
             h = h.relu()?.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
+            record_coord(probes, &format!("act.{i}"), &h.value());
             if probes.enabled() {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
-        let ce = self.head.forward(tape, ps, crate::nn::readout_input(h, self.cfg.readout_mult)?)?.cross_entropy(labels, 0.0)?;
+        let logits = self.head.forward(tape, ps, crate::nn::readout_input(h, self.cfg.readout_mult)?)?;
+        record_coord(probes, "head", &logits.value());
+        let ce = logits.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);
         probes.record("acc", Reduce::Mean, ce.accuracy);

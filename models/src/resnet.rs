@@ -6,7 +6,7 @@
 
 use crate::nn::{maybe_norm, rms, BatchNorm, Linear, NormKind};
 use dptrain_core::model::{Batch, Model};
-use dptrain_core::probe::{ProbeSink, Reduce};
+use dptrain_core::probe::{record_coord, ProbeSink, Reduce};
 use dptrain_core::{Error, Init, ParamBuilder, ParamId, ParamStore, Result, Role, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -125,6 +125,7 @@ impl Model for ResNet {
         let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype()).to_device(ps.device())?;
         let x = tape.constant(x);
         let mut h = maybe_norm(&self.bn1, tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
+        record_coord(probes, "conv1", &h.value());
         for (i, blk) in self.blocks.iter().enumerate() {
             let y = maybe_norm(&blk.bn1, tape, ps, blk.conv1.forward(tape, ps, h)?, train)?.relu()?;
             let y = maybe_norm(&blk.bn2, tape, ps, blk.conv2.forward(tape, ps, y)?, train)?;
@@ -133,12 +134,15 @@ impl Model for ResNet {
                 None => h,
             };
             h = y.add(short)?.relu()?;
+            record_coord(probes, &format!("block.{i}"), &h.value());
             if probes.enabled() {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
         let pooled = h.mean_dims(&[2, 3], false)?;
-        let ce = self.fc.forward(tape, ps, crate::nn::readout_input(pooled, self.cfg.readout_mult)?)?.cross_entropy(labels, 0.0)?;
+        let logits = self.fc.forward(tape, ps, crate::nn::readout_input(pooled, self.cfg.readout_mult)?)?;
+        record_coord(probes, "fc", &logits.value());
+        let ce = logits.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);
         probes.record("acc", Reduce::Mean, ce.accuracy);

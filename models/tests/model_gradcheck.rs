@@ -76,7 +76,12 @@ fn gpt_gradients_with(dropout: f64, attn_scale: Option<f64>, readout_mult: f64) 
     let mut rng = Rng::new(2);
     let ids: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
     let targets: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
-    check_model(&format!("gpt dropout {dropout} scale {attn_scale:?} readout × {readout_mult}"), &m, ps, &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 });
+    check_model(
+        &format!("gpt dropout {dropout} scale {attn_scale:?} readout × {readout_mult}"),
+        &m,
+        ps,
+        &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 },
+    );
 }
 
 fn images(n: usize, shape: [usize; 3], classes: u64) -> Batch {
