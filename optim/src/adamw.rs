@@ -8,7 +8,7 @@
 //! parameter's learning rate is lr·scale, and in the coupled form its decay follows its own
 //! learning rate. The update is a single fused pass over the flat buffers.
 
-use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{AdamWStep, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
@@ -156,16 +156,11 @@ impl Optimizer for AdamW {
             Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
             None => (self.m.clone(), self.v.clone()),
         };
-        let mut v_ = split_state("exp_avg", &m, params);
-        v_.extend(split_state("exp_avg_sq", &v, params));
-        let v = v_;
-        Ok((v, serde_json::json!({ "step": self.t })))
+        Ok(moments_state(&m, &v, self.t, params))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
-        join_state("exp_avg", &mut self.m, params, t)?;
-        join_state("exp_avg_sq", &mut self.v, params, t)?;
-        self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| crate::OptimError::State("missing `step`".into()))?;
+        self.t = load_moments(&mut self.m, &mut self.v, params, t, s)?;
         Ok(())
     }
     fn name(&self) -> &'static str {

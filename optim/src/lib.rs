@@ -69,6 +69,27 @@ pub trait Optimizer: Send {
     fn name(&self) -> &'static str;
 }
 
+/// Adam-style state (AdamW, LAMB): the moments as `exp_avg.<param>` / `exp_avg_sq.<param>`
+/// (torch's names) and the step count.
+pub(crate) fn moments_state(m: &[f32], v: &[f32], step: u64, params: &ParamStore) -> (Vec<(String, Tensor)>, serde_json::Value) {
+    let mut out = split_state("exp_avg", m, params);
+    out.extend(split_state("exp_avg_sq", v, params));
+    (out, serde_json::json!({ "step": step }))
+}
+
+/// Restores what [`moments_state`] saved into `m` and `v`; returns the step count.
+pub(crate) fn load_moments(
+    m: &mut [f32],
+    v: &mut [f32],
+    params: &ParamStore,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    scalars: &serde_json::Value,
+) -> Result<u64> {
+    join_state("exp_avg", m, params, tensors)?;
+    join_state("exp_avg_sq", v, params, tensors)?;
+    scalars.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))
+}
+
 /// Flat state buffer → named per-parameter tensors.
 pub(crate) fn split_state(prefix: &str, flat: &[f32], params: &ParamStore) -> Vec<(String, Tensor)> {
     params

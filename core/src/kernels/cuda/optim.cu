@@ -5,16 +5,21 @@
 struct AdamWStep { float beta1, beta2, eps, step_size, inv_sqrt_bc2, decay; };
 struct SgdStep { float lr, weight_decay, momentum, dampening; bool nesterov, first; };
 
+// Adam's moment updates of element i (AdamW and LAMB): m, v updated in place and returned.
+__device__ __forceinline__ void adam_moments(float* m, float* v, float gi, float beta1, float beta2, i64 i, float* mi, float* vi) {
+    *mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    *vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = *mi;
+    v[i] = *vi;
+}
+
 // decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
 // null when every one is 1 (the common case reads nothing).
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
                                      AdamWStep s) {
     GRID_STRIDE(i, n) {
-        const float gi = g[i];
-        const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
-        const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
+        float mi, vi;
+        adam_moments(m, v, g[i], s.beta1, s.beta2, i, &mi, &vi);
         const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
         const float step = lr_scale ? s.step_size * lr_scale[i] : s.step_size;
         p[i] = pi - step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
@@ -104,11 +109,8 @@ extern "C" __global__ void seg_norms_f32(const float* partial, const i64* table,
 extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n,
                                             LambStep s) {
     GRID_STRIDE(i, n) {
-        const float gi = g[i];
-        const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
-        const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
+        float mi, vi;
+        adam_moments(m, v, g[i], s.beta1, s.beta2, i, &mi, &vi);
         r[i] = mi * s.c1 / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * decay_scale[i] * p[i];
     }
 }
