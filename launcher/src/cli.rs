@@ -65,6 +65,12 @@ pub enum Cmd {
         #[arg(long, default_value = "runs/coord-check")]
         out: PathBuf,
     },
+    /// Plot a run (loss, validation loss, learning rate, gradient norm, every probe family) as
+    /// PNGs in its directory and write report.md with the final numbers and alerts.
+    Report {
+        /// The run directory (with metrics.jsonl).
+        run_dir: PathBuf,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]

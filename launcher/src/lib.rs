@@ -15,6 +15,7 @@ pub mod gpu_check;
 pub mod metrics;
 pub mod parity;
 pub mod plot;
+pub mod report;
 pub mod setup;
 pub mod train;
 pub mod world;

@@ -42,6 +42,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
         }
+        Cmd::Report { run_dir } => {
+            let w = dptrain_launcher::report::report(&run_dir)?;
+            for p in &w.plots {
+                println!("wrote {}", p.display());
+            }
+            println!("wrote {}", w.report.display());
+        }
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
         Cmd::Parity { cmd: ParityCmd::Optim { config, input, output, state_in, state_out } } => {
             dptrain_launcher::parity::optim(&dptrain_launcher::parity::ParityArgs { config, input, output, state_in, state_out })?

@@ -69,3 +69,57 @@ pub fn coord_check_png(r: &Report, path: &Path) -> Result<()> {
     root.present().map_err(err)?;
     Ok(())
 }
+
+/// A line chart of named series over steps (`log_y`: the y axis is log10 of the values, for
+/// quantities that span decades; non-positive points are then left out).
+pub fn line_chart(path: &Path, title: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)], log_y: bool) -> Result<()> {
+    register_font();
+    let tr = |v: f64| if log_y { v.log10() } else { v };
+    let pts: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|(_, s)| s.iter().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0)).map(|&(x, y)| (x, tr(y))).collect())
+        .collect();
+    let all = pts.iter().flatten();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in all {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-9);
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(34)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(err)?;
+    let y_desc = if log_y { format!("log10 {y_desc}") } else { y_desc.to_string() };
+    chart.configure_mesh().x_desc("step").y_desc(y_desc).label_style(("sans-serif", 12)).draw().map_err(err)?;
+    for (i, ((name, _), p)) in series.iter().zip(&pts).enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(p.clone(), ShapeStyle { color, filled: false, stroke_width: 2 }))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+        if p.len() < 30 {
+            chart.draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(err)?;
+        }
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}

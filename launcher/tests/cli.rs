@@ -927,7 +927,7 @@ fn coord_check_passes_for_mup_and_fails_for_the_standard_parametrization() {
             let o = c.output().unwrap();
             let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
             let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("coord_check.json")).unwrap()).unwrap();
-            assert!(std::fs::metadata(out.join("coord_check.png")).unwrap().len() > 10_000, "{model}: no plot");
+            assert_real_png(&out.join("coord_check.png"));
             let failing: Vec<&str> = report["failures"].as_array().unwrap().iter().map(|f| f[0].as_str().unwrap()).collect();
             if with_mup {
                 assert!(o.status.success(), "{model} μP failed the check:\n{stdout}{stderr}");
@@ -942,5 +942,45 @@ fn coord_check_passes_for_mup_and_fails_for_the_standard_parametrization() {
     let o = bin().args(["coord-check", "--widths", "64"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--widths: at least two widths"));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A PNG that decodes and is not blank: a fair share of non-white pixels, and data drawn —
+/// coloured pixels (the series' palette), not only the grey mesh and black labels.
+fn assert_real_png(p: &Path) {
+    let img = image::open(p).unwrap_or_else(|e| panic!("{}: does not decode: {e}", p.display())).to_rgb8();
+    let (w, h) = img.dimensions();
+    assert!(w >= 300 && h >= 200, "{}: {w}×{h}", p.display());
+    let non_white = img.pixels().filter(|px| px.0 != [255, 255, 255]).count();
+    let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|px| px.0).collect();
+    assert!(
+        non_white * 100 > (w * h) as usize && colours.len() > 8,
+        "{}: looks blank ({non_white} non-white pixels, {} colours)",
+        p.display(),
+        colours.len()
+    );
+    let coloured = img.pixels().filter(|px| px.0.iter().max().unwrap() - px.0.iter().min().unwrap() > 60).count();
+    assert!(coloured > 200, "{}: no data drawn ({coloured} coloured pixels)", p.display());
+}
+
+/// `dptrain report`: the run's curves and every probe family as PNGs that decode and are not
+/// blank, and report.md with the final numbers; a directory without metrics is a one-line
+/// exit-2 error.
+#[test]
+fn report_plots_a_run() {
+    let d = tmp("report");
+    let run = d.join("run");
+    ok(&train(&run, &["train.steps=20", "train.eval_every=10"], &[]));
+    let o = bin().arg("report").arg(&run).output().unwrap();
+    ok(&o);
+    for name in ["loss", "lr", "grad_norm", "probe_attn_logit_max", "probe_resid_rms", "probe_log_z", "probe_logit_mean"] {
+        assert_real_png(&run.join(format!("{name}.png")));
+    }
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(md.contains("final validation loss") && md.contains("`attn_logit_max/0`") && md.contains("![loss.png](loss.png)"), "{md}");
+    let o = bin().arg("report").arg(d.join("nope")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("metrics.jsonl") && err.trim_end().lines().count() == 1, "{err}");
     std::fs::remove_dir_all(&d).ok();
 }

@@ -1,0 +1,138 @@
+//! `dptrain report RUN_DIR`: a run's curves as PNGs and a `report.md`, from what the run wrote
+//! (`metrics.jsonl`, `summary.json`, the resolved `config.toml`) — nothing is recomputed, so a
+//! report can be made while the run goes on or long after, on any machine.
+//!
+//! Plots: training and validation loss, learning rate, gradient norm, and one plot per probe
+//! family (the part of a probe's name before `/`: `attn_logit_max/0`, `attn_logit_max/1`, ...
+//! share `probe_attn_logit_max.png`; a name without `/` is its own family). `report.md` has the
+//! final numbers, each probe's last value, and the alerts the run recorded (`events.jsonl`).
+
+use crate::error::{input_err, LaunchError, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Fields of a metrics record that are not probes.
+const NOT_PROBES: &[&str] =
+    &["step", "loss", "lr", "grad_norm", "elapsed_s", "samples_per_s", "comm_s", "comm_hidden", "entropy_floor", "val_gap"];
+
+/// What `report` wrote.
+#[derive(Debug)]
+pub struct Written {
+    pub plots: Vec<PathBuf>,
+    pub report: PathBuf,
+}
+
+fn series(recs: &[Value], key: &str) -> Vec<(f64, f64)> {
+    recs.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
+}
+
+fn file_name(family: &str) -> String {
+    family.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+}
+
+/// Writes the plots and `report.md` into `dir` (the run directory).
+pub fn report(dir: &Path) -> Result<Written> {
+    let metrics = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics)
+        .map_err(|e| input_err!("{}: cannot read ({e}); is {} a run directory?", metrics.display(), dir.display()))?;
+    let mut recs = vec![];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).map_err(|e| input_err!("{}: line {}: not JSON ({e})", metrics.display(), i + 1))?;
+        if v.get("step").and_then(Value::as_f64).is_none() {
+            return Err(input_err!("{}: line {}: no `step`", metrics.display(), i + 1));
+        }
+        recs.push(v);
+    }
+    if recs.is_empty() {
+        return Err(input_err!("{}: no records yet", metrics.display()));
+    }
+    let summary: Option<Value> = std::fs::read_to_string(dir.join("summary.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
+    let mut plots = vec![];
+    let mut plot = |name: &str, title: &str, y: &str, s: Vec<(String, Vec<(f64, f64)>)>, log_y: bool| -> Result<()> {
+        if s.iter().all(|(_, p)| p.is_empty()) {
+            return Ok(());
+        }
+        let p = dir.join(name);
+        crate::plot::line_chart(&p, title, y, &s, log_y)?;
+        plots.push(p);
+        Ok(())
+    };
+    plot(
+        "loss.png",
+        "loss",
+        "nats",
+        vec![("train".into(), series(&recs, "loss")), ("validation".into(), series(&recs, "val_loss"))],
+        false,
+    )?;
+    plot("lr.png", "learning rate", "lr", vec![("lr".into(), series(&recs, "lr"))], false)?;
+    plot("grad_norm.png", "gradient norm (before clipping)", "‖g‖", vec![("grad_norm".into(), series(&recs, "grad_norm"))], true)?;
+    // Probe families, in name order.
+    let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &recs {
+        for (k, v) in r.as_object().into_iter().flatten() {
+            if NOT_PROBES.contains(&k.as_str()) || k.starts_with("val_") || !v.is_number() {
+                continue;
+            }
+            let fam = k.split('/').next().unwrap_or(k).to_string();
+            let members = families.entry(fam).or_default();
+            if !members.contains(k) {
+                members.push(k.clone());
+            }
+        }
+    }
+    for (fam, keys) in &families {
+        let s = keys.iter().map(|k| (k.clone(), series(&recs, k))).collect();
+        plot(&format!("probe_{}.png", file_name(fam)), fam, fam, s, false)?;
+    }
+
+    let mut md = format!("# Run report: {}\n\n", dir.display());
+    match &summary {
+        Some(s) => {
+            let f = |k: &str| s.get(k).and_then(Value::as_f64).map_or("—".to_string(), |v| format!("{v:.4}"));
+            md.push_str(&format!(
+                "| | |\n|---|---|\n| model | {} |\n| parameters | {} |\n| steps | {} |\n| final training loss | {} |\n| final validation loss | {} |\n| validation accuracy | {} |\n| entropy floor | {} |\n| gap to the floor | {} |\n| time | {} s |\n| samples/s | {} |\n\n",
+                s.get("model").and_then(Value::as_str).unwrap_or("—"),
+                s.get("parameters").and_then(Value::as_u64).map_or("—".into(), |v| v.to_string()),
+                s.get("steps").and_then(Value::as_u64).map_or("—".into(), |v| v.to_string()),
+                f("final_loss"),
+                f("final_val_loss"),
+                f("final_val_acc"),
+                f("entropy_floor"),
+                f("gap_to_floor"),
+                f("elapsed_s"),
+                f("samples_per_s"),
+            ));
+        }
+        None => md.push_str("No `summary.json` yet: the run has not finished.\n\n"),
+    }
+    let last_step = recs.iter().filter_map(|r| r["step"].as_u64()).max().unwrap_or(0);
+    md.push_str(&format!("Last logged step: {last_step}.\n\n## Probes (last value)\n\n"));
+    if families.is_empty() {
+        md.push_str("None logged.\n");
+    } else {
+        md.push_str("| probe | step | value |\n|---|---|---|\n");
+        for k in families.values().flatten() {
+            if let Some((s, v)) = series(&recs, k).last() {
+                md.push_str(&format!("| `{k}` | {s} | {v:.6e} |\n"));
+            }
+        }
+    }
+    md.push_str("\n## Alerts\n\n");
+    match std::fs::read_to_string(dir.join("events.jsonl")) {
+        Ok(ev) if !ev.trim().is_empty() => {
+            for line in ev.lines() {
+                md.push_str(&format!("- `{line}`\n"));
+            }
+        }
+        _ => md.push_str("None recorded.\n"),
+    }
+    md.push_str("\n## Plots\n\n");
+    for p in &plots {
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        md.push_str(&format!("![{name}]({name})\n"));
+    }
+    let report = dir.join("report.md");
+    dptrain_core::checkpoint::atomic_write(&report, md.as_bytes()).map_err(|e| LaunchError::Runtime(e.to_string()))?;
+    Ok(Written { plots, report })
+}
