@@ -65,6 +65,25 @@ pub enum Cmd {
         #[arg(long, default_value = "runs/coord-check")]
         out: PathBuf,
     },
+    /// LR sweep: train the config at each --lr (and each --grid variant), one child process and
+    /// run directory per point, then print final losses and each variant's LR sensitivity and
+    /// write sweep.json and sweep.png to --out.
+    Sweep {
+        /// A TOML config file (default: the built-in default run).
+        config: Option<PathBuf>,
+        /// Override a config key for every point (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Peak learning rates, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        lr: Vec<f64>,
+        /// A grid axis, key=v1|v2|... (repeatable; variants are every combination).
+        #[arg(long, value_name = "KEY=V1|V2")]
+        grid: Vec<String>,
+        /// Directory for the runs, sweep.json and sweep.png.
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+    },
     /// Plot a run (loss, validation loss, learning rate, gradient norm, every probe family) as
     /// PNGs in its directory and write report.md with the final numbers and alerts.
     Report {

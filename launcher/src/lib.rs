@@ -17,5 +17,6 @@ pub mod parity;
 pub mod plot;
 pub mod report;
 pub mod setup;
+pub mod sweep;
 pub mod train;
 pub mod world;

@@ -42,6 +42,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
         }
+        Cmd::Sweep { config, sets, lr, grid, out } => {
+            use dptrain_launcher::sweep as sw;
+            let s = sw::run(&sw::SweepArgs { config, sets, lrs: lr, grid, out: out.clone() })?;
+            print!("{}", sw::table(&s));
+            println!("wrote {} and {}", out.join("sweep.json").display(), out.join("sweep.png").display());
+        }
         Cmd::Report { run_dir } => {
             let w = dptrain_launcher::report::report(&run_dir)?;
             for p in &w.plots {

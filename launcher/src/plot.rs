@@ -73,6 +73,11 @@ pub fn coord_check_png(r: &Report, path: &Path) -> Result<()> {
 /// A line chart of named series over steps (`log_y`: the y axis is log10 of the values, for
 /// quantities that span decades; non-positive points are then left out).
 pub fn line_chart(path: &Path, title: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)], log_y: bool) -> Result<()> {
+    chart_xy(path, title, "step", y_desc, series, log_y)
+}
+
+/// A line chart of named (x, y) series with the given axis names.
+pub fn chart_xy(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)], log_y: bool) -> Result<()> {
     register_font();
     let tr = |v: f64| if log_y { v.log10() } else { v };
     let pts: Vec<Vec<(f64, f64)>> = series
@@ -98,7 +103,7 @@ pub fn line_chart(path: &Path, title: &str, y_desc: &str, series: &[(String, Vec
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
         .map_err(err)?;
     let y_desc = if log_y { format!("log10 {y_desc}") } else { y_desc.to_string() };
-    chart.configure_mesh().x_desc("step").y_desc(y_desc).label_style(("sans-serif", 12)).draw().map_err(err)?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).label_style(("sans-serif", 12)).draw().map_err(err)?;
     for (i, ((name, _), p)) in series.iter().zip(&pts).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart

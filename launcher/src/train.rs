@@ -109,6 +109,11 @@ fn train_loop(
     };
     let mut stream = BatchStream::new(sampler, run.stream);
     let (mut last_loss, mut last_val) = (f64::NAN, None);
+    if cfg.train.eval_at_start && run.start_step == 0 {
+        // The loss at initialisation (LR sweeps count a diverged run at it).
+        let ev = evaluate(run, comm)?;
+        sink.log_eval(0, &ev, run.data.floor)?;
+    }
 
     for step in run.start_step..steps {
         let done = step + 1;

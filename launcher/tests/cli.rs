@@ -651,7 +651,9 @@ fn the_examples_run() {
         assert!(cfg.contains("windows = \"random\""), "{cfg}");
     }
     // The large-batch examples, with the batch-size rules resolved as their comments say.
-    for (name, lr, steps) in [("large-batch-resnet", 2.0, 2 * 4), ("large-batch-gpt-lamb", 2e-2, 2), ("mup-gpt", 3e-3, 2)] {
+    for (name, lr, steps) in
+        [("large-batch-resnet", 2.0, 2 * 4), ("large-batch-gpt-lamb", 2e-2, 2), ("mup-gpt", 3e-3, 2), ("lr-sweep-gpt", 3e-3, 2)]
+    {
         let mut c = bin();
         c.current_dir(&root).arg("train").arg(format!("examples/{name}.toml")).arg("--run-dir").arg(d.join(name));
         c.args(["--set", "train.steps=2", "--set", "train.eval_samples=4", "--set", "run.threads=1"]);
@@ -982,5 +984,42 @@ fn report_plots_a_run() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("metrics.jsonl") && err.trim_end().lines().count() == 1, "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `dptrain sweep`: every (variant, lr) point runs as its own child with its own run directory,
+/// a diverged run counts at the loss at initialisation (every point evaluates at step 0), and
+/// sweep.json's sensitivities follow the notes' definition from its own points.
+#[test]
+fn an_lr_sweep_runs_every_point_and_scores_sensitivity() {
+    let d = tmp("sweep");
+    let mut c = bin();
+    c.args(["sweep", "--lr", "1e-2,1e-1,1e8", "--grid", "optim.momentum=0.0|0.9", "--out"]).arg(&d);
+    for s in SMALL.iter().chain(SMALL_GPT).chain(&["optim.kind=\"sgd\"", "train.steps=12", "train.eval_every=6", "train.eval_samples=32"]) {
+        c.args(["--set", s]);
+    }
+    let o = c.output().unwrap();
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("sensitivity") && out.contains("diverged"), "{out}");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(d.join("sweep.json")).unwrap()).unwrap();
+    let points = s["points"].as_array().unwrap();
+    assert_eq!(points.len(), 6);
+    for p in points {
+        assert!(Path::new(p["run_dir"].as_str().unwrap()).join("metrics.jsonl").exists());
+        assert_eq!(p["diverged"].as_bool().unwrap(), p["lr"].as_f64().unwrap() > 1.0, "{p}");
+        assert!(p["init_loss"].as_f64().unwrap() > 2.0, "{p}");
+    }
+    for v in s["variants"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        let mine: Vec<&Value> = points.iter().filter(|p| p["variant"] == name).collect();
+        let l0 = mine[0]["init_loss"].as_f64().unwrap();
+        let capped: Vec<f64> = mine.iter().map(|p| p["final_loss"].as_f64().map_or(l0, |l| l.min(l0))).collect();
+        let best = capped.iter().copied().fold(f64::INFINITY, f64::min);
+        let want = capped.iter().map(|l| l - best).sum::<f64>() / 3.0;
+        assert!((v["lr_sensitivity"].as_f64().unwrap() - want).abs() < 1e-12, "{name}: {v}");
+        assert!(want > 0.0);
+    }
+    assert_real_png(&d.join("sweep.png"));
     std::fs::remove_dir_all(&d).ok();
 }

@@ -157,6 +157,12 @@ pub const KEYS: &[KeyDoc] = &[
     )
     .one_of(&["f32", "bf16"]),
     k(
+        "train.eval_at_start",
+        Bool,
+        Some("false"),
+        "evaluate once before the first step (logged as step 0): the loss at initialisation, at which an LR sweep counts a diverged run",
+    ),
+    k(
         "train.regime_adaptation",
         Bool,
         Some("false"),

@@ -174,6 +174,7 @@ pub struct TrainSection {
     pub eval_samples: Option<usize>,
     pub precision: Precision,
     pub regime_adaptation: bool,
+    pub eval_at_start: bool,
     pub checkpoint_every: u64,
 }
 
