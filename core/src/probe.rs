@@ -79,11 +79,13 @@ pub trait ProbeSink {
 }
 
 /// Records `coord/<module>` = mean |x| of a module's output when the sink wants coordinates.
-pub fn record_coord(sink: &mut dyn ProbeSink, module: &str, x: &Tensor) {
+/// The name is formatted and the value read only then (`format_args!` costs nothing), so the
+/// call can sit in every forward.
+pub fn record_coord(sink: &mut dyn ProbeSink, module: std::fmt::Arguments<'_>, x: &crate::autograd::Var<'_>) {
     if !sink.coords() {
         return;
     }
-    let mean_abs = x.to_vec::<f64>().map(|v| v.iter().map(|a| a.abs()).sum::<f64>() / v.len().max(1) as f64).unwrap_or(f64::NAN);
+    let mean_abs = x.value().to_vec::<f64>().map(|v| v.iter().map(|a| a.abs()).sum::<f64>() / v.len().max(1) as f64).unwrap_or(f64::NAN);
     sink.record(&format!("coord/{module}"), Reduce::Mean, mean_abs);
 }
 

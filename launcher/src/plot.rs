@@ -22,6 +22,22 @@ fn err(e: impl std::fmt::Display) -> LaunchError {
     LaunchError::Runtime(format!("plot: {e}"))
 }
 
+/// The series' names in a box at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>,
+    pos: SeriesLabelPosition,
+    size: u32,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .label_font(("sans-serif", size))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(err)
+}
+
 /// The coordinate check: one panel per step, log2(width) against log2(mean |x|), one line per
 /// module (failing modules drawn thick).
 pub fn coord_check_png(r: &Report, path: &Path) -> Result<()> {
@@ -56,14 +72,7 @@ pub fn coord_check_png(r: &Report, path: &Path) -> Result<()> {
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled()))).map_err(err)?;
         }
         if t + 1 == steps {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .label_font(("sans-serif", 10))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK.mix(0.3))
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, SeriesLabelPosition::UpperLeft, 10)?;
         }
     }
     root.present().map_err(err)?;
@@ -116,14 +125,7 @@ pub fn chart_xy(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[
         }
     }
     if series.len() > 1 {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
     }
     root.present().map_err(err)?;
     Ok(())

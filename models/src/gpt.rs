@@ -153,40 +153,39 @@ impl Gpt {
             return Err(Error::shape("gpt", format!("{} ids as [{b}, {t}] with context {}", ids.len(), self.cfg.context)));
         }
         // Every module's mean |output| when the sink asks (the coordinate check).
-        let coord = |probes: &mut dyn ProbeSink, name: &str, v: &Var<'t>| record_coord(probes, name, &v.value());
         let tok = tape.param(ps, self.wte).embedding(ids, &[b, t])?;
-        coord(probes, "wte", &tok);
+        record_coord(probes, format_args!("wte"), &tok);
         let pos = tape.param(ps, self.wpe).narrow(0, 0, t)?;
-        coord(probes, "wpe", &pos);
+        record_coord(probes, format_args!("wpe"), &pos);
         let mut x = tok.add(pos)?.dropout(drop(0)?)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 4 * i as u64;
             let h = blk.ln_1.forward(tape, ps, x)?;
-            coord(probes, &format!("h.{i}.ln_1"), &h);
+            record_coord(probes, format_args!("h.{i}.ln_1"), &h);
             let qkv = blk.c_attn.forward(tape, ps, h)?;
-            coord(probes, &format!("h.{i}.attn.c_attn"), &qkv);
+            record_coord(probes, format_args!("h.{i}.attn.c_attn"), &qkv);
             let att = qkv.causal_attention_scaled(self.cfg.n_heads, drop(site)?, self.cfg.attn_scale)?;
             probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
-            coord(probes, &format!("h.{i}.attn"), &att.y);
+            record_coord(probes, format_args!("h.{i}.attn"), &att.y);
             let a = blk.attn_proj.forward(tape, ps, att.y)?;
-            coord(probes, &format!("h.{i}.attn.c_proj"), &a);
+            record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
             x = x.add(a.dropout(drop(site + 1)?)?)?;
             let h = blk.ln_2.forward(tape, ps, x)?;
-            coord(probes, &format!("h.{i}.ln_2"), &h);
+            record_coord(probes, format_args!("h.{i}.ln_2"), &h);
             let m = blk.c_fc.forward(tape, ps, h)?;
-            coord(probes, &format!("h.{i}.mlp.c_fc"), &m);
+            record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
             let m = blk.mlp_proj.forward(tape, ps, m.gelu(self.cfg.gelu_tanh)?)?;
-            coord(probes, &format!("h.{i}.mlp.c_proj"), &m);
+            record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
             x = x.add(m.dropout(drop(site + 2)?)?)?;
-            coord(probes, &format!("h.{i}"), &x);
+            record_coord(probes, format_args!("h.{i}"), &x);
             if probes.enabled() {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&x));
             }
         }
         let x = self.ln_f.forward(tape, ps, x)?;
-        coord(probes, "ln_f", &x);
+        record_coord(probes, format_args!("ln_f"), &x);
         let logits = self.lm_head.forward(tape, ps, crate::nn::readout_input(x, self.cfg.readout_mult)?)?;
-        coord(probes, "lm_head", &logits);
+        record_coord(probes, format_args!("lm_head"), &logits);
         Ok(logits)
     }
 }

@@ -86,19 +86,19 @@ impl Model for Mlp {
         let mut h = tape.constant(x);
         for (i, (lin, bn)) in self.layers.iter().enumerate() {
             h = lin.forward(tape, ps, h)?;
-            record_coord(probes, &format!("layers.{i}"), &h.value());
+            record_coord(probes, format_args!("layers.{i}"), &h);
             if let Some(bn) = bn {
                 h = bn.forward(tape, ps, h, train)?;
-                record_coord(probes, &format!("bn.{i}"), &h.value());
+                record_coord(probes, format_args!("bn.{i}"), &h);
             }
             h = h.relu()?.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
-            record_coord(probes, &format!("act.{i}"), &h.value());
+            record_coord(probes, format_args!("act.{i}"), &h);
             if probes.enabled() {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
         let logits = self.head.forward(tape, ps, crate::nn::readout_input(h, self.cfg.readout_mult)?)?;
-        record_coord(probes, "head", &logits.value());
+        record_coord(probes, format_args!("head"), &logits);
         let ce = logits.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);

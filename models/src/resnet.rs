@@ -125,7 +125,7 @@ impl Model for ResNet {
         let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype()).to_device(ps.device())?;
         let x = tape.constant(x);
         let mut h = maybe_norm(&self.bn1, tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
-        record_coord(probes, "conv1", &h.value());
+        record_coord(probes, format_args!("conv1"), &h);
         for (i, blk) in self.blocks.iter().enumerate() {
             let y = maybe_norm(&blk.bn1, tape, ps, blk.conv1.forward(tape, ps, h)?, train)?.relu()?;
             let y = maybe_norm(&blk.bn2, tape, ps, blk.conv2.forward(tape, ps, y)?, train)?;
@@ -134,14 +134,14 @@ impl Model for ResNet {
                 None => h,
             };
             h = y.add(short)?.relu()?;
-            record_coord(probes, &format!("block.{i}"), &h.value());
+            record_coord(probes, format_args!("block.{i}"), &h);
             if probes.enabled() {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
         let pooled = h.mean_dims(&[2, 3], false)?;
         let logits = self.fc.forward(tape, ps, crate::nn::readout_input(pooled, self.cfg.readout_mult)?)?;
-        record_coord(probes, "fc", &logits.value());
+        record_coord(probes, format_args!("fc"), &logits);
         let ce = logits.cross_entropy(labels, 0.0)?;
         probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
         probes.record("log_z", Reduce::Mean, ce.log_z_mean);

@@ -82,6 +82,8 @@ fn cuda_forward(
         (m, v)
     };
     let rstd = gpu::rsqrt_eps(&var, eps)?;
+    // Eval: one set of (running) statistics for the whole batch, one group.
+    let (k, n) = if train { (k, n) } else { (1, k * n) };
     let y = gpu::bn_apply(xv, &mean, &rstd, wv, bv, k, n, c, s)?;
     Ok((y, mean, rstd))
 }

@@ -52,8 +52,6 @@ pub fn bn_apply(
     let d = dev_of(x)?;
     let (x, w, b) = (contiguous(x)?, contiguous(w)?, contiguous(b)?);
     let y = empty(&d, x.shape())?;
-    // A single set of statistics (eval) serves the whole batch as one group.
-    let (k, n) = if mean.numel() == c { (1, k * n) } else { (k, n) };
     // bn_apply_f32(x, mean, rstd, w, b, y, i64 k, i64 n, i64 c, i64 s)
     launch!(d, "batch_norm", "bn_apply_f32", grid(k * n * c * s);
         ptr(&x)?, ptr(mean)?, ptr(rstd)?, ptr(&w)?, ptr(&b)?, ptr(&y)?, k as i64, n as i64, c as i64, s as i64)?;
