@@ -233,3 +233,52 @@ fn bf16_precision_rounds_gemm_inputs_only() {
     let rel = bf.0.iter().zip(&f32run.0).map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64).fold(0.0, f64::max);
     assert!(rel < 2e-2, "bf16 vs f32 relative difference {rel}");
 }
+
+/// qk_layer_norm is layer_norm applied to each head's query and key (with the query's and the
+/// key's own affine), the values untouched — checked against the separately golden-tested
+/// `layer_norm` on the split heads, forward and the gradients of everything.
+#[test]
+fn qk_layer_norm_is_layer_norm_on_each_heads_query_and_key() {
+    let (b, t, h, d) = (2, 5, 3, 4);
+    let c = h * d;
+    let mut rng = Rng::new(11);
+    let mut rnd = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.normal() * 2.0 + 0.5).collect() };
+    let (x, w, bias, up) = (rnd(b * t * 3 * c), rnd(2 * d), rnd(2 * d), rnd(b * t * 3 * c));
+    let run = |fused: bool| -> (Vec<f64>, Vec<Vec<f64>>) {
+        let tape = Tape::new();
+        let xv = tape.leaf(Tensor::from_vec(x.clone(), &[b, t, 3 * c]).unwrap());
+        let wv = tape.leaf(Tensor::from_vec(w.clone(), &[2, d]).unwrap());
+        let bv = tape.leaf(Tensor::from_vec(bias.clone(), &[2, d]).unwrap());
+        let y = if fused {
+            xv.qk_layer_norm(h, Some(wv), Some(bv), 1e-5).unwrap()
+        } else {
+            let parts = xv.split(2, &[c, c, c]).unwrap();
+            let mut normed = vec![];
+            for k in 0..2 {
+                let wk = wv.narrow(0, k, 1).unwrap().reshape(&[d]).unwrap();
+                let bk = bv.narrow(0, k, 1).unwrap().reshape(&[d]).unwrap();
+                normed.push(
+                    parts[k].reshape(&[b, t, h, d]).unwrap().layer_norm(Some(wk), Some(bk), 1e-5).unwrap().reshape(&[b, t, c]).unwrap(),
+                );
+            }
+            normed.push(parts[2]);
+            dptrain_core::ops::shape::cat(&normed, 2).unwrap()
+        };
+        let loss = y.mul(tape.constant(Tensor::from_vec(up.clone(), &[b, t, 3 * c]).unwrap())).unwrap().sum_all().unwrap();
+        let store = ParamBuilder::new().build(0, DType::F64).unwrap();
+        let lg = tape.backward(loss, &mut GradStore::new(&store), |_, _| {}).unwrap();
+        let grads = [xv, wv, bv].map(|v| lg.get(v).unwrap().to_vec::<f64>().unwrap());
+        (y.value().to_vec::<f64>().unwrap(), grads.to_vec())
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!((p - q).abs() <= 1e-9 * (1.0 + q.abs()), "{what}[{i}]: {p} vs {q}");
+        }
+    };
+    close(&y1, &y2, "y");
+    for (k, what) in ["dx", "dw", "db"].iter().enumerate() {
+        close(&g1[k], &g2[k], what);
+    }
+}

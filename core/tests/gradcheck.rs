@@ -126,6 +126,11 @@ fn stats(c: usize) -> (Mutex<Tensor>, Mutex<Tensor>) {
 fn fused_ops() {
     check("layer_norm affine", vec![r(&[3, 8], 1), r(&[8], 2), r(&[8], 3)], |_, v| v[0].layer_norm(Some(v[1]), Some(v[2]), 1e-5));
     check("layer_norm plain", vec![r(&[2, 3, 6], 4)], |_, v| v[0].layer_norm(None, None, 1e-5));
+    // 2 heads of d_head 4: the query and key rows normalised with their own affine, values passed.
+    check("qk_layer_norm affine", vec![r(&[2, 3, 24], 5), r(&[2, 4], 6), r(&[2, 4], 7)], |_, v| {
+        v[0].qk_layer_norm(2, Some(v[1]), Some(v[2]), 1e-5)
+    });
+    check("qk_layer_norm plain", vec![r(&[1, 5, 12], 8)], |_, v| v[0].qk_layer_norm(1, None, None, 1e-5));
     check("gelu erf", vec![rand(&[9], &mut Rng::new(5), -3.0, 3.0)], |_, v| v[0].gelu(false));
     check("gelu tanh", vec![rand(&[9], &mut Rng::new(6), -3.0, 3.0)], |_, v| v[0].gelu(true));
     check("attention", vec![r(&[2, 5, 12], 7)], |_, v| Ok(v[0].causal_attention(2)?.y));

@@ -144,6 +144,11 @@ fn cases() -> Vec<Case> {
         Box::new(|_, x, _| x[0].layer_norm(Some(x[1]), Some(x[2]), 1e-5)),
     ));
     v.push(f32c("layer_norm (no affine)", vec![randn(&[64, 96], 40)], Box::new(|_, x, _| x[0].layer_norm(None, None, 1e-5))));
+    v.push(f32c(
+        "qk_layer_norm (4 heads, affine)",
+        vec![randn(&[2, 33, 3 * 32], 42), randn(&[2, 8], 43), randn(&[2, 8], 44)],
+        Box::new(|_, x, _| x[0].qk_layer_norm(4, Some(x[1]), Some(x[2]), 1e-5)),
+    ));
     v.push(f32c("causal_attention", vec![randn(&[2, 33, 3 * 32], 41)], Box::new(|_, x, _| Ok(x[0].causal_attention(4)?.y))));
     // μP's score scale 1/d_head (d_head = 8) instead of 1/√d_head.
     v.push(f32c(

@@ -46,3 +46,66 @@ extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, co
         }
     }
 }
+
+// qk-layernorm over the packed attention projection x = qkv [N, 3, H, c] seen as rows of one
+// head's c = d_head values: row r is slot (r / h) % 3 — 0 query, 1 key (normalised with gain
+// w[slot·c ..] and bias b[slot·c ..], shared by the heads), 2 value (copied). Backward writes
+// gx and, for the parameter gradients, per row g·x̂ and g (zero on value rows).
+extern "C" __global__ void qk_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd, i64 rows, i64 h,
+                                           i64 c, float eps) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * c;
+        const i64 slot = (r / h) % 3;
+        if (slot == 2) {
+            for (i64 j = threadIdx.x; j < c; j += blockDim.x) y[r * c + j] = xr[j];
+            continue;
+        }
+        float s = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
+        const float m = block_sum(s) / (float)c;
+        float v = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) { const float d = xr[j] - m; v += d * d; }
+        const float rs = rsqrtf(block_sum(v) / (float)c + eps);
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            float o = (xr[j] - m) * rs;
+            if (w) o *= w[slot * c + j];
+            if (b) o += b[slot * c + j];
+            y[r * c + j] = o;
+        }
+        if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
+    }
+}
+
+extern "C" __global__ void qk_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd, float* gx,
+                                           float* gxhat, float* gmask, i64 rows, i64 h, i64 c) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * c;
+        const float* gr = g + r * c;
+        const i64 slot = (r / h) % 3;
+        if (slot == 2) {
+            for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+                gx[r * c + j] = gr[j];
+                gxhat[r * c + j] = 0.0f;
+                gmask[r * c + j] = 0.0f;
+            }
+            continue;
+        }
+        const float m = mean[r], rs = rstd[r];
+        float a = 0.0f, bsum = 0.0f;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs;
+            const float gxh = w ? gr[j] * w[slot * c + j] : gr[j];
+            a += gxh;
+            bsum += gxh * xh;
+            gxhat[r * c + j] = gr[j] * xh;
+            gmask[r * c + j] = gr[j];
+        }
+        a = block_sum(a) / (float)c;
+        bsum = block_sum(bsum) / (float)c;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs;
+            const float gxh = w ? gr[j] * w[slot * c + j] : gr[j];
+            gx[r * c + j] = rs * (gxh - a - xh * bsum);
+        }
+    }
+}
