@@ -1,5 +1,5 @@
 //! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
-//! fused AdamW (both decay forms) and SGD kernels, with and without learning-rate multipliers,
+//! fused AdamW, LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
 //! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
 //! step for step.
@@ -68,9 +68,13 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     // LAMB and LARS: a 100×100 matrix spans two chunks of the segmented norm (8192 elements
     // each), so the per-tensor norms combine partials across blocks; the vector takes LARS's
     // unadapted path.
-    let makers: [(&str, Make); 2] = [
+    let makers: [(&str, Make); 3] = [
         ("lamb", |ps, s| {
             let c = LambConfig { weight_decay: 0.1, correct_bias: true, ..Default::default() };
+            Box::new(Lamb::with_scales(c, ps, s).unwrap())
+        }),
+        ("lamb independent decay", |ps, s| {
+            let c = LambConfig { weight_decay: 0.1, decay_mode: DecayMode::Independent, peak_lr: 0.05, ..Default::default() };
             Box::new(Lamb::with_scales(c, ps, s).unwrap())
         }),
         ("lars", |ps, s| {
@@ -99,6 +103,16 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     for (name, soap) in [
         ("soap", SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() }),
         ("soap normalize", SoapConfig { precondition_frequency: 1, normalize_grads: true, ..Default::default() }),
+        (
+            "soap independent decay",
+            SoapConfig {
+                precondition_frequency: 2,
+                weight_decay: 0.1,
+                decay_mode: DecayMode::Independent,
+                peak_lr: 0.05,
+                ..Default::default()
+            },
+        ),
     ] {
         let (mut cpu, grads) = stores_with(5, 5);
         let (mut gpu, _) = stores_with(5, 5);

@@ -166,4 +166,9 @@ impl Optimizer for AdamW {
     fn name(&self) -> &'static str {
         "adamw"
     }
+    fn adam_view(&self) -> Result<Option<crate::AdamView>> {
+        let (c, t) = (&self.cfg, self.t as i32);
+        let corr = (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)), c.eps);
+        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), corr, self.t)
+    }
 }

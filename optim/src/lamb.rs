@@ -11,6 +11,7 @@
 //! multipliers scale λ and lr (`ParamScales`).
 
 use crate::trust::{norm, segments};
+use crate::DecayMode;
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{DeviceSegments, LambStep, Segment, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
@@ -25,11 +26,25 @@ pub struct LambConfig {
     pub correct_bias: bool,
     /// φ: the weight norm in the trust ratio is clamped to at most this (reference: 10).
     pub clamp: f64,
+    /// `Coupled` (the reference): λ·p is part of the direction the trust ratio scales.
+    /// `Independent` (Wortsman et al.): p ← p·(1 − s_t·λ) − lr·trust·r with r without decay and
+    /// s_t = lr / `peak_lr`, the schedule's multiplier, so λ does not move with the peak LR.
+    pub decay_mode: DecayMode,
+    pub peak_lr: f64,
 }
 
 impl Default for LambConfig {
     fn default() -> Self {
-        LambConfig { beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0, correct_bias: false, clamp: 10.0 }
+        LambConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.0,
+            correct_bias: false,
+            clamp: 10.0,
+            decay_mode: DecayMode::Coupled,
+            peak_lr: 1e-3,
+        }
     }
 }
 
@@ -76,6 +91,7 @@ impl Lamb {
     fn scalars(&self, lr: f64) -> LambStep {
         let c = self.cfg;
         let t = self.t as i32;
+        let independent = c.decay_mode == DecayMode::Independent;
         let (c1, inv_sqrt_bc2) =
             if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)).sqrt()) } else { (1.0, 1.0) };
         LambStep {
@@ -84,9 +100,10 @@ impl Lamb {
             eps: c.eps as f32,
             c1: c1 as f32,
             inv_sqrt_bc2: inv_sqrt_bc2 as f32,
-            weight_decay: c.weight_decay as f32,
+            weight_decay: if independent { 0.0 } else { c.weight_decay as f32 },
             lr: lr as f32,
             clamp: c.clamp as f32,
+            indep_decay: if independent { (lr / c.peak_lr * c.weight_decay) as f32 } else { 0.0 },
         }
     }
 }
@@ -133,7 +150,7 @@ impl Optimizer for Lamb {
             let ls = self.lr_scale.as_ref().map(|l| &l[range]);
             for i in 0..p.len() {
                 let lr = ls.map_or(s.lr, |l| s.lr * l[i]);
-                p[i] -= lr * trust * r[i];
+                p[i] = p[i] * (1.0 - s.indep_decay * ds[i]) - lr * trust * r[i];
             }
         }
         Ok(())
@@ -152,5 +169,10 @@ impl Optimizer for Lamb {
     }
     fn name(&self) -> &'static str {
         "lamb"
+    }
+    fn adam_view(&self) -> Result<Option<crate::AdamView>> {
+        let (c, t) = (&self.cfg, self.t as i32);
+        let corr = if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t))) } else { (1.0, 1.0) };
+        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), (corr.0, corr.1, c.eps), self.t)
     }
 }

@@ -67,6 +67,44 @@ pub trait Optimizer: Send {
         scalars: &serde_json::Value,
     ) -> Result<()>;
     fn name(&self) -> &'static str;
+    /// Adam-family optimizers: their moments, for the training probes (the fraction of √v̂
+    /// below ε, the unscaled update's size). `None` for the others, and before a first step.
+    fn adam_view(&self) -> Result<Option<AdamView>> {
+        Ok(None)
+    }
+}
+
+/// An Adam-family optimizer's moments in the parameters' flat layout, on their device.
+pub struct AdamView {
+    /// The first moment, where the update is m̂/(√v̂ + ε) element by element (AdamW, LAMB);
+    /// `None` when it lives in another basis than `v` (SOAP keeps m in the parameters' space
+    /// and v in the eigenbasis).
+    pub m: Option<Tensor>,
+    pub v: Tensor,
+    /// Bias corrections 1/(1 − β1ᵗ) and 1/(1 − β2ᵗ) (1 when the optimizer does not correct).
+    pub c1: f64,
+    pub c2: f64,
+    pub eps: f64,
+}
+
+impl AdamView {
+    /// The view of moments kept on the host (`m`, `v`) or on a device (`dev`).
+    pub(crate) fn of(
+        m: Option<&[f32]>,
+        v: &[f32],
+        dev: Option<(Option<&Tensor>, &Tensor)>,
+        c: (f64, f64, f64),
+        t: u64,
+    ) -> Result<Option<AdamView>> {
+        if t == 0 {
+            return Ok(None);
+        }
+        let (m, v) = match dev {
+            Some((dm, dv)) => (dm.cloned(), dv.clone()),
+            None => (m.map(|m| Tensor::from_slice(m, &[m.len()])).transpose()?, Tensor::from_slice(v, &[v.len()])?),
+        };
+        Ok(Some(AdamView { m, v, c1: c.0, c2: c.1, eps: c.2 }))
+    }
 }
 
 /// Adam-style state (AdamW, LAMB): the moments as `exp_avg.<param>` / `exp_avg_sq.<param>`

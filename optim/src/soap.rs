@@ -55,6 +55,10 @@ pub struct SoapConfig {
     pub normalize_grads: bool,
     pub correct_bias: bool,
     pub distribute: Distribute,
+    /// `Coupled` (the reference): p ← p·(1 − lr·λ) after the update. `Independent`:
+    /// p ← p·(1 − s_t·λ) with s_t = lr / `peak_lr`, the schedule's multiplier.
+    pub decay_mode: crate::DecayMode,
+    pub peak_lr: f64,
 }
 
 impl Default for SoapConfig {
@@ -73,6 +77,8 @@ impl Default for SoapConfig {
             normalize_grads: false,
             correct_bias: true,
             distribute: Distribute::Replicated,
+            decay_mode: crate::DecayMode::Coupled,
+            peak_lr: 3e-3,
         }
     }
 }
@@ -172,6 +178,15 @@ struct DevState {
 }
 
 impl Soap {
+    /// Parameter i's decay fraction this step (`decay_mode`).
+    fn decay_of(&self, i: usize, lr: f64) -> f64 {
+        let c = &self.cfg;
+        match c.decay_mode {
+            crate::DecayMode::Coupled => lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i],
+            crate::DecayMode::Independent => lr / c.peak_lr * c.weight_decay * self.wd_scale[i],
+        }
+    }
+
     pub fn new(cfg: SoapConfig, params: &ParamStore) -> Soap {
         Soap::with_scales(cfg, params, &ParamScales::ones(params)).expect("unit scales are valid")
     }
@@ -517,7 +532,7 @@ impl Soap {
             for j in 0..n {
                 pi[j] -= ss * u[j];
             }
-            let decay = ctx.lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i];
+            let decay = self.decay_of(i, ctx.lr);
             if decay > 0.0 {
                 let keep = (1.0 - decay) as f32;
                 pi.iter_mut().for_each(|x| *x *= keep);
@@ -708,7 +723,7 @@ impl Soap {
                 let rms = (flat::sum_squares(&u)? / n.max(1) as f64).sqrt();
                 flat::scale_in_place(&mut u, (1.0 / (1e-30 + rms)) as f32)?;
             }
-            let decay = ctx.lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i];
+            let decay = self.decay_of(i, ctx.lr);
             let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
             flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, (step_size * self.lr_scale[i]) as f32, keep)?;
             if finite[i] {
@@ -804,6 +819,11 @@ impl Optimizer for Soap {
 
     fn name(&self) -> &'static str {
         "soap"
+    }
+    fn adam_view(&self) -> Result<Option<crate::AdamView>> {
+        let (c, t) = (&self.cfg, self.t as i32);
+        let corr = if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t))) } else { (1.0, 1.0) };
+        crate::AdamView::of(None, &self.v, self.dev.as_ref().map(|d| (None, &d.v)), (corr.0, corr.1, c.eps), self.t)
     }
 }
 

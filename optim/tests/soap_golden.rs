@@ -35,6 +35,7 @@ fn config(hp: &Value) -> SoapConfig {
         normalize_grads: b("normalize_grads"),
         correct_bias: b("correct_bias"),
         distribute: Distribute::Replicated,
+        ..Default::default()
     }
 }
 

@@ -44,6 +44,7 @@ fn lamb_and_lars_match_pytorch_optimizer_step_by_step() {
                     weight_decay: h("weight_decay"),
                     correct_bias: hp["correct_bias"].as_bool().unwrap(),
                     clamp: 10.0,
+                    ..Default::default()
                 };
                 Box::new(Lamb::with_scales(c, &ps, &scales).unwrap())
             }

@@ -13,6 +13,22 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
     Ok(d.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())
 }
 
+/// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
+/// updates of `t` do not reach).
+pub fn copy_of(t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        let d = gpu::dev_of(t)?;
+        let src = gpu::contiguous(t)?;
+        let out = gpu::empty(&d, t.shape())?;
+        let r = src.device_region(0, src.numel())?;
+        d.copy(out.device_region(0, src.numel())?.ptr, r.ptr, r.bytes())?;
+        return Ok(out);
+    }
+    Tensor::from_slice(t.contiguous().data::<f32>()?, t.shape())
+}
+
 /// `t *= s` in place (t must be the only handle to its storage).
 pub fn scale_in_place(t: &mut Tensor, s: f32) -> Result<()> {
     #[cfg(feature = "cuda")]
@@ -178,6 +194,9 @@ pub struct LambStep {
     pub lr: f32,
     /// φ: the weight norm is clamped to at most this.
     pub clamp: f32,
+    /// Independent decay s_t·λ, applied to the parameter beside the update (0: coupled, where
+    /// λ is in the direction).
+    pub indep_decay: f32,
 }
 
 /// LARS's scalars for one step (the C layout of `struct LarsStep` in `kernels/cuda/optim.cu`).
@@ -243,6 +262,66 @@ impl DeviceSegments {
     }
 }
 
+/// What [`segment_sums`] adds up over each parameter's segment of two flat buffers `a`, `b`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SegSum {
+    /// (Σa², Σb²).
+    Squares,
+    /// (Σ(a − b)², Σb²): a change (parameters now vs before, or vs their initial values) and
+    /// the size of what it is measured against.
+    Diff,
+    /// Adam's moments `a = m`, `b = v` with bias corrections `c1 = 1/(1 − β1ᵗ)`,
+    /// `c2 = 1/(1 − β2ᵗ)`: (#{√v̂ < ε}, Σ(m̂ / (√v̂ + ε))²) — how much of the second moment sits
+    /// below ε, and the unscaled update's size (Wortsman et al. 2023's ε probe).
+    Adam { c1: f32, c2: f32, eps: f32 },
+}
+
+/// Per-segment sums of `what` over the flat f32 buffers `a` and `b` (same length, same device),
+/// in segment order, accumulated in f64 on the host (in f32 within a chunk, then f64, on a GPU,
+/// where `dev` must be the segments' device table). Probes read these on the steps that log
+/// them; a GPU call ends in one small download.
+pub fn segment_sums(a: &Tensor, b: &Tensor, segs: &[Segment], dev: Option<&DeviceSegments>, what: SegSum) -> Result<Vec<[f64; 2]>> {
+    if a.numel() != b.numel() {
+        return Err(crate::error::Error::Msg(format!("segment_sums over buffers of {} and {} elements", a.numel(), b.numel())));
+    }
+    #[cfg(feature = "cuda")]
+    if a.is_cuda() {
+        let table = dev.ok_or_else(|| crate::error::Error::Msg("segment_sums on a GPU needs the device segments".into()))?;
+        let (mode, c1, c2, eps) = match what {
+            SegSum::Squares => (0, 1.0, 1.0, 0.0),
+            SegSum::Diff => (1, 1.0, 1.0, 0.0),
+            SegSum::Adam { c1, c2, eps } => (2, c1, c2, eps),
+        };
+        let roots = crate::kernels::cuda::ops::segment_probe(a, b, &table.table, mode, c1, c2, eps)?.to_vec::<f32>()?;
+        return Ok(roots.chunks(2).take(segs.len()).map(|r| [(r[0] as f64).powi(2), (r[1] as f64).powi(2)]).collect());
+    }
+    let _ = dev;
+    let (x, y) = (a.data::<f32>()?, b.data::<f32>()?);
+    use rayon::prelude::*;
+    Ok(segs
+        .par_iter()
+        .map(|s| {
+            let (x, y) = (&x[s.offset..s.offset + s.len], &y[s.offset..s.offset + s.len]);
+            let mut acc = [0.0f64; 2];
+            for (&a, &b) in x.iter().zip(y) {
+                let (a, b) = (a as f64, b as f64);
+                let (p, q) = match what {
+                    SegSum::Squares => (a * a, b * b),
+                    SegSum::Diff => ((a - b) * (a - b), b * b),
+                    SegSum::Adam { c1, c2, eps } => {
+                        let r = (b * c2 as f64).sqrt();
+                        let u = a * c1 as f64 / (r + eps as f64);
+                        ((r < eps as f64) as u8 as f64, u * u)
+                    }
+                };
+                acc[0] += p;
+                acc[1] += q;
+            }
+            acc
+        })
+        .collect())
+}
+
 /// One fused LAMB step on device buffers (`r`: a scratch buffer of the parameters' size for
 /// the direction, whose norm sets the trust ratio before any parameter moves).
 #[allow(clippy::too_many_arguments)]
@@ -277,5 +356,29 @@ pub fn lars_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScale
     {
         let _ = (p, g, buf, scales, segs, s);
         Err(no_cuda())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_sums_on_the_host() {
+        let a = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 0.5, -1.0], &[5]).unwrap();
+        let b = Tensor::from_vec(vec![1.0f32, 0.0, 1.0, 1e-8, 4.0], &[5]).unwrap();
+        let segs = [Segment { offset: 0, len: 3, matrix: true }, Segment { offset: 3, len: 2, matrix: false }];
+        assert_eq!(segment_sums(&a, &b, &segs, None, SegSum::Squares).unwrap(), vec![[14.0, 2.0], [1.25, (1e-8f32 as f64).powi(2) + 16.0]]);
+        assert_eq!(
+            segment_sums(&a, &b, &segs, None, SegSum::Diff).unwrap(),
+            vec![[0.0 + 4.0 + 4.0, 2.0], [(0.5 - 1e-8f32 as f64).powi(2) + 25.0, (1e-8f32 as f64).powi(2) + 16.0]]
+        );
+        // c2 = 4: √v̂ = 2√v; ε = 1e-3: only v = 0 and v = 1e-8 (√v̂ = 2e-4) are below it.
+        let adam = segment_sums(&a, &b, &segs, None, SegSum::Adam { c1: 2.0, c2: 4.0, eps: 1e-3 }).unwrap();
+        assert_eq!(adam[0][0], 1.0);
+        assert_eq!(adam[1][0], 1.0);
+        let u = |m: f64, v: f64| 2.0 * m / ((4.0 * v).sqrt() + 1e-3f32 as f64);
+        let want = u(1.0, 1.0).powi(2) + u(2.0, 0.0).powi(2) + u(3.0, 1.0).powi(2);
+        assert!((adam[0][1] - want).abs() < 1e-9 * want, "{} vs {want}", adam[0][1]);
     }
 }

@@ -68,7 +68,7 @@ extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float
 // chunk partials are summed per parameter in order, in double — one launch each, and bitwise
 // the same result on every run and every rank.
 struct Chunk { i64 start, end, seg, matrix; };
-struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp; };
+struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp, indep_decay; };
 struct LarsStep { float lr, weight_decay, momentum, dampening, trust_coefficient; bool nesterov; };
 
 // partial[2c], partial[2c + 1] = Σx², Σy² over chunk c.
@@ -104,6 +104,40 @@ extern "C" __global__ void seg_norms_f32(const float* partial, const i64* table,
     }
 }
 
+// The training probes' per-tensor sums over chunk c (then finished by seg_norms_f32, which
+// takes the square roots): mode 0 (Σa², Σb²); mode 1 (Σ(a − b)², Σb²) — a change and what it is
+// measured against; mode 2, Adam moments a = m, b = v with bias corrections c1, c2:
+// (#{√(v·c2) < ε}, Σ(m·c1 / (√(v·c2) + ε))²).
+extern "C" __global__ void seg_probe_f32(const float* a, const float* b, const i64* table, i64 nchunks, int mode, float c1, float c2, float eps,
+                                         float* partial) {
+    const Chunk* chunks = (const Chunk*)table;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const Chunk ch = chunks[c];
+        float x = 0.0f, y = 0.0f;
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+            if (mode == 0) {
+                x += a[i] * a[i];
+                y += b[i] * b[i];
+            } else if (mode == 1) {
+                const float d = a[i] - b[i];
+                x += d * d;
+                y += b[i] * b[i];
+            } else {
+                const float r = sqrtf(b[i] * c2);
+                x += r < eps ? 1.0f : 0.0f;
+                const float u = a[i] * c1 / (r + eps);
+                y += u * u;
+            }
+        }
+        x = block_sum(x);
+        y = block_sum(y);
+        if (threadIdx.x == 0) {
+            partial[2 * c] = x;
+            partial[2 * c + 1] = y;
+        }
+    }
+}
+
 // LAMB, first pass: the moments and the Adam direction with coupled decay,
 // r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias correction).
 extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n,
@@ -115,9 +149,10 @@ extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, floa
     }
 }
 
-// LAMB, second pass: p ← p − lr·trust·r with trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0.
-extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* lr_scale, const i64* table, i64 nchunks, const float* norms,
-                                          LambStep s) {
+// LAMB, second pass: p ← p·(1 − indep_decay·decay_scale) − lr·trust·r with
+// trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0 (indep_decay is 0 unless the decay is independent).
+extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table,
+                                          i64 nchunks, const float* norms, LambStep s) {
     const Chunk* chunks = (const Chunk*)table;
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const Chunk ch = chunks[c];
@@ -125,7 +160,7 @@ extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float*
         const float trust = (wn == 0.0f || rn == 0.0f) ? 1.0f : wn / (rn + s.eps);
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
-            p[i] -= lr * trust * r[i];
+            p[i] = p[i] * (1.0f - s.indep_decay * decay_scale[i]) - lr * trust * r[i];
         }
     }
 }

@@ -95,6 +95,18 @@ pub fn segment_norms(x: &Tensor, y: &Tensor, t: &DevTable) -> Result<Tensor> {
     Ok(norms)
 }
 
+/// `[nseg, 2]` device tensor of the square roots of the probe sums of `seg_probe_f32` (mode 0:
+/// ‖a‖, ‖b‖; 1: ‖a − b‖, ‖b‖; 2: √count(√v̂ < ε), ‖m̂/(√v̂ + ε)‖).
+pub fn segment_probe(a: &Tensor, b: &Tensor, t: &DevTable, mode: i32, c1: f32, c2: f32, eps: f32) -> Result<Tensor> {
+    let d = dev_of(a)?;
+    let partial = empty(&d, &[t.nchunks.max(1), 2])?;
+    let norms = empty(&d, &[t.nseg.max(1), 2])?;
+    // seg_probe_f32(const float* a, const float* b, const i64* table, i64 nchunks, int mode, float c1, float c2, float eps, float* partial)
+    launch!(d, "optim", "seg_probe_f32", per_row(t.nchunks); ptr(a)?, ptr(b)?, t.buf.ptr, t.nchunks as i64, mode, c1, c2, eps, ptr(&partial)?)?;
+    launch!(d, "optim", "seg_norms_f32", grid(t.nseg); ptr(&partial)?, t.buf.ptr, t.nchunks as i64, t.nseg as i64, ptr(&norms)?)?;
+    Ok(norms)
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Fused LAMB over flat buffers: moments and direction into `r`, the per-parameter norms of
 /// `p` and `r`, then the trust-scaled update.
@@ -113,9 +125,9 @@ pub fn lamb(
     // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n, LambStep s)
     launch!(d, "optim", "lamb_moments_f32", grid(n); ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, ptr(scales.decay)?, n as i64, s)?;
     let norms = segment_norms(p, r, t)?;
-    // lamb_apply_f32(float* p, const float* r, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LambStep s)
+    // lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LambStep s)
     launch!(d, "optim", "lamb_apply_f32", per_row(t.nchunks);
-        ptr(p)?, ptr(r)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
+        ptr(p)?, ptr(r)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
 }
 
 /// Fused LARS over flat buffers: the per-parameter norms of `p` and `g`, then the update.
