@@ -366,6 +366,9 @@ impl crate::GradSync for NcclReducer {
     fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>> {
         crate::sync::backward_with(self, tape, loss, grads, sync)
     }
+    fn reduce_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
+        crate::sync::reduce_all_with(self, grads)
+    }
 }
 
 /// Averages a random buffer over a 1-rank NCCL communicator on device `ordinal`; returns the

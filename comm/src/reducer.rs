@@ -221,6 +221,9 @@ impl crate::GradSync for GradReducer {
     fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>> {
         crate::sync::backward_with(self, tape, loss, grads, sync)
     }
+    fn reduce_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats> {
+        crate::sync::reduce_all_with(self, grads)
+    }
 }
 
 impl Drop for GradReducer {

@@ -23,6 +23,16 @@ pub trait GradSync: Send {
     /// overlapping — and hold the averages when this returns, with the reduction's timing.
     /// Otherwise nothing is communicated (DDP's `no_sync`) and the result is `None`.
     fn backward(&mut self, tape: &Tape, loss: Var<'_>, grads: &mut GradStore, sync: bool) -> Result<Option<ReduceStats>>;
+    /// Averages `grads` over ranks now, every bucket, after a backward that communicated nothing
+    /// (the trainer reads each rank's own gradient in between: the critical-batch probe). The
+    /// buckets and their reductions are the overlapped path's, so the averages are the same.
+    fn reduce_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats>;
+}
+
+/// `GradSync::reduce_all` for any `BucketSync`.
+pub(crate) fn reduce_all_with<S: BucketSync + ?Sized>(s: &mut S, grads: &mut GradStore) -> Result<ReduceStats> {
+    s.begin(true);
+    s.wait_all(grads)
 }
 
 /// The bucket protocol both reducers implement (see the module doc).

@@ -18,6 +18,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_NCCL_REEXEC", "set by dptrain on its one re-execution with the CUDA libraries on the library path"),
     ("DPTRAIN_INSTALL_TORCH", "benches: `1` installs torch into a venv under /tmp when no DPTRAIN_TORCH_PYTHON is given"),
     ("DPTRAIN_BENCH_STEPS", "benches: timed steps per model (default 10)"),
+    ("DPTRAIN_BENCH_DEVICE", "benches: `cuda` runs the probe-cost benchmark on the GPU (default `cpu`)"),
     (
         "DPTRAIN_REQUIRE_NVRTC",
         "tests: `1` makes the NVRTC tests fail instead of skipping when libnvrtc.so.13 cannot be loaded (scripts/test.sh sets it)",
@@ -41,6 +42,7 @@ pub struct Env {
     pub nccl_reexec: bool,
     pub install_torch: bool,
     pub bench_steps: Option<usize>,
+    pub bench_device: String,
     pub require_nvrtc: bool,
     pub test_dump_buffers: Option<PathBuf>,
 }
@@ -61,6 +63,7 @@ impl Env {
             nccl_reexec: std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some(),
             install_torch: flag("DPTRAIN_INSTALL_TORCH"),
             bench_steps: var("DPTRAIN_BENCH_STEPS").and_then(|s| s.parse().ok()),
+            bench_device: var("DPTRAIN_BENCH_DEVICE").unwrap_or_else(|| "cpu".into()),
             require_nvrtc: flag("DPTRAIN_REQUIRE_NVRTC"),
             test_dump_buffers: std::env::var_os("DPTRAIN_TEST_DUMP_BUFFERS").map(PathBuf::from),
         }

@@ -26,6 +26,39 @@ pub enum Reduce {
     Max,
     Min,
     Sum,
+    /// Where a maximum is: a probe named `<anchor>@<what>` (e.g. `massive_top1/0@token`) keeps
+    /// the value recorded with the largest value of the `Max` probe `<anchor>` — over
+    /// micro-steps and over ranks — so a location follows its maximum.
+    At,
+}
+
+/// The anchor of an [`Reduce::At`] probe's name (`massive_top1/0` of `massive_top1/0@token`).
+pub fn anchor_of(name: &str) -> &str {
+    name.rsplit_once('@').map_or(name, |(a, _)| a)
+}
+
+/// Which model-side probe families a sink wants; each costs a pass over some activations, so
+/// models compute only these. The trainer sets them from `[probes]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeSet {
+    /// Max attention logit per layer, max ‖q‖ and ‖k‖ per head.
+    pub attention: bool,
+    /// Output-logit mean, mean and max log Z (free: the cross-entropy computes them).
+    pub logits: bool,
+    /// Residual-stream RMS per block.
+    pub residual: bool,
+    /// Massive activations per block output (top-1 and median |h|, where the top-1 is).
+    pub massive: bool,
+    /// MLP activation sparsity per layer: the fraction of entries ≤ `sparsity_threshold`.
+    pub sparsity: bool,
+    pub sparsity_threshold: f64,
+}
+
+impl ProbeSet {
+    pub const ALL: ProbeSet =
+        ProbeSet { attention: true, logits: true, residual: true, massive: true, sparsity: true, sparsity_threshold: 0.0 };
+    pub const NONE: ProbeSet =
+        ProbeSet { attention: false, logits: false, residual: false, massive: false, sparsity: false, sparsity_threshold: 0.0 };
 }
 
 /// A probe value: on the host, or a tensor (typically on a GPU) whose elements combine by the
@@ -53,6 +86,8 @@ fn combine(x: &[f32], r: Reduce) -> f64 {
         Reduce::Min => x.iter().copied().fold(f32::INFINITY, f32::min) as f64,
         Reduce::Sum => x.iter().map(|&v| v as f64).sum(),
         Reduce::Mean => x.iter().map(|&v| v as f64).sum::<f64>() / x.len().max(1) as f64,
+        // A location is recorded on the host beside its maximum; a device value has one element.
+        Reduce::At => x.first().copied().unwrap_or(f32::NAN) as f64,
     }
 }
 
@@ -76,6 +111,14 @@ pub trait ProbeSink {
     fn coords(&self) -> bool {
         false
     }
+    /// The probe families wanted (all of them when the sink is on, unless it says otherwise).
+    fn set(&self) -> ProbeSet {
+        if self.enabled() {
+            ProbeSet::ALL
+        } else {
+            ProbeSet::NONE
+        }
+    }
 }
 
 /// Records `coord/<module>` = mean |x| of a module's output when the sink wants coordinates.
@@ -98,11 +141,12 @@ pub struct Probes {
     pending: Vec<(String, Reduce, Tensor, Reduce)>,
     on: bool,
     coords: bool,
+    set: ProbeSet,
 }
 
 impl Default for Probes {
     fn default() -> Self {
-        Probes { values: vec![], pending: vec![], on: true, coords: false }
+        Probes { values: vec![], pending: vec![], on: true, coords: false, set: ProbeSet::ALL }
     }
 }
 
@@ -125,16 +169,27 @@ impl ProbeSink for Probes {
     fn coords(&self) -> bool {
         self.coords
     }
+    fn set(&self) -> ProbeSet {
+        if self.on {
+            self.set
+        } else {
+            ProbeSet::NONE
+        }
+    }
 }
 
 impl Probes {
     /// A sink that is on only when `on` (the trainer: on logging steps).
     pub fn on_if(on: bool) -> Probes {
-        Probes { values: vec![], pending: vec![], on, coords: false }
+        Probes { values: vec![], pending: vec![], on, coords: false, set: ProbeSet::ALL }
+    }
+    /// A sink that is on only when `on`, wanting the families of `set`.
+    pub fn with_set(on: bool, set: ProbeSet) -> Probes {
+        Probes { values: vec![], pending: vec![], on, coords: false, set }
     }
     /// A sink that also takes every module's mean |output| (the coordinate check).
     pub fn with_coords() -> Probes {
-        Probes { values: vec![], pending: vec![], on: true, coords: true }
+        Probes { values: vec![], pending: vec![], on: true, coords: true, set: ProbeSet::ALL }
     }
     pub fn get(&self, name: &str) -> Option<f64> {
         self.values.iter().rev().find(|(n, _, _)| n == name).map(|(_, _, v)| *v)
@@ -142,8 +197,28 @@ impl Probes {
     /// Folds another micro-step's values into these, probe by probe, with each probe's
     /// reduction (means are summed here; [`Probes::finish_mean`] divides).
     pub fn accumulate(&mut self, other: Probes) {
+        // Locations first, while both anchors still hold their own micro-step's maximum.
+        for (k, r, v) in &other.values {
+            if *r != Reduce::At {
+                continue;
+            }
+            let anchor = anchor_of(k);
+            let (mine, theirs) = (self.get(anchor), other.get(anchor));
+            let take = match (mine, theirs) {
+                (Some(m), Some(t)) => t > m,
+                (None, _) => true,
+                (Some(_), None) => false,
+            };
+            match self.values.iter_mut().find(|(n, _, _)| n == k) {
+                Some(slot) if take => slot.2 = *v,
+                Some(_) => {}
+                None => self.values.push((k.clone(), Reduce::At, *v)),
+            }
+        }
         for (k, r, v) in other.values {
-            self.fold(k, r, v);
+            if r != Reduce::At {
+                self.fold(k, r, v);
+            }
         }
         self.pending.extend(other.pending);
     }
@@ -155,6 +230,7 @@ impl Probes {
                     Reduce::Max => acc.max(v),
                     Reduce::Min => acc.min(v),
                     Reduce::Mean | Reduce::Sum => *acc + v,
+                    Reduce::At => *acc,
                 }
             }
             None => self.values.push((k, r, v)),
@@ -269,5 +345,40 @@ mod tests {
         off.record_value("m", Reduce::Max, ProbeValue::Device(Tensor::from_slice(&[1.0f32], &[1]).unwrap(), Reduce::Max));
         off.resolve().unwrap();
         assert!(off.values.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    /// A location follows its anchor's maximum over micro-steps, whichever micro-step held it.
+    #[test]
+    fn locations_follow_their_maximum_over_micro_steps() {
+        let step = |top: f64, token: f64| {
+            let mut p = Probes::default();
+            p.record("massive_top1/0", Reduce::Max, top);
+            p.record("massive_top1/0@token", Reduce::At, token);
+            p.record("massive_median/0", Reduce::Mean, 1.0);
+            p
+        };
+        let mut acc = Probes::default();
+        acc.accumulate(step(5.0, 3.0));
+        acc.accumulate(step(9.0, 7.0));
+        acc.accumulate(step(2.0, 1.0));
+        acc.finish_mean(3);
+        assert_eq!(acc.get("massive_top1/0"), Some(9.0));
+        assert_eq!(acc.get("massive_top1/0@token"), Some(7.0));
+        assert_eq!(acc.get("massive_median/0"), Some(1.0));
+        assert_eq!(anchor_of("massive_top1/0@token"), "massive_top1/0");
+    }
+
+    /// Families a sink does not want are off; an off sink wants none.
+    #[test]
+    fn probe_sets_follow_the_sink() {
+        let set = ProbeSet { massive: false, ..ProbeSet::ALL };
+        assert_eq!(Probes::with_set(true, set).set(), set);
+        assert_eq!(Probes::with_set(false, set).set(), ProbeSet::NONE);
+        assert_eq!(Probes::on_if(true).set(), ProbeSet::ALL);
     }
 }

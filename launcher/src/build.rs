@@ -209,6 +209,7 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
                 z_loss: m.z_loss,
                 gelu_tanh: m.gelu_tanh,
                 dropout: m.dropout,
+                qk_norm: m.qk_norm,
                 ..Default::default()
             };
             g.validate().map_err(|(k, msg)| input_err!("{k}: {msg}"))?;
@@ -284,7 +285,7 @@ pub fn mup_scales(cfg: &RunConfig, params: &ParamStore) -> ParamScales {
         return s;
     }
     let adam = matches!(cfg.optim.kind, OptimKind::Adamw | OptimKind::Lamb | OptimKind::Soap);
-    let independent = cfg.optim.kind == OptimKind::Adamw && cfg.optim.decay == dptrain_optim::DecayMode::Independent;
+    let independent = adam && cfg.optim.decay == dptrain_optim::DecayMode::Independent;
     for (i, p) in params.infos().iter().enumerate() {
         let (lr, wd) = match (adam, p.ninf()) {
             (true, 2) => (1.0 / p.width_mult(), if independent { 1.0 } else { p.width_mult() }),
@@ -353,6 +354,8 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
                 normalize_grads: o.normalize_grads,
                 correct_bias: o.correct_bias,
                 distribute: o.distribute.unwrap_or(if world > 1 { Distribute::Owner } else { Distribute::Replicated }),
+                decay_mode: o.decay,
+                peak_lr: o.lr,
             };
             // Biases and norm gains are exempt from decay unless optim.decay_vectors, as for AdamW.
             Box::new(Soap::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
@@ -365,6 +368,8 @@ pub fn build_optimizer(cfg: &RunConfig, params: &ParamStore, world: usize) -> Re
                 weight_decay: o.weight_decay,
                 correct_bias: o.correct_bias,
                 clamp: o.trust_clamp,
+                decay_mode: o.decay,
+                peak_lr: o.lr,
             };
             Box::new(Lamb::with_scales(c, params, &scales).map_err(|e| input_err!("optim: {e}"))?)
         }

@@ -26,6 +26,10 @@ pub struct State {
     pub optimizer_scalars: serde_json::Value,
     pub fingerprint: String,
     pub seed: u64,
+    /// The alert detectors' and the critical-batch estimator's running state (absent in
+    /// checkpoints from before they existed: they start afresh).
+    #[serde(default)]
+    pub detectors: crate::alerts::Detectors,
 }
 
 fn rt(e: impl std::fmt::Display) -> LaunchError {

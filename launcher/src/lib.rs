@@ -2,6 +2,7 @@
 //! optimizers and communicators; it turns a config into a run and drives the training loop.
 
 pub mod agree;
+pub mod alerts;
 pub mod build;
 pub mod checkpoint;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod gpu_check;
 pub mod metrics;
 pub mod parity;
 pub mod plot;
+pub mod probes;
 pub mod report;
 pub mod setup;
 pub mod sweep;

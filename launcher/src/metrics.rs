@@ -55,7 +55,7 @@ impl MetricSink {
             std::fs::create_dir_all(dir).map_err(|e| input_err!("{}: cannot create run directory ({e})", dir.display()))?;
             let metrics_path = dir.join("metrics.jsonl");
             if run.resumed_from.is_some() {
-                truncate_metrics(&metrics_path, run.start_step)?;
+                truncate_records(&metrics_path, run.start_step)?;
             }
             dptrain_core::checkpoint::atomic_write(&dir.join("config.toml"), run.config_toml.as_bytes())?;
             file = Some(
@@ -172,8 +172,9 @@ impl MetricSink {
     }
 }
 
-/// Keeps the records up to `step` of an existing metrics file (a resumed run continues it).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// Keeps the records up to `step` of an existing JSONL file (`metrics.jsonl`, `events.jsonl`:
+/// a resumed run continues it).
+pub(crate) fn truncate_records(path: &Path, step: u64) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let kept: String = text
         .lines()

@@ -4,8 +4,10 @@
 //!
 //! Plots: training and validation loss, learning rate, gradient norm, and one plot per probe
 //! family (the part of a probe's name before `/`: `attn_logit_max/0`, `attn_logit_max/1`, ...
-//! share `probe_attn_logit_max.png`; a name without `/` is its own family). `report.md` has the
-//! final numbers, each probe's last value, and the alerts the run recorded (`events.jsonl`).
+//! share `probe_attn_logit_max.png`; a name without `/` is its own family; locations such as
+//! `massive_top1/0@token` are listed, not plotted). `report.md` has the final numbers, the
+//! fitted slope of the distance from initialisation against log t, each probe's last value,
+//! and the alerts the run recorded (`events.jsonl`).
 
 use crate::error::{input_err, LaunchError, Result};
 use serde_json::Value;
@@ -71,7 +73,7 @@ pub fn report(dir: &Path) -> Result<Written> {
     let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &recs {
         for (k, v) in r.as_object().into_iter().flatten() {
-            if NOT_PROBES.contains(&k.as_str()) || k.starts_with("val_") || !v.is_number() {
+            if NOT_PROBES.contains(&k.as_str()) || k.starts_with("val_") || !v.is_number() || k.contains('@') {
                 continue;
             }
             let fam = k.split('/').next().unwrap_or(k).to_string();
@@ -107,12 +109,26 @@ pub fn report(dir: &Path) -> Result<Written> {
         None => md.push_str("No `summary.json` yet: the run has not finished.\n\n"),
     }
     let last_step = recs.iter().filter_map(|r| r["step"].as_u64()).max().unwrap_or(0);
-    md.push_str(&format!("Last logged step: {last_step}.\n\n## Probes (last value)\n\n"));
+    md.push_str(&format!("Last logged step: {last_step}.\n\n"));
+    let dist = series(&recs, "dist_init");
+    if let Some((slope, intercept, n)) = log_fit(&dist) {
+        md.push_str(&format!(
+            "Distance from initialisation ‖w_t − w₀‖ against ln t, least squares over {n} probe steps: slope {slope:.4} per e-fold of steps (intercept {intercept:.4}).\n\n"
+        ));
+    }
+    md.push_str("## Probes (last value)\n\n");
     if families.is_empty() {
         md.push_str("None logged.\n");
     } else {
         md.push_str("| probe | step | value |\n|---|---|---|\n");
-        for k in families.values().flatten() {
+        let mut keys: Vec<&String> = families.values().flatten().collect();
+        // Locations sit beside the maximum they belong to.
+        let mut at: Vec<String> =
+            recs.iter().flat_map(|r| r.as_object().into_iter().flatten().map(|(k, _)| k.clone())).filter(|k| k.contains('@')).collect();
+        at.sort();
+        at.dedup();
+        keys.extend(at.iter());
+        for k in keys {
             if let Some((s, v)) = series(&recs, k).last() {
                 md.push_str(&format!("| `{k}` | {s} | {v:.6e} |\n"));
             }
@@ -135,4 +151,32 @@ pub fn report(dir: &Path) -> Result<Written> {
     let report = dir.join("report.md");
     dptrain_core::checkpoint::atomic_write(&report, md.as_bytes()).map_err(|e| LaunchError::Runtime(e.to_string()))?;
     Ok(Written { plots, report })
+}
+
+/// Least-squares fit y = a·ln t + b over the points with t > 0: (a, b, points); `None` with
+/// fewer than two distinct steps.
+pub fn log_fit(pts: &[(f64, f64)]) -> Option<(f64, f64, usize)> {
+    let p: Vec<(f64, f64)> = pts.iter().filter(|(t, y)| *t > 0.0 && y.is_finite()).map(|&(t, y)| (t.ln(), y)).collect();
+    let n = p.len() as f64;
+    if p.len() < 2 {
+        return None;
+    }
+    let (mx, my) = (p.iter().map(|q| q.0).sum::<f64>() / n, p.iter().map(|q| q.1).sum::<f64>() / n);
+    let sxx: f64 = p.iter().map(|q| (q.0 - mx).powi(2)).sum();
+    if sxx == 0.0 {
+        return None;
+    }
+    let a = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum::<f64>() / sxx;
+    Some((a, my - a * mx, p.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_fit_recovers_a_logarithmic_curve() {
+        let pts: Vec<(f64, f64)> = [10.0, 20.0, 40.0, 80.0, 160.0].iter().map(|&t: &f64| (t, 0.7 * t.ln() + 2.0)).collect();
+        let (a, b, n) = super::log_fit(&pts).unwrap();
+        assert!((a - 0.7).abs() < 1e-12 && (b - 2.0).abs() < 1e-12 && n == 5);
+        assert!(super::log_fit(&pts[..1]).is_none());
+    }
 }

@@ -50,6 +50,11 @@ pub struct Run {
     /// The resolved config (every key, derived values, a `[derived]` table), as saved.
     pub config_toml: String,
     pub device: Device,
+    /// The parameters as built from the seed, before any checkpoint was loaded (the
+    /// distance-from-initialisation probe's w₀), when that probe is on.
+    pub init_params: Option<dptrain_core::Tensor>,
+    /// The alert detectors' running state (from the checkpoint on resume).
+    pub detectors: crate::alerts::Detectors,
 }
 
 /// A fresh run directory: `dir` itself when it is absent or empty, else `dir-1`, `dir-2`, ...
@@ -193,6 +198,8 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
     let (model, model_table) = build_model(&cfg, &data, &mut pb)?;
     let mut params = pb.build(cfg.run.seed, DType::F32)?;
     let mut opt = build_optimizer(&cfg, &params, ws)?;
+    let init_params = if cfg.probes.distance { Some(dptrain_core::ops::flat::copy_of(params.flat())?) } else { None };
+    let mut detectors = crate::alerts::Detectors::default();
 
     let (start_step, stream, run_dir, resumed_from) = match &ckpt {
         Some(c) => {
@@ -205,6 +212,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
                 ));
             }
             checkpoint::load(c, &st, &mut params, opt.as_mut())?;
+            detectors = st.detectors;
             let run = c
                 .parent()
                 .and_then(Path::parent)
@@ -297,5 +305,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         resumed_from,
         config_toml,
         device,
+        init_params,
+        detectors,
     })
 }

@@ -7,8 +7,9 @@
 //! host or NCCL on the GPU) plugs into backward's "gradient final" events.
 
 use crate::agree::{agree_on_setup, average_buffers, check_no_drift, sync_start};
+use crate::alerts::{self, Events};
 use crate::checkpoint::{self, State};
-use crate::config::CommDtype;
+use crate::config::{CommDtype, OnNonFinite};
 use crate::error::{LaunchError, Result};
 use crate::metrics::{Eval, MetricSink, StepLog};
 use crate::setup::{load_config, setup, Run};
@@ -16,7 +17,8 @@ use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
-use dptrain_core::probe::{ProbeSink, Probes, Reduce};
+use dptrain_core::ops::flat::{copy_of, sum_squares};
+use dptrain_core::probe::{anchor_of, ProbeSet, ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{GradStore, Tape};
 use dptrain_optim::{clip_grad_norm, StepCtx};
@@ -51,6 +53,8 @@ pub struct Summary {
     pub samples_per_s: f64,
     pub parameters: usize,
     pub model: String,
+    /// Steps skipped for non-finite loss or gradients (`train.on_nonfinite = "skip"`).
+    pub skipped_steps: u64,
 }
 
 pub fn train(args: &TrainArgs) -> Result<Summary> {
@@ -109,6 +113,10 @@ fn train_loop(
     };
     let mut stream = BatchStream::new(sampler, run.stream);
     let (mut last_loss, mut last_val) = (f64::NAN, None);
+    let mut tprobes = crate::probes::TrainProbes::new(&cfg.probes, &run.params, run.init_params.take())?;
+    let mut events = Events::open(&run.run_dir, rank == 0, run.resumed_from.is_some().then_some(run.start_step))?;
+    // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
+    let cbs_beta = 0.99f64.powf(cfg.probes.interval as f64);
     if cfg.train.eval_at_start && run.start_step == 0 {
         // The loss at initialisation (LR sweeps count a diverged run at it).
         let ev = evaluate(run, comm)?;
@@ -121,9 +129,18 @@ fn train_loop(
             f.fire_if(rank, done);
         }
         let lr = run.schedule.lr(step);
-        // Probes are computed only on the steps that log them.
-        let log_step = done % log_every == 0 || done == steps;
-        let mut probes = Probes::on_if(log_step);
+        // Probes are computed on probe steps; records are written on those and logging steps.
+        let probe_step = tprobes.is_probe_step(done, steps);
+        let log_step = done % log_every == 0 || done == steps || probe_step;
+        // On a logging step that is not a probe step the sink takes only what is free (the
+        // loss's parts, the batch's accuracy), no probe family.
+        let mut probes = Probes::with_set(log_step, if probe_step { cfg.probes.model_set() } else { ProbeSet::NONE });
+        // The critical batch needs a gradient at a smaller batch: each rank's own before the
+        // all-reduce (which then runs after backward, not overlapped), or with one rank each
+        // micro-batch's (the difference of successive accumulations).
+        let cbs = probe_step && cfg.probes.critical_batch;
+        let (cbs_ranks, cbs_micro) = (cbs && ws > 1, cbs && ws == 1 && run.accum > 1);
+        let (mut micro_sq, mut prev_acc) = (0.0, None);
         grads.zero_grad();
         let (mut loss_sum, mut comm_stats) = (0.0, None);
         for micro in 0..run.accum {
@@ -132,21 +149,60 @@ fn train_loop(
             let key = |stream: u64| key_of(&[cfg.run.seed, stream, step, rank as u64, micro as u64]);
             let batch = next_batch(run, &mut stream, key(WINDOW_STREAM))?;
             // Gradients are communicated on the last micro-step only (DDP's no_sync).
-            let sync = micro + 1 == run.accum;
+            let sync = micro + 1 == run.accum && !cbs_ranks;
             let (loss, stats) = forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(DROPOUT_STREAM), sync, &mut probes)?;
             loss_sum += loss;
             comm_stats = comm_stats.or(stats);
+            if cbs_micro {
+                let acc = copy_of(grads.flat())?;
+                let own = match &prev_acc {
+                    Some(p) => tprobes.total_diff_sq(&acc, p)?,
+                    None => sum_squares(&acc)?,
+                };
+                // Each micro-step adds its mean-loss gradient / accum.
+                micro_sq += own * (run.accum * run.accum) as f64;
+                prev_acc = Some(acc);
+            }
+        }
+        let mut cbs_small = cbs_micro.then(|| (micro_sq / run.accum as f64, run.micro_batch as f64));
+        if cbs_ranks {
+            if let Some(r) = reducer.as_deref_mut() {
+                let local = sum_squares(grads.flat())?;
+                comm_stats = Some(r.reduce_all(grads)?);
+                cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
+            }
         }
         let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
-        let grad_norm = clip_grad_norm(grads, cfg.optim.clip)?;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(LaunchError::Runtime(format!(
-                "step {done}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip)"
-            )));
+        // The trainer's own probes, the same on every rank: joined after the reduction.
+        let mut extra = vec![];
+        if probe_step {
+            tprobes.before_step(&run.params, grads, &mut extra)?;
         }
-        run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
+        let grad_norm = clip_grad_norm(grads, cfg.optim.clip)?;
+        if let Some(ev) = run.detectors.loss_spike(done, loss, cfg.probes.spike_sigma) {
+            events.emit(&ev)?;
+        }
+        if loss.is_finite() && grad_norm.is_finite() {
+            run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
+            last_loss = loss;
+            if probe_step {
+                tprobes.after_step(&run.params, run.opt.as_ref(), &mut extra)?;
+            }
+            if let Some((g2_small, b_small)) = cbs_small {
+                let b_big = cfg.train.global_batch as f64;
+                extra.extend(run.detectors.cbs.update(g2_small, b_small, grad_norm * grad_norm, b_big, cbs_beta));
+            }
+        } else {
+            let skip = cfg.train.on_nonfinite == OnNonFinite::Skip;
+            events.emit(&alerts::nonfinite(done, loss, grad_norm, skip))?;
+            if !skip {
+                return Err(LaunchError::Runtime(format!(
+                    "step {done}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip; train.on_nonfinite = \"skip\" skips such steps)"
+                )));
+            }
+            run.detectors.skipped += 1;
+        }
         sink.step_done(done, cfg.train.global_batch);
-        last_loss = loss;
 
         if cfg.comm.check_every > 0 && ws > 1 && done % cfg.comm.check_every == 0 {
             check_no_drift(comm, &run.params, done)?;
@@ -157,6 +213,10 @@ fn train_loop(
             probes.resolve()?;
             probes.finish_mean(run.accum);
             reduce_probes(comm, &mut probes)?;
+            for ev in alerts::probe_alerts(done, &probes.values, cfg.probes.max_logit_warn) {
+                events.emit(&ev)?;
+            }
+            probes.values.extend(extra);
             sink.log_step(StepLog { step: done, loss, lr, grad_norm, comm: comm_stats, probes: &probes.values })?;
         }
         let eval_now = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps;
@@ -187,6 +247,7 @@ fn train_loop(
         samples_per_s,
         parameters: run.params.numel(),
         model: run.model.describe(),
+        skipped_steps: run.detectors.skipped,
     };
     if rank == 0 {
         write_summary(&summary)?;
@@ -222,7 +283,7 @@ fn forward_backward(
     let tape = Tape::new();
     tape.set_precision(run.cfg.train.precision);
     tape.set_rng_key(dropout_key);
-    let mut mine = Probes::on_if(probes.enabled());
+    let mut mine = Probes::with_set(probes.enabled(), probes.set());
     let loss = run.model.loss(&tape, &run.params, batch, true, &mut mine)?;
     let value = loss.item()?;
     // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
@@ -287,6 +348,7 @@ fn save_checkpoint(run: &Run, comm: &mut dyn Communicator, done: u64, stream: &B
             optimizer_scalars: scalars,
             fingerprint: run.params.layout_fingerprint(),
             seed: run.cfg.run.seed,
+            detectors: run.detectors,
         };
         checkpoint::save(&run.run_dir, done, &run.params, &opt_tensors, &st, &run.config_toml, run.cfg.checkpoint.keep_last)?;
     }
@@ -326,7 +388,8 @@ fn evaluate(run: &Run, comm: &mut dyn Communicator) -> Result<Eval> {
     for chunk in mine.chunks(run.micro_batch.max(1)) {
         let tape = Tape::inference();
         tape.set_precision(run.cfg.train.precision);
-        let mut probes = Probes::default();
+        // The statistics evaluation reports (z-loss, accuracy), none of the probe families.
+        let mut probes = Probes::with_set(true, ProbeSet::NONE);
         let loss = run.model.loss(&tape, &run.params, &run.data.val.batch(chunk), false, &mut probes)?.item()?;
         let (z, acc, n) = (probes.get("z_loss"), probes.get("acc"), chunk.len() as f64);
         sums[0] += (loss - z.unwrap_or(0.0)) * n;
@@ -344,6 +407,8 @@ fn evaluate(run: &Run, comm: &mut dyn Communicator) -> Result<Eval> {
 /// Combines probe values over ranks, each group of probes by its reduction (one collective per
 /// reduction kind; every rank records the same probes, so every rank makes the same calls).
 fn reduce_probes(comm: &mut dyn Communicator, probes: &mut Probes) -> Result<()> {
+    // Each location's own anchor value on this rank, before the maxima are reduced.
+    let local: Vec<Option<f64>> = probes.values.iter().filter(|p| p.1 == Reduce::At).map(|p| probes.get(anchor_of(&p.0))).collect();
     for (kind, op, sign) in [
         (Reduce::Mean, ReduceOp::Avg, 1.0),
         (Reduce::Max, ReduceOp::Max, 1.0),
@@ -356,6 +421,20 @@ fn reduce_probes(comm: &mut dyn Communicator, probes: &mut Probes) -> Result<()>
         for (p, x) in probes.values.iter_mut().filter(|p| p.1 == kind).zip(v) {
             p.2 = sign * x;
         }
+    }
+    // A location comes from a rank whose anchor is the maximum over ranks (the largest such
+    // location on a tie); the others offer −1. Compared in f32, the collectives' precision.
+    let global: Vec<Option<f64>> = probes.values.iter().filter(|p| p.1 == Reduce::At).map(|p| probes.get(anchor_of(&p.0))).collect();
+    let mut offer: Vec<f64> = probes
+        .values
+        .iter()
+        .filter(|p| p.1 == Reduce::At)
+        .zip(local.iter().zip(&global))
+        .map(|(p, (l, g))| if l.map(|x| x as f32) == g.map(|x| x as f32) { p.2 } else { -1.0 })
+        .collect();
+    reduce_f64(comm, &mut offer, ReduceOp::Max)?;
+    for (p, x) in probes.values.iter_mut().filter(|p| p.1 == Reduce::At).zip(offer) {
+        p.2 = x;
     }
     Ok(())
 }

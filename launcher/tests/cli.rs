@@ -77,8 +77,13 @@ fn a_run_writes_its_directory_and_learns() {
     let recs = records(&run);
     let train: Vec<&Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(train.len(), 60);
-    for key in ["step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "attn_logit_max/0", "log_z", "resid_rms/0"] {
+    for key in ["step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"] {
         assert!(train[0].get(key).is_some(), "record lacks {key}: {}", train[0]);
+    }
+    // Probes on probe steps (every probes.interval = 10 steps) only.
+    assert!(train[0].get("attn_logit_max/0").is_none(), "{}", train[0]);
+    for key in ["attn_logit_max/0", "log_z", "resid_rms/0", "grad_rms/lm_head.weight", "dist_init"] {
+        assert!(train[9].get(key).is_some(), "step 10's record lacks {key}: {}", train[9]);
     }
     let first = train[..5].iter().map(|r| r["loss"].as_f64().unwrap()).sum::<f64>() / 5.0;
     let last = train[55..].iter().map(|r| r["loss"].as_f64().unwrap()).sum::<f64>() / 5.0;
@@ -1022,4 +1027,156 @@ fn an_lr_sweep_runs_every_point_and_scores_sensitivity() {
     }
     assert_real_png(&d.join("sweep.png"));
     std::fs::remove_dir_all(&d).ok();
+}
+
+fn probe(r: &Value, k: &str) -> f64 {
+    r[k].as_f64().unwrap_or_else(|| panic!("no `{k}` in {r}"))
+}
+
+/// The probes: documented names, on probe steps only, each family behind its switch, and values
+/// that agree with each other and with what one optimizer step must give.
+#[test]
+fn probes_are_logged_by_family_and_agree_with_each_other() {
+    let d = tmp("probes");
+    // One plain SGD step: every tensor moves by lr × its gradient, so its distance from the
+    // initialisation is lr · grad_rms · √numel (d_model 32, 1 layer, 4 heads, vocab 16).
+    let sgd = d.join("sgd");
+    let base = ["train.steps=1", "optim.clip=0.0", "optim.weight_decay=0.0"];
+    let mut sets = base.to_vec();
+    sets.extend(["optim.kind=\"sgd\"", "optim.momentum=0.0", "optim.lr=0.1"]);
+    ok(&train(&sgd, &sets, &[]));
+    let r = records(&sgd).into_iter().find(|r| r.get("loss").is_some()).unwrap();
+    let lr = probe(&r, "lr");
+    let mut total = 0.0;
+    for (name, numel) in [
+        ("transformer.h.0.attn.c_attn.weight", 96 * 32),
+        ("lm_head.weight", 16 * 32),
+        ("transformer.wpe.weight", 16 * 32),
+        ("transformer.ln_f.weight", 32),
+    ] {
+        let (dist, g) = (probe(&r, &format!("dist_init/{name}")), probe(&r, &format!("grad_rms/{name}")));
+        let want = lr * g * (numel as f64).sqrt();
+        // The change is taken in f32 from parameters of size up to 1 (norm gains): rounding of
+        // up to half an ulp of 1 per element.
+        let tol = 1e-5 * want + (numel as f64).sqrt() * 6e-8;
+        assert!((dist - want).abs() <= tol, "{name}: distance {dist}, lr · grad_rms · √n = {want}");
+        assert!(probe(&r, &format!("update_ratio/{name}")) > 0.0);
+    }
+    for (k, v) in r.as_object().unwrap() {
+        if k.starts_with("dist_init/") {
+            total += v.as_f64().unwrap().powi(2);
+        }
+    }
+    assert!((probe(&r, "dist_init") - total.sqrt()).abs() <= 1e-9 * total.sqrt());
+    // SGD has no Adam moments; one rank without accumulation has no second batch size.
+    assert!(r.as_object().unwrap().keys().all(|k| !k.starts_with("adam_") && !k.starts_with("cbs_")), "{r}");
+    for h in 0..4 {
+        assert!(probe(&r, &format!("q_norm_max/0/{h}")) > 0.0 && probe(&r, &format!("k_norm_max/0/{h}")) > 0.0);
+    }
+    let (top, med) = (probe(&r, "massive_top1/0"), probe(&r, "massive_median/0"));
+    assert!(top > med && (probe(&r, "massive_ratio/0") - top / med).abs() < 1e-9 * top / med);
+    assert!((0.0..16.0).contains(&probe(&r, "massive_top1/0@token")) && (0.0..32.0).contains(&probe(&r, "massive_top1/0@channel")));
+    assert!((0.0..=1.0).contains(&probe(&r, "mlp_sparsity/0")));
+    assert!(probe(&r, "log_z_max") >= probe(&r, "log_z"));
+
+    // One AdamW step: m̂ = g and v̂ = g², so the unscaled update is ±1 wherever g ≠ 0; nothing is
+    // below ε = 1e-8 in a weight matrix, and everything is below ε = 10.
+    let adam = d.join("adam");
+    let mut sets = base.to_vec();
+    sets.push("optim.kind=\"adamw\"");
+    ok(&train(&adam, &sets, &[]));
+    let r = records(&adam).into_iter().find(|r| r.get("loss").is_some()).unwrap();
+    let w = "transformer.h.0.mlp.c_fc.weight";
+    assert!((probe(&r, &format!("adam_update_rms/{w}")) - 1.0).abs() < 1e-3, "{r}");
+    assert_eq!(probe(&r, &format!("adam_eps_frac/{w}")), 0.0);
+    let big = d.join("adam-eps");
+    let mut sets = base.to_vec();
+    sets.extend(["optim.kind=\"adamw\"", "optim.eps=10.0"]);
+    ok(&train(&big, &sets, &[]));
+    let r = records(&big).into_iter().find(|r| r.get("loss").is_some()).unwrap();
+    for (k, v) in r.as_object().unwrap() {
+        if k.starts_with("adam_eps_frac/") {
+            assert_eq!(v.as_f64(), Some(1.0), "{k}");
+        }
+    }
+
+    // Every 2 steps (and the last), families off by switch; with accumulation the critical
+    // batch from micro-batches.
+    let some = d.join("some");
+    ok(&train(
+        &some,
+        &[
+            "train.steps=5",
+            "train.micro_batch=4",
+            "probes.interval=2",
+            "probes.massive=false",
+            "probes.grads=false",
+            "probes.distance=false",
+        ],
+        &[],
+    ));
+    let recs: Vec<Value> = records(&some).into_iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(recs.len(), 5);
+    for r in &recs {
+        let step = r["step"].as_u64().unwrap();
+        let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+        let probed = step % 2 == 0 || step == 5;
+        assert_eq!(r.get("attn_logit_max/0").is_some(), probed, "step {step}: {r}");
+        assert_eq!(r.get("cbs_b_simple").is_some(), probed, "step {step}: {r}");
+        assert!(keys.iter().all(|k| !k.starts_with("massive") && !k.starts_with("grad_rms") && !k.starts_with("dist_init")), "{r}");
+        if probed {
+            assert!(probe(r, "cbs_g2_small") > 0.0 && probe(r, "cbs_g2_big") > 0.0 && probe(r, "cbs_b_simple").is_finite());
+        }
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Alerts: a warning line and an `events.jsonl` record with the step; non-finite steps abort
+/// (exit 1) or are skipped and counted, as `train.on_nonfinite` says; the report lists them.
+#[test]
+fn alerts_are_recorded_and_nonfinite_steps_abort_or_skip() {
+    let d = tmp("alerts");
+    let low = d.join("low");
+    let o = train(&low, &["train.steps=4", "probes.interval=2", "probes.max_logit_warn=1e-6"], &[]);
+    ok(&o);
+    let events = |run: &Path| -> Vec<Value> {
+        std::fs::read_to_string(run.join("events.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let ev = events(&low);
+    assert_eq!(
+        ev.iter().map(|e| (e["kind"].as_str().unwrap(), e["step"].as_u64().unwrap())).collect::<Vec<_>>(),
+        [("max_logit", 2), ("max_logit", 4)]
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("warning: step 2: max attention logit of layer 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ok(&bin().arg("report").arg(&low).output().unwrap());
+    let md = std::fs::read_to_string(low.join("report.md")).unwrap();
+    assert!(md.contains("\"kind\":\"max_logit\"") && md.contains("Distance from initialisation"), "{md}");
+
+    // A learning rate that blows the run up: abort names the step; skip goes on and counts.
+    let abort = d.join("abort");
+    let o = train(&abort, &["train.steps=10", "optim.lr=1e8"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("training diverged") && err.contains("train.on_nonfinite"), "{err}");
+    let last = events(&abort).pop().unwrap();
+    assert_eq!((last["kind"].as_str(), last["skipped"].as_bool()), (Some("nonfinite"), Some(false)));
+    let skip = d.join("skip");
+    ok(&train(&skip, &["train.steps=10", "optim.lr=1e8", "train.on_nonfinite=\"skip\""], &[]));
+    let skipped: Vec<Value> = events(&skip).into_iter().filter(|e| e["kind"] == "nonfinite").collect();
+    assert!(!skipped.is_empty() && skipped.iter().all(|e| e["skipped"] == true));
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(skip.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["skipped_steps"].as_u64(), Some(skipped.len() as u64));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// qk-layernorm trains, its parameters are checkpointed, and a run with every probe family
+/// on (probe steps between checkpoints, the critical-batch EMA and the spike detector carried
+/// in the checkpoint) resumes bitwise.
+#[test]
+fn resume_is_bitwise_exact_gpt_qk_norm_with_every_probe() {
+    resume_matches("resume-qk", &["model.qk_norm=true", "probes.interval=3", "train.micro_batch=4"]);
 }

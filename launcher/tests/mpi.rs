@@ -206,6 +206,27 @@ fn accumulation_two_ranks_by_two_matches_one_rank_by_four() {
     assert!(cfg.contains("accum_steps = 2") && cfg.contains("world_size = 2"), "{cfg}");
     assert!(std::fs::read_to_string(d.join("one/config.toml")).unwrap().contains("accum_steps = 4"));
     assert_equivalent("accumulation", &d.join("one"), &d.join("two"), 12);
+    // The critical batch on probe steps (10 and the last): from each rank's own gradient
+    // before the all-reduce (two ranks, B_small 8) or from micro-batches (one rank, B_small 4);
+    // |G_big|² is the averaged gradient's, the logged norm before clipping.
+    for run in ["one", "two"] {
+        let recs: Vec<Value> = std::fs::read_to_string(d.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r.get("cbs_b_simple").is_some())
+            .collect();
+        assert_eq!(recs.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [10, 12], "{run}");
+        for r in &recs {
+            let (big, gn, small) =
+                (r["cbs_g2_big"].as_f64().unwrap(), r["grad_norm"].as_f64().unwrap(), r["cbs_g2_small"].as_f64().unwrap());
+            assert!((big - gn * gn).abs() <= 1e-6 * big, "{run}: {r}");
+            assert!(small > 0.0 && r["cbs_b_simple"].as_f64().unwrap().is_finite(), "{run}: {r}");
+            // Where the largest activation is: a position and a channel of the model.
+            let (tok, ch) = (r["massive_top1/0@token"].as_f64().unwrap(), r["massive_top1/0@channel"].as_f64().unwrap());
+            assert!((0.0..16.0).contains(&tok) && (0.0..32.0).contains(&ch) && tok.fract() == 0.0, "{run}: {r}");
+        }
+    }
     std::fs::remove_dir_all(&d).ok();
 }
 

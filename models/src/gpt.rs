@@ -3,8 +3,15 @@
 //! untied readout. Optional biases; optional z-loss. Parameter names follow nanoGPT
 //! (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map onto PyTorch code directly.
 //!
-//! Probes recorded per step: `attn_logit_max/<layer>`, `resid_rms/<layer>` (after the block),
-//! `logit_mean`, `log_z` (output-logit divergence; Wortsman et al. 2023).
+//! Optional qk-layernorm (`qk_norm`: LayerNorm on each head's query and key, one gain and bias
+//! for the queries and one for the keys shared by the heads, `transformer.h.<i>.attn.qk_ln.*`
+//! of shape `[2, d_head]`), the mitigation of attention-logit growth (Wortsman et al. 2023).
+//!
+//! Probes, by family (`ProbeSink::set`): attention — `attn_logit_max/<layer>`,
+//! `q_norm_max/<layer>/<head>`, `k_norm_max/<layer>/<head>`; logits — `logit_mean`, `log_z`
+//! (mean), `log_z_max`; residual — `resid_rms/<layer>` (after the block); massive —
+//! `massive_top1|median|ratio/<layer>` and where (`massive_top1/<layer>@token|@channel`);
+//! sparsity — `mlp_sparsity/<layer>` (post-GELU entries ≤ the threshold).
 
 use crate::nn::{rms, LayerNorm, Linear};
 use dptrain_core::model::{Batch, Model};
@@ -29,6 +36,9 @@ pub struct GptConfig {
     /// Dropout probability (nanoGPT's places); 0 = off. Only in training.
     #[serde(default)]
     pub dropout: f64,
+    /// qk-layernorm on each head's query and key.
+    #[serde(default)]
+    pub qk_norm: bool,
     /// Attention score scale; `None` = 1/√d_head (μP: 1/d_head).
     #[serde(skip)]
     pub attn_scale: Option<f64>,
@@ -53,6 +63,7 @@ impl Default for GptConfig {
             z_loss: 0.0,
             gelu_tanh: false,
             dropout: 0.0,
+            qk_norm: false,
             attn_scale: None,
             readout_mult: 1.0,
             zero_query: false,
@@ -82,9 +93,16 @@ impl GptConfig {
     }
 }
 
+/// qk-layernorm's parameters: gain and (with biases) bias, `[2, d_head]` (queries, keys).
+struct QkNorm {
+    weight: ParamId,
+    bias: Option<ParamId>,
+}
+
 struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
+    qk_ln: Option<QkNorm>,
     attn_proj: Linear,
     ln_2: LayerNorm,
     c_fc: Linear,
@@ -120,6 +138,15 @@ impl Gpt {
                         pb.scope(i.to_string(), |pb| Block {
                             ln_1: LayerNorm::new(pb, "ln_1", c, cfg.bias),
                             c_attn: pb.scope("attn", |pb| Linear::new(pb, "c_attn", c, 3 * c, cfg.bias, Role::Hidden, qkv_init, zero)),
+                            qk_ln: cfg.qk_norm.then(|| {
+                                let d = c / cfg.n_heads;
+                                pb.scope("attn", |pb| {
+                                    pb.scope("qk_ln", |pb| QkNorm {
+                                        weight: pb.add("weight", &[2, d], Role::Vector, 1, d, Init::Const(1.0)),
+                                        bias: cfg.bias.then(|| pb.add("bias", &[2, d], Role::Vector, 1, d, zero)),
+                                    })
+                                })
+                            }),
                             attn_proj: pb.scope("attn", |pb| Linear::new(pb, "c_proj", c, c, cfg.bias, Role::Hidden, proj_std, zero)),
                             ln_2: LayerNorm::new(pb, "ln_2", c, cfg.bias),
                             c_fc: pb.scope("mlp", |pb| Linear::new(pb, "c_fc", c, hid, cfg.bias, Role::Hidden, std, zero)),
@@ -158,14 +185,24 @@ impl Gpt {
         let pos = tape.param(ps, self.wpe).narrow(0, 0, t)?;
         record_coord(probes, format_args!("wpe"), &pos);
         let mut x = tok.add(pos)?.dropout(drop(0)?)?;
+        let want = probes.set();
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 4 * i as u64;
             let h = blk.ln_1.forward(tape, ps, x)?;
             record_coord(probes, format_args!("h.{i}.ln_1"), &h);
             let qkv = blk.c_attn.forward(tape, ps, h)?;
             record_coord(probes, format_args!("h.{i}.attn.c_attn"), &qkv);
+            if want.attention {
+                crate::probes::record_qk_norms(probes, i, &qkv, self.cfg.n_heads)?;
+            }
+            let qkv = match &blk.qk_ln {
+                Some(n) => qkv.qk_layer_norm(self.cfg.n_heads, Some(tape.param(ps, n.weight)), n.bias.map(|b| tape.param(ps, b)), 1e-5)?,
+                None => qkv,
+            };
             let att = qkv.causal_attention_scaled(self.cfg.n_heads, drop(site)?, self.cfg.attn_scale)?;
-            probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
+            if want.attention {
+                probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
+            }
             record_coord(probes, format_args!("h.{i}.attn"), &att.y);
             let a = blk.attn_proj.forward(tape, ps, att.y)?;
             record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
@@ -174,12 +211,19 @@ impl Gpt {
             record_coord(probes, format_args!("h.{i}.ln_2"), &h);
             let m = blk.c_fc.forward(tape, ps, h)?;
             record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
-            let m = blk.mlp_proj.forward(tape, ps, m.gelu(self.cfg.gelu_tanh)?)?;
+            let act = m.gelu(self.cfg.gelu_tanh)?;
+            if want.sparsity {
+                crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
+            }
+            let m = blk.mlp_proj.forward(tape, ps, act)?;
             record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
             x = x.add(m.dropout(drop(site + 2)?)?)?;
             record_coord(probes, format_args!("h.{i}"), &x);
-            if probes.enabled() {
+            if want.residual {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&x));
+            }
+            if want.massive {
+                crate::probes::record_massive(probes, i, &x)?;
             }
         }
         let x = self.ln_f.forward(tape, ps, x)?;
@@ -197,8 +241,11 @@ impl Model for Gpt {
         };
         let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
         let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
-        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
-        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+        if probes.set().logits {
+            probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+            probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+            probes.record("log_z_max", Reduce::Max, ce.log_z_max);
+        }
         if self.cfg.z_loss > 0.0 {
             probes.record("z_loss", Reduce::Mean, ce.z_loss);
         }
@@ -206,7 +253,10 @@ impl Model for Gpt {
     }
     fn describe(&self) -> String {
         let c = &self.cfg;
-        let drop = if c.dropout > 0.0 { format!(", dropout {}", c.dropout) } else { String::new() };
+        let mut drop = if c.dropout > 0.0 { format!(", dropout {}", c.dropout) } else { String::new() };
+        if c.qk_norm {
+            drop.push_str(", qk-layernorm");
+        }
         format!(
             "gpt(vocab {}, context {}, d_model {}, {} layers, {} heads{drop})",
             c.vocab_size, c.context, c.d_model, c.n_layers, c.n_heads

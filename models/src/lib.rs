@@ -5,6 +5,7 @@
 pub mod gpt;
 pub mod mlp;
 pub mod nn;
+pub mod probes;
 pub mod resnet;
 
 pub use gpt::{Gpt, GptConfig};

@@ -91,17 +91,25 @@ impl Model for Mlp {
                 h = bn.forward(tape, ps, h, train)?;
                 record_coord(probes, format_args!("bn.{i}"), &h);
             }
-            h = h.relu()?.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
+            h = h.relu()?;
+            let want = probes.set();
+            if want.sparsity {
+                crate::probes::record_sparsity(probes, i, &h, want.sparsity_threshold)?;
+            }
+            h = h.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
             record_coord(probes, format_args!("act.{i}"), &h);
-            if probes.enabled() {
+            if want.residual {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
         let logits = self.head.forward(tape, ps, crate::nn::readout_input(h, self.cfg.readout_mult)?)?;
         record_coord(probes, format_args!("head"), &logits);
         let ce = logits.cross_entropy(labels, 0.0)?;
-        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
-        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+        if probes.set().logits {
+            probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+            probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+            probes.record("log_z_max", Reduce::Max, ce.log_z_max);
+        }
         probes.record("acc", Reduce::Mean, ce.accuracy);
         Ok(ce.loss)
     }

@@ -135,7 +135,7 @@ impl Model for ResNet {
             };
             h = y.add(short)?.relu()?;
             record_coord(probes, format_args!("block.{i}"), &h);
-            if probes.enabled() {
+            if probes.set().residual {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&h));
             }
         }
@@ -143,8 +143,11 @@ impl Model for ResNet {
         let logits = self.fc.forward(tape, ps, crate::nn::readout_input(pooled, self.cfg.readout_mult)?)?;
         record_coord(probes, format_args!("fc"), &logits);
         let ce = logits.cross_entropy(labels, 0.0)?;
-        probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
-        probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+        if probes.set().logits {
+            probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
+            probes.record("log_z", Reduce::Mean, ce.log_z_mean);
+            probes.record("log_z_max", Reduce::Max, ce.log_z_max);
+        }
         probes.record("acc", Reduce::Mean, ce.accuracy);
         Ok(ce.loss)
     }

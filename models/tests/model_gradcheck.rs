@@ -46,13 +46,15 @@ fn check_model(name: &str, m: &dyn Model, mut ps: ParamStore, b: &Batch) {
 #[test]
 fn gpt_gradients() {
     for dropout in [0.0, 0.3] {
-        gpt_gradients_with(dropout, None, 1.0);
+        gpt_gradients_with(dropout, None, 1.0, false);
     }
     // μP's forward: attention scale 1/d_head and a readout multiplier.
-    gpt_gradients_with(0.0, Some(0.25), 0.5);
+    gpt_gradients_with(0.0, Some(0.25), 0.5, false);
+    // qk-layernorm (its gains and biases among the checked parameters).
+    gpt_gradients_with(0.0, None, 1.0, true);
 }
 
-fn gpt_gradients_with(dropout: f64, attn_scale: Option<f64>, readout_mult: f64) {
+fn gpt_gradients_with(dropout: f64, attn_scale: Option<f64>, readout_mult: f64, qk_norm: bool) {
     let cfg = GptConfig {
         vocab_size: 11,
         context: 6,
@@ -66,18 +68,21 @@ fn gpt_gradients_with(dropout: f64, attn_scale: Option<f64>, readout_mult: f64) 
         dropout,
         attn_scale,
         readout_mult,
+        qk_norm,
         ..Default::default()
     };
     let mut pb = ParamBuilder::new();
     let m = Gpt::new(cfg, &mut pb).unwrap();
     let ps = pb.build(1, DType::F64).unwrap();
+    assert_eq!(ps.id("transformer.h.1.attn.qk_ln.weight").is_some(), qk_norm);
+    assert_eq!(ps.id("transformer.h.1.attn.qk_ln.bias").is_some(), qk_norm);
     assert_eq!(ps.infos()[0].name, "transformer.wte.weight");
     assert!(ps.id("transformer.h.1.attn.c_attn.bias").is_some() && ps.id("lm_head.weight").is_some());
     let mut rng = Rng::new(2);
     let ids: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
     let targets: Vec<u32> = (0..2 * 6).map(|_| rng.below(11) as u32).collect();
     check_model(
-        &format!("gpt dropout {dropout} scale {attn_scale:?} readout × {readout_mult}"),
+        &format!("gpt dropout {dropout} scale {attn_scale:?} readout × {readout_mult} qk_norm {qk_norm}"),
         &m,
         ps,
         &Batch::Tokens { inputs: ids, targets, batch: 2, context: 6 },

@@ -93,6 +93,12 @@ pub const KEYS: &[KeyDoc] = &[
     k("model.z_loss", Float, Some("0.0"), "gpt: z-loss coefficient (coef * log^2 Z added to the loss)").nonneg(),
     k("model.gelu_tanh", Bool, Some("false"), "gpt: tanh approximation of GELU instead of the erf form"),
     k(
+        "model.qk_norm",
+        Bool,
+        Some("false"),
+        "gpt: qk-layernorm — LayerNorm on each head's query and key (one gain and bias for queries, one for keys, shared by the heads), against attention-logit growth",
+    ),
+    k(
         "model.dropout",
         Float,
         Some("0.0"),
@@ -168,6 +174,13 @@ pub const KEYS: &[KeyDoc] = &[
         Some("false"),
         "multiply train.steps and the warmup by B/B0 (optim.base_batch): k× the batch for k× the epochs, so the number of updates matches the base run's (Hoffer et al. 2017)",
     ),
+    k(
+        "train.on_nonfinite",
+        Str,
+        Some("\"abort\""),
+        "abort | skip: what a step whose loss or gradients are not finite does — abort the run (exit 1), or skip it (no optimizer step, no moment update; counted in summary.json) and go on",
+    )
+    .one_of(&["abort", "skip"]),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
     k(
         "optim.kind",
@@ -203,7 +216,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("optim.clip", Float, Some("1.0"), "global gradient-norm clip (0 = off)").nonneg(),
     k("optim.momentum", Float, Some("0.9"), "sgd/lars: momentum").unit(),
     k("optim.nesterov", Bool, Some("false"), "sgd/lars: Nesterov momentum"),
-    k("optim.decay", Str, Some("\"coupled\""), "adamw: coupled (torch: lr * wd) | independent (schedule multiplier * wd)")
+    k("optim.decay", Str, Some("\"coupled\""), "adamw, lamb, soap: coupled (torch: lr * wd; lamb: wd inside the trust-scaled direction) | independent (Wortsman et al.: schedule multiplier lr/peak lr * wd, beside the update)")
         .one_of(&["coupled", "independent"]),
     k("optim.decay_vectors", Bool, Some("false"), "also decay biases and norm gains"),
     k("optim.shampoo_beta", Float, Some("-1.0"), "soap: EMA factor of the preconditioner statistics; negative = use beta2"),
@@ -254,11 +267,34 @@ pub const KEYS: &[KeyDoc] = &[
     k("mup.zero_init_readout", Bool, Some("false"), "start the readout (and its bias) at zero"),
     k("mup.zero_init_query", Bool, Some("false"), "gpt: start the query projection at zero"),
     k("comm.timeout_s", Float, Some("600.0"), "a collective that does not complete within this many seconds aborts the job").pos(),
+    k("probes.interval", Int, Some("10"), "compute the probes every this many steps (and at the last step), on the training batch; each such step writes a metrics record").pos(),
+    k("probes.attention", Bool, Some("true"), "max attention logit per layer (attn_logit_max/<l>), each head's max query and key norm (q_norm_max/<l>/<h>, k_norm_max/<l>/<h>)"),
+    k("probes.logits", Bool, Some("true"), "output logits: logit_mean, log_z (mean log Z), log_z_max"),
+    k("probes.residual", Bool, Some("true"), "residual-stream RMS after each block (resid_rms/<l>)"),
+    k("probes.massive", Bool, Some("true"), "massive activations per block output: massive_top1/<l>, massive_median/<l>, massive_ratio/<l>, where (massive_top1/<l>@token, @channel)"),
+    k("probes.sparsity", Bool, Some("true"), "MLP activation sparsity per layer (mlp_sparsity/<l>): fraction of post-activation entries <= probes.sparsity_threshold"),
+    k("probes.sparsity_threshold", Float, Some("0.0"), "an MLP activation at or below this counts as inactive"),
+    k("probes.grads", Bool, Some("true"), "gradient RMS per parameter tensor (grad_rms/<param>), after the all-reduce, before clipping"),
+    k(
+        "probes.optimizer",
+        Bool,
+        Some("true"),
+        "update-to-parameter RMS ratio per tensor (update_ratio/<param>); Adam family: fraction of second-moment entries with sqrt(v_hat) < eps (adam_eps_frac/<param>) and the unscaled update's RMS (adam_update_rms/<param>; not SOAP)",
+    ),
+    k("probes.distance", Bool, Some("true"), "distance from initialisation ||w_t - w_0|| per tensor (dist_init/<param>) and in total (dist_init); w_0 is rebuilt from run.seed"),
+    k(
+        "probes.critical_batch",
+        Bool,
+        Some("true"),
+        "critical batch size B_simple (McCandlish et al. 2018) from the ranks' local gradient norms before the all-reduce (one rank: micro-batches) — cbs_b_simple and its EMA parts cbs_g2_ema, cbs_s_ema, in samples",
+    ),
+    k("probes.max_logit_warn", Float, Some("1000.0"), "alert when a max attention logit exceeds this").pos(),
+    k("probes.spike_sigma", Float, Some("6.0"), "alert when the loss exceeds its running mean by this many running deviations (EMA, after 20 steps)").pos(),
 ];
 
 /// Which `model.*` keys each kind accepts (the first entry is the default kind).
 pub const MODEL_KEYS: &[(&str, &[&str])] = &[
-    ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh", "dropout"]),
+    ("gpt", &["vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio", "bias", "z_loss", "gelu_tanh", "dropout", "qk_norm"]),
     ("mlp", &["input_dim", "widths", "norm", "ghost_batch", "classes", "dropout"]),
     ("resnet", &["in_channels", "width", "depth", "norm", "ghost_batch", "classes"]),
 ];

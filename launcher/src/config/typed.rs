@@ -23,6 +23,46 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub comm: CommSection,
     pub mup: MupSection,
+    pub probes: ProbesSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesSection {
+    pub interval: u64,
+    pub attention: bool,
+    pub logits: bool,
+    pub residual: bool,
+    pub massive: bool,
+    pub sparsity: bool,
+    pub sparsity_threshold: f64,
+    pub grads: bool,
+    pub optimizer: bool,
+    pub distance: bool,
+    pub critical_batch: bool,
+    pub max_logit_warn: f64,
+    pub spike_sigma: f64,
+}
+
+impl ProbesSection {
+    /// The model-side families, as the models' probe sink reads them.
+    pub fn model_set(&self) -> dptrain_core::probe::ProbeSet {
+        dptrain_core::probe::ProbeSet {
+            attention: self.attention,
+            logits: self.logits,
+            residual: self.residual,
+            massive: self.massive,
+            sparsity: self.sparsity,
+            sparsity_threshold: self.sparsity_threshold,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    Abort,
+    Skip,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +136,7 @@ pub struct ModelSection {
     pub z_loss: f64,
     pub gelu_tanh: bool,
     pub dropout: f64,
+    pub qk_norm: bool,
     pub input_dim: Option<usize>,
     pub widths: Vec<usize>,
     pub norm: dptrain_models::NormKind,
@@ -175,6 +216,7 @@ pub struct TrainSection {
     pub precision: Precision,
     pub regime_adaptation: bool,
     pub eval_at_start: bool,
+    pub on_nonfinite: OnNonFinite,
     pub checkpoint_every: u64,
 }
 

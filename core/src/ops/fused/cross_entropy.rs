@@ -15,6 +15,8 @@ pub struct CeOut<'t> {
     pub loss: Var<'t>,
     /// Mean over rows of log Z = logsumexp(logits).
     pub log_z_mean: f64,
+    /// Largest log Z of a row.
+    pub log_z_max: f64,
     /// Mean over all logits.
     pub logit_mean: f64,
     /// The z-loss part of `loss`: `z_coef · mean(log²Z)` (0 without z-loss).
@@ -26,6 +28,7 @@ pub struct CeOut<'t> {
 /// The cross-entropy statistics reported beside the loss (see [`CeOut`]).
 struct Stats {
     log_z_mean: f64,
+    log_z_max: f64,
     logit_mean: f64,
     z_loss: f64,
     accuracy: f64,
@@ -45,7 +48,13 @@ fn device_forward(x: &Tensor, targets: &[u32], z_coef: f64, n: usize, v: usize) 
         use crate::kernels::cuda::ops as gpu;
         let (lse, tg, st) = gpu::cross_entropy(x, targets, z_coef)?;
         let loss = gpu::full(&gpu::dev_of(x)?, &[], st.loss as f32)?;
-        let stats = Stats { log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy };
+        let stats = Stats {
+            log_z_mean: st.log_z_mean,
+            log_z_max: st.log_z_max,
+            logit_mean: st.logit_mean,
+            z_loss: st.z_loss,
+            accuracy: st.accuracy,
+        };
         return Ok((loss, lse, Targets::Device(tg), stats));
     }
     with_float!(x.dtype(), "cross_entropy", T => {
@@ -62,11 +71,12 @@ fn device_forward(x: &Tensor, targets: &[u32], z_coef: f64, n: usize, v: usize) 
         let inv = 1.0 / n as f64;
         let loss: f64 = rows.iter().map(|r| r.0.f64()).sum::<f64>() * inv;
         let lz: f64 = rows.iter().map(|r| r.1.f64()).sum::<f64>() * inv;
+        let lzmax = rows.iter().map(|r| r.1.f64()).fold(f64::NEG_INFINITY, f64::max);
         let lz2: f64 = rows.iter().map(|r| r.1.f64() * r.1.f64()).sum::<f64>() * inv;
         let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
         let acc = rows.iter().filter(|r| r.3).count() as f64 * inv;
         let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
-        let stats = Stats { log_z_mean: lz, logit_mean: lm, z_loss: z_coef * lz2, accuracy: acc };
+        let stats = Stats { log_z_mean: lz, log_z_max: lzmax, logit_mean: lm, z_loss: z_coef * lz2, accuracy: acc };
         Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, Targets::Host(targets.to_vec()), stats))
     })
 }
@@ -114,6 +124,13 @@ impl<'t> Var<'t> {
             let go = g.item()?;
             Ok(vec![Some(device_backward(&x, &lse, &saved, z_coef, go, n, v)?)])
         });
-        Ok(CeOut { loss, log_z_mean: st.log_z_mean, logit_mean: st.logit_mean, z_loss: st.z_loss, accuracy: st.accuracy })
+        Ok(CeOut {
+            loss,
+            log_z_mean: st.log_z_mean,
+            log_z_max: st.log_z_max,
+            logit_mean: st.logit_mean,
+            z_loss: st.z_loss,
+            accuracy: st.accuracy,
+        })
     }
 }

@@ -6,6 +6,7 @@ use super::*;
 pub struct CeStats {
     pub loss: f64,
     pub log_z_mean: f64,
+    pub log_z_max: f64,
     pub logit_mean: f64,
     pub z_loss: f64,
     pub accuracy: f64,
@@ -30,6 +31,7 @@ pub fn cross_entropy(x: &Tensor, targets: &[u32], z: f64) -> Result<(Tensor, Dev
     let st = CeStats {
         loss: mean(&get(&loss)?),
         log_z_mean: mean(&lse_h),
+        log_z_max: lse_h.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         logit_mean: mean(&get(&rsum)?) / v as f64,
         z_loss: z * lse_h.iter().map(|l| l * l).sum::<f64>() / rows as f64,
         accuracy: mean(&get(&correct)?),
