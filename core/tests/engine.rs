@@ -282,3 +282,38 @@ fn qk_layer_norm_is_layer_norm_on_each_heads_query_and_key() {
         close(&g1[k], &g2[k], what);
     }
 }
+
+/// The probes the fused ops report, against hand computation: attention's max pre-softmax logit
+/// over the causal pairs, and the cross-entropy's mean and max log Z.
+#[test]
+fn attention_max_logit_and_log_z_are_what_they_say() {
+    // One head, d_head 2, three tokens: q_i, k_i, v_i.
+    let (q, k) = ([[1.0, 0.0], [2.0, 1.0], [0.5, -3.0]], [[3.0, 1.0], [1.0, 4.0], [-2.0, 2.0]]);
+    let mut qkv = vec![];
+    for t in 0..3 {
+        qkv.extend(q[t]);
+        qkv.extend(k[t]);
+        qkv.extend([0.1, 0.2]);
+    }
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_vec(qkv, &[1, 3, 6]).unwrap());
+    let att = x.causal_attention(1).unwrap();
+    let mut want = f64::NEG_INFINITY;
+    for i in 0..3 {
+        for j in 0..=i {
+            want = want.max((q[i][0] * k[j][0] + q[i][1] * k[j][1]) / 2f64.sqrt());
+        }
+    }
+    // q_1·k_0 = 6 + 1 = 7 is the largest causal pair (q_0·k_1 = 3 and q_2·k_2 = −7 are not).
+    assert!((want - 7.0 / 2f64.sqrt()).abs() < 1e-12);
+    assert!((att.max_logit.to_host().unwrap() - want).abs() < 1e-12);
+
+    let logits = [[1.0, 2.0, 3.0], [0.0, -1.0, 10.0]];
+    let tape = Tape::new();
+    let l = tape.leaf(Tensor::from_vec(logits.concat(), &[2, 3]).unwrap());
+    let ce = l.cross_entropy(&[0, 2], 0.0).unwrap();
+    let lse = |r: &[f64; 3]| r.iter().map(|x| x.exp()).sum::<f64>().ln();
+    let (a, b) = (lse(&logits[0]), lse(&logits[1]));
+    assert!((ce.log_z_mean - (a + b) / 2.0).abs() < 1e-12 && (ce.log_z_max - b).abs() < 1e-12);
+    assert!((ce.logit_mean - 15.0 / 6.0).abs() < 1e-12);
+}

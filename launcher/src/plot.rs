@@ -67,7 +67,7 @@ pub fn coord_check_png(r: &Report, path: &Path) -> Result<()> {
             let style = ShapeStyle { color, filled: false, stroke_width: if failing { 3 } else { 1 } };
             let line = chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(err)?;
             if t + 1 == steps {
-                line.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+                line.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(3)));
             }
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled()))).map_err(err)?;
         }
@@ -119,7 +119,7 @@ pub fn chart_xy(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[
             .draw_series(LineSeries::new(p.clone(), ShapeStyle { color, filled: false, stroke_width: 2 }))
             .map_err(err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(3)));
         if p.len() < 30 {
             chart.draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(err)?;
         }

@@ -172,6 +172,10 @@ fn train_loop(
                 cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
             }
         }
+        if run.fault.is_some_and(|f| f.poisons(rank, done)) {
+            loss_sum = f64::NAN;
+            dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), f32::NAN)?;
+        }
         let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
         // The trainer's own probes, the same on every rank: joined after the reduction.
         let mut extra = vec![];

@@ -1180,3 +1180,29 @@ fn alerts_are_recorded_and_nonfinite_steps_abort_or_skip() {
 fn resume_is_bitwise_exact_gpt_qk_norm_with_every_probe() {
     resume_matches("resume-qk", &["model.qk_norm=true", "probes.interval=3", "train.micro_batch=4"]);
 }
+
+/// A skipped non-finite step leaves the parameters and the optimizer state untouched: the
+/// checkpoints before and after it hold the same bytes, and training goes on from there.
+/// Needs the `fault-injection` feature (scripts/test.sh turns it on): `--fault nan:0:4` turns
+/// step 4's loss and gradients NaN.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_skipped_nonfinite_step_leaves_parameters_and_optimizer_state_untouched() {
+    let d = tmp("skip-nan");
+    let run = d.join("r");
+    let sets = ["train.steps=6", "train.checkpoint_every=1", "checkpoint.keep_last=10", "train.on_nonfinite=\"skip\""];
+    ok(&train(&run, &sets, &["--fault", "nan:0:4"]));
+    let ck = |s: u64, f: &str| std::fs::read(run.join(format!("checkpoints/step_{s:07}/{f}"))).unwrap();
+    assert!(ck(3, "model.safetensors") == ck(4, "model.safetensors"), "parameters changed on the skipped step");
+    assert!(ck(3, "optimizer.safetensors") == ck(4, "optimizer.safetensors"), "optimizer state changed on the skipped step");
+    let scalars = |s: u64| serde_json::from_slice::<Value>(&ck(s, "state.json")).unwrap()["optimizer_scalars"].clone();
+    assert_eq!(scalars(3), scalars(4));
+    assert!(ck(4, "model.safetensors") != ck(5, "model.safetensors"), "training did not go on");
+    let recs: Vec<Value> = records(&run).into_iter().filter(|r| r.get("loss").is_some()).collect();
+    assert!(recs[3]["loss"].is_null() && recs[4]["loss"].as_f64().unwrap().is_finite(), "{:?}", &recs[3..5]);
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["skipped_steps"], 1);
+    let ev = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    assert!(ev.lines().count() == 1 && ev.contains("\"kind\":\"nonfinite\"") && ev.contains("\"step\":4"), "{ev}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -5,6 +5,7 @@
 //! and only when the sink asks for their family (`ProbeSink::set`).
 
 use dptrain_core::probe::{ProbeSink, Reduce};
+use rayon::prelude::*;
 use dptrain_core::{Result, Var};
 
 /// An activation's values on the host, as f32.
@@ -18,8 +19,13 @@ fn host(v: &Var<'_>) -> Result<Vec<f32>> {
 pub fn record_massive(sink: &mut dyn ProbeSink, layer: usize, x: &Var<'_>) -> Result<()> {
     let shape = x.shape();
     let (t, c) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    let mut a: Vec<f32> = host(x)?.into_iter().map(f32::abs).collect();
-    let (at, top1) = a.iter().copied().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, v)| if v > m.1 { (i, v) } else { m });
+    let mut a: Vec<f32> = host(x)?.into_par_iter().map(f32::abs).collect();
+    // The first largest entry (ties to the lowest index, whatever the thread split).
+    let (at, top1) = a
+        .par_iter()
+        .copied()
+        .enumerate()
+        .reduce(|| (0, f32::NEG_INFINITY), |p, q| if q.1 > p.1 || (q.1 == p.1 && q.0 < p.0) { q } else { p });
     let mid = a.len() / 2;
     let median = *a.select_nth_unstable_by(mid, |p, q| p.total_cmp(q)).1 as f64;
     let top1 = top1 as f64;
@@ -34,7 +40,7 @@ pub fn record_massive(sink: &mut dyn ProbeSink, layer: usize, x: &Var<'_>) -> Re
 /// `mlp_sparsity/<i>`: the fraction of an MLP's post-activation entries ≤ `threshold`.
 pub fn record_sparsity(sink: &mut dyn ProbeSink, layer: usize, a: &Var<'_>, threshold: f64) -> Result<()> {
     let v = host(a)?;
-    let below = v.iter().filter(|&&x| (x as f64) <= threshold).count();
+    let below = v.par_iter().filter(|&&x| (x as f64) <= threshold).count();
     sink.record(&format!("mlp_sparsity/{layer}"), Reduce::Mean, below as f64 / v.len().max(1) as f64);
     Ok(())
 }
@@ -46,14 +52,19 @@ pub fn record_qk_norms(sink: &mut dyn ProbeSink, layer: usize, qkv: &Var<'_>, n_
     let v = host(qkv)?;
     let c3 = *qkv.shape().last().unwrap_or(&3);
     let d = c3 / 3 / n_heads;
-    let mut max = vec![0.0f64; 2 * n_heads];
-    for row in v.chunks(c3) {
-        for (k, m) in max.iter_mut().enumerate() {
-            let seg = &row[k * d..(k + 1) * d];
-            let n = seg.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
-            *m = m.max(n);
-        }
-    }
+    let max = v
+        .par_chunks(c3)
+        .fold(
+            || vec![0.0f64; 2 * n_heads],
+            |mut max, row| {
+                for (k, m) in max.iter_mut().enumerate() {
+                    let n = row[k * d..(k + 1) * d].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+                    *m = m.max(n);
+                }
+                max
+            },
+        )
+        .reduce(|| vec![0.0f64; 2 * n_heads], |a, b| a.iter().zip(&b).map(|(x, y)| x.max(*y)).collect());
     for h in 0..n_heads {
         sink.record(&format!("q_norm_max/{layer}/{h}"), Reduce::Max, max[h]);
         sink.record(&format!("k_norm_max/{layer}/{h}"), Reduce::Max, max[n_heads + h]);
