@@ -11,6 +11,9 @@
 #                 dirs, $LD_LIBRARY_PATH, $LIBRARY_PATH and /usr/lib*, /usr/local/lib*, and a
 #                 64-bit ELF file
 #   python3 venv  (--tests) the venv scripts/test.sh makes for NVRTC
+#   shellcheck    (--tests) checks the sbatch scripts `dptrain slurm` writes
+#   slurm, munge  (--tests) a real single-node Slurm the tests start: slurmctld, slurmd, sbatch,
+#                 srun with the PMIx plugin (mpi_pmix.so), and munged with its key
 # Missing ones are installed with apt-get (saying which and why), then everything is checked
 # again; anything still missing ends the script with one line and exit 1.
 #
@@ -98,9 +101,12 @@ why=("the C compiler and linker Rust builds with"
   "runs the multi-process tests and \`mpirun -np N dptrain train\`"
   "bindgen (rsmpi's mpi-sys) loads libclang.so / libclang-N.so.1; libclang-cpp does not count")
 if [ $tests -eq 1 ]; then
-  names+=(python3-venv)
-  packages+=(python3-venv)
-  why+=("scripts/test.sh installs NVRTC from PyPI into a python3 venv")
+  names+=(python3-venv shellcheck slurm munge)
+  packages+=(python3-venv shellcheck slurm-wlm munge)
+  why+=("scripts/test.sh installs NVRTC from PyPI into a python3 venv"
+    "the tests run shellcheck on the sbatch scripts \`dptrain slurm\` writes"
+    "the tests start a single-node Slurm and run a generated sbatch script under srun --mpi=pmix"
+    "Slurm authenticates through munge (munged and /etc/munge/munge.key)")
 fi
 
 check() {
@@ -111,6 +117,12 @@ check() {
     mpirun) command -v mpirun ;;
     libclang) find_libclang ;;
     python3-venv) python3 -c 'import venv, ensurepip' >/dev/null 2>&1 && command -v python3 ;;
+    shellcheck) command -v shellcheck ;;
+    slurm)
+      command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
+        { compgen -G "$root/usr/lib*/*/slurm*/mpi_pmix*.so" || compgen -G "$root/usr/lib*/slurm*/mpi_pmix*.so"; } >/dev/null &&
+        command -v srun ;;
+    munge) command -v munged >/dev/null && [ -e "$root/etc/munge/munge.key" ] && command -v munge ;;
   esac
 }
 

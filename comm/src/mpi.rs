@@ -127,6 +127,11 @@ pub struct MpiComm {
     in_place: Option<usize>,
 }
 
+/// The MPI library's version string (`MPI_Get_library_version`, callable before MPI starts).
+pub fn library_version() -> String {
+    mpi::environment::library_version().unwrap_or_else(|_| "unknown MPI library".into())
+}
+
 /// `MPI_IN_PLACE` is a macro in `mpi.h`, not a symbol, and rsmpi does not expose it. Its value
 /// is part of each implementation's ABI: Open MPI `((void *) 1)`, MPICH and its derivatives
 /// (Intel MPI, MVAPICH, Cray MPICH) `((void *) -1)`. Unknown libraries get `None` and reduce

@@ -65,6 +65,12 @@ pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device
             CudaStatus::NotBuilt => Err(Error::Device("this dptrain was built without the `cuda` feature".into())),
             CudaStatus::NoDriver => Err(Error::Device("no CUDA driver (libcuda.so.1) on this machine; use run.device = \"cpu\"".into())),
             CudaStatus::NoDevice(why) => Err(Error::Device(format!("no usable CUDA device ({why}); use run.device = \"cpu\""))),
+            // One visible device for several processes on this node: each rank was given its
+            // own through CUDA_VISIBLE_DEVICES (Slurm's --gpus-per-task, a wrapper), or they
+            // would all share GPU 0 — which NCCL refuses, and which halves every rank's speed.
+            CudaStatus::Devices(1) if local_size > 1 && std::env::var_os("CUDA_VISIBLE_DEVICES").is_none() => Err(Error::Device(format!(
+                "{local_size} processes on this node and 1 visible CUDA device: they would share it; run one process per GPU, or give each rank its own with CUDA_VISIBLE_DEVICES"
+            ))),
             CudaStatus::Devices(1) => Ok(Device::Cuda(0)),
             CudaStatus::Devices(n) if n >= local_size => Ok(Device::Cuda(local_rank)),
             CudaStatus::Devices(n) => Err(Error::Device(format!(
@@ -72,6 +78,31 @@ pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device
             ))),
         },
         other => Err(Error::Device(format!("unknown device \"{other}\"; expected cpu or cuda"))),
+    }
+}
+
+/// One line for the placement log: `cpu`, or `cuda:0 (NVIDIA H200, PCI 0000:1b:00.0)`.
+pub fn describe(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(o) => {
+            #[cfg(feature = "cuda")]
+            if !crate::tensor::cuda::emulated() && crate::kernels::cuda::driver_available() {
+                use cudarc::driver::{result as drv, sys};
+                if let Ok(dev) = drv::device::get(o as i32) {
+                    let name = drv::device::get_name(dev).unwrap_or_else(|_| "?".into());
+                    // SAFETY: `dev` came from device::get.
+                    let attr = |a| unsafe { drv::device::get_attribute(dev, a) }.unwrap_or(-1);
+                    let (dom, bus, slot) = (
+                        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID),
+                        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
+                        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID),
+                    );
+                    return format!("cuda:{o} ({name}, PCI {dom:04x}:{bus:02x}:{slot:02x}.0)");
+                }
+            }
+            format!("cuda:{o}")
+        }
     }
 }
 

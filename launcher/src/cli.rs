@@ -30,6 +30,29 @@ pub enum Cmd {
         #[arg(long, hide = true, value_name = "KIND:RANK:STEP")]
         fault: Option<crate::fault::Fault>,
     },
+    /// Start N ranks of a dptrain command through the system's mpirun (single-node dev runs,
+    /// as torchrun): prints the mpirun command, prefixes each line with its rank, forwards
+    /// Ctrl-C/SIGTERM, exits with the first failing rank's code.
+    Launch {
+        /// Number of ranks.
+        #[arg(short = 'n', long = "np", value_name = "N")]
+        n: usize,
+        /// Hosts and slots, e.g. node1:4,node2:4 (default: this machine).
+        #[arg(long)]
+        hosts: Option<String>,
+        /// Extra mpirun arguments, as one string.
+        #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+        mpirun_args: Option<String>,
+        /// Leave the ranks' output lines as they are (no [rN] prefix).
+        #[arg(long)]
+        no_prefix: bool,
+        /// Seconds between forwarding Ctrl-C/SIGTERM and killing what is left.
+        #[arg(long, default_value_t = 10.0)]
+        grace: f64,
+        /// The dptrain command each rank runs, after `--`: train [CONFIG] [--set ...].
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Check the GPU backend on this machine: compile every CUDA kernel for the device with
     /// NVRTC, run them against the CPU engine, print a table (exit 1 if any op disagrees).
     GpuCheck {
@@ -83,6 +106,33 @@ pub enum Cmd {
         /// Directory for the runs, sweep.json and sweep.png.
         #[arg(long, default_value = "runs/sweep")]
         out: PathBuf,
+        /// Write a Slurm array job (one task per point, OUT/sweep.sbatch) instead of running;
+        /// the `dptrain slurm` options below shape it. Collect afterwards with --collect.
+        #[arg(long)]
+        slurm: bool,
+        /// Do not train: read the points' run directories (after a --slurm array job) and write
+        /// sweep.json, sweep.png and the table.
+        #[arg(long, conflicts_with = "slurm")]
+        collect: bool,
+        #[command(flatten)]
+        job: SlurmOpts,
+    },
+    /// Write an sbatch script that runs `dptrain train CONFIG` with one rank per GPU (or per
+    /// task on CPU) under srun; the config (with --set applied) is copied next to it.
+    Slurm {
+        /// A TOML config file (default: the built-in default run).
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        job: SlurmOpts,
+        /// Where to write the script (default: stdout; with --submit, <run.name>.sbatch).
+        #[arg(long)]
+        script: Option<PathBuf>,
+        /// Submit it with sbatch and print the job id.
+        #[arg(long)]
+        submit: bool,
     },
     /// Plot a run (loss, validation loss, learning rate, gradient norm, every probe family) as
     /// PNGs in its directory and write report.md with the final numbers and alerts.
@@ -90,6 +140,9 @@ pub enum Cmd {
         /// The run directory (with metrics.jsonl).
         run_dir: PathBuf,
     },
+    /// What this machine and job look like to dptrain: MPI library, launcher variables and the
+    /// world they give, CUDA driver and devices, NVRTC/cuBLAS/NCCL, threads.
+    Env,
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
@@ -100,6 +153,33 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ParityCmd,
     },
+}
+
+/// The job shape `dptrain slurm` and `dptrain sweep --slurm` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SlurmOpts {
+    /// Nodes.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// GPUs per node: one task (one rank) per GPU, run.device = "cuda".
+    #[arg(long)]
+    pub gpus_per_node: Option<usize>,
+    /// Tasks (ranks) per node, for CPU jobs.
+    #[arg(long)]
+    pub ntasks_per_node: Option<usize>,
+    /// Time limit (Slurm's forms: 04:00:00, 90, 1-12:00:00).
+    #[arg(long)]
+    pub time: Option<String>,
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Cores per task (each rank's threads).
+    #[arg(long)]
+    pub cpus_per_task: Option<usize>,
+    /// srun's MPI plugin: pmix or pmi2.
+    #[arg(long, default_value = "pmix")]
+    pub mpi: String,
 }
 
 #[derive(Debug, Subcommand)]

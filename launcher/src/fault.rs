@@ -14,6 +14,8 @@ pub enum FaultKind {
     Hang,
     /// The step's loss and gradients on this rank become NaN.
     Nan,
+    /// The process exits with status 4 (a distinctive code for launchers to pass on).
+    Exit,
 }
 
 /// `KIND:RANK:STEP`, e.g. `kill:1:5`: rank RANK does KIND when step STEP begins.
@@ -27,12 +29,13 @@ pub struct Fault {
 impl FromStr for Fault {
     type Err = String;
     fn from_str(s: &str) -> Result<Fault, String> {
-        let bad = || format!("--fault {s}: expected kill:RANK:STEP, hang:RANK:STEP or nan:RANK:STEP");
+        let bad = || format!("--fault {s}: expected kill|hang|nan|exit:RANK:STEP");
         let mut p = s.split(':');
         let kind = match p.next() {
             Some("kill") => FaultKind::Kill,
             Some("hang") => FaultKind::Hang,
             Some("nan") => FaultKind::Nan,
+            Some("exit") => FaultKind::Exit,
             _ => return Err(bad()),
         };
         let rank = p.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
@@ -49,6 +52,10 @@ impl Fault {
     pub fn fire_if(&self, rank: usize, step: u64) {
         if (self.rank, self.step) != (rank, step) || self.kind == FaultKind::Nan {
             return;
+        }
+        if self.kind == FaultKind::Exit {
+            eprintln!("dptrain: fault injection: rank {rank} exits with status 4 at step {step}");
+            std::process::exit(4);
         }
         if self.kind == FaultKind::Kill {
             let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();

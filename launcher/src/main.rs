@@ -42,11 +42,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
         }
-        Cmd::Sweep { config, sets, lr, grid, out } => {
+        Cmd::Sweep { config, sets, lr, grid, out, slurm, collect, job } => {
             use dptrain_launcher::sweep as sw;
-            let s = sw::run(&sw::SweepArgs { config, sets, lrs: lr, grid, out: out.clone() })?;
+            let mode = if slurm {
+                sw::Mode::Slurm(Box::new(slurm_args(&job)))
+            } else if collect {
+                sw::Mode::Collect
+            } else {
+                sw::Mode::Run
+            };
+            let args = sw::SweepArgs { config, sets, lrs: lr, grid, out: out.clone(), mode: mode.clone() };
+            if let sw::Mode::Slurm(j) = &mode {
+                let script = sw::write_slurm(&args, j)?;
+                println!("wrote {}: submit it with `sbatch {}`; when it has run, `dptrain sweep` with the same arguments and --collect (instead of --slurm) writes sweep.json and sweep.png", script.display(), script.display());
+                return Ok(());
+            }
+            let s = sw::run(&args)?;
             print!("{}", sw::table(&s));
             println!("wrote {} and {}", out.join("sweep.json").display(), out.join("sweep.png").display());
+        }
+        Cmd::Slurm { config, sets, job, script, submit } => {
+            dptrain_launcher::slurm::slurm(&dptrain_launcher::slurm::SlurmArgs { config, sets, script, submit, ..slurm_args(&job) })?;
+        }
+        Cmd::Launch { n, hosts, mpirun_args, no_prefix, grace, cmd } => {
+            let code = dptrain_launcher::launch::launch(&dptrain_launcher::launch::LaunchArgs {
+                n,
+                hosts,
+                mpirun_args,
+                no_prefix,
+                cmd,
+                grace_s: grace,
+            })?;
+            if code != 0 {
+                return Err(Exit(code).into());
+            }
         }
         Cmd::Report { run_dir } => {
             let w = dptrain_launcher::report::report(&run_dir)?;
@@ -55,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("wrote {}", w.report.display());
         }
+        Cmd::Env => print!("{}", dptrain_launcher::env_report::report()),
         Cmd::Config { cmd: ConfigCmd::Show } => print!("{}", dptrain_launcher::config::show_default()),
         Cmd::Parity { cmd: ParityCmd::Optim { config, input, output, state_in, state_out } } => {
             dptrain_launcher::parity::optim(&dptrain_launcher::parity::ParityArgs { config, input, output, state_in, state_out })?
@@ -80,6 +110,33 @@ fn ensure_cuda_libs_for_train() {
         dptrain_launcher::cuda_libs::ensure_cuda_libs();
     }
 }
+
+/// The job shape of `dptrain slurm` / `sweep --slurm`.
+fn slurm_args(j: &dptrain_launcher::cli::SlurmOpts) -> dptrain_launcher::slurm::SlurmArgs {
+    dptrain_launcher::slurm::SlurmArgs {
+        nodes: j.nodes,
+        gpus_per_node: j.gpus_per_node,
+        ntasks_per_node: j.ntasks_per_node,
+        time: j.time.clone(),
+        partition: j.partition.clone(),
+        account: j.account.clone(),
+        cpus_per_task: j.cpus_per_task,
+        mpi: j.mpi.clone(),
+        ..Default::default()
+    }
+}
+
+/// A child job's exit code, passed on as ours.
+#[derive(Debug)]
+struct Exit(i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -108,6 +165,8 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The job said why it failed; only its code is ours to pass on.
+        Err(e) if e.downcast_ref::<Exit>().is_some() => ExitCode::from(e.downcast_ref::<Exit>().map_or(1, |x| x.0.clamp(1, 255) as u8)),
         Err(e) => {
             let code = e.downcast_ref::<LaunchError>().map(|l| l.exit_code()).unwrap_or(1);
             eprintln!("dptrain: error: {e}");

@@ -67,7 +67,9 @@ impl MetricSink {
             );
         }
         let steps = run.cfg.train.steps;
-        let bar = (rank0 && std::io::stdout().is_terminal()).then(|| {
+        // The bar draws on stderr: under Open MPI stdout is a pty but stderr a pipe, and the bar
+        // would vanish — then plain lines.
+        let bar = (rank0 && std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(steps);
             b.set_style(
                 indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]").expect("template"),

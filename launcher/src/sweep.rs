@@ -5,6 +5,11 @@
 //! loss at initialisation (every point evaluates once before its first step; a run that
 //! diverges counts at L0). Writes `sweep.json`, `sweep.png` (log10 LR against final loss, a curve
 //! per variant) and prints a table.
+//!
+//! On a cluster, `--slurm` writes an array job instead (`sweep.sbatch`, one array task per
+//! point, each the same `dptrain train` with its own `--set`s and run directory, through
+//! `slurm::render`); when it has run, `--collect` reads the points' run directories and writes
+//! the same `sweep.json`, plot and table without training anything.
 
 use crate::error::{input_err, LaunchError, Result};
 use serde_json::Value;
@@ -20,6 +25,16 @@ pub struct SweepArgs {
     /// `key=v1|v2|...`, each a grid axis.
     pub grid: Vec<String>,
     pub out: PathBuf,
+    pub mode: Mode,
+}
+
+/// Train the points here, write a Slurm array job for them, or collect what one produced.
+#[derive(Debug, Clone, Default)]
+pub enum Mode {
+    #[default]
+    Run,
+    Slurm(Box<crate::slurm::SlurmArgs>),
+    Collect,
 }
 
 /// One run of the sweep.
@@ -104,11 +119,49 @@ fn losses(run_dir: &Path) -> (Option<f64>, Option<f64>) {
     (evals.iter().find(|(s, _)| *s == 0).map(|e| e.1), evals.iter().rev().find(|(s, _)| *s > 0).map(|e| e.1))
 }
 
-/// Runs the sweep (children one after another) and writes sweep.json and sweep.png.
-pub fn run(args: &SweepArgs) -> Result<Sweep> {
-    if args.lrs.is_empty() || args.lrs.iter().any(|l| !(*l > 0.0 && l.is_finite())) {
+/// The `--set`s of one point beyond the sweep's own: its variant's, its learning rate, and the
+/// step-0 evaluation the sensitivity needs.
+fn point_sets(vsets: &[String], lr: f64) -> Vec<String> {
+    vsets.iter().cloned().chain([format!("optim.lr={lr}"), "train.eval_at_start=true".into()]).collect()
+}
+
+/// `--slurm`: the array job script and its config in `--out`; returns the script's path.
+pub fn write_slurm(args: &SweepArgs, job: &crate::slurm::SlurmArgs) -> Result<PathBuf> {
+    check_lrs(&args.lrs)?;
+    let exe = std::env::current_exe().map_err(|e| LaunchError::Runtime(format!("cannot find the dptrain binary: {e}")))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| input_err!("--out {}: {e}", args.out.display()))?;
+    let out = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
+    let mut tasks = vec![];
+    for (name, vsets) in variants(&args.grid)? {
+        for &lr in &args.lrs {
+            tasks.push(crate::slurm::ArrayTask {
+                sets: point_sets(&vsets, lr),
+                run_dir: out.join(dir_name(&name)).join(format!("lr_{lr:e}")),
+            });
+        }
+    }
+    let job = crate::slurm::SlurmArgs { config: args.config.clone(), sets: args.sets.clone(), ..job.clone() };
+    let (config_toml, name) = crate::slurm::job_config(&job)?;
+    let config_path = out.join("sweep-config.toml");
+    let script = out.join("sweep.sbatch");
+    let text = crate::slurm::render(&job, &format!("{name}-sweep"), &exe, &config_path, &out, Some(&tasks))?;
+    dptrain_core::checkpoint::atomic_write(&config_path, config_toml.as_bytes())?;
+    dptrain_core::checkpoint::atomic_write(&script, text.as_bytes())?;
+    Ok(script)
+}
+
+fn check_lrs(lrs: &[f64]) -> Result<()> {
+    if lrs.is_empty() || lrs.iter().any(|l| !(*l > 0.0 && l.is_finite())) {
         return Err(input_err!("--lr: a comma-separated list of positive learning rates"));
     }
+    Ok(())
+}
+
+/// Runs the sweep (children one after another) — or, with `Mode::Collect`, reads what the
+/// points' runs wrote — and writes sweep.json and sweep.png.
+pub fn run(args: &SweepArgs) -> Result<Sweep> {
+    check_lrs(&args.lrs)?;
+    let collect = matches!(args.mode, Mode::Collect);
     let exe = std::env::current_exe().map_err(|e| LaunchError::Runtime(format!("cannot find the dptrain binary: {e}")))?;
     std::fs::create_dir_all(&args.out).map_err(|e| input_err!("--out {}: {e}", args.out.display()))?;
     let mut points = vec![];
@@ -118,13 +171,26 @@ pub fn run(args: &SweepArgs) -> Result<Sweep> {
         let mut l0s = vec![];
         for &lr in &args.lrs {
             let run_dir = args.out.join(dir_name(&name)).join(format!("lr_{lr:e}"));
+            if collect {
+                if !run_dir.join("metrics.jsonl").is_file() {
+                    return Err(input_err!("--collect: {} has no metrics.jsonl (has the array job run?)", run_dir.display()));
+                }
+                let (l0, last) = losses(&run_dir);
+                // Finished means summary.json; a run that stopped early (diverged) has none.
+                let diverged = !run_dir.join("summary.json").is_file() || last.is_none_or(|l| !l.is_finite());
+                let final_loss = if diverged { None } else { last };
+                finals.push(final_loss);
+                l0s.extend(l0);
+                points.push(Point { variant: name.clone(), lr, run_dir, init_loss: l0, final_loss, diverged });
+                continue;
+            }
             let mut c = Command::new(&exe);
             c.arg("train");
             if let Some(cfg) = &args.config {
                 c.arg(cfg);
             }
             c.arg("--run-dir").arg(&run_dir);
-            for s in args.sets.iter().chain(&vsets).cloned().chain([format!("optim.lr={lr}"), "train.eval_at_start=true".into()]) {
+            for s in args.sets.iter().cloned().chain(point_sets(&vsets, lr)) {
                 c.arg("--set").arg(s);
             }
             println!("sweep: {} lr {lr:e} → {}", if name.is_empty() { "(base)" } else { &name }, run_dir.display());

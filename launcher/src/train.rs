@@ -309,7 +309,18 @@ fn announce(run: &Run, comm: &dyn Communicator, reducer: Option<&(dyn GradSync +
     let ws = w.world_size;
     tracing::info!(rank = w.rank, world = w.world_size, local_rank = w.local_rank, local_size = w.local_size, host = %w.host, "world");
     if ws > 1 {
-        eprintln!("dptrain: rank {}/{} local rank {}/{} on {}", w.rank, w.world_size, w.local_rank, w.local_size, w.host);
+        // Placement, one line per rank (printed whole: launchers tag each write).
+        let line = format!(
+            "dptrain: rank {}/{} local rank {}/{} on {}: {}, {} threads\n",
+            w.rank,
+            w.world_size,
+            w.local_rank,
+            w.local_size,
+            w.host,
+            dptrain_core::device::describe(run.device),
+            run.threads
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
     if w.rank != 0 {
         return;

@@ -1026,6 +1026,17 @@ fn an_lr_sweep_runs_every_point_and_scores_sensitivity() {
         assert!(want > 0.0);
     }
     assert_real_png(&d.join("sweep.png"));
+    // --collect (after a --slurm array job) reads the same run directories back: the same
+    // points, divergences and sensitivities, nothing trained.
+    std::fs::remove_file(d.join("sweep.json")).unwrap();
+    let mut c = bin();
+    c.args(["sweep", "--lr", "1e-2,1e-1,1e8", "--grid", "optim.momentum=0.0|0.9", "--collect", "--out"]).arg(&d);
+    let t0 = std::time::Instant::now();
+    ok(&c.output().unwrap());
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "--collect trained something");
+    let again: Value = serde_json::from_str(&std::fs::read_to_string(d.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(again["variants"], s["variants"]);
+    assert_eq!(again["points"], s["points"]);
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -1205,4 +1216,106 @@ fn a_skipped_nonfinite_step_leaves_parameters_and_optimizer_state_untouched() {
     let ev = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
     assert!(ev.lines().count() == 1 && ev.contains("\"kind\":\"nonfinite\"") && ev.contains("\"step\":4"), "{ev}");
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// A generated script with the machine-specific paths (the binary, the temp dir) as
+/// placeholders, checked by shellcheck (scripts/setup.sh --tests installs it).
+fn normalized_script(p: &Path, dir: &Path) -> String {
+    let sc = Command::new("shellcheck").arg(p).output().expect("shellcheck is not installed: run `bash scripts/setup.sh --tests`");
+    assert!(sc.status.success(), "shellcheck {}:\n{}", p.display(), String::from_utf8_lossy(&sc.stdout));
+    std::fs::read_to_string(p).unwrap().replace(env!("CARGO_BIN_EXE_dptrain"), "@DPTRAIN@").replace(&dir.display().to_string(), "@DIR@")
+}
+
+fn golden(name: &str, got: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/slurm").join(name);
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing fixture {}; the script was:\n{got}", path.display()));
+    assert_eq!(got, want, "{name} differs from the fixture");
+}
+
+/// `dptrain slurm` and `dptrain sweep --slurm` write these scripts exactly (golden files), they
+/// pass shellcheck, the config beside them is the checked config with the overrides, and bad
+/// options are one-line errors with exit 2.
+#[test]
+fn slurm_scripts_match_their_golden_files() {
+    let d = tmp("slurm");
+    let o = bin()
+        .current_dir(&d)
+        .args(["slurm", "--nodes", "2", "--gpus-per-node", "8", "--time", "04:00:00", "--partition", "gpu", "--account", "proj"])
+        .args(["--cpus-per-task", "12", "--script", "job/train.sbatch", "--set", "run.name=\"big\"", "--set", "optim.kind=\"lamb\""])
+        .output()
+        .unwrap();
+    ok(&o);
+    golden("gpu.sbatch", &normalized_script(&d.join("job/train.sbatch"), &d));
+    let cfg = std::fs::read_to_string(d.join("job/big.toml")).unwrap();
+    assert!(cfg.contains("kind = \"lamb\"") && cfg.contains("device = \"cuda\""), "{cfg}");
+    assert!(d.join("runs").is_dir() && !d.join("runs/big").exists(), "the log directory must exist before sbatch; the run's must not");
+    // To stdout, CPU tasks, PMI2.
+    let o = bin().current_dir(&d).args(["slurm", "--ntasks-per-node", "2", "--mpi", "pmi2"]).output().unwrap();
+    ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("#SBATCH --ntasks-per-node=2") && text.contains("srun --mpi=pmi2 --kill-on-bad-exit=1") && !text.contains("gpus"),
+        "{text}"
+    );
+    // The sweep's array job.
+    let out = d.join("sweep");
+    let o = bin()
+        .args(["sweep", "--lr", "1e-3,1e-2", "--grid", "optim.kind=\"adamw\"|\"lamb\"", "--slurm", "--ntasks-per-node", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o);
+    golden("sweep-cpu.sbatch", &normalized_script(&out.join("sweep.sbatch"), &d));
+    for (args, want) in [
+        (vec!["slurm", "--frobnicate"], "--frobnicate"),
+        (vec!["slurm", "--mpi", "openmpi"], "--mpi openmpi"),
+        (vec!["slurm", "--nodes", "0"], "--nodes 0"),
+        (vec!["slurm", "--gpus-per-node", "8", "--ntasks-per-node", "2"], "give one"),
+        (vec!["slurm", "--time", "4h"], "--time 4h"),
+        (vec!["slurm", "--set", "optim.lr=-1"], "optim.lr"),
+    ] {
+        let o = bin().current_dir(&d).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `dptrain launch`'s bad command lines: one line, exit 2, nothing started.
+#[test]
+fn launch_rejects_bad_command_lines() {
+    for (args, want) in [
+        (vec!["launch", "-n", "0", "--", "train"], "-n 0"),
+        (vec!["launch", "-n", "2"], "no command after `--`"),
+        (vec!["launch", "-n", "2", "--hosts", "a:x", "--", "train"], "--hosts a:x"),
+        (vec!["launch", "-n", "9", "--hosts", "a:4,b:4", "--", "train"], "8 slots for -n 9"),
+        (vec!["launch", "-n", "2", "--", "report", "x"], "`report` after `--`"),
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
+    }
+}
+
+/// `dptrain env` says what the trainer would find: the MPI library, the launcher's variables
+/// and the world they resolve to, CUDA, the CUDA libraries, threads.
+#[test]
+fn env_reports_mpi_the_world_cuda_and_threads() {
+    let o = bin().arg("env").env_remove("OMPI_COMM_WORLD_SIZE").output().unwrap();
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: "] {
+        assert!(out.contains(want), "{want} not in:\n{out}");
+    }
+    let o = bin()
+        .arg("env")
+        .env("OMPI_COMM_WORLD_RANK", "3")
+        .env("OMPI_COMM_WORLD_SIZE", "8")
+        .env("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("OMPI_COMM_WORLD_RANK=3") && out.contains("world: rank 3 of 8, local rank 1; MPI will be initialised"), "{out}");
 }

@@ -484,3 +484,121 @@ fn ghost_batch_norm_on_two_ranks_saves_the_ranks_average_statistics() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+fn launch_cmd(n: usize, run_dir: &Path, sets: &[&str], extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dptrain"));
+    c.args(["launch", "-n", &n.to_string(), "--grace", "5", "--"]).args(args(run_dir, sets)).args(extra).env("DPTRAIN_LOG", "error");
+    c
+}
+
+fn values_of(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            for k in ["elapsed_s", "samples_per_s", "comm_s", "comm_hidden"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+/// `dptrain launch -n 2 -- train`: the same run as `mpirun -np 2`, bitwise; the exact mpirun
+/// command printed; every line tagged with its rank; the loss logged by rank 0 only; one
+/// placement line per rank.
+#[test]
+fn launch_runs_the_ranks_as_mpirun_does() {
+    if skip() {
+        return;
+    }
+    let d = tmp("launch");
+    let sets = ["train.steps=12", "train.global_batch=16", "optim.lr=0.01", "run.log_every=4"];
+    let o = launch_cmd(2, &d.join("launch"), &sets, &[]).output().unwrap();
+    ok(&o);
+    ok(&multi(2, &d.join("mpirun"), &sets, &[]));
+    assert_eq!(values_of(&d.join("launch")), values_of(&d.join("mpirun")));
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let cmd = out.lines().next().unwrap();
+    assert!(cmd.starts_with("dptrain launch: ") && cmd.contains("mpirun -np 2") && cmd.contains(" train --run-dir "), "{out}");
+    // Logged steps 4, 8, 12 and the probe step 10.
+    assert_eq!(out.lines().filter(|l| l.starts_with("[r0] step ") && l.contains("/12 loss")).count(), 4, "{out}");
+    assert!(!out.contains("[r1] step"), "{out}");
+    for r in 0..2 {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("[r{r}] dptrain: rank {r}/2 local rank {r}/2 on ")))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(line.ends_with(": cpu, 1 threads"), "{line}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A rank that exits with status 4 makes launch exit 4, naming the rank.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn launch_exits_with_the_first_failing_ranks_code() {
+    if skip() {
+        return;
+    }
+    let d = tmp("launch-exit");
+    let o = launch_cmd(2, &d.join("r"), &["train.steps=50"], &["--fault", "exit:1:3"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("dptrain launch: rank 1 failed first (exit code 4)"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// SIGTERM to launch stops the job and leaves no process behind: every process under it, as
+/// seen while the ranks were training, is gone when launch has exited.
+#[test]
+fn sigterm_to_launch_leaves_no_rank_behind() {
+    if skip() {
+        return;
+    }
+    let d = tmp("launch-term");
+    let mut child = launch_cmd(2, &d.join("r"), &["train.steps=1000000", "train.eval_every=0", "train.checkpoint_every=0"], &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let t0 = Instant::now();
+    let ranks = loop {
+        let below = dptrain_launcher::launch::descendants(pid);
+        let ranks: Vec<u32> = below
+            .iter()
+            .copied()
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split('\0').nth(1) == Some("train")))
+            .collect();
+        if ranks.len() >= 2 && d.join("r/metrics.jsonl").exists() {
+            break below;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the ranks did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(30), "launch did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(128 + 15));
+    std::thread::sleep(Duration::from_millis(200));
+    let alive: Vec<u32> = ranks.iter().copied().filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
+    // A zombie is gone as a process; only a live one counts.
+    let alive: Vec<u32> = alive
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+        })
+        .collect();
+    assert!(alive.is_empty(), "processes left behind: {alive:?}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -5,8 +5,8 @@
 //! and only when the sink asks for their family (`ProbeSink::set`).
 
 use dptrain_core::probe::{ProbeSink, Reduce};
-use rayon::prelude::*;
 use dptrain_core::{Result, Var};
+use rayon::prelude::*;
 
 /// An activation's values on the host, as f32.
 fn host(v: &Var<'_>) -> Result<Vec<f32>> {

@@ -229,3 +229,26 @@ fn tests_mode_also_needs_a_python_venv() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && line(&report, "python3-venv").contains("python3-venv"), "{report}");
 }
+
+/// `--tests` also needs shellcheck and a Slurm the tests can start: the daemons and client
+/// commands, srun's PMIx plugin (the generated scripts use `--mpi=pmix`) and munge with its key.
+#[test]
+fn test_requirements_include_a_startable_slurm() {
+    let m = FakeMachine::new("slurm");
+    for tool in ["slurmctld", "slurmd", "sbatch", "srun", "munged", "munge", "shellcheck"] {
+        m.tool(tool, "exit 0");
+    }
+    let out = m.run(&["--tests", "--check"], &[]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line(&report, "shellcheck").starts_with("ok"), "{report}");
+    // No PMIx plugin, no munge key: Slurm could not run the tests' jobs.
+    assert!(line(&report, "slurm").starts_with("missing") && line(&report, "slurm").contains("slurm-wlm"), "{report}");
+    assert!(line(&report, "munge").starts_with("missing"), "{report}");
+    m.file("usr/lib/x86_64-linux-gnu/slurm-wlm/mpi_pmix.so", &elf(2));
+    m.file("etc/munge/munge.key", b"k");
+    let report = String::from_utf8_lossy(&m.run(&["--tests", "--check"], &[]).stdout).into_owned();
+    assert!(line(&report, "slurm").starts_with("ok") && line(&report, "munge").starts_with("ok"), "{report}");
+    m.remove_tool("shellcheck");
+    let report = String::from_utf8_lossy(&m.run(&["--tests", "--check"], &[]).stdout).into_owned();
+    assert!(line(&report, "shellcheck").starts_with("missing"), "{report}");
+}

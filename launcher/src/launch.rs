@@ -1,0 +1,396 @@
+//! `dptrain launch -n N [--hosts h1:4,h2:4] [--mpirun-args "..."] [--no-prefix] -- train CFG ...`:
+//! single-node (or small multi-node) dev runs through the system's `mpirun`, the way `torchrun`
+//! is used — but the processes are ordinary MPI ranks, so what runs here runs under `mpirun`
+//! or Slurm unchanged. It adds what the MPI implementation needs (Open MPI as root:
+//! `--allow-run-as-root`; fewer cores than ranks: `--oversubscribe`, said aloud; `--bind-to none`
+//! because each rank sizes its own thread pool), prints the exact command, prefixes each output
+//! line with its rank (`[r3] ...`, from Open MPI's `--tag-output` or MPICH's `-prepend-rank`),
+//! forwards SIGINT/SIGTERM to the job and escalates to SIGKILL of every process under it after a
+//! grace period, and exits with the first failing rank's code, saying which rank it was.
+//!
+//! Supervision is plain std: a thread per output pipe and a polling wait, no async runtime.
+
+use crate::error::{input_err, LaunchError, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What `dptrain launch` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchArgs {
+    pub n: usize,
+    pub hosts: Option<String>,
+    pub mpirun_args: Option<String>,
+    pub no_prefix: bool,
+    /// The dptrain command line after `--` (`train CFG --set ...`).
+    pub cmd: Vec<String>,
+    /// Seconds between forwarding a signal and killing what is left.
+    pub grace_s: f64,
+}
+
+/// Which `mpirun` this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mpi {
+    OpenMpi,
+    Mpich,
+}
+
+/// The subcommands a rank can run.
+const RANK_COMMANDS: &[&str] = &["train"];
+
+/// `h1:4,h2:4` → [(h1, 4), (h2, 4)]; a host without `:slots` has one slot.
+pub fn parse_hosts(s: &str) -> Result<Vec<(String, usize)>> {
+    let bad = |why: &str| input_err!("--hosts {s}: {why}; expected host:slots,host:slots (e.g. node1:4,node2:4)");
+    let mut out = vec![];
+    for part in s.split(',') {
+        let (h, n) = match part.split_once(':') {
+            Some((h, n)) => (h, n.parse::<usize>().map_err(|_| bad(&format!("`{n}` is not a slot count")))?),
+            None => (part, 1),
+        };
+        if h.is_empty() || h.contains(char::is_whitespace) {
+            return Err(bad("an empty or malformed host name"));
+        }
+        if n == 0 {
+            return Err(bad(&format!("{h} has 0 slots")));
+        }
+        out.push((h.to_string(), n));
+    }
+    Ok(out)
+}
+
+/// Finds `mpirun` on the PATH.
+fn find_mpirun() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("mpirun")).find(|p| p.is_file()).ok_or_else(|| {
+        LaunchError::Runtime(
+            "mpirun not found on PATH: dptrain launch starts ranks through MPI — install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev) or MPICH (apt-get install mpich), or run one process with `dptrain train`".into(),
+        )
+    })
+}
+
+fn detect(mpirun: &PathBuf) -> Mpi {
+    let out = Command::new(mpirun)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr));
+    match out {
+        Ok(t) if t.contains("Open MPI") || t.contains("OpenRTE") => Mpi::OpenMpi,
+        _ => Mpi::Mpich,
+    }
+}
+
+/// The `mpirun` command line (without the program): flags by implementation.
+pub fn mpirun_flags(mpi: Mpi, a: &LaunchArgs, root: bool, cores: usize) -> Result<(Vec<String>, Vec<String>)> {
+    let mut f = vec!["-np".to_string(), a.n.to_string()];
+    let mut notes = vec![];
+    let hosts = a.hosts.as_deref().map(parse_hosts).transpose()?;
+    match mpi {
+        Mpi::OpenMpi => {
+            if root {
+                f.push("--allow-run-as-root".into());
+            }
+            f.extend(["--bind-to".into(), "none".into()]);
+            match &hosts {
+                Some(h) => {
+                    f.push("--host".into());
+                    f.push(h.iter().map(|(h, n)| format!("{h}:{n}")).collect::<Vec<_>>().join(","));
+                }
+                None if a.n > cores => {
+                    f.push("--oversubscribe".into());
+                    notes.push(format!("{} ranks on {cores} cores: added --oversubscribe (ranks share cores; expect it slower)", a.n));
+                }
+                None => {}
+            }
+            if !a.no_prefix {
+                f.push("--tag-output".into());
+            }
+        }
+        Mpi::Mpich => {
+            if let Some(h) = &hosts {
+                f.push("-hosts".into());
+                f.push(h.iter().map(|(h, n)| format!("{h}:{n}")).collect::<Vec<_>>().join(","));
+            } else if a.n > cores {
+                notes.push(format!("{} ranks on {cores} cores: ranks share cores; expect it slower", a.n));
+            }
+            if !a.no_prefix {
+                f.push("-prepend-rank".into());
+            }
+        }
+    }
+    if let Some(h) = &hosts {
+        let slots: usize = h.iter().map(|x| x.1).sum();
+        if slots < a.n {
+            return Err(input_err!("--hosts {}: {slots} slots for -n {}", a.hosts.as_deref().unwrap_or(""), a.n));
+        }
+    }
+    if let Some(extra) = &a.mpirun_args {
+        f.extend(extra.split_whitespace().map(String::from));
+    }
+    Ok((f, notes))
+}
+
+/// A rank's output line with its tag rewritten to `[rN] `, and whether it was the job's stderr;
+/// `None` for lines that are not a rank's (mpirun's own).
+pub fn retag(line: &str) -> Option<(usize, bool, String)> {
+    // Open MPI: "[1,3]<stdout>:text" / "[1,3]<stderr>:text".
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((ids, tail)) = rest.split_once(']') {
+            if let Some((_, rank)) = ids.split_once(',') {
+                if let Ok(r) = rank.parse::<usize>() {
+                    for (tag, err) in [("<stdout>:", false), ("<stderr>:", true)] {
+                        if let Some(text) = tail.strip_prefix(tag) {
+                            // Open MPI tags each chunk it reads: a line written in several
+                            // pieces carries the tag again inside it.
+                            return Some((r, err, text.replace(&format!("[{ids}]{tag}"), "")));
+                        }
+                    }
+                }
+            }
+            // MPICH: "[3] text".
+            if let (Ok(r), Some(text)) = (ids.parse::<usize>(), tail.strip_prefix(' ')) {
+                return Some((r, false, text.to_string()));
+            }
+        }
+    }
+    None
+}
+
+/// The first failing rank and its exit code, from mpirun's closing report.
+pub fn first_failure(stderr: &[String]) -> Option<(usize, Option<i32>)> {
+    // Open MPI: "  Process name: [[1535,1],1]" then "  Exit code:    4" (or "Signal: Killed").
+    let mut rank = None;
+    for l in stderr {
+        let t = l.trim();
+        if let Some(p) = t.strip_prefix("Process name: [[") {
+            rank = p.split("],").nth(1).and_then(|r| r.trim_end_matches(']').parse::<usize>().ok());
+        }
+        if let (Some(r), Some(code)) = (rank, t.strip_prefix("Exit code:")) {
+            return Some((r, code.trim().parse().ok()));
+        }
+        // MPICH: "=   RANK 1 PID 123 RUNNING AT host" then "=   EXIT STATUS: 4".
+        if let Some(p) = t.trim_start_matches('=').trim().strip_prefix("RANK ") {
+            rank = p.split_whitespace().next().and_then(|r| r.parse().ok());
+        }
+        if let (Some(r), Some(code)) = (rank, t.trim_start_matches('=').trim().strip_prefix("EXIT STATUS:")) {
+            return Some((r, code.trim().parse().ok()));
+        }
+    }
+    rank.map(|r| (r, None))
+}
+
+/// The signal that asked us to stop (0: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// Every process below `root` (children, their children, ...), from /proc.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces: split after ')'.
+            if let Some(ppid) = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok())))
+            {
+                parent.insert(pid, ppid);
+            }
+        }
+    }
+    let mut out = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (&c, &pp) in &parent {
+            if pp == p && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Runs the job; returns the exit code `dptrain launch` exits with.
+pub fn launch(a: &LaunchArgs) -> Result<i32> {
+    if a.n < 1 {
+        return Err(input_err!("-n {}: at least 1 rank", a.n));
+    }
+    match a.cmd.first() {
+        None => return Err(input_err!("no command after `--`: expected e.g. `dptrain launch -n 2 -- train [CONFIG] [--set ...]`")),
+        Some(c) if !RANK_COMMANDS.contains(&c.as_str()) => {
+            return Err(input_err!("`{c}` after `--`: expected a dptrain subcommand a rank runs ({})", RANK_COMMANDS.join(", ")))
+        }
+        _ => {}
+    }
+    let mpirun = find_mpirun()?;
+    let mpi = detect(&mpirun);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (flags, notes) = mpirun_flags(mpi, a, root, cores)?;
+    let exe = std::env::current_exe().map_err(|e| LaunchError::Runtime(format!("cannot find the dptrain binary: {e}")))?;
+    let shown: Vec<String> = std::iter::once(mpirun.display().to_string())
+        .chain(flags.iter().cloned())
+        .chain(std::iter::once(exe.display().to_string()))
+        .chain(a.cmd.iter().cloned())
+        .map(|w| {
+            if w.contains(|c: char| c.is_whitespace() || "\"'$|&;<>*?".contains(c)) {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            } else {
+                w
+            }
+        })
+        .collect();
+    for n in &notes {
+        eprintln!("dptrain launch: note: {n}");
+    }
+    println!("dptrain launch: {}", shown.join(" "));
+    let _ = std::io::stdout().flush();
+
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut child = Command::new(&mpirun)
+        .args(&flags)
+        .arg(&exe)
+        .args(&a.cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LaunchError::Runtime(format!("cannot start {}: {e}", mpirun.display())))?;
+    let pid = child.id();
+    // mpirun's own stderr lines (not a rank's), kept for its closing report.
+    let report: Arc<Mutex<Vec<String>>> = Arc::default();
+    let pump = |pipe: Box<dyn std::io::Read + Send>, is_err: bool, report: Arc<Mutex<Vec<String>>>| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(|l| l.ok()) {
+                match retag(&line) {
+                    Some((r, err, text)) => {
+                        let l = format!("[r{r}] {text}");
+                        if err || is_err {
+                            eprintln!("{l}");
+                        } else {
+                            println!("{l}");
+                        }
+                    }
+                    None => {
+                        if is_err {
+                            eprintln!("{line}");
+                            report.lock().expect("report lock").push(line);
+                        } else {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let out = pump(Box::new(child.stdout.take().expect("piped")), false, report.clone());
+    let err = pump(Box::new(child.stderr.take().expect("piped")), true, report.clone());
+
+    let mut forwarded_at: Option<Instant> = None;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| LaunchError::Runtime(format!("waiting for mpirun: {e}")))? {
+            break s;
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        match forwarded_at {
+            None if sig != 0 => {
+                eprintln!("dptrain launch: got signal {sig}: forwarding SIGTERM to the job (SIGKILL in {} s)", a.grace_s);
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                forwarded_at = Some(Instant::now());
+            }
+            Some(t) if t.elapsed().as_secs_f64() > a.grace_s => {
+                eprintln!("dptrain launch: the job did not stop within {} s: SIGKILL to every process under it", a.grace_s);
+                for p in descendants(pid) {
+                    // SAFETY: kill(2) on processes below our child.
+                    unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                }
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                forwarded_at = Some(Instant::now() + Duration::from_secs(3600));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whatever mpirun left behind (it should have taken its ranks with it) goes now.
+    for p in descendants(pid) {
+        // SAFETY: kill(2) on leftover processes below our (finished) child.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    let _ = out.join();
+    let _ = err.join();
+    let code = match status.code() {
+        Some(c) => c,
+        None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(9),
+    };
+    let sig = SIGNALLED.load(Ordering::SeqCst);
+    if sig != 0 {
+        eprintln!("dptrain launch: stopped by signal {sig}");
+        return Ok(128 + sig);
+    }
+    if code != 0 {
+        match first_failure(&report.lock().expect("report lock")) {
+            Some((r, Some(c))) => eprintln!("dptrain launch: rank {r} failed first (exit code {c})"),
+            Some((r, None)) => eprintln!("dptrain launch: rank {r} failed first"),
+            None => eprintln!("dptrain launch: mpirun exited with code {code}"),
+        }
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse_or_name_the_problem() {
+        assert_eq!(parse_hosts("a:4,b:2").unwrap(), vec![("a".to_string(), 4), ("b".to_string(), 2)]);
+        assert_eq!(parse_hosts("a").unwrap(), vec![("a".to_string(), 1)]);
+        for bad in ["a:x", "a:0", ":3", "a:4,", "a b:2"] {
+            let e = parse_hosts(bad).unwrap_err().to_string();
+            assert!(e.contains("--hosts") && e.contains("host:slots"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_follow_the_implementation() {
+        let a = LaunchArgs { n: 4, ..Default::default() };
+        let (f, notes) = mpirun_flags(Mpi::OpenMpi, &a, true, 2).unwrap();
+        assert_eq!(f, ["-np", "4", "--allow-run-as-root", "--bind-to", "none", "--oversubscribe", "--tag-output"]);
+        assert_eq!(notes.len(), 1);
+        let (f, notes) = mpirun_flags(Mpi::OpenMpi, &LaunchArgs { n: 2, no_prefix: true, ..Default::default() }, false, 8).unwrap();
+        assert_eq!(f, ["-np", "2", "--bind-to", "none"]);
+        assert!(notes.is_empty());
+        let h = LaunchArgs { n: 8, hosts: Some("a:4,b:4".into()), mpirun_args: Some("-x FOO".into()), ..Default::default() };
+        let (f, _) = mpirun_flags(Mpi::Mpich, &h, true, 2).unwrap();
+        assert_eq!(f, ["-np", "8", "-hosts", "a:4,b:4", "-prepend-rank", "-x", "FOO"]);
+        let few = LaunchArgs { n: 9, hosts: Some("a:4,b:4".into()), ..Default::default() };
+        assert!(mpirun_flags(Mpi::OpenMpi, &few, false, 2).unwrap_err().to_string().contains("8 slots for -n 9"));
+    }
+
+    #[test]
+    fn rank_tags_and_failure_reports_are_read() {
+        assert_eq!(retag("[1,3]<stdout>:step 10"), Some((3, false, "step 10".into())));
+        assert_eq!(retag("[1,0]<stderr>:dptrain: error: x"), Some((0, true, "dptrain: error: x".into())));
+        assert_eq!(retag("[2] hello"), Some((2, false, "hello".into())));
+        assert_eq!(retag("[1,1]<stderr>:rank [1,1]<stderr>:1[1,1]<stderr>:/2"), Some((1, true, "rank 1/2".into())));
+        assert_eq!(retag("----"), None);
+        assert_eq!(retag("[[1535,1],1]"), None);
+        let ompi: Vec<String> = ["mpirun detected ...", "  Process name: [[1535,1],1]", "  Exit code:    4"].map(String::from).to_vec();
+        assert_eq!(first_failure(&ompi), Some((1, Some(4))));
+        let mpich: Vec<String> = ["=   RANK 2 PID 77 RUNNING AT h", "=   EXIT STATUS: 9"].map(String::from).to_vec();
+        assert_eq!(first_failure(&mpich), Some((2, Some(9))));
+    }
+}
