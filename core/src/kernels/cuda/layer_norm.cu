@@ -3,22 +3,48 @@
 // dB = Σ_rows g are column sums done as GEMMs (atomics on C addresses from every row serialise).
 // w may be null (no affine).
 
+// One row (every thread of the block): y = (x − m)·rs (·w, +b when given); returns m and rs.
+__device__ __forceinline__ void ln_row_fwd(const float* xr, const float* w, const float* b, float* yr, i64 c, float eps, float* m_out, float* rs_out) {
+    float s = 0.0f;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
+    const float m = block_sum(s) / (float)c;
+    float v = 0.0f;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) { const float d = xr[j] - m; v += d * d; }
+    const float rs = rsqrtf(block_sum(v) / (float)c + eps);
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        float o = (xr[j] - m) * rs;
+        if (w) o *= w[j];
+        if (b) o += b[j];
+        yr[j] = o;
+    }
+    *m_out = m;
+    *rs_out = rs;
+}
+
+// One row's backward: gx, and g·x̂ into gxhat when it is not null.
+__device__ __forceinline__ void ln_row_bwd(const float* xr, const float* gr, const float* w, float m, float rs, float* gxr, float* gxhatr, i64 c) {
+    float a = 0.0f, bsum = 0.0f;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        const float xh = (xr[j] - m) * rs;
+        const float gxh = w ? gr[j] * w[j] : gr[j];
+        a += gxh;
+        bsum += gxh * xh;
+        if (gxhatr) gxhatr[j] = gr[j] * xh;
+    }
+    a = block_sum(a) / (float)c;
+    bsum = block_sum(bsum) / (float)c;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        const float xh = (xr[j] - m) * rs;
+        const float gxh = w ? gr[j] * w[j] : gr[j];
+        gxr[j] = rs * (gxh - a - xh * bsum);
+    }
+}
+
 extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                                               i64 rows, i64 c, float eps) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * c;
-        float s = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
-        const float m = block_sum(s) / (float)c;
-        float v = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) { const float d = xr[j] - m; v += d * d; }
-        const float rs = rsqrtf(block_sum(v) / (float)c + eps);
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            float o = (xr[j] - m) * rs;
-            if (w) o *= w[j];
-            if (b) o += b[j];
-            y[r * c + j] = o;
-        }
+        float m, rs;
+        ln_row_fwd(x + r * c, w, b, y + r * c, c, eps, &m, &rs);
         if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
     }
 }
@@ -26,24 +52,7 @@ extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, co
 extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd,
                                               float* gx, float* gxhat, i64 rows, i64 c) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * c;
-        const float* gr = g + r * c;
-        const float m = mean[r], rs = rstd[r];
-        float a = 0.0f, bsum = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            const float xh = (xr[j] - m) * rs;
-            const float gxh = w ? gr[j] * w[j] : gr[j];
-            a += gxh;
-            bsum += gxh * xh;
-            if (gxhat) gxhat[r * c + j] = gr[j] * xh;
-        }
-        a = block_sum(a) / (float)c;
-        bsum = block_sum(bsum) / (float)c;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            const float xh = (xr[j] - m) * rs;
-            const float gxh = w ? gr[j] * w[j] : gr[j];
-            gx[r * c + j] = rs * (gxh - a - xh * bsum);
-        }
+        ln_row_bwd(x + r * c, g + r * c, w, mean[r], rstd[r], gx + r * c, gxhat ? gxhat + r * c : 0, c);
     }
 }
 
@@ -60,18 +69,8 @@ extern "C" __global__ void qk_norm_fwd_f32(const float* x, const float* w, const
             for (i64 j = threadIdx.x; j < c; j += blockDim.x) y[r * c + j] = xr[j];
             continue;
         }
-        float s = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
-        const float m = block_sum(s) / (float)c;
-        float v = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) { const float d = xr[j] - m; v += d * d; }
-        const float rs = rsqrtf(block_sum(v) / (float)c + eps);
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            float o = (xr[j] - m) * rs;
-            if (w) o *= w[slot * c + j];
-            if (b) o += b[slot * c + j];
-            y[r * c + j] = o;
-        }
+        float m, rs;
+        ln_row_fwd(xr, w ? w + slot * c : 0, b ? b + slot * c : 0, y + r * c, c, eps, &m, &rs);
         if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
     }
 }
@@ -79,33 +78,17 @@ extern "C" __global__ void qk_norm_fwd_f32(const float* x, const float* w, const
 extern "C" __global__ void qk_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd, float* gx,
                                            float* gxhat, float* gmask, i64 rows, i64 h, i64 c) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * c;
         const float* gr = g + r * c;
         const i64 slot = (r / h) % 3;
-        if (slot == 2) {
+        const bool value = slot == 2;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) gmask[r * c + j] = value ? 0.0f : gr[j];
+        if (value) {
             for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
                 gx[r * c + j] = gr[j];
                 gxhat[r * c + j] = 0.0f;
-                gmask[r * c + j] = 0.0f;
             }
             continue;
         }
-        const float m = mean[r], rs = rstd[r];
-        float a = 0.0f, bsum = 0.0f;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            const float xh = (xr[j] - m) * rs;
-            const float gxh = w ? gr[j] * w[slot * c + j] : gr[j];
-            a += gxh;
-            bsum += gxh * xh;
-            gxhat[r * c + j] = gr[j] * xh;
-            gmask[r * c + j] = gr[j];
-        }
-        a = block_sum(a) / (float)c;
-        bsum = block_sum(bsum) / (float)c;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-            const float xh = (xr[j] - m) * rs;
-            const float gxh = w ? gr[j] * w[slot * c + j] : gr[j];
-            gx[r * c + j] = rs * (gxh - a - xh * bsum);
-        }
+        ln_row_bwd(x + r * c, gr, w ? w + slot * c : 0, mean[r], rstd[r], gx + r * c, gxhat + r * c, c);
     }
 }

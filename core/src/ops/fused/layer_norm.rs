@@ -8,29 +8,53 @@ use crate::tensor::{Elem, Tensor};
 use crate::with_float;
 use rayon::prelude::*;
 
+/// One row: y = (x − m)·rs (·w, +b when given), biased variance, ε inside the root; returns
+/// (m, rs). Shared with qk-layernorm, which normalises rows the same way.
+pub(super) fn row_forward<T: Elem>(xr: &[T], w: Option<&[T]>, b: Option<&[T]>, eps: f64, yr: &mut [T]) -> (T, T) {
+    let c = xr.len();
+    let m = crate::kernels::cpu::reduce::sum_slice(xr) / T::of(c as f64);
+    let mut var = T::zero();
+    for &v in xr {
+        var += (v - m) * (v - m);
+    }
+    let rs = T::one() / (var / T::of(c as f64) + T::of(eps)).sqrt();
+    for j in 0..c {
+        let mut v = (xr[j] - m) * rs;
+        if let Some(w) = w {
+            v *= w[j];
+        }
+        if let Some(b) = b {
+            v += b[j];
+        }
+        yr[j] = v;
+    }
+    (m, rs)
+}
+
+/// One row's input gradient from the upstream `gr` and the saved (m, rs).
+pub(super) fn row_backward<T: Elem>(xr: &[T], gr: &[T], w: Option<&[T]>, m: T, rs: T, gxr: &mut [T]) {
+    let c = xr.len();
+    let (mut a, mut bsum) = (T::zero(), T::zero());
+    for j in 0..c {
+        let xh = (xr[j] - m) * rs;
+        let gxh = w.map_or(gr[j], |w| gr[j] * w[j]);
+        a += gxh;
+        bsum += gxh * xh;
+    }
+    let (a, bsum) = (a / T::of(c as f64), bsum / T::of(c as f64));
+    for j in 0..c {
+        let xh = (xr[j] - m) * rs;
+        let gxh = w.map_or(gr[j], |w| gr[j] * w[j]);
+        gxr[j] = rs * (gxh - a - xh * bsum);
+    }
+}
+
 fn forward<T: Elem>(x: &[T], c: usize, w: Option<&[T]>, b: Option<&[T]>, eps: f64, y: &mut [T], mean: &mut [T], rstd: &mut [T]) {
     let chunk = row_chunk(mean.len(), 16);
     y.par_chunks_mut(chunk * c).zip(x.par_chunks(chunk * c)).zip(mean.par_chunks_mut(chunk).zip(rstd.par_chunks_mut(chunk))).for_each(
         |((y, x), (mean, rstd))| {
             for (r, (yr, xr)) in y.chunks_mut(c).zip(x.chunks(c)).enumerate() {
-                let m = crate::kernels::cpu::reduce::sum_slice(xr) / T::of(c as f64);
-                let mut var = T::zero();
-                for &v in xr {
-                    var += (v - m) * (v - m);
-                }
-                let rs = T::one() / (var / T::of(c as f64) + T::of(eps)).sqrt();
-                mean[r] = m;
-                rstd[r] = rs;
-                for j in 0..c {
-                    let mut v = (xr[j] - m) * rs;
-                    if let Some(w) = w {
-                        v *= w[j];
-                    }
-                    if let Some(b) = b {
-                        v += b[j];
-                    }
-                    yr[j] = v;
-                }
+                (mean[r], rstd[r]) = row_forward(xr, w, b, eps, yr);
             }
         },
     );
@@ -49,28 +73,11 @@ fn backward<T: Elem>(x: &[T], g: &[T], c: usize, w: Option<&[T]>, mean: &[T], rs
             for r in 0..mean.len() {
                 let (xr, gr, gxr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c], &mut gx[r * c..(r + 1) * c]);
                 let (m, rs) = (mean[r], rstd[r]);
-                let mut a = T::zero();
-                let mut bsum = T::zero();
                 for j in 0..c {
-                    let xh = (xr[j] - m) * rs;
-                    gw[j] += gr[j] * xh;
+                    gw[j] += gr[j] * ((xr[j] - m) * rs);
                     gb[j] += gr[j];
-                    let gxh = match w {
-                        Some(w) => gr[j] * w[j],
-                        None => gr[j],
-                    };
-                    a += gxh;
-                    bsum += gxh * xh;
                 }
-                let (a, bsum) = (a / T::of(c as f64), bsum / T::of(c as f64));
-                for j in 0..c {
-                    let xh = (xr[j] - m) * rs;
-                    let gxh = match w {
-                        Some(w) => gr[j] * w[j],
-                        None => gr[j],
-                    };
-                    gxr[j] = rs * (gxh - a - xh * bsum);
-                }
+                row_backward(xr, gr, w, m, rs, gxr);
             }
             (gw, gb)
         })

@@ -5,6 +5,7 @@
 //! key, value) follows from its index, and value rows pass through. One kernel each way, no
 //! copies of q and k, and the attention op reads the result as it reads any packed projection.
 
+use super::layer_norm::{row_backward, row_forward};
 use super::row_chunk;
 use crate::autograd::Var;
 use crate::error::{Error, Result};
@@ -31,24 +32,8 @@ fn forward<T: Elem>(x: &[T], h: usize, c: usize, w: Option<&[T]>, b: Option<&[T]
                     yr.copy_from_slice(xr);
                     continue;
                 }
-                let m = crate::kernels::cpu::reduce::sum_slice(xr) / T::of(c as f64);
-                let mut var = T::zero();
-                for &v in xr {
-                    var += (v - m) * (v - m);
-                }
-                let rs = T::one() / (var / T::of(c as f64) + T::of(eps)).sqrt();
-                mean[i] = m;
-                rstd[i] = rs;
-                for j in 0..c {
-                    let mut v = (xr[j] - m) * rs;
-                    if let Some(w) = w {
-                        v *= w[s * c + j];
-                    }
-                    if let Some(b) = b {
-                        v += b[s * c + j];
-                    }
-                    yr[j] = v;
-                }
+                let (ws, bs) = (w.map(|w| &w[s * c..(s + 1) * c]), b.map(|b| &b[s * c..(s + 1) * c]));
+                (mean[i], rstd[i]) = row_forward(xr, ws, bs, eps, yr);
             }
         });
 }
@@ -73,21 +58,11 @@ fn backward<T: Elem>(x: &[T], g: &[T], h: usize, c: usize, w: Option<&[T]>, mean
                     continue;
                 }
                 let (m, rs) = (mean[r], rstd[r]);
-                let (mut a, mut bsum) = (T::zero(), T::zero());
                 for j in 0..c {
-                    let xh = (xr[j] - m) * rs;
-                    gw[s * c + j] += gr[j] * xh;
+                    gw[s * c + j] += gr[j] * ((xr[j] - m) * rs);
                     gb[s * c + j] += gr[j];
-                    let gxh = w.map_or(gr[j], |w| gr[j] * w[s * c + j]);
-                    a += gxh;
-                    bsum += gxh * xh;
                 }
-                let (a, bsum) = (a / T::of(c as f64), bsum / T::of(c as f64));
-                for j in 0..c {
-                    let xh = (xr[j] - m) * rs;
-                    let gxh = w.map_or(gr[j], |w| gr[j] * w[s * c + j]);
-                    gxr[j] = rs * (gxh - a - xh * bsum);
-                }
+                row_backward(xr, gr, w.map(|w| &w[s * c..(s + 1) * c]), m, rs, gxr);
             }
             (gw, gb)
         })
