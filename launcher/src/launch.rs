@@ -188,6 +188,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
     SIGNALLED.store(sig, Ordering::SeqCst);
 }
 
+/// A process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, it
+/// names one process, not whichever reuses the number later.
+fn start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Every process below `root` (children, their children, ...), from /proc.
 pub fn descendants(root: u32) -> Vec<u32> {
     let mut parent = std::collections::HashMap::new();
@@ -298,7 +305,19 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
     let err = pump(Box::new(child.stderr.take().expect("piped")), true, report.clone());
 
     let mut forwarded_at: Option<Instant> = None;
+    // Every process seen under mpirun, so that any it leaves behind (reparented, no longer under
+    // it) can still be found and ended.
+    let mut known: Vec<(u32, Option<u64>)> = vec![];
+    let mut scanned = Instant::now() - Duration::from_secs(10);
     let status = loop {
+        if scanned.elapsed() > Duration::from_millis(500) {
+            for p in descendants(pid) {
+                if !known.iter().any(|k| k.0 == p) {
+                    known.push((p, start_time(p)));
+                }
+            }
+            scanned = Instant::now();
+        }
         if let Some(s) = child.try_wait().map_err(|e| LaunchError::Runtime(format!("waiting for mpirun: {e}")))? {
             break s;
         }
@@ -312,8 +331,8 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
             }
             Some(t) if t.elapsed().as_secs_f64() > a.grace_s => {
                 eprintln!("dptrain launch: the job did not stop within {} s: SIGKILL to every process under it", a.grace_s);
-                for p in descendants(pid) {
-                    // SAFETY: kill(2) on processes below our child.
+                for p in descendants(pid).into_iter().chain(known.iter().filter(|k| start_time(k.0) == k.1).map(|k| k.0)) {
+                    // SAFETY: kill(2) on processes that were below our child.
                     unsafe { libc::kill(p as i32, libc::SIGKILL) };
                 }
                 // SAFETY: as above.
@@ -324,10 +343,13 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // Whatever mpirun left behind (it should have taken its ranks with it) goes now.
-    for p in descendants(pid) {
-        // SAFETY: kill(2) on leftover processes below our (finished) child.
-        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    // Whatever mpirun left behind (it should have taken its ranks with it) goes now, so that
+    // no rank outlives the job and no pipe stays open.
+    for (p, started) in known {
+        if start_time(p).is_some_and(|t| Some(t) == started) {
+            // SAFETY: kill(2) on a leftover process that was below our (finished) child.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
     }
     let _ = out.join();
     let _ = err.join();
