@@ -564,6 +564,17 @@ fn sigterm_to_launch_leaves_no_rank_behind() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // A failing assertion below must not leave a million-step job running.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for p in dptrain_launcher::launch::descendants(self.0).into_iter().chain([self.0]) {
+                // SAFETY: kill(2) on this test's own child and the processes under it.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    let guard = KillOnDrop(pid);
     let t0 = Instant::now();
     let ranks = loop {
         let below = dptrain_launcher::launch::descendants(pid);
@@ -600,5 +611,7 @@ fn sigterm_to_launch_leaves_no_rank_behind() {
         })
         .collect();
     assert!(alive.is_empty(), "processes left behind: {alive:?}");
+    // launch has exited and been waited for: its pid may already name another process.
+    std::mem::forget(guard);
     std::fs::remove_dir_all(&d).ok();
 }
