@@ -68,9 +68,14 @@ pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device
             // One visible device for several processes on this node: each rank was given its
             // own through CUDA_VISIBLE_DEVICES (Slurm's --gpus-per-task, a wrapper), or they
             // would all share GPU 0 — which NCCL refuses, and which halves every rank's speed.
-            CudaStatus::Devices(1) if local_size > 1 && std::env::var_os("CUDA_VISIBLE_DEVICES").is_none() => Err(Error::Device(format!(
+            // (The CPU emulator of the kernels has no device to share: tests run ranks on it.)
+            CudaStatus::Devices(1)
+                if local_size > 1 && std::env::var_os("CUDA_VISIBLE_DEVICES").is_none() && !emulated() =>
+            {
+                Err(Error::Device(format!(
                 "{local_size} processes on this node and 1 visible CUDA device: they would share it; run one process per GPU, or give each rank its own with CUDA_VISIBLE_DEVICES"
-            ))),
+                )))
+            }
             CudaStatus::Devices(1) => Ok(Device::Cuda(0)),
             CudaStatus::Devices(n) if n >= local_size => Ok(Device::Cuda(local_rank)),
             CudaStatus::Devices(n) => Err(Error::Device(format!(
@@ -78,6 +83,18 @@ pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device
             ))),
         },
         other => Err(Error::Device(format!("unknown device \"{other}\"; expected cpu or cuda"))),
+    }
+}
+
+/// Whether the CUDA ops run on the CPU emulator (tests).
+fn emulated() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::tensor::cuda::emulated()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
     }
 }
 
