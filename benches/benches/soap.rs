@@ -1,7 +1,8 @@
 //! SOAP against AdamW on GPT-mini (vocab 256, context 128, d_model 128, 4 layers, 4 heads,
-//! batch 16), f32, 1 thread, CPU: optimizer-step and whole training-step time (means over the
-//! timed steps, so periodic basis refreshes are amortised) at precondition frequency 1, 10, 100,
-//! and optimizer-state bytes per parameter. Then the owner split: per-rank time spent computing
+//! batch 16), f32, CPU, with 1 thread and with every core: optimizer-step and whole
+//! training-step time (means over the timed steps, so periodic basis refreshes are amortised;
+//! the optimizers take turns step by step, so a shared machine's drift hits all alike) at
+//! precondition frequency 1, 10, 100, and optimizer-state bytes per parameter. Then the owner split: per-rank time spent computing
 //! eigenbases with 1 rank and with 2 in-process ranks (`distribute = owner`, f = 1).
 //!
 //! Last, the host's eigenbasis cost per factor at GPT-124M's sizes, and what one refresh of all
@@ -20,26 +21,38 @@ use dptrain_optim::soap::basis_refresh_seconds;
 use dptrain_optim::{AdamW, AdamWConfig, Distribute, Optimizer, Soap, SoapConfig, StepCtx};
 use std::time::{Duration, Instant};
 
-/// Mean (step ms, optimizer ms) over `steps` timed steps after 2 warm-up steps.
-fn run(model: &dyn Model, mut ps: ParamStore, batch: &Batch, opt: &mut dyn Optimizer, steps: usize) -> (f64, f64) {
-    let mut grads = GradStore::new(&ps);
+/// One optimizer's run: its own parameters, gradients and timings.
+struct Runner<'a> {
+    name: String,
+    ps: ParamStore,
+    grads: GradStore,
+    opt: Box<dyn Optimizer + 'a>,
+    /// Optimizer-state bytes per parameter.
+    bytes: f64,
+    step_ms: f64,
+    opt_ms: f64,
+}
+
+/// Runs every optimizer for `steps` timed steps after 2 warm-up steps, one step of each in turn
+/// (so a shared machine's drift hits them alike); fills in the mean step and optimizer ms.
+fn run_interleaved(model: &dyn Model, batch: &Batch, runners: &mut [Runner], steps: usize) {
     let mut solo = LocalComm::new();
-    let (mut step_ms, mut opt_ms) = (0.0, 0.0);
     for i in 0..steps + 2 {
-        let t0 = Instant::now();
-        let tape = Tape::new();
-        let loss = model.loss(&tape, &ps, batch, true, &mut Probes::on_if(false)).expect("forward");
-        grads.zero_grad();
-        tape.backward(loss, &mut grads, |_, _| {}).expect("backward");
-        drop(tape);
-        let t1 = Instant::now();
-        opt.step(&mut ps, &grads, &mut StepCtx { step: i as u64 + 1, lr: 1e-3, comm: &mut solo }).expect("step");
-        if i >= 2 {
-            opt_ms += t1.elapsed().as_secs_f64() * 1e3;
-            step_ms += t0.elapsed().as_secs_f64() * 1e3;
+        for r in runners.iter_mut() {
+            let t0 = Instant::now();
+            let tape = Tape::new();
+            let loss = model.loss(&tape, &r.ps, batch, true, &mut Probes::on_if(false)).expect("forward");
+            r.grads.zero_grad();
+            tape.backward(loss, &mut r.grads, |_, _| {}).expect("backward");
+            drop(tape);
+            let t1 = Instant::now();
+            r.opt.step(&mut r.ps, &r.grads, &mut StepCtx { step: i as u64 + 1, lr: 1e-3, comm: &mut solo }).expect("step");
+            if i >= 2 {
+                r.opt_ms += t1.elapsed().as_secs_f64() * 1e3 / steps as f64;
+                r.step_ms += t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+            }
         }
     }
-    (step_ms / steps as f64, opt_ms / steps as f64)
 }
 
 fn main() {
@@ -58,17 +71,41 @@ fn main() {
     let tg: Vec<u32> = (0..16 * 128).map(|_| rng.below(256) as u32).collect();
     let batch = Batch::Tokens { inputs: ids, targets: tg, batch: 16, context: 128 };
 
-    let mut adamw = AdamW::new(AdamWConfig { weight_decay: 0.01, ..Default::default() }, &ps);
-    let (a_step, a_opt) = run(&gpt, make().1, &batch, &mut adamw, steps);
-    println!("\nSOAP vs AdamW, GPT-mini ({n} parameters), f32, 1 thread, mean of {steps} steps (ms)");
-    println!("| optimizer | step | optimizer | step ratio vs AdamW | state bytes / parameter |");
-    println!("|---|---|---|---|---|");
-    // AdamW's state: two moments and the per-element decay multiplier.
-    println!("| AdamW | {a_step:.1} | {a_opt:.1} | 1.00× | {:.1} |", 12.0);
-    for f in [1u64, 10, 100] {
-        let mut soap = Soap::new(SoapConfig { precondition_frequency: f, ..Default::default() }, &ps);
-        let (s_step, s_opt) = run(&gpt, make().1, &batch, &mut soap, steps);
-        println!("| SOAP f={f} | {s_step:.1} | {s_opt:.1} | {:.2}× | {:.1} |", s_step / a_step, soap.state_bytes() as f64 / n as f64);
+    // 1 thread, and every core of this machine: SOAP's per-parameter work runs in parallel
+    // over parameters, as the model's GEMMs do over their blocks.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for threads in if cores > 1 { vec![1, cores] } else { vec![1] } {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool");
+        let mut runners = vec![Runner {
+            name: "AdamW".into(),
+            grads: GradStore::new(&ps),
+            opt: Box::new(AdamW::new(AdamWConfig { weight_decay: 0.01, ..Default::default() }, &ps)),
+            ps: make().1,
+            // Two moments and the per-element decay multiplier.
+            bytes: 12.0,
+            step_ms: 0.0,
+            opt_ms: 0.0,
+        }];
+        for f in [1u64, 10, 100] {
+            let soap = Soap::new(SoapConfig { precondition_frequency: f, ..Default::default() }, &ps);
+            runners.push(Runner {
+                name: format!("SOAP f={f}"),
+                grads: GradStore::new(&ps),
+                bytes: soap.state_bytes() as f64 / n as f64,
+                opt: Box::new(soap),
+                ps: make().1,
+                step_ms: 0.0,
+                opt_ms: 0.0,
+            });
+        }
+        pool.install(|| run_interleaved(&gpt, &batch, &mut runners, steps));
+        println!("\nSOAP vs AdamW, GPT-mini ({n} parameters), f32, {threads} thread(s), mean of {steps} steps, the optimizers interleaved step by step (ms)");
+        println!("| optimizer | step | optimizer | step ratio vs AdamW | state bytes / parameter |");
+        println!("|---|---|---|---|---|");
+        let base = runners[0].step_ms;
+        for r in &runners {
+            println!("| {} | {:.1} | {:.1} | {:.2}× | {:.1} |", r.name, r.step_ms, r.opt_ms, r.step_ms / base, r.bytes);
+        }
     }
 
     // Owner split: the same gradients on each rank, a refresh every step.
@@ -89,7 +126,12 @@ fn main() {
             .into_iter()
             .map(|mut c| {
                 let precond = &precond;
-                s.spawn(move || precond(&mut c, Distribute::Owner))
+                // Each rank its own one-thread pool, as an MPI process has (the global pool
+                // would run both ranks' parameters on one thread).
+                s.spawn(move || {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool");
+                    pool.install(|| precond(&mut c, Distribute::Owner))
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -117,7 +117,8 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
         let (mut cpu, grads) = stores_with(5, 5);
         let (mut gpu, _) = stores_with(5, 5);
         let mut on_gpu = Soap::new(soap, &gpu);
-        let want = run(&mut Soap::new(soap, &cpu), &mut cpu, &grads, Device::Cpu);
+        let mut on_cpu = Soap::new(soap, &cpu);
+        let want = run(&mut on_cpu, &mut cpu, &grads, Device::Cpu);
         let got = run(&mut on_gpu, &mut gpu, &grads, Device::Cuda(0));
         for (x, y) in got.iter().zip(&want) {
             assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{name}: emulated GPU {got:?}\nvs CPU {want:?}");
@@ -127,5 +128,16 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
         let (tensors, scalars) = on_gpu.state(&gpu).unwrap();
         assert!(tensors.iter().any(|(k, _)| k == "Q0.w") && tensors.iter().any(|(k, _)| k == "GG1.w"), "{name}");
         assert_eq!(scalars["step"], 3);
+        // m both ways (original space, turned back on the device; eigenbasis, as kept) and v
+        // agree with the CPU's.
+        let (cpu_tensors, _) = on_cpu.state(&cpu).unwrap();
+        for key in ["exp_avg.w", "exp_avg_eig.w", "exp_avg_sq.w"] {
+            let get = |ts: &[(String, dptrain_core::Tensor)]| ts.iter().find(|(k, _)| k == key).unwrap().1.to_vec::<f32>().unwrap();
+            let (x, y) = (get(&tensors), get(&cpu_tensors));
+            assert!(y.iter().any(|&a| a != 0.0), "{name}: {key} is all zero");
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}: {key}: emulated GPU {x:?}\nvs CPU {y:?}");
+            }
+        }
     }
 }

@@ -5,11 +5,18 @@
 //! - per parameter (dims merged when `merge_dims`), one factor GG_k = EMA of the mode-k Gram of
 //!   the gradient per dim of size ≤ `max_precond_dim`, and its eigenbasis Q_k;
 //! - the first step only builds GG and Q (eigh) and updates nothing;
-//! - then: m ← lerp(m, g) in the original space, v ← lerp(v, project(g)²) in the eigenbasis,
+//! - then: m ← lerp(m, g), v ← lerp(v, project(g)²) in the eigenbasis,
 //!   u = project_back(project(m) / (√v + ε)), p ← p − step_size·u, then decoupled decay with the
 //!   raw lr (after the update), then GG from the same raw g;
 //! - every `precondition_frequency` updates the bases are refreshed by one power-iteration step
 //!   (Q ← qr(GG·Q) with columns re-sorted by their estimated eigenvalue, v re-sorted with them).
+//!
+//! m is kept in the eigenbasis (the authors' `soap.py` does the same; the PyPI port keeps it in
+//! the original space and projects it every step): projection is linear, so lerping the
+//! projected gradient gives project(m) without projecting m — two of a step's eight
+//! mode products saved. When the bases change, m goes back to the original space with the old
+//! ones and into the new ones. Saved state carries m both ways: `exp_avg` in the original space
+//! (the reference's meaning, for parity replays) and `exp_avg_eig` as kept (bitwise resume).
 //!
 //! Factors and bases are f32; eigh and QR run in f64 on the host through faer, sequentially, so
 //! the same input gives bitwise the same basis on every rank. With `Distribute::Owner` each
@@ -29,6 +36,7 @@ use dptrain_core::ops::matmul::matmul_t;
 use dptrain_core::{Device, GradStore, ParamStore, Precision, Tensor};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 /// Who computes a parameter's eigenbasis refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -151,6 +159,7 @@ impl PState {
 pub struct Soap {
     pub cfg: SoapConfig,
     ps: Vec<PState>,
+    /// The first moment, in the current eigenbasis.
     m: Vec<f32>,
     v: Vec<f32>,
     /// Per-parameter lr and decay multipliers.
@@ -284,12 +293,17 @@ fn mode_product(x: &[f32], dims: &[usize], k: usize, q: &[f32], back: bool) -> V
     let b_n: usize = dims[k + 1..].iter().product();
     let mut out = vec![0.0f32; x.len()];
     let qm = view(q, d, d);
+    let m = if back { qm.transpose() } else { qm };
+    if b_n == 1 {
+        // The last dim: one GEMM out [A, d] = x [A, d] · M, not A matrix-vector products.
+        matmul(view_mut(&mut out, a_n, d), Accum::Replace, view(x, a_n, d), m, 1.0f32, Par::Seq);
+        return out;
+    }
     // out_a [d, B] = Mᵀ · x_a [d, B]
-    let mt = if back { qm } else { qm.transpose() };
     for a in 0..a_n {
         let xa = view(&x[a * d * b_n..(a + 1) * d * b_n], d, b_n);
         let oa = view_mut(&mut out[a * d * b_n..(a + 1) * d * b_n], d, b_n);
-        matmul(oa, Accum::Replace, mt, xa, 1.0f32, Par::Seq);
+        matmul(oa, Accum::Replace, m.transpose(), xa, 1.0f32, Par::Seq);
     }
     out
 }
@@ -305,18 +319,58 @@ fn project(x: &[f32], dims: &[usize], factors: &[Option<Factor>], back: bool) ->
     y
 }
 
-/// The mode-k Gram matrix Σ_{a,b} x[a, :, b]·x[a, :, b]ᵀ (d×d).
+/// The lower triangle (diagonal included; the rest zero) of the mode-k Gram matrix
+/// Σ_{a,b} x[a, :, b]·x[a, :, b]ᵀ (d×d): half the work of the full product. The host keeps
+/// only this half of each statistic up to date; [`symmetric`] fills the other half for use.
 fn gram(x: &[f32], dims: &[usize], k: usize) -> Vec<f32> {
+    use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure as B};
     let d = dims[k];
     let a_n: usize = dims[..k].iter().product();
     let b_n: usize = dims[k + 1..].iter().product();
     let mut g = vec![0.0f32; d * d];
-    for a in 0..a_n {
-        let xa = view(&x[a * d * b_n..(a + 1) * d * b_n], d, b_n);
-        let acc = if a == 0 { Accum::Replace } else { Accum::Add };
-        matmul(view_mut(&mut g, d, d), acc, xa, xa.transpose(), 1.0f32, Par::Seq);
+    if b_n == 1 {
+        // The last dim: one product xᵀx over x [A, d], not A rank-one updates.
+        let xm = view(x, a_n, d);
+        tri_matmul(
+            view_mut(&mut g, d, d),
+            B::TriangularLower,
+            Accum::Replace,
+            xm.transpose(),
+            B::Rectangular,
+            xm,
+            B::Rectangular,
+            1.0f32,
+            Par::Seq,
+        );
+    } else {
+        for a in 0..a_n {
+            let xa = view(&x[a * d * b_n..(a + 1) * d * b_n], d, b_n);
+            let acc = if a == 0 { Accum::Replace } else { Accum::Add };
+            tri_matmul(
+                view_mut(&mut g, d, d),
+                B::TriangularLower,
+                acc,
+                xa,
+                B::Rectangular,
+                xa.transpose(),
+                B::Rectangular,
+                1.0f32,
+                Par::Seq,
+            );
+        }
     }
     g
+}
+
+/// The full symmetric matrix from its lower triangle (row-major d×d).
+fn symmetric(lower: &[f32], d: usize) -> Vec<f32> {
+    let mut s = lower.to_vec();
+    for i in 0..d {
+        for j in i + 1..d {
+            s[i * d + j] = lower[j * d + i];
+        }
+    }
+    s
 }
 
 fn to_f64(x: &[f32], d: usize) -> Mat<f64> {
@@ -355,14 +409,57 @@ fn eigenbasis(gg: &[f32], d: usize) -> Result<Vec<f32>> {
 fn refresh_basis(gg: &[f32], q: &[f32], d: usize) -> (Vec<f32>, Vec<usize>) {
     let mut mp = vec![0.0f32; d * d];
     matmul(view_mut(&mut mp, d, d), Accum::Replace, view(gg, d, d), view(q, d, d), 1.0f32, Par::Seq);
-    let est: Vec<f32> = (0..d).map(|j| (0..d).map(|i| q[i * d + j] * mp[i * d + j]).sum()).collect();
+    // diag(Qᵀ·GG·Q), row by row (the column sums in the same order, cache-friendly; -0.0 is the
+    // empty sum, as `Iterator::sum`'s).
+    let mut est = vec![-0.0f32; d];
+    for i in 0..d {
+        for ((e, &a), &b) in est.iter_mut().zip(&q[i * d..(i + 1) * d]).zip(&mp[i * d..(i + 1) * d]) {
+            *e += a * b;
+        }
+    }
     let mut idx: Vec<usize> = (0..d).collect();
     // Stable descending sort: ties keep their order.
     idx.sort_by(|&a, &b| est[b].total_cmp(&est[a]));
     let pi = Mat::from_fn(d, d, |i, j| mp[i * d + idx[j]] as f64);
-    let qr = pi.as_ref().qr();
-    let qn = qr.compute_Q();
-    (from_f64(qn.as_ref()), idx)
+    (from_f64(qr_q(pi).as_ref()), idx)
+}
+
+/// The Q of a square matrix's Householder QR (faer's blocked QR, sequential). Q is formed from
+/// the identity applying the blocks last to first, each only to the trailing rows and columns
+/// it can change (the rest is still the identity's): about a third less work than faer's
+/// `compute_Q`, which applies every block to all columns, and the same values.
+fn qr_q(mut a: Mat<f64>) -> Mat<f64> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::householder::{
+        apply_block_householder_on_the_left_in_place_scratch, apply_block_householder_on_the_left_in_place_with_conj,
+    };
+    use faer::linalg::qr::no_pivoting::factor::{qr_in_place, qr_in_place_scratch, recommended_block_size};
+    let d = a.nrows();
+    let bs = recommended_block_size::<f64>(d, d);
+    let mut coeff = Mat::<f64>::zeros(bs, d);
+    let mut buf = MemBuffer::new(
+        qr_in_place_scratch::<f64>(d, d, bs, Par::Seq, Default::default())
+            .or(apply_block_householder_on_the_left_in_place_scratch::<f64>(d, bs, d)),
+    );
+    qr_in_place(a.as_mut(), coeff.as_mut(), Par::Seq, MemStack::new(&mut buf), Default::default());
+    let mut q = Mat::<f64>::identity(d, d);
+    // Blocks of `bs` columns, the last one possibly shorter.
+    let mut j = d;
+    let mut b = if d.is_multiple_of(bs) { bs } else { d % bs };
+    while j > 0 {
+        let start = j - b;
+        apply_block_householder_on_the_left_in_place_with_conj(
+            a.as_ref().get(start.., start..j),
+            coeff.as_ref().get(.., start..j).subrows(0, j - start),
+            faer::Conj::No,
+            q.as_mut().get_mut(start.., start..),
+            Par::Seq,
+            MemStack::new(&mut buf),
+        );
+        j = start;
+        b = bs;
+    }
+    q
 }
 
 /// Reorders `v` (laid out as `dims`) along axis k by `idx`.
@@ -380,6 +477,37 @@ fn permute_axis(v: &mut [f32], dims: &[usize], k: usize, idx: &[usize]) {
     }
 }
 
+/// GG_k ← lerp(GG_k, Gram_k(g), w) for every factor of a parameter (lower triangles only).
+fn accumulate_statistics(p: &mut PState, g: &[f32], w: f32) {
+    for k in 0..p.dims.len() {
+        if let Some(f) = &mut p.factors[k] {
+            let (d, gk) = (f.d, gram(g, &p.dims, k));
+            for i in 0..d {
+                for (a, b) in f.gg[i * d..i * d + i + 1].iter_mut().zip(&gk[i * d..i * d + i + 1]) {
+                    *a += w * (b - *a);
+                }
+            }
+        }
+    }
+}
+
+/// Disjoint mutable slices of `buf`, one per parameter (`ps` order).
+fn per_param<'a>(buf: &'a mut [f32], ps: &[PState]) -> Vec<&'a mut [f32]> {
+    let mut order: Vec<usize> = (0..ps.len()).collect();
+    order.sort_by_key(|&i| ps[i].offset);
+    let mut out: Vec<Option<&'a mut [f32]>> = (0..ps.len()).map(|_| None).collect();
+    let (mut rest, mut at) = (buf, 0usize);
+    for i in order {
+        let (o, n) = (ps[i].offset, ps[i].numel);
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(o - at);
+        let (mine, tail) = tail.split_at_mut(n);
+        out[i] = Some(mine);
+        rest = tail;
+        at = o + n;
+    }
+    out.into_iter().map(|s| s.expect("every parameter has a span")).collect()
+}
+
 impl Soap {
     /// Counts an update and returns its step size: lr, times Adam's bias correction
     /// √(1 − β2ᵗ) / (1 − β1ᵗ) when `correct_bias`.
@@ -393,45 +521,36 @@ impl Soap {
         }
     }
 
-    /// GG_k ← lerp(GG_k, Gram_k(g), 1 − β_sh) for every factor of parameter `i`.
-    fn accumulate_statistics(&mut self, i: usize, g: &[f32]) {
-        let w = (1.0 - self.cfg.shampoo_beta()) as f32;
-        let p = &mut self.ps[i];
-        for k in 0..p.dims.len() {
-            if let Some(f) = &mut p.factors[k] {
-                let gk = gram(g, &p.dims, k);
-                for (a, b) in f.gg.iter_mut().zip(&gk) {
-                    *a += w * (b - *a);
-                }
-            }
-        }
-    }
-
     /// Computes (on the ranks that own them, or everywhere) and exchanges the new bases:
-    /// eigh when `initial`, else the power-iteration refresh with v re-sorted.
-    fn refresh(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
+    /// eigh when `initial`, else the power-iteration refresh with v re-sorted and, when
+    /// `rotate_m` (the host path; the device path turns its own m), m carried into the new bases.
+    fn refresh(&mut self, initial: bool, rotate_m: bool, comm: &mut dyn Communicator) -> Result<()> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
         if owner_mode {
             self.assign_owners(world);
         }
-        // Computed results per parameter: per factor (Q, sort order).
+        // Computed results per parameter: per factor (Q, sort order). Parameters in parallel,
+        // each factor sequentially: the same bases whatever the thread count.
         let t0 = std::time::Instant::now();
-        let mut results: Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>> = vec![vec![]; self.ps.len()];
-        for (i, p) in self.ps.iter().enumerate() {
-            if owner_mode && p.owner != rank {
-                continue;
-            }
-            let mut r = vec![];
-            for f in &p.factors {
-                r.push(match f {
-                    None => None,
-                    Some(f) if initial => Some((eigenbasis(&f.gg, f.d)?, (0..f.d).collect())),
-                    Some(f) => Some(refresh_basis(&f.gg, &f.q, f.d)),
-                });
-            }
-            results[i] = r;
-        }
+        let mut results: Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>> = self
+            .ps
+            .par_iter()
+            .map(|p| -> Result<_> {
+                if owner_mode && p.owner != rank {
+                    return Ok(vec![]);
+                }
+                p.factors
+                    .iter()
+                    .map(|f| match f {
+                        None => Ok(None),
+                        // eigh reads the lower triangle only.
+                        Some(f) if initial => Ok(Some((eigenbasis(&f.gg, f.d)?, (0..f.d).collect()))),
+                        Some(f) => Ok(Some(refresh_basis(&symmetric(&f.gg, f.d), &f.q, f.d))),
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
         self.precond_s += t0.elapsed().as_secs_f64();
         if owner_mode {
             // Each rank broadcasts its parameters' results in parameter order: per factor d×d
@@ -477,9 +596,12 @@ impl Soap {
                 }
             }
         }
-        for (i, r) in results.into_iter().enumerate() {
-            let p = &mut self.ps[i];
-            let v = &mut self.v[p.offset..p.offset + p.numel];
+        let (ms, vs) = (per_param(&mut self.m, &self.ps), per_param(&mut self.v, &self.ps));
+        self.ps.par_iter_mut().zip(results).zip(ms.into_par_iter().zip(vs)).for_each(|((p, r), (m, v))| {
+            let changed = r.iter().any(Option::is_some);
+            // m into the original space with the old bases (at the first refresh m is still
+            // zero), then into the new ones.
+            let m_orig = (changed && rotate_m && !initial).then(|| project(m, &p.dims, &p.factors, true));
             for (k, res) in r.into_iter().enumerate() {
                 if let (Some(f), Some((q, idx))) = (&mut p.factors[k], res) {
                     if !initial {
@@ -488,63 +610,69 @@ impl Soap {
                     f.q = q;
                 }
             }
-        }
+            if let Some(mo) = m_orig {
+                m.copy_from_slice(&project(&mo, &p.dims, &p.factors, false));
+            }
+        });
         Ok(())
     }
 
     fn step_host(&mut self, p: &mut [f32], g: &[f32], ctx: &mut StepCtx) -> Result<()> {
-        let finite: Vec<bool> = self.ps.iter().map(|s| g[s.offset..s.offset + s.numel].iter().all(|x| x.is_finite())).collect();
+        let w_sh = (1.0 - self.cfg.shampoo_beta()) as f32;
         if !self.started {
-            // The reference's first call: statistics and bases only, no update.
-            for i in 0..self.ps.len() {
-                let (o, n) = (self.ps[i].offset, self.ps[i].numel);
-                if finite[i] {
-                    self.accumulate_statistics(i, &g[o..o + n]);
+            // The reference's first call: statistics and bases only, no update. A non-finite
+            // gradient is left out of the statistics, so eigh never sees it.
+            self.ps.par_iter_mut().for_each(|s| {
+                let gi = &g[s.offset..s.offset + s.numel];
+                if gi.iter().all(|x| x.is_finite()) {
+                    accumulate_statistics(s, gi, w_sh);
                 }
-            }
-            self.refresh(true, ctx.comm)?;
+            });
+            self.refresh(true, true, ctx.comm)?;
             self.started = true;
             return Ok(());
         }
         let step_size = self.next_step_size(ctx.lr);
         let c = self.cfg;
         let (w1, w2, eps) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, c.eps as f32);
-        for i in 0..self.ps.len() {
-            let s = &self.ps[i];
-            let (o, n) = (s.offset, s.numel);
-            let gi = &g[o..o + n];
-            let gp = project(gi, &s.dims, &s.factors, false);
-            let (m, v) = (&mut self.m[o..o + n], &mut self.v[o..o + n]);
-            for j in 0..n {
-                m[j] += w1 * (gi[j] - m[j]);
-                v[j] += w2 * (gp[j] * gp[j] - v[j]);
+        // Per parameter: the step size and what the decay keeps.
+        let coef: Vec<(f32, f32)> = (0..self.ps.len())
+            .map(|i| {
+                let decay = self.decay_of(i, ctx.lr);
+                ((step_size * self.lr_scale[i]) as f32, if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 })
+            })
+            .collect();
+        let (ps, ms, vs) = (per_param(p, &self.ps), per_param(&mut self.m, &self.ps), per_param(&mut self.v, &self.ps));
+        // Parameters in parallel; each one's arithmetic is sequential, so the result does not
+        // depend on the thread count.
+        self.ps.par_iter_mut().zip(ps).zip(ms.into_par_iter().zip(vs)).zip(coef).for_each(|(((s, pi), (m, v)), (ss, keep))| {
+            let gi = &g[s.offset..s.offset + s.numel];
+            // m and v both lerp the projected gradient; their ratio goes back to the original
+            // space in place of the projection buffer.
+            let mut u = project(gi, &s.dims, &s.factors, false);
+            for ((x, m), v) in u.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m += w1 * (*x - *m);
+                *v += w2 * (*x * *x - *v);
+                *x = *m / (v.sqrt() + eps);
             }
-            let mp = project(m, &s.dims, &s.factors, false);
-            let ratio: Vec<f32> = mp.iter().zip(v.iter()).map(|(&a, &b)| a / (b.sqrt() + eps)).collect();
-            let mut u = project(&ratio, &s.dims, &s.factors, true);
+            let mut u = project(&u, &s.dims, &s.factors, true);
             if c.normalize_grads {
-                let rms = (u.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / n.max(1) as f64).sqrt();
+                let rms = (u.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / s.numel.max(1) as f64).sqrt();
                 let inv = (1.0 / (1e-30 + rms)) as f32;
                 u.iter_mut().for_each(|x| *x *= inv);
             }
-            let ss = (step_size * self.lr_scale[i]) as f32;
-            let pi = &mut p[o..o + n];
-            for j in 0..n {
-                pi[j] -= ss * u[j];
-            }
-            let decay = self.decay_of(i, ctx.lr);
-            if decay > 0.0 {
-                let keep = (1.0 - decay) as f32;
-                pi.iter_mut().for_each(|x| *x *= keep);
+            // The update, then the decay (after it, as the reference).
+            for (x, u) in pi.iter_mut().zip(&u) {
+                *x = (*x - ss * u) * keep;
             }
             // The same raw gradient feeds the statistics (never the basis it was projected by);
             // a non-finite one is left out, so eigh never sees it.
-            if finite[i] {
-                self.accumulate_statistics(i, gi);
+            if gi.iter().all(|x| x.is_finite()) {
+                accumulate_statistics(s, gi, w_sh);
             }
-        }
+        });
         if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
-            self.refresh(false, ctx.comm)?;
+            self.refresh(false, true, ctx.comm)?;
         }
         Ok(())
     }
@@ -561,7 +689,7 @@ pub fn basis_refresh_seconds(d: usize) -> Result<(f64, f64)> {
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect();
-    let gg = gram(&x, &[d, d], 0);
+    let gg = symmetric(&gram(&x, &[d, d], 0), d);
     let t0 = std::time::Instant::now();
     let q = eigenbasis(&gg, d)?;
     let eigh_s = t0.elapsed().as_secs_f64();
@@ -611,11 +739,9 @@ fn up(v: &[f32], shape: &[usize], device: Device) -> dptrain_core::Result<Tensor
 }
 
 impl Soap {
-    /// Brings the host copies of the device state up to date (before the host refresh, or to
-    /// save state).
+    /// Brings the host copies of what the host refresh reads (v, statistics, bases) up to date.
     fn sync_down(&mut self) -> Result<()> {
         let Some(d) = &self.dev else { return Ok(()) };
-        self.m = d.m.to_vec::<f32>()?;
         self.v = d.v.to_vec::<f32>()?;
         for (p, (ggs, qs)) in self.ps.iter_mut().zip(d.gg.iter().zip(&d.q)) {
             for (f, (gg, q)) in p.factors.iter_mut().zip(ggs.iter().zip(qs)) {
@@ -630,7 +756,8 @@ impl Soap {
         Ok(())
     }
 
-    /// Puts the host state on `device` (all of it, or only v and the bases after a refresh).
+    /// Puts the host state on `device` (all of it, or only v and the bases after a refresh; the
+    /// host's m is stale once the device owns the state, so it goes up only with `all`).
     fn sync_up(&mut self, device: Device, all: bool) -> Result<()> {
         let n = self.m.len();
         let v = up(&self.v, &[n], device)?;
@@ -653,7 +780,9 @@ impl Soap {
                 let gg = self
                     .ps
                     .iter()
-                    .map(|p| p.factors.iter().map(|f| f.as_ref().map(|f| up(&f.gg, &[f.d, f.d], device)).transpose()).collect())
+                    .map(|p| {
+                        p.factors.iter().map(|f| f.as_ref().map(|f| up(&symmetric(&f.gg, f.d), &[f.d, f.d], device)).transpose()).collect()
+                    })
                     .collect::<dptrain_core::Result<_>>()?;
                 self.dev = Some(DevState { m: up(&self.m, &[n], device)?, v, gg, q });
             }
@@ -700,7 +829,7 @@ impl Soap {
                 }
             }
             self.sync_down()?;
-            self.refresh(true, ctx.comm)?;
+            self.refresh(true, false, ctx.comm)?;
             self.sync_up(device, false)?;
             self.started = true;
             return Ok(());
@@ -715,9 +844,8 @@ impl Soap {
             let g = g_all.narrow(0, o, n)?;
             let (m, v) = (d.m.narrow(0, o, n)?, d.v.narrow(0, o, n)?);
             let gp = project_dev(&g, &dims, &d.q[i], false)?;
-            flat::soap_moments_cuda(&g, &gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32)?;
-            let mp = project_dev(&m, &dims, &d.q[i], false)?;
-            let ratio = flat::soap_ratio_cuda(&mp, &v.reshape(&dims)?, c.eps as f32)?;
+            flat::soap_moments_cuda(&gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32)?;
+            let ratio = flat::soap_ratio_cuda(&m.reshape(&dims)?, &v.reshape(&dims)?, c.eps as f32)?;
             let mut u = project_dev(&ratio, &dims, &d.q[i], true)?.try_contiguous()?;
             if c.normalize_grads {
                 let rms = (flat::sum_squares(&u)? / n.max(1) as f64).sqrt();
@@ -731,12 +859,37 @@ impl Soap {
             }
         }
         if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
-            // Factors down, eigh/QR on the host (owner mode included), bases and v back up.
+            // Factors down, eigh/QR on the host (owner mode included), bases and v back up;
+            // m turns from the old bases to the new ones on the device.
+            let old_q = self.dev.as_ref().expect("device state").q.clone();
             self.sync_down()?;
-            self.refresh(false, ctx.comm)?;
+            self.refresh(false, false, ctx.comm)?;
             self.sync_up(device, false)?;
+            let d = self.dev.as_ref().expect("device state");
+            for (i, s) in self.ps.iter().enumerate() {
+                if s.factors.iter().any(Option::is_some) {
+                    let m = d.m.narrow(0, s.offset, s.numel)?;
+                    let turned = project_dev(&project_dev(&m, &s.dims, &old_q[i], true)?, &s.dims, &d.q[i], false)?;
+                    flat::copy_into_cuda(&m, &turned)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The first moment in the original space, as the reference keeps it (host or device).
+    fn m_original(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; self.m.len()];
+        for (i, s) in self.ps.iter().enumerate() {
+            let (o, n) = (s.offset, s.numel);
+            let mo = match &self.dev {
+                Some(d) => project_dev(&d.m.narrow(0, o, n)?, &s.dims, &d.q[i], true)?.to_vec::<f32>()?,
+                None if self.started => project(&self.m[o..o + n], &s.dims, &s.factors, true),
+                None => self.m[o..o + n].to_vec(),
+            };
+            out[o..o + n].copy_from_slice(&mo);
+        }
+        Ok(out)
     }
 }
 
@@ -752,36 +905,27 @@ impl Optimizer for Soap {
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the state is read back (once per checkpoint).
-        let synced;
-        let me = match &self.dev {
-            Some(d) => {
-                let mut host = Soap {
-                    cfg: self.cfg,
-                    ps: self.ps.clone(),
-                    m: vec![],
-                    v: vec![],
-                    lr_scale: vec![],
-                    wd_scale: vec![],
-                    t: self.t,
-                    started: self.started,
-                    assigned_for: 0,
-                    precond_s: 0.0,
-                    dev: Some(DevState { m: d.m.clone(), v: d.v.clone(), gg: d.gg.clone(), q: d.q.clone() }),
-                };
-                host.sync_down()?;
-                synced = host;
-                &synced
-            }
-            None => self,
+        let (m, v) = match &self.dev {
+            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
+            None => (self.m.clone(), self.v.clone()),
         };
-        let mut out = split_state("exp_avg", &me.m, params);
-        out.extend(split_state("exp_avg_sq", &me.v, params));
-        for p in &me.ps {
+        let mut out = split_state("exp_avg", &self.m_original()?, params);
+        out.extend(split_state("exp_avg_eig", &m, params));
+        out.extend(split_state("exp_avg_sq", &v, params));
+        for (i, p) in self.ps.iter().enumerate() {
             for (k, f) in p.factors.iter().enumerate() {
                 if let Some(f) = f {
-                    out.push((format!("GG{k}.{}", p.name), Tensor::from_slice(&f.gg, &[f.d, f.d])?));
-                    if me.started {
-                        out.push((format!("Q{k}.{}", p.name), Tensor::from_slice(&f.q, &[f.d, f.d])?));
+                    let shape = [f.d, f.d];
+                    let (gg, q) = match &self.dev {
+                        Some(d) => (
+                            d.gg[i][k].as_ref().map(|t| t.to_vec::<f32>()).transpose()?.unwrap_or_default(),
+                            d.q[i][k].as_ref().map(|t| t.to_vec::<f32>()).transpose()?.unwrap_or_default(),
+                        ),
+                        None => (symmetric(&f.gg, f.d), f.q.clone()),
+                    };
+                    out.push((format!("GG{k}.{}", p.name), Tensor::from_vec(gg, &shape)?));
+                    if self.started {
+                        out.push((format!("Q{k}.{}", p.name), Tensor::from_vec(q, &shape)?));
                     }
                 }
             }
@@ -791,7 +935,10 @@ impl Optimizer for Soap {
 
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
-        join_state("exp_avg", &mut self.m, params, t)?;
+        // m as kept (a checkpoint of ours), else the reference's original-space m, projected
+        // below once the bases are loaded.
+        let eig = params.infos().first().is_none_or(|p| t.contains_key(&format!("exp_avg_eig.{}", p.name)));
+        join_state(if eig { "exp_avg_eig" } else { "exp_avg" }, &mut self.m, params, t)?;
         join_state("exp_avg_sq", &mut self.v, params, t)?;
         self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))?;
         self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| OptimError::State("missing `started`".into()))?;
@@ -812,6 +959,11 @@ impl Optimizer for Soap {
                         f.q = get("Q")?;
                     }
                 }
+            }
+            if started && !eig {
+                let (o, n) = (p.offset, p.numel);
+                let mq = project(&self.m[o..o + n], &p.dims, &p.factors, false);
+                self.m[o..o + n].copy_from_slice(&mq);
             }
         }
         Ok(())
@@ -867,6 +1019,90 @@ mod tests {
         let back = project(&y, &dims, &factors, true);
         for (a, b) in back.iter().zip(&x) {
             assert!((a - b).abs() < 1e-5, "{back:?} vs {x:?}");
+        }
+    }
+
+    #[test]
+    fn qr_q_is_faers_q() {
+        // Sizes below, at and off multiples of faer's block size.
+        for d in [1usize, 5, 32, 37, 100, 130] {
+            let a = Mat::<f64>::from_fn(d, d, |i, j| ((i * 31 + j * 17) % 97) as f64 / 97.0 - 0.4 + if i == j { 0.5 } else { 0.0 });
+            let want = a.as_ref().qr().compute_Q();
+            let got = qr_q(a);
+            for i in 0..d {
+                for j in 0..d {
+                    assert!((got[(i, j)] - want[(i, j)]).abs() < 1e-12, "d={d} ({i}, {j}): {} vs {}", got[(i, j)], want[(i, j)]);
+                }
+            }
+        }
+    }
+
+    /// A small model's store: matrices (one merged-dim candidate), a vector and a scalar-like
+    /// tensor, so every path (two factors, one, none) runs.
+    fn store() -> ParamStore {
+        use dptrain_core::{DType, Init, ParamBuilder, Role};
+        let mut b = ParamBuilder::new();
+        b.add("a", &[6, 4], Role::Hidden, 4, 6, Init::Normal { std: 0.5 });
+        b.add("b", &[5], Role::Vector, 1, 1, Init::Normal { std: 0.5 });
+        b.add("c", &[3, 7], Role::Hidden, 7, 3, Init::Normal { std: 0.5 });
+        b.add("d", &[2, 3, 2], Role::Hidden, 6, 2, Init::Normal { std: 0.5 });
+        b.build(1, DType::F32).unwrap()
+    }
+
+    fn trajectory(cfg: SoapConfig, threads: usize) -> (Vec<f32>, Soap, ParamStore) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut ps = store();
+            let mut opt = Soap::new(cfg, &ps);
+            let mut g = GradStore::new(&ps);
+            let mut rng = dptrain_core::rng::Rng::new(5);
+            let mut comm = dptrain_comm::LocalComm::new();
+            for i in 0..9 {
+                let gr: Vec<f32> = (0..ps.numel()).map(|_| rng.normal() as f32).collect();
+                g.flat_mut::<f32>().unwrap().copy_from_slice(&gr);
+                opt.step(&mut ps, &g, &mut StepCtx { step: i + 1, lr: 0.01, comm: &mut comm }).unwrap();
+            }
+            (ps.flat().to_vec::<f32>().unwrap(), opt, ps)
+        })
+    }
+
+    #[test]
+    fn the_step_does_not_depend_on_the_thread_count() {
+        let cfg = SoapConfig { precondition_frequency: 3, merge_dims: true, max_precond_dim: 6, ..Default::default() };
+        let (one, _, _) = trajectory(cfg, 1);
+        let (three, _, _) = trajectory(cfg, 3);
+        assert_eq!(one, three);
+    }
+
+    #[test]
+    fn m_kept_in_the_eigenbasis_is_the_projection_of_the_reference_m() {
+        // The reference's m is lerp(m, g) in the original space: replay it beside the optimizer
+        // and compare with what the saved state turns back (`exp_avg`), across refreshes.
+        let cfg = SoapConfig { precondition_frequency: 2, ..Default::default() };
+        let (_, opt, ps) = trajectory(cfg, 1);
+        let mut rng = dptrain_core::rng::Rng::new(5);
+        let mut m = vec![0.0f32; ps.numel()];
+        for i in 0..9 {
+            let gr: Vec<f32> = (0..ps.numel()).map(|_| rng.normal() as f32).collect();
+            if i > 0 {
+                for (m, g) in m.iter_mut().zip(&gr) {
+                    *m += (1.0 - cfg.beta1 as f32) * (g - *m);
+                }
+            }
+        }
+        let (tensors, _) = opt.state(&ps).unwrap();
+        let get = |k: &str| tensors.iter().find(|(n, _)| n == k).unwrap().1.to_vec::<f32>().unwrap();
+        let mut at = 0;
+        for name in ["a", "b", "c", "d"] {
+            let (orig, eig) = (get(&format!("exp_avg.{name}")), get(&format!("exp_avg_eig.{name}")));
+            for (x, y) in orig.iter().zip(&m[at..]) {
+                assert!((x - y).abs() < 1e-5, "{name}: {orig:?} vs {:?}", &m[at..at + orig.len()]);
+            }
+            // A matrix's eigenbasis m is not its original-space m.
+            if name != "b" {
+                assert!(orig.iter().zip(&eig).any(|(x, y)| (x - y).abs() > 1e-3), "{name}");
+            }
+            at += orig.len();
         }
     }
 

@@ -124,16 +124,37 @@ pub fn adamw_cuda(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, sc
     }
 }
 
-/// SOAP's moment updates on one parameter's device buffers: `m += w1·(g − m)` (original
-/// space), `v += w2·(gp² − v)` (eigenbasis; `gp` the projected gradient).
-pub fn soap_moments_cuda(g: &Tensor, gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
+/// SOAP's moment updates on one parameter's device buffers, both in the eigenbasis (`gp` the
+/// projected gradient): `m += w1·(gp − m)`, `v += w2·(gp² − v)`.
+pub fn soap_moments_cuda(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::soap_moments(g, gp, m, v, w1, w2)
+        crate::kernels::cuda::ops::soap_moments(gp, m, v, w1, w2)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (g, gp, m, v, w1, w2);
+        let _ = (gp, m, v, w1, w2);
+        Err(no_cuda())
+    }
+}
+
+/// `dst` ← `src` (f32, same length) on the device: `dst` may be a view into a larger buffer,
+/// written in place.
+pub fn copy_into_cuda(dst: &Tensor, src: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::kernels::cuda::ops as gpu;
+        if dst.numel() != src.numel() {
+            return Err(crate::Error::shape("copy_into", format!("{} elements into {}", src.numel(), dst.numel())));
+        }
+        let d = gpu::dev_of(dst)?;
+        let src = gpu::contiguous(src)?;
+        let r = src.device_region(0, src.numel())?;
+        d.copy(dst.device_region(0, dst.numel())?.ptr, r.ptr, r.bytes())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dst, src);
         Err(no_cuda())
     }
 }

@@ -39,11 +39,11 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const f
     }
 }
 
-// SOAP on one parameter's device buffers (n elements): the moments — m in the original space,
-// v in the eigenbasis (gp is the projected gradient) — as dptrain-optim's host loop does them,
-extern "C" __global__ void soap_moments_f32(const float* g, const float* gp, float* m, float* v, i64 n, float w1, float w2) {
+// SOAP on one parameter's device buffers (n elements): the moments, both in the eigenbasis (gp
+// is the projected gradient), as dptrain-optim's host loop does them,
+extern "C" __global__ void soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2) {
     GRID_STRIDE(i, n) {
-        m[i] += w1 * (g[i] - m[i]);
+        m[i] += w1 * (gp[i] - m[i]);
         v[i] += w2 * (gp[i] * gp[i] - v[i]);
     }
 }

@@ -38,12 +38,12 @@ pub fn sgd(p: &Tensor, g: &Tensor, buf: &Tensor, scales: crate::ops::flat::StepS
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu).
-pub fn soap_moments(g: &Tensor, gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
+pub fn soap_moments(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
     let d = dev_of(m)?;
     let n = m.numel();
-    let (g, gp) = (contiguous(g)?, contiguous(gp)?);
-    // soap_moments_f32(const float* g, const float* gp, float* m, float* v, i64 n, float w1, float w2)
-    launch!(d, "optim", "soap_moments_f32", grid(n); ptr(&g)?, ptr(&gp)?, ptr(m)?, ptr(v)?, n as i64, w1, w2)
+    let gp = contiguous(gp)?;
+    // soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2)
+    launch!(d, "optim", "soap_moments_f32", grid(n); ptr(&gp)?, ptr(m)?, ptr(v)?, n as i64, w1, w2)
 }
 
 /// `mp / (√v + eps)`, a new tensor of `mp`'s shape.
