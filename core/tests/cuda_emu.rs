@@ -24,6 +24,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
     segment_sums_match_the_cpu();
+    activation_statistics_match_the_cpu();
 }
 
 /// The training probes' per-tensor sums (`seg_probe_f32`, every mode) against the CPU loop,
@@ -58,6 +59,52 @@ fn segment_sums_match_the_cpu() {
             assert!(cpu[0][0] > 0.0 && cpu[0][0] < lens[0] as f64, "{cpu:?}");
         }
     }
+}
+
+/// The activation probes' reductions (`ops::stats`, probe.cu) give the CPU's numbers exactly:
+/// over several 65,536-element chunks, with ties for the largest |x| (the lowest index wins),
+/// a NaN (never the largest; last in the median's order), -0.0 and repeated values at the
+/// median, and whole rows of zeros for the segment norms.
+fn activation_statistics_match_the_cpu() {
+    use dptrain_core::ops::stats;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let mut rng = Rng::new(11);
+    let n = 3 * 65_536 + 1_234;
+    let mut x: Vec<f32> = (0..n).map(|_| (rng.normal() * 2.0) as f32).collect();
+    // Ties for the largest |x| within a chunk and across two (the earliest, negative, must win),
+    // a NaN, -0.0,
+    // and a run of one value so the median sits inside repeats.
+    x[150_000] = 40.0;
+    x[70_500] = 40.0;
+    x[70_000] = -40.0;
+    x[5] = f32::NAN;
+    x[6] = -0.0;
+    for v in x.iter_mut().skip(1_000).take(3_000) {
+        *v = 0.5;
+    }
+    let h = Tensor::from_slice(&x, &[n]).unwrap();
+    let d = h.to_device(Device::Cuda(0)).unwrap();
+    assert_eq!(stats::abs_top1(&h).unwrap(), (40.0, 70_000));
+    assert_eq!(stats::abs_top1(&d).unwrap(), stats::abs_top1(&h).unwrap());
+    for k in [0, 1, n / 2, n - 2, n - 1] {
+        let (c, g) = (stats::abs_kth_smallest(&h, k).unwrap(), stats::abs_kth_smallest(&d, k).unwrap());
+        assert_eq!(c.to_bits(), g.to_bits(), "rank {k}: cpu {c} gpu {g}");
+    }
+    assert!(stats::abs_kth_smallest(&d, n - 1).unwrap().is_nan(), "NaN sorts last");
+    for thr in [0.0, 0.5, -1.0, 3.0] {
+        assert_eq!(stats::count_at_most(&d, thr).unwrap(), stats::count_at_most(&h, thr).unwrap(), "threshold {thr}");
+    }
+    // qkv-like rows: 96 values, 6 segments of 16 of which the first 4 are looked at.
+    let rows = 700;
+    let mut q: Vec<f32> = (0..rows * 96).map(|_| rng.normal() as f32).collect();
+    q[3 * 96 + 20] = 9.0;
+    q[10 * 96..11 * 96].iter_mut().for_each(|v| *v = 0.0);
+    let hq = Tensor::from_slice(&q, &[rows, 96]).unwrap();
+    let dq = hq.to_device(Device::Cuda(0)).unwrap();
+    let (c, g) = (stats::segment_norm_max(&hq, 96, 16, 4).unwrap(), stats::segment_norm_max(&dq, 96, 16, 4).unwrap());
+    assert_eq!(c.len(), 4);
+    assert_eq!(c.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "cpu {c:?} gpu {g:?}");
+    assert!(c[1] >= 9.0);
 }
 
 #[path = "common/ghost_bn.rs"]

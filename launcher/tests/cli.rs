@@ -162,6 +162,8 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         ),
         ("resnet", vec!["model.kind=\"resnet\"", "data.kind=\"synthetic-images\"", "model.width=4", "train.steps=3", "train.eval_every=0"]),
         ("gpt-bf16", vec!["train.steps=4", "train.precision=\"bf16\"", "train.eval_every=0"]),
+        // Every probe family on probe steps: the activation statistics are device reductions.
+        ("gpt-probes", vec!["train.steps=4", "probes.interval=2", "model.qk_norm=true", "train.eval_every=0"]),
         // The CUDA kernels draw the same dropout masks as the CPU, and random windows are the
         // same on both devices.
         ("gpt-dropout", vec!["train.steps=6", "model.dropout=0.2", "data.windows=\"random\"", "train.eval_every=3"]),
@@ -187,6 +189,29 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         close(name, &loss(&c), &loss(&g), 1e-4);
         let vals = |dir: &Path| records(dir).iter().filter_map(|v| v["val_loss"].as_f64()).collect::<Vec<f64>>();
         close(&format!("{name} validation"), &vals(&c), &vals(&g), 1e-4);
+        if name == "gpt-probes" {
+            // The activation probes: the same numbers from the device reductions as from the
+            // host's (up to the activations' own GEMM rounding), the same top-1 positions.
+            let acts = |dir: &Path| -> Vec<(String, f64)> {
+                let families = ["massive_", "mlp_sparsity/", "q_norm_max/", "k_norm_max/"];
+                let mut out = vec![];
+                for r in records(dir) {
+                    for (k, v) in r.as_object().unwrap() {
+                        if families.iter().any(|f| k.starts_with(f)) {
+                            out.push((format!("step {} {k}", r["step"]), v.as_f64().unwrap()));
+                        }
+                    }
+                }
+                out
+            };
+            let (ca, ga) = (acts(&c), acts(&g));
+            assert!(ca.len() >= 2 * 12, "{ca:?}");
+            assert_eq!(ca.iter().map(|x| &x.0).collect::<Vec<_>>(), ga.iter().map(|x| &x.0).collect::<Vec<_>>());
+            for ((k, x), (_, y)) in ca.iter().zip(&ga) {
+                let tol = if k.contains('@') { 0.0 } else { 1e-3 * x.abs().max(1e-3) };
+                assert!((x - y).abs() <= tol, "{k}: {x} (cpu) vs {y} (emulated gpu)");
+            }
+        }
     }
     // Resume on the (emulated) GPU from a checkpoint the GPU run wrote: the same metrics as the
     // uninterrupted GPU run from there on.

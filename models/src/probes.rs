@@ -1,17 +1,13 @@
 //! Activation statistics the models record as probes on the steps that log them: massive
 //! activations (Sun et al. 2024: a few entries of a block's output ~1000× the median), MLP
 //! activation sparsity, and each head's largest query and key norm (what drives attention-logit
-//! growth; Wortsman et al. 2023). They are read on the host — a GPU activation is downloaded —
-//! and only when the sink asks for their family (`ProbeSink::set`).
+//! growth; Wortsman et al. 2023). On a GPU they are reductions on the device (`core::ops::stats`:
+//! a few numbers come down, not the activation), and only run when the sink asks for their
+//! family (`ProbeSink::set`).
 
+use dptrain_core::ops::stats;
 use dptrain_core::probe::{ProbeSink, Reduce};
 use dptrain_core::{Result, Var};
-use rayon::prelude::*;
-
-/// An activation's values on the host, as f32.
-fn host(v: &Var<'_>) -> Result<Vec<f32>> {
-    v.value().to_vec::<f32>()
-}
 
 /// Massive activations of a block output `x [B, T, C]`: `massive_top1/<i>` (largest |h|, Max),
 /// `massive_median/<i>` (median |h|, Mean), `massive_ratio/<i>` (their ratio, Max), and where the
@@ -19,15 +15,9 @@ fn host(v: &Var<'_>) -> Result<Vec<f32>> {
 pub fn record_massive(sink: &mut dyn ProbeSink, layer: usize, x: &Var<'_>) -> Result<()> {
     let shape = x.shape();
     let (t, c) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    let mut a: Vec<f32> = host(x)?.into_par_iter().map(f32::abs).collect();
-    // The first largest entry (ties to the lowest index, whatever the thread split).
-    let (at, top1) = a
-        .par_iter()
-        .copied()
-        .enumerate()
-        .reduce(|| (0, f32::NEG_INFINITY), |p, q| if q.1 > p.1 || (q.1 == p.1 && q.0 < p.0) { q } else { p });
-    let mid = a.len() / 2;
-    let median = *a.select_nth_unstable_by(mid, |p, q| p.total_cmp(q)).1 as f64;
+    let v = x.value();
+    let (top1, at) = stats::abs_top1(&v)?;
+    let median = stats::abs_kth_smallest(&v, v.numel() / 2)? as f64;
     let top1 = top1 as f64;
     sink.record(&format!("massive_top1/{layer}"), Reduce::Max, top1);
     sink.record(&format!("massive_median/{layer}"), Reduce::Mean, median);
@@ -39,9 +29,9 @@ pub fn record_massive(sink: &mut dyn ProbeSink, layer: usize, x: &Var<'_>) -> Re
 
 /// `mlp_sparsity/<i>`: the fraction of an MLP's post-activation entries ≤ `threshold`.
 pub fn record_sparsity(sink: &mut dyn ProbeSink, layer: usize, a: &Var<'_>, threshold: f64) -> Result<()> {
-    let v = host(a)?;
-    let below = v.par_iter().filter(|&&x| (x as f64) <= threshold).count();
-    sink.record(&format!("mlp_sparsity/{layer}"), Reduce::Mean, below as f64 / v.len().max(1) as f64);
+    let v = a.value();
+    let below = stats::count_at_most(&v, threshold)?;
+    sink.record(&format!("mlp_sparsity/{layer}"), Reduce::Mean, below as f64 / v.numel().max(1) as f64);
     Ok(())
 }
 
@@ -49,22 +39,9 @@ pub fn record_sparsity(sink: &mut dyn ProbeSink, layer: usize, a: &Var<'_>, thre
 /// the batch's tokens, from the packed projection `qkv [B, T, 3C]` (before any qk-layernorm:
 /// the growth the norm would hide).
 pub fn record_qk_norms(sink: &mut dyn ProbeSink, layer: usize, qkv: &Var<'_>, n_heads: usize) -> Result<()> {
-    let v = host(qkv)?;
     let c3 = *qkv.shape().last().unwrap_or(&3);
-    let d = c3 / 3 / n_heads;
-    let max = v
-        .par_chunks(c3)
-        .fold(
-            || vec![0.0f64; 2 * n_heads],
-            |mut max, row| {
-                for (k, m) in max.iter_mut().enumerate() {
-                    let n = row[k * d..(k + 1) * d].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
-                    *m = m.max(n);
-                }
-                max
-            },
-        )
-        .reduce(|| vec![0.0f64; 2 * n_heads], |a, b| a.iter().zip(&b).map(|(x, y)| x.max(*y)).collect());
+    // The q and k heads lead each row (v's follow and are not looked at).
+    let max = stats::segment_norm_max(&qkv.value(), c3, c3 / 3 / n_heads, 2 * n_heads)?;
     for h in 0..n_heads {
         sink.record(&format!("q_norm_max/{layer}/{h}"), Reduce::Max, max[h]);
         sink.record(&format!("k_norm_max/{layer}/{h}"), Reduce::Max, max[n_heads + h]);

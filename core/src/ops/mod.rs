@@ -11,6 +11,7 @@ pub mod fused;
 pub mod matmul;
 pub mod reduce;
 pub mod shape;
+pub mod stats;
 
 /// Returns `$gpu` from the enclosing function (or closure) when `$t` lives on a CUDA device,
 /// with `gpu` naming the CUDA tensor-level ops; compiled out without the `cuda` feature.

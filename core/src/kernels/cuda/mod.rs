@@ -24,6 +24,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("embedding", include_str!("embedding.cu")),
     ("conv", include_str!("conv.cu")),
     ("batch_norm", include_str!("batch_norm.cu")),
+    ("probe", include_str!("probe.cu")),
 ];
 
 /// True when the NVRTC library can be loaded (checked without letting cudarc panic).

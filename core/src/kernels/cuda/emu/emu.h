@@ -51,3 +51,20 @@ inline double atomicAdd(double* p, double v) {
     return o;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned o = *p;
+    *p = o + v;
+    return o;
+}
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+    unsigned long long o = *p;
+    if (v > o) *p = v;
+    return o;
+}
+inline long long __double_as_longlong(double d) {
+    long long i;
+    std::memcpy(&i, &d, 8);
+    return i;
+}
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }

@@ -100,6 +100,7 @@ mod layer_norm;
 mod matmul;
 mod memory;
 mod optim;
+mod probe;
 mod reduce;
 
 pub use attention::*;
@@ -114,4 +115,5 @@ pub use layer_norm::*;
 pub use matmul::*;
 pub use memory::*;
 pub use optim::*;
+pub use probe::*;
 pub use reduce::*;
