@@ -5,7 +5,9 @@
 //! Plots: training and validation loss, learning rate, gradient norm, and one plot per probe
 //! family (the part of a probe's name before `/`: `attn_logit_max/0`, `attn_logit_max/1`, ...
 //! share `probe_attn_logit_max.png`; a name without `/` is its own family; locations such as
-//! `massive_top1/0@token` are listed, not plotted). `report.md` has the final numbers, the
+//! `massive_top1/0@token` are listed, not plotted). A family of more than eight series (a
+//! GPT-124M run has 144 per-head query norms and ~150 per-tensor update ratios) draws the eight
+//! largest at the last step, and says so in its title. `report.md` has the final numbers, the
 //! fitted slope of the distance from initialisation against log t, each probe's last value,
 //! and the alerts the run recorded (`events.jsonl`).
 
@@ -27,6 +29,27 @@ pub struct Written {
 
 fn series(recs: &[Value], key: &str) -> Vec<(f64, f64)> {
     recs.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
+}
+
+/// Series drawn per family at most.
+const MAX_LINES: usize = 8;
+
+/// A family's members to draw, in name order: all of them up to [`MAX_LINES`], else those with
+/// the largest |value| at their last record (a non-finite one first: that is the one to see).
+fn shown(keys: &[String], recs: &[Value]) -> Vec<String> {
+    if keys.len() <= MAX_LINES {
+        return keys.to_vec();
+    }
+    let last = |k: &str| {
+        recs.iter()
+            .rev()
+            .find_map(|r| r.get(k))
+            .map_or(f64::NEG_INFINITY, |v| v.as_f64().map_or(f64::INFINITY, |x| if x.is_nan() { f64::INFINITY } else { x.abs() }))
+    };
+    let mut by: Vec<(f64, &String)> = keys.iter().map(|k| (last(k), k)).collect();
+    by.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    let keep: std::collections::HashSet<&String> = by.into_iter().take(MAX_LINES).map(|(_, k)| k).collect();
+    keys.iter().filter(|k| keep.contains(k)).cloned().collect()
 }
 
 fn file_name(family: &str) -> String {
@@ -84,8 +107,14 @@ pub fn report(dir: &Path) -> Result<Written> {
         }
     }
     for (fam, keys) in &families {
-        let s = keys.iter().map(|k| (k.clone(), series(&recs, k))).collect();
-        plot(&format!("probe_{}.png", file_name(fam)), fam, fam, s, false)?;
+        let drawn = shown(keys, &recs);
+        let title = if drawn.len() < keys.len() {
+            format!("{fam}: {} of {}, largest at the end (all in report.md)", drawn.len(), keys.len())
+        } else {
+            fam.clone()
+        };
+        let s = drawn.iter().map(|k| (k.clone(), series(&recs, k))).collect();
+        plot(&format!("probe_{}.png", file_name(fam)), &title, fam, s, false)?;
     }
 
     let mut md = format!("# Run report: {}\n\n", dir.display());
@@ -172,11 +201,33 @@ pub fn log_fit(pts: &[(f64, f64)]) -> Option<(f64, f64, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     #[test]
     fn log_fit_recovers_a_logarithmic_curve() {
         let pts: Vec<(f64, f64)> = [10.0, 20.0, 40.0, 80.0, 160.0].iter().map(|&t: &f64| (t, 0.7 * t.ln() + 2.0)).collect();
         let (a, b, n) = super::log_fit(&pts).unwrap();
         assert!((a - 0.7).abs() < 1e-12 && (b - 2.0).abs() < 1e-12 && n == 5);
         assert!(super::log_fit(&pts[..1]).is_none());
+    }
+
+    #[test]
+    fn a_crowded_family_draws_its_largest_members() {
+        use serde_json::json;
+        let keys: Vec<String> = (0..20).map(|i| format!("q_norm_max/0/{i}")).collect();
+        // Values grow with the head index except head 3, which ends non-finite (null in JSON)
+        // and head 5, whose last value is large but only in an earlier record.
+        let mut last = serde_json::Map::new();
+        for (i, k) in keys.iter().enumerate() {
+            last.insert(k.clone(), if i == 3 { json!(null) } else { json!(i as f64) });
+        }
+        last.remove("q_norm_max/0/5");
+        last.insert("step".into(), json!(2));
+        let recs = vec![json!({"step": 1, "q_norm_max/0/5": -100.0}), Value::Object(last)];
+        let got = super::shown(&keys, &recs);
+        let want: Vec<String> = [3, 5, 14, 15, 16, 17, 18, 19].iter().map(|i| format!("q_norm_max/0/{i}")).collect();
+        assert_eq!(got, want);
+        // Few members: all, unchanged.
+        assert_eq!(super::shown(&keys[..4], &recs), keys[..4].to_vec());
     }
 }
