@@ -25,6 +25,39 @@ fn gpu_check_ops_pass_on_the_emulator() {
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
     segment_sums_match_the_cpu();
     activation_statistics_match_the_cpu();
+    strided_copies_match_the_cpu();
+}
+
+/// Packing views on the device, by both copy kernels: row by row when the innermost dim is
+/// contiguous (head permutes, column slices, a bias broadcast over rows), element by element
+/// otherwise (transposes, short rows) — each exactly the CPU's packing.
+fn strided_copies_match_the_cpu() {
+    use dptrain_core::ops::elementwise::t as ew;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let mut rng = Rng::new(3);
+    let v: Vec<f32> = (0..2 * 3 * 5 * 40).map(|_| rng.normal() as f32).collect();
+    let h = Tensor::from_slice(&v, &[2, 3, 5, 40]).unwrap();
+    let d = h.to_device(Device::Cuda(0)).unwrap();
+    type View = fn(&Tensor) -> Tensor;
+    let views: [(&str, View); 6] = [
+        ("head permute [B, H, T, D] -> [B, T, H, D]", |t| t.permute(&[0, 2, 1, 3]).unwrap()),
+        ("column slice", |t| t.narrow(3, 3, 30).unwrap()),
+        ("slice of a permute", |t| t.permute(&[1, 0, 2, 3]).unwrap().narrow(0, 1, 2).unwrap()),
+        ("short rows (generic kernel)", |t| t.narrow(3, 1, 7).unwrap()),
+        ("transpose (generic kernel)", |t| t.transpose(2, 3).unwrap()),
+        ("every dim permuted", |t| t.permute(&[3, 1, 0, 2]).unwrap()),
+    ];
+    for (name, view) in views {
+        let want = view(&h).contiguous().to_vec::<f32>().unwrap();
+        let got = view(&d).try_contiguous().unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(got, want, "{name}");
+    }
+    // A bias broadcast over rows, as `linear` fills its output before the GEMM.
+    let b: Vec<f32> = (0..48).map(|i| i as f32 - 7.5).collect();
+    let hb = Tensor::from_slice(&b, &[48]).unwrap();
+    let want = ew::broadcast_to(&hb, &[37, 48]).unwrap().to_vec::<f32>().unwrap();
+    let got = ew::broadcast_to(&hb.to_device(Device::Cuda(0)).unwrap(), &[37, 48]).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(got, want, "bias broadcast");
 }
 
 /// The training probes' per-tensor sums (`seg_probe_f32`, every mode) against the CPU loop,

@@ -89,5 +89,21 @@ extern "C" __global__ void strided_copy_f32(const float* src, float* out, i64 n,
     }
 }
 
+// The same for a view whose innermost dim is contiguous (stride 1; `s` describes the outer
+// dims): a row of `cols` elements per block iteration, its start computed once — the kernel
+// above divides by every dim for every element. Broadcasting a bias over rows (outer stride 0),
+// column slices and head split/merge permutes take this path.
+extern "C" __global__ void strided_rows_f32(const float* src, float* out, i64 rows, i64 cols, i64 offset, Strided6 s) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        i64 rem = r, base = offset;
+        for (int d = s.rank - 1; d >= 0; --d) {
+            const i64 idx = rem % s.shape[d];
+            rem /= s.shape[d];
+            base += idx * s.strides[d];
+        }
+        for (i64 c = threadIdx.x; c < cols; c += blockDim.x) out[r * cols + c] = src[base + c];
+    }
+}
+
 extern "C" __global__ void f32_to_bf16(const float* in, bf16_t* out, i64 n) { GRID_STRIDE(i, n) { out[i] = f32_to_bf16(in[i]); } }
 extern "C" __global__ void bf16_to_f32(const bf16_t* in, float* out, i64 n) { GRID_STRIDE(i, n) { out[i] = bf16_to_f32(in[i]); } }

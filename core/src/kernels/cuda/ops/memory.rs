@@ -59,11 +59,17 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
 pub(super) fn strided(t: &Tensor, shape: &[usize], strides: &[usize]) -> Result<Tensor> {
     let d = dev_of(t)?;
     let dims = merge_dims(shape, strides);
-    if dims.len() > 6 {
+    // A contiguous innermost dim of some length goes row by row (no division per element).
+    let rows = match dims.last() {
+        Some(&(cols, 1)) if cols >= 16 && dims.len() > 1 => Some(cols),
+        _ => None,
+    };
+    let outer = if rows.is_some() { &dims[..dims.len() - 1] } else { &dims[..] };
+    if outer.len() > 6 {
         return Err(Error::shape("contiguous", format!("a view of rank {} that does not merge to ≤ 6 dims on CUDA", dims.len())));
     }
-    let mut s = Strided6 { shape: [1; 6], strides: [0; 6], rank: dims.len() as i32 };
-    for (k, (n, st)) in dims.iter().enumerate() {
+    let mut s = Strided6 { shape: [1; 6], strides: [0; 6], rank: outer.len() as i32 };
+    for (k, (n, st)) in outer.iter().enumerate() {
         s.shape[k] = *n as i64;
         s.strides[k] = *st as i64;
     }
@@ -73,8 +79,15 @@ pub(super) fn strided(t: &Tensor, shape: &[usize], strides: &[usize]) -> Result<
         Storage::Cuda(c) => c.ptr_at(0),
         Storage::Cpu(_) => unreachable!("dev_of checked"),
     };
-    // strided_copy_f32(const float* src, float* out, i64 n, i64 offset, Strided6 s)
-    launch!(d, "elementwise", "strided_copy_f32", grid(n); base, ptr(&out)?, n as i64, t.offset() as i64, s)?;
+    match rows {
+        Some(cols) => {
+            let nrows = n / cols;
+            // strided_rows_f32(const float* src, float* out, i64 rows, i64 cols, i64 offset, Strided6 s)
+            launch!(d, "elementwise", "strided_rows_f32", per_row(nrows); base, ptr(&out)?, nrows as i64, cols as i64, t.offset() as i64, s)?
+        }
+        // strided_copy_f32(const float* src, float* out, i64 n, i64 offset, Strided6 s)
+        None => launch!(d, "elementwise", "strided_copy_f32", grid(n); base, ptr(&out)?, n as i64, t.offset() as i64, s)?,
+    }
     Ok(out)
 }
 
