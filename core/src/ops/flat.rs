@@ -19,11 +19,8 @@ pub fn copy_of(t: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if t.is_cuda() {
         use crate::kernels::cuda::ops as gpu;
-        let d = gpu::dev_of(t)?;
-        let src = gpu::contiguous(t)?;
-        let out = gpu::empty(&d, t.shape())?;
-        let r = src.device_region(0, src.numel())?;
-        d.copy(out.device_region(0, src.numel())?.ptr, r.ptr, r.bytes())?;
+        let out = gpu::empty(&gpu::dev_of(t)?, t.shape())?;
+        copy_into_cuda(&out, t)?;
         return Ok(out);
     }
     Tensor::from_slice(t.contiguous().data::<f32>()?, t.shape())

@@ -7,7 +7,7 @@ use super::*;
 /// Elements per chunk of the chunked reductions (`STATS_CHUNK` in probe.cu).
 const CHUNK: usize = 65536;
 
-/// The largest |x| and the lowest index holding it (`(-inf, n)` when every entry is NaN).
+/// The largest |x| and the lowest index holding it (`(-inf, 0)` when every entry is NaN).
 pub fn abs_argmax(x: &Tensor) -> Result<(f32, usize)> {
     let d = dev_of(x)?;
     let x = contiguous(x)?;
@@ -21,7 +21,7 @@ pub fn abs_argmax(x: &Tensor) -> Result<(f32, usize)> {
     let best: Vec<f32> = d.download(ptr(&best)?, nchunks)?;
     let at: Vec<i64> = d.download(ptr(&at)?, nchunks)?;
     // Chunks in index order: the first one holding the maximum has its lowest index.
-    let mut out = (f32::NEG_INFINITY, n);
+    let mut out = (f32::NEG_INFINITY, 0);
     for (b, a) in best.into_iter().zip(at) {
         if b > out.0 {
             out = (b, a as usize);
