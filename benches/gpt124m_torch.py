@@ -1,10 +1,12 @@
 """PyTorch eager side of `dptrain gpu-check` part (c): a GPT-124M-shaped model (GPT-2 small:
 12 layers, 12 heads, width 768, context 1024, vocabulary 50304, biases, tanh GELU, untied
-readout) trained with AdamW under bf16 autocast on one GPU, the same shapes and batch dptrain
-runs. Attention is F.scaled_dot_product_attention (what eager nanoGPT uses). Prints one line:
-`tokens_per_s=<float> step_ms=<float>`.
+readout) trained with fused AdamW under bf16 autocast on one GPU, the same shapes and batch
+dptrain runs: the configuration a PyTorch user runs. Attention is F.scaled_dot_product_attention
+(what eager nanoGPT uses); `--compile` wraps the model in torch.compile (its compilation is in the
+warm-up steps, not the timed ones). Prints one line:
+`tokens_per_s=<float> step_ms=<float> peak_mib=<float>` (peak: torch.cuda.max_memory_reserved).
 
-usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup]"""
+usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup] [--compile]"""
 import math
 import sys
 import time
@@ -13,9 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-B = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-WARMUP = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+COMPILE = "--compile" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--compile"]
+B = int(ARGS[0]) if len(ARGS) > 0 else 8
+STEPS = int(ARGS[1]) if len(ARGS) > 1 else 10
+WARMUP = int(ARGS[2]) if len(ARGS) > 2 else 3
 V, T, C, L, H = 50304, 1024, 768, 12, 12
 
 
@@ -54,7 +58,8 @@ def main():
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = GPT().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    run = torch.compile(model) if COMPILE else model
     idx = torch.randint(0, V, (B, T), device=dev)
     tgt = torch.randint(0, V, (B, T), device=dev)
     for i in range(WARMUP + STEPS):
@@ -62,7 +67,7 @@ def main():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(idx, tgt)
+            loss = run(idx, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -70,7 +75,8 @@ def main():
         loss.item()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / STEPS
-    print(f"tokens_per_s={B * T / dt:.1f} step_ms={dt * 1e3:.2f}")
+    peak = torch.cuda.max_memory_reserved() / 2**20
+    print(f"tokens_per_s={B * T / dt:.1f} step_ms={dt * 1e3:.2f} peak_mib={peak:.0f}")
 
 
 if __name__ == "__main__":

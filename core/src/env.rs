@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_LOG", "log filter for tracing (e.g. `info`, `dptrain_comm=debug`); default `warn`"),
     ("DPTRAIN_POOL", "`0` turns the CPU buffer pool off (for measuring it)"),
+    ("DPTRAIN_FLASH", "`0` runs attention on a GPU unfused (cuBLAS products around a softmax kernel) where flash attention would run (for measuring it)"),
     ("DPTRAIN_CUDA_EMULATOR", "`1` runs the CUDA kernels on the CPU emulator (test builds with the `cuda-emu` feature)"),
     ("DPTRAIN_GPU_CHECK_TINY", "`1` shrinks gpu-check's GPT-124M and trainer parts to tiny models (tests on the emulator)"),
     ("DPTRAIN_TORCH_PYTHON", "the python that runs gpu-check's PyTorch side (default `python3`)"),
@@ -34,6 +35,7 @@ pub const VARS: &[(&str, &str)] = &[
 pub struct Env {
     pub log: Option<String>,
     pub pool: bool,
+    pub flash: bool,
     pub cuda_emulator: bool,
     pub gpu_check_tiny: bool,
     pub torch_python: Option<String>,
@@ -55,6 +57,7 @@ impl Env {
         Env {
             log: var("DPTRAIN_LOG"),
             pool: var("DPTRAIN_POOL").as_deref() != Some("0"),
+            flash: var("DPTRAIN_FLASH").as_deref() != Some("0"),
             cuda_emulator: flag("DPTRAIN_CUDA_EMULATOR"),
             gpu_check_tiny: flag("DPTRAIN_GPU_CHECK_TINY"),
             torch_python: var("DPTRAIN_TORCH_PYTHON"),

@@ -19,13 +19,45 @@ fn gpu_check_ops_pass_on_the_emulator() {
         eprintln!("{:<45} {:.2e}", r.op, r.max_rel_err);
     }
     assert!(bad.is_empty(), "ops disagreeing with the CPU engine on the emulator:\n{}", bad.join("\n"));
-    assert_eq!(rows.len(), 38);
+    assert_eq!(rows.len(), 40);
     // Ghost BN's kernels (one launch for all ghost batches, the sequential running-statistics
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
     segment_sums_match_the_cpu();
     activation_statistics_match_the_cpu();
     strided_copies_match_the_cpu();
+    flash_attention_probe_matches_the_cpu();
+}
+
+/// Flash attention's max-attention-logit probe (the row maxima kept by the forward kernel, no
+/// extra pass) is the CPU's maximum over unmasked scores, for both head sizes; a large logit
+/// planted in the last, partial tile must be found.
+fn flash_attention_probe_matches_the_cpu() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    for heads in [2, 4] {
+        let (b, t, c) = (2, 130, 128);
+        let mut rng = Rng::new(5 + heads as u64);
+        let mut x: Vec<f32> = (0..b * t * 3 * c).map(|_| rng.normal() as f32).collect();
+        // Query 129 of batch 1 lined up with key 128 in head 0: a logit far above the rest.
+        let (row_q, row_k) = ((t + 129) * 3 * c, (t + 128) * 3 * c + c);
+        for j in 0..c / heads {
+            x[row_q + j] = 2.0;
+            x[row_k + j] = 2.0;
+        }
+        let h = Tensor::from_slice(&x, &[b, t, 3 * c]).unwrap();
+        let max_logit = |dev: Device| {
+            let tape = Tape::new();
+            tape.set_precision(Precision::Bf16);
+            let v = tape.leaf(h.to_device(dev).unwrap());
+            v.causal_attention(heads).unwrap().max_logit.to_host().unwrap()
+        };
+        let (cpu, gpu) = (max_logit(Device::Cpu), max_logit(Device::Cuda(0)));
+        let planted = 4.0 * (c / heads) as f64 / ((c / heads) as f64).sqrt();
+        assert!((cpu - planted).abs() < 1e-3 * planted, "{heads} heads: cpu {cpu}, planted {planted}");
+        assert!((gpu - cpu).abs() <= 1e-5 * cpu.abs(), "{heads} heads: gpu {gpu} cpu {cpu}");
+    }
 }
 
 /// Packing views on the device, by both copy kernels: row by row when the innermost dim is

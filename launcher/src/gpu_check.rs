@@ -84,19 +84,38 @@ fn cuda_check(device: usize) -> Result<()> {
     println!();
     match gpt124m_tokens_per_s(device) {
         Ok(p) => {
-            println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU |", p.model, p.batch, p.context);
-            println!("|---|---|---|---|");
-            println!("| dptrain | {:.0} | {:.1} | {:.1} % of {:.0} TFLOP/s |", p.tokens_per_s, p.step_ms, 100.0 * p.mfu, p.peak / 1e12);
+            println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU | device memory MiB |", p.model, p.batch, p.context);
+            println!("|---|---|---|---|---|");
+            println!(
+                "| dptrain ({}) | {:.0} | {:.1} | {:.1} % of {:.0} TFLOP/s | {:.0} |",
+                p.attention,
+                p.tokens_per_s,
+                p.step_ms,
+                100.0 * p.mfu,
+                p.peak / 1e12,
+                p.reserved_mib
+            );
             let _ = std::io::stdout().flush();
-            match torch_tokens_per_s() {
-                Ok((tps, ms)) => {
-                    println!(
-                        "| PyTorch eager (autocast bf16, SDPA) | {tps:.0} | {ms:.1} | {:.1} % |",
-                        100.0 * p.mfu * tps / p.tokens_per_s
-                    );
-                    println!("| ratio dptrain / PyTorch | {:.2} | | |", p.tokens_per_s / tps);
+            for (label, compile) in [("PyTorch eager (autocast bf16, SDPA, fused AdamW)", false), ("PyTorch torch.compile (same)", true)] {
+                match torch_tokens_per_s(compile) {
+                    Ok(r) => {
+                        println!(
+                            "| {label} | {:.0} | {:.1} | {:.1} % | {:.0} |",
+                            r.tokens_per_s,
+                            r.step_ms,
+                            100.0 * p.mfu * r.tokens_per_s / p.tokens_per_s,
+                            r.peak_mib
+                        );
+                        println!(
+                            "| ratio dptrain / {} | {:.2} | | | {:.2} |",
+                            if compile { "torch.compile" } else { "eager" },
+                            p.tokens_per_s / r.tokens_per_s,
+                            p.reserved_mib / r.peak_mib
+                        );
+                    }
+                    Err(e) => println!("| {label} | not run: {e} | | | |"),
                 }
-                Err(e) => println!("| PyTorch eager | not run: {e} | | |"),
+                let _ = std::io::stdout().flush();
             }
             println!(
                 "allocator: {} device allocations in the timed steps (0 = steady state served from the cache)",
@@ -164,6 +183,18 @@ struct Perf {
     mfu: f64,
     peak: f64,
     raw_allocs_in_timed_steps: u64,
+    /// Bytes the caching allocator holds at the end (live tensors and its free lists: what it
+    /// took from the driver, as torch.cuda.max_memory_reserved counts PyTorch's), in MiB.
+    reserved_mib: f64,
+    /// Which attention ran ("flash attention" or "unfused attention").
+    attention: &'static str,
+}
+
+/// One PyTorch measurement.
+struct TorchPerf {
+    tokens_per_s: f64,
+    step_ms: f64,
+    peak_mib: f64,
 }
 
 /// Dense bf16 tensor-core peak of the card, from its name (FLOP/s).
@@ -260,20 +291,32 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         mfu: per_token * tokens_per_s / peak,
         peak,
         raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
+        reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
+        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16, None) {
+            "flash attention"
+        } else {
+            "unfused attention"
+        },
     })
 }
 
-/// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3).
+/// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3), eager or
+/// under torch.compile.
 #[cfg(feature = "cuda")]
-fn torch_tokens_per_s() -> std::result::Result<(f64, f64), String> {
+fn torch_tokens_per_s(compile: bool) -> std::result::Result<TorchPerf, String> {
     let env = dptrain_core::env::env();
     let py = env.torch_python.clone().unwrap_or_else(|| "python3".into());
     let script = env.torch_script.clone();
-    let out = std::process::Command::new(&py).arg(&script).output().map_err(|e| format!("{py} {script}: {e}"))?;
+    let mut cmd = std::process::Command::new(&py);
+    cmd.arg(&script);
+    if compile {
+        cmd.arg("--compile");
+    }
+    let out = cmd.output().map_err(|e| format!("{py} {script}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
-    match (field("tokens_per_s="), field("step_ms=")) {
-        (Some(a), Some(b)) => Ok((a, b)),
+    match (field("tokens_per_s="), field("step_ms="), field("peak_mib=")) {
+        (Some(tokens_per_s), Some(step_ms), Some(peak_mib)) => Ok(TorchPerf { tokens_per_s, step_ms, peak_mib }),
         _ => Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no output"))),
     }
 }

@@ -173,6 +173,19 @@ fn cases() -> Vec<Case> {
         bound: 2e-2,
         prec: Precision::Bf16,
     });
+    // Flash attention (bf16, no dropout, head size 32 or 64; `kernels/cuda/flash.cu`): T = 130
+    // spans three 64-row tiles, the last one partial. The GPU rounds P, dO and dS to bf16 for
+    // its products; the CPU rounds only q, k and v.
+    for (name, heads, seed) in [("causal_attention, flash (bf16, d_head 64)", 2, 47), ("causal_attention, flash (bf16, d_head 32)", 4, 48)]
+    {
+        v.push(Case {
+            name: name.into(),
+            inputs: vec![randn(&[2, 130, 3 * 128], seed)],
+            build: Box::new(move |_, x, _| Ok(x[0].causal_attention(heads)?.y)),
+            bound: 2e-2,
+            prec: Precision::Bf16,
+        });
+    }
     v.push(f32c(
         "cross_entropy + z-loss",
         vec![randn(&[64, 300], 43)],

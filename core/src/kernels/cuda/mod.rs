@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("conv", include_str!("conv.cu")),
     ("batch_norm", include_str!("batch_norm.cu")),
     ("probe", include_str!("probe.cu")),
+    ("flash", include_str!("flash.cu")),
 ];
 
 /// True when the NVRTC library can be loaded (checked without letting cudarc panic).

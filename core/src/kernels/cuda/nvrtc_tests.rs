@@ -142,6 +142,12 @@ fn every_launch_site_matches_its_kernel_signature() {
                 "name" if args.contains("na as i64") => ["add_f32", "sub_f32", "mul_f32", "div_f32"].map(String::from).to_vec(),
                 "name" if args.contains("ptr(&s)?") => ["tanh_bwd_f32", "relu_bwd_f32", "square_bwd_f32"].map(String::from).to_vec(),
                 "name" => ["exp_f32", "log_f32", "tanh_f32", "relu_f32", "square_f32"].map(String::from).to_vec(),
+                // Flash attention, one kernel per head size.
+                "kernel" => vec!["flash_fwd_d32".into(), "flash_fwd_d64".into()],
+                e if e.starts_with("flash_kernel(\"") => {
+                    let stem = e.trim_start_matches("flash_kernel(\"").split('"').next().unwrap();
+                    [32, 64].map(|d| format!("flash_bwd_{stem}_d{d}")).to_vec()
+                }
                 other => panic!("launch with kernel expression `{other}` not covered by this test"),
             }
         };

@@ -9,17 +9,27 @@ emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace {
 constexpr unsigned kBlock = 64;
+// Largest block run as requested (see emu.h).
+constexpr unsigned kMaxBlock = 128;
 constexpr unsigned kMaxGrid = 2;
 constexpr size_t kStack = 256 * 1024;
 enum State { Runnable, AtBarrier, Done };
 
 ucontext_t sched;
-ucontext_t ctxs[kBlock];
-State state[kBlock];
+ucontext_t ctxs[kMaxBlock];
+State state[kMaxBlock];
 unsigned cur;
 const std::function<void()>* body;
-std::vector<char> stacks(kBlock* kStack);
-float slots[kBlock];
+std::vector<char> stacks(kMaxBlock* kStack);
+float slots[kMaxBlock];
+unsigned mma_a[kMaxBlock][4], mma_b[kMaxBlock][2];
+
+float bf16_bits(unsigned pair, unsigned half) {
+    const unsigned u = ((pair >> (16 * half)) & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 void trampoline() {
     (*body)();
@@ -42,14 +52,46 @@ float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     return r;
 }
 
-void emu_launch(unsigned grid, unsigned, const std::function<void()>& b) {
+// PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type": lane l, g = l / 4,
+// q = l % 4. A (16 × 16, bf16 pairs, low half first): reg 0 row g, cols 2q, 2q+1; reg 1 row g+8;
+// regs 2, 3 the same rows at cols + 8. B (16 × 8): reg 0 rows 2q, 2q+1 of col g; reg 1 rows + 8.
+// C (16 × 8, f32): c0, c1 row g, cols 2q, 2q+1; c2, c3 row g+8.
+void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    const unsigned t = threadIdx.x;
+    std::memcpy(mma_a[t], a, sizeof mma_a[t]);
+    std::memcpy(mma_b[t], b, sizeof mma_b[t]);
+    __syncthreads();
+    const unsigned w0 = t & ~31u, lane = t & 31u, g = lane >> 2, q = lane & 3u;
+    float am[16][16], bm[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned gl = l >> 2, ql = l & 3u;
+        for (unsigned e = 0; e < 2; ++e) {
+            am[gl][2 * ql + e] = bf16_bits(mma_a[w0 + l][0], e);
+            am[gl + 8][2 * ql + e] = bf16_bits(mma_a[w0 + l][1], e);
+            am[gl][2 * ql + 8 + e] = bf16_bits(mma_a[w0 + l][2], e);
+            am[gl + 8][2 * ql + 8 + e] = bf16_bits(mma_a[w0 + l][3], e);
+            bm[2 * ql + e][gl] = bf16_bits(mma_b[w0 + l][0], e);
+            bm[2 * ql + 8 + e][gl] = bf16_bits(mma_b[w0 + l][1], e);
+        }
+    }
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = g + (i >> 1) * 8, col = 2 * q + (i & 1);
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; ++k) acc += am[row][k] * bm[k][col];
+        c[i] = acc;
+    }
+    __syncthreads();
+}
+
+void emu_launch(unsigned grid, unsigned block, const std::function<void()>& b) {
     body = &b;
     const unsigned g = grid < kMaxGrid ? grid : kMaxGrid;
+    const unsigned nb = block <= kMaxBlock ? block : kBlock;
     gridDim = {g, 1, 1};
-    blockDim = {kBlock, 1, 1};
+    blockDim = {nb, 1, 1};
     for (unsigned bi = 0; bi < g; ++bi) {
         blockIdx = {bi, 0, 0};
-        for (unsigned i = 0; i < kBlock; ++i) {
+        for (unsigned i = 0; i < nb; ++i) {
             getcontext(&ctxs[i]);
             ctxs[i].uc_stack.ss_sp = stacks.data() + i * kStack;
             ctxs[i].uc_stack.ss_size = kStack;
@@ -60,7 +102,7 @@ void emu_launch(unsigned grid, unsigned, const std::function<void()>& b) {
         // Rounds: every live thread runs to its next barrier or to its end.
         for (;;) {
             bool live = false;
-            for (unsigned i = 0; i < kBlock; ++i) {
+            for (unsigned i = 0; i < nb; ++i) {
                 if (state[i] == Done) continue;
                 live = true;
                 state[i] = Runnable;

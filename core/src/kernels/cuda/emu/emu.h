@@ -4,8 +4,15 @@
 // until they finish or reach a barrier, and __shfl_xor_sync is two barriers around a shared
 // slot. Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
 // each launch with its own small configuration (at most 2 blocks of 64 threads: two warps, so
-// cross-warp reductions are exercised) and the results do not depend on it.
+// cross-warp reductions are exercised) and the results do not depend on it — except kernels that
+// split a tile among warps (flash attention's 4 warps), which ask for at most 128 threads and
+// get exactly what they ask for.
+//
+// Tensor-core products (mma.sync) are inline PTX on the GPU; here `emu_mma_bf16_16816` computes
+// the same warp-wide 16 × 8 × 16 product from the lanes' fragments, laid out as the PTX ISA
+// defines them, so a kernel's fragment indexing is tested as the GPU runs it.
 #pragma once
+#define DPT_EMU 1
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -22,6 +29,7 @@ extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
+void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b);
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body);
 
 inline float __int_as_float(int i) {

@@ -113,3 +113,62 @@ pub fn attention_bwd(
     launch!(d, "attention", "join_heads_f32", grid(n); ptr(&dq)?, ptr(&dk)?, ptr(&dv)?, ptr(&gx)?, bi, ti, hi, di)?;
     Ok(gx)
 }
+
+/// Head sizes the flash kernels are built for (their register tiles are sized at compile time).
+pub const FLASH_HEAD_DIMS: &[usize] = &[32, 64];
+
+/// What the flash forward keeps for backward: qkv and y as they were, and the log-sum-exp of
+/// each score row (`[B·H·T]`) — O(T) instead of the T × T probabilities.
+pub struct FlashSaved {
+    qkv: Tensor,
+    y: Tensor,
+    lse: Tensor,
+}
+
+fn flash_launch(b: usize, t: usize, h: usize) -> LaunchConfig {
+    let work = b * h * t.div_ceil(64);
+    LaunchConfig { grid_dim: (work.clamp(1, 65535) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn flash_kernel(stem: &str, dh: usize) -> Result<&'static str> {
+    Ok(match (stem, dh) {
+        ("fwd", 32) => "flash_fwd_d32",
+        ("fwd", 64) => "flash_fwd_d64",
+        ("dq", 32) => "flash_bwd_dq_d32",
+        ("dq", 64) => "flash_bwd_dq_d64",
+        ("dkv", 32) => "flash_bwd_dkv_d32",
+        ("dkv", 64) => "flash_bwd_dkv_d64",
+        _ => return Err(Error::shape("flash_attention", format!("head size {dh} (built for {FLASH_HEAD_DIMS:?})"))),
+    })
+}
+
+/// Causal attention over packed qkv `[b, t, 3c]` with bf16 tensor-core products and no T × T
+/// tensor: (y `[b, t, c]`, saved, the maximum scaled logit of each row `[b·h·t]`).
+pub fn flash_attention(qkv: &Tensor, b: usize, t: usize, h: usize, dh: usize, scale: f64) -> Result<(Tensor, FlashSaved, Tensor)> {
+    f32_only(qkv, "causal_attention")?;
+    let kernel = flash_kernel("fwd", dh)?;
+    let d = dev_of(qkv)?;
+    let qkv = contiguous(qkv)?;
+    let y = empty(&d, &[b, t, h * dh])?;
+    let (lse, row_max) = (empty(&d, &[b * h * t])?, empty(&d, &[b * h * t])?);
+    // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale)
+    launch!(d, "flash", kernel, flash_launch(b, t, h); ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32)?;
+    Ok((y.clone(), FlashSaved { qkv, y, lse }, row_max))
+}
+
+/// Backward of [`flash_attention`]: the gradient of qkv `[b, t, 3c]`.
+pub fn flash_attention_bwd(g: &Tensor, s: &FlashSaved, b: usize, t: usize, h: usize, dh: usize, scale: f64) -> Result<Tensor> {
+    let d = dev_of(g)?;
+    let g = contiguous(g)?;
+    let (bi, ti, hi) = (b as i64, t as i64, h as i64);
+    let dvec = empty(&d, &[b * h * t])?;
+    // flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
+    launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
+    let gx = empty(&d, &[b, t, 3 * h * dh])?;
+    let sc = scale as f32;
+    // flash_bwd_dq_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale)
+    launch!(d, "flash", flash_kernel("dq", dh)?, flash_launch(b, t, h); ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, sc)?;
+    // flash_bwd_dkv_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale)
+    launch!(d, "flash", flash_kernel("dkv", dh)?, flash_launch(b, t, h); ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, sc)?;
+    Ok(gx)
+}

@@ -1,0 +1,404 @@
+// Flash attention (FlashAttention-2, Dao 2023) for causal self-attention under bf16 GEMM
+// precision: scores, probabilities and their gradients live in registers one 64 × 64 tile at a
+// time, never as a T × T tensor. q, k and v are read straight from the packed projection
+// qkv [B, T, 3C] (f32, rounded to bf16 as they are staged in shared memory), the output is
+// written in [B, T, C], and the gradient straight into dqkv [B, T, 3C].
+//
+// Products run on the tensor cores through mma.sync.m16n8k16 (bf16 in, f32 accumulate), written
+// as header-free inline PTX so NVRTC needs no CUDA headers. The CPU emulator has no tensor cores:
+// it runs an exact model of the same instruction (emu.h: the fragment layouts of the PTX ISA,
+// "Matrix Fragments for mma.m16n8k16 with floating point type"), so every index computed here is
+// the one the GPU uses.
+//
+// Layout of a block: 4 warps (128 threads) own a 64-row tile, 16 rows per warp; lane l holds rows
+// g = l / 4 and g + 8 of its warp's 16 and columns 2·(l % 4) + {0, 1} of each 8-column slice
+// (the accumulator layout). Work items (one per head and 64-row tile) are spread over blocks by
+// a grid-stride loop, the tiles with the most work first. Causal: tile pairs above the diagonal
+// are skipped, the diagonal tile masked by index.
+//
+// Backward is deterministic (no atomics): dK and dV per key tile in one kernel, dQ per query tile
+// in another, each recomputing P from the saved log-sum-exp; D = rowsum(dO ⊙ O) comes first.
+
+#define FA_TILE 64
+
+#ifdef DPT_EMU
+#define fa_mma emu_mma_bf16_16816
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+#else
+// c += A·B for one 16 × 8 × 16 tile (fragments as described above).
+__device__ __forceinline__ void fa_mma(float* c, const unsigned* a, const unsigned* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Two f32 rounded to bf16 (nearest even), lo in the low half: cvt puts its first source high.
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#endif
+
+// Shared tiles hold bf16 pairs as 32-bit words (one access type, no aliasing); a row is D + 8
+// elements so that the 8 rows a fragment load touches fall in different banks.
+template <int D>
+struct FaTile {
+    static const int LDW = (D + 8) / 2;
+    unsigned w[FA_TILE * LDW];
+};
+
+// Element (r, c) of a staged tile as f32 bits of its bf16.
+template <int D>
+__device__ __forceinline__ unsigned fa_elem(const FaTile<D>& s, int r, int c) {
+    return (s.w[r * FaTile<D>::LDW + (c >> 1)] >> ((c & 1) * 16)) & 0xffffu;
+}
+
+// Rows [r0, r0 + 64) of a [rows, D] f32 matrix with row stride `rs`, rounded to bf16; rows at or
+// past `t` as zeros.
+template <int D>
+__device__ __forceinline__ void fa_stage(FaTile<D>& s, const float* base, i64 rs, i64 r0, i64 t) {
+    for (int e = threadIdx.x; e < FA_TILE * D / 2; e += blockDim.x) {
+        const int r = e / (D / 2), c = (e % (D / 2)) * 2;
+        float x0 = 0.0f, x1 = 0.0f;
+        if (r0 + r < t) {
+            const float* p = base + (r0 + r) * rs + c;
+            x0 = p[0];
+            x1 = p[1];
+        }
+        s.w[r * FaTile<D>::LDW + c / 2] = fa_pack(x0, x1);
+    }
+}
+
+// A fragment (rows w0..w0+16, columns 16·ks..) of a staged tile read as a row-major M × K matrix.
+template <int D>
+__device__ __forceinline__ void fa_load_a(const FaTile<D>& s, int w0, int ks, unsigned* a) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const unsigned* r0 = s.w + (w0 + g) * FaTile<D>::LDW + ks * 8 + tq;
+    const unsigned* r8 = r0 + 8 * FaTile<D>::LDW;
+    a[0] = r0[0];
+    a[1] = r8[0];
+    a[2] = r0[4];
+    a[3] = r8[4];
+}
+
+// B fragment with B[k][n] = tile[n0 + n][16·ks + k]: the tile's rows are B's columns (Kᵀ, Qᵀ,
+// dOᵀ, Vᵀ as right operands).
+template <int D>
+__device__ __forceinline__ void fa_load_bt(const FaTile<D>& s, int n0, int ks, unsigned* b) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const unsigned* r = s.w + (n0 + g) * FaTile<D>::LDW + ks * 8 + tq;
+    b[0] = r[0];
+    b[1] = r[4];
+}
+
+// B fragment with B[k][n] = tile[16·kk + k][n0 + n]: the tile as it is (V, dO, K, Q as right
+// operands of P·V, Pᵀ·dO, dS·K, dSᵀ·Q).
+template <int D>
+__device__ __forceinline__ void fa_load_b(const FaTile<D>& s, int kk, int n0, unsigned* b) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int k = kk * 16 + tq * 2, n = n0 + g;
+    b[0] = fa_elem<D>(s, k, n) | (fa_elem<D>(s, k + 1, n) << 16);
+    b[1] = fa_elem<D>(s, k + 8, n) | (fa_elem<D>(s, k + 9, n) << 16);
+}
+
+// A fragment for k-step kk from a 16 × 64 accumulator (8 slices of 8 columns), rounded to bf16:
+// the accumulator layout of slices 2kk and 2kk + 1 is the A layout of columns 16kk..16kk + 16.
+__device__ __forceinline__ void fa_acc_to_a(const float (*acc)[4], int kk, unsigned* a) {
+    a[0] = fa_pack(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = fa_pack(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = fa_pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = fa_pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// acc = X·Yᵀ over D for the warp's 16 rows of staged X (A fragments `xa`) and the 64 rows of Y.
+template <int D>
+__device__ __forceinline__ void fa_scores(const unsigned (*xa)[4], const FaTile<D>& y, float (*acc)[4]) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            unsigned b[2];
+            fa_load_bt<D>(y, nt * 8, ks, b);
+            fa_mma(acc[nt], xa[ks], b);
+        }
+    }
+}
+
+// out += P·Z for the warp's 16 × 64 P (accumulator layout) and staged Z [64, D].
+template <int D>
+__device__ __forceinline__ void fa_times(const float (*p)[4], const FaTile<D>& z, float (*out)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned a[4];
+        fa_acc_to_a(p, kk, a);
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            unsigned b[2];
+            fa_load_b<D>(z, kk, nt * 8, b);
+            fa_mma(out[nt], a, b);
+        }
+    }
+}
+
+__device__ __forceinline__ float fa_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float fa_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Forward: y [B, T, C]; lse and row_max [B·H·T] (row_max: the largest scaled logit of each row
+// over its unmasked keys, for the max-attention-logit probe).
+template <int D>
+__device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
+    __shared__ FaTile<D> sq, sk, sv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
+        const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
+        const float* base = qkv + bb * t * rs + hh * D;
+        __syncthreads();
+        fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
+        __syncthreads();
+        unsigned qa[D / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) fa_load_a<D>(sq, warp * 16, ks, qa[ks]);
+        float o[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+        float m[2] = {-DPT_INF, -DPT_INF}, l[2] = {0.0f, 0.0f};
+        const i64 r0 = qt * FA_TILE + warp * 16 + g;
+        for (i64 kt = 0; kt <= qt; ++kt) {
+            __syncthreads();
+            fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
+            fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            __syncthreads();
+            float s[8][4];
+            fa_scores<D>(qa, sk, s);
+            float mx[2] = {-DPT_INF, -DPT_INF};
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
+                    const float v = (col > row || col >= t) ? -DPT_INF : s[nt][e] * scale;
+                    s[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            float base_m[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const float mn = fmaxf(m[i], fa_quad_max(mx[i]));
+                // A row with nothing visible yet keeps exp(−∞) = 0 everywhere.
+                base_m[i] = mn == -DPT_INF ? 0.0f : mn;
+                const float corr = expf(m[i] - base_m[i]);
+                m[i] = mn;
+                l[i] *= corr;
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    o[nt][2 * i] *= corr;
+                    o[nt][2 * i + 1] *= corr;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[nt][e] = expf(s[nt][e] - base_m[e >> 1]);
+                    l[e >> 1] += s[nt][e];
+                }
+            fa_times<D>(s, sv, o);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float li = fa_quad_sum(l[i]);
+            const i64 row = r0 + 8 * i;
+            if (row >= t) continue;
+            const float inv = 1.0f / li;
+            float* yr = y + (bb * t + row) * c + hh * D + tq * 2;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                yr[nt * 8] = o[nt][2 * i] * inv;
+                yr[nt * 8 + 1] = o[nt][2 * i + 1] * inv;
+            }
+            if (tq == 0) {
+                lse[bh * t + row] = m[i] + logf(li);
+                row_max[bh * t + row] = m[i];
+            }
+        }
+    }
+}
+
+// D = rowsum(dO ⊙ O) per (b, h, t) row, from dO and O in [B, T, C].
+extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
+    const i64 c = h * d;
+    GRID_STRIDE(i, b * h * t) {
+        const i64 tt = i % t, bh = i / t, bb = bh / h, hh = bh % h;
+        const float* gr = go + (bb * t + tt) * c + hh * d;
+        const float* yr = y + (bb * t + tt) * c + hh * d;
+        float acc = 0.0f;
+        for (i64 j = 0; j < d; ++j) acc += gr[j] * yr[j];
+        dvec[i] = acc;
+    }
+}
+
+// dQ for one query tile per work item, into part 0 of dqkv [B, T, 3C].
+template <int D>
+__device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    __shared__ FaTile<D> sq, sdo, sk, sv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
+        const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
+        const float* base = qkv + bb * t * rs + hh * D;
+        __syncthreads();
+        fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
+        fa_stage<D>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
+        __syncthreads();
+        unsigned qa[D / 16][4], da[D / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            fa_load_a<D>(sq, warp * 16, ks, qa[ks]);
+            fa_load_a<D>(sdo, warp * 16, ks, da[ks]);
+        }
+        const i64 r0 = qt * FA_TILE + warp * 16 + g;
+        float li[2], di[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const i64 row = r0 + 8 * i;
+            li[i] = row < t ? lse[bh * t + row] : 0.0f;
+            di[i] = row < t ? dvec[bh * t + row] : 0.0f;
+        }
+        float dq[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.0f;
+        for (i64 kt = 0; kt <= qt; ++kt) {
+            __syncthreads();
+            fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
+            fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            __syncthreads();
+            float p[8][4], dp[8][4];
+            fa_scores<D>(qa, sk, p);
+            fa_scores<D>(da, sv, dp);
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
+                    const bool vis = col <= row && col < t && row < t;
+                    const float pv = vis ? expf(p[nt][e] * scale - li[e >> 1]) : 0.0f;
+                    p[nt][e] = pv * (dp[nt][e] - di[e >> 1]);  // dS
+                }
+            fa_times<D>(p, sk, dq);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const i64 row = r0 + 8 * i;
+            if (row >= t) continue;
+            float* out = dqkv + (bb * t + row) * rs + hh * D + tq * 2;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                out[nt * 8] = dq[nt][2 * i] * scale;
+                out[nt * 8 + 1] = dq[nt][2 * i + 1] * scale;
+            }
+        }
+    }
+}
+
+// dK and dV for one key tile per work item, into parts 1 and 2 of dqkv.
+template <int D>
+__device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    __shared__ FaTile<D> sk, sv, sq, sdo;
+    __shared__ float sl[FA_TILE], sd[FA_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
+        // Key tile 0 sees every query tile: first.
+        const i64 kt = w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
+        const float* base = qkv + bb * t * rs + hh * D;
+        __syncthreads();
+        fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
+        fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+        __syncthreads();
+        unsigned ka[D / 16][4], va[D / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            fa_load_a<D>(sk, warp * 16, ks, ka[ks]);
+            fa_load_a<D>(sv, warp * 16, ks, va[ks]);
+        }
+        float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            dk[nt][0] = dk[nt][1] = dk[nt][2] = dk[nt][3] = 0.0f;
+            dv[nt][0] = dv[nt][1] = dv[nt][2] = dv[nt][3] = 0.0f;
+        }
+        const i64 j0 = kt * FA_TILE + warp * 16 + g;  // this lane's key rows j0 and j0 + 8
+        for (i64 qt = kt; qt < nq; ++qt) {
+            __syncthreads();
+            fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
+            fa_stage<D>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
+            for (int r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
+                const i64 row = qt * FA_TILE + r;
+                sl[r] = row < t ? lse[bh * t + row] : 0.0f;
+                sd[r] = row < t ? dvec[bh * t + row] : 0.0f;
+            }
+            __syncthreads();
+            // Transposed tiles: rows are keys, columns queries.
+            float pt[8][4], dpt[8][4];
+            fa_scores<D>(ka, sq, pt);
+            fa_scores<D>(va, sdo, dpt);
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qc = nt * 8 + tq * 2 + (e & 1);
+                    const i64 q = qt * FA_TILE + qc, key = j0 + (e >> 1) * 8;
+                    const bool vis = key <= q && q < t && key < t;
+                    pt[nt][e] = vis ? expf(pt[nt][e] * scale - sl[qc]) : 0.0f;
+                    dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - sd[qc]);  // dSᵀ
+                }
+            fa_times<D>(pt, sdo, dv);
+            fa_times<D>(dpt, sq, dk);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const i64 row = j0 + 8 * i;
+            if (row >= t) continue;
+            float* out = dqkv + (bb * t + row) * rs + hh * D + tq * 2;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                out[c + nt * 8] = dk[nt][2 * i] * scale;
+                out[c + nt * 8 + 1] = dk[nt][2 * i + 1] * scale;
+                out[2 * c + nt * 8] = dv[nt][2 * i];
+                out[2 * c + nt * 8 + 1] = dv[nt][2 * i + 1];
+            }
+        }
+    }
+}
+
+// Entry points per head dimension (the fragments are sized at compile time). Launch: 128
+// threads per block, one block per work item up to the grid limit.
+extern "C" __global__ void flash_fwd_d32(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
+    flash_fwd<32>(qkv, y, lse, row_max, b, t, h, scale);
+}
+extern "C" __global__ void flash_fwd_d64(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
+    flash_fwd<64>(qkv, y, lse, row_max, b, t, h, scale);
+}
+extern "C" __global__ void flash_bwd_dq_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    flash_bwd_dq<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+}
+extern "C" __global__ void flash_bwd_dq_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    flash_bwd_dq<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+}
+extern "C" __global__ void flash_bwd_dkv_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    flash_bwd_dkv<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+}
+extern "C" __global__ void flash_bwd_dkv_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+    flash_bwd_dkv<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+}
