@@ -118,18 +118,26 @@ impl<'t> Var<'t> {
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let in_shape = xv.shape().to_vec();
-        let (out, x2, wv) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
-        Ok(self.tape().record("linear", out, &inputs, move |g| linear_backward(g, &x2, &wv, &in_shape, has_b, prec)))
+        let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
+        Ok(self.tape().record("linear", out, &inputs, move |g| linear_backward(g, &saved, &in_shape, has_b, prec)))
     }
+}
+
+/// The operands `linear`'s backward reads, as the forward product read them.
+enum LinearSaved {
+    /// x `[rows, k]` and w `[n, k]`, rounded under bf16 precision.
+    Host { x2: Tensor, wv: Tensor },
+    #[cfg(feature = "cuda")]
+    Device(crate::kernels::cuda::ops::LinearSaved),
 }
 
 /// `linear`'s forward on the input's device: the output, and the operands backward reads (on
 /// the CPU rounded as the GEMM saw them under bf16 precision).
-fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usize], prec: Precision) -> Result<(Tensor, Tensor, Tensor)> {
+fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usize], prec: Precision) -> Result<(Tensor, LinearSaved)> {
     #[cfg(feature = "cuda")]
     if x2.is_cuda() {
-        let out = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec)?;
-        return Ok((out, x2, wv));
+        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec)?;
+        return Ok((out, LinearSaved::Device(saved)));
     }
     let (rows, k) = (x2.shape()[0], x2.shape()[1]);
     let n = wv.shape()[0];
@@ -149,23 +157,26 @@ fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usiz
             gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
         }))
     })?;
-    Ok((out, x2, wv))
+    Ok((out, LinearSaved::Host { x2, wv }))
 }
 
 /// `linear`'s backward on the saved operands' device: gradients of (x, w, b when `has_b`).
-fn linear_backward(g: &Tensor, x2: &Tensor, wv: &Tensor, in_shape: &[usize], has_b: bool, prec: Precision) -> Result<Vec<Option<Tensor>>> {
-    let (rows, k) = (x2.shape()[0], x2.shape()[1]);
-    let n = wv.shape()[0];
-    let g2 = g.reshape(&[rows, n])?;
-    #[cfg(feature = "cuda")]
-    if g2.is_cuda() {
-        use crate::kernels::cuda::ops as gpu;
-        let mut v = vec![Some(gpu::linear_grad_input(&g2, wv, in_shape, prec)?), Some(gpu::linear_grad_weight(&g2, x2, prec)?)];
-        if has_b {
-            v.push(Some(gpu::sum_rows(&g2)?));
+fn linear_backward(g: &Tensor, saved: &LinearSaved, in_shape: &[usize], has_b: bool, prec: Precision) -> Result<Vec<Option<Tensor>>> {
+    let n = *g.shape().last().ok_or_else(|| Error::shape("linear", "scalar gradient"))?;
+    let g2 = g.reshape(&[usize::MAX, n])?;
+    let (x2, wv) = match saved {
+        LinearSaved::Host { x2, wv } => (x2, wv),
+        #[cfg(feature = "cuda")]
+        LinearSaved::Device(s) => {
+            let (gx, gw) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, prec)?;
+            let mut v = vec![Some(gx), Some(gw)];
+            if has_b {
+                v.push(Some(crate::kernels::cuda::ops::sum_rows(&g2)?));
+            }
+            return Ok(v);
         }
-        return Ok(v);
-    }
+    };
+    let (rows, k) = (x2.shape()[0], x2.shape()[1]);
     with_float!(g.dtype(), "linear", T => {
         let g2r = round_for(&g2, prec)?;
         let gx = grad_input::<T>(&g2r, wv, rows, n, k, in_shape)?;

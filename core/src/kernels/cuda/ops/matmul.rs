@@ -94,8 +94,32 @@ pub(super) fn packed(t: &Tensor) -> Result<(Tensor, MatArg)> {
     Ok((c, MatArg { ptr: p, trans: false, ld: cols.max(1), batch_stride: 0 }))
 }
 
-/// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`.
-pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<Tensor> {
+/// What `linear`'s backward reads: its operands as the forward product read them. Under
+/// `Prec::Bf16` these are the bf16 copies the forward made (x packed `[rows, k]`, w `[n, k]`),
+/// so each operand is rounded once per step, not again for each backward product, and the f32
+/// input need not outlive the forward; under f32 the tensors themselves.
+pub struct LinearSaved {
+    x: Tensor,
+    w: Tensor,
+}
+
+/// A packed bf16 copy of `t` (same shape).
+fn bf16_copy(t: &Tensor) -> Result<Tensor> {
+    let d = dev_of(t)?;
+    let c = contiguous(t)?;
+    let n = c.numel();
+    let out = wrap(d.alloc(n * 2)?, DType::BF16, c.shape());
+    launch!(d, "elementwise", "f32_to_bf16", grid(n); ptr(&c)?, ptr(&out)?, n as i64)?;
+    Ok(out)
+}
+
+/// Row-major `[rows, cols]` at `t`'s first element, read as is or transposed.
+fn rowmajor(t: &Tensor, cols: usize, trans: bool) -> Result<MatArg> {
+    Ok(MatArg { ptr: ptr(t)?, trans, ld: cols.max(1), batch_stride: 0 })
+}
+
+/// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`; and what backward reads.
+pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<(Tensor, LinearSaved)> {
     f32_only(x2, "linear")?;
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
@@ -103,33 +127,41 @@ pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], 
         Some(b) => expand_copy(b, &[rows, n])?.reshape(out_shape)?,
         None => empty(&d, out_shape)?,
     };
-    let (xo, xm) = packed(x2)?;
-    // wᵀ [k, n]: a transposed view of w (no copy).
-    let (wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
-    gemm_prec(&d, rows, n, k, (&xo, xm), (&wo, wm), ptr(&out)?, 1, 1.0, if b.is_some() { 1.0 } else { 0.0 }, prec)?;
-    Ok(out)
+    let beta = if b.is_some() { 1.0 } else { 0.0 };
+    match prec {
+        Prec::F32 => {
+            let (xo, xm) = packed(x2)?;
+            // wᵀ [k, n]: a transposed view of w (no copy).
+            let (_wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
+            d.gemm(rows, n, k, xm, wm, ptr(&out)?, 1, 1.0, beta, DType::F32)?;
+            Ok((out, LinearSaved { x: xo, w: w.clone() }))
+        }
+        Prec::Bf16 => {
+            let (x16, w16) = (bf16_copy(x2)?, bf16_copy(w)?);
+            d.gemm(rows, n, k, rowmajor(&x16, k, false)?, rowmajor(&w16, k, true)?, ptr(&out)?, 1, 1.0, beta, DType::BF16)?;
+            Ok((out, LinearSaved { x: x16, w: w16 }))
+        }
+    }
 }
 
-/// `g @ w` for g `[rows, n]`, w `[n, k]` → `out_shape` (linear's input gradient).
-pub fn linear_grad_input(g2: &Tensor, w: &Tensor, out_shape: &[usize], prec: Prec) -> Result<Tensor> {
+/// `linear`'s input and weight gradients for g `[rows, n]`: (`g @ w` → `in_shape`, `gᵀ @ x` →
+/// `[n, k]`). Under bf16, g is rounded once for both products.
+pub fn linear_grads(g2: &Tensor, s: &LinearSaved, in_shape: &[usize], prec: Prec) -> Result<(Tensor, Tensor)> {
     let d = dev_of(g2)?;
-    let (rows, n, k) = (g2.shape()[0], g2.shape()[1], w.shape()[1]);
-    let out = empty(&d, out_shape)?;
-    let (go, gm) = packed(g2)?;
-    let (wo, wm) = operand_2d(w, 0)?;
-    gemm_prec(&d, rows, k, n, (&go, gm), (&wo, wm), ptr(&out)?, 1, 1.0, 0.0, prec)?;
-    Ok(out)
-}
-
-/// `gᵀ @ x` for g `[rows, n]`, x `[rows, k]` → `[n, k]` (linear's weight gradient).
-pub fn linear_grad_weight(g2: &Tensor, x2: &Tensor, prec: Prec) -> Result<Tensor> {
-    let d = dev_of(g2)?;
-    let (rows, n, k) = (g2.shape()[0], g2.shape()[1], x2.shape()[1]);
-    let out = empty(&d, &[n, k])?;
-    let (go, _) = packed(g2)?;
-    let (xo, xm) = packed(x2)?;
-    // gᵀ: the packed [rows, n] read transposed (strides (1, n)).
-    let gt = MatArg { ptr: ptr(&go)?, trans: true, ld: n.max(1), batch_stride: 0 };
-    gemm_prec(&d, n, k, rows, (&go, gt), (&xo, xm), ptr(&out)?, 1, 1.0, 0.0, prec)?;
-    Ok(out)
+    let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
+    let (gx, gw) = (empty(&d, in_shape)?, empty(&d, &[n, k])?);
+    match prec {
+        Prec::F32 => {
+            let (go, gm) = packed(g2)?;
+            let (_wo, wm) = operand_2d(&s.w, 0)?;
+            d.gemm(rows, k, n, gm, wm, ptr(&gx)?, 1, 1.0, 0.0, DType::F32)?;
+            d.gemm(n, k, rows, rowmajor(&go, n, true)?, rowmajor(&s.x, k, false)?, ptr(&gw)?, 1, 1.0, 0.0, DType::F32)?;
+        }
+        Prec::Bf16 => {
+            let g16 = bf16_copy(g2)?;
+            d.gemm(rows, k, n, rowmajor(&g16, n, false)?, rowmajor(&s.w, k, false)?, ptr(&gx)?, 1, 1.0, 0.0, DType::BF16)?;
+            d.gemm(n, k, rows, rowmajor(&g16, n, true)?, rowmajor(&s.x, k, false)?, ptr(&gw)?, 1, 1.0, 0.0, DType::BF16)?;
+        }
+    }
+    Ok((gx, gw))
 }
