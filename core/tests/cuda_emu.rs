@@ -27,6 +27,73 @@ fn gpu_check_ops_pass_on_the_emulator() {
     activation_statistics_match_the_cpu();
     strided_copies_match_the_cpu();
     flash_attention_probe_matches_the_cpu();
+    cross_entropy_statistics_match_the_cpu();
+    bf16_casts_match_the_cpu();
+}
+
+/// f32 → bf16 on the device rounds as the CPU does (nearest even; infinities, NaN), by the
+/// four-wide kernel (aligned, with a tail of 3) and the one-by-one kernel (a source one element
+/// off 16-byte alignment).
+fn bf16_casts_match_the_cpu() {
+    use dptrain_core::{rng::Rng, DType, Device, Tensor};
+    let mut rng = Rng::new(17);
+    let mut x: Vec<f32> = (0..4_004).map(|_| (rng.normal() * 100.0) as f32).collect();
+    // Exact ties between two bf16 values (round to even both ways), ±inf, NaN.
+    x[1] = f32::from_bits(0x3f80_8000);
+    x[2] = f32::from_bits(0x3f81_8000);
+    x[3] = f32::INFINITY;
+    x[4] = f32::NEG_INFINITY;
+    x[5] = f32::NAN;
+    x[4_002] = f32::from_bits(0x3f80_8001);
+    let h = Tensor::from_slice(&x, &[x.len()]).unwrap();
+    let d = h.to_device(Device::Cuda(0)).unwrap();
+    for (off, n) in [(0, 4_003), (1, 4_003), (0, 2)] {
+        let want = h.narrow(0, off, n).unwrap().to_dtype(DType::BF16).to_dtype(DType::F32).to_vec::<f32>().unwrap();
+        let got = d.narrow(0, off, n).unwrap().to_dtype(DType::BF16).to_dtype(DType::F32).to_vec::<f32>().unwrap();
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "offset {off}, element {i}: cpu {a} gpu {b}");
+        }
+    }
+}
+
+/// The cross-entropy's statistics, computed and kept on the device (one read of the logits, the
+/// means folded there), are the CPU's: loss, log Z mean and max, logit mean, z-loss term and
+/// accuracy — with rows where the target ties the largest logit (argmax's first index wins) and
+/// rows longer than a block's stride.
+fn cross_entropy_statistics_match_the_cpu() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let (rows, v) = (37, 700);
+    let mut rng = Rng::new(21);
+    let mut x: Vec<f32> = (0..rows * v).map(|_| (rng.normal() * 3.0) as f32).collect();
+    let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 131) % v as u32).collect();
+    for r in 0..6 {
+        let t = targets[r] as usize;
+        // Rows 0–2: the target is the largest; rows 3–5: tied with an earlier index (loses) or a
+        // later one (wins).
+        x[r * v + t] = 50.0;
+        match r {
+            3 => x[r * v] = 50.0,
+            4 => x[r * v + v - 1] = 50.0,
+            _ => {}
+        }
+    }
+    let h = Tensor::from_slice(&x, &[rows, v]).unwrap();
+    let stats = |dev: Device| -> Vec<f64> {
+        let tape = Tape::new();
+        let ce = tape.leaf(h.to_device(dev).unwrap()).cross_entropy(&targets, 1e-3).unwrap();
+        let mut out = vec![ce.loss.item().unwrap()];
+        for p in [&ce.log_z_mean, &ce.log_z_max, &ce.logit_mean, &ce.z_loss, &ce.accuracy] {
+            out.push(p.to_host().unwrap());
+        }
+        out
+    };
+    let (c, g) = (stats(Device::Cpu), stats(Device::Cuda(0)));
+    assert!(c[5] > 0.0 && c[5] < 1.0, "accuracy {}", c[5]);
+    for (i, (a, b)) in c.iter().zip(&g).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "statistic {i}: cpu {a} gpu {b}");
+    }
+    assert_eq!((c[5] * rows as f64).round(), (g[5] * rows as f64).round(), "accuracy counts the same rows");
 }
 
 /// Flash attention's max-attention-logit probe (the row maxima kept by the forward kernel, no

@@ -118,8 +118,8 @@ fn cuda_check(device: usize) -> Result<()> {
                 let _ = std::io::stdout().flush();
             }
             println!(
-                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache)",
-                p.raw_allocs_in_timed_steps
+                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the loss read and the clipping norm)",
+                p.raw_allocs_in_timed_steps, p.host_waits_per_step
             );
         }
         Err(e) => {
@@ -188,6 +188,8 @@ struct Perf {
     reserved_mib: f64,
     /// Which attention ran ("flash attention" or "unfused attention").
     attention: &'static str,
+    /// Times per timed step the host waited for the device.
+    host_waits_per_step: f64,
 }
 
 /// One PyTorch measurement.
@@ -239,7 +241,8 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let (mut b, mut t) = (8usize, 1024usize);
     // Tests of this command on the CPU emulator shrink the model (the numbers then mean nothing).
     if dptrain_core::env::env().gpu_check_tiny {
-        cfg = GptConfig { vocab_size: 96, context: 16, d_model: 32, n_layers: 1, n_heads: 2, ..cfg };
+        // One head of 32: flash attention runs (as at full size).
+        cfg = GptConfig { vocab_size: 96, context: 16, d_model: 32, n_layers: 1, n_heads: 1, ..cfg };
         (b, t) = (2, 16);
     }
     let mut pb = ParamBuilder::new();
@@ -255,13 +258,14 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let dev = dptrain_core::tensor::cuda::dev(device).map_err(e)?;
     let (warm, timed) = (3, 10);
     let mut t0 = std::time::Instant::now();
-    let mut allocs0 = 0;
+    let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
     for i in 0..warm + timed {
         if i == warm {
             dev.sync().map_err(e)?;
             t0 = std::time::Instant::now();
             allocs0 = dev.cache_stats().raw_allocs;
+            waits0 = dev.host_waits();
         }
         grads.zero_grad();
         let tape = Tape::new();
@@ -274,6 +278,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())?;
     }
+    let waits = dev.host_waits() - waits0;
     dev.sync().map_err(e)?;
     let dt = t0.elapsed().as_secs_f64() / timed as f64;
     let tokens_per_s = (b * t) as f64 / dt;
@@ -292,6 +297,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         peak,
         raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
         reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
+        host_waits_per_step: waits as f64 / timed as f64,
         attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16, None) {
             "flash attention"
         } else {

@@ -242,12 +242,12 @@ impl Model for Gpt {
         let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
         let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
         if probes.set().logits {
-            probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
-            probes.record("log_z", Reduce::Mean, ce.log_z_mean);
-            probes.record("log_z_max", Reduce::Max, ce.log_z_max);
+            probes.record_value("logit_mean", Reduce::Mean, ce.logit_mean);
+            probes.record_value("log_z", Reduce::Mean, ce.log_z_mean);
+            probes.record_value("log_z_max", Reduce::Max, ce.log_z_max);
         }
         if self.cfg.z_loss > 0.0 {
-            probes.record("z_loss", Reduce::Mean, ce.z_loss);
+            probes.record_value("z_loss", Reduce::Mean, ce.z_loss);
         }
         Ok(ce.loss)
     }

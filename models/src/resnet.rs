@@ -144,11 +144,11 @@ impl Model for ResNet {
         record_coord(probes, format_args!("fc"), &logits);
         let ce = logits.cross_entropy(labels, 0.0)?;
         if probes.set().logits {
-            probes.record("logit_mean", Reduce::Mean, ce.logit_mean);
-            probes.record("log_z", Reduce::Mean, ce.log_z_mean);
-            probes.record("log_z_max", Reduce::Max, ce.log_z_max);
+            probes.record_value("logit_mean", Reduce::Mean, ce.logit_mean);
+            probes.record_value("log_z", Reduce::Mean, ce.log_z_mean);
+            probes.record_value("log_z_max", Reduce::Max, ce.log_z_max);
         }
-        probes.record("acc", Reduce::Mean, ce.accuracy);
+        probes.record_value("acc", Reduce::Mean, ce.accuracy);
         Ok(ce.loss)
     }
     fn describe(&self) -> String {

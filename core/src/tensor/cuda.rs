@@ -37,6 +37,9 @@ pub struct CudaDev {
     cache: Mutex<SizeCache<u64>>,
     /// A buffer of f32 ones for reductions done as GEMMs (grown on demand, never shrunk).
     ones: Mutex<Option<(DevBuf, usize)>>,
+    /// Times the host waited for the stream (syncs and device-to-host reads; counted on the
+    /// emulator too, so tests can hold a step to none).
+    waits: std::sync::atomic::AtomicU64,
 }
 
 struct Real {
@@ -102,6 +105,7 @@ impl CudaDev {
             real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas }),
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
+            waits: Default::default(),
         })
     }
 
@@ -113,7 +117,13 @@ impl CudaDev {
             real: None,
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
+            waits: Default::default(),
         }
+    }
+
+    /// How many times the host has waited for this device so far (see `waits`).
+    pub fn host_waits(&self) -> u64 {
+        self.waits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_emulated(&self) -> bool {
@@ -248,7 +258,10 @@ impl CudaDev {
                 self.sync()?;
             }
             // SAFETY: as above, in host memory.
-            None => unsafe { std::ptr::copy_nonoverlapping(ptr as *const T, v.as_mut_ptr(), n) },
+            None => {
+                unsafe { std::ptr::copy_nonoverlapping(ptr as *const T, v.as_mut_ptr(), n) };
+                self.sync()?;
+            }
         }
         Ok(v)
     }
@@ -267,6 +280,7 @@ impl CudaDev {
 
     /// Waits for everything queued on the compute stream; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
+        self.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.real {
             Some(r) => r.stream.synchronize().map_err(|e| derr(&format!("cuda:{} (a kernel failed)", self.ordinal), e)),
             None => Ok(()),

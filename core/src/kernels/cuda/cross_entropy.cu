@@ -1,46 +1,92 @@
-// Softmax cross-entropy with z-loss, one block per row. Forward writes per-row loss
-// (lse − x_t + z·lse²), lse, the row sum of logits (for the logit-mean probe) and whether the
-// target is the row's first largest logit (top-1 accuracy, argmax's tie rule); backward
-// recomputes softmax from the logits and lse:
-// d/dx = softmax · (1 + 2z·lse) − onehot, times the upstream scale g/N.
+// Softmax cross-entropy with z-loss, one block per row, one read of the logits: each thread
+// keeps an online (max, Σexp) pair — rescaled when its max grows — with the row sum of logits
+// (for the logit-mean probe) and the count of logits that beat the target (larger, or equal at a
+// smaller index: top-1 accuracy with argmax's tie rule); the pairs combine over the block.
+// Forward writes per row the loss lse − x_t + z·lse², lse, the row sum and whether the target
+// won; `xent_stats_f32` folds those into the batch's means on the device (no host transfer).
+// Backward recomputes softmax from the logits and lse:
+// d/dx = softmax · (1 + 2z·lse) − onehot, times the upstream gradient (read on the device) / N.
 
 extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum,
                                         float* correct, i64 rows, i64 v, float z) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* xr = x + r * v;
-        float m = -DPT_INF;
-        for (i64 j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
-        m = block_max(m);
-        float s = 0.0f;
-        for (i64 j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
-        s = block_sum(s);
-        float t = 0.0f;
-        for (i64 j = threadIdx.x; j < v; j += blockDim.x) t += xr[j];
-        t = block_sum(t);
-        // Logits that beat the target: larger, or equal at a smaller index.
         const i64 tg = (i64)targets[r];
         const float xt = xr[tg];
-        float beat = 0.0f;
-        for (i64 j = threadIdx.x; j < v; j += blockDim.x) beat += (xr[j] > xt || (xr[j] == xt && j < tg)) ? 1.0f : 0.0f;
+        float m = -DPT_INF, s = 0.0f, t = 0.0f, beat = 0.0f;
+        for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+            const float a = xr[j];
+            if (a > m) {
+                s = s * expf(m - a) + 1.0f;
+                m = a;
+            } else {
+                s += expf(a - m);
+            }
+            t += a;
+            beat += (a > xt || (a == xt && j < tg)) ? 1.0f : 0.0f;
+        }
+        const float bm = block_max(m);
+        s = block_sum(m == -DPT_INF ? 0.0f : s * expf(m - bm));
+        t = block_sum(t);
         beat = block_sum(beat);
         if (threadIdx.x == 0) {
             correct[r] = beat == 0.0f ? 1.0f : 0.0f;
             row_sum[r] = t;
-            const float lse = m + logf(s);
+            const float lse = bm + logf(s);
             lse_out[r] = lse;
-            loss[r] = lse - xr[targets[r]] + z * lse * lse;
+            loss[r] = lse - xt + z * lse * lse;
         }
     }
 }
 
+// The batch's statistics from the per-row results, in double, by one block (a power-of-two
+// size up to 256): out = [mean loss, mean lse, max lse, mean logit, z·mean lse², accuracy].
+extern "C" __global__ void xent_stats_f32(const float* loss, const float* lse, const float* row_sum, const float* correct, float* out,
+                                          i64 rows, i64 v, float z) {
+    __shared__ double acc[5][256];
+    __shared__ float mx[256];
+    double a[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    float m = -DPT_INF;
+    for (i64 r = threadIdx.x; r < rows; r += blockDim.x) {
+        const double l = lse[r];
+        a[0] += loss[r];
+        a[1] += l;
+        a[2] += row_sum[r];
+        a[3] += l * l;
+        a[4] += correct[r];
+        m = fmaxf(m, lse[r]);
+    }
+    for (int k = 0; k < 5; ++k) acc[k][threadIdx.x] = a[k];
+    mx[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) {
+            for (int k = 0; k < 5; ++k) acc[k][threadIdx.x] += acc[k][threadIdx.x + w];
+            mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + w]);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        const double n = (double)rows;
+        out[0] = (float)(acc[0][0] / n);
+        out[1] = (float)(acc[1][0] / n);
+        out[2] = mx[0];
+        out[3] = (float)(acc[2][0] / n / (double)v);
+        out[4] = (float)((double)z * acc[3][0] / n);
+        out[5] = (float)(acc[4][0] / n);
+    }
+}
+
+// go: the upstream gradient of the mean loss (one element, on the device); scale = 1/N.
 extern "C" __global__ void xent_bwd_f32(const float* x, const unsigned int* targets, const float* lse, float* gx, i64 rows, i64 v, float z,
-                                        float scale) {
+                                        const float* go, float scale) {
+    const float sc = scale * go[0];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float l = lse[r];
-        const float f = scale * (1.0f + 2.0f * z * l);
+        const float f = sc * (1.0f + 2.0f * z * l);
         for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
             float d = expf(x[r * v + j] - l) * f;
-            if (j == (i64)targets[r]) d -= scale;
+            if (j == (i64)targets[r]) d -= sc;
             gx[r * v + j] = d;
         }
     }

@@ -3,35 +3,39 @@
 //! the softmax from the saved logits in one pass. Reports the mean logit and mean log Z, the
 //! output-logit-divergence probes, the z-loss term on its own (so the cross-entropy can be
 //! logged without it) and the top-1 accuracy (the target is the first largest logit, as
-//! `argmax` picks it).
+//! `argmax` picks it). On a GPU the loss and these statistics stay on the device (probe values
+//! read on a logging step with the others), and backward reads the upstream gradient there: the
+//! op never waits for the device.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
+use crate::probe::ProbeValue;
 use crate::tensor::Tensor;
 use crate::with_float;
 use rayon::prelude::*;
 
+/// The loss and the statistics beside it, each a probe value (on a GPU still on the device).
 pub struct CeOut<'t> {
     pub loss: Var<'t>,
     /// Mean over rows of log Z = logsumexp(logits).
-    pub log_z_mean: f64,
+    pub log_z_mean: ProbeValue,
     /// Largest log Z of a row.
-    pub log_z_max: f64,
+    pub log_z_max: ProbeValue,
     /// Mean over all logits.
-    pub logit_mean: f64,
+    pub logit_mean: ProbeValue,
     /// The z-loss part of `loss`: `z_coef · mean(log²Z)` (0 without z-loss).
-    pub z_loss: f64,
+    pub z_loss: ProbeValue,
     /// Fraction of rows whose first largest logit is the target.
-    pub accuracy: f64,
+    pub accuracy: ProbeValue,
 }
 
 /// The cross-entropy statistics reported beside the loss (see [`CeOut`]).
 struct Stats {
-    log_z_mean: f64,
-    log_z_max: f64,
-    logit_mean: f64,
-    z_loss: f64,
-    accuracy: f64,
+    log_z_mean: ProbeValue,
+    log_z_max: ProbeValue,
+    logit_mean: ProbeValue,
+    z_loss: ProbeValue,
+    accuracy: ProbeValue,
 }
 
 /// The targets as backward needs them: on the host, or uploaded once to the logits' GPU.
@@ -46,16 +50,11 @@ fn device_forward(x: &Tensor, targets: &[u32], z_coef: f64, n: usize, v: usize) 
     #[cfg(feature = "cuda")]
     if x.is_cuda() {
         use crate::kernels::cuda::ops as gpu;
+        use crate::probe::Reduce;
         let (lse, tg, st) = gpu::cross_entropy(x, targets, z_coef)?;
-        let loss = gpu::full(&gpu::dev_of(x)?, &[], st.loss as f32)?;
-        let stats = Stats {
-            log_z_mean: st.log_z_mean,
-            log_z_max: st.log_z_max,
-            logit_mean: st.logit_mean,
-            z_loss: st.z_loss,
-            accuracy: st.accuracy,
-        };
-        return Ok((loss, lse, Targets::Device(tg), stats));
+        let at = |i: usize| -> Result<ProbeValue> { Ok(ProbeValue::Device(st.narrow(0, i, 1)?, Reduce::Mean)) };
+        let stats = Stats { log_z_mean: at(1)?, log_z_max: at(2)?, logit_mean: at(3)?, z_loss: at(4)?, accuracy: at(5)? };
+        return Ok((st.narrow(0, 0, 1)?.reshape(&[])?, lse, Targets::Device(tg), stats));
     }
     with_float!(x.dtype(), "cross_entropy", T => {
         let xd = x.data::<T>()?;
@@ -76,18 +75,20 @@ fn device_forward(x: &Tensor, targets: &[u32], z_coef: f64, n: usize, v: usize) 
         let lm: f64 = rows.iter().map(|r| r.2.f64()).sum::<f64>() * inv / v as f64;
         let acc = rows.iter().filter(|r| r.3).count() as f64 * inv;
         let lse: Vec<T> = rows.iter().map(|r| r.1).collect();
-        let stats = Stats { log_z_mean: lz, log_z_max: lzmax, logit_mean: lm, z_loss: z_coef * lz2, accuracy: acc };
+        let h = ProbeValue::Host;
+        let stats = Stats { log_z_mean: h(lz), log_z_max: h(lzmax), logit_mean: h(lm), z_loss: h(z_coef * lz2), accuracy: h(acc) };
         Ok((Tensor::from_vec(vec![T::of(loss)], &[])?, Tensor::from_vec(lse, &[n])?, Targets::Host(targets.to_vec()), stats))
     })
 }
 
-/// Backward on the logits' device, for an upstream gradient `go` of the (mean) loss.
-fn device_backward(x: &Tensor, lse: &Tensor, targets: &Targets, z_coef: f64, go: f64, n: usize, v: usize) -> Result<Tensor> {
+/// Backward on the logits' device, for an upstream gradient `g` (one element) of the mean loss.
+fn device_backward(x: &Tensor, lse: &Tensor, targets: &Targets, z_coef: f64, g: &Tensor, n: usize, v: usize) -> Result<Tensor> {
     let targets = match targets {
         Targets::Host(t) => t,
         #[cfg(feature = "cuda")]
-        Targets::Device(tg) => return crate::kernels::cuda::ops::cross_entropy_bwd(x, tg, lse, z_coef, go / n as f64),
+        Targets::Device(tg) => return crate::kernels::cuda::ops::cross_entropy_bwd(x, tg, lse, z_coef, g),
     };
+    let go = g.item()?;
     let shape = x.shape();
     with_float!(x.dtype(), "cross_entropy", T => {
         let (xd, ld) = (x.data::<T>()?, lse.data::<T>()?);
@@ -120,10 +121,9 @@ impl<'t> Var<'t> {
             return Err(Error::shape("cross_entropy", format!("target {t} out of range for {v} classes")));
         }
         let (loss, lse, saved, st) = device_forward(&x, targets, z_coef, n, v)?;
-        let loss = self.tape().record("cross_entropy", loss, &[self], move |g| {
-            let go = g.item()?;
-            Ok(vec![Some(device_backward(&x, &lse, &saved, z_coef, go, n, v)?)])
-        });
+        let loss = self
+            .tape()
+            .record("cross_entropy", loss, &[self], move |g| Ok(vec![Some(device_backward(&x, &lse, &saved, z_coef, g, n, v)?)]));
         Ok(CeOut {
             loss,
             log_z_mean: st.log_z_mean,

@@ -27,6 +27,14 @@ extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 #define __shared__ static
 
+// CUDA's built-in vector types that kernels use.
+struct float4 {
+    float x, y, z, w;
+};
+struct uint2 {
+    unsigned x, y;
+};
+
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b);

@@ -22,7 +22,7 @@ pub(super) fn to_bf16_operand(owner: &Tensor, m: MatArg, extent: usize) -> Resul
     let d = dev_of(owner)?;
     let n = extent;
     let out = wrap(d.alloc(n * 2)?, DType::BF16, &[n]);
-    launch!(d, "elementwise", "f32_to_bf16", grid(n); m.ptr, ptr(&out)?, n as i64)?;
+    cast_raw(&d, m.ptr, ptr(&out)?, n, true)?;
     let p = ptr(&out)?;
     Ok((out, MatArg { ptr: p, ..m }))
 }
@@ -109,7 +109,7 @@ fn bf16_copy(t: &Tensor) -> Result<Tensor> {
     let c = contiguous(t)?;
     let n = c.numel();
     let out = wrap(d.alloc(n * 2)?, DType::BF16, c.shape());
-    launch!(d, "elementwise", "f32_to_bf16", grid(n); ptr(&c)?, ptr(&out)?, n as i64)?;
+    cast_raw(&d, ptr(&c)?, ptr(&out)?, n, true)?;
     Ok(out)
 }
 

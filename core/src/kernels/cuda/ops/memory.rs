@@ -126,8 +126,7 @@ pub fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
         (DType::F32, DType::BF16) => {
             let c = contiguous(t)?;
             let out = wrap(d.alloc(n * 2)?, DType::BF16, t.shape());
-            // f32_to_bf16(const float* in, bf16_t* out, i64 n)
-            launch!(d, "elementwise", "f32_to_bf16", grid(n); ptr(&c)?, ptr(&out)?, n as i64)?;
+            cast_raw(&d, ptr(&c)?, ptr(&out)?, n, true)?;
             Ok(out)
         }
         (DType::BF16, DType::F32) => {
@@ -146,7 +145,10 @@ pub fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
 /// f32 ↔ bf16 conversion of `n` elements between raw device buffers on the compute stream (or
 /// the emulator).
 pub fn cast_raw(d: &CudaDev, src: u64, dst: u64, n: usize, to_bf16: bool) -> Result<()> {
-    if to_bf16 {
+    if to_bf16 && src.is_multiple_of(16) && dst.is_multiple_of(8) {
+        // f32_to_bf16_x4(const float* in, bf16_t* out, i64 n)
+        launch!(d, "elementwise", "f32_to_bf16_x4", grid(n.div_ceil(4)); src, dst, n as i64)
+    } else if to_bf16 {
         // f32_to_bf16(const float* in, bf16_t* out, i64 n)
         launch!(d, "elementwise", "f32_to_bf16", grid(n); src, dst, n as i64)
     } else {
