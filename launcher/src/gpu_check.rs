@@ -298,7 +298,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
         reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
         host_waits_per_step: waits as f64 / timed as f64,
-        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16, None) {
+        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16) {
             "flash attention"
         } else {
             "unfused attention"

@@ -186,6 +186,15 @@ fn cases() -> Vec<Case> {
             prec: Precision::Bf16,
         });
     }
+    // Flash attention with attention dropout: the kernels must drop exactly the elements the CPU
+    // drops (a wrong mask index fails by O(1)).
+    v.push(Case {
+        name: "causal_attention + dropout 0.3, flash (bf16, d_head 64)".into(),
+        inputs: vec![randn(&[2, 130, 3 * 128], 49)],
+        build: Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(2, drop)?.y)),
+        bound: 2e-2,
+        prec: Precision::Bf16,
+    });
     v.push(f32c(
         "cross_entropy + z-loss",
         vec![randn(&[64, 300], 43)],

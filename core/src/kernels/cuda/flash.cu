@@ -18,6 +18,11 @@
 //
 // Backward is deterministic (no atomics): dK and dV per key tile in one kernel, dQ per query tile
 // in another, each recomputing P from the saved log-sum-exp; D = rowsum(dO ⊙ O) comes first.
+//
+// Attention dropout (threshold > 0): P·V reads P with the mask of element (bh, i, j) of the
+// [B·H, T, T] probabilities applied and the survivors scaled by 1/(1 − p) — the mask the unfused
+// path and the CPU draw from (key, bh·T·T + i·T + j), regenerated in backward; the softmax
+// normaliser counts every probability. With O = P_d·V, rowsum(dO ⊙ O) is still Σ_j P_ij·dP_ij.
 
 #define FA_TILE 64
 
@@ -155,8 +160,14 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
 
 // Forward: y [B, T, C]; lse and row_max [B·H·T] (row_max: the largest scaled logit of each row
 // over its unmasked keys, for the max-attention-logit probe).
+// Dropout of the element at `idx` of the [B·H, T, T] probabilities: x scaled, or 0.
+__device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshold, float dscale) {
+    return dpt_keep(key, idx, threshold) ? x * dscale : 0.0f;
+}
+
 template <int D>
-__device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
+__device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
+                          float dscale) {
     __shared__ FaTile<D> sq, sk, sv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
@@ -212,6 +223,10 @@ __device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max
                 for (int e = 0; e < 4; ++e) {
                     s[nt][e] = expf(s[nt][e] - base_m[e >> 1]);
                     l[e >> 1] += s[nt][e];
+                    if (threshold > 0) {
+                        const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
+                        s[nt][e] = fa_drop(s[nt][e], (bh * t + row) * t + col, key, threshold, dscale);
+                    }
                 }
             fa_times<D>(s, sv, o);
         }
@@ -250,7 +265,8 @@ extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, fl
 
 // dQ for one query tile per work item, into part 0 of dqkv [B, T, 3C].
 template <int D>
-__device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+__device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale,
+                             i64 key, i64 threshold, float dscale) {
     __shared__ FaTile<D> sq, sdo, sk, sv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
@@ -293,7 +309,9 @@ __device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse
                     const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
                     const bool vis = col <= row && col < t && row < t;
                     const float pv = vis ? expf(p[nt][e] * scale - li[e >> 1]) : 0.0f;
-                    p[nt][e] = pv * (dp[nt][e] - di[e >> 1]);  // dS
+                    // dP: the gradient reaching P through the dropout mask.
+                    const float dpv = (threshold > 0 && vis) ? fa_drop(dp[nt][e], (bh * t + row) * t + col, key, threshold, dscale) : dp[nt][e];
+                    p[nt][e] = pv * (dpv - di[e >> 1]);  // dS
                 }
             fa_times<D>(p, sk, dq);
         }
@@ -313,7 +331,8 @@ __device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse
 
 // dK and dV for one key tile per work item, into parts 1 and 2 of dqkv.
 template <int D>
-__device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
+__device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale,
+                              i64 key, i64 threshold, float dscale) {
     __shared__ FaTile<D> sk, sv, sq, sdo;
     __shared__ float sl[FA_TILE], sd[FA_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -358,10 +377,19 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qc = nt * 8 + tq * 2 + (e & 1);
-                    const i64 q = qt * FA_TILE + qc, key = j0 + (e >> 1) * 8;
-                    const bool vis = key <= q && q < t && key < t;
-                    pt[nt][e] = vis ? expf(pt[nt][e] * scale - sl[qc]) : 0.0f;
-                    dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - sd[qc]);  // dSᵀ
+                    const i64 q = qt * FA_TILE + qc, kr = j0 + (e >> 1) * 8;
+                    const bool vis = kr <= q && q < t && kr < t;
+                    const float p = vis ? expf(pt[nt][e] * scale - sl[qc]) : 0.0f;
+                    float dp = dpt[nt][e];
+                    if (threshold > 0 && vis) {
+                        // dV reads the dropped P; dS the gradient through the same mask.
+                        const i64 idx = (bh * t + q) * t + kr;
+                        pt[nt][e] = fa_drop(p, idx, key, threshold, dscale);
+                        dp = fa_drop(dp, idx, key, threshold, dscale);
+                    } else {
+                        pt[nt][e] = p;
+                    }
+                    dpt[nt][e] = p * (dp - sd[qc]);  // dSᵀ
                 }
             fa_times<D>(pt, sdo, dv);
             fa_times<D>(dpt, sq, dk);
@@ -383,22 +411,29 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
 }
 
 // Entry points per head dimension (the fragments are sized at compile time). Launch: 128
-// threads per block, one block per work item up to the grid limit.
-extern "C" __global__ void flash_fwd_d32(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
-    flash_fwd<32>(qkv, y, lse, row_max, b, t, h, scale);
+// threads per block, one block per work item up to the grid limit. Dropout: key, threshold
+// (p·2³², 0 for none) and 1/(1 − p).
+extern "C" __global__ void flash_fwd_d32(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key,
+                                         i64 threshold, float dscale) {
+    flash_fwd<32>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);
 }
-extern "C" __global__ void flash_fwd_d64(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale) {
-    flash_fwd<64>(qkv, y, lse, row_max, b, t, h, scale);
+extern "C" __global__ void flash_fwd_d64(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key,
+                                         i64 threshold, float dscale) {
+    flash_fwd<64>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);
 }
-extern "C" __global__ void flash_bwd_dq_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
-    flash_bwd_dq<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+extern "C" __global__ void flash_bwd_dq_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
+                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
+    flash_bwd_dq<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
 }
-extern "C" __global__ void flash_bwd_dq_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
-    flash_bwd_dq<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+extern "C" __global__ void flash_bwd_dq_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
+                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
+    flash_bwd_dq<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
 }
-extern "C" __global__ void flash_bwd_dkv_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
-    flash_bwd_dkv<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+extern "C" __global__ void flash_bwd_dkv_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
+                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
+    flash_bwd_dkv<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
 }
-extern "C" __global__ void flash_bwd_dkv_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale) {
-    flash_bwd_dkv<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale);
+extern "C" __global__ void flash_bwd_dkv_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
+                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
+    flash_bwd_dkv<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
 }

@@ -8,8 +8,7 @@
 //! probabilities, whose mask is drawn per element of `[B, H, T, T]` from the mask's key and
 //! regenerated in backward (see `ops::dropout`); P itself is what is saved.
 //!
-//! On a GPU under bf16 precision (no dropout, head size 32 or 64) the core runs as flash
-//! attention instead (`kernels/cuda/flash.cu`): same function, no T × T tensor, only the
+//! On a GPU under bf16 precision (head size 32 or 64) the core runs as flash attention instead (`kernels/cuda/flash.cu`): same function, no T × T tensor, only the
 //! log-sum-exp of each row saved.
 
 use crate::autograd::Var;
@@ -217,10 +216,10 @@ enum Saved {
 }
 
 /// Whether attention on a GPU runs as flash attention: bf16 products (the kernels' tensor cores
-/// take bf16), no attention dropout (the unfused path regenerates its mask over the T × T
-/// probabilities), a head size the kernels are built for (32 or 64), and not switched off by
-/// `DPTRAIN_FLASH=0`. Otherwise the unfused path: cuBLAS products around a softmax kernel.
-pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision, drop: Option<Dropout>) -> bool {
+/// take bf16), a head size the kernels are built for (32 or 64), and not switched off by
+/// `DPTRAIN_FLASH=0`; attention dropout included. Otherwise the unfused path: cuBLAS products
+/// around a softmax kernel.
+pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision) -> bool {
     #[cfg(feature = "cuda")]
     let built = crate::kernels::cuda::ops::FLASH_HEAD_DIMS.contains(&d_head);
     #[cfg(not(feature = "cuda"))]
@@ -228,7 +227,7 @@ pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision, drop: Optio
         let _ = d_head;
         false
     };
-    built && prec == crate::tensor::Precision::Bf16 && drop.is_none() && crate::env::env().flash
+    built && prec == crate::tensor::Precision::Bf16 && crate::env::env().flash
 }
 
 /// Forward on qkv's device: (y `[B, T, C]`, what backward reads, the max logit as a probe value
@@ -236,8 +235,8 @@ pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision, drop: Optio
 fn device_forward(qkv: &Tensor, dm: Dims, prec: crate::tensor::Precision, drop: Option<Dropout>) -> Result<(Tensor, Saved, ProbeValue)> {
     #[cfg(feature = "cuda")]
     if qkv.is_cuda() {
-        if gpu_uses_flash(dm.d, prec, drop) {
-            let (y, saved, row_max) = crate::kernels::cuda::ops::flash_attention(qkv, dm.b, dm.t, dm.h, dm.d, dm.scale)?;
+        if gpu_uses_flash(dm.d, prec) {
+            let (y, saved, row_max) = crate::kernels::cuda::ops::flash_attention(qkv, dm.b, dm.t, dm.h, dm.d, dm.scale, drop)?;
             return Ok((y, Saved::Flash(saved), ProbeValue::Device(row_max, crate::probe::Reduce::Max)));
         }
         let (y, saved, row_max) = crate::kernels::cuda::ops::attention(qkv, dm.b, dm.t, dm.h, dm.d, dm.scale, prec, drop)?;
@@ -277,7 +276,7 @@ fn device_backward(g: &Tensor, saved: &Saved, dm: Dims, prec: crate::tensor::Pre
         #[cfg(feature = "cuda")]
         Saved::Device(s) => return crate::kernels::cuda::ops::attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, dm.scale, prec, drop),
         #[cfg(feature = "cuda")]
-        Saved::Flash(s) => return crate::kernels::cuda::ops::flash_attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, dm.scale),
+        Saved::Flash(s) => return crate::kernels::cuda::ops::flash_attention_bwd(g, s, dm.b, dm.t, dm.h, dm.d, dm.scale, drop),
     };
     let _ = prec; // the CPU backward reads the rounded qkv saved by forward
     let c = dm.c();

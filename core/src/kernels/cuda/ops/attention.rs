@@ -142,22 +142,48 @@ fn flash_kernel(stem: &str, dh: usize) -> Result<&'static str> {
     })
 }
 
+/// (key, threshold, 1/(1 − p)) of attention dropout for the flash kernels; threshold 0: none.
+fn flash_dropout(drop: Option<crate::ops::dropout::Dropout>) -> (i64, i64, f32) {
+    drop.map(|dr| (dr.key as i64, dr.threshold() as i64, dr.scale())).unwrap_or((0, 0, 1.0))
+}
+
 /// Causal attention over packed qkv `[b, t, 3c]` with bf16 tensor-core products and no T × T
-/// tensor: (y `[b, t, c]`, saved, the maximum scaled logit of each row `[b·h·t]`).
-pub fn flash_attention(qkv: &Tensor, b: usize, t: usize, h: usize, dh: usize, scale: f64) -> Result<(Tensor, FlashSaved, Tensor)> {
+/// tensor: (y `[b, t, c]`, saved, the maximum scaled logit of each row `[b·h·t]`). `drop`:
+/// dropout on the probabilities (the same mask as the unfused path's).
+pub fn flash_attention(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    scale: f64,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<(Tensor, FlashSaved, Tensor)> {
     f32_only(qkv, "causal_attention")?;
     let kernel = flash_kernel("fwd", dh)?;
     let d = dev_of(qkv)?;
     let qkv = contiguous(qkv)?;
     let y = empty(&d, &[b, t, h * dh])?;
     let (lse, row_max) = (empty(&d, &[b * h * t])?, empty(&d, &[b * h * t])?);
-    // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale)
-    launch!(d, "flash", kernel, flash_launch(b, t, h); ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32)?;
+    let (key, threshold, dscale) = flash_dropout(drop);
+    // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale)
+    launch!(d, "flash", kernel, flash_launch(b, t, h);
+        ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32, key, threshold, dscale)?;
     Ok((y.clone(), FlashSaved { qkv, y, lse }, row_max))
 }
 
-/// Backward of [`flash_attention`]: the gradient of qkv `[b, t, 3c]`.
-pub fn flash_attention_bwd(g: &Tensor, s: &FlashSaved, b: usize, t: usize, h: usize, dh: usize, scale: f64) -> Result<Tensor> {
+/// Backward of [`flash_attention`] (the same `drop`): the gradient of qkv `[b, t, 3c]`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_bwd(
+    g: &Tensor,
+    s: &FlashSaved,
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    scale: f64,
+    drop: Option<crate::ops::dropout::Dropout>,
+) -> Result<Tensor> {
     let d = dev_of(g)?;
     let g = contiguous(g)?;
     let (bi, ti, hi) = (b as i64, t as i64, h as i64);
@@ -165,10 +191,12 @@ pub fn flash_attention_bwd(g: &Tensor, s: &FlashSaved, b: usize, t: usize, h: us
     // flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
     launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
     let gx = empty(&d, &[b, t, 3 * h * dh])?;
-    let sc = scale as f32;
-    // flash_bwd_dq_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale)
-    launch!(d, "flash", flash_kernel("dq", dh)?, flash_launch(b, t, h); ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, sc)?;
-    // flash_bwd_dkv_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale)
-    launch!(d, "flash", flash_kernel("dkv", dh)?, flash_launch(b, t, h); ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, sc)?;
+    let (key, threshold, dscale) = flash_dropout(drop);
+    // flash_bwd_{dq,dkv}_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h,
+    //                       float scale, i64 key, i64 threshold, float dscale)
+    launch!(d, "flash", flash_kernel("dq", dh)?, flash_launch(b, t, h);
+        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
+    launch!(d, "flash", flash_kernel("dkv", dh)?, flash_launch(b, t, h);
+        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
     Ok(gx)
 }
