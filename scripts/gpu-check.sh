@@ -4,9 +4,11 @@
 #   here:   cargo build --release -p dptrain-launcher --no-default-features --features cuda
 #   there:  bash scripts/gpu-check.sh [path/to/dptrain]      (default target/release/dptrain)
 # Prints the device, the commit and one table: (a) every op forward/backward GPU vs CPU, (b) the
-# default GPT trained 20 steps on each device, (c) GPT-124M bf16 tokens/s vs PyTorch eager with
-# MFU (benches/gpt124m_torch.py, run with DPTRAIN_TORCH_PYTHON or python3), (d) a 1-rank NCCL
-# all-reduce; meant to finish within 5 minutes. NVRTC, cuBLAS and NCCL come from pip's NVIDIA
+# default GPT trained 20 steps on each device, (c) GPT-124M bf16 tokens/s vs PyTorch eager and
+# torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
+# DPTRAIN_TORCH_PYTHON or python3) and one step profiled by kernel class, (d) a 1-rank NCCL
+# all-reduce; meant to finish within 7 minutes (torch.compile's compilation is most of it).
+# `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare. NVRTC, cuBLAS and NCCL come from pip's NVIDIA
 # wheels (PyTorch dependencies), whose lib directories are put on LD_LIBRARY_PATH below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +29,4 @@ PY
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 300 "$BIN" gpu-check
+timeout 480 "$BIN" gpu-check

@@ -117,6 +117,7 @@ fn cuda_check(device: usize) -> Result<()> {
                 }
                 let _ = std::io::stdout().flush();
             }
+            print_profile(&p.profile);
             println!(
                 "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the loss read and the clipping norm)",
                 p.raw_allocs_in_timed_steps, p.host_waits_per_step
@@ -190,6 +191,52 @@ struct Perf {
     attention: &'static str,
     /// Times per timed step the host waited for the device.
     host_waits_per_step: f64,
+    /// Every kernel's time in one profiled step.
+    profile: Vec<dptrain_core::tensor::cuda::KernelTime>,
+}
+
+/// The class a kernel's time is reported under in gpu-check's profile of a training step.
+#[cfg(feature = "cuda")]
+fn kernel_class(file: &str, name: &str) -> &'static str {
+    match file {
+        "cublas" => "GEMMs (cuBLAS)",
+        "flash" => "flash attention",
+        "attention" => "attention, unfused (softmax, head copies)",
+        "cross_entropy" => "cross-entropy",
+        "layer_norm" => "layer norm",
+        "optim" => "optimizer",
+        "elementwise" if name.contains("bf16") => "f32 ↔ bf16 casts",
+        "elementwise" if name.starts_with("strided") || name.starts_with("expand") => "strided copies (bias broadcast, views)",
+        "reduce" => "reductions (norms, sums)",
+        _ => "other (element-wise, GELU, embedding, …)",
+    }
+}
+
+/// Prints the profiled step: time per kernel class with its share, then the five longest kernels.
+#[cfg(feature = "cuda")]
+fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime]) {
+    let total: f64 = profile.iter().map(|k| k.ms).sum();
+    let mut classes: Vec<(&str, f64, usize)> = vec![];
+    for k in profile {
+        let c = kernel_class(k.file, k.name);
+        match classes.iter_mut().find(|x| x.0 == c) {
+            Some(x) => {
+                x.1 += k.ms;
+                x.2 += k.launches;
+            }
+            None => classes.push((c, k.ms, k.launches)),
+        }
+    }
+    classes.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!();
+    println!("| one training step, by kernel class (CUDA events around each launch) | ms | share | launches |");
+    println!("|---|---|---|---|");
+    for (c, ms, n) in &classes {
+        println!("| {c} | {ms:.2} | {:.1} % | {n} |", 100.0 * ms / total.max(1e-12));
+    }
+    println!("| total | {total:.2} | 100 % | {} |", profile.iter().map(|k| k.launches).sum::<usize>());
+    let top: Vec<String> = profile.iter().take(5).map(|k| format!("{}.{} {:.2} ms ×{}", k.file, k.name, k.ms, k.launches)).collect();
+    println!("longest kernels: {}", top.join(", "));
 }
 
 /// One PyTorch measurement.
@@ -260,13 +307,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let mut t0 = std::time::Instant::now();
     let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
-    for i in 0..warm + timed {
-        if i == warm {
-            dev.sync().map_err(e)?;
-            t0 = std::time::Instant::now();
-            allocs0 = dev.cache_stats().raw_allocs;
-            waits0 = dev.host_waits();
-        }
+    let mut step = |i: usize| -> std::result::Result<(), String> {
         grads.zero_grad();
         let tape = Tape::new();
         tape.set_precision(Precision::Bf16);
@@ -276,11 +317,25 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         drop(tape);
         dptrain_optim::clip_grad_norm(&mut grads, 1.0).map_err(|x| x.to_string())?;
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
-        opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())?;
+        opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())
+    };
+    for i in 0..warm + timed {
+        if i == warm {
+            dev.sync().map_err(e)?;
+            t0 = std::time::Instant::now();
+            allocs0 = dev.cache_stats().raw_allocs;
+            waits0 = dev.host_waits();
+        }
+        step(i)?;
     }
     let waits = dev.host_waits() - waits0;
     dev.sync().map_err(e)?;
     let dt = t0.elapsed().as_secs_f64() / timed as f64;
+    // One more step with every launch timed (events around each: a little slower than the
+    // timed steps, so only the shares are reported).
+    dev.profile_start();
+    step(warm + timed)?;
+    let profile = dev.profile_stop().map_err(e)?;
     let tokens_per_s = (b * t) as f64 / dt;
     // FLOPs per token as nanoGPT's estimate_mfu: 6N for the matmuls with parameters plus
     // 12·L·T·C for attention scores and values.
@@ -298,6 +353,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
         reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
         host_waits_per_step: waits as f64 / timed as f64,
+        profile,
         attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16) {
             "flash attention"
         } else {

@@ -251,6 +251,10 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     // A training step waits for the device twice: the loss read by the trainer and the
     // clipping norm; the model's forward and backward (cross-entropy included) never do.
     assert!(out.contains("waited for the device 2 times per step"), "{out}");
+    // The profiled step: time per kernel class (emulator times mean nothing, the rows do).
+    for row in ["| flash attention |", "| GEMMs (cuBLAS) |", "| cross-entropy |", "| optimizer |", "| total |"] {
+        assert!(out.lines().any(|l| l.starts_with(row)), "{row} missing:\n{out}");
+    }
 }
 
 /// Resume at step k gives bitwise the same metrics from k on as the uninterrupted run.

@@ -40,6 +40,31 @@ pub struct CudaDev {
     /// Times the host waited for the stream (syncs and device-to-host reads; counted on the
     /// emulator too, so tests can hold a step to none).
     waits: std::sync::atomic::AtomicU64,
+    /// Per-launch timings while a profile is running (see [`CudaDev::profile_start`]).
+    profile: Mutex<Option<Vec<Timed>>>,
+}
+
+/// One timed launch: (file, kernel) and its time — a pair of events on the stream, or the host
+/// time the emulator took.
+struct Timed {
+    file: &'static str,
+    name: &'static str,
+    at: TimedAt,
+}
+
+enum TimedAt {
+    Events(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent),
+    Host(f64),
+}
+
+/// Time spent in one kernel (or in cuBLAS GEMMs) over a profile.
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    /// The kernel file (`"cublas"` for GEMMs).
+    pub file: &'static str,
+    pub name: &'static str,
+    pub ms: f64,
+    pub launches: usize,
 }
 
 struct Real {
@@ -106,6 +131,7 @@ impl CudaDev {
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
             waits: Default::default(),
+            profile: Mutex::new(None),
         })
     }
 
@@ -118,7 +144,68 @@ impl CudaDev {
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
             waits: Default::default(),
+            profile: Mutex::new(None),
         }
+    }
+
+    /// Starts timing every kernel launch and GEMM on this device (events around each, so the
+    /// stream is not otherwise disturbed; meant for a window of a few steps, as gpu-check's
+    /// profile of one training step).
+    pub fn profile_start(&self) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = Some(Vec::new());
+        }
+    }
+
+    /// Stops the profile and returns the time per kernel, longest first (waits for the device).
+    pub fn profile_stop(&self) -> Result<Vec<KernelTime>> {
+        let timed = self.profile.lock().map_err(|_| Error::Device("profile poisoned".into()))?.take().unwrap_or_default();
+        self.sync()?;
+        let mut by: HashMap<(&'static str, &'static str), (f64, usize)> = HashMap::new();
+        for t in timed {
+            let ms = match &t.at {
+                TimedAt::Events(a, b) => a.elapsed_ms(b).map_err(|e| derr("reading a profile event", e))? as f64,
+                TimedAt::Host(ms) => *ms,
+            };
+            let e = by.entry((t.file, t.name)).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let mut out: Vec<KernelTime> =
+            by.into_iter().map(|((file, name), (ms, launches))| KernelTime { file, name, ms, launches }).collect();
+        out.sort_by(|a, b| b.ms.total_cmp(&a.ms).then(a.name.cmp(b.name)));
+        Ok(out)
+    }
+
+    /// Runs `f` (one launch), timed when a profile is running.
+    fn timed(&self, file: &'static str, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if !on {
+            return f();
+        }
+        let at = match &self.real {
+            Some(r) => {
+                let ev = || {
+                    r.stream
+                        .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| derr("recording a profile event", e))
+                };
+                let a = ev()?;
+                f()?;
+                TimedAt::Events(a, ev()?)
+            }
+            None => {
+                let t0 = std::time::Instant::now();
+                f()?;
+                TimedAt::Host(t0.elapsed().as_secs_f64() * 1e3)
+            }
+        };
+        if let Ok(mut p) = self.profile.lock() {
+            if let Some(v) = p.as_mut() {
+                v.push(Timed { file, name, at });
+            }
+        }
+        Ok(())
     }
 
     /// How many times the host has waited for this device so far (see `waits`).
@@ -174,7 +261,7 @@ impl CudaDev {
         cfg: LaunchConfig,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
-        match &self.real {
+        self.timed(file, name, || match &self.real {
             Some(r) => {
                 let f = self.func(file, name)?;
                 self.bind()?;
@@ -185,7 +272,7 @@ impl CudaDev {
                 .map_err(|e| derr(&format!("launching {file}.{name}"), e))
             }
             None => emu::launch(file, name, cfg, params),
-        }
+        })
     }
 
     /// `bytes` of uninitialised device memory from the cache.
@@ -343,7 +430,8 @@ impl CudaDev {
             beta,
             bf16: in_dtype == DType::BF16,
         };
-        match &self.real {
+        let name = if g.bf16 { "gemm (bf16 inputs)" } else { "gemm (f32)" };
+        self.timed("cublas", name, || match &self.real {
             Some(r) => {
                 self.bind()?;
                 g.cublas(&r.blas)
@@ -353,7 +441,7 @@ impl CudaDev {
                 unsafe { g.reference() };
                 Ok(())
             }
-        }
+        })
     }
 }
 
