@@ -11,7 +11,7 @@
 # `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare. NVRTC, cuBLAS and NCCL come from pip's NVIDIA
 # wheels (PyTorch dependencies), whose lib directories are put on LD_LIBRARY_PATH below.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 BIN=${1:-target/release/dptrain}
 if [ ! -x "$BIN" ]; then
   echo "gpu-check.sh: $BIN not found; build it on a machine with Rust (see the header of this script)" >&2

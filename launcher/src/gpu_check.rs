@@ -240,6 +240,7 @@ fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime]) {
 }
 
 /// One PyTorch measurement.
+#[cfg(feature = "cuda")]
 struct TorchPerf {
     tokens_per_s: f64,
     step_ms: f64,
@@ -354,7 +355,7 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
         host_waits_per_step: waits as f64 / timed as f64,
         profile,
-        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(cfg.d_model / cfg.n_heads, Precision::Bf16) {
+        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(&dev, cfg.d_model / cfg.n_heads, Precision::Bf16) {
             "flash attention"
         } else {
             "unfused attention"

@@ -26,8 +26,15 @@
 
 #define FA_TILE 64
 
-#ifdef DPT_EMU
+#if defined(DPT_EMU)
 #define fa_mma emu_mma_bf16_16816
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+// No bf16 tensor cores before sm_80: the file still compiles (every kernel file is compiled when
+// a device opens), and the host never launches these kernels there (flash_supported).
+__device__ __forceinline__ void fa_mma(float*, const unsigned*, const unsigned*) { asm volatile("trap;"); }
 __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
 }

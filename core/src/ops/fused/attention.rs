@@ -215,19 +215,14 @@ enum Saved {
     Flash(crate::kernels::cuda::ops::FlashSaved),
 }
 
-/// Whether attention on a GPU runs as flash attention: bf16 products (the kernels' tensor cores
-/// take bf16), a head size the kernels are built for (32 or 64), and not switched off by
-/// `DPTRAIN_FLASH=0`; attention dropout included. Otherwise the unfused path: cuBLAS products
-/// around a softmax kernel.
-pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision) -> bool {
-    #[cfg(feature = "cuda")]
-    let built = crate::kernels::cuda::ops::FLASH_HEAD_DIMS.contains(&d_head);
-    #[cfg(not(feature = "cuda"))]
-    let built = {
-        let _ = d_head;
-        false
-    };
-    built && prec == crate::tensor::Precision::Bf16 && crate::env::env().flash
+/// Whether attention on GPU `dev` runs as flash attention: bf16 products (the kernels' tensor
+/// cores take bf16), a head size the kernels are built for (32 or 64), a device with bf16 tensor
+/// cores (sm_80 or newer), and not switched off by `DPTRAIN_FLASH=0`; attention dropout included.
+/// Otherwise the unfused path: cuBLAS products around a softmax kernel.
+#[cfg(feature = "cuda")]
+pub fn gpu_uses_flash(dev: &crate::tensor::cuda::CudaDev, d_head: usize, prec: crate::tensor::Precision) -> bool {
+    use crate::kernels::cuda::ops as gpu;
+    gpu::FLASH_HEAD_DIMS.contains(&d_head) && prec == crate::tensor::Precision::Bf16 && crate::env::env().flash && gpu::flash_supported(dev)
 }
 
 /// Forward on qkv's device: (y `[B, T, C]`, what backward reads, the max logit as a probe value
@@ -235,7 +230,8 @@ pub fn gpu_uses_flash(d_head: usize, prec: crate::tensor::Precision) -> bool {
 fn device_forward(qkv: &Tensor, dm: Dims, prec: crate::tensor::Precision, drop: Option<Dropout>) -> Result<(Tensor, Saved, ProbeValue)> {
     #[cfg(feature = "cuda")]
     if qkv.is_cuda() {
-        if gpu_uses_flash(dm.d, prec) {
+        let dev = crate::kernels::cuda::ops::dev_of(qkv)?;
+        if gpu_uses_flash(&dev, dm.d, prec) {
             let (y, saved, row_max) = crate::kernels::cuda::ops::flash_attention(qkv, dm.b, dm.t, dm.h, dm.d, dm.scale, drop)?;
             return Ok((y, Saved::Flash(saved), ProbeValue::Device(row_max, crate::probe::Reduce::Max)));
         }

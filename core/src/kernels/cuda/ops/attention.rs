@@ -117,6 +117,12 @@ pub fn attention_bwd(
 /// Head sizes the flash kernels are built for (their register tiles are sized at compile time).
 pub const FLASH_HEAD_DIMS: &[usize] = &[32, 64];
 
+/// Whether `d` can run the flash kernels: bf16 tensor cores (`mma.sync` bf16) need sm_80 or
+/// newer; the emulator models them.
+pub fn flash_supported(d: &CudaDev) -> bool {
+    d.is_emulated() || d.arch.strip_prefix("sm_").and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= 80)
+}
+
 /// What the flash forward keeps for backward: qkv and y as they were, and the log-sum-exp of
 /// each score row (`[B·H·T]`) — O(T) instead of the T × T probabilities.
 pub struct FlashSaved {
