@@ -119,7 +119,7 @@ fn cuda_check(device: usize) -> Result<()> {
             }
             print_profile(&p.profile);
             println!(
-                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the loss read and the clipping norm)",
+                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer's loss read and clipping norm make 2)",
                 p.raw_allocs_in_timed_steps, p.host_waits_per_step
             );
         }

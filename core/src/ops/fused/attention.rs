@@ -8,8 +8,9 @@
 //! probabilities, whose mask is drawn per element of `[B, H, T, T]` from the mask's key and
 //! regenerated in backward (see `ops::dropout`); P itself is what is saved.
 //!
-//! On a GPU under bf16 precision (head size 32 or 64) the core runs as flash attention instead (`kernels/cuda/flash.cu`): same function, no T × T tensor, only the
-//! log-sum-exp of each row saved.
+//! On a GPU under bf16 precision (head size 32 or 64, sm_80 or newer) the core runs as flash
+//! attention instead (`kernels/cuda/flash.cu`, see [`gpu_uses_flash`]): the same function and
+//! dropout mask, no T × T tensor, only the log-sum-exp of each row saved.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};

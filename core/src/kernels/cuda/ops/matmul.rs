@@ -105,12 +105,7 @@ pub struct LinearSaved {
 
 /// A packed bf16 copy of `t` (same shape).
 fn bf16_copy(t: &Tensor) -> Result<Tensor> {
-    let d = dev_of(t)?;
-    let c = contiguous(t)?;
-    let n = c.numel();
-    let out = wrap(d.alloc(n * 2)?, DType::BF16, c.shape());
-    cast_raw(&d, ptr(&c)?, ptr(&out)?, n, true)?;
-    Ok(out)
+    cast(t, DType::BF16)
 }
 
 /// Row-major `[rows, cols]` at `t`'s first element, read as is or transposed.
