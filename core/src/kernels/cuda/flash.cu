@@ -165,6 +165,25 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// Stores this lane's rows r0 and r0 + 8 of a warp's 16 × D accumulator, row i times mul[i], into
+// the rows of `base` (row stride rs; base at row 0 and the tile's first column); rows at or past
+// t are padding and skipped.
+template <int D>
+__device__ __forceinline__ void fa_store(float* base, i64 rs, i64 r0, i64 t, const float (*acc)[4], const float* mul) {
+    const int tq = (threadIdx.x & 31) & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const i64 row = r0 + 8 * i;
+        if (row >= t) continue;
+        float* out = base + row * rs + tq * 2;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            out[nt * 8] = acc[nt][2 * i] * mul[i];
+            out[nt * 8 + 1] = acc[nt][2 * i + 1] * mul[i];
+        }
+    }
+}
+
 // Forward: y [B, T, C]; lse and row_max [B·H·T] (row_max: the largest scaled logit of each row
 // over its unmasked keys, for the max-attention-logit probe).
 // Dropout of the element at `idx` of the [B·H, T, T] probabilities: x scaled, or 0.
@@ -237,20 +256,18 @@ __device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max
                 }
             fa_times<D>(s, sv, o);
         }
+        float li[2], inv[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const float li = fa_quad_sum(l[i]);
-            const i64 row = r0 + 8 * i;
-            if (row >= t) continue;
-            const float inv = 1.0f / li;
-            float* yr = y + (bb * t + row) * c + hh * D + tq * 2;
+            li[i] = fa_quad_sum(l[i]);
+            inv[i] = 1.0f / li[i];
+        }
+        fa_store<D>(y + bb * t * c + hh * D, c, r0, t, o, inv);
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                yr[nt * 8] = o[nt][2 * i] * inv;
-                yr[nt * 8 + 1] = o[nt][2 * i + 1] * inv;
-            }
-            if (tq == 0) {
-                lse[bh * t + row] = m[i] + logf(li);
+        for (int i = 0; i < 2; ++i) {
+            const i64 row = r0 + 8 * i;
+            if (tq == 0 && row < t) {
+                lse[bh * t + row] = m[i] + logf(li[i]);
                 row_max[bh * t + row] = m[i];
             }
         }
@@ -322,17 +339,8 @@ __device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse
                 }
             fa_times<D>(p, sk, dq);
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const i64 row = r0 + 8 * i;
-            if (row >= t) continue;
-            float* out = dqkv + (bb * t + row) * rs + hh * D + tq * 2;
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                out[nt * 8] = dq[nt][2 * i] * scale;
-                out[nt * 8 + 1] = dq[nt][2 * i + 1] * scale;
-            }
-        }
+        const float sc[2] = {scale, scale};
+        fa_store<D>(dqkv + bb * t * rs + hh * D, rs, r0, t, dq, sc);
     }
 }
 
@@ -401,19 +409,9 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
             fa_times<D>(pt, sdo, dv);
             fa_times<D>(dpt, sq, dk);
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const i64 row = j0 + 8 * i;
-            if (row >= t) continue;
-            float* out = dqkv + (bb * t + row) * rs + hh * D + tq * 2;
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                out[c + nt * 8] = dk[nt][2 * i] * scale;
-                out[c + nt * 8 + 1] = dk[nt][2 * i + 1] * scale;
-                out[2 * c + nt * 8] = dv[nt][2 * i];
-                out[2 * c + nt * 8 + 1] = dv[nt][2 * i + 1];
-            }
-        }
+        const float sc[2] = {scale, scale}, one[2] = {1.0f, 1.0f};
+        fa_store<D>(dqkv + bb * t * rs + c + hh * D, rs, j0, t, dk, sc);
+        fa_store<D>(dqkv + bb * t * rs + 2 * c + hh * D, rs, j0, t, dv, one);
     }
 }
 
