@@ -40,8 +40,10 @@ pub struct CudaDev {
     /// Times the host waited for the stream (syncs and device-to-host reads; counted on the
     /// emulator too, so tests can hold a step to none).
     waits: std::sync::atomic::AtomicU64,
-    /// Per-launch timings while a profile is running (see [`CudaDev::profile_start`]).
+    /// Per-launch timings while a profile is running (see [`CudaDev::profile_start`]), and
+    /// whether one is (checked on every launch without taking the lock).
     profile: Mutex<Option<Vec<Timed>>>,
+    profiling: std::sync::atomic::AtomicBool,
 }
 
 /// One timed launch: (file, kernel) and its time — a pair of events on the stream, or the host
@@ -132,6 +134,7 @@ impl CudaDev {
             ones: Mutex::new(None),
             waits: Default::default(),
             profile: Mutex::new(None),
+            profiling: Default::default(),
         })
     }
 
@@ -145,6 +148,7 @@ impl CudaDev {
             ones: Mutex::new(None),
             waits: Default::default(),
             profile: Mutex::new(None),
+            profiling: Default::default(),
         }
     }
 
@@ -154,11 +158,13 @@ impl CudaDev {
     pub fn profile_start(&self) {
         if let Ok(mut p) = self.profile.lock() {
             *p = Some(Vec::new());
+            self.profiling.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// Stops the profile and returns the time per kernel, longest first (waits for the device).
     pub fn profile_stop(&self) -> Result<Vec<KernelTime>> {
+        self.profiling.store(false, std::sync::atomic::Ordering::Relaxed);
         let timed = self.profile.lock().map_err(|_| Error::Device("profile poisoned".into()))?.take().unwrap_or_default();
         self.sync()?;
         let mut by: HashMap<(&'static str, &'static str), (f64, usize)> = HashMap::new();
@@ -179,8 +185,7 @@ impl CudaDev {
 
     /// Runs `f` (one launch), timed when a profile is running.
     fn timed(&self, file: &'static str, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
-        if !on {
+        if !self.profiling.load(std::sync::atomic::Ordering::Relaxed) {
             return f();
         }
         let at = match &self.real {
