@@ -8,8 +8,10 @@
 # torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
 # DPTRAIN_TORCH_PYTHON or python3) and one step profiled by kernel class, (d) a 1-rank NCCL
 # all-reduce; meant to finish within 7 minutes (torch.compile's compilation is most of it).
-# `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare. NVRTC, cuBLAS and NCCL come from pip's NVIDIA
-# wheels (PyTorch dependencies), whose lib directories are put on LD_LIBRARY_PATH below.
+# `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare,
+# `DPTRAIN_EPILOGUE=0` the line with each linear's bias in a pass of its own. NVRTC, cuBLAS(Lt)
+# and NCCL come from pip's NVIDIA wheels (PyTorch dependencies), whose lib directories are put
+# on LD_LIBRARY_PATH below.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 BIN=${1:-target/release/dptrain}

@@ -19,7 +19,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
         eprintln!("{:<45} {:.2e}", r.op, r.max_rel_err);
     }
     assert!(bad.is_empty(), "ops disagreeing with the CPU engine on the emulator:\n{}", bad.join("\n"));
-    assert_eq!(rows.len(), 41);
+    assert_eq!(rows.len(), 43);
     // Ghost BN's kernels (one launch for all ghost batches, the sequential running-statistics
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
@@ -29,6 +29,57 @@ fn gpu_check_ops_pass_on_the_emulator() {
     flash_attention_probe_matches_the_cpu();
     cross_entropy_statistics_match_the_cpu();
     bf16_casts_match_the_cpu();
+    linear_bias_is_fused_where_it_can_be();
+}
+
+/// A linear's bias and bias gradient ride on the GEMMs (the cuBLASLt epilogues, emulated) —
+/// no bias pass of its own in either direction — and fall back to their own passes, with the
+/// same numbers, where fusing is off or the bias is not 16-byte aligned (a view one element
+/// into a buffer).
+fn linear_bias_is_fused_where_it_can_be() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut rng = Rng::new(9);
+    let mut r = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+    let (x, w, b) = (r(6 * 40), r(24 * 40), r(25));
+    let run = |prec: Precision, fuse: bool, off: usize| {
+        let before = d.set_epilogues(fuse);
+        d.profile_start();
+        let tape = Tape::new();
+        tape.set_precision(prec);
+        let leaf = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(v, s).unwrap().to_device(Device::Cuda(0)).unwrap());
+        let (xv, wv, bb) = (leaf(&x, &[6, 40]), leaf(&w, &[24, 40]), leaf(&b, &[25]));
+        let bv = bb.narrow(0, off, 24).unwrap();
+        let y = xv.linear(wv, Some(bv)).unwrap();
+        let loss = y.square().unwrap().sum_all().unwrap();
+        let mut gs = dptrain_core::GradStore::empty();
+        let lg = tape.backward(loss, &mut gs, |_, _| {}).unwrap();
+        let mut out = y.value().to_vec::<f32>().unwrap();
+        for v in [xv, wv, bb] {
+            out.extend(lg.get(v).unwrap().to_vec::<f32>().unwrap());
+        }
+        let names: Vec<&str> = d.profile_stop().unwrap().iter().map(|k| k.name).collect();
+        d.set_epilogues(before);
+        (out, names)
+    };
+    for prec in [Precision::F32, Precision::Bf16] {
+        let (fused, names) = run(prec, true, 0);
+        assert!(names.contains(&"gemm + bias (cuBLASLt)") && names.contains(&"gemm + bias gradient (cuBLASLt)"), "{prec:?}: {names:?}");
+        assert!(!names.contains(&"add_f32"), "{prec:?}: a bias pass ran beside the fused GEMM: {names:?}");
+        for (fuse, off) in [(false, 0), (true, 1)] {
+            let (plain, names) = run(prec, fuse, off);
+            assert!(
+                names.contains(&"add_f32") && !names.contains(&"gemm + bias (cuBLASLt)"),
+                "{prec:?} fuse {fuse} offset {off}: {names:?}"
+            );
+            if off == 0 {
+                let e = check::rel_err(&plain, &fused);
+                assert!(e < 1e-6, "{prec:?}: fused and unfused differ by {e:.2e}");
+            }
+        }
+    }
 }
 
 /// f32 → bf16 on the device rounds as the CPU does (nearest even; infinities, NaN), by the

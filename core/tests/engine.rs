@@ -198,7 +198,7 @@ fn init_is_deterministic_per_seed() {
 }
 
 /// `Precision::Bf16` on the CPU: a GEMM op computes exactly what the f32 op computes on inputs
-/// rounded to bf16 (forward and the input/weight gradients), and differs from plain f32.
+/// rounded to bf16 (forward and the input/weight/bias gradients), and differs from plain f32.
 #[test]
 fn bf16_precision_rounds_gemm_inputs_only() {
     use dptrain_core::Precision;
@@ -221,9 +221,9 @@ fn bf16_precision_rounds_gemm_inputs_only() {
     };
     let bf = run(Precision::Bf16, &x, &w, &g);
     // Forward: bf16(x)·bf16(w)ᵀ + b. Backward: dx = bf16(g)·bf16(w), dw = bf16(g)ᵀ·bf16(x),
-    // db = Σg (the bias gradient is not a GEMM).
-    let (fy, _, _, fb) = run(Precision::F32, &round(&x), &round(&w), &g);
-    let (_, fx, fw, _) = run(Precision::F32, &round(&x), &round(&w), &round(&g));
+    // db = Σ bf16(g) (on a GPU the weight GEMM's epilogue sums its bf16 operand).
+    let (fy, _, _, _) = run(Precision::F32, &round(&x), &round(&w), &g);
+    let (_, fx, fw, fb) = run(Precision::F32, &round(&x), &round(&w), &round(&g));
     assert_eq!(bf.0, fy);
     assert_eq!(bf.1, fx);
     assert_eq!(bf.2, fw);

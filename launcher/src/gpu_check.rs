@@ -199,6 +199,7 @@ struct Perf {
 #[cfg(feature = "cuda")]
 fn kernel_class(file: &str, name: &str) -> &'static str {
     match file {
+        "cublas" if name.contains("cuBLASLt") => "GEMMs with a bias epilogue (cuBLASLt)",
         "cublas" => "GEMMs (cuBLAS)",
         "flash" => "flash attention",
         "attention" => "attention, unfused (softmax, head copies)",
@@ -206,7 +207,7 @@ fn kernel_class(file: &str, name: &str) -> &'static str {
         "layer_norm" => "layer norm",
         "optim" => "optimizer",
         "elementwise" if name.contains("bf16") => "f32 ↔ bf16 casts",
-        "elementwise" if name.starts_with("strided") || name.starts_with("expand") => "strided copies (bias broadcast, views)",
+        "elementwise" if name.starts_with("strided") || name.starts_with("expand") => "strided copies (views)",
         "reduce" => "reductions (norms, sums)",
         _ => "other (element-wise, GELU, embedding, …)",
     }

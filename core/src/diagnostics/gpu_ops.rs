@@ -77,10 +77,23 @@ struct Case {
     build: Build,
     bound: f64,
     prec: Precision,
+    /// Runs with fused GEMM epilogues off on the GPU (the path taken where cuBLASLt cannot fuse).
+    unfused: bool,
 }
 
 /// Runs a case on `device`: (output, gradient of every input), on the host.
 fn run_on(c: &Case, device: Device) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let Device::Cuda(o) = device else { return run_case(c, device) };
+    let d = crate::tensor::cuda::dev(o)?;
+    // Off for an unfused case; otherwise as the process has it (`DPTRAIN_EPILOGUE`).
+    let before = d.set_epilogues(false);
+    d.set_epilogues(before && !c.unfused);
+    let r = run_case(c, device);
+    d.set_epilogues(before);
+    r
+}
+
+fn run_case(c: &Case, device: Device) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
     let tape = Tape::new();
     tape.set_precision(c.prec);
     let leaves: Vec<Var> = c.inputs.iter().map(|t| t.to_device(device).map(|t| tape.leaf(t))).collect::<Result<_>>()?;
@@ -97,7 +110,14 @@ fn run_on(c: &Case, device: Device) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
 
 fn cases() -> Vec<Case> {
     let mut v: Vec<Case> = vec![];
-    let f32c = |name: &str, inputs: Vec<Tensor>, build: Build| Case { name: name.into(), inputs, build, bound: 1e-5, prec: Precision::F32 };
+    let f32c = |name: &str, inputs: Vec<Tensor>, build: Build| Case {
+        name: name.into(),
+        inputs,
+        build,
+        bound: 1e-5,
+        prec: Precision::F32,
+        unfused: false,
+    };
     v.push(f32c("add", vec![randn(&[64, 48], 1), randn(&[64, 48], 2)], Box::new(|_, x, _| x[0].add(x[1]))));
     v.push(f32c("add (bias broadcast)", vec![randn(&[64, 48], 3), randn(&[48], 4)], Box::new(|_, x, _| x[0].add(x[1]))));
     v.push(f32c("sub (column broadcast)", vec![randn(&[64, 48], 5), randn(&[64, 1], 6)], Box::new(|_, x, _| x[0].sub(x[1]))));
@@ -129,6 +149,25 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
         bound: 1e-5,
         prec: Precision::Bf16,
+        unfused: false,
+    });
+    // The same two with the bias added (and its gradient summed) in passes of their own: what
+    // runs where cuBLASLt cannot fuse, and the before-line of gpu-check's profile.
+    v.push(Case {
+        name: "linear (+bias), bias unfused".into(),
+        inputs: vec![randn(&[4, 32, 64], 30), randn(&[96, 64], 31), randn(&[96], 32)],
+        build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
+        bound: 1e-5,
+        prec: Precision::F32,
+        unfused: true,
+    });
+    v.push(Case {
+        name: "linear (+bias), bf16 GEMM inputs, bias unfused".into(),
+        inputs: vec![randn(&[4, 32, 64], 33), randn(&[96, 64], 34), randn(&[96], 35)],
+        build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
+        bound: 1e-5,
+        prec: Precision::Bf16,
+        unfused: true,
     });
     v.push(f32c(
         "embedding",
@@ -172,6 +211,7 @@ fn cases() -> Vec<Case> {
         // The GPU also rounds the probabilities before P·V; the CPU does not.
         bound: 2e-2,
         prec: Precision::Bf16,
+        unfused: false,
     });
     // Flash attention (bf16, no dropout, head size 32 or 64; `kernels/cuda/flash.cu`): T = 130
     // spans three 64-row tiles, the last one partial. The GPU rounds P, dO and dS to bf16 for
@@ -184,6 +224,7 @@ fn cases() -> Vec<Case> {
             build: Box::new(move |_, x, _| Ok(x[0].causal_attention(heads)?.y)),
             bound: 2e-2,
             prec: Precision::Bf16,
+            unfused: false,
         });
     }
     // Flash attention with attention dropout: the kernels must drop exactly the elements the CPU
@@ -194,6 +235,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(2, drop)?.y)),
         bound: 2e-2,
         prec: Precision::Bf16,
+        unfused: false,
     });
     v.push(f32c(
         "cross_entropy + z-loss",

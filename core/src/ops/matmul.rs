@@ -1,7 +1,9 @@
 //! Matrix products: `matmul` (with batching; transposed operands are strided views, never
 //! copies) and `linear` (y = x Wᵀ + b with PyTorch's [out, in] weight layout), whose backward
-//! writes dW directly in [out, in] order and the bias gradient as a threaded column sum. Both
-//! honour the tape's GEMM precision (bf16 inputs, f32 accumulation) on either device.
+//! writes dW directly in [out, in] order and the bias gradient as a threaded column sum (on a
+//! GPU: both in one cuBLASLt GEMM, as the forward adds the bias in its epilogue). Both honour
+//! the tape's GEMM precision (bf16 inputs, f32 accumulation; under bf16 a linear's upstream
+//! gradient is rounded once, for all three of its gradients) on either device.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
@@ -168,10 +170,10 @@ fn linear_backward(g: &Tensor, saved: &LinearSaved, in_shape: &[usize], has_b: b
         LinearSaved::Host { x2, wv } => (x2, wv),
         #[cfg(feature = "cuda")]
         LinearSaved::Device(s) => {
-            let (gx, gw) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, prec)?;
+            let (gx, gw, gb) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, has_b, prec)?;
             let mut v = vec![Some(gx), Some(gw)];
             if has_b {
-                v.push(Some(crate::kernels::cuda::ops::sum_rows(&g2)?));
+                v.push(gb);
             }
             return Ok(v);
         }
@@ -183,7 +185,9 @@ fn linear_backward(g: &Tensor, saved: &LinearSaved, in_shape: &[usize], has_b: b
         let gw = grad_weight::<T>(&g2r, x2, rows, n, k)?;
         let mut v = vec![Some(gx), Some(gw)];
         if has_b {
-            v.push(Some(sum_to_shape::<T>(&g2, &[n])?));
+            // From the rounded gradient, as the GPU's bias gradient (summed by the weight
+            // GEMM's epilogue from its bf16 operand) and autocast's are.
+            v.push(Some(sum_to_shape::<T>(&g2r, &[n])?));
         }
         Ok(v)
     })

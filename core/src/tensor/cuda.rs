@@ -1,7 +1,8 @@
 //! The CUDA side of the tensor: one [`CudaDev`] per device ordinal (context, one compute stream,
 //! every kernel file compiled once with NVRTC for the device's architecture, a cuBLAS handle on
-//! that stream, and the caching allocator), and [`CudaStorage`], a device buffer that returns to
-//! the cache when the last tensor holding it is dropped.
+//! that stream, cuBLASLt for GEMMs with a fused epilogue (`cublaslt.rs`), and the caching
+//! allocator), and [`CudaStorage`], a device buffer that returns to the cache when the last
+//! tensor holding it is dropped.
 //!
 //! Device memory is handled as raw `CUdeviceptr`s (cudarc's result-level API) rather than
 //! `CudaSlice`, because tensors are views at element offsets into shared buffers of several
@@ -37,6 +38,8 @@ pub struct CudaDev {
     cache: Mutex<SizeCache<u64>>,
     /// A buffer of f32 ones for reductions done as GEMMs (grown on demand, never shrunk).
     ones: Mutex<Option<(DevBuf, usize)>>,
+    /// The same in bf16 (column sums of bf16 matrices, as a bf16-input GEMM).
+    ones16: Mutex<Option<(DevBuf, usize)>>,
     /// Times the host waited for the stream (syncs and device-to-host reads; counted on the
     /// emulator too, so tests can hold a step to none).
     waits: std::sync::atomic::AtomicU64,
@@ -44,6 +47,9 @@ pub struct CudaDev {
     /// whether one is (checked on every launch without taking the lock).
     profile: Mutex<Option<Vec<Timed>>>,
     profiling: std::sync::atomic::AtomicBool,
+    /// Whether [`CudaDev::gemm_epilogue`] fuses (`DPTRAIN_EPILOGUE=0` and gpu-check's unfused
+    /// rows turn it off).
+    epilogues: std::sync::atomic::AtomicBool,
 }
 
 /// One timed launch: (file, kernel) and its time — a pair of events on the stream, or the host
@@ -76,6 +82,8 @@ struct Real {
     modules: HashMap<&'static str, Arc<CudaModule>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: CudaBlas,
+    /// `None` when libcublasLt cannot be loaded.
+    lt: Option<super::cublaslt::Lt>,
 }
 
 static DEVS: Mutex<Vec<Arc<CudaDev>>> = Mutex::new(Vec::new());
@@ -125,16 +133,20 @@ impl CudaDev {
             return Err(Error::Device("cuBLAS (libcublas.so) was not found; put its directory on LD_LIBRARY_PATH".into()));
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| derr("creating the cuBLAS handle", e))?;
+        ctx.bind_to_thread().map_err(|e| derr("binding the CUDA context", e))?;
+        let lt = super::cublaslt::Lt::open();
         Ok(CudaDev {
             ordinal,
             name,
             arch,
-            real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas }),
+            real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas, lt }),
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
+            ones16: Mutex::new(None),
             waits: Default::default(),
             profile: Mutex::new(None),
             profiling: Default::default(),
+            epilogues: crate::env::env().epilogue.into(),
         })
     }
 
@@ -146,10 +158,18 @@ impl CudaDev {
             real: None,
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
+            ones16: Mutex::new(None),
             waits: Default::default(),
             profile: Mutex::new(None),
             profiling: Default::default(),
+            epilogues: crate::env::env().epilogue.into(),
         }
+    }
+
+    /// Turns fused GEMM epilogues on or off for this device (gpu-check measures and checks the
+    /// unfused path with it; `DPTRAIN_EPILOGUE=0` sets the default). Returns the previous value.
+    pub fn set_epilogues(&self, on: bool) -> bool {
+        self.epilogues.swap(on, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts timing every kernel launch and GEMM on this device (events around each, so the
@@ -395,6 +415,23 @@ impl CudaDev {
         Ok(p)
     }
 
+    /// A device buffer of at least `n` bf16 ones.
+    pub fn ones_bf16(self: &Arc<Self>, n: usize) -> Result<u64> {
+        let mut g = self.ones16.lock().map_err(|_| Error::Device("ones poisoned".into()))?;
+        if let Some((b, len)) = g.as_ref() {
+            if *len >= n {
+                return Ok(b.ptr);
+            }
+        }
+        let len = n.next_power_of_two().max(1024);
+        let src = self.ones(len)?;
+        let b = self.alloc(len * 2)?;
+        crate::kernels::cuda::ops::cast_raw(self, src, b.ptr, len, true)?;
+        let p = b.ptr;
+        *g = Some((b, len));
+        Ok(p)
+    }
+
     /// Row-major strided-batched GEMM `C[b] = alpha·A[b]·B[b] + beta·C[b]` with A `[m, k]`,
     /// B `[k, n]` described by [`MatArg`]s, C packed `[m, n]`; inputs f32 or bf16 (`in_dtype`),
     /// output f32, accumulation f32 (no TF32: results follow the CPU path within 1e-5).
@@ -447,6 +484,152 @@ impl CudaDev {
                 Ok(())
             }
         })
+    }
+
+    /// [`CudaDev::gemm`] (one matrix, not batched) with a fused epilogue through cuBLASLt.
+    /// Returns `Ok(false)`, having launched nothing, when it cannot fuse here — no cuBLASLt,
+    /// epilogues switched off, a bias pointer not 16-byte aligned, or no cuBLASLt algorithm for
+    /// the shape — and the caller then runs the plain GEMM and its own bias pass. The emulator
+    /// fuses with a reference of cuBLASLt's epilogue semantics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_epilogue(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatArg,
+        b: MatArg,
+        c: u64,
+        alpha: f32,
+        beta: f32,
+        in_dtype: DType,
+        ep: Epilogue,
+    ) -> Result<bool> {
+        let p = match ep {
+            Epilogue::Bias(p) | Epilogue::RowSumsA(p) => p,
+        };
+        if !self.epilogues.load(std::sync::atomic::Ordering::Relaxed) || p % 16 != 0 || in_dtype == DType::F64 {
+            return Ok(false);
+        }
+        // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's
+        // columns is a bias over Cᵀ's rows; row sums of A are sums of Aᵀ = op(B) over k.
+        let col = match ep {
+            Epilogue::Bias(p) => super::cublaslt::ColEpilogue::Bias(p),
+            Epilogue::RowSumsA(p) => super::cublaslt::ColEpilogue::GradB(p),
+        };
+        let g = super::cublaslt::LtGemm {
+            trans_a: b.trans,
+            trans_b: a.trans,
+            m: n,
+            n: m,
+            k,
+            a: b.ptr,
+            lda: b.ld,
+            b: a.ptr,
+            ldb: a.ld,
+            c,
+            ldc: n,
+            alpha,
+            beta,
+            bf16: in_dtype == DType::BF16,
+        };
+        let name = match ep {
+            Epilogue::Bias(_) => "gemm + bias (cuBLASLt)",
+            Epilogue::RowSumsA(_) => "gemm + bias gradient (cuBLASLt)",
+        };
+        let mut fused = false;
+        self.timed("cublas", name, || {
+            fused = match &self.real {
+                Some(r) => match &r.lt {
+                    Some(lt) => {
+                        self.bind()?;
+                        lt.run(&g, col, r.stream.cu_stream() as _)?
+                    }
+                    None => false,
+                },
+                None => {
+                    // SAFETY: the emulator's pointers are host memory of the sizes the GEMM
+                    // and its epilogue imply.
+                    unsafe { col_reference(&g, col) };
+                    true
+                }
+            };
+            Ok(())
+        })?;
+        Ok(fused)
+    }
+}
+
+/// What a fused GEMM also does, in the row-major terms of [`CudaDev::gemm`] (`C[m, n] =
+/// alpha·A[m, k]·B[k, n] + beta·C`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// Adds f32 `bias[n]` to every row of C (a linear's bias).
+    Bias(u64),
+    /// Writes f32 `out[m]` = Σ_l A[i, l], the row sums of A (with A = gᵀ for a weight gradient
+    /// gᵀ·x, the bias gradient).
+    RowSumsA(u64),
+}
+
+/// The emulator's cuBLASLt: the plain GEMM, then the epilogue as cuBLASLt defines it.
+///
+/// # Safety
+/// Pointers must be host addresses of buffers as large as the dims imply.
+unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpilogue) {
+    use super::cublaslt::ColEpilogue;
+    let plain = ColGemm {
+        trans_a: g.trans_a,
+        trans_b: g.trans_b,
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        a: g.a,
+        lda: g.lda,
+        stride_a: 0,
+        b: g.b,
+        ldb: g.ldb,
+        stride_b: 0,
+        c: g.c,
+        ldc: g.ldc,
+        stride_c: 0,
+        batch: 1,
+        alpha: g.alpha,
+        beta: g.beta,
+        bf16: g.bf16,
+    };
+    // SAFETY: forwarded contract.
+    unsafe { plain.reference() };
+    let rd = |p: u64, i: usize| -> f32 {
+        // SAFETY: in bounds by the caller's contract.
+        unsafe {
+            if g.bf16 {
+                half::bf16::from_bits(*(p as *const u16).add(i)).to_f32()
+            } else {
+                *(p as *const f32).add(i)
+            }
+        }
+    };
+    match ep {
+        // D[i, j] += bias[i] for i < m (bias broadcast over D's columns).
+        ColEpilogue::Bias(p) => {
+            for j in 0..g.n {
+                for i in 0..g.m {
+                    // SAFETY: in bounds by the caller's contract.
+                    unsafe { *(g.c as *mut f32).add(i + j * g.ldc) += *(p as *const f32).add(i) };
+                }
+            }
+        }
+        // grad[j] = Σ_l op(B)[l, j] for j < n: B's elements as stored (bf16 read as bf16).
+        ColEpilogue::GradB(p) => {
+            for j in 0..g.n {
+                let mut acc = 0.0f32;
+                for l in 0..g.k {
+                    acc += if g.trans_b { rd(g.b, j + l * g.ldb) } else { rd(g.b, l + j * g.ldb) };
+                }
+                // SAFETY: in bounds by the caller's contract.
+                unsafe { *(p as *mut f32).add(j) = acc };
+            }
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 
 pub mod cache;
 #[cfg(feature = "cuda")]
+mod cublaslt;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod pool;
 pub mod storage;

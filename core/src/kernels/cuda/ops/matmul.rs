@@ -1,6 +1,7 @@
 //! Matrix products on cuBLAS(Lt): batched and transposed operands, bf16 inputs with f32 accumulation, `linear` and its gradients.
 
 use super::*;
+use crate::tensor::cuda::Epilogue;
 
 /// A GEMM operand for the logical `[.., rows, cols]` view `t` (its last two dims), packing it
 /// when cuBLAS cannot read the strides, with the batch stride `bs`. Returns the tensor that
@@ -113,50 +114,76 @@ fn rowmajor(t: &Tensor, cols: usize, trans: bool) -> Result<MatArg> {
     Ok(MatArg { ptr: ptr(t)?, trans, ld: cols.max(1), batch_stride: 0 })
 }
 
-/// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`; and what backward reads.
+/// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`; and what backward reads. The bias
+/// is added by the GEMM's epilogue (cuBLASLt), or where that cannot run by one pass over y.
 pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<(Tensor, LinearSaved)> {
     f32_only(x2, "linear")?;
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
-    let out = match b {
-        Some(b) => expand_copy(b, &[rows, n])?.reshape(out_shape)?,
-        None => empty(&d, out_shape)?,
-    };
-    let beta = if b.is_some() { 1.0 } else { 0.0 };
-    match prec {
+    let out = empty(&d, out_shape)?;
+    let (xa, wa, dt, saved) = match prec {
         Prec::F32 => {
             let (xo, xm) = packed(x2)?;
             // wᵀ [k, n]: a transposed view of w (no copy).
             let (_wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
-            d.gemm(rows, n, k, xm, wm, ptr(&out)?, 1, 1.0, beta, DType::F32)?;
-            Ok((out, LinearSaved { x: xo, w: w.clone() }))
+            (xm, wm, DType::F32, LinearSaved { x: xo, w: w.clone() })
         }
         Prec::Bf16 => {
             let (x16, w16) = (bf16_copy(x2)?, bf16_copy(w)?);
-            d.gemm(rows, n, k, rowmajor(&x16, k, false)?, rowmajor(&w16, k, true)?, ptr(&out)?, 1, 1.0, beta, DType::BF16)?;
-            Ok((out, LinearSaved { x: x16, w: w16 }))
+            (rowmajor(&x16, k, false)?, rowmajor(&w16, k, true)?, DType::BF16, LinearSaved { x: x16, w: w16 })
+        }
+    };
+    let bias = b.map(contiguous).transpose()?;
+    let fused = match &bias {
+        Some(bc) => d.gemm_epilogue(rows, n, k, xa, wa, ptr(&out)?, 1.0, 0.0, dt, Epilogue::Bias(ptr(bc)?))?,
+        None => false,
+    };
+    if !fused {
+        d.gemm(rows, n, k, xa, wa, ptr(&out)?, 1, 1.0, 0.0, dt)?;
+        if let Some(bc) = &bias {
+            let total = rows * n;
+            // In place: add_f32(a, b, out, n, na, nb) with the bias repeating every n elements.
+            let y = ptr(&out)?;
+            launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
         }
     }
+    Ok((out, saved))
 }
 
-/// `linear`'s input and weight gradients for g `[rows, n]`: (`g @ w` → `in_shape`, `gᵀ @ x` →
-/// `[n, k]`). Under bf16, g is rounded once for both products.
-pub fn linear_grads(g2: &Tensor, s: &LinearSaved, in_shape: &[usize], prec: Prec) -> Result<(Tensor, Tensor)> {
+/// `linear`'s gradients for g `[rows, n]`: input (`g @ w` → `in_shape`), weight (`gᵀ @ x` →
+/// `[n, k]`) and, when `with_bias`, bias (the column sums of g, summed by the weight GEMM's
+/// epilogue where cuBLASLt can). Under bf16, g is rounded once for all three, as a bf16
+/// gradient under PyTorch's autocast is.
+pub fn linear_grads(
+    g2: &Tensor,
+    s: &LinearSaved,
+    in_shape: &[usize],
+    with_bias: bool,
+    prec: Prec,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
     let (gx, gw) = (empty(&d, in_shape)?, empty(&d, &[n, k])?);
-    match prec {
-        Prec::F32 => {
-            let (go, gm) = packed(g2)?;
-            let (_wo, wm) = operand_2d(&s.w, 0)?;
-            d.gemm(rows, k, n, gm, wm, ptr(&gx)?, 1, 1.0, 0.0, DType::F32)?;
-            d.gemm(n, k, rows, rowmajor(&go, n, true)?, rowmajor(&s.x, k, false)?, ptr(&gw)?, 1, 1.0, 0.0, DType::F32)?;
-        }
-        Prec::Bf16 => {
-            let g16 = bf16_copy(g2)?;
-            d.gemm(rows, k, n, rowmajor(&g16, n, false)?, rowmajor(&s.w, k, false)?, ptr(&gx)?, 1, 1.0, 0.0, DType::BF16)?;
-            d.gemm(n, k, rows, rowmajor(&g16, n, true)?, rowmajor(&s.x, k, false)?, ptr(&gw)?, 1, 1.0, 0.0, DType::BF16)?;
+    let (gq, dt) = match prec {
+        Prec::F32 => (contiguous(g2)?, DType::F32),
+        Prec::Bf16 => (bf16_copy(g2)?, DType::BF16),
+    };
+    let wm = match prec {
+        Prec::F32 => operand_2d(&s.w, 0)?.1,
+        Prec::Bf16 => rowmajor(&s.w, k, false)?,
+    };
+    d.gemm(rows, k, n, rowmajor(&gq, n, false)?, wm, ptr(&gx)?, 1, 1.0, 0.0, dt)?;
+    let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
+    let gb = if with_bias { Some(empty(&d, &[n])?) } else { None };
+    let fused = match &gb {
+        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, ptr(&gw)?, 1.0, 0.0, dt, Epilogue::RowSumsA(ptr(gb)?))?,
+        None => false,
+    };
+    if !fused {
+        d.gemm(n, k, rows, gt, xm, ptr(&gw)?, 1, 1.0, 0.0, dt)?;
+        if let Some(gb) = &gb {
+            sum_rows_into(&d, ptr(&gq)?, rows, n, ptr(gb)?, 0.0, dt)?;
         }
     }
-    Ok((gx, gw))
+    Ok((gx, gw, gb))
 }

@@ -2,10 +2,10 @@
 
 use super::*;
 
-/// Column sums of a packed `[rows, cols]` f32 matrix at `p`, written (or added, `beta = 1`) to
-/// `out` — `onesᵀ·X` as a GEMM.
-pub(crate) fn sum_rows_into(d: &Arc<CudaDev>, p: u64, rows: usize, cols: usize, out: u64, beta: f32) -> Result<()> {
-    let ones = d.ones(rows)?;
+/// Column sums of a packed `[rows, cols]` matrix of `dtype` (f32 or bf16) at `p`, in f32,
+/// written (or added, `beta = 1`) to `out` — `onesᵀ·X` as a GEMM.
+pub(crate) fn sum_rows_into(d: &Arc<CudaDev>, p: u64, rows: usize, cols: usize, out: u64, beta: f32, dtype: DType) -> Result<()> {
+    let ones = if dtype == DType::BF16 { d.ones_bf16(rows)? } else { d.ones(rows)? };
     d.gemm(
         1,
         cols,
@@ -16,7 +16,7 @@ pub(crate) fn sum_rows_into(d: &Arc<CudaDev>, p: u64, rows: usize, cols: usize, 
         1,
         1.0,
         beta,
-        DType::F32,
+        dtype,
     )
 }
 
@@ -35,7 +35,7 @@ pub fn sum_dims(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if rows == 0 {
         fill_raw(&d, ptr(&out)?, cols, 0.0)?;
     } else {
-        sum_rows_into(&d, ptr(&p)?, rows, cols, ptr(&out)?, 0.0)?;
+        sum_rows_into(&d, ptr(&p)?, rows, cols, ptr(&out)?, 0.0, DType::F32)?;
     }
     Ok(out)
 }
@@ -70,6 +70,6 @@ pub fn sum_rows(g2: &Tensor) -> Result<Tensor> {
     let (rows, n) = (g2.shape()[0], g2.shape()[1]);
     let g = contiguous(g2)?;
     let out = empty(&d, &[n])?;
-    sum_rows_into(&d, ptr(&g)?, rows, n, ptr(&out)?, 0.0)?;
+    sum_rows_into(&d, ptr(&g)?, rows, n, ptr(&out)?, 0.0, DType::F32)?;
     Ok(out)
 }
