@@ -242,7 +242,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 43 + 2, "{out}");
+    assert_eq!(rows, 44 + 2, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     // The tiny model has one head of 32, as GPT-124M's heads (64) a size with a flash kernel.
     assert!(out.contains("| dptrain (flash attention) |"), "{out}");

@@ -163,7 +163,27 @@ impl Gpt {
     }
 
     /// Logits `[B, T, V]` for token ids `[B, T]` (`train`: with dropout).
+    #[allow(clippy::too_many_arguments)]
     pub fn logits<'t>(
+        &self,
+        tape: &'t Tape,
+        ps: &ParamStore,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        train: bool,
+        probes: &mut dyn ProbeSink,
+    ) -> Result<Var<'t>> {
+        let h = self.hidden(tape, ps, ids, b, t, train, probes)?;
+        let logits = self.lm_head.forward(tape, ps, h)?;
+        record_coord(probes, format_args!("lm_head"), &logits);
+        Ok(logits)
+    }
+
+    /// What the classifier reads, `[B, T, C]`: the last layer norm's output times μP's readout
+    /// multiplier.
+    #[allow(clippy::too_many_arguments)]
+    fn hidden<'t>(
         &self,
         tape: &'t Tape,
         ps: &ParamStore,
@@ -228,9 +248,7 @@ impl Gpt {
         }
         let x = self.ln_f.forward(tape, ps, x)?;
         record_coord(probes, format_args!("ln_f"), &x);
-        let logits = self.lm_head.forward(tape, ps, crate::nn::readout_input(x, self.cfg.readout_mult)?)?;
-        record_coord(probes, format_args!("lm_head"), &logits);
-        Ok(logits)
+        crate::nn::readout_input(x, self.cfg.readout_mult)
     }
 }
 
@@ -239,8 +257,16 @@ impl Model for Gpt {
         let Batch::Tokens { inputs, targets, batch, context } = batch else {
             return Err(Error::Msg("gpt needs a token batch (data.kind synthetic-lm, text or tokens)".into()));
         };
-        let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
-        let ce = logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?;
+        let ce = if probes.coords() {
+            // The coordinate check reads the logits themselves.
+            let logits = self.logits(tape, params, inputs, *batch, *context, train, probes)?;
+            logits.reshape(&[batch * context, self.cfg.vocab_size])?.cross_entropy(targets, self.cfg.z_loss)?
+        } else {
+            let h = self.hidden(tape, params, inputs, *batch, *context, train, probes)?;
+            // Classifier and loss fused (bf16 logits under bf16; see `linear_cross_entropy`).
+            let h = h.reshape(&[batch * context, self.cfg.d_model])?;
+            h.linear_cross_entropy(tape.param(params, self.lm_head.w), targets, self.cfg.z_loss)?
+        };
         if probes.set().logits {
             probes.record_value("logit_mean", Reduce::Mean, ce.logit_mean);
             probes.record_value("log_z", Reduce::Mean, ce.log_z_mean);

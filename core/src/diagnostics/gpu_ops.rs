@@ -245,6 +245,20 @@ fn cases() -> Vec<Case> {
             Ok(x[0].cross_entropy(&t, 1e-3)?.loss)
         }),
     ));
+    // The fused classifier under bf16 (`linear_cross_entropy`): the GPU's GEMM writes bf16
+    // logits and its backward writes their bf16 gradient over them; the CPU rounds the logits
+    // the same way, so only summation order and its effect on rounding differ.
+    v.push(Case {
+        name: "linear_cross_entropy + z-loss, bf16 logits (fused classifier)".into(),
+        inputs: vec![randn(&[64, 48], 56), randn(&[300, 48], 57)],
+        build: Box::new(|_, x, _| {
+            let t: Vec<u32> = (0..64u32).map(|i| (i * 53) % 300).collect();
+            Ok(x[0].linear_cross_entropy(x[1], &t, 1e-3)?.loss)
+        }),
+        bound: 1e-4,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
     v.push(f32c(
         "batch_norm (train)",
         vec![randn(&[8, 6, 5, 5], 44), rand(&[6], 45, 0.5, 1.5), randn(&[6], 46)],

@@ -435,6 +435,7 @@ impl CudaDev {
     /// Row-major strided-batched GEMM `C[b] = alpha·A[b]·B[b] + beta·C[b]` with A `[m, k]`,
     /// B `[k, n]` described by [`MatArg`]s, C packed `[m, n]`; inputs f32 or bf16 (`in_dtype`),
     /// output f32, accumulation f32 (no TF32: results follow the CPU path within 1e-5).
+    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
         m: usize,
@@ -448,8 +449,28 @@ impl CudaDev {
         beta: f32,
         in_dtype: DType,
     ) -> Result<()> {
-        if in_dtype == DType::F64 {
-            return Err(Error::Device("f64 GEMM is not supported on CUDA".into()));
+        self.gemm_to(m, n, k, a, b, c, batch, alpha, beta, in_dtype, DType::F32)
+    }
+
+    /// [`CudaDev::gemm`] with C of dtype `out` (f32, or bf16 — rounded to nearest even from the
+    /// f32 accumulator — for bf16 inputs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_to(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatArg,
+        b: MatArg,
+        c: u64,
+        batch: usize,
+        alpha: f32,
+        beta: f32,
+        in_dtype: DType,
+        out: DType,
+    ) -> Result<()> {
+        if in_dtype == DType::F64 || out == DType::F64 || (out == DType::BF16 && in_dtype != DType::BF16) {
+            return Err(Error::Device(format!("a {in_dtype} → {out} GEMM is not supported on CUDA")));
         }
         // Column-major view: Cᵀ[n, m] = Bᵀ · Aᵀ (see MatArg for how a row-major operand maps).
         let g = ColGemm {
@@ -471,8 +492,13 @@ impl CudaDev {
             alpha,
             beta,
             bf16: in_dtype == DType::BF16,
+            out_bf16: out == DType::BF16,
         };
-        let name = if g.bf16 { "gemm (bf16 inputs)" } else { "gemm (f32)" };
+        let name = match (g.bf16, g.out_bf16) {
+            (true, true) => "gemm (bf16 inputs and output)",
+            (true, false) => "gemm (bf16 inputs)",
+            _ => "gemm (f32)",
+        };
         self.timed("cublas", name, || match &self.real {
             Some(r) => {
                 self.bind()?;
@@ -596,6 +622,7 @@ unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpi
         alpha: g.alpha,
         beta: g.beta,
         bf16: g.bf16,
+        out_bf16: false,
     };
     // SAFETY: forwarded contract.
     unsafe { plain.reference() };
@@ -655,6 +682,8 @@ struct ColGemm {
     alpha: f32,
     beta: f32,
     bf16: bool,
+    /// C in bf16 (else f32).
+    out_bf16: bool,
 }
 
 impl ColGemm {
@@ -685,7 +714,7 @@ impl ColGemm {
                 self.stride_b as i64,
                 (&beta) as *const f32 as *const _,
                 self.c as *mut _,
-                Dt::CUDA_R_32F,
+                if self.out_bf16 { Dt::CUDA_R_16BF } else { Dt::CUDA_R_32F },
                 i(self.ldc),
                 self.stride_c as i64,
                 i(self.batch),
@@ -722,11 +751,20 @@ impl ColGemm {
                         let bv = if self.trans_b { rd(self.b, b0 + j + l * self.ldb) } else { rd(self.b, b0 + l + j * self.ldb) };
                         acc += av * bv;
                     }
-                    // SAFETY: in bounds by the caller's contract.
-                    let cp = unsafe { (self.c as *mut f32).add(c0 + i + j * self.ldc) };
+                    let at = c0 + i + j * self.ldc;
                     // cuBLAS does not read C when beta is 0 (it may hold garbage or NaN).
-                    let prev = if self.beta == 0.0 { 0.0 } else { (unsafe { *cp }) * self.beta };
-                    unsafe { *cp = self.alpha * acc + prev };
+                    // SAFETY: in bounds by the caller's contract.
+                    unsafe {
+                        if self.out_bf16 {
+                            let cp = (self.c as *mut u16).add(at);
+                            let prev = if self.beta == 0.0 { 0.0 } else { half::bf16::from_bits(*cp).to_f32() * self.beta };
+                            *cp = half::bf16::from_f32(self.alpha * acc + prev).to_bits();
+                        } else {
+                            let cp = (self.c as *mut f32).add(at);
+                            let prev = if self.beta == 0.0 { 0.0 } else { *cp * self.beta };
+                            *cp = self.alpha * acc + prev;
+                        }
+                    }
                 }
             }
         }

@@ -6,16 +6,24 @@
 // won; `xent_stats_f32` folds those into the batch's means on the device (no host transfer).
 // Backward recomputes softmax from the logits and lse:
 // d/dx = softmax · (1 + 2z·lse) − onehot, times the upstream gradient (read on the device) / N.
+// The logits are f32, or bf16 (the fused classifier's, `linear_cross_entropy` under bf16: its
+// backward writes the bf16 gradient over the logits it no longer needs, in f32 arithmetic).
 
-extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum,
-                                        float* correct, i64 rows, i64 v, float z) {
+__device__ __forceinline__ float xent_ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float xent_ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void xent_st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void xent_st(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+
+template <typename T>
+__device__ void xent_fwd_rows(const T* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum, float* correct,
+                              i64 rows, i64 v, float z) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * v;
+        const T* xr = x + r * v;
         const i64 tg = (i64)targets[r];
-        const float xt = xr[tg];
+        const float xt = xent_ld(xr, tg);
         float m = -DPT_INF, s = 0.0f, t = 0.0f, beat = 0.0f;
         for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
-            const float a = xr[j];
+            const float a = xent_ld(xr, j);
             if (a > m) {
                 s = s * expf(m - a) + 1.0f;
                 m = a;
@@ -37,6 +45,15 @@ extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targ
             loss[r] = lse - xt + z * lse * lse;
         }
     }
+}
+
+extern "C" __global__ void xent_fwd_f32(const float* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum,
+                                        float* correct, i64 rows, i64 v, float z) {
+    xent_fwd_rows(x, targets, loss, lse_out, row_sum, correct, rows, v, z);
+}
+extern "C" __global__ void xent_fwd_bf16(const bf16_t* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum,
+                                         float* correct, i64 rows, i64 v, float z) {
+    xent_fwd_rows(x, targets, loss, lse_out, row_sum, correct, rows, v, z);
 }
 
 // The batch's statistics from the per-row results, in double, by one block (a power-of-two
@@ -77,17 +94,30 @@ extern "C" __global__ void xent_stats_f32(const float* loss, const float* lse, c
     }
 }
 
-// go: the upstream gradient of the mean loss (one element, on the device); scale = 1/N.
-extern "C" __global__ void xent_bwd_f32(const float* x, const unsigned int* targets, const float* lse, float* gx, i64 rows, i64 v, float z,
-                                        const float* go, float scale) {
+// go: the upstream gradient of the mean loss (one element, on the device); scale = 1/N. `gx` may
+// be `x` itself: each element is read, then written, by the same thread.
+template <typename T, typename G>
+__device__ void xent_bwd_rows(const T* x, const unsigned int* targets, const float* lse, G* gx, i64 rows, i64 v, float z,
+                              const float* go, float scale) {
     const float sc = scale * go[0];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float l = lse[r];
         const float f = sc * (1.0f + 2.0f * z * l);
+        const i64 tg = (i64)targets[r];
         for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
-            float d = expf(x[r * v + j] - l) * f;
-            if (j == (i64)targets[r]) d -= sc;
-            gx[r * v + j] = d;
+            float d = expf(xent_ld(x, r * v + j) - l) * f;
+            if (j == tg) d -= sc;
+            xent_st(gx, r * v + j, d);
         }
     }
+}
+
+extern "C" __global__ void xent_bwd_f32(const float* x, const unsigned int* targets, const float* lse, float* gx, i64 rows, i64 v, float z,
+                                        const float* go, float scale) {
+    xent_bwd_rows(x, targets, lse, gx, rows, v, z, go, scale);
+}
+// The bf16 logits' gradient, written over them.
+extern "C" __global__ void xent_bwd_bf16_inplace(bf16_t* x, const unsigned int* targets, const float* lse, i64 rows, i64 v, float z,
+                                                 const float* go, float scale) {
+    xent_bwd_rows((const bf16_t*)x, targets, lse, x, rows, v, z, go, scale);
 }

@@ -107,7 +107,60 @@ fn device_backward(x: &Tensor, lse: &Tensor, targets: &Targets, z_coef: f64, g: 
     })
 }
 
+/// Identity with its value rounded to bf16 (kept in f32) on the CPU: the classifier's logits
+/// under bf16, as the GPU's GEMM writes them. The gradient passes through (the linear's backward
+/// rounds it for its own products).
+fn round_to_bf16(x: Var<'_>) -> Result<Var<'_>> {
+    let v = crate::ops::matmul::round_for(&x.value(), crate::tensor::Precision::Bf16)?;
+    Ok(x.tape().record("round_bf16", v, &[x], |g| Ok(vec![Some(g.clone())])))
+}
+
 impl<'t> Var<'t> {
+    /// The classifier and its loss in one: the mean cross-entropy of the logits `self [N, C] @
+    /// wᵀ` (w `[V, C]`, no bias) against `targets`, plus `z_coef · mean(log²Z)` — as [`Var::linear`]
+    /// then [`Var::cross_entropy`]. Under bf16 precision the logits are bf16, as under PyTorch's
+    /// autocast: on a GPU one node whose GEMM writes them in bf16 and whose backward writes their
+    /// gradient over them (no f32 logits, no cast of their gradient: at a 50k vocabulary these
+    /// are the largest tensors of a step); on the CPU rounded to bf16. In f32, exactly `linear`
+    /// then `cross_entropy`.
+    pub fn linear_cross_entropy(self, w: Var<'t>, targets: &[u32], z_coef: f64) -> Result<CeOut<'t>> {
+        if self.tape().precision() == crate::tensor::Precision::F32 {
+            return self.linear(w, None)?.cross_entropy(targets, z_coef);
+        }
+        #[cfg(feature = "cuda")]
+        if self.value().is_cuda() {
+            return self.classifier_gpu(w, targets, z_coef);
+        }
+        round_to_bf16(self.linear(w, None)?)?.cross_entropy(targets, z_coef)
+    }
+
+    /// [`Var::linear_cross_entropy`] under bf16 on a GPU: one node.
+    #[cfg(feature = "cuda")]
+    fn classifier_gpu(self, w: Var<'t>, targets: &[u32], z_coef: f64) -> Result<CeOut<'t>> {
+        use crate::kernels::cuda::ops as gpu;
+        use crate::probe::Reduce;
+        let (x, wv) = (self.value(), w.value());
+        if x.rank() != 2 || wv.rank() != 2 || x.shape()[1] != wv.shape()[1] {
+            return Err(Error::shape("linear_cross_entropy", format!("x {:?} with weight {:?}", x.shape(), wv.shape())));
+        }
+        let (n, v) = (x.shape()[0], wv.shape()[0]);
+        if targets.len() != n {
+            return Err(Error::shape("linear_cross_entropy", format!("{} targets for {n} rows", targets.len())));
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::shape("linear_cross_entropy", format!("target {t} out of range for {v} classes")));
+        }
+        let (saved, st) = gpu::linear_cross_entropy(&x, &wv, targets, z_coef)?;
+        let at = |i: usize| -> Result<ProbeValue> { Ok(ProbeValue::Device(st.narrow(0, i, 1)?, Reduce::Mean)) };
+        let loss = st.narrow(0, 0, 1)?.reshape(&[])?;
+        let (log_z_mean, log_z_max, logit_mean, z_loss, accuracy) = (at(1)?, at(2)?, at(3)?, at(4)?, at(5)?);
+        let loss = self.tape().record("linear_cross_entropy", loss, &[self, w], move |g| {
+            let (gx, gw) = gpu::linear_cross_entropy_bwd(saved, z_coef, g)?;
+            Ok(vec![Some(gx), Some(gw)])
+        });
+        Ok(CeOut { loss, log_z_mean, log_z_max, logit_mean, z_loss, accuracy })
+    }
+
     /// Mean cross-entropy of `self [N, V]` (or `[..., V]`) against `targets` (N class ids), plus
     /// `z_coef · mean(log²Z)`.
     pub fn cross_entropy(self, targets: &[u32], z_coef: f64) -> Result<CeOut<'t>> {

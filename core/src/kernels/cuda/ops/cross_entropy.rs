@@ -40,3 +40,59 @@ pub fn cross_entropy_bwd(x: &Tensor, targets: &DevBuf, lse: &Tensor, z: f64, go:
         ptr(&x)?, targets.ptr, ptr(lse)?, ptr(&gx)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
     Ok(gx)
 }
+
+/// What the fused classifier's backward reads: the bf16 logits (its gradient is written over
+/// them), the bf16 operands of the forward product, log Z per row and the targets.
+pub struct ClassifierSaved {
+    logits: Tensor,
+    x16: Tensor,
+    w16: Tensor,
+    lse: Tensor,
+    targets: DevBuf,
+}
+
+/// The classifier under bf16, fused: logits = bf16(x2) · bf16(w)ᵀ for x2 `[rows, k]`, w `[v, k]`,
+/// written by the GEMM in bf16 (half the bytes of f32 logits, never cast), then the
+/// cross-entropy rows read them. Returns what backward needs and the statistics `[6]` (as
+/// [`cross_entropy`]).
+pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, targets: &[u32], z: f64) -> Result<(ClassifierSaved, Tensor)> {
+    f32_only(x2, "linear_cross_entropy")?;
+    let d = dev_of(x2)?;
+    let (rows, k, v) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
+    let (x16, w16) = (cast(&contiguous(x2)?, DType::BF16)?, cast(&contiguous(w)?, DType::BF16)?);
+    let logits = wrap(d.alloc(rows * v * 2)?, DType::BF16, &[rows, v]);
+    let row = |t: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(t)?, trans, ld: k.max(1), batch_stride: 0 }) };
+    d.gemm_to(rows, v, k, row(&x16, false)?, row(&w16, true)?, ptr(&logits)?, 1, 1.0, 0.0, DType::BF16, DType::BF16)?;
+    let tg = upload_ids(&d, targets)?;
+    let (loss, lse, rsum, correct) = (empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?);
+    // xent_fwd_bf16(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
+    launch!(d, "cross_entropy", "xent_fwd_bf16", per_row(rows);
+        ptr(&logits)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+    let stats = empty(&d, &[6])?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // xent_stats_f32(loss, lse, row_sum, correct, out, i64 rows, i64 v, float z)
+    launch!(d, "cross_entropy", "xent_stats_f32", one;
+        ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, ptr(&stats)?, rows as i64, v as i64, z as f32)?;
+    Ok((ClassifierSaved { logits, x16, w16, lse, targets: tg }, stats))
+}
+
+/// The fused classifier's gradients (x `[rows, k]`, w `[v, k]`) for the upstream gradient `go`
+/// (one element, on the device) of the mean loss: the logits' gradient is written in bf16 over
+/// the logits and read by both products as it is.
+pub fn linear_cross_entropy_bwd(s: ClassifierSaved, z: f64, go: &Tensor) -> Result<(Tensor, Tensor)> {
+    let d = dev_of(&s.logits)?;
+    let (rows, v) = (s.logits.shape()[0], s.logits.shape()[1]);
+    let k = s.x16.shape()[1];
+    let go = contiguous(go)?;
+    let scale = 1.0 / rows.max(1) as f64;
+    let g = ptr(&s.logits)?;
+    // xent_bwd_bf16_inplace(x, targets, lse, i64 rows, i64 v, float z, const float* go, float scale)
+    launch!(d, "cross_entropy", "xent_bwd_bf16_inplace", per_row(rows);
+        g, s.targets.ptr, ptr(&s.lse)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
+    let (gx, gw) = (empty(&d, &[rows, k])?, empty(&d, &[v, k])?);
+    let mat = |p: u64, trans: bool, ld: usize| MatArg { ptr: p, trans, ld: ld.max(1), batch_stride: 0 };
+    // gx = g · w, gw = gᵀ · x, all operands bf16.
+    d.gemm(rows, k, v, mat(g, false, v), mat(ptr(&s.w16)?, false, k), ptr(&gx)?, 1, 1.0, 0.0, DType::BF16)?;
+    d.gemm(v, k, rows, mat(g, true, v), mat(ptr(&s.x16)?, false, k), ptr(&gw)?, 1, 1.0, 0.0, DType::BF16)?;
+    Ok((gx, gw))
+}
