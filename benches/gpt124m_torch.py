@@ -1,12 +1,14 @@
-"""PyTorch eager side of `dptrain gpu-check` part (c): a GPT-124M-shaped model (GPT-2 small:
-12 layers, 12 heads, width 768, context 1024, vocabulary 50304, biases, tanh GELU, untied
-readout) trained with fused AdamW under bf16 autocast on one GPU, the same shapes and batch
-dptrain runs: the configuration a PyTorch user runs. Attention is F.scaled_dot_product_attention
-(what eager nanoGPT uses); `--compile` wraps the model in torch.compile (its compilation is in the
-warm-up steps, not the timed ones). Prints one line:
+"""PyTorch side of `dptrain gpu-check` part (c): a GPT-124M-shaped model (GPT-2 small: 12
+layers, 12 heads, width 768, context 1024, vocabulary 50304, biases, tanh GELU, untied readout,
+batch 8) trained with fused AdamW under bf16 autocast on one GPU, the same shapes and batch
+dptrain runs: the configuration a PyTorch user runs. `--small` is examples/shakespeare-char.toml's
+model instead (nanoGPT's character-level one on bytes: 6 layers of 384, 6 heads, context 256,
+vocabulary 256, no biases, exact GELU, dropout 0.2, batch 64, betas (0.9, 0.99)). Attention is
+F.scaled_dot_product_attention (what eager nanoGPT uses); `--compile` wraps the model in
+torch.compile (its compilation is in the warm-up steps, not the timed ones). Prints one line:
 `tokens_per_s=<float> step_ms=<float> peak_mib=<float>` (peak: torch.cuda.max_memory_reserved).
 
-usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup] [--compile]"""
+usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup] [--compile] [--small]"""
 import math
 import sys
 import time
@@ -16,27 +18,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 COMPILE = "--compile" in sys.argv
-ARGS = [a for a in sys.argv[1:] if a != "--compile"]
-B = int(ARGS[0]) if len(ARGS) > 0 else 8
+SMALL = "--small" in sys.argv
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+B = int(ARGS[0]) if len(ARGS) > 0 else (64 if SMALL else 8)
 STEPS = int(ARGS[1]) if len(ARGS) > 1 else 10
 WARMUP = int(ARGS[2]) if len(ARGS) > 2 else 3
-V, T, C, L, H = 50304, 1024, 768, 12, 12
+if SMALL:
+    V, T, C, L, H, BIAS, DROP, GELU, BETA2 = 256, 256, 384, 6, 6, False, 0.2, "none", 0.99
+else:
+    V, T, C, L, H, BIAS, DROP, GELU, BETA2 = 50304, 1024, 768, 12, 12, True, 0.0, "tanh", 0.95
 
 
 class Block(nn.Module):
     def __init__(s):
         super().__init__()
-        s.ln_1, s.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        s.c_attn, s.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-        s.c_fc, s.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        s.ln_1, s.ln_2 = nn.LayerNorm(C, bias=BIAS), nn.LayerNorm(C, bias=BIAS)
+        s.c_attn, s.attn_proj = nn.Linear(C, 3 * C, bias=BIAS), nn.Linear(C, C, bias=BIAS)
+        s.c_fc, s.mlp_proj = nn.Linear(C, 4 * C, bias=BIAS), nn.Linear(4 * C, C, bias=BIAS)
+        s.drop = nn.Dropout(DROP)
 
     def forward(s, x):
         b, t, c = x.shape
         q, k, v = s.c_attn(s.ln_1(x)).split(c, dim=2)
         sh = lambda z: z.view(b, t, H, c // H).transpose(1, 2)
-        y = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), is_causal=True)
-        x = x + s.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-        return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate="tanh"))
+        y = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), dropout_p=DROP if s.training else 0.0, is_causal=True)
+        x = x + s.drop(s.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c)))
+        return x + s.drop(s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate=GELU)))
 
 
 class GPT(nn.Module):
@@ -44,10 +51,11 @@ class GPT(nn.Module):
         super().__init__()
         s.wte, s.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
         s.h = nn.ModuleList(Block() for _ in range(L))
-        s.ln_f, s.lm_head = nn.LayerNorm(C), nn.Linear(C, V, bias=False)
+        s.ln_f, s.lm_head = nn.LayerNorm(C, bias=BIAS), nn.Linear(C, V, bias=False)
+        s.drop = nn.Dropout(DROP)
 
     def forward(s, idx, tgt):
-        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = s.drop(s.wte(idx) + s.wpe(torch.arange(idx.shape[1], device=idx.device)))
         for blk in s.h:
             x = blk(x)
         logits = s.lm_head(s.ln_f(x))
@@ -58,7 +66,7 @@ def main():
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = GPT().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, BETA2), weight_decay=0.1, fused=True)
     run = torch.compile(model) if COMPILE else model
     idx = torch.randint(0, V, (B, T), device=dev)
     tgt = torch.randint(0, V, (B, T), device=dev)

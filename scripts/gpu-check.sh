@@ -6,8 +6,10 @@
 # Prints the device, the commit and one table: (a) every op forward/backward GPU vs CPU, (b) the
 # default GPT trained 20 steps on each device, (c) GPT-124M bf16 tokens/s vs PyTorch eager and
 # torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
-# DPTRAIN_TORCH_PYTHON or python3) and one step profiled by kernel class, (d) a 1-rank NCCL
-# all-reduce; meant to finish within 7 minutes (torch.compile's compilation is most of it).
+# DPTRAIN_TORCH_PYTHON or python3), dptrain with each fusion off in turn, one step profiled by
+# kernel class; the same for the 10.9 M model of examples/shakespeare-char.toml against eager;
+# (d) a 1-rank NCCL all-reduce; meant to finish within 7 minutes (torch.compile's compilation
+# is most of it).
 # `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare,
 # `DPTRAIN_EPILOGUE=0` the line with each linear's bias in a pass of its own. NVRTC, cuBLAS(Lt)
 # and NCCL come from pip's NVIDIA wheels (PyTorch dependencies), whose lib directories are put

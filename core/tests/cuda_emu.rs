@@ -45,7 +45,7 @@ fn linear_bias_is_fused_where_it_can_be() {
     let mut r = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
     let (x, w, b) = (r(6 * 40), r(24 * 40), r(25));
     let run = |prec: Precision, fuse: bool, off: usize| {
-        let before = d.set_epilogues(fuse);
+        let before = d.set_fusions(dptrain_core::tensor::cuda::Fusions { epilogue: fuse, ..d.fusions() });
         d.profile_start();
         let tape = Tape::new();
         tape.set_precision(prec);
@@ -61,7 +61,7 @@ fn linear_bias_is_fused_where_it_can_be() {
             out.extend(lg.get(v).unwrap().to_vec::<f32>().unwrap());
         }
         let names: Vec<&str> = d.profile_stop().unwrap().iter().map(|k| k.name).collect();
-        d.set_epilogues(before);
+        d.set_fusions(before);
         (out, names)
     };
     for prec in [Precision::F32, Precision::Bf16] {

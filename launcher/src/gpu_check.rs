@@ -80,51 +80,10 @@ fn cuda_check(device: usize) -> Result<()> {
     };
     print(&row);
     rows.push(row);
-    // (c) throughput of a GPT-124M-shaped model in bf16 against PyTorch eager.
-    println!();
-    match gpt124m_tokens_per_s(device) {
-        Ok(p) => {
-            println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU | device memory MiB |", p.model, p.batch, p.context);
-            println!("|---|---|---|---|---|");
-            println!(
-                "| dptrain ({}) | {:.0} | {:.1} | {:.1} % of {:.0} TFLOP/s | {:.0} |",
-                p.attention,
-                p.tokens_per_s,
-                p.step_ms,
-                100.0 * p.mfu,
-                p.peak / 1e12,
-                p.reserved_mib
-            );
-            let _ = std::io::stdout().flush();
-            for (label, compile) in [("PyTorch eager (autocast bf16, SDPA, fused AdamW)", false), ("PyTorch torch.compile (same)", true)] {
-                match torch_tokens_per_s(compile) {
-                    Ok(r) => {
-                        println!(
-                            "| {label} | {:.0} | {:.1} | {:.1} % | {:.0} |",
-                            r.tokens_per_s,
-                            r.step_ms,
-                            100.0 * p.mfu * r.tokens_per_s / p.tokens_per_s,
-                            r.peak_mib
-                        );
-                        println!(
-                            "| ratio dptrain / {} | {:.2} | | | {:.2} |",
-                            if compile { "torch.compile" } else { "eager" },
-                            p.tokens_per_s / r.tokens_per_s,
-                            p.reserved_mib / r.peak_mib
-                        );
-                    }
-                    Err(e) => println!("| {label} | not run: {e} | | | |"),
-                }
-                let _ = std::io::stdout().flush();
-            }
-            print_profile(&p.profile);
-            println!(
-                "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer's loss read and clipping norm make 2)",
-                p.raw_allocs_in_timed_steps, p.host_waits_per_step
-            );
-        }
-        Err(e) => {
-            let row = fail("GPT-124M bf16 throughput", e);
+    // (c) throughput against PyTorch on the same GPU: GPT-124M, then the 10.9 M byte-level GPT.
+    for preset in [Preset::gpt124m(), Preset::shakespeare_char()] {
+        if let Err(e) = throughput(device, &preset) {
+            let row = fail(&format!("{} bf16 throughput", preset.label), e);
             print(&row);
             rows.push(row);
         }
@@ -215,7 +174,7 @@ fn kernel_class(file: &str, name: &str) -> &'static str {
 
 /// Prints the profiled step: time per kernel class with its share, then the five longest kernels.
 #[cfg(feature = "cuda")]
-fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime]) {
+fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f64) {
     let total: f64 = profile.iter().map(|k| k.ms).sum();
     let mut classes: Vec<(&str, f64, usize)> = vec![];
     for k in profile {
@@ -238,6 +197,11 @@ fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime]) {
     println!("| total | {total:.2} | 100 % | {} |", profile.iter().map(|k| k.launches).sum::<usize>());
     let top: Vec<String> = profile.iter().take(5).map(|k| format!("{}.{} {:.2} ms ×{}", k.file, k.name, k.ms, k.launches)).collect();
     println!("longest kernels: {}", top.join(", "));
+    // Below 100 % the GPU waits for the host (launches, syncs) for the rest of the step.
+    println!(
+        "kernel time {total:.2} ms per step of {step_ms:.2} ms timed: the GPU is busy {:.0} % of the step",
+        100.0 * total / step_ms.max(1e-12)
+    );
 }
 
 /// One PyTorch measurement.
@@ -264,40 +228,161 @@ fn peak_bf16(name: &str) -> f64 {
     }
 }
 
-/// GPT-124M (GPT-2 small shapes, vocabulary 50304), batch 8 × 1024, bf16 GEMMs, AdamW: 3
-/// warm-up steps, then 10 timed.
+/// A model gpu-check measures: its shapes, batch and optimizer, as dptrain and as
+/// benches/gpt124m_torch.py (`torch_args`) build it.
 #[cfg(feature = "cuda")]
-fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
+struct Preset {
+    label: String,
+    cfg: dptrain_models::GptConfig,
+    batch: usize,
+    betas: (f64, f64),
+    torch_args: &'static [&'static str],
+    /// Also against torch.compile (its compilation takes minutes of scarce device time; the
+    /// small model's target is eager's).
+    compile: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl Preset {
+    /// GPT-124M (GPT-2 small shapes, vocabulary 50304), batch 8 × 1024.
+    fn gpt124m() -> Preset {
+        let cfg = dptrain_models::GptConfig {
+            vocab_size: 50304,
+            context: 1024,
+            d_model: 768,
+            n_layers: 12,
+            n_heads: 12,
+            mlp_ratio: 4,
+            bias: true,
+            z_loss: 0.0,
+            gelu_tanh: true,
+            dropout: 0.0,
+            ..Default::default()
+        };
+        Preset { label: "GPT-124M".into(), cfg, batch: 8, betas: (0.9, 0.95), torch_args: &[], compile: true }
+    }
+
+    /// examples/shakespeare-char.toml's model (nanoGPT's character-level one on bytes: 6 layers
+    /// of 384, 6 heads, context 256, no biases, dropout 0.2, exact GELU), batch 64.
+    fn shakespeare_char() -> Preset {
+        let cfg = dptrain_models::GptConfig {
+            vocab_size: 256,
+            context: 256,
+            d_model: 384,
+            n_layers: 6,
+            n_heads: 6,
+            mlp_ratio: 4,
+            bias: false,
+            z_loss: 0.0,
+            gelu_tanh: false,
+            dropout: 0.2,
+            ..Default::default()
+        };
+        Preset {
+            label: "GPT 10.9M (examples/shakespeare-char.toml)".into(),
+            cfg,
+            batch: 64,
+            betas: (0.9, 0.99),
+            torch_args: &["--small"],
+            compile: false,
+        }
+    }
+}
+
+/// Part (c) for one model: dptrain against PyTorch eager and torch.compile, then dptrain with
+/// each fusion off in turn (the before/after lines), then one step's profile.
+#[cfg(feature = "cuda")]
+fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String> {
+    use dptrain_core::tensor::cuda::Fusions;
+    use std::io::Write;
+    let p = measure(device, preset, Fusions::ALL)?;
+    println!();
+    println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU | device memory MiB |", p.model, p.batch, p.context);
+    println!("|---|---|---|---|---|");
+    println!(
+        "| dptrain ({}) | {:.0} | {:.1} | {:.1} % of {:.0} TFLOP/s | {:.0} |",
+        p.attention,
+        p.tokens_per_s,
+        p.step_ms,
+        100.0 * p.mfu,
+        p.peak / 1e12,
+        p.reserved_mib
+    );
+    let _ = std::io::stdout().flush();
+    let runs = [("PyTorch eager (autocast bf16, SDPA, fused AdamW)", false), ("PyTorch torch.compile (same)", true)];
+    for (label, compile) in runs.into_iter().filter(|r| preset.compile || !r.1) {
+        match torch_tokens_per_s(preset.torch_args, compile) {
+            Ok(r) => {
+                println!(
+                    "| {label} | {:.0} | {:.1} | {:.1} % | {:.0} |",
+                    r.tokens_per_s,
+                    r.step_ms,
+                    100.0 * p.mfu * r.tokens_per_s / p.tokens_per_s,
+                    r.peak_mib
+                );
+                println!(
+                    "| ratio dptrain / {} | {:.2} | | | {:.2} |",
+                    if compile { "torch.compile" } else { "eager" },
+                    p.tokens_per_s / r.tokens_per_s,
+                    p.reserved_mib / r.peak_mib
+                );
+            }
+            Err(e) => println!("| {label} | not run: {e} | | | |"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    // Before/after: each fused path off in turn (the rest on), same model and batch.
+    let offs = [
+        ("flash attention", Fusions { flash: false, ..Fusions::ALL }),
+        ("bias epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
+        ("fused classifier", Fusions { classifier: false, ..Fusions::ALL }),
+    ];
+    for (what, f) in offs {
+        match measure(device, preset, f) {
+            Ok(q) => println!(
+                "| dptrain without the {what} ({}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
+                q.attention,
+                q.step_ms / p.step_ms,
+                q.tokens_per_s,
+                q.step_ms,
+                100.0 * q.mfu,
+                q.reserved_mib
+            ),
+            Err(e) => println!("| dptrain without the {what} | not run: {e} | | | |"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    print_profile(&p.profile, p.step_ms);
+    println!(
+        "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer reads the loss and the clipping norm together: 1)",
+        p.raw_allocs_in_timed_steps, p.host_waits_per_step
+    );
+    Ok(())
+}
+
+/// One model's bf16 training steps with fusions `fusions` (AdamW, clipping at 1): 3 warm-up
+/// steps, then 10 timed, then one profiled.
+#[cfg(feature = "cuda")]
+fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::Fusions) -> std::result::Result<Perf, String> {
     use dptrain_core::model::{Batch, Model};
     use dptrain_core::Precision;
     use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Tape};
-    use dptrain_models::{Gpt, GptConfig};
+    use dptrain_models::Gpt;
     use dptrain_optim::Optimizer;
     let e = |x: dptrain_core::Error| x.to_string();
-    let mut cfg = GptConfig {
-        vocab_size: 50304,
-        context: 1024,
-        d_model: 768,
-        n_layers: 12,
-        n_heads: 12,
-        mlp_ratio: 4,
-        bias: true,
-        z_loss: 0.0,
-        gelu_tanh: true,
-        dropout: 0.0,
-        ..Default::default()
-    };
-    let (mut b, mut t) = (8usize, 1024usize);
+    let mut cfg = preset.cfg.clone();
+    let (mut b, mut t) = (preset.batch, cfg.context);
     // Tests of this command on the CPU emulator shrink the model (the numbers then mean nothing).
     if dptrain_core::env::env().gpu_check_tiny {
         // One head of 32: flash attention runs (as at full size).
-        cfg = GptConfig { vocab_size: 96, context: 16, d_model: 32, n_layers: 1, n_heads: 1, ..cfg };
+        cfg = dptrain_models::GptConfig { vocab_size: 96, context: 16, d_model: 32, n_layers: 1, n_heads: 1, ..cfg };
         (b, t) = (2, 16);
     }
     let mut pb = ParamBuilder::new();
     let model = Gpt::new(cfg.clone(), &mut pb).map_err(e)?;
     let mut params = pb.build(1, DType::F32).map_err(e)?;
-    let mut opt = dptrain_optim::AdamW::new(dptrain_optim::AdamWConfig { beta2: 0.95, weight_decay: 0.1, ..Default::default() }, &params);
+    let ocfg = dptrain_optim::AdamWConfig { beta1: preset.betas.0, beta2: preset.betas.1, weight_decay: 0.1, ..Default::default() };
+    let mut opt = dptrain_optim::AdamW::new(ocfg, &params);
     params.to_device(Device::Cuda(device)).map_err(e)?;
     let mut grads = GradStore::try_new(&params).map_err(e)?;
     let mut rng = dptrain_core::rng::Rng::new(7);
@@ -305,6 +390,9 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let tg: Vec<u32> = (0..b * t).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u32 % cfg.vocab_size as u32).collect();
     let batch = Batch::Tokens { inputs: ids, targets: tg, batch: b, context: t };
     let dev = dptrain_core::tensor::cuda::dev(device).map_err(e)?;
+    // What the previous measurement left cached would count as this one's memory.
+    dev.empty_cache().map_err(e)?;
+    let before = dev.set_fusions(fusions);
     let (warm, timed) = (3, 10);
     let mut t0 = std::time::Instant::now();
     let (mut allocs0, mut waits0) = (0, 0);
@@ -313,31 +401,45 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
         grads.zero_grad();
         let tape = Tape::new();
         tape.set_precision(Precision::Bf16);
+        tape.set_rng_key(i as u64);
         let loss = model.loss(&tape, &params, &batch, true, &mut NoProbes).map_err(e)?;
-        loss.item().map_err(e)?;
+        let value = loss.value();
         tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
         drop(tape);
-        dptrain_optim::clip_grad_norm(&mut grads, 1.0).map_err(|x| x.to_string())?;
+        // As the trainer: the loss and the gradient's norm read in one transfer, then clipping.
+        let (sq, _) = dptrain_core::ops::flat::sum_squares_and(grads.flat(), &[value]).map_err(e)?;
+        dptrain_optim::clip_to_norm(&mut grads, 1.0, sq.sqrt()).map_err(|x| x.to_string())?;
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())
     };
-    for i in 0..warm + timed {
-        if i == warm {
-            dev.sync().map_err(e)?;
-            t0 = std::time::Instant::now();
-            allocs0 = dev.cache_stats().raw_allocs;
-            waits0 = dev.host_waits();
+    let mut run = || -> std::result::Result<(f64, u64, u64, Vec<dptrain_core::tensor::cuda::KernelTime>), String> {
+        for i in 0..warm + timed {
+            if i == warm {
+                dev.sync().map_err(e)?;
+                t0 = std::time::Instant::now();
+                allocs0 = dev.cache_stats().raw_allocs;
+                waits0 = dev.host_waits();
+            }
+            step(i)?;
         }
-        step(i)?;
-    }
-    let waits = dev.host_waits() - waits0;
-    dev.sync().map_err(e)?;
-    let dt = t0.elapsed().as_secs_f64() / timed as f64;
-    // One more step with every launch timed (events around each: a little slower than the
-    // timed steps, so only the shares are reported).
-    dev.profile_start();
-    step(warm + timed)?;
-    let profile = dev.profile_stop().map_err(e)?;
+        let waits = dev.host_waits() - waits0;
+        dev.sync().map_err(e)?;
+        let dt = t0.elapsed().as_secs_f64() / timed as f64;
+        let allocs = dev.cache_stats().raw_allocs - allocs0;
+        // One more step with every launch timed (events around each: a little slower than the
+        // timed steps, so only the shares are reported).
+        dev.profile_start();
+        step(warm + timed)?;
+        Ok((dt, allocs, waits, dev.profile_stop().map_err(e)?))
+    };
+    let r = run();
+    let attention = if dptrain_core::ops::fused::attention::gpu_uses_flash(&dev, cfg.d_model / cfg.n_heads, Precision::Bf16) {
+        "flash attention"
+    } else {
+        "unfused attention"
+    };
+    dev.set_fusions(before);
+    let (dt, allocs, waits, profile) = r?;
     let tokens_per_s = (b * t) as f64 / dt;
     // FLOPs per token as nanoGPT's estimate_mfu: 6N for the matmuls with parameters plus
     // 12·L·T·C for attention scores and values.
@@ -345,34 +447,34 @@ fn gpt124m_tokens_per_s(device: usize) -> std::result::Result<Perf, String> {
     let per_token = 6.0 * n + 12.0 * (cfg.n_layers * t * cfg.d_model) as f64;
     let peak = peak_bf16(&dev.name);
     Ok(Perf {
-        model: if cfg.d_model == 768 { "GPT-124M".into() } else { format!("GPT (tiny test model, {:.2}M parameters)", n / 1e6) },
+        model: if dptrain_core::env::env().gpu_check_tiny {
+            format!("{} (as a tiny test model, {:.2}M parameters)", preset.label, n / 1e6)
+        } else {
+            preset.label.clone()
+        },
         batch: b,
         context: t,
         tokens_per_s,
         step_ms: dt * 1e3,
         mfu: per_token * tokens_per_s / peak,
         peak,
-        raw_allocs_in_timed_steps: dev.cache_stats().raw_allocs - allocs0,
+        raw_allocs_in_timed_steps: allocs,
         reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
         host_waits_per_step: waits as f64 / timed as f64,
         profile,
-        attention: if dptrain_core::ops::fused::attention::gpu_uses_flash(&dev, cfg.d_model / cfg.n_heads, Precision::Bf16) {
-            "flash attention"
-        } else {
-            "unfused attention"
-        },
+        attention,
     })
 }
 
-/// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3), eager or
-/// under torch.compile.
+/// Runs benches/gpt124m_torch.py (python from DPTRAIN_TORCH_PYTHON, else python3) with `args`,
+/// eager or under torch.compile.
 #[cfg(feature = "cuda")]
-fn torch_tokens_per_s(compile: bool) -> std::result::Result<TorchPerf, String> {
+fn torch_tokens_per_s(args: &[&str], compile: bool) -> std::result::Result<TorchPerf, String> {
     let env = dptrain_core::env::env();
     let py = env.torch_python.clone().unwrap_or_else(|| "python3".into());
     let script = env.torch_script.clone();
     let mut cmd = std::process::Command::new(&py);
-    cmd.arg(&script);
+    cmd.arg(&script).args(args);
     if compile {
         cmd.arg("--compile");
     }

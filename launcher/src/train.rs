@@ -17,11 +17,11 @@ use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
-use dptrain_core::ops::flat::{copy_of, sum_squares};
+use dptrain_core::ops::flat::{copy_of, sum_squares, sum_squares_and};
 use dptrain_core::probe::{anchor_of, ProbeSet, ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{GradStore, Tape};
-use dptrain_optim::{clip_grad_norm, StepCtx};
+use dptrain_optim::{clip_to_norm, StepCtx};
 use std::path::PathBuf;
 
 /// Stream numbers of the counter-based draws keyed per micro-step (see `key_of`).
@@ -142,7 +142,8 @@ fn train_loop(
         let (cbs_ranks, cbs_micro) = (cbs && ws > 1, cbs && ws == 1 && run.accum > 1);
         let (mut micro_sq, mut prev_acc) = (0.0, None);
         grads.zero_grad();
-        let (mut loss_sum, mut comm_stats) = (0.0, None);
+        // Each micro-step's loss stays on the device until the one read after the reduction.
+        let (mut losses, mut comm_stats) = (Vec::with_capacity(run.accum), None);
         for micro in 0..run.accum {
             // Random windows and dropout masks: counter-based draws keyed by where they are
             // used, so a resumed run draws what the uninterrupted one did and ranks differ.
@@ -151,7 +152,7 @@ fn train_loop(
             // Gradients are communicated on the last micro-step only (DDP's no_sync).
             let sync = micro + 1 == run.accum && !cbs_ranks;
             let (loss, stats) = forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(DROPOUT_STREAM), sync, &mut probes)?;
-            loss_sum += loss;
+            losses.push(loss);
             comm_stats = comm_stats.or(stats);
             if cbs_micro {
                 let acc = copy_of(grads.flat())?;
@@ -172,17 +173,22 @@ fn train_loop(
                 cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
             }
         }
-        if run.fault.is_some_and(|f| f.poisons(rank, done)) {
-            loss_sum = f64::NAN;
+        let poisoned = run.fault.is_some_and(|f| f.poisons(rank, done));
+        if poisoned {
             dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), f32::NAN)?;
         }
+        // The step's one wait for the device: the gradient's Σg² and the micro-step losses,
+        // read together.
+        let (grad_sq, micro_losses) = sum_squares_and(grads.flat(), &losses)?;
+        let loss_sum = if poisoned { f64::NAN } else { micro_losses.iter().sum::<f64>() };
         let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
         // The trainer's own probes, the same on every rank: joined after the reduction.
         let mut extra = vec![];
         if probe_step {
             tprobes.before_step(&run.params, grads, &mut extra)?;
         }
-        let grad_norm = clip_grad_norm(grads, cfg.optim.clip)?;
+        let grad_norm = grad_sq.sqrt();
+        clip_to_norm(grads, cfg.optim.clip, grad_norm)?;
         if let Some(ev) = run.detectors.loss_spike(done, loss, cfg.probes.spike_sigma) {
             events.emit(&ev)?;
         }
@@ -273,8 +279,8 @@ fn next_batch(run: &Run, stream: &mut BatchStream, key: u64) -> Result<Batch> {
 
 /// One micro-step: forward, then backward through the gradient synchroniser (buckets are
 /// all-reduced while backward goes on; on the last micro-step the gradients are the averages
-/// over ranks when it returns), probes kept. Returns the micro-batch loss and, when it
-/// synchronised, the reduction's timing.
+/// over ranks when it returns), probes kept. Returns the micro-batch loss (a one-element tensor,
+/// on a GPU still there) and, when it synchronised, the reduction's timing.
 fn forward_backward(
     run: &Run,
     grads: &mut GradStore,
@@ -283,13 +289,13 @@ fn forward_backward(
     dropout_key: u64,
     sync: bool,
     probes: &mut Probes,
-) -> Result<(f64, Option<ReduceStats>)> {
+) -> Result<(dptrain_core::Tensor, Option<ReduceStats>)> {
     let tape = Tape::new();
     tape.set_precision(run.cfg.train.precision);
     tape.set_rng_key(dropout_key);
     let mut mine = Probes::with_set(probes.enabled(), probes.set());
     let loss = run.model.loss(&tape, &run.params, batch, true, &mut mine)?;
-    let value = loss.item()?;
+    let value = loss.value();
     // Mean over micro-steps: scale each micro-step's gradient by 1/accum.
     let scaled = if run.accum > 1 { loss.scale(1.0 / run.accum as f64)? } else { loss };
     let stats = match reducer {

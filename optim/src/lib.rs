@@ -20,7 +20,7 @@ pub mod soap;
 mod trust;
 
 pub use adamw::{AdamW, AdamWConfig, DecayMode};
-pub use clip::{clip_grad_norm, grad_norm};
+pub use clip::{clip_grad_norm, clip_to_norm, grad_norm};
 pub use lamb::{Lamb, LambConfig};
 pub use lars::{Lars, LarsConfig};
 pub use scales::ParamScales;

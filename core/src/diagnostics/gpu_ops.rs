@@ -86,10 +86,10 @@ fn run_on(c: &Case, device: Device) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
     let Device::Cuda(o) = device else { return run_case(c, device) };
     let d = crate::tensor::cuda::dev(o)?;
     // Off for an unfused case; otherwise as the process has it (`DPTRAIN_EPILOGUE`).
-    let before = d.set_epilogues(false);
-    d.set_epilogues(before && !c.unfused);
+    let before = d.fusions();
+    d.set_fusions(crate::tensor::cuda::Fusions { epilogue: before.epilogue && !c.unfused, ..before });
     let r = run_case(c, device);
-    d.set_epilogues(before);
+    d.set_fusions(before);
     r
 }
 

@@ -13,6 +13,18 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
     Ok(d.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())
 }
 
+/// Σx² over `t` (accumulated in f64) and the values of the one-element f32 `scalars` on the same
+/// device, read to the host in one transfer: what a training step needs there (the gradient
+/// norm for clipping and the finiteness check, each micro-step's loss) for one wait for the
+/// device instead of one per value.
+pub fn sum_squares_and(t: &Tensor, scalars: &[Tensor]) -> Result<(f64, Vec<f64>)> {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() {
+        return crate::kernels::cuda::ops::sum_squares_and_host(t, scalars);
+    }
+    Ok((sum_squares(t)?, scalars.iter().map(|s| s.item()).collect::<Result<_>>()?))
+}
+
 /// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
 /// updates of `t` do not reach).
 pub fn copy_of(t: &Tensor) -> Result<Tensor> {

@@ -47,9 +47,39 @@ pub struct CudaDev {
     /// whether one is (checked on every launch without taking the lock).
     profile: Mutex<Option<Vec<Timed>>>,
     profiling: std::sync::atomic::AtomicBool,
-    /// Whether [`CudaDev::gemm_epilogue`] fuses (`DPTRAIN_EPILOGUE=0` and gpu-check's unfused
-    /// rows turn it off).
-    epilogues: std::sync::atomic::AtomicBool,
+    /// Which fused paths run ([`Fusions`] as bits).
+    fusions: std::sync::atomic::AtomicU8,
+}
+
+/// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0` and
+/// `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns each off in turn for its
+/// before/after lines and its unfused check rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fusions {
+    /// Flash attention (`kernels/cuda/flash.cu`) where the head size and device allow.
+    pub flash: bool,
+    /// A linear's bias (and bias gradient) in the GEMM's cuBLASLt epilogue.
+    pub epilogue: bool,
+    /// The classifier and its loss as one op with bf16 logits (`Var::linear_cross_entropy`).
+    pub classifier: bool,
+}
+
+impl Fusions {
+    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true };
+
+    fn bits(self) -> u8 {
+        self.flash as u8 | (self.epilogue as u8) << 1 | (self.classifier as u8) << 2
+    }
+
+    fn of(b: u8) -> Fusions {
+        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0 }
+    }
+
+    /// The process default: all, less what the environment turns off.
+    fn from_env() -> Fusions {
+        let e = crate::env::env();
+        Fusions { flash: e.flash, epilogue: e.epilogue, classifier: true }
+    }
 }
 
 /// One timed launch: (file, kernel) and its time — a pair of events on the stream, or the host
@@ -146,7 +176,7 @@ impl CudaDev {
             waits: Default::default(),
             profile: Mutex::new(None),
             profiling: Default::default(),
-            epilogues: crate::env::env().epilogue.into(),
+            fusions: Fusions::from_env().bits().into(),
         })
     }
 
@@ -162,14 +192,18 @@ impl CudaDev {
             waits: Default::default(),
             profile: Mutex::new(None),
             profiling: Default::default(),
-            epilogues: crate::env::env().epilogue.into(),
+            fusions: Fusions::from_env().bits().into(),
         }
     }
 
-    /// Turns fused GEMM epilogues on or off for this device (gpu-check measures and checks the
-    /// unfused path with it; `DPTRAIN_EPILOGUE=0` sets the default). Returns the previous value.
-    pub fn set_epilogues(&self, on: bool) -> bool {
-        self.epilogues.swap(on, std::sync::atomic::Ordering::Relaxed)
+    /// The fused paths this device takes now.
+    pub fn fusions(&self) -> Fusions {
+        Fusions::of(self.fusions.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sets which fused paths this device takes; returns the previous setting.
+    pub fn set_fusions(&self, f: Fusions) -> Fusions {
+        Fusions::of(self.fusions.swap(f.bits(), std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Starts timing every kernel launch and GEMM on this device (events around each, so the
@@ -339,6 +373,25 @@ impl CudaDev {
             None => unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0, bytes) },
         }
         Ok(b)
+    }
+
+    /// Returns every cached free block to the driver (as `torch.cuda.empty_cache`), after the
+    /// stream has drained: what the cache then reserves is what live tensors hold, so a
+    /// measurement that follows reports its own peak (gpu-check measures several models).
+    pub fn empty_cache(&self) -> Result<()> {
+        self.sync()?;
+        self.bind()?;
+        let mut cache = self.cache.lock().map_err(|_| Error::Device("allocator poisoned".into()))?;
+        let real = self.real.is_some();
+        cache.empty(&mut |p, c| {
+            if real {
+                // SAFETY: a cached block is unused once the stream has drained (synced above).
+                let _ = unsafe { drv::free_sync(p) };
+            } else {
+                emu::free(p, c);
+            }
+        });
+        Ok(())
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -534,7 +587,7 @@ impl CudaDev {
         let p = match ep {
             Epilogue::Bias(p) | Epilogue::RowSumsA(p) => p,
         };
-        if !self.epilogues.load(std::sync::atomic::Ordering::Relaxed) || p % 16 != 0 || in_dtype == DType::F64 {
+        if !self.fusions().epilogue || p % 16 != 0 || in_dtype == DType::F64 {
             return Ok(false);
         }
         // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's

@@ -218,12 +218,13 @@ enum Saved {
 
 /// Whether attention on GPU `dev` runs as flash attention: bf16 products (the kernels' tensor
 /// cores take bf16), a head size the kernels are built for (32 or 64), a device with bf16 tensor
-/// cores (sm_80 or newer), and not switched off by `DPTRAIN_FLASH=0`; attention dropout included.
+/// cores (sm_80 or newer), and not switched off (`DPTRAIN_FLASH=0`, or the device's
+/// [`Fusions`](crate::tensor::cuda::Fusions)); attention dropout included.
 /// Otherwise the unfused path: cuBLAS products around a softmax kernel.
 #[cfg(feature = "cuda")]
 pub fn gpu_uses_flash(dev: &crate::tensor::cuda::CudaDev, d_head: usize, prec: crate::tensor::Precision) -> bool {
     use crate::kernels::cuda::ops as gpu;
-    gpu::FLASH_HEAD_DIMS.contains(&d_head) && prec == crate::tensor::Precision::Bf16 && crate::env::env().flash && gpu::flash_supported(dev)
+    gpu::FLASH_HEAD_DIMS.contains(&d_head) && prec == crate::tensor::Precision::Bf16 && dev.fusions().flash && gpu::flash_supported(dev)
 }
 
 /// Forward on qkv's device: (y `[B, T, C]`, what backward reads, the max logit as a probe value

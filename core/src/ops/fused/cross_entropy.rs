@@ -129,7 +129,11 @@ impl<'t> Var<'t> {
         }
         #[cfg(feature = "cuda")]
         if self.value().is_cuda() {
-            return self.classifier_gpu(w, targets, z_coef);
+            if crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().classifier {
+                return self.classifier_gpu(w, targets, z_coef);
+            }
+            // Switched off (gpu-check's before-line): what ran before the fusion, f32 logits.
+            return self.linear(w, None)?.cross_entropy(targets, z_coef);
         }
         round_to_bf16(self.linear(w, None)?)?.cross_entropy(targets, z_coef)
     }
