@@ -231,11 +231,15 @@ impl Gpt {
             record_coord(probes, format_args!("h.{i}.ln_2"), &h);
             let m = blk.c_fc.forward(tape, ps, h)?;
             record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
-            let act = m.gelu(self.cfg.gelu_tanh)?;
-            if want.sparsity {
+            let m = if want.sparsity {
+                let act = m.gelu(self.cfg.gelu_tanh)?;
                 crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
-            }
-            let m = blk.mlp_proj.forward(tape, ps, act)?;
+                blk.mlp_proj.forward(tape, ps, act)?
+            } else {
+                // GELU writes the projection's operand (bf16 on a GPU; see `gelu_linear`).
+                let proj = &blk.mlp_proj;
+                m.gelu_linear(self.cfg.gelu_tanh, tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)))?
+            };
             record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
             x = x.add(m.dropout(drop(site + 2)?)?)?;
             record_coord(probes, format_args!("h.{i}"), &x);

@@ -169,6 +169,17 @@ fn cases() -> Vec<Case> {
         prec: Precision::Bf16,
         unfused: true,
     });
+    // GELU writing the bf16 operand of the linear after it (`gelu_linear`): the GPU's GELU and
+    // the CPU's differ in the last f32 bits, which can move a value across a bf16 rounding
+    // boundary (one bf16 step, 2⁻⁸ relative, of that input).
+    v.push(Case {
+        name: "gelu (tanh) → linear (+bias), bf16 operand written by GELU".into(),
+        inputs: vec![randn(&[4, 32, 96], 58), randn(&[40, 96], 59), randn(&[40], 60)],
+        build: Box::new(|_, x, _| x[0].gelu_linear(true, x[1], Some(x[2]))),
+        bound: 1e-3,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
     v.push(f32c(
         "embedding",
         vec![randn(&[50, 24], 36)],

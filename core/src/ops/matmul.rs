@@ -101,28 +101,38 @@ impl<'t> Var<'t> {
 
     /// `x [..., in] @ wᵀ + b` with `w [out, in]`, `b [out]`.
     pub fn linear(self, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
-        let (xv, wv) = (self.value(), w.value());
-        if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
-            return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
-        }
-        let (n, k) = (wv.shape()[0], wv.shape()[1]);
-        let x2 = xv.reshape(&[usize::MAX, k])?;
-        let mut out_shape = xv.shape().to_vec();
-        *out_shape.last_mut().expect("rank ≥ 1") = n;
-        let bv = b.map(|b| b.value());
-        if let Some(bv) = &bv {
-            if bv.shape() != [n] {
-                return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
-            }
-        }
-        let prec = self.tape().precision();
-        let has_b = b.is_some();
+        let (out, backward) = linear_value(&self.value(), w.value(), b.map(|b| b.value()), self.tape().precision())?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
-        let in_shape = xv.shape().to_vec();
-        let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
-        Ok(self.tape().record("linear", out, &inputs, move |g| linear_backward(g, &saved, &in_shape, has_b, prec)))
+        Ok(self.tape().record("linear", out, &inputs, backward))
     }
+}
+
+/// `linear` of the value `xv` at precision `prec` — shape checks, the product — and its
+/// backward (gradients of x, w and b when given), recording nothing: [`Var::linear`] records it,
+/// and `gelu_linear` hands it GELU's bf16 output in place of its own recorded input.
+pub(crate) fn linear_value(
+    xv: &Tensor,
+    wv: Tensor,
+    bv: Option<Tensor>,
+    prec: Precision,
+) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
+    if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
+        return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
+    }
+    let (n, k) = (wv.shape()[0], wv.shape()[1]);
+    let x2 = xv.reshape(&[usize::MAX, k])?;
+    let mut out_shape = xv.shape().to_vec();
+    *out_shape.last_mut().expect("rank ≥ 1") = n;
+    if let Some(bv) = &bv {
+        if bv.shape() != [n] {
+            return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
+        }
+    }
+    let has_b = bv.is_some();
+    let in_shape = xv.shape().to_vec();
+    let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
+    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec)))
 }
 
 /// The operands `linear`'s backward reads, as the forward product read them.

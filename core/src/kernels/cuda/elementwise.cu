@@ -44,16 +44,19 @@ extern "C" __global__ void square_bwd_f32(const float* g, const float* x, float*
 #define SQRT_2_OVER_PI 0.7978845608028654f
 #define INV_SQRT_2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
-extern "C" __global__ void gelu_f32(const float* in, float* out, i64 n, int use_tanh) {
-    GRID_STRIDE(i, n) {
-        const float x = in[i];
-        if (use_tanh) {
-            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-            out[i] = 0.5f * x * (1.0f + tanhf(u));
-        } else {
-            out[i] = 0.5f * x * (1.0f + erff(x * INV_SQRT_2));
-        }
+__device__ __forceinline__ float gelu_of(float x, int use_tanh) {
+    if (use_tanh) {
+        const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(u));
     }
+    return 0.5f * x * (1.0f + erff(x * INV_SQRT_2));
+}
+extern "C" __global__ void gelu_f32(const float* in, float* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) { out[i] = gelu_of(in[i], use_tanh); }
+}
+// GELU written in bf16: the operand of the GEMM that reads it (`gelu_linear`), no f32 copy.
+extern "C" __global__ void gelu_f32_bf16(const float* in, bf16_t* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(gelu_of(in[i], use_tanh)); }
 }
 extern "C" __global__ void gelu_bwd_f32(const float* g, const float* in, float* out, i64 n, int use_tanh) {
     GRID_STRIDE(i, n) {

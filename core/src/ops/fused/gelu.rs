@@ -1,5 +1,7 @@
 //! GELU, exact (erf) and tanh-approximated forms, matching `torch.nn.functional.gelu` with
-//! `approximate='none'` / `'tanh'`. The f32 erf is a vectorisable rational fit.
+//! `approximate='none'` / `'tanh'`. The f32 erf is a vectorisable rational fit. Also
+//! `gelu_linear`, GELU feeding a linear layer (a transformer MLP's second half), where under
+//! bf16 on a GPU GELU writes the GEMM's bf16 operand itself.
 
 use crate::autograd::Var;
 use crate::error::Result;
@@ -45,6 +47,32 @@ fn backward(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
 }
 
 impl<'t> Var<'t> {
+    /// `gelu(self).linear(w, b)` as one op. Under bf16 on a GPU the GELU kernel writes its output
+    /// in bf16, straight as the GEMM's operand: the f32 activation — the largest of a GPT block,
+    /// 4·C wide — is never written and read back for a cast. Backward applies GELU's derivative
+    /// to the product's input gradient. The numbers are those of `gelu` then `linear` (which
+    /// rounds its input to bf16 anyway); elsewhere, or with the fusion off, it is exactly that.
+    pub fn gelu_linear(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
+        #[cfg(feature = "cuda")]
+        if self.value().is_cuda()
+            && self.tape().precision() == crate::tensor::Precision::Bf16
+            && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().gelu
+        {
+            let m = self.value();
+            let act16 = crate::kernels::cuda::ops::gelu_bf16(&m, tanh)?;
+            let (out, lin_bwd) = crate::ops::matmul::linear_value(&act16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16)?;
+            let mut inputs = vec![self, w];
+            inputs.extend(b);
+            return Ok(self.tape().record("gelu_linear", out, &inputs, move |g| {
+                let mut grads = lin_bwd(g)?;
+                let g_act = grads[0].take().ok_or_else(|| crate::Error::Autograd("linear gave no input gradient".into()))?;
+                grads[0] = Some(backward(&g_act, &m, tanh)?);
+                Ok(grads)
+            }));
+        }
+        self.gelu(tanh)?.linear(w, b)
+    }
+
     /// GELU; `tanh = true` for the tanh approximation.
     pub fn gelu(self, tanh: bool) -> Result<Var<'t>> {
         let x = self.value();

@@ -109,6 +109,14 @@ fn bf16_copy(t: &Tensor) -> Result<Tensor> {
     cast(t, DType::BF16)
 }
 
+/// A bf16 tensor as a packed GEMM operand (bf16 views are not packed on the device).
+fn contiguous_bf16(t: &Tensor) -> Result<Tensor> {
+    if !t.is_contiguous() {
+        return Err(Error::shape("linear", "a strided bf16 input on CUDA"));
+    }
+    Ok(t.clone())
+}
+
 /// Row-major `[rows, cols]` at `t`'s first element, read as is or transposed.
 fn rowmajor(t: &Tensor, cols: usize, trans: bool) -> Result<MatArg> {
     Ok(MatArg { ptr: ptr(t)?, trans, ld: cols.max(1), batch_stride: 0 })
@@ -116,8 +124,11 @@ fn rowmajor(t: &Tensor, cols: usize, trans: bool) -> Result<MatArg> {
 
 /// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`; and what backward reads. The bias
 /// is added by the GEMM's epilogue (cuBLASLt), or where that cannot run by one pass over y.
+/// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`).
 pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<(Tensor, LinearSaved)> {
-    f32_only(x2, "linear")?;
+    if !(prec == Prec::Bf16 && x2.dtype() == DType::BF16) {
+        f32_only(x2, "linear")?;
+    }
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
     let out = empty(&d, out_shape)?;
@@ -129,7 +140,8 @@ pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], 
             (xm, wm, DType::F32, LinearSaved { x: xo, w: w.clone() })
         }
         Prec::Bf16 => {
-            let (x16, w16) = (bf16_copy(x2)?, bf16_copy(w)?);
+            let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
+            let w16 = bf16_copy(w)?;
             (rowmajor(&x16, k, false)?, rowmajor(&w16, k, true)?, DType::BF16, LinearSaved { x: x16, w: w16 })
         }
     };
