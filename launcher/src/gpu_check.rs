@@ -336,7 +336,7 @@ fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String>
         ("flash attention", Fusions { flash: false, ..Fusions::ALL }),
         ("bias epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
         ("fused classifier", Fusions { classifier: false, ..Fusions::ALL }),
-        ("bf16 GELU output", Fusions { gelu: false, ..Fusions::ALL }),
+        ("bf16 operands from GELU and layer norm", Fusions { operands: false, ..Fusions::ALL }),
     ];
     for (what, f) in offs {
         match measure(device, preset, f) {

@@ -208,9 +208,14 @@ impl Gpt {
         let want = probes.set();
         for (i, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 4 * i as u64;
-            let h = blk.ln_1.forward(tape, ps, x)?;
-            record_coord(probes, format_args!("h.{i}.ln_1"), &h);
-            let qkv = blk.c_attn.forward(tape, ps, h)?;
+            let qkv = if probes.coords() {
+                let h = blk.ln_1.forward(tape, ps, x)?;
+                record_coord(probes, format_args!("h.{i}.ln_1"), &h);
+                blk.c_attn.forward(tape, ps, h)?
+            } else {
+                // The layer norm writes the projection's operand (bf16 on a GPU).
+                ln_linear(tape, ps, x, &blk.ln_1, &blk.c_attn)?
+            };
             record_coord(probes, format_args!("h.{i}.attn.c_attn"), &qkv);
             if want.attention {
                 crate::probes::record_qk_norms(probes, i, &qkv, self.cfg.n_heads)?;
@@ -227,9 +232,13 @@ impl Gpt {
             let a = blk.attn_proj.forward(tape, ps, att.y)?;
             record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
             x = x.add(a.dropout(drop(site + 1)?)?)?;
-            let h = blk.ln_2.forward(tape, ps, x)?;
-            record_coord(probes, format_args!("h.{i}.ln_2"), &h);
-            let m = blk.c_fc.forward(tape, ps, h)?;
+            let m = if probes.coords() {
+                let h = blk.ln_2.forward(tape, ps, x)?;
+                record_coord(probes, format_args!("h.{i}.ln_2"), &h);
+                blk.c_fc.forward(tape, ps, h)?
+            } else {
+                ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc)?
+            };
             record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
             let m = if want.sparsity {
                 let act = m.gelu(self.cfg.gelu_tanh)?;
@@ -254,6 +263,12 @@ impl Gpt {
         record_coord(probes, format_args!("ln_f"), &x);
         crate::nn::readout_input(x, self.cfg.readout_mult)
     }
+}
+
+/// `lin(ln(x))` as one op (`Var::layer_norm_linear`).
+fn ln_linear<'t>(tape: &'t Tape, ps: &ParamStore, x: Var<'t>, ln: &LayerNorm, lin: &Linear) -> Result<Var<'t>> {
+    let p = |id| tape.param(ps, id);
+    x.layer_norm_linear(Some(p(ln.w)), ln.b.map(p), 1e-5, p(lin.w), lin.b.map(p))
 }
 
 impl Model for Gpt {

@@ -171,11 +171,20 @@ fn cases() -> Vec<Case> {
     });
     // GELU writing the bf16 operand of the linear after it (`gelu_linear`): the GPU's GELU and
     // the CPU's differ in the last f32 bits, which can move a value across a bf16 rounding
-    // boundary (one bf16 step, 2⁻⁸ relative, of that input).
+    // boundary (one bf16 step, 2⁻⁸ relative, of that input); the bound leaves room for that.
     v.push(Case {
         name: "gelu (tanh) → linear (+bias), bf16 operand written by GELU".into(),
         inputs: vec![randn(&[4, 32, 96], 58), randn(&[40, 96], 59), randn(&[40], 60)],
         build: Box::new(|_, x, _| x[0].gelu_linear(true, x[1], Some(x[2]))),
+        bound: 1e-3,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
+    // The same for a layer norm writing the operand (`layer_norm_linear`).
+    v.push(Case {
+        name: "layer_norm (affine) → linear (+bias), bf16 operand written by the layer norm".into(),
+        inputs: vec![randn(&[4, 32, 96], 61), randn(&[96], 62), randn(&[96], 63), randn(&[40, 96], 64), randn(&[40], 65)],
+        build: Box::new(|_, x, _| x[0].layer_norm_linear(Some(x[1]), Some(x[2]), 1e-5, x[3], Some(x[4]))),
         bound: 1e-3,
         prec: Precision::Bf16,
         unfused: false,

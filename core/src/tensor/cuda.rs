@@ -62,19 +62,20 @@ pub struct Fusions {
     pub epilogue: bool,
     /// The classifier and its loss as one op with bf16 logits (`Var::linear_cross_entropy`).
     pub classifier: bool,
-    /// GELU writing the next GEMM's bf16 operand (`Var::gelu_linear`).
-    pub gelu: bool,
+    /// GELU and layer norm writing the next GEMM's bf16 operand (`Var::gelu_linear`,
+    /// `Var::layer_norm_linear`).
+    pub operands: bool,
 }
 
 impl Fusions {
-    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true, gelu: true };
+    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true, operands: true };
 
     fn bits(self) -> u8 {
-        self.flash as u8 | (self.epilogue as u8) << 1 | (self.classifier as u8) << 2 | (self.gelu as u8) << 3
+        self.flash as u8 | (self.epilogue as u8) << 1 | (self.classifier as u8) << 2 | (self.operands as u8) << 3
     }
 
     fn of(b: u8) -> Fusions {
-        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0, gelu: b & 8 != 0 }
+        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0, operands: b & 8 != 0 }
     }
 
     /// The process default: all, less what the environment turns off.

@@ -3,8 +3,13 @@
 // dB = Σ_rows g are column sums done as GEMMs (atomics on C addresses from every row serialise).
 // w may be null (no affine).
 
+__device__ __forceinline__ void ln_store(float* p, i64 j, float v) { p[j] = v; }
+__device__ __forceinline__ void ln_store(bf16_t* p, i64 j, float v) { p[j] = f32_to_bf16(v); }
+
 // One row (every thread of the block): y = (x − m)·rs (·w, +b when given); returns m and rs.
-__device__ __forceinline__ void ln_row_fwd(const float* xr, const float* w, const float* b, float* yr, i64 c, float eps, float* m_out, float* rs_out) {
+// y is f32, or bf16 when the layer norm writes the next GEMM's operand (`layer_norm_linear`).
+template <typename Y>
+__device__ __forceinline__ void ln_row_fwd(const float* xr, const float* w, const float* b, Y* yr, i64 c, float eps, float* m_out, float* rs_out) {
     float s = 0.0f;
     for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += xr[j];
     const float m = block_sum(s) / (float)c;
@@ -15,7 +20,7 @@ __device__ __forceinline__ void ln_row_fwd(const float* xr, const float* w, cons
         float o = (xr[j] - m) * rs;
         if (w) o *= w[j];
         if (b) o += b[j];
-        yr[j] = o;
+        ln_store(yr, j, o);
     }
     *m_out = m;
     *rs_out = rs;
@@ -42,6 +47,15 @@ __device__ __forceinline__ void ln_row_bwd(const float* xr, const float* gr, con
 
 extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                                               i64 rows, i64 c, float eps) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        float m, rs;
+        ln_row_fwd(x + r * c, w, b, y + r * c, c, eps, &m, &rs);
+        if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
+    }
+}
+
+extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, const float* b, bf16_t* y, float* mean, float* rstd,
+                                               i64 rows, i64 c, float eps) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         float m, rs;
         ln_row_fwd(x + r * c, w, b, y + r * c, c, eps, &m, &rs);

@@ -56,7 +56,7 @@ impl<'t> Var<'t> {
         #[cfg(feature = "cuda")]
         if self.value().is_cuda()
             && self.tape().precision() == crate::tensor::Precision::Bf16
-            && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().gelu
+            && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
         {
             let m = self.value();
             let act16 = crate::kernels::cuda::ops::gelu_bf16(&m, tanh)?;

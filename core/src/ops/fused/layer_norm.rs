@@ -139,6 +139,61 @@ fn device_backward(
 impl<'t> Var<'t> {
     /// Layer norm over the last dim with optional gain `w [C]` and bias `b [C]`.
     pub fn layer_norm(self, w: Option<Var<'t>>, b: Option<Var<'t>>, eps: f64) -> Result<Var<'t>> {
+        let (y, backward) = self.layer_norm_value(w, b, eps, false)?;
+        let mut inputs = vec![self];
+        inputs.extend(w);
+        inputs.extend(b);
+        Ok(self.tape().record("layer_norm", y, &inputs, backward))
+    }
+
+    /// `self.layer_norm(ln_w, ln_b, eps)?.linear(w, b)` as one op. Under bf16 on a GPU the layer
+    /// norm writes its output in bf16, straight as the GEMM's operand (no f32 copy written and
+    /// read back for a cast); backward runs the layer norm's backward on the product's input
+    /// gradient. The numbers are those of the two ops (the linear rounds its input to bf16
+    /// anyway); elsewhere, or with
+    /// `Fusions::operands` off, it is exactly them.
+    pub fn layer_norm_linear(
+        self,
+        ln_w: Option<Var<'t>>,
+        ln_b: Option<Var<'t>>,
+        eps: f64,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+    ) -> Result<Var<'t>> {
+        #[cfg(feature = "cuda")]
+        if self.value().is_cuda()
+            && self.tape().precision() == crate::tensor::Precision::Bf16
+            && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
+        {
+            let (h16, ln_bwd) = self.layer_norm_value(ln_w, ln_b, eps, true)?;
+            let (out, lin_bwd) = crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16)?;
+            let mut inputs = vec![self];
+            inputs.extend(ln_w);
+            inputs.extend(ln_b);
+            let n_ln = inputs.len();
+            inputs.push(w);
+            inputs.extend(b);
+            return Ok(self.tape().record("layer_norm_linear", out, &inputs, move |g| {
+                let mut lin = lin_bwd(g)?;
+                let gh = lin[0].take().ok_or_else(|| Error::Autograd("linear gave no input gradient".into()))?;
+                let mut v = ln_bwd(&gh)?;
+                debug_assert_eq!(v.len(), n_ln);
+                v.extend(lin.drain(1..));
+                Ok(v)
+            }));
+        }
+        self.layer_norm(ln_w, ln_b, eps)?.linear(w, b)
+    }
+
+    /// The layer norm's output (in bf16 on a GPU when `bf16_out`) and its backward (gradients
+    /// of x, w and b when given), recording nothing.
+    fn layer_norm_value(
+        self,
+        w: Option<Var<'t>>,
+        b: Option<Var<'t>>,
+        eps: f64,
+        bf16_out: bool,
+    ) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
         let xv = self.value().try_contiguous()?;
         let c = *xv.shape().last().ok_or_else(|| Error::shape("layer_norm", "scalar input"))?;
         let wv = w.map(|w| w.value().try_contiguous()).transpose()?;
@@ -148,12 +203,20 @@ impl<'t> Var<'t> {
                 return Err(Error::shape("layer_norm", format!("affine param {:?} for {c} features", t.shape())));
             }
         }
-        let (y, mean, rstd) = device_forward(&xv, wv.as_ref(), bv.as_ref(), c, eps)?;
+        let (y, mean, rstd) = if bf16_out {
+            #[cfg(feature = "cuda")]
+            {
+                crate::kernels::cuda::ops::layer_norm_to(&xv, wv.as_ref(), bv.as_ref(), eps, crate::tensor::DType::BF16)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                unreachable!("bf16 layer-norm output is a GPU path")
+            }
+        } else {
+            device_forward(&xv, wv.as_ref(), bv.as_ref(), c, eps)?
+        };
         let (has_w, has_b) = (w.is_some(), b.is_some());
-        let mut inputs = vec![self];
-        inputs.extend(w);
-        inputs.extend(b);
-        Ok(self.tape().record("layer_norm", y, &inputs, move |g| {
+        Ok((y, move |g: &Tensor| {
             let (gx, gw, gb) = device_backward(&xv, g, wv.as_ref(), &mean, &rstd, c, has_w, has_b)?;
             let mut v = vec![Some(gx)];
             if has_w {

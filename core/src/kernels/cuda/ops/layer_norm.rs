@@ -4,6 +4,11 @@ use super::*;
 
 /// Layer norm over the last dim of packed `x [rows, c]`: (y, mean, rstd).
 pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    layer_norm_to(x, w, b, eps, DType::F32)
+}
+
+/// [`layer_norm`] with y written in `out` (f32, or bf16 as the next GEMM's operand).
+pub fn layer_norm_to(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64, out: DType) -> Result<(Tensor, Tensor, Tensor)> {
     f32_only(x, "layer_norm")?;
     let d = dev_of(x)?;
     let x = contiguous(x)?;
@@ -11,11 +16,20 @@ pub fn layer_norm(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f64) 
     let rows = x.numel() / c.max(1);
     let (w, b) = (w.map(contiguous).transpose()?, b.map(contiguous).transpose()?);
     let opt = |t: &Option<Tensor>| t.as_ref().map(ptr).transpose().map(|p| p.unwrap_or(0));
-    let y = empty(&d, x.shape())?;
     let (mean, rstd) = (empty(&d, &[rows])?, empty(&d, &[rows])?);
-    // layer_norm_fwd_f32(x, w, b, y, mean, rstd, i64 rows, i64 c, float eps)
-    launch!(d, "layer_norm", "layer_norm_fwd_f32", per_row(rows);
-        ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
+    let y = if out == DType::BF16 {
+        let y = wrap(d.alloc(x.numel() * 2)?, DType::BF16, x.shape());
+        // layer_norm_fwd_bf16(x, w, b, bf16 y, mean, rstd, i64 rows, i64 c, float eps)
+        launch!(d, "layer_norm", "layer_norm_fwd_bf16", per_row(rows);
+            ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
+        y
+    } else {
+        let y = empty(&d, x.shape())?;
+        // layer_norm_fwd_f32(x, w, b, y, mean, rstd, i64 rows, i64 c, float eps)
+        launch!(d, "layer_norm", "layer_norm_fwd_f32", per_row(rows);
+            ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
+        y
+    };
     Ok((y, mean, rstd))
 }
 
