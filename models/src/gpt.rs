@@ -163,7 +163,6 @@ impl Gpt {
     }
 
     /// Logits `[B, T, V]` for token ids `[B, T]` (`train`: with dropout).
-    #[allow(clippy::too_many_arguments)]
     pub fn logits<'t>(
         &self,
         tape: &'t Tape,
@@ -182,7 +181,6 @@ impl Gpt {
 
     /// What the classifier reads, `[B, T, C]`: the last layer norm's output times μP's readout
     /// multiplier.
-    #[allow(clippy::too_many_arguments)]
     fn hidden<'t>(
         &self,
         tape: &'t Tape,

@@ -242,6 +242,12 @@ impl CudaDev {
 
     /// Runs `f` (one launch), timed when a profile is running.
     fn timed(&self, file: &'static str, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.timed_if(file, name, || f().map(|()| true)).map(|_| ())
+    }
+
+    /// Runs `f`, which returns whether it launched anything, and times it when a profile is
+    /// running and it did (a fused GEMM that fell back to the plain one is not a launch).
+    fn timed_if(&self, file: &'static str, name: &'static str, f: impl FnOnce() -> Result<bool>) -> Result<bool> {
         if !self.profiling.load(std::sync::atomic::Ordering::Relaxed) {
             return f();
         }
@@ -253,12 +259,16 @@ impl CudaDev {
                         .map_err(|e| derr("recording a profile event", e))
                 };
                 let a = ev()?;
-                f()?;
+                if !f()? {
+                    return Ok(false);
+                }
                 TimedAt::Events(a, ev()?)
             }
             None => {
                 let t0 = std::time::Instant::now();
-                f()?;
+                if !f()? {
+                    return Ok(false);
+                }
                 TimedAt::Host(t0.elapsed().as_secs_f64() * 1e3)
             }
         };
@@ -267,7 +277,7 @@ impl CudaDev {
                 v.push(Timed { file, name, at });
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// How many times the host has waited for this device so far (see `waits`).
@@ -491,7 +501,6 @@ impl CudaDev {
     /// Row-major strided-batched GEMM `C[b] = alpha·A[b]·B[b] + beta·C[b]` with A `[m, k]`,
     /// B `[k, n]` described by [`MatArg`]s, C packed `[m, n]`; inputs f32 or bf16 (`in_dtype`),
     /// output f32, accumulation f32 (no TF32: results follow the CPU path within 1e-5).
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
         m: usize,
@@ -510,7 +519,6 @@ impl CudaDev {
 
     /// [`CudaDev::gemm`] with C of dtype `out` (f32, or bf16 — rounded to nearest even from the
     /// f32 accumulator — for bf16 inputs).
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm_to(
         &self,
         m: usize,
@@ -573,7 +581,6 @@ impl CudaDev {
     /// epilogues switched off, a bias pointer not 16-byte aligned, or no cuBLASLt algorithm for
     /// the shape — and the caller then runs the plain GEMM and its own bias pass. The emulator
     /// fuses with a reference of cuBLASLt's epilogue semantics.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm_epilogue(
         &self,
         m: usize,
@@ -619,26 +626,21 @@ impl CudaDev {
             Epilogue::Bias(_) => "gemm + bias (cuBLASLt)",
             Epilogue::RowSumsA(_) => "gemm + bias gradient (cuBLASLt)",
         };
-        let mut fused = false;
-        self.timed("cublas", name, || {
-            fused = match &self.real {
-                Some(r) => match &r.lt {
-                    Some(lt) => {
-                        self.bind()?;
-                        lt.run(&g, col, r.stream.cu_stream() as _)?
-                    }
-                    None => false,
-                },
-                None => {
-                    // SAFETY: the emulator's pointers are host memory of the sizes the GEMM
-                    // and its epilogue imply.
-                    unsafe { col_reference(&g, col) };
-                    true
+        self.timed_if("cublas", name, || match &self.real {
+            Some(r) => match &r.lt {
+                Some(lt) => {
+                    self.bind()?;
+                    lt.run(&g, col, r.stream.cu_stream() as _)
                 }
-            };
-            Ok(())
-        })?;
-        Ok(fused)
+                None => Ok(false),
+            },
+            None => {
+                // SAFETY: the emulator's pointers are host memory of the sizes the GEMM and its
+                // epilogue imply.
+                unsafe { col_reference(&g, col) };
+                Ok(true)
+            }
+        })
     }
 }
 

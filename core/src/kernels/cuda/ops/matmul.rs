@@ -132,17 +132,18 @@ pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], 
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
     let out = empty(&d, out_shape)?;
-    let (xa, wa, dt, saved) = match prec {
+    // `_wo` owns the weight operand's memory (a packed copy when cuBLAS cannot read w's
+    // strides) until the products are queued.
+    let (xa, (_wo, wa), dt, saved) = match prec {
         Prec::F32 => {
             let (xo, xm) = packed(x2)?;
             // wᵀ [k, n]: a transposed view of w (no copy).
-            let (_wo, wm) = operand_2d(&w.transpose(0, 1)?, 0)?;
-            (xm, wm, DType::F32, LinearSaved { x: xo, w: w.clone() })
+            (xm, operand_2d(&w.transpose(0, 1)?, 0)?, DType::F32, LinearSaved { x: xo, w: w.clone() })
         }
         Prec::Bf16 => {
             let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
             let w16 = bf16_copy(w)?;
-            (rowmajor(&x16, k, false)?, rowmajor(&w16, k, true)?, DType::BF16, LinearSaved { x: x16, w: w16 })
+            (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16 })
         }
     };
     let bias = b.map(contiguous).transpose()?;
@@ -180,9 +181,10 @@ pub fn linear_grads(
         Prec::F32 => (contiguous(g2)?, DType::F32),
         Prec::Bf16 => (bf16_copy(g2)?, DType::BF16),
     };
-    let wm = match prec {
-        Prec::F32 => operand_2d(&s.w, 0)?.1,
-        Prec::Bf16 => rowmajor(&s.w, k, false)?,
+    // `_wo` owns the weight operand's memory until the product is queued (see `linear`).
+    let (_wo, wm) = match prec {
+        Prec::F32 => operand_2d(&s.w, 0)?,
+        Prec::Bf16 => (s.w.clone(), rowmajor(&s.w, k, false)?),
     };
     d.gemm(rows, k, n, rowmajor(&gq, n, false)?, wm, ptr(&gx)?, 1, 1.0, 0.0, dt)?;
     let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
