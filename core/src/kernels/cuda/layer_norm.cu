@@ -45,8 +45,8 @@ __device__ __forceinline__ void ln_row_bwd(const float* xr, const float* gr, con
     }
 }
 
-extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
-                                              i64 rows, i64 c, float eps) {
+template <typename Y>
+__device__ void ln_fwd_rows(const float* x, const float* w, const float* b, Y* y, float* mean, float* rstd, i64 rows, i64 c, float eps) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         float m, rs;
         ln_row_fwd(x + r * c, w, b, y + r * c, c, eps, &m, &rs);
@@ -54,13 +54,13 @@ extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, co
     }
 }
 
+extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                                              i64 rows, i64 c, float eps) {
+    ln_fwd_rows(x, w, b, y, mean, rstd, rows, c, eps);
+}
 extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, const float* b, bf16_t* y, float* mean, float* rstd,
                                                i64 rows, i64 c, float eps) {
-    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        float m, rs;
-        ln_row_fwd(x + r * c, w, b, y + r * c, c, eps, &m, &rs);
-        if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
-    }
+    ln_fwd_rows(x, w, b, y, mean, rstd, rows, c, eps);
 }
 
 extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd,

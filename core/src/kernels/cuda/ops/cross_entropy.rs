@@ -13,16 +13,29 @@ pub fn cross_entropy(x: &Tensor, targets: &[u32], z: f64) -> Result<(Tensor, Dev
     let v = *x.shape().last().unwrap_or(&1);
     let rows = targets.len();
     let tg = upload_ids(&d, targets)?;
-    let (loss, lse, rsum, correct) = (empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?);
-    // xent_fwd_f32(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
-    launch!(d, "cross_entropy", "xent_fwd_f32", per_row(rows);
-        ptr(&x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
-    let stats = empty(&d, &[6])?;
+    let (lse, stats) = rows_and_stats(&d, &x, &tg, rows, v, z)?;
+    Ok((lse, tg, stats))
+}
+
+/// The forward's rows over packed logits `x [rows, v]` (f32 or bf16), then the batch statistics
+/// folded on the device: (lse per row, statistics `[6]`).
+fn rows_and_stats(d: &Arc<CudaDev>, x: &Tensor, tg: &DevBuf, rows: usize, v: usize, z: f64) -> Result<(Tensor, Tensor)> {
+    let (loss, lse, rsum, correct) = (empty(d, &[rows])?, empty(d, &[rows])?, empty(d, &[rows])?, empty(d, &[rows])?);
+    if x.dtype() == DType::BF16 {
+        // xent_fwd_bf16(bf16 x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
+        launch!(d, "cross_entropy", "xent_fwd_bf16", per_row(rows);
+            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+    } else {
+        // xent_fwd_f32(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
+        launch!(d, "cross_entropy", "xent_fwd_f32", per_row(rows);
+            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+    }
+    let stats = empty(d, &[6])?;
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     // xent_stats_f32(loss, lse, row_sum, correct, out, i64 rows, i64 v, float z)
     launch!(d, "cross_entropy", "xent_stats_f32", one;
         ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, ptr(&stats)?, rows as i64, v as i64, z as f32)?;
-    Ok((lse, tg, stats))
+    Ok((lse, stats))
 }
 
 /// The logits' gradient for the upstream gradient `go` (a one-element device tensor) of the mean
@@ -64,15 +77,7 @@ pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, targets: &[u32], z: f64) ->
     let row = |t: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(t)?, trans, ld: k.max(1), batch_stride: 0 }) };
     d.gemm_to(rows, v, k, row(&x16, false)?, row(&w16, true)?, ptr(&logits)?, 1, 1.0, 0.0, DType::BF16, DType::BF16)?;
     let tg = upload_ids(&d, targets)?;
-    let (loss, lse, rsum, correct) = (empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?, empty(&d, &[rows])?);
-    // xent_fwd_bf16(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
-    launch!(d, "cross_entropy", "xent_fwd_bf16", per_row(rows);
-        ptr(&logits)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
-    let stats = empty(&d, &[6])?;
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // xent_stats_f32(loss, lse, row_sum, correct, out, i64 rows, i64 v, float z)
-    launch!(d, "cross_entropy", "xent_stats_f32", one;
-        ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, ptr(&stats)?, rows as i64, v as i64, z as f32)?;
+    let (lse, stats) = rows_and_stats(&d, &logits, &tg, rows, v, z)?;
     Ok((ClassifierSaved { logits, x16, w16, lse, targets: tg }, stats))
 }
 
