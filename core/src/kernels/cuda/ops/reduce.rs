@@ -53,15 +53,7 @@ pub fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
 
 /// Σx² over all elements, returned to the host (waits for the device).
 pub fn sum_squares_host(x: &Tensor) -> Result<f64> {
-    f32_only(x, "sum_squares")?;
-    let d = dev_of(x)?;
-    let c = contiguous(x)?;
-    let acc = d.alloc_zeros(8)?;
-    let n = c.numel();
-    let cfg = grid(n.min(BLOCK as usize * 1024));
-    // sum_squares_f32(const float* x, double* out, i64 n)
-    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, acc.ptr, n as i64)?;
-    Ok(d.download::<f64>(acc.ptr, 1)?[0])
+    Ok(sum_squares_and_host(x, &[])?.0)
 }
 
 /// [`sum_squares_host`] and the values of one-element f32 `scalars`, in one download: the sum
