@@ -318,3 +318,42 @@ fn attention_max_logit_and_log_z_are_what_they_say() {
     assert!((lz - (a + b) / 2.0).abs() < 1e-12 && (lzmax - b).abs() < 1e-12);
     assert!((ce.logit_mean.to_host().unwrap() - 15.0 / 6.0).abs() < 1e-12);
 }
+
+/// bf16 activations on the CPU: a `linear_half` output is rounded to bf16 and marked, ops of a
+/// marked value (GELU, attention) are marked too, and the gradient reaching a marked value is
+/// rounded to bf16 before its backward runs — what a GPU storing them in bf16 computes.
+#[test]
+fn bf16_activations_are_rounded_and_so_are_their_gradients() {
+    use dptrain_core::tensor::Precision;
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    let tape = Tape::new();
+    tape.set_precision(Precision::Bf16);
+    let x = tape.leaf(Tensor::from_vec(vec![0.3f32, -1.7, 2.9, 0.011], &[2, 2]).unwrap());
+    let w = tape.leaf(Tensor::from_vec(vec![1.0f32 / 3.0, 0.7, -0.2, 1.3], &[2, 2]).unwrap());
+    let y = x.linear_half(w, None).unwrap();
+    assert!(y.is_half());
+    let plain = x.linear(w, None).unwrap();
+    assert!(!plain.is_half());
+    let (yv, pv) = (y.value().to_vec::<f32>().unwrap(), plain.value().to_vec::<f32>().unwrap());
+    for (a, b) in yv.iter().zip(&pv) {
+        assert_eq!(*a, bf(*b), "the half output is the plain one rounded to bf16");
+    }
+    assert!(yv.iter().zip(&pv).any(|(a, b)| a != b), "the test values must need rounding");
+    let g = y.gelu(true).unwrap();
+    assert!(g.is_half());
+    for v in g.value().to_vec::<f32>().unwrap() {
+        assert_eq!(v, bf(v), "GELU of a bf16 activation is one");
+    }
+    // d(Σ c·h)/dh = c for h = to_half(x): rounded to bf16 at h; unmarked, exactly c.
+    let c = 1.0f32 / 3.0;
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap());
+    let b = tape.leaf(Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap());
+    let h = a.to_half().unwrap();
+    let loss = h.add(b).unwrap().scale(c as f64).unwrap().sum_all().unwrap();
+    let mut grads = GradStore::empty();
+    let lg = tape.backward(loss, &mut grads, |_, _| {}).unwrap();
+    assert_eq!(lg.get(a).unwrap().to_vec::<f32>().unwrap(), vec![bf(c); 2]);
+    assert_eq!(lg.get(b).unwrap().to_vec::<f32>().unwrap(), vec![c; 2]);
+    assert_ne!(bf(c), c);
+}

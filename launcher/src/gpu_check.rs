@@ -337,6 +337,7 @@ fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String>
         ("bias epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
         ("fused classifier", Fusions { classifier: false, ..Fusions::ALL }),
         ("bf16 operands from GELU and layer norm", Fusions { operands: false, ..Fusions::ALL }),
+        ("bf16 activations (qkv, attention output, MLP pre-activation)", Fusions { activations: false, ..Fusions::ALL }),
     ];
     for (what, f) in offs {
         match measure(device, preset, f) {

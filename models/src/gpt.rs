@@ -211,8 +211,10 @@ impl Gpt {
                 record_coord(probes, format_args!("h.{i}.ln_1"), &h);
                 blk.c_attn.forward(tape, ps, h)?
             } else {
-                // The layer norm writes the projection's operand (bf16 on a GPU).
-                ln_linear(tape, ps, x, &blk.ln_1, &blk.c_attn)?
+                // The layer norm writes the projection's operand (bf16 on a GPU), and the
+                // projection writes qkv as a bf16 activation for attention to read (unless a
+                // qk-layernorm, which reads f32, comes first).
+                ln_linear(tape, ps, x, &blk.ln_1, &blk.c_attn, blk.qk_ln.is_none())?
             };
             record_coord(probes, format_args!("h.{i}.attn.c_attn"), &qkv);
             if want.attention {
@@ -235,7 +237,8 @@ impl Gpt {
                 record_coord(probes, format_args!("h.{i}.ln_2"), &h);
                 blk.c_fc.forward(tape, ps, h)?
             } else {
-                ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc)?
+                // The pre-activation as a bf16 activation, read by GELU (autocast's rule).
+                ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc, true)?
             };
             record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
             let m = if want.sparsity {
@@ -263,10 +266,11 @@ impl Gpt {
     }
 }
 
-/// `lin(ln(x))` as one op (`Var::layer_norm_linear`).
-fn ln_linear<'t>(tape: &'t Tape, ps: &ParamStore, x: Var<'t>, ln: &LayerNorm, lin: &Linear) -> Result<Var<'t>> {
+/// `lin(ln(x))` as one op (`Var::layer_norm_linear`); `half`: its output is a bf16 activation
+/// under bf16 precision.
+fn ln_linear<'t>(tape: &'t Tape, ps: &ParamStore, x: Var<'t>, ln: &LayerNorm, lin: &Linear, half: bool) -> Result<Var<'t>> {
     let p = |id| tape.param(ps, id);
-    x.layer_norm_linear(Some(p(ln.w)), ln.b.map(p), 1e-5, p(lin.w), lin.b.map(p))
+    x.layer_norm_linear(Some(p(ln.w)), ln.b.map(p), 1e-5, p(lin.w), lin.b.map(p), half)
 }
 
 impl Model for Gpt {

@@ -26,6 +26,9 @@ struct Node {
     /// `None` with `requires_grad` means "no backward": an error if a gradient arrives.
     backward: Option<BackwardFn>,
     param: Option<ParamId>,
+    /// A bf16 activation held in f32 (the CPU's model of a GPU's bf16 tensor): its gradient is
+    /// rounded to bf16 before its backward runs, as the GPU stores it.
+    half: bool,
 }
 
 pub struct Tape {
@@ -115,11 +118,11 @@ impl Tape {
 
     /// A constant input (no gradient).
     pub fn constant(&self, value: Tensor) -> Var<'_> {
-        self.push(Node { name: "constant", value, inputs: vec![], requires_grad: false, backward: None, param: None })
+        self.push(Node { name: "constant", value, inputs: vec![], requires_grad: false, backward: None, param: None, half: false })
     }
     /// A leaf that receives a gradient (returned by `backward` in [`LeafGrads`]).
     pub fn leaf(&self, value: Tensor) -> Var<'_> {
-        self.push(Node { name: "leaf", value, inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: None })
+        self.push(Node { name: "leaf", value, inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: None, half: false })
     }
     /// The parameter `id` of `store`, as a leaf whose gradient goes into the `GradStore`.
     /// Repeated calls return the same node, so a parameter has one gradient slot per pass.
@@ -134,6 +137,7 @@ impl Tape {
             requires_grad: self.grad_enabled,
             backward: None,
             param: Some(id),
+            half: false,
         });
         self.params.borrow_mut().insert(id, v.id);
         v
@@ -150,14 +154,22 @@ impl Tape {
     ) -> Var<'t> {
         let requires_grad = self.grad_enabled && inputs.iter().any(|v| v.requires_grad());
         let backward: Option<BackwardFn> = if requires_grad { Some(Box::new(backward)) } else { None };
-        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward, param: None })
+        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward, param: None, half: false })
     }
 
     /// Records an op that has no backward: if a gradient ever reaches it, `backward` fails
     /// naming the op.
     pub fn record_no_backward<'t>(&'t self, name: &'static str, value: Tensor, inputs: &[Var<'t>]) -> Var<'t> {
         let requires_grad = self.grad_enabled && inputs.iter().any(|v| v.requires_grad());
-        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward: None, param: None })
+        self.push(Node {
+            name,
+            value,
+            inputs: inputs.iter().map(|v| v.id).collect(),
+            requires_grad,
+            backward: None,
+            param: None,
+            half: false,
+        })
     }
 
     /// Backpropagates from the scalar `loss`. Parameter gradients are accumulated into `grads`
@@ -189,6 +201,12 @@ impl Tape {
         for i in (0..n).rev() {
             let g = pending[i].take();
             let node = &mut nodes[i];
+            let g = match g {
+                Some(g) if node.half && g.dtype() == DType::F32 && !g.is_cuda() => {
+                    Some(crate::ops::matmul::round_for(&g, Precision::Bf16)?)
+                }
+                g => g,
+            };
             let inputs = node.inputs.clone();
             if let Some(g) = g.filter(|_| node.requires_grad) {
                 if node.param.is_none() && node.inputs.is_empty() {
@@ -213,6 +231,9 @@ impl Tape {
                                 target.value.shape()
                             )));
                         }
+                        // A gradient is kept in its value's dtype (autocast's rule): an op that
+                        // reads a bf16 activation through an f32 path returns an f32 gradient.
+                        let gin = if gin.dtype() != target.value.dtype() { cast_to(&gin, target.value.dtype())? } else { gin };
                         if let Some(p) = target.param {
                             grads.accumulate(p, &gin)?;
                         } else {
@@ -247,11 +268,25 @@ impl Tape {
     }
 }
 
+/// `t` in dtype `dt`, as a fallible conversion (a GPU cast can run out of memory).
+fn cast_to(t: &Tensor, dt: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() {
+        return crate::kernels::cuda::ops::cast(t, dt);
+    }
+    Ok(t.to_dtype(dt))
+}
+
 /// `acc += g`, in place when `acc` owns its buffer, else into a new buffer.
 fn add_in_place(mut acc: Tensor, g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if acc.is_cuda() {
         use crate::kernels::cuda::ops as gpu;
+        if acc.dtype() == DType::BF16 {
+            // Two uses of a bf16 activation: summed in f32, rounded once.
+            let sum = add_in_place(gpu::cast(&acc, DType::F32)?, &gpu::cast(g, DType::F32)?)?;
+            return gpu::cast(&sum, DType::BF16);
+        }
         if acc.is_contiguous() && acc.is_unique() {
             gpu::accumulate_raw(&*gpu::dev_of(&acc)?, gpu::ptr(&acc)?, g, acc.numel(), true)?;
             return Ok(acc);
@@ -280,6 +315,19 @@ fn add_in_place(mut acc: Tensor, g: &Tensor) -> Result<Tensor> {
 impl<'t> Var<'t> {
     pub fn tape(&self) -> &'t Tape {
         self.tape
+    }
+    /// Marks this value a bf16 activation (autocast's rule; see `Var::linear_half`). On a GPU
+    /// such values are bf16 tensors and this changes nothing; the CPU keeps them in f32,
+    /// rounded to bf16 by the op that made them, and rounds their gradient here, so both
+    /// engines compute the same numbers.
+    pub fn mark_half(self) -> Var<'t> {
+        self.tape.nodes.borrow_mut()[self.id].half = true;
+        self
+    }
+    /// Whether this value is a bf16 activation: a bf16 tensor, or marked as one on the CPU.
+    pub fn is_half(&self) -> bool {
+        let n = &self.tape.nodes.borrow()[self.id];
+        n.half || n.value.dtype() == DType::BF16
     }
     pub fn id(&self) -> usize {
         self.id

@@ -68,6 +68,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec((0..n).map(|_| r.normal() as f32).collect::<Vec<f32>>(), shape).expect("shape")
 }
 
+/// `randn` times `k` (weights scaled so products stay O(1)).
+fn randn_scaled(shape: &[usize], seed: u64, k: f32) -> Tensor {
+    let v: Vec<f32> = randn(shape, seed).to_vec::<f32>().expect("f32").iter().map(|x| x * k).collect();
+    Tensor::from_vec(v, shape).expect("shape")
+}
+
 /// An op under test: builds its output from leaf inputs on a tape.
 type Build = Box<dyn for<'t> Fn(&'t Tape, &[Var<'t>], Device) -> Result<Var<'t>>>;
 
@@ -184,7 +190,7 @@ fn cases() -> Vec<Case> {
     v.push(Case {
         name: "layer_norm (affine) → linear (+bias), bf16 operand written by the layer norm".into(),
         inputs: vec![randn(&[4, 32, 96], 61), randn(&[96], 62), randn(&[96], 63), randn(&[40, 96], 64), randn(&[40], 65)],
-        build: Box::new(|_, x, _| x[0].layer_norm_linear(Some(x[1]), Some(x[2]), 1e-5, x[3], Some(x[4]))),
+        build: Box::new(|_, x, _| x[0].layer_norm_linear(Some(x[1]), Some(x[2]), 1e-5, x[3], Some(x[4]), false)),
         bound: 1e-3,
         prec: Precision::Bf16,
         unfused: false,
@@ -254,6 +260,73 @@ fn cases() -> Vec<Case> {
         inputs: vec![randn(&[2, 130, 3 * 128], 49)],
         build: Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(2, drop)?.y)),
         bound: 2e-2,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
+    // bf16 activations (autocast's rule, `linear_half`): a linear writes its output in bf16
+    // (the bias added in bf16: by the cuBLASLt epilogue, or by a pass of its own) and the CPU
+    // rounds the same sum; a value on a bf16 rounding boundary may round either way (one bf16
+    // step, 2⁻⁸ relative). Its consumers read the bf16 activation and give its gradient in bf16
+    // (`to_f32` widens the result for the comparison).
+    for (name, unfused) in [("linear (+bias), bf16 output", false), ("linear (+bias), bf16 output, bias unfused", true)] {
+        v.push(Case {
+            name: name.into(),
+            inputs: vec![randn(&[4, 32, 64], 66), randn_scaled(&[96, 64], 67, 0.125), randn(&[96], 68)],
+            build: Box::new(|_, x, _| x[0].linear_half(x[1], Some(x[2]))?.to_f32()),
+            bound: 1e-2,
+            prec: Precision::Bf16,
+            unfused,
+        });
+    }
+    // Flash attention on a bf16 qkv: qkv, y, dO and dqkv in bf16 (the `_bf16` kernels); the
+    // CPU rounds the same values. As for the f32 rows, the GPU also rounds P and dS.
+    for (name, heads, seed) in
+        [("causal_attention, flash, bf16 qkv and y (d_head 64)", 2, 69), ("causal_attention, flash, bf16 qkv and y (d_head 32)", 4, 70)]
+    {
+        v.push(Case {
+            name: name.into(),
+            inputs: vec![randn(&[2, 130, 3 * 128], seed)],
+            build: Box::new(move |_, x, _| x[0].to_half()?.causal_attention(heads)?.y.to_f32()),
+            bound: 2e-2,
+            prec: Precision::Bf16,
+            unfused: false,
+        });
+    }
+    // A bf16 qkv through the unfused attention (d_head 8: no flash kernel), which reads it in
+    // f32 and gives y back in bf16.
+    v.push(Case {
+        name: "causal_attention (unfused), bf16 qkv and y".into(),
+        inputs: vec![randn(&[2, 33, 3 * 32], 71)],
+        build: Box::new(|_, x, _| x[0].to_half()?.causal_attention(4)?.y.to_f32()),
+        bound: 2e-2,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
+    // GELU of a bf16 pre-activation, as an op (bf16 out, as on probe steps) and fused into the
+    // next GEMM's operand (`gelu_linear`); backward is bf16 throughout on the GPU.
+    v.push(Case {
+        name: "linear → gelu (tanh), bf16 pre-activation and output".into(),
+        inputs: vec![randn(&[64, 96], 73), randn_scaled(&[160, 96], 74, 0.125), randn(&[160], 75)],
+        build: Box::new(|_, x, _| x[0].linear_half(x[1], Some(x[2]))?.gelu(true)?.to_f32()),
+        bound: 1e-2,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
+    v.push(Case {
+        name: "layer_norm → linear → gelu (erf) → linear, bf16 pre-activation".into(),
+        inputs: vec![
+            randn(&[4, 32, 96], 76),
+            randn(&[96], 77),
+            randn(&[96], 78),
+            randn_scaled(&[160, 96], 79, 0.125),
+            randn(&[160], 80),
+            randn_scaled(&[40, 160], 81, 0.125),
+            randn(&[40], 82),
+        ],
+        build: Box::new(|_, x, _| {
+            x[0].layer_norm_linear(Some(x[1]), Some(x[2]), 1e-5, x[3], Some(x[4]), true)?.gelu_linear(false, x[5], Some(x[6]))
+        }),
+        bound: 1e-2,
         prec: Precision::Bf16,
         unfused: false,
     });

@@ -106,6 +106,39 @@ impl<'t> Var<'t> {
             Ok(vec![Some(unbroadcast(&ga, av.shape())?), Some(unbroadcast(&gb, bv.shape())?)])
         }))
     }
+    /// The value widened to f32: a bf16 activation (a `linear_half` output, flash attention's
+    /// output from one) read by an op that wants f32. On the CPU, and for f32 values, the value
+    /// itself. Its gradient reaches the input in the input's dtype (the tape's rule).
+    pub fn to_f32(self) -> Result<Var<'t>> {
+        let x = self.value();
+        if x.dtype() != crate::tensor::DType::BF16 {
+            return Ok(self);
+        }
+        #[cfg(feature = "cuda")]
+        if x.is_cuda() {
+            let out = crate::kernels::cuda::ops::cast(&x, crate::tensor::DType::F32)?;
+            return Ok(self.tape().record("to_f32", out, &[self], |g| Ok(vec![Some(g.clone())])));
+        }
+        Err(crate::error::Error::Msg("bf16 autograd is not supported on CPU".into()))
+    }
+
+    /// The value as a bf16 activation (autocast's cast): a bf16 tensor on a GPU, rounded to
+    /// bf16 (and marked, see [`Var::mark_half`]) on the CPU. Its gradient is rounded to bf16
+    /// and reaches the input in the input's dtype.
+    pub fn to_half(self) -> Result<Var<'t>> {
+        if self.is_half() {
+            return Ok(self);
+        }
+        let x = self.value();
+        #[cfg(feature = "cuda")]
+        if x.is_cuda() {
+            let out = crate::kernels::cuda::ops::cast(&x, crate::tensor::DType::BF16)?;
+            return Ok(self.tape().record("to_half", out, &[self], |g| Ok(vec![Some(g.clone())])));
+        }
+        let out = crate::ops::matmul::round_for(&x, crate::tensor::Precision::Bf16)?;
+        Ok(self.tape().record("to_half", out, &[self], |g| Ok(vec![Some(g.clone())])).mark_half())
+    }
+
     /// `x * mul + add` with scalars.
     pub fn affine(self, mul: f64, add: f64) -> Result<Var<'t>> {
         let out = t::affine(&self.value(), mul, add)?;

@@ -3,7 +3,9 @@
 //! writes dW directly in [out, in] order and the bias gradient as a threaded column sum (on a
 //! GPU: both in one cuBLASLt GEMM, as the forward adds the bias in its epilogue). Both honour
 //! the tape's GEMM precision (bf16 inputs, f32 accumulation; under bf16 a linear's upstream
-//! gradient is rounded once, for all three of its gradients) on either device.
+//! gradient is rounded once, for all three of its gradients) on either device. Under bf16 a
+//! linear may also write a bf16 activation (`linear_half`, autocast's rule) and take one, whose
+//! gradient it then writes in bf16.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
@@ -101,11 +103,38 @@ impl<'t> Var<'t> {
 
     /// `x [..., in] @ wᵀ + b` with `w [out, in]`, `b [out]`.
     pub fn linear(self, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
-        let (out, backward) = linear_value(&self.value(), w.value(), b.map(|b| b.value()), self.tape().precision())?;
+        self.linear_as(w, b, false)
+    }
+
+    /// [`linear`](Self::linear) whose output is a bf16 activation under bf16 precision, as
+    /// autocast's linear output is: stored in bf16 on a GPU (half the bytes to write and for
+    /// its consumer to read; its bias added in bf16), rounded to bf16 on the CPU (the same
+    /// numbers). For consumers that read bf16: flash attention, GELU, `gelu_linear`. Under f32
+    /// precision it is `linear`.
+    pub fn linear_half(self, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
+        self.linear_as(w, b, true)
+    }
+
+    fn linear_as(self, w: Var<'t>, b: Option<Var<'t>>, half_y: bool) -> Result<Var<'t>> {
+        let xv = self.value();
+        // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
+        let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
+        let prec = self.tape().precision();
+        let (out, backward) = linear_value(&xv, w.value(), b.map(|b| b.value()), prec, half)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
-        Ok(self.tape().record("linear", out, &inputs, backward))
+        let y = self.tape().record("linear", out, &inputs, backward);
+        Ok(if half_y && prec == Precision::Bf16 { y.mark_half() } else { y })
     }
+}
+
+/// Which of a linear's values are bf16 activations under `Precision::Bf16` (ignored under f32):
+/// the output `y`, and the input gradient `gx`. On a GPU they are stored in bf16; the CPU
+/// rounds them to bf16 (kept in f32), so both engines compute the same numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HalfIo {
+    pub y: bool,
+    pub gx: bool,
 }
 
 /// `linear` of the value `xv` at precision `prec` — shape checks, the product — and its
@@ -116,6 +145,7 @@ pub(crate) fn linear_value(
     wv: Tensor,
     bv: Option<Tensor>,
     prec: Precision,
+    half: HalfIo,
 ) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
     if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
         return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
@@ -131,8 +161,9 @@ pub(crate) fn linear_value(
     }
     let has_b = bv.is_some();
     let in_shape = xv.shape().to_vec();
-    let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec)?;
-    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec)))
+    let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
+    let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec, half)?;
+    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, half)))
 }
 
 /// The operands `linear`'s backward reads, as the forward product read them.
@@ -145,15 +176,31 @@ enum LinearSaved {
 
 /// `linear`'s forward on the input's device: the output, and the operands backward reads (on
 /// the CPU rounded as the GEMM saw them under bf16 precision).
-fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usize], prec: Precision) -> Result<(Tensor, LinearSaved)> {
+fn linear_forward(
+    x2: Tensor,
+    wv: Tensor,
+    bv: Option<&Tensor>,
+    out_shape: &[usize],
+    prec: Precision,
+    half: HalfIo,
+) -> Result<(Tensor, LinearSaved)> {
     #[cfg(feature = "cuda")]
     if x2.is_cuda() {
-        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec)?;
+        use crate::kernels::cuda::ops::LinearDtypes;
+        // With bf16 activations off (an ablation) the output is stored in f32; an input that is
+        // bf16 anyway still gets its gradient in bf16.
+        let half = HalfIo { y: half.y && crate::kernels::cuda::ops::dev_of(&x2)?.fusions().activations, gx: half.gx };
+        let dt = |h: bool| if h { DType::BF16 } else { DType::F32 };
+        let dts = LinearDtypes { y: dt(half.y), gx: dt(half.gx) };
+        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec, dts)?;
         return Ok((out, LinearSaved::Device(saved)));
     }
     let (rows, k) = (x2.shape()[0], x2.shape()[1]);
     let n = wv.shape()[0];
     let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);
+    // A bf16 output adds a bf16 bias and is rounded once (the GPU's cuBLASLt epilogue).
+    let bv = if half.y { bv.map(|b| round_for(b, prec)).transpose()? } else { bv.cloned() };
+    let bv = bv.as_ref();
     let out = with_float!(x2.dtype(), "linear", T => {
         let xd = x2.data::<T>()?;
         let wd = raw::<T>(&wv);
@@ -169,11 +216,19 @@ fn linear_forward(x2: Tensor, wv: Tensor, bv: Option<&Tensor>, out_shape: &[usiz
             gemm_into(rows, n, k, o, n, MatRef { data: xd, off: 0, rs: k as isize, cs: 1 }, MatRef { data: wd, off: woff, rs: wcs, cs: wrs }, acc, T::one(), parallelism())
         }))
     })?;
+    let out = if half.y { round_for(&out, prec)? } else { out };
     Ok((out, LinearSaved::Host { x2, wv }))
 }
 
 /// `linear`'s backward on the saved operands' device: gradients of (x, w, b when `has_b`).
-fn linear_backward(g: &Tensor, saved: &LinearSaved, in_shape: &[usize], has_b: bool, prec: Precision) -> Result<Vec<Option<Tensor>>> {
+fn linear_backward(
+    g: &Tensor,
+    saved: &LinearSaved,
+    in_shape: &[usize],
+    has_b: bool,
+    prec: Precision,
+    half: HalfIo,
+) -> Result<Vec<Option<Tensor>>> {
     let n = *g.shape().last().ok_or_else(|| Error::shape("linear", "scalar gradient"))?;
     let g2 = g.reshape(&[usize::MAX, n])?;
     let (x2, wv) = match saved {
@@ -192,6 +247,7 @@ fn linear_backward(g: &Tensor, saved: &LinearSaved, in_shape: &[usize], has_b: b
     with_float!(g.dtype(), "linear", T => {
         let g2r = round_for(&g2, prec)?;
         let gx = grad_input::<T>(&g2r, wv, rows, n, k, in_shape)?;
+        let gx = if half.gx { round_for(&gx, prec)? } else { gx };
         let gw = grad_weight::<T>(&g2r, x2, rows, n, k)?;
         let mut v = vec![Some(gx), Some(gw)];
         if has_b {

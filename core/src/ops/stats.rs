@@ -20,9 +20,20 @@ fn on_device(t: &Tensor) -> bool {
     t.is_cuda() && t.dtype() == DType::F32
 }
 
+/// A bf16 CUDA activation (a `linear_half` output) widened to f32 on its device, where the
+/// reductions run; anything else as it is.
+fn widened(t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() && t.dtype() == DType::BF16 {
+        return crate::kernels::cuda::ops::cast(t, DType::F32);
+    }
+    Ok(t.clone())
+}
+
 /// The largest |x| and the lowest flat index holding it; NaN never wins (`(-inf, 0)` when
 /// every entry is NaN or there are none).
 pub fn abs_top1(t: &Tensor) -> Result<(f32, usize)> {
+    let t = &widened(t)?;
     if on_device(t) {
         on_cuda!(t => gpu::abs_argmax(t));
     }
@@ -42,6 +53,7 @@ pub fn abs_kth_smallest(t: &Tensor, k: usize) -> Result<f32> {
     if k >= n {
         return Err(Error::shape("abs_kth_smallest", format!("rank {k} of {n} elements")));
     }
+    let t = &widened(t)?;
     if on_device(t) {
         on_cuda!(t => gpu::abs_kth_smallest(t, k));
     }
@@ -51,6 +63,7 @@ pub fn abs_kth_smallest(t: &Tensor, k: usize) -> Result<f32> {
 
 /// How many entries are ≤ `threshold` (compared in f64).
 pub fn count_at_most(t: &Tensor, threshold: f64) -> Result<usize> {
+    let t = &widened(t)?;
     if on_device(t) {
         on_cuda!(t => gpu::count_at_most(t, threshold));
     }
@@ -65,6 +78,7 @@ pub fn segment_norm_max(t: &Tensor, row_len: usize, seg_len: usize, nseg: usize)
     if row_len == 0 || seg_len == 0 || nseg * seg_len > row_len || !n.is_multiple_of(row_len) {
         return Err(Error::shape("segment_norm_max", format!("{n} elements as rows of {row_len}, {nseg} segments of {seg_len}")));
     }
+    let t = &widened(t)?;
     if on_device(t) {
         on_cuda!(t => gpu::segment_norm_max(t, row_len, seg_len, nseg));
     }

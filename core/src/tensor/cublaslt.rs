@@ -47,7 +47,8 @@ impl ColEpilogue {
     }
 }
 
-/// One column-major GEMM `D = alpha·op(A)·op(B) + beta·C` (C and D the same f32 buffer).
+/// One column-major GEMM `D = alpha·op(A)·op(B) + beta·C` (C and D the same buffer: f32, or
+/// bf16 with `out_bf16`, whose bias is then bf16 too — cuBLASLt's default bias type is D's).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LtGemm {
     pub trans_a: bool,
@@ -64,6 +65,7 @@ pub(crate) struct LtGemm {
     pub alpha: f32,
     pub beta: f32,
     pub bf16: bool,
+    pub out_bf16: bool,
 }
 
 /// What a plan depends on: the shape, the operand types, the epilogue kind, and how aligned the
@@ -74,6 +76,7 @@ struct Key {
     mnk: (usize, usize, usize),
     ld: (usize, usize, usize),
     bf16: bool,
+    out_bf16: bool,
     grad: bool,
     align: (u32, u32, u32),
 }
@@ -138,7 +141,8 @@ impl Plan {
             algo: unsafe { std::mem::zeroed() },
         };
         plan.lb = layout(dt, br, bc, g.ldb).map_err(err("cuBLASLt layout"))?;
-        plan.lc = layout(sys::cudaDataType::CUDA_R_32F, g.m, g.n, g.ldc).map_err(err("cuBLASLt layout"))?;
+        let ct = if g.out_bf16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F };
+        plan.lc = layout(ct, g.m, g.n, g.ldc).map_err(err("cuBLASLt layout"))?;
         // SAFETY: the descriptor is live; each value has its attribute's C type (int32 ops,
         // uint32 epilogue).
         unsafe {
@@ -221,6 +225,7 @@ impl Lt {
             mnk: (g.m, g.n, g.k),
             ld: (g.lda, g.ldb, g.ldc),
             bf16: g.bf16,
+            out_bf16: g.out_bf16,
             grad: matches!(ep, ColEpilogue::GradB(_)),
             align: (alignment(g.a), alignment(g.b), alignment(g.c)),
         };

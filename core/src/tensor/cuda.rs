@@ -65,17 +65,25 @@ pub struct Fusions {
     /// GELU and layer norm writing the next GEMM's bf16 operand (`Var::gelu_linear`,
     /// `Var::layer_norm_linear`).
     pub operands: bool,
+    /// bf16 activations: a `Var::linear_half` output (and what reads it: flash attention, GELU)
+    /// stored in bf16, its gradient too. Off, they are stored in f32 (the ablation's before-line;
+    /// the CPU engine models them on).
+    pub activations: bool,
 }
 
 impl Fusions {
-    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true, operands: true };
+    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true, operands: true, activations: true };
 
     fn bits(self) -> u8 {
-        self.flash as u8 | (self.epilogue as u8) << 1 | (self.classifier as u8) << 2 | (self.operands as u8) << 3
+        self.flash as u8
+            | (self.epilogue as u8) << 1
+            | (self.classifier as u8) << 2
+            | (self.operands as u8) << 3
+            | (self.activations as u8) << 4
     }
 
     fn of(b: u8) -> Fusions {
-        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0, operands: b & 8 != 0 }
+        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0, operands: b & 8 != 0, activations: b & 16 != 0 }
     }
 
     /// The process default: all, less what the environment turns off.
@@ -576,7 +584,9 @@ impl CudaDev {
         })
     }
 
-    /// [`CudaDev::gemm`] (one matrix, not batched) with a fused epilogue through cuBLASLt.
+    /// [`CudaDev::gemm`] (one matrix, not batched) with a fused epilogue through cuBLASLt, C
+    /// of dtype `out` (f32, or bf16 for bf16 inputs: then a bias is bf16 too, cuBLASLt's
+    /// default for a bf16 output, and the f32 sum is rounded once).
     /// Returns `Ok(false)`, having launched nothing, when it cannot fuse here — no cuBLASLt,
     /// epilogues switched off, a bias pointer not 16-byte aligned, or no cuBLASLt algorithm for
     /// the shape — and the caller then runs the plain GEMM and its own bias pass. The emulator
@@ -592,12 +602,20 @@ impl CudaDev {
         alpha: f32,
         beta: f32,
         in_dtype: DType,
+        out: DType,
         ep: Epilogue,
     ) -> Result<bool> {
         let p = match ep {
             Epilogue::Bias(p) | Epilogue::RowSumsA(p) => p,
         };
-        if !self.fusions().epilogue || p % 16 != 0 || in_dtype == DType::F64 {
+        let out_bf16 = out == DType::BF16;
+        let types_ok = match in_dtype {
+            DType::F32 => out == DType::F32,
+            DType::BF16 => out != DType::F64,
+            DType::F64 => false,
+        };
+        // A bias gradient is always written in f32 (only f32-output weight gradients sum one).
+        if !self.fusions().epilogue || p % 16 != 0 || !types_ok || (out_bf16 && matches!(ep, Epilogue::RowSumsA(_))) {
             return Ok(false);
         }
         // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's
@@ -621,10 +639,12 @@ impl CudaDev {
             alpha,
             beta,
             bf16: in_dtype == DType::BF16,
+            out_bf16,
         };
-        let name = match ep {
-            Epilogue::Bias(_) => "gemm + bias (cuBLASLt)",
-            Epilogue::RowSumsA(_) => "gemm + bias gradient (cuBLASLt)",
+        let name = match (ep, out_bf16) {
+            (Epilogue::Bias(_), false) => "gemm + bias (cuBLASLt)",
+            (Epilogue::Bias(_), true) => "gemm + bias, bf16 output (cuBLASLt)",
+            (Epilogue::RowSumsA(_), _) => "gemm + bias gradient (cuBLASLt)",
         };
         self.timed_if("cublas", name, || match &self.real {
             Some(r) => match &r.lt {
@@ -648,7 +668,7 @@ impl CudaDev {
 /// alpha·A[m, k]·B[k, n] + beta·C`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epilogue {
-    /// Adds f32 `bias[n]` to every row of C (a linear's bias).
+    /// Adds `bias[n]` to every row of C (a linear's bias): f32, or bf16 when C is bf16.
     Bias(u64),
     /// Writes f32 `out[m]` = Σ_l A[i, l], the row sums of A (with A = gᵀ for a weight gradient
     /// gᵀ·x, the bias gradient).
@@ -682,6 +702,25 @@ unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpi
         bf16: g.bf16,
         out_bf16: false,
     };
+    if g.out_bf16 {
+        // The f32 sum of the product and the bf16 bias, rounded once into the bf16 C (beta = 0:
+        // the only bf16-output epilogue callers use).
+        let ColEpilogue::Bias(p) = ep else { unreachable!("gemm_epilogue refuses a bf16 bias gradient") };
+        let mut tmp = vec![0f32; g.m * g.n];
+        let f32_plain = ColGemm { c: tmp.as_mut_ptr() as u64, ldc: g.m, beta: 0.0, ..plain };
+        // SAFETY: forwarded contract; `tmp` holds the m × n product.
+        unsafe { f32_plain.reference() };
+        for j in 0..g.n {
+            for i in 0..g.m {
+                // SAFETY: in bounds by the caller's contract.
+                unsafe {
+                    let b = half::bf16::from_bits(*(p as *const u16).add(i)).to_f32();
+                    *(g.c as *mut u16).add(i + j * g.ldc) = half::bf16::from_f32(tmp[i + j * g.m] + b).to_bits();
+                }
+            }
+        }
+        return;
+    }
     // SAFETY: forwarded contract.
     unsafe { plain.reference() };
     let rd = |p: u64, i: usize| -> f32 {

@@ -58,19 +58,29 @@ extern "C" __global__ void gelu_f32(const float* in, float* out, i64 n, int use_
 extern "C" __global__ void gelu_f32_bf16(const float* in, bf16_t* out, i64 n, int use_tanh) {
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16(gelu_of(in[i], use_tanh)); }
 }
-extern "C" __global__ void gelu_bwd_f32(const float* g, const float* in, float* out, i64 n, int use_tanh) {
-    GRID_STRIDE(i, n) {
-        const float x = in[i];
-        float d;
-        if (use_tanh) {
-            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-            const float t = tanhf(u);
-            d = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
-        } else {
-            d = 0.5f * (1.0f + erff(x * INV_SQRT_2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
-        }
-        out[i] = g[i] * d;
+// GELU of a bf16 activation (a linear's bf16 output under bf16 precision), written in bf16.
+extern "C" __global__ void gelu_bf16_bf16(const bf16_t* in, bf16_t* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(gelu_of(bf16_to_f32(in[i]), use_tanh)); }
+}
+__device__ __forceinline__ float gelu_grad_of(float x, int use_tanh) {
+    if (use_tanh) {
+        const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        const float t = tanhf(u);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
     }
+    return 0.5f * (1.0f + erff(x * INV_SQRT_2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
+}
+extern "C" __global__ void gelu_bwd_f32(const float* g, const float* in, float* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) { out[i] = g[i] * gelu_grad_of(in[i], use_tanh); }
+}
+// The same for a bf16 activation: bf16 gradient in, bf16 gradient out (f32 arithmetic).
+extern "C" __global__ void gelu_bwd_bf16(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(bf16_to_f32(g[i]) * gelu_grad_of(bf16_to_f32(in[i]), use_tanh)); }
+}
+// out = bf16(x + bias[i % n]) with a bf16 bias: a bf16-output linear's bias when the GEMM could
+// not add it (the fused epilogue's numbers: one rounding of the f32 sum).
+extern "C" __global__ void add_bias_bf16(const float* x, const bf16_t* bias, bf16_t* out, i64 total, i64 n) {
+    GRID_STRIDE(i, total) { out[i] = f32_to_bf16(x[i] + bf16_to_f32(bias[i % n])); }
 }
 
 extern "C" __global__ void fill_f32(float* out, i64 n, float v) { GRID_STRIDE(i, n) { out[i] = v; } }

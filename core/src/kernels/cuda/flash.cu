@@ -1,8 +1,11 @@
 // Flash attention (FlashAttention-2, Dao 2023) for causal self-attention under bf16 GEMM
 // precision: scores, probabilities and their gradients live in registers one 64 × 64 tile at a
 // time, never as a T × T tensor. q, k and v are read straight from the packed projection
-// qkv [B, T, 3C] (f32, rounded to bf16 as they are staged in shared memory), the output is
-// written in [B, T, C], and the gradient straight into dqkv [B, T, 3C].
+// qkv [B, T, 3C], the output is written in [B, T, C], and the gradient straight into
+// dqkv [B, T, 3C]. Two element types, one kernel body: f32 tensors (rounded to bf16 as they are
+// staged in shared memory, outputs written in f32), or bf16 tensors throughout (`_bf16` entry
+// points: qkv, y, dO and dqkv in bf16 — the projection's bf16 output read as it is, half the
+// bytes; outputs rounded once from the f32 accumulators). lse, row maxima and D stay f32.
 //
 // Products run on the tensor cores through mma.sync.m16n8k16 (bf16 in, f32 accumulate), written
 // as header-free inline PTX so NVRTC needs no CUDA headers. The CPU emulator has no tensor cores:
@@ -67,19 +70,23 @@ __device__ __forceinline__ unsigned fa_elem(const FaTile<D>& s, int r, int c) {
     return (s.w[r * FaTile<D>::LDW + (c >> 1)] >> ((c & 1) * 16)) & 0xffffu;
 }
 
-// Rows [r0, r0 + 64) of a [rows, D] f32 matrix with row stride `rs`, rounded to bf16; rows at or
-// past `t` as zeros.
-template <int D>
-__device__ __forceinline__ void fa_stage(FaTile<D>& s, const float* base, i64 rs, i64 r0, i64 t) {
+// Two adjacent elements of a global tensor as one bf16 pair (the first in the low half): f32
+// rounded, bf16 as stored.
+__device__ __forceinline__ unsigned fa_pair(const float* p) { return fa_pack(p[0], p[1]); }
+__device__ __forceinline__ unsigned fa_pair(const bf16_t* p) { return (unsigned)p[0] | ((unsigned)p[1] << 16); }
+// One element written from an f32 accumulator value (bf16: rounded to nearest even).
+__device__ __forceinline__ void fa_put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void fa_put(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+__device__ __forceinline__ float fa_get(const float* p) { return *p; }
+__device__ __forceinline__ float fa_get(const bf16_t* p) { return bf16_to_f32(*p); }
+
+// Rows [r0, r0 + 64) of a [rows, D] matrix (elements E) with row stride `rs`, as bf16; rows at
+// or past `t` as zeros.
+template <int D, typename E>
+__device__ __forceinline__ void fa_stage(FaTile<D>& s, const E* base, i64 rs, i64 r0, i64 t) {
     for (int e = threadIdx.x; e < FA_TILE * D / 2; e += blockDim.x) {
         const int r = e / (D / 2), c = (e % (D / 2)) * 2;
-        float x0 = 0.0f, x1 = 0.0f;
-        if (r0 + r < t) {
-            const float* p = base + (r0 + r) * rs + c;
-            x0 = p[0];
-            x1 = p[1];
-        }
-        s.w[r * FaTile<D>::LDW + c / 2] = fa_pack(x0, x1);
+        s.w[r * FaTile<D>::LDW + c / 2] = r0 + r < t ? fa_pair(base + (r0 + r) * rs + c) : 0u;
     }
 }
 
@@ -168,18 +175,18 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
 // Stores this lane's rows r0 and r0 + 8 of a warp's 16 × D accumulator, row i times mul[i], into
 // the rows of `base` (row stride rs; base at row 0 and the tile's first column); rows at or past
 // t are padding and skipped.
-template <int D>
-__device__ __forceinline__ void fa_store(float* base, i64 rs, i64 r0, i64 t, const float (*acc)[4], const float* mul) {
+template <int D, typename E>
+__device__ __forceinline__ void fa_store(E* base, i64 rs, i64 r0, i64 t, const float (*acc)[4], const float* mul) {
     const int tq = (threadIdx.x & 31) & 3;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const i64 row = r0 + 8 * i;
         if (row >= t) continue;
-        float* out = base + row * rs + tq * 2;
+        E* out = base + row * rs + tq * 2;
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
-            out[nt * 8] = acc[nt][2 * i] * mul[i];
-            out[nt * 8 + 1] = acc[nt][2 * i + 1] * mul[i];
+            fa_put(out + nt * 8, acc[nt][2 * i] * mul[i]);
+            fa_put(out + nt * 8 + 1, acc[nt][2 * i + 1] * mul[i]);
         }
     }
 }
@@ -191,17 +198,17 @@ __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshol
     return dpt_keep(key, idx, threshold) ? x * dscale : 0.0f;
 }
 
-template <int D>
-__device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
+template <int D, typename E>
+__device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
                           float dscale) {
     __shared__ FaTile<D> sq, sk, sv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
-        const float* base = qkv + bb * t * rs + hh * D;
+        const E* base = qkv + bb * t * rs + hh * D;
         __syncthreads();
-        fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
+        fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
         __syncthreads();
         unsigned qa[D / 16][4];
 #pragma unroll
@@ -213,8 +220,8 @@ __device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max
         const i64 r0 = qt * FA_TILE + warp * 16 + g;
         for (i64 kt = 0; kt <= qt; ++kt) {
             __syncthreads();
-            fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
-            fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
+            fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
             __syncthreads();
             float s[8][4];
             fa_scores<D>(qa, sk, s);
@@ -262,7 +269,7 @@ __device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max
             li[i] = fa_quad_sum(l[i]);
             inv[i] = 1.0f / li[i];
         }
-        fa_store<D>(y + bb * t * c + hh * D, c, r0, t, o, inv);
+        fa_store<D, E>(y + bb * t * c + hh * D, c, r0, t, o, inv);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const i64 row = r0 + 8 * i;
@@ -275,31 +282,38 @@ __device__ void flash_fwd(const float* qkv, float* y, float* lse, float* row_max
 }
 
 // D = rowsum(dO ⊙ O) per (b, h, t) row, from dO and O in [B, T, C].
-extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
+template <typename E>
+__device__ void flash_bwd_dot(const E* go, const E* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
     const i64 c = h * d;
     GRID_STRIDE(i, b * h * t) {
         const i64 tt = i % t, bh = i / t, bb = bh / h, hh = bh % h;
-        const float* gr = go + (bb * t + tt) * c + hh * d;
-        const float* yr = y + (bb * t + tt) * c + hh * d;
+        const E* gr = go + (bb * t + tt) * c + hh * d;
+        const E* yr = y + (bb * t + tt) * c + hh * d;
         float acc = 0.0f;
-        for (i64 j = 0; j < d; ++j) acc += gr[j] * yr[j];
+        for (i64 j = 0; j < d; ++j) acc += fa_get(gr + j) * fa_get(yr + j);
         dvec[i] = acc;
     }
 }
+extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
+    flash_bwd_dot<float>(go, y, dvec, b, t, h, d);
+}
+extern "C" __global__ void flash_bwd_dot_bf16(const bf16_t* go, const bf16_t* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
+    flash_bwd_dot<bf16_t>(go, y, dvec, b, t, h, d);
+}
 
 // dQ for one query tile per work item, into part 0 of dqkv [B, T, 3C].
-template <int D>
-__device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale,
+template <int D, typename E>
+__device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                              i64 key, i64 threshold, float dscale) {
     __shared__ FaTile<D> sq, sdo, sk, sv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
-        const float* base = qkv + bb * t * rs + hh * D;
+        const E* base = qkv + bb * t * rs + hh * D;
         __syncthreads();
-        fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
-        fa_stage<D>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
+        fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
+        fa_stage<D, E>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
         __syncthreads();
         unsigned qa[D / 16][4], da[D / 16][4];
 #pragma unroll
@@ -320,8 +334,8 @@ __device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse
         for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.0f;
         for (i64 kt = 0; kt <= qt; ++kt) {
             __syncthreads();
-            fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
-            fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
+            fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
             __syncthreads();
             float p[8][4], dp[8][4];
             fa_scores<D>(qa, sk, p);
@@ -340,13 +354,13 @@ __device__ void flash_bwd_dq(const float* qkv, const float* go, const float* lse
             fa_times<D>(p, sk, dq);
         }
         const float sc[2] = {scale, scale};
-        fa_store<D>(dqkv + bb * t * rs + hh * D, rs, r0, t, dq, sc);
+        fa_store<D, E>(dqkv + bb * t * rs + hh * D, rs, r0, t, dq, sc);
     }
 }
 
 // dK and dV for one key tile per work item, into parts 1 and 2 of dqkv.
-template <int D>
-__device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h, float scale,
+template <int D, typename E>
+__device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                               i64 key, i64 threshold, float dscale) {
     __shared__ FaTile<D> sk, sv, sq, sdo;
     __shared__ float sl[FA_TILE], sd[FA_TILE];
@@ -355,10 +369,10 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         // Key tile 0 sees every query tile: first.
         const i64 kt = w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
-        const float* base = qkv + bb * t * rs + hh * D;
+        const E* base = qkv + bb * t * rs + hh * D;
         __syncthreads();
-        fa_stage<D>(sk, base + c, rs, kt * FA_TILE, t);
-        fa_stage<D>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+        fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
+        fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
         __syncthreads();
         unsigned ka[D / 16][4], va[D / 16][4];
 #pragma unroll
@@ -375,8 +389,8 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
         const i64 j0 = kt * FA_TILE + warp * 16 + g;  // this lane's key rows j0 and j0 + 8
         for (i64 qt = kt; qt < nq; ++qt) {
             __syncthreads();
-            fa_stage<D>(sq, base, rs, qt * FA_TILE, t);
-            fa_stage<D>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
+            fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
+            fa_stage<D, E>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
             for (int r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
                 const i64 row = qt * FA_TILE + r;
                 sl[r] = row < t ? lse[bh * t + row] : 0.0f;
@@ -410,35 +424,28 @@ __device__ void flash_bwd_dkv(const float* qkv, const float* go, const float* ls
             fa_times<D>(dpt, sq, dk);
         }
         const float sc[2] = {scale, scale}, one[2] = {1.0f, 1.0f};
-        fa_store<D>(dqkv + bb * t * rs + c + hh * D, rs, j0, t, dk, sc);
-        fa_store<D>(dqkv + bb * t * rs + 2 * c + hh * D, rs, j0, t, dv, one);
+        fa_store<D, E>(dqkv + bb * t * rs + c + hh * D, rs, j0, t, dk, sc);
+        fa_store<D, E>(dqkv + bb * t * rs + 2 * c + hh * D, rs, j0, t, dv, one);
     }
 }
 
-// Entry points per head dimension (the fragments are sized at compile time). Launch: 128
-// threads per block, one block per work item up to the grid limit. Dropout: key, threshold
-// (p·2³², 0 for none) and 1/(1 − p).
-extern "C" __global__ void flash_fwd_d32(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key,
-                                         i64 threshold, float dscale) {
-    flash_fwd<32>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);
-}
-extern "C" __global__ void flash_fwd_d64(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key,
-                                         i64 threshold, float dscale) {
-    flash_fwd<64>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);
-}
-extern "C" __global__ void flash_bwd_dq_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
-                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
-    flash_bwd_dq<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
-}
-extern "C" __global__ void flash_bwd_dq_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
-                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
-    flash_bwd_dq<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
-}
-extern "C" __global__ void flash_bwd_dkv_d32(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
-                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
-    flash_bwd_dkv<32>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
-}
-extern "C" __global__ void flash_bwd_dkv_d64(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t,
-                                              i64 h, float scale, i64 key, i64 threshold, float dscale) {
-    flash_bwd_dkv<64>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);
-}
+// Entry points per head dimension (the fragments are sized at compile time) and element type
+// (f32, or `_bf16`: qkv, y, dO and dqkv in bf16). Launch: 128 threads per block, one block per
+// work item up to the grid limit. Dropout: key, threshold (p·2³², 0 for none) and 1/(1 − p).
+#define FA_ENTRIES(D, SUF, E)                                                                                                            \
+    extern "C" __global__ void flash_fwd_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale,    \
+                                                   i64 key, i64 threshold, float dscale) {                                             \
+        flash_fwd<D, E>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);                                                 \
+    }                                                                                                                                  \
+    extern "C" __global__ void flash_bwd_dq_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
+                                                      i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale) {              \
+        flash_bwd_dq<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);                                          \
+    }                                                                                                                                  \
+    extern "C" __global__ void flash_bwd_dkv_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
+                                                       i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale) {             \
+        flash_bwd_dkv<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);                                         \
+    }
+FA_ENTRIES(32, , float)
+FA_ENTRIES(64, , float)
+FA_ENTRIES(32, _bf16, bf16_t)
+FA_ENTRIES(64, _bf16, bf16_t)

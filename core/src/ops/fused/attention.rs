@@ -329,7 +329,12 @@ impl<'t> Var<'t> {
         let dm = Dims { b: s[0], t: s[1], h: n_heads, d, scale };
         let prec = self.tape().precision();
         let (out, saved, max_logit) = device_forward(&qkv, dm, prec, drop)?;
+        // Attention of a bf16 activation is one too (as under autocast): bf16 on a GPU, rounded
+        // on the CPU.
+        let half = self.is_half();
+        let out = if half && !out.is_cuda() { crate::ops::matmul::round_for(&out, prec)? } else { out };
         let y = self.tape().record("causal_attention", out, &[self], move |g| Ok(vec![Some(device_backward(g, &saved, dm, prec, drop)?)]));
+        let y = if half { y.mark_half() } else { y };
         Ok(AttnOut { y, max_logit })
     }
 }

@@ -60,7 +60,11 @@ impl<'t> Var<'t> {
         {
             let m = self.value();
             let act16 = crate::kernels::cuda::ops::gelu_bf16(&m, tanh)?;
-            let (out, lin_bwd) = crate::ops::matmul::linear_value(&act16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16)?;
+            // From a bf16 pre-activation (a `linear_half` output) backward is bf16 throughout:
+            // the product writes GELU's output gradient in bf16, GELU's backward the input's.
+            let half = crate::ops::matmul::HalfIo { y: false, gx: m.dtype() == crate::tensor::DType::BF16 };
+            let (out, lin_bwd) =
+                crate::ops::matmul::linear_value(&act16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half)?;
             let mut inputs = vec![self, w];
             inputs.extend(b);
             return Ok(self.tape().record("gelu_linear", out, &inputs, move |g| {
@@ -73,10 +77,14 @@ impl<'t> Var<'t> {
         self.gelu(tanh)?.linear(w, b)
     }
 
-    /// GELU; `tanh = true` for the tanh approximation.
+    /// GELU; `tanh = true` for the tanh approximation. Of a bf16 activation it is one too
+    /// (autocast's rule): bf16 on a GPU, rounded on the CPU.
     pub fn gelu(self, tanh: bool) -> Result<Var<'t>> {
         let x = self.value();
         let out = forward(&x, tanh)?;
-        Ok(self.tape().record("gelu", out, &[self], move |g| Ok(vec![Some(backward(g, &x, tanh)?)])))
+        let half = self.is_half();
+        let out = if half && !out.is_cuda() { crate::ops::matmul::round_for(&out, crate::tensor::Precision::Bf16)? } else { out };
+        let y = self.tape().record("gelu", out, &[self], move |g| Ok(vec![Some(backward(g, &x, tanh)?)]));
+        Ok(if half { y.mark_half() } else { y })
     }
 }

@@ -152,6 +152,10 @@ impl<'t> Var<'t> {
     /// gradient. The numbers are those of the two ops (the linear rounds its input to bf16
     /// anyway); elsewhere, or with
     /// `Fusions::operands` off, it is exactly them.
+    ///
+    /// `half_out`: the product is a bf16 activation under bf16 precision (as
+    /// [`linear_half`](Self::linear_half)'s), for a consumer that reads bf16.
+    #[allow(clippy::too_many_arguments)]
     pub fn layer_norm_linear(
         self,
         ln_w: Option<Var<'t>>,
@@ -159,6 +163,7 @@ impl<'t> Var<'t> {
         eps: f64,
         w: Var<'t>,
         b: Option<Var<'t>>,
+        half_out: bool,
     ) -> Result<Var<'t>> {
         #[cfg(feature = "cuda")]
         if self.value().is_cuda()
@@ -166,7 +171,10 @@ impl<'t> Var<'t> {
             && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
         {
             let (h16, ln_bwd) = self.layer_norm_value(ln_w, ln_b, eps, true)?;
-            let (out, lin_bwd) = crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16)?;
+            // The layer norm's backward reads an f32 gradient of its output.
+            let half = crate::ops::matmul::HalfIo { y: half_out, gx: false };
+            let (out, lin_bwd) =
+                crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half)?;
             let mut inputs = vec![self];
             inputs.extend(ln_w);
             inputs.extend(ln_b);
@@ -182,7 +190,12 @@ impl<'t> Var<'t> {
                 Ok(v)
             }));
         }
-        self.layer_norm(ln_w, ln_b, eps)?.linear(w, b)
+        let h = self.layer_norm(ln_w, ln_b, eps)?;
+        if half_out {
+            h.linear_half(w, b)
+        } else {
+            h.linear(w, b)
+        }
     }
 
     /// The layer norm's output (in bf16 on a GPU when `bf16_out`) and its backward (gradients

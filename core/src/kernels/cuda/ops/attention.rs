@@ -35,7 +35,11 @@ pub fn attention(
     prec: Prec,
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<(Tensor, AttnSaved, Tensor)> {
-    f32_only(qkv, "causal_attention")?;
+    // A bf16 activation (a `linear_half` projection) is read in f32 here: this path's kernels
+    // are f32. y is then given back in bf16 as flash attention's is (its gradient is widened
+    // in backward; qkv's comes back in f32 and the tape rounds it to qkv's dtype).
+    let in_dt = qkv.dtype();
+    let qkv = &cast(qkv, DType::F32)?;
     let d = dev_of(qkv)?;
     let qkv = contiguous(qkv)?;
     let bh = b * h;
@@ -62,7 +66,7 @@ pub fn attention(
     let y = empty(&d, &[b, t, h * dh])?;
     // merge_heads_f32(const float* o, float* y, i64 b, i64 t, i64 h, i64 d)
     launch!(d, "attention", "merge_heads_f32", grid(n); ptr(&o)?, ptr(&y)?, bi, ti, hi, di)?;
-    Ok((y, AttnSaved { q, k, v, p }, row_max))
+    Ok((cast(&y, in_dt)?, AttnSaved { q, k, v, p }, row_max))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -78,7 +82,7 @@ pub fn attention_bwd(
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<Tensor> {
     let d = dev_of(g)?;
-    let g = contiguous(g)?;
+    let g = contiguous(&cast(g, DType::F32)?)?;
     let bh = b * h;
     let n = b * t * h * dh;
     let (bi, ti, hi, di) = (b as i64, t as i64, h as i64, dh as i64);
@@ -136,16 +140,32 @@ fn flash_launch(b: usize, t: usize, h: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (work.clamp(1, 65535) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn flash_kernel(stem: &str, dh: usize) -> Result<&'static str> {
-    Ok(match (stem, dh) {
-        ("fwd", 32) => "flash_fwd_d32",
-        ("fwd", 64) => "flash_fwd_d64",
-        ("dq", 32) => "flash_bwd_dq_d32",
-        ("dq", 64) => "flash_bwd_dq_d64",
-        ("dkv", 32) => "flash_bwd_dkv_d32",
-        ("dkv", 64) => "flash_bwd_dkv_d64",
+/// The flash kernel for `stem` (fwd, dq, dkv), head size `dh`, and element type (bf16 tensors,
+/// or f32).
+fn flash_kernel(stem: &str, dh: usize, bf16: bool) -> Result<&'static str> {
+    Ok(match (stem, dh, bf16) {
+        ("fwd", 32, false) => "flash_fwd_d32",
+        ("fwd", 64, false) => "flash_fwd_d64",
+        ("dq", 32, false) => "flash_bwd_dq_d32",
+        ("dq", 64, false) => "flash_bwd_dq_d64",
+        ("dkv", 32, false) => "flash_bwd_dkv_d32",
+        ("dkv", 64, false) => "flash_bwd_dkv_d64",
+        ("fwd", 32, true) => "flash_fwd_d32_bf16",
+        ("fwd", 64, true) => "flash_fwd_d64_bf16",
+        ("dq", 32, true) => "flash_bwd_dq_d32_bf16",
+        ("dq", 64, true) => "flash_bwd_dq_d64_bf16",
+        ("dkv", 32, true) => "flash_bwd_dkv_d32_bf16",
+        ("dkv", 64, true) => "flash_bwd_dkv_d64_bf16",
         _ => return Err(Error::shape("flash_attention", format!("head size {dh} (built for {FLASH_HEAD_DIMS:?})"))),
     })
+}
+
+/// A new packed tensor of `shape` in `dt` (f32 or bf16) on `d`.
+fn empty_as(d: &Arc<CudaDev>, shape: &[usize], dt: DType) -> Result<Tensor> {
+    match dt {
+        DType::BF16 => Ok(wrap(d.alloc(shape.iter().product::<usize>() * 2)?, DType::BF16, shape)),
+        _ => empty(d, shape),
+    }
 }
 
 /// (key, threshold, 1/(1 − p)) of attention dropout for the flash kernels; threshold 0: none.
@@ -155,7 +175,8 @@ fn flash_dropout(drop: Option<crate::ops::dropout::Dropout>) -> (i64, i64, f32) 
 
 /// Causal attention over packed qkv `[b, t, 3c]` with bf16 tensor-core products and no T × T
 /// tensor: (y `[b, t, c]`, saved, the maximum scaled logit of each row `[b·h·t]`). `drop`:
-/// dropout on the probabilities (the same mask as the unfused path's).
+/// dropout on the probabilities (the same mask as the unfused path's). qkv f32 or bf16; y (and
+/// in backward dO and dqkv) in qkv's dtype.
 pub fn flash_attention(
     qkv: &Tensor,
     b: usize,
@@ -165,11 +186,19 @@ pub fn flash_attention(
     scale: f64,
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<(Tensor, FlashSaved, Tensor)> {
-    f32_only(qkv, "causal_attention")?;
-    let kernel = flash_kernel("fwd", dh)?;
-    let d = dev_of(qkv)?;
-    let qkv = contiguous(qkv)?;
-    let y = empty(&d, &[b, t, h * dh])?;
+    let bf16 = qkv.dtype() == DType::BF16;
+    let qkv = if bf16 {
+        if !qkv.is_contiguous() {
+            return Err(Error::shape("causal_attention", "a strided bf16 qkv on CUDA"));
+        }
+        qkv.clone()
+    } else {
+        f32_only(qkv, "causal_attention")?;
+        contiguous(qkv)?
+    };
+    let kernel = flash_kernel("fwd", dh, bf16)?;
+    let d = dev_of(&qkv)?;
+    let y = empty_as(&d, &[b, t, h * dh], qkv.dtype())?;
     let (lse, row_max) = (empty(&d, &[b * h * t])?, empty(&d, &[b * h * t])?);
     let (key, threshold, dscale) = flash_dropout(drop);
     // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale)
@@ -191,18 +220,35 @@ pub fn flash_attention_bwd(
     drop: Option<crate::ops::dropout::Dropout>,
 ) -> Result<Tensor> {
     let d = dev_of(g)?;
-    let g = contiguous(g)?;
+    let dt = s.qkv.dtype();
+    let bf16 = dt == DType::BF16;
+    // dO in the kernels' element type (the tape gives y's gradient in y's dtype already).
+    let g = if g.dtype() != dt {
+        cast(g, dt)?
+    } else if bf16 {
+        g.clone()
+    } else {
+        contiguous(g)?
+    };
+    if !g.is_contiguous() {
+        return Err(Error::shape("causal_attention", "a strided bf16 output gradient on CUDA"));
+    }
     let (bi, ti, hi) = (b as i64, t as i64, h as i64);
     let dvec = empty(&d, &[b * h * t])?;
-    // flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
-    launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
-    let gx = empty(&d, &[b, t, 3 * h * dh])?;
+    if bf16 {
+        // flash_bwd_dot_bf16(const bf16_t* go, const bf16_t* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
+        launch!(d, "flash", "flash_bwd_dot_bf16", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
+    } else {
+        // flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
+        launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
+    }
+    let gx = empty_as(&d, &[b, t, 3 * h * dh], dt)?;
     let (key, threshold, dscale) = flash_dropout(drop);
-    // flash_bwd_{dq,dkv}_d*(const float* qkv, const float* go, const float* lse, const float* dvec, float* dqkv, i64 b, i64 t, i64 h,
-    //                       float scale, i64 key, i64 threshold, float dscale)
-    launch!(d, "flash", flash_kernel("dq", dh)?, flash_launch(b, t, h);
+    // flash_bwd_{dq,dkv}_d*[_bf16](const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h,
+    //                             float scale, i64 key, i64 threshold, float dscale)
+    launch!(d, "flash", flash_kernel("dq", dh, bf16)?, flash_launch(b, t, h);
         ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
-    launch!(d, "flash", flash_kernel("dkv", dh)?, flash_launch(b, t, h);
+    launch!(d, "flash", flash_kernel("dkv", dh, bf16)?, flash_launch(b, t, h);
         ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
     Ok(gx)
 }

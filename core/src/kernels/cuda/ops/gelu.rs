@@ -1,8 +1,12 @@
-//! GELU (erf or tanh form) and its backward.
+//! GELU (erf or tanh form) and its backward, on f32 or bf16 activations.
 
 use super::*;
 
+/// GELU in `x`'s dtype (f32, or bf16 for a bf16 activation, computed in f32 and rounded once).
 pub fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 {
+        return gelu_bf16(x, tanh);
+    }
     f32_only(x, "gelu")?;
     let d = dev_of(x)?;
     let c = contiguous(x)?;
@@ -13,23 +17,42 @@ pub fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
     Ok(out)
 }
 
-/// GELU of f32 `x`, written in bf16 (the next GEMM's operand).
+/// GELU of f32 or bf16 `x`, written in bf16 (the next GEMM's operand).
 pub fn gelu_bf16(x: &Tensor, tanh: bool) -> Result<Tensor> {
-    f32_only(x, "gelu")?;
     let d = dev_of(x)?;
-    let c = contiguous(x)?;
-    let n = c.numel();
+    let n = x.numel();
     let out = wrap(d.alloc(n * 2)?, DType::BF16, x.shape());
+    if x.dtype() == DType::BF16 {
+        if !x.is_contiguous() {
+            return Err(Error::shape("gelu", "a strided bf16 input on CUDA"));
+        }
+        // gelu_bf16_bf16(const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+        launch!(d, "elementwise", "gelu_bf16_bf16", grid(n); ptr(x)?, ptr(&out)?, n as i64, tanh as i32)?;
+        return Ok(out);
+    }
+    f32_only(x, "gelu")?;
+    let c = contiguous(x)?;
     // gelu_f32_bf16(const float* in, bf16_t* out, i64 n, int use_tanh)
     launch!(d, "elementwise", "gelu_f32_bf16", grid(n); ptr(&c)?, ptr(&out)?, n as i64, tanh as i32)?;
     Ok(out)
 }
 
+/// GELU's input gradient, in `x`'s dtype (g is brought to it first if it differs).
 pub fn gelu_bwd(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
     let d = dev_of(g)?;
-    let (g, x) = (contiguous(g)?, contiguous(x)?);
+    let g = if g.dtype() == x.dtype() { g.clone() } else { cast(g, x.dtype())? };
+    let n = g.numel();
+    if x.dtype() == DType::BF16 {
+        if !(g.is_contiguous() && x.is_contiguous()) {
+            return Err(Error::shape("gelu", "a strided bf16 gradient or input on CUDA"));
+        }
+        let out = wrap(d.alloc(n * 2)?, DType::BF16, g.shape());
+        // gelu_bwd_bf16(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+        launch!(d, "elementwise", "gelu_bwd_bf16", grid(n); ptr(&g)?, ptr(x)?, ptr(&out)?, n as i64, tanh as i32)?;
+        return Ok(out);
+    }
+    let (g, x) = (contiguous(&g)?, contiguous(x)?);
     let out = empty(&d, g.shape())?;
-    let n = out.numel();
     // gelu_bwd_f32(const float* g, const float* in, float* out, i64 n, int use_tanh)
     launch!(d, "elementwise", "gelu_bwd_f32", grid(n); ptr(&g)?, ptr(&x)?, ptr(&out)?, n as i64, tanh as i32)?;
     Ok(out)

@@ -102,6 +102,8 @@ pub(super) fn packed(t: &Tensor) -> Result<(Tensor, MatArg)> {
 pub struct LinearSaved {
     x: Tensor,
     w: Tensor,
+    /// The input gradient's dtype (bf16 for an input that was a bf16 activation).
+    gx: DType,
 }
 
 /// A packed bf16 copy of `t` (same shape).
@@ -122,51 +124,95 @@ fn rowmajor(t: &Tensor, cols: usize, trans: bool) -> Result<MatArg> {
     Ok(MatArg { ptr: ptr(t)?, trans, ld: cols.max(1), batch_stride: 0 })
 }
 
+/// How a GPU `linear` stores what it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearDtypes {
+    /// The output y: f32, or (under `Prec::Bf16`) bf16 — autocast's linear output, for a
+    /// consumer that reads bf16 (flash attention, GELU); its bias is then added in bf16.
+    pub y: DType,
+    /// The input gradient: f32, or (under `Prec::Bf16`) bf16 — for an input that was a bf16
+    /// activation, whose gradient is bf16 as autocast's is.
+    pub gx: DType,
+}
+
+impl LinearDtypes {
+    pub const F32: LinearDtypes = LinearDtypes { y: DType::F32, gx: DType::F32 };
+}
+
 /// `y = x2 @ wᵀ (+ b)` for packed x2 `[rows, k]`, w `[n, k]`; and what backward reads. The bias
 /// is added by the GEMM's epilogue (cuBLASLt), or where that cannot run by one pass over y.
-/// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`).
-pub fn linear(x2: &Tensor, w: &Tensor, b: Option<&Tensor>, out_shape: &[usize], prec: Prec) -> Result<(Tensor, LinearSaved)> {
+/// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`, or
+/// a bf16 activation), and `dt` may ask for bf16 y and input gradient; under f32 both are f32.
+pub fn linear(
+    x2: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    out_shape: &[usize],
+    prec: Prec,
+    dt: LinearDtypes,
+) -> Result<(Tensor, LinearSaved)> {
     if !(prec == Prec::Bf16 && x2.dtype() == DType::BF16) {
         f32_only(x2, "linear")?;
     }
+    let dt = if prec == Prec::Bf16 { dt } else { LinearDtypes::F32 };
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
-    let out = empty(&d, out_shape)?;
+    let out = match dt.y {
+        DType::BF16 => wrap(d.alloc(rows * n * 2)?, DType::BF16, out_shape),
+        _ => empty(&d, out_shape)?,
+    };
     // `_wo` owns the weight operand's memory (a packed copy when cuBLAS cannot read w's
     // strides) until the products are queued.
-    let (xa, (_wo, wa), dt, saved) = match prec {
+    let (xa, (_wo, wa), in_dt, saved) = match prec {
         Prec::F32 => {
             let (xo, xm) = packed(x2)?;
             // wᵀ [k, n]: a transposed view of w (no copy).
-            (xm, operand_2d(&w.transpose(0, 1)?, 0)?, DType::F32, LinearSaved { x: xo, w: w.clone() })
+            (xm, operand_2d(&w.transpose(0, 1)?, 0)?, DType::F32, LinearSaved { x: xo, w: w.clone(), gx: DType::F32 })
         }
         Prec::Bf16 => {
             let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
             let w16 = bf16_copy(w)?;
-            (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16 })
+            (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16, gx: dt.gx })
         }
     };
-    let bias = b.map(contiguous).transpose()?;
+    // A bf16 output takes its bias in bf16 (as autocast's does).
+    let bias = match b {
+        Some(b) if dt.y == DType::BF16 => Some(bf16_copy(b)?),
+        Some(b) => Some(contiguous(b)?),
+        None => None,
+    };
     let fused = match &bias {
-        Some(bc) => d.gemm_epilogue(rows, n, k, xa, wa, ptr(&out)?, 1.0, 0.0, dt, Epilogue::Bias(ptr(bc)?))?,
+        Some(bc) => d.gemm_epilogue(rows, n, k, xa, wa, ptr(&out)?, 1.0, 0.0, in_dt, dt.y, Epilogue::Bias(ptr(bc)?))?,
         None => false,
     };
     if !fused {
-        d.gemm(rows, n, k, xa, wa, ptr(&out)?, 1, 1.0, 0.0, dt)?;
-        if let Some(bc) = &bias {
-            let total = rows * n;
-            // In place: add_f32(a, b, out, n, na, nb) with the bias repeating every n elements.
-            let y = ptr(&out)?;
-            launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
+        let y = ptr(&out)?;
+        let total = rows * n;
+        match (&bias, dt.y) {
+            (Some(bc), DType::BF16) => {
+                // The epilogue's numbers without it: the f32 product, plus the bf16 bias,
+                // rounded once.
+                let tmp = empty(&d, &[rows, n])?;
+                d.gemm(rows, n, k, xa, wa, ptr(&tmp)?, 1, 1.0, 0.0, in_dt)?;
+                // add_bias_bf16(const float* x, const bf16_t* bias, bf16_t* out, i64 total, i64 n)
+                launch!(d, "elementwise", "add_bias_bf16", grid(total); ptr(&tmp)?, ptr(bc)?, y, total as i64, n as i64)?;
+            }
+            (Some(bc), _) => {
+                d.gemm(rows, n, k, xa, wa, y, 1, 1.0, 0.0, in_dt)?;
+                // In place: add_f32(a, b, out, n, na, nb) with the bias repeating every n elements.
+                launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
+            }
+            (None, out_dt) => d.gemm_to(rows, n, k, xa, wa, y, 1, 1.0, 0.0, in_dt, out_dt)?,
         }
     }
     Ok((out, saved))
 }
 
-/// `linear`'s gradients for g `[rows, n]`: input (`g @ w` → `in_shape`), weight (`gᵀ @ x` →
-/// `[n, k]`) and, when `with_bias`, bias (the column sums of g, summed by the weight GEMM's
-/// epilogue where cuBLASLt can). Under bf16, g is rounded once for all three, as a bf16
-/// gradient under PyTorch's autocast is.
+/// `linear`'s gradients for g `[rows, n]`: input (`g @ w` → `in_shape`, in the dtype the
+/// forward was asked for), weight (`gᵀ @ x` → `[n, k]`, f32) and, when `with_bias`, bias (the
+/// column sums of g, summed by the weight GEMM's epilogue where cuBLASLt can). Under bf16, g is
+/// rounded once for all three (read as it is when already bf16), as a bf16 gradient under
+/// PyTorch's autocast is.
 pub fn linear_grads(
     g2: &Tensor,
     s: &LinearSaved,
@@ -176,9 +222,14 @@ pub fn linear_grads(
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
-    let (gx, gw) = (empty(&d, in_shape)?, empty(&d, &[n, k])?);
+    let gx = match s.gx {
+        DType::BF16 => wrap(d.alloc(in_shape.iter().product::<usize>() * 2)?, DType::BF16, in_shape),
+        _ => empty(&d, in_shape)?,
+    };
+    let gw = empty(&d, &[n, k])?;
     let (gq, dt) = match prec {
         Prec::F32 => (contiguous(g2)?, DType::F32),
+        Prec::Bf16 if g2.dtype() == DType::BF16 => (contiguous_bf16(g2)?, DType::BF16),
         Prec::Bf16 => (bf16_copy(g2)?, DType::BF16),
     };
     // `_wo` owns the weight operand's memory until the product is queued (see `linear`).
@@ -186,11 +237,11 @@ pub fn linear_grads(
         Prec::F32 => operand_2d(&s.w, 0)?,
         Prec::Bf16 => (s.w.clone(), rowmajor(&s.w, k, false)?),
     };
-    d.gemm(rows, k, n, rowmajor(&gq, n, false)?, wm, ptr(&gx)?, 1, 1.0, 0.0, dt)?;
+    d.gemm_to(rows, k, n, rowmajor(&gq, n, false)?, wm, ptr(&gx)?, 1, 1.0, 0.0, dt, s.gx)?;
     let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
     let gb = if with_bias { Some(empty(&d, &[n])?) } else { None };
     let fused = match &gb {
-        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, ptr(&gw)?, 1.0, 0.0, dt, Epilogue::RowSumsA(ptr(gb)?))?,
+        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, ptr(&gw)?, 1.0, 0.0, dt, DType::F32, Epilogue::RowSumsA(ptr(gb)?))?,
         None => false,
     };
     if !fused {
