@@ -356,7 +356,7 @@ fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String>
     }
     print_profile(&p.profile, p.step_ms);
     println!(
-        "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer reads the loss and the clipping norm together: 1)",
+        "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer decides a step on the device and reads its loss and gradient norm on logging steps: 0 on the others; 1 with DPTRAIN_STEP_SYNC=1)",
         p.raw_allocs_in_timed_steps, p.host_waits_per_step
     );
     Ok(())
@@ -408,10 +408,18 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         let value = loss.value();
         tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
         drop(tape);
-        // As the trainer: the loss and the gradient's norm read in one transfer, then clipping.
+        let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
+        // As the trainer on a step that logs nothing: the step decided on the device (its
+        // record read on a logging step, not here) — or, with DPTRAIN_STEP_SYNC=1, the loss and
+        // the gradient's norm read in one transfer, then clipping.
+        if !dptrain_core::env::env().step_sync {
+            let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value)).map_err(e)?;
+            if opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0).map_err(|x| x.to_string())? {
+                return Ok(());
+            }
+        }
         let (sq, _) = dptrain_core::ops::flat::sum_squares_and(grads.flat(), &[value]).map_err(e)?;
         dptrain_optim::clip_to_norm(&mut grads, 1.0, sq.sqrt()).map_err(|x| x.to_string())?;
-        let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())
     };
     let mut run = || -> std::result::Result<(f64, u64, u64, Vec<dptrain_core::tensor::cuda::KernelTime>), String> {

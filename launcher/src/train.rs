@@ -17,7 +17,7 @@ use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
-use dptrain_core::ops::flat::{copy_of, sum_squares, sum_squares_and};
+use dptrain_core::ops::flat::{copy_of, sum_squares, sum_squares_and, sum_squares_and_record, StepRecord};
 use dptrain_core::probe::{anchor_of, ProbeSet, ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{GradStore, Tape};
@@ -115,6 +115,9 @@ fn train_loop(
     let (mut last_loss, mut last_val) = (f64::NAN, None);
     let mut tprobes = crate::probes::TrainProbes::new(&cfg.probes, &run.params, run.init_params.take())?;
     let mut events = Events::open(&run.run_dir, rank == 0, run.resumed_from.is_some().then_some(run.start_step))?;
+    // Steps decided on the GPU whose records the host has not read yet, oldest first.
+    let device_steps = run.params.flat().is_cuda() && !dptrain_core::env::env().step_sync;
+    let mut pending: Vec<Pending> = vec![];
     // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
     let cbs_beta = 0.99f64.powf(cfg.probes.interval as f64);
     if cfg.train.eval_at_start && run.start_step == 0 {
@@ -173,51 +176,76 @@ fn train_loop(
                 cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
             }
         }
+        let mut extra = vec![];
         let poisoned = run.fault.is_some_and(|f| f.poisons(rank, done));
         if poisoned {
             dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), f32::NAN)?;
         }
-        // The step's one wait for the device: the gradient's Σg² and the micro-step losses,
-        // read together.
-        let (grad_sq, micro_losses) = sum_squares_and(grads.flat(), &losses)?;
-        let loss_sum = if poisoned { f64::NAN } else { micro_losses.iter().sum::<f64>() };
-        let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
-        // The trainer's own probes, the same on every rank: joined after the reduction.
-        let mut extra = vec![];
-        if probe_step {
-            tprobes.before_step(&run.params, grads, &mut extra)?;
+        let eval_now = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps;
+        let save_now = (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == steps;
+        let drift_now = cfg.comm.check_every > 0 && ws > 1 && done % cfg.comm.check_every == 0;
+        // On a GPU the step is decided there (the optimizer's gate: non-finite check, clipping)
+        // and its record — Σg², the micro-step losses — read on the next step that needs the
+        // host anyway (logging, evaluation, checkpoint): no wait for the device on the others.
+        // Probe and critical-batch steps read the gradient on the host, as before.
+        let mut record = None;
+        if device_steps && !probe_step && !cbs {
+            let rec = sum_squares_and_record(grads.flat(), &losses)?;
+            if run.opt.step_on_device(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm }, &rec, cfg.optim.clip)? {
+                pending.push(Pending { step: done, rec, poisoned, comm: comm_stats.take() });
+            } else {
+                record = Some(rec);
+            }
         }
-        let grad_norm = grad_sq.sqrt();
-        clip_to_norm(grads, cfg.optim.clip, grad_norm)?;
-        if let Some(ev) = run.detectors.loss_spike(done, loss, cfg.probes.spike_sigma) {
-            events.emit(&ev)?;
-        }
-        if loss.is_finite() && grad_norm.is_finite() {
-            run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
-            last_loss = loss;
+        // (loss, gradient norm) of this step once known on the host.
+        let mut now = None;
+        if pending.last().is_none_or(|p| p.step != done) {
+            // The waiting path: what is pending first, so events come in step order.
+            settle(run, comm, &mut events, &mut pending, &mut last_loss)?;
+            // The step's one wait for the device: the gradient's Σg² and the micro-step losses,
+            // read together.
+            let (grad_sq, micro_losses) = match record {
+                Some(rec) => rec.read().map(|(sq, _, l)| (sq, l))?,
+                None => sum_squares_and(grads.flat(), &losses)?,
+            };
+            let loss_sum = if poisoned { f64::NAN } else { micro_losses.iter().sum::<f64>() };
+            let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
+            // The trainer's own probes, the same on every rank: joined after the reduction.
             if probe_step {
-                tprobes.after_step(&run.params, run.opt.as_ref(), &mut extra)?;
+                tprobes.before_step(&run.params, grads, &mut extra)?;
             }
-            if let Some((g2_small, b_small)) = cbs_small {
-                let b_big = cfg.train.global_batch as f64;
-                extra.extend(run.detectors.cbs.update(g2_small, b_small, grad_norm * grad_norm, b_big, cbs_beta));
+            let grad_norm = grad_sq.sqrt();
+            clip_to_norm(grads, cfg.optim.clip, grad_norm)?;
+            if let Some(ev) = run.detectors.loss_spike(done, loss, cfg.probes.spike_sigma) {
+                events.emit(&ev)?;
             }
-        } else {
-            let skip = cfg.train.on_nonfinite == OnNonFinite::Skip;
-            events.emit(&alerts::nonfinite(done, loss, grad_norm, skip))?;
-            if !skip {
-                return Err(LaunchError::Runtime(format!(
-                    "step {done}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip; train.on_nonfinite = \"skip\" skips such steps)"
-                )));
+            if loss.is_finite() && grad_norm.is_finite() {
+                run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
+                last_loss = loss;
+                if probe_step {
+                    tprobes.after_step(&run.params, run.opt.as_ref(), &mut extra)?;
+                }
+                if let Some((g2_small, b_small)) = cbs_small {
+                    let b_big = cfg.train.global_batch as f64;
+                    extra.extend(run.detectors.cbs.update(g2_small, b_small, grad_norm * grad_norm, b_big, cbs_beta));
+                }
+            } else {
+                nonfinite(run, &mut events, done, loss, grad_norm, true)?;
             }
-            run.detectors.skipped += 1;
+            now = Some((loss, grad_norm, comm_stats.take()));
         }
         sink.step_done(done, cfg.train.global_batch);
+        if log_step || eval_now || save_now || drift_now {
+            if let Some(p) = settle(run, comm, &mut events, &mut pending, &mut last_loss)? {
+                now = Some(p);
+            }
+        }
 
-        if cfg.comm.check_every > 0 && ws > 1 && done % cfg.comm.check_every == 0 {
+        if drift_now {
             check_no_drift(comm, &run.params, done)?;
         }
         if log_step {
+            let (loss, grad_norm, comm_stats) = now.expect("a logging step's record is read");
             // Probes still on the device are read in one transfer, then combined over
             // micro-steps and over ranks, each by its own reduction.
             probes.resolve()?;
@@ -229,8 +257,6 @@ fn train_loop(
             probes.values.extend(extra);
             sink.log_step(StepLog { step: done, loss, lr, grad_norm, comm: comm_stats, probes: &probes.values })?;
         }
-        let eval_now = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps;
-        let save_now = (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == steps;
         if eval_now || save_now {
             // Evaluation and checkpoints use the ranks' average running statistics.
             average_buffers(comm, &run.params, done)?;
@@ -275,6 +301,62 @@ fn next_batch(run: &Run, stream: &mut BatchStream, key: u64) -> Result<Batch> {
     } else {
         Ok(run.data.train.batch(&stream.next_indices(run.micro_batch)))
     }
+}
+
+/// A step decided on the GPU, its record not yet read.
+struct Pending {
+    step: u64,
+    rec: StepRecord,
+    /// The fault injector poisoned its gradient (its loss is reported as NaN, as on the
+    /// waiting path).
+    poisoned: bool,
+    comm: Option<ReduceStats>,
+}
+
+/// Reads the records of the pending steps (in order) and does for each what the waiting path
+/// does once its numbers are on the host: the loss averaged over ranks, the spike detector,
+/// the non-finite alert (the device skipped the update when the gradient norm was not finite).
+/// Returns the last one's (loss, gradient norm, reduction timing).
+fn settle(
+    run: &mut Run,
+    comm: &mut dyn Communicator,
+    events: &mut Events,
+    pending: &mut Vec<Pending>,
+    last_loss: &mut f64,
+) -> Result<Option<(f64, f64, Option<ReduceStats>)>> {
+    let mut last = None;
+    for p in pending.drain(..) {
+        let (grad_sq, applied, micro_losses) = p.rec.read()?;
+        let loss_sum = if p.poisoned { f64::NAN } else { micro_losses.iter().sum::<f64>() };
+        let loss = mean_over_ranks(comm, loss_sum / run.accum as f64)?;
+        let grad_norm = grad_sq.sqrt();
+        if let Some(ev) = run.detectors.loss_spike(p.step, loss, run.cfg.probes.spike_sigma) {
+            events.emit(&ev)?;
+        }
+        if loss.is_finite() && applied {
+            *last_loss = loss;
+        } else {
+            nonfinite(run, events, p.step, loss, grad_norm, !applied)?;
+        }
+        last = Some((loss, grad_norm, p.comm));
+    }
+    Ok(last)
+}
+
+/// A step with a non-finite loss or gradient norm: the alert, then the error
+/// (`train.on_nonfinite = "error"`) or the count of skipped steps.
+fn nonfinite(run: &mut Run, events: &mut Events, step: u64, loss: f64, grad_norm: f64, skipped: bool) -> Result<()> {
+    let skip = run.cfg.train.on_nonfinite == OnNonFinite::Skip;
+    events.emit(&alerts::nonfinite(step, loss, grad_norm, skip))?;
+    if !skip {
+        return Err(LaunchError::Runtime(format!(
+            "step {step}: loss {loss}, gradient norm {grad_norm} — training diverged (lower optim.lr or set optim.clip; train.on_nonfinite = \"skip\" skips such steps)"
+        )));
+    }
+    if skipped {
+        run.detectors.skipped += 1;
+    }
+    Ok(())
 }
 
 /// One micro-step: forward, then backward through the gradient synchroniser (buckets are

@@ -225,6 +225,66 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// On a GPU a training step is decided on the device — AdamW's gate does the non-finite check,
+/// the clipping and the step count there — and the host reads each step's record (Σg², the
+/// losses) on the next logging step. On the emulator that gives, bit for bit, what the waiting
+/// path (`DPTRAIN_STEP_SYNC=1`) gives: parameters, optimizer state, logged numbers; a
+/// non-finite step between logging steps is skipped on the device and reported at its own step.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+#[test]
+fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
+    let d = tmp("devstep");
+    let run = |dir: &Path, sync: bool| {
+        let mut c = bin();
+        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
+        if sync {
+            c.env("DPTRAIN_STEP_SYNC", "1");
+        }
+        let sets = [
+            "run.device=\"cuda\"",
+            "train.precision=\"bf16\"",
+            "model.n_heads=1",
+            "train.steps=9",
+            "run.log_every=4",
+            "optim.clip=0.05",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=0",
+            "train.eval_samples=16",
+        ];
+        for s in SMALL.iter().chain(SMALL_GPT).chain(&sets) {
+            c.arg("--set").arg(s);
+        }
+        c.args(["--fault", "nan:0:2"]);
+        c.output().unwrap()
+    };
+    let (dev, sync) = (d.join("device"), d.join("sync"));
+    ok(&run(&dev, false));
+    ok(&run(&sync, true));
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
+    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
+    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
+    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
+    assert_eq!(scalars(&dev), scalars(&sync));
+    // The clip was active (gradient norms above 0.05) and steps 4, 8, 9 were logged.
+    let recs = values(&records(&dev), 0);
+    assert_eq!(recs, values(&records(&sync), 0));
+    let logged: Vec<u64> = recs.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(logged, [4, 8, 9]);
+    assert!(recs.iter().filter_map(|r| r["grad_norm"].as_f64()).all(|g| g > 0.05), "{recs:?}");
+    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert!(
+        ev(&dev).lines().count() == 1 && ev(&dev).contains("\"kind\":\"nonfinite\"") && ev(&dev).contains("\"step\":2"),
+        "{}",
+        ev(&dev)
+    );
+    assert_eq!(ev(&dev), ev(&sync));
+    let skipped = |r: &Path| {
+        serde_json::from_str::<Value>(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap()["skipped_steps"].clone()
+    };
+    assert_eq!((skipped(&dev), skipped(&sync)), (Value::from(1), Value::from(1)));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// `dptrain gpu-check` itself, end to end on the CPU emulator (test builds with `cuda-emu`):
 /// the command a GPU session runs first must print its whole table and pass. Part (c) runs a
 /// tiny model here (DPTRAIN_GPU_CHECK_TINY) and PyTorch is absent, which it must say.
@@ -259,14 +319,15 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
         "| dptrain without the bias epilogue (flash attention): ",
         "| dptrain without the fused classifier (flash attention): ",
         "| dptrain without the bf16 operands from GELU and layer norm (flash attention): ",
+        "| dptrain without the bf16 activations (qkv, attention output, MLP pre-activation) (flash attention): ",
     ] {
         assert_eq!(out.matches(line).count(), 2, "{line}:\n{out}");
     }
     assert_eq!(out.matches("the GPU is busy").count(), 2, "{out}");
     assert!(!out.contains("| NO |"), "{out}");
-    // A training step waits for the device once: the trainer reads the loss and the clipping
-    // norm together; the model's forward and backward (cross-entropy included) never wait.
-    assert_eq!(out.matches("waited for the device 1 times per step").count(), 2, "{out}");
+    // A training step that logs nothing never waits for the device: the step is decided there
+    // and the model's forward and backward (cross-entropy included) never wait.
+    assert_eq!(out.matches("waited for the device 0 times per step").count(), 2, "{out}");
     // The profiled step: time per kernel class (emulator times mean nothing, the rows do).
     for row in [
         "| flash attention |",

@@ -9,7 +9,7 @@
 //! learning rate. The update is a single fused pass over the flat buffers.
 
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{AdamWStep, StepScales};
+use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceStepCount, StepRecord, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -59,6 +59,9 @@ pub struct AdamW {
     /// The buffers on the parameters' GPU once a step ran there; the host moments are then
     /// stale until `state` copies these back.
     dev: Option<DevState>,
+    /// The step count on the GPU while steps are decided there (`step_on_device`); `t` is then
+    /// stale until read back.
+    t_dev: Option<DeviceStepCount>,
 }
 
 struct DevState {
@@ -81,10 +84,50 @@ impl AdamW {
             DecayMode::Coupled => scales.expand(params, |i| scales.wd[i] * scales.lr[i]),
             DecayMode::Independent => scales.expand(params, |i| scales.wd[i]),
         };
-        Ok(AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], decay_scale, lr_scale: scales.lr_elems(params), t: 0, dev: None })
+        Ok(AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], decay_scale, lr_scale: scales.lr_elems(params), t: 0, dev: None, t_dev: None })
     }
-    pub fn steps(&self) -> u64 {
-        self.t
+    /// Steps taken (read from the device while steps are decided there).
+    pub fn steps(&self) -> Result<u64> {
+        match &self.t_dev {
+            Some(t) => Ok(t.get()?),
+            None => Ok(self.t),
+        }
+    }
+
+    /// The decay factor of a step at learning rate `lr` (before per-element multipliers).
+    fn decay(&self, lr: f64) -> f32 {
+        let c = &self.cfg;
+        (match c.decay_mode {
+            DecayMode::Coupled => lr * c.weight_decay,
+            DecayMode::Independent => (lr / c.peak_lr) * c.weight_decay,
+        }) as f32
+    }
+
+    /// The moments and multipliers on the parameters' GPU (uploaded at the first GPU step).
+    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut DevState> {
+        if self.dev.is_none() {
+            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
+            let lr_scale = self.lr_scale.as_deref().map(up).transpose()?;
+            self.dev = Some(DevState { m: up(&self.m)?, v: up(&self.v)?, decay_scale: up(&self.decay_scale)?, lr_scale });
+        }
+        Ok(self.dev.as_mut().expect("just set"))
+    }
+}
+
+/// `a`ᵗ by repeated squaring — the same products, in the same order, as the GPU's step gate
+/// (`adamw_powi` in optim.cu) and compiler-rt's `powi`, so the bias corrections agree bit for
+/// bit whichever side computes them.
+fn powi(mut a: f64, mut t: u64) -> f64 {
+    let mut r = 1.0;
+    loop {
+        if t & 1 == 1 {
+            r *= a;
+        }
+        t /= 2;
+        if t == 0 {
+            return r;
+        }
+        a *= a;
     }
 }
 
@@ -93,26 +136,21 @@ const CHUNK: usize = 1 << 14;
 impl Optimizer for AdamW {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         let lr = ctx.lr;
+        // After steps decided on the device, the count comes back from there.
+        if let Some(t) = self.t_dev.take() {
+            self.t = t.get()?;
+        }
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let bc1 = 1.0 - powi(c.beta1, self.t);
+        let bc2 = 1.0 - powi(c.beta2, self.t);
         // θ ← θ·(1 − decay·decay_scale) − step·lr_scale·m/(√v/√bc2 + ε)
-        let decay = match c.decay_mode {
-            DecayMode::Coupled => lr * c.weight_decay,
-            DecayMode::Independent => (lr / c.peak_lr) * c.weight_decay,
-        } as f32;
+        let decay = self.decay(lr);
         let step = (lr / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         if params.flat().is_cuda() {
-            let device = params.flat().device();
-            if self.dev.is_none() {
-                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-                let lr_scale = self.lr_scale.as_deref().map(up).transpose()?;
-                self.dev = Some(DevState { m: up(&self.m)?, v: up(&self.v)?, decay_scale: up(&self.decay_scale)?, lr_scale });
-            }
-            let d = self.dev.as_mut().expect("just set");
+            let d = self.dev_state(params.flat().device())?;
             let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
             dptrain_core::ops::flat::adamw_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, scales, s)?;
@@ -150,16 +188,42 @@ impl Optimizer for AdamW {
         }
         Ok(())
     }
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        if !params.flat().is_cuda() {
+            return Ok(false);
+        }
+        if self.t_dev.is_none() {
+            self.t_dev = Some(DeviceStepCount::new(params.flat(), self.t)?);
+        }
+        let c = self.cfg;
+        let decay = self.decay(ctx.lr);
+        // step_size and inv_sqrt_bc2 come from the gate.
+        let s = AdamWStep { beta1: c.beta1 as f32, beta2: c.beta2 as f32, eps: c.eps as f32, step_size: 0.0, inv_sqrt_bc2: 0.0, decay };
+        let gate = AdamWGate { max_norm, lr: ctx.lr, beta1: c.beta1, beta2: c.beta2 };
+        self.dev_state(params.flat().device())?;
+        let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
+        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+        dptrain_core::ops::flat::adamw_gated_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, scales, s, rec, gate, t)?;
+        Ok(true)
+    }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the moments are read back (once per checkpoint).
         let (m, v) = match &self.dev {
             Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
             None => (self.m.clone(), self.v.clone()),
         };
-        Ok(moments_state(&m, &v, self.t, params))
+        Ok(moments_state(&m, &v, self.steps()?, params))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
+        self.t_dev = None;
         self.t = load_moments(&mut self.m, &mut self.v, params, t, s)?;
         Ok(())
     }
@@ -167,8 +231,8 @@ impl Optimizer for AdamW {
         "adamw"
     }
     fn adam_view(&self) -> Result<Option<crate::AdamView>> {
-        let (c, t) = (&self.cfg, self.t as i32);
-        let corr = (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)), c.eps);
-        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), corr, self.t)
+        let (c, t) = (&self.cfg, self.steps()?);
+        let corr = (1.0 / (1.0 - powi(c.beta1, t)), 1.0 / (1.0 - powi(c.beta2, t)), c.eps);
+        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), corr, t)
     }
 }

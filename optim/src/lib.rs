@@ -67,6 +67,22 @@ pub trait Optimizer: Send {
         scalars: &serde_json::Value,
     ) -> Result<()>;
     fn name(&self) -> &'static str;
+    /// A step whose update the device decides, without a host wait: from the step's record
+    /// (the gradient's Σg²), skipped when the gradient norm is not finite, the gradient clipped
+    /// to `max_norm` (0: not clipped) — the numbers `step` gives after the host's own check and
+    /// clipping. `Ok(false)`, having done nothing, where the optimizer cannot (on the CPU, or
+    /// not implemented): the trainer then reads the record and takes the waiting path.
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &dptrain_core::ops::flat::StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        let _ = (params, grads, ctx, rec, max_norm);
+        Ok(false)
+    }
     /// Adam-family optimizers: their moments, for the training probes (the fraction of √v̂
     /// below ε, the unscaled update's size). `None` for the others, and before a first step.
     fn adam_view(&self) -> Result<Option<AdamView>> {

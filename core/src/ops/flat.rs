@@ -25,6 +25,113 @@ pub fn sum_squares_and(t: &Tensor, scalars: &[Tensor]) -> Result<(f64, Vec<f64>)
     Ok((sum_squares(t)?, scalars.iter().map(|s| s.item()).collect::<Result<_>>()?))
 }
 
+/// A training step's record left on the GPU: the gradient's Σg², what an optimizer's device
+/// gate decided, and the step's loss scalars, written without waiting for the device and read
+/// (one download) on a later logging step.
+pub struct StepRecord {
+    #[cfg(feature = "cuda")]
+    inner: crate::kernels::cuda::ops::StepRecord,
+}
+
+impl StepRecord {
+    /// (Σg², whether the step was applied, the scalars' values): waits for the device.
+    pub fn read(&self) -> Result<(f64, bool, Vec<f64>)> {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.read()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(no_cuda())
+        }
+    }
+}
+
+/// [`sum_squares_and`] left on the device as a [`StepRecord`] (GPU buffers only).
+pub fn sum_squares_and_record(t: &Tensor, scalars: &[Tensor]) -> Result<StepRecord> {
+    #[cfg(feature = "cuda")]
+    {
+        if !t.is_cuda() {
+            return Err(crate::error::Error::Device("a step record lives on a GPU".into()));
+        }
+        Ok(StepRecord { inner: crate::kernels::cuda::ops::sum_squares_and_record(t, scalars)? })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (t, scalars);
+        Err(no_cuda())
+    }
+}
+
+/// An optimizer's step count kept on the GPU, where its steps are decided.
+pub struct DeviceStepCount {
+    #[cfg(feature = "cuda")]
+    inner: crate::kernels::cuda::ops::DevCounter,
+}
+
+impl DeviceStepCount {
+    /// A count of `t` on the device of `like`.
+    pub fn new(like: &Tensor, t: u64) -> Result<DeviceStepCount> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(DeviceStepCount { inner: crate::kernels::cuda::ops::DevCounter::new(like, t as i64)? })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (like, t);
+            Err(no_cuda())
+        }
+    }
+    /// The count (waits for the device).
+    pub fn get(&self) -> Result<u64> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(self.inner.get()? as u64)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(no_cuda())
+        }
+    }
+}
+
+/// What AdamW's device gate needs from the host: the clipping norm (0: none), this step's
+/// learning rate and the betas (all f64, as the host path computes with them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWGate {
+    pub max_norm: f64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+}
+
+/// One AdamW step decided on the GPU from the step's record: skipped when the gradient norm is
+/// not finite; otherwise the gradient clipped to `gate.max_norm`, `t` counted and the bias
+/// corrections computed there, bit for bit as [`adamw_cuda`] after the host's own clipping and
+/// check (`s.step_size` and `s.inv_sqrt_bc2` are not read).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_gated_cuda(
+    p: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    scales: StepScales,
+    s: AdamWStep,
+    rec: &StepRecord,
+    gate: AdamWGate,
+    t: &DeviceStepCount,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::adamw_gated(p, g, m, v, scales, s, &rec.inner, gate, &t.inner)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, g, m, v, scales, s, rec, gate, t);
+        Err(no_cuda())
+    }
+}
+
 /// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
 /// updates of `t` do not reach).
 pub fn copy_of(t: &Tensor) -> Result<Tensor> {

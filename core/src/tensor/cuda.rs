@@ -983,6 +983,10 @@ impl Drop for DevBuf {
 }
 
 impl DevBuf {
+    /// The device this block belongs to.
+    pub fn dev(&self) -> &Arc<CudaDev> {
+        &self.dev
+    }
     /// The first `len` elements of type `dtype` of this block.
     pub fn region(&self, dtype: DType, len: usize) -> Result<DevRegion> {
         if len * dtype.size_in_bytes() > self.class {

@@ -26,6 +26,60 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
     }
 }
 
+// A training step decided on the device (no host wait; the trainer reads the record on its next
+// logging step). `rec` is the step's record: rec[0..2] the gradient's Σg² as a double (written
+// by sum_squares_f32), then the gate this kernel writes: applied (1 or 0), the clipping
+// factor, lr / (1 − β1ᵗ) and 1 / √(1 − β2ᵗ) — each computed in double exactly as the host's
+// path does (the bias corrections' powers by repeated squaring, as Rust's powi), then
+// rounded to f32 once. A non-finite gradient norm leaves t and everything else untouched.
+// One thread.
+__device__ double adamw_powi(double a, i64 b) {
+    double r = 1.0;
+    for (;;) {
+        if (b & 1) r *= a;
+        b /= 2;
+        if (b == 0) break;
+        a *= a;
+    }
+    return r;
+}
+extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const double norm = sqrt(*(const double*)rec);
+    float* gate = rec + 2;
+    if (!(norm - norm == 0.0)) {  // NaN or ±inf
+        gate[0] = 0.0f;
+        return;
+    }
+    double coef = 1.0;
+    if (max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0) coef = max_norm / (norm + 1e-6);
+    const i64 step = *t + 1;
+    *t = step;
+    const double bc1 = 1.0 - adamw_powi(beta1, step), bc2 = 1.0 - adamw_powi(beta2, step);
+    gate[0] = 1.0f;
+    gate[1] = (float)coef;
+    gate[2] = (float)(lr / bc1);
+    gate[3] = (float)(1.0 / sqrt(bc2));
+}
+
+// adamw_f32 after adamw_gate: nothing when the gate is closed; the gradient times the clipping
+// factor (as the host path's in-place scaling, an f32 product; skipped at exactly 1 as there);
+// step size and bias correction from the gate.
+extern "C" __global__ void adamw_gated_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
+                                           AdamWStep s, const float* rec) {
+    const float* gate = rec + 2;
+    if (gate[0] == 0.0f) return;
+    const float coef = gate[1], step_size = gate[2], inv_sqrt_bc2 = gate[3];
+    GRID_STRIDE(i, n) {
+        float mi, vi;
+        const float gi = coef < 1.0f ? g[i] * coef : g[i];
+        adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
+        const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
+        const float step = lr_scale ? step_size * lr_scale[i] : step_size;
+        p[i] = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
+    }
+}
+
 extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s) {
     GRID_STRIDE(i, n) {
         float d = g[i] + s.weight_decay * decay_scale[i] * p[i];

@@ -28,6 +28,31 @@ pub fn adamw(
         ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s)
 }
 
+/// AdamW decided on the device: the gate kernel reads the record's Σg² (clipping, the
+/// non-finite check, t and the bias corrections, `t` an i64 on the device), then the update
+/// runs or does nothing (see optim.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_gated(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    scales: crate::ops::flat::StepScales,
+    s: crate::ops::flat::AdamWStep,
+    rec: &StepRecord,
+    gate: crate::ops::flat::AdamWGate,
+    t: &DevCounter,
+) -> Result<()> {
+    let d = dev_of(p)?;
+    let n = p.numel();
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    // adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t)
+    launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, gate.lr, gate.beta1, gate.beta2, t.ptr())?;
+    // adamw_gated_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec)
+    launch!(d, "optim", "adamw_gated_f32", grid(n);
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec.ptr())
+}
+
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers.
 pub fn sgd(p: &Tensor, g: &Tensor, buf: &Tensor, scales: crate::ops::flat::StepScales, s: crate::ops::flat::SgdStep) -> Result<()> {
     let d = dev_of(p)?;

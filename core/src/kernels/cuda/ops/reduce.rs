@@ -81,6 +81,70 @@ pub fn sum_squares_and_host(x: &Tensor, scalars: &[Tensor]) -> Result<(f64, Vec<
     Ok((sum, w[2..].iter().map(|&b| f32::from_bits(b) as f64).collect()))
 }
 
+/// A training step's record on the device: the gradient's Σg² (f64, words 0–1), four words
+/// an optimizer's device gate writes (applied, clipping factor, and two of its scalars), then
+/// the step's loss scalars — written without a host wait and read later in one download.
+pub struct StepRecord {
+    buf: crate::tensor::cuda::DevBuf,
+    scalars: usize,
+}
+
+/// Words of a [`StepRecord`] before its scalars.
+const RECORD_HEAD: usize = 6;
+
+impl StepRecord {
+    /// The record's device address (`float*`; the sum is the double at its start).
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+    /// (Σg², whether the gate applied the step, the scalars) — one download (a host wait).
+    pub fn read(&self) -> Result<(f64, bool, Vec<f64>)> {
+        let d = self.buf.dev();
+        let w = d.download::<u32>(self.buf.ptr, RECORD_HEAD + self.scalars)?;
+        let sum = f64::from_bits(w[0] as u64 | (w[1] as u64) << 32);
+        Ok((sum, f32::from_bits(w[2]) != 0.0, w[RECORD_HEAD..].iter().map(|&b| f32::from_bits(b) as f64).collect()))
+    }
+}
+
+/// A counter on the device (an optimizer's step count when its steps are decided there).
+pub struct DevCounter {
+    buf: crate::tensor::cuda::DevBuf,
+}
+
+impl DevCounter {
+    /// A counter on `like`'s device holding `v`.
+    pub fn new(like: &Tensor, v: i64) -> Result<DevCounter> {
+        Ok(DevCounter { buf: dev_of(like)?.upload(&[v])? })
+    }
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+    /// Its value (a host wait).
+    pub fn get(&self) -> Result<i64> {
+        Ok(self.buf.dev().download::<i64>(self.buf.ptr, 1)?[0])
+    }
+}
+
+/// [`sum_squares_and_host`] without the download: Σx² and the one-element f32 `scalars`
+/// copied into a new [`StepRecord`] on the stream.
+pub fn sum_squares_and_record(x: &Tensor, scalars: &[Tensor]) -> Result<StepRecord> {
+    f32_only(x, "sum_squares")?;
+    let d = dev_of(x)?;
+    let c = contiguous(x)?;
+    let acc = d.alloc_zeros(4 * (RECORD_HEAD + scalars.len()))?;
+    let n = c.numel();
+    // sum_squares_f32(const float* x, double* out, i64 n)
+    launch!(d, "reduce", "sum_squares_f32", grid(n.min(BLOCK as usize * 1024)); ptr(&c)?, acc.ptr, n as i64)?;
+    for (i, s) in scalars.iter().enumerate() {
+        f32_only(s, "sum_squares_and")?;
+        if s.numel() != 1 {
+            return Err(Error::shape("sum_squares_and", format!("a scalar of {} elements", s.numel())));
+        }
+        d.copy(acc.ptr + 4 * (RECORD_HEAD + i) as u64, ptr(s)?, 4)?;
+    }
+    Ok(StepRecord { buf: acc, scalars: scalars.len() })
+}
+
 /// Column sums of `g2 [rows, n]` → `[n]` (the bias gradient).
 pub fn sum_rows(g2: &Tensor) -> Result<Tensor> {
     let d = dev_of(g2)?;
