@@ -491,6 +491,24 @@ impl GradStore {
         self.data.view_at(self.ranges[id.0].0, shape).expect("layout").contiguous()
     }
 
+    /// Where an op may write parameter `id`'s gradient itself (a GPU GEMM straight into the
+    /// flat buffer): its device address, and whether it must add to what is there (something
+    /// contributed since `zero_grad`). `None` on the CPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn sink(&self, id: ParamId) -> Option<crate::autograd::GradSink> {
+        if !self.data.is_cuda() {
+            return None;
+        }
+        let (o, n) = self.ranges[id.0];
+        let r = self.data.device_region(o, n).ok()?;
+        Some(crate::autograd::GradSink { ptr: r.ptr, len: n, accumulate: self.touched[id.0] })
+    }
+
+    /// Records that an op wrote (or added) parameter `id`'s gradient itself.
+    pub(crate) fn mark_written(&mut self, id: ParamId) {
+        self.touched[id.0] = true;
+    }
+
     /// Adds (or, first time since `zero_grad`, copies) `g` into parameter `id`'s gradient.
     pub(crate) fn accumulate(&mut self, id: ParamId, g: &Tensor) -> Result<()> {
         let (o, n) = self.ranges[id.0];

@@ -30,6 +30,63 @@ fn gpu_check_ops_pass_on_the_emulator() {
     cross_entropy_statistics_match_the_cpu();
     bf16_casts_match_the_cpu();
     linear_bias_is_fused_where_it_can_be();
+    weight_gradients_go_straight_into_the_gradient_buffer();
+}
+
+/// A parameter's weight gradient is written by its GEMM straight into the flat gradient buffer
+/// — beta 0 on the first contribution, 1 after (micro-steps accumulating) — for a linear, the
+/// fused layer-norm → linear and the fused classifier: the CPU's gradients, and no
+/// accumulation pass of their own on the GPU. A weight used twice by one op (a product with
+/// itself) takes the ordinary path.
+fn weight_gradients_go_straight_into_the_gradient_buffer() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, DType, Device, GradStore, Init, ParamBuilder, Role, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let builder = || {
+        let mut pb = ParamBuilder::new();
+        let w = pb.add("w", &[24, 40], Role::Hidden, 40, 24, Init::Normal { std: 0.2 });
+        let g = pb.add("ln", &[40], Role::Vector, 1, 40, Init::Const(1.0));
+        let head = pb.add("head", &[50, 24], Role::Output, 24, 50, Init::Normal { std: 0.2 });
+        let sq = pb.add("sq", &[40, 40], Role::Hidden, 40, 40, Init::Normal { std: 0.1 });
+        (pb, [w, g, head, sq])
+    };
+    let [w, g, head, sq] = builder().1;
+    let mut rng = Rng::new(21);
+    let xs: Vec<Vec<f32>> = (0..2).map(|_| (0..6 * 40).map(|_| rng.normal() as f32).collect()).collect();
+    let targets: Vec<u32> = (0..6u32).map(|i| (i * 7) % 50).collect();
+    let run = |device: Device, prec: Precision| {
+        let mut ps = builder().0.build(3, DType::F32).unwrap();
+        ps.to_device(device).unwrap();
+        let mut grads = GradStore::try_new(&ps).unwrap();
+        grads.zero_grad();
+        let mut adds = 0;
+        for x in &xs {
+            d.profile_start();
+            let tape = Tape::new();
+            tape.set_precision(prec);
+            let xv = tape.leaf(Tensor::from_slice(x, &[6, 40]).unwrap().to_device(device).unwrap());
+            let h = xv.layer_norm_linear(Some(tape.param(&ps, g)), None, 1e-5, tape.param(&ps, w), None, false).unwrap();
+            let ce = h.linear_cross_entropy(tape.param(&ps, head), &targets, 0.0).unwrap().loss;
+            let s = tape.param(&ps, sq);
+            let tied = xv.linear(s, None).unwrap().matmul(s).unwrap().square().unwrap().mean_all().unwrap();
+            let loss = ce.add(tied).unwrap();
+            tape.backward(loss, &mut grads, |_, _| {}).unwrap();
+            adds += d.profile_stop().unwrap().iter().filter(|k| k.name == "add_assign_f32").map(|k| k.launches).sum::<usize>();
+        }
+        (grads.flat().to_vec::<f32>().unwrap(), adds)
+    };
+    for prec in [Precision::F32, Precision::Bf16] {
+        let (cpu, _) = run(Device::Cpu, prec);
+        let (gpu, adds) = run(Device::Cuda(0), prec);
+        let e = check::rel_err(&gpu, &cpu);
+        assert!(e < 1e-4, "{prec:?}: gradients differ from the CPU's by {e:.2e}");
+        // Accumulation passes over the two micro-steps: x's two uses (a leaf, not a parameter)
+        // in each; in the second, the layer norm's gain and `sq` as the matmul's input (an
+        // ordinary gradient). The weight, the classifier and `sq`'s linear write theirs from
+        // their GEMMs (8 passes without that).
+        assert_eq!(adds, 4, "{prec:?}");
+    }
 }
 
 /// A linear's bias and bias gradient ride on the GEMMs (the cuBLASLt epilogues, emulated) —

@@ -18,6 +18,38 @@ use std::collections::HashMap;
 
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
+/// A parameter's slot in the flat gradient buffer on a GPU, offered to the backward of an op
+/// that takes the parameter as an input: the op may write the gradient there itself (a weight
+/// gradient GEMM with beta = 0, or 1 to add — no temporary, no accumulation pass) and then
+/// returns `None` for that input. Offered through [`take_grad_sink`] while the op's backward
+/// runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GradSink {
+    /// Device address of the parameter's f32 gradient.
+    pub ptr: u64,
+    /// Its element count.
+    pub len: usize,
+    /// Add to what is there (something contributed since `zero_grad`), else overwrite.
+    pub accumulate: bool,
+}
+
+thread_local! {
+    /// The sinks of the op whose backward is running, by input position; taken ones are `None`.
+    static SINKS: RefCell<Vec<Option<GradSink>>> = const { RefCell::new(Vec::new()) };
+    static TAKEN: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Inside an op's backward: the gradient slot of its input at `position` when that input is a
+/// parameter whose gradient lives on a GPU (see [`GradSink`]). Taking it is a promise to
+/// write the whole gradient there, and to return `None` for that input.
+pub fn take_grad_sink(position: usize) -> Option<GradSink> {
+    let s = SINKS.with(|s| s.borrow_mut().get_mut(position).and_then(Option::take));
+    if s.is_some() {
+        TAKEN.with(|t| t.borrow_mut().push(position));
+    }
+    s
+}
+
 struct Node {
     name: &'static str,
     value: Tensor,
@@ -214,7 +246,35 @@ impl Tape {
                 } else if !inputs.is_empty() {
                     let bw = node.backward.take().ok_or(Error::NoBackward(node.name))?;
                     let name = node.name;
-                    let gi = bw(&g)?;
+                    // Offer each parameter input's gradient slot (once per parameter: a
+                    // parameter used twice by one op takes the ordinary path).
+                    #[cfg(feature = "cuda")]
+                    let sinks: Vec<Option<GradSink>> = inputs
+                        .iter()
+                        .map(|&inp| {
+                            let p = nodes[inp].param.filter(|_| nodes[inp].requires_grad)?;
+                            (inputs.iter().filter(|&&j| j == inp).count() == 1).then(|| grads.sink(p)).flatten()
+                        })
+                        .collect();
+                    #[cfg(not(feature = "cuda"))]
+                    let sinks: Vec<Option<GradSink>> = vec![];
+                    let offered = sinks.iter().any(Option::is_some);
+                    if offered {
+                        SINKS.with(|s| *s.borrow_mut() = sinks);
+                    }
+                    let gi = bw(&g);
+                    let taken: Vec<usize> = if offered {
+                        SINKS.with(|s| s.borrow_mut().clear());
+                        TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()))
+                    } else {
+                        vec![]
+                    };
+                    let gi = gi?;
+                    for &j in &taken {
+                        if let Some(p) = nodes[inputs[j]].param {
+                            grads.mark_written(p);
+                        }
+                    }
                     if gi.len() != inputs.len() {
                         return Err(Error::Autograd(format!("{name}: backward returned {} grads for {} inputs", gi.len(), inputs.len())));
                     }

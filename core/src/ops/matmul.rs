@@ -120,7 +120,7 @@ impl<'t> Var<'t> {
         // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
         let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, w.value(), b.map(|b| b.value()), prec, half)?;
+        let (out, backward) = linear_value(&xv, w.value(), b.map(|b| b.value()), prec, half, 1)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let y = self.tape().record("linear", out, &inputs, backward);
@@ -139,13 +139,17 @@ pub(crate) struct HalfIo {
 
 /// `linear` of the value `xv` at precision `prec` — shape checks, the product — and its
 /// backward (gradients of x, w and b when given), recording nothing: [`Var::linear`] records it,
-/// and `gelu_linear` hands it GELU's bf16 output in place of its own recorded input.
+/// and `gelu_linear` hands it GELU's bf16 output in place of its own recorded input. `w_at`: the
+/// weight's position among the recording op's inputs — on a GPU, when it is a parameter, its
+/// gradient is written by the GEMM straight into the flat gradient buffer
+/// ([`take_grad_sink`](crate::autograd::take_grad_sink)) and backward returns `None` for it.
 pub(crate) fn linear_value(
     xv: &Tensor,
     wv: Tensor,
     bv: Option<Tensor>,
     prec: Precision,
     half: HalfIo,
+    w_at: usize,
 ) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
     if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
         return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
@@ -163,7 +167,7 @@ pub(crate) fn linear_value(
     let in_shape = xv.shape().to_vec();
     let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
     let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec, half)?;
-    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, half)))
+    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, half, w_at)))
 }
 
 /// The operands `linear`'s backward reads, as the forward product read them.
@@ -228,15 +232,18 @@ fn linear_backward(
     has_b: bool,
     prec: Precision,
     half: HalfIo,
+    w_at: usize,
 ) -> Result<Vec<Option<Tensor>>> {
     let n = *g.shape().last().ok_or_else(|| Error::shape("linear", "scalar gradient"))?;
     let g2 = g.reshape(&[usize::MAX, n])?;
+    let _ = w_at; // the CPU path returns every gradient
     let (x2, wv) = match saved {
         LinearSaved::Host { x2, wv } => (x2, wv),
         #[cfg(feature = "cuda")]
         LinearSaved::Device(s) => {
-            let (gx, gw, gb) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, has_b, prec)?;
-            let mut v = vec![Some(gx), Some(gw)];
+            let sink = crate::autograd::take_grad_sink(w_at);
+            let (gx, gw, gb) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, has_b, prec, sink)?;
+            let mut v = vec![Some(gx), gw];
             if has_b {
                 v.push(gb);
             }

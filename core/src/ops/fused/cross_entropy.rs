@@ -159,8 +159,8 @@ impl<'t> Var<'t> {
         let loss = st.narrow(0, 0, 1)?.reshape(&[])?;
         let (log_z_mean, log_z_max, logit_mean, z_loss, accuracy) = (at(1)?, at(2)?, at(3)?, at(4)?, at(5)?);
         let loss = self.tape().record("linear_cross_entropy", loss, &[self, w], move |g| {
-            let (gx, gw) = gpu::linear_cross_entropy_bwd(saved, z_coef, g)?;
-            Ok(vec![Some(gx), Some(gw)])
+            let (gx, gw) = gpu::linear_cross_entropy_bwd(saved, z_coef, g, crate::autograd::take_grad_sink(1))?;
+            Ok(vec![Some(gx), gw])
         });
         Ok(CeOut { loss, log_z_mean, log_z_max, logit_mean, z_loss, accuracy })
     }

@@ -171,10 +171,12 @@ impl<'t> Var<'t> {
             && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
         {
             let (h16, ln_bwd) = self.layer_norm_value(ln_w, ln_b, eps, true)?;
-            // The layer norm's backward reads an f32 gradient of its output.
+            // The layer norm's backward reads an f32 gradient of its output; the weight follows
+            // x and the layer norm's own parameters among the inputs.
+            let w_at = 1 + ln_w.is_some() as usize + ln_b.is_some() as usize;
             let half = crate::ops::matmul::HalfIo { y: half_out, gx: false };
             let (out, lin_bwd) =
-                crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half)?;
+                crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half, w_at)?;
             let mut inputs = vec![self];
             inputs.extend(ln_w);
             inputs.extend(ln_b);

@@ -83,8 +83,14 @@ pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, targets: &[u32], z: f64) ->
 
 /// The fused classifier's gradients (x `[rows, k]`, w `[v, k]`) for the upstream gradient `go`
 /// (one element, on the device) of the mean loss: the logits' gradient is written in bf16 over
-/// the logits and read by both products as it is.
-pub fn linear_cross_entropy_bwd(s: ClassifierSaved, z: f64, go: &Tensor) -> Result<(Tensor, Tensor)> {
+/// the logits and read by both products as it is. With `sink` (the weight is a parameter) the
+/// weight gradient is written straight into the flat gradient buffer and not returned.
+pub fn linear_cross_entropy_bwd(
+    s: ClassifierSaved,
+    z: f64,
+    go: &Tensor,
+    sink: Option<crate::autograd::GradSink>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let d = dev_of(&s.logits)?;
     let (rows, v) = (s.logits.shape()[0], s.logits.shape()[1]);
     let k = s.x16.shape()[1];
@@ -94,10 +100,19 @@ pub fn linear_cross_entropy_bwd(s: ClassifierSaved, z: f64, go: &Tensor) -> Resu
     // xent_bwd_bf16_inplace(x, targets, lse, i64 rows, i64 v, float z, const float* go, float scale)
     launch!(d, "cross_entropy", "xent_bwd_bf16_inplace", per_row(rows);
         g, s.targets.ptr, ptr(&s.lse)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
-    let (gx, gw) = (empty(&d, &[rows, k])?, empty(&d, &[v, k])?);
+    let gx = empty(&d, &[rows, k])?;
+    if sink.is_some_and(|sk| sk.len != v * k) {
+        return Err(Error::shape("linear_cross_entropy", format!("a weight gradient slot for [{v}, {k}]")));
+    }
+    let gw = if sink.is_some() { None } else { Some(empty(&d, &[v, k])?) };
+    let (gw_ptr, beta) = match (sink, &gw) {
+        (Some(sk), _) => (sk.ptr, if sk.accumulate { 1.0 } else { 0.0 }),
+        (None, Some(t)) => (ptr(t)?, 0.0),
+        (None, None) => unreachable!("allocated above"),
+    };
     let mat = |p: u64, trans: bool, ld: usize| MatArg { ptr: p, trans, ld: ld.max(1), batch_stride: 0 };
     // gx = g · w, gw = gᵀ · x, all operands bf16.
     d.gemm(rows, k, v, mat(g, false, v), mat(ptr(&s.w16)?, false, k), ptr(&gx)?, 1, 1.0, 0.0, DType::BF16)?;
-    d.gemm(v, k, rows, mat(g, true, v), mat(ptr(&s.x16)?, false, k), ptr(&gw)?, 1, 1.0, 0.0, DType::BF16)?;
+    d.gemm(v, k, rows, mat(g, true, v), mat(ptr(&s.x16)?, false, k), gw_ptr, 1, 1.0, beta, DType::BF16)?;
     Ok((gx, gw))
 }

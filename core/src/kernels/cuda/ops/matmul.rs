@@ -212,21 +212,34 @@ pub fn linear(
 /// forward was asked for), weight (`gᵀ @ x` → `[n, k]`, f32) and, when `with_bias`, bias (the
 /// column sums of g, summed by the weight GEMM's epilogue where cuBLASLt can). Under bf16, g is
 /// rounded once for all three (read as it is when already bf16), as a bf16 gradient under
-/// PyTorch's autocast is.
+/// PyTorch's autocast is. With `sink` (the weight is a parameter) the weight-gradient GEMM
+/// writes into the flat gradient buffer itself and no weight gradient is returned.
 pub fn linear_grads(
     g2: &Tensor,
     s: &LinearSaved,
     in_shape: &[usize],
     with_bias: bool,
     prec: Prec,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    sink: Option<crate::autograd::GradSink>,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
     let gx = match s.gx {
         DType::BF16 => wrap(d.alloc(in_shape.iter().product::<usize>() * 2)?, DType::BF16, in_shape),
         _ => empty(&d, in_shape)?,
     };
-    let gw = empty(&d, &[n, k])?;
+    if let Some(sk) = sink {
+        if sk.len != n * k {
+            return Err(Error::shape("linear", format!("a weight gradient slot of {} elements for [{n}, {k}]", sk.len)));
+        }
+    }
+    // Straight into the parameter's gradient slot (beta 1 adds to it), or a new tensor.
+    let gw = if sink.is_some() { None } else { Some(empty(&d, &[n, k])?) };
+    let (gw_ptr, beta) = match (sink, &gw) {
+        (Some(sk), _) => (sk.ptr, if sk.accumulate { 1.0 } else { 0.0 }),
+        (None, Some(t)) => (ptr(t)?, 0.0),
+        (None, None) => unreachable!("allocated above"),
+    };
     let (gq, dt) = match prec {
         Prec::F32 => (contiguous(g2)?, DType::F32),
         Prec::Bf16 if g2.dtype() == DType::BF16 => (contiguous_bf16(g2)?, DType::BF16),
@@ -241,11 +254,11 @@ pub fn linear_grads(
     let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
     let gb = if with_bias { Some(empty(&d, &[n])?) } else { None };
     let fused = match &gb {
-        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, ptr(&gw)?, 1.0, 0.0, dt, DType::F32, Epilogue::RowSumsA(ptr(gb)?))?,
+        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, gw_ptr, 1.0, beta, dt, DType::F32, Epilogue::RowSumsA(ptr(gb)?))?,
         None => false,
     };
     if !fused {
-        d.gemm(n, k, rows, gt, xm, ptr(&gw)?, 1, 1.0, 0.0, dt)?;
+        d.gemm(n, k, rows, gt, xm, gw_ptr, 1, 1.0, beta, dt)?;
         if let Some(gb) = &gb {
             sum_rows_into(&d, ptr(&gq)?, rows, n, ptr(gb)?, 0.0, dt)?;
         }
