@@ -10,6 +10,7 @@ use crate::rng::Rng;
 use crate::tensor::{DType, Elem, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Index of a parameter in its store (position in the deterministic order).
@@ -284,7 +285,7 @@ impl ParamBuilder {
         let values = Tensor::from_vec(flat, &[self.total])?.to_dtype(dtype);
         let by_name = self.infos.iter().map(|p| (p.name.clone(), p.id)).collect();
         let buffers = self.buffers.into_iter().map(|(name, shape, v)| (name, Mutex::new(Tensor::full(&shape, v, dtype)))).collect();
-        Ok(ParamStore { infos: self.infos, values, by_name, buffers, dtype })
+        Ok(ParamStore { infos: self.infos, values, by_name, buffers, dtype, half: None, want_half: AtomicBool::new(false) })
     }
 }
 
@@ -294,6 +295,12 @@ pub struct ParamStore {
     by_name: HashMap<String, ParamId>,
     buffers: Vec<(String, Mutex<Tensor>)>,
     dtype: DType,
+    /// A bf16 copy of `values` on a GPU, kept equal to their rounding by the optimizer that
+    /// writes both in one pass (AdamW), so bf16 GEMMs read the weights without casting them.
+    /// Present only while it is that: anything else that may change the values drops it.
+    half: Option<Tensor>,
+    /// A bf16 forward asked for parameters (`Tape::param`): the optimizer then keeps `half`.
+    want_half: AtomicBool,
 }
 
 impl ParamStore {
@@ -320,6 +327,7 @@ impl ParamStore {
     }
     /// Moves the values and buffers to `device` (f32 there for CUDA).
     pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        self.half = None;
         self.values = self.values.to_device(device)?;
         for (_, b) in &mut self.buffers {
             let b = b.get_mut().map_err(|_| Error::Msg("parameter buffer lock poisoned".into()))?;
@@ -333,7 +341,35 @@ impl ParamStore {
         if !self.values.is_unique() {
             return Err(Error::Msg("parameter storage is shared (is an autograd tape still alive?)".into()));
         }
+        // The caller may change the values without their bf16 copy.
+        self.half = None;
         Ok(&mut self.values)
+    }
+
+    /// The flat values and, on a GPU after a bf16 forward asked for parameters, their bf16 copy
+    /// (made here by one cast when there is none): for an optimizer whose fused pass writes
+    /// both, keeping the copy equal to the values' rounding. Fails while a tape holds views.
+    pub fn flat_and_half_mut(&mut self) -> Result<(&mut Tensor, Option<&mut Tensor>)> {
+        if !self.values.is_unique() || self.half.as_mut().is_some_and(|h| !h.is_unique()) {
+            return Err(Error::Msg("parameter storage is shared (is an autograd tape still alive?)".into()));
+        }
+        #[cfg(feature = "cuda")]
+        if self.half.is_none() && self.values.is_cuda() && self.want_half.load(Ordering::Relaxed) {
+            self.half = Some(crate::kernels::cuda::ops::cast(&self.values, DType::BF16)?);
+        }
+        Ok((&mut self.values, self.half.as_mut()))
+    }
+
+    /// Parameter `id` as a view of the bf16 copy, when there is one (see
+    /// [`flat_and_half_mut`](Self::flat_and_half_mut)).
+    pub fn half(&self, id: ParamId) -> Option<Tensor> {
+        let p = &self.infos[id.0];
+        self.half.as_ref().and_then(|h| h.view_at(p.offset, &p.shape).ok())
+    }
+
+    /// Asks for the bf16 copy (a bf16 forward read parameters; see `Tape::param`).
+    pub(crate) fn want_half(&self) {
+        self.want_half.store(true, Ordering::Relaxed);
     }
     pub fn id(&self, name: &str) -> Option<ParamId> {
         self.by_name.get(name).copied()
@@ -349,6 +385,7 @@ impl ParamStore {
     }
     /// Mutable flat values; fails while an autograd tape still holds parameter views.
     pub fn flat_mut<T: Elem>(&mut self) -> Result<&mut [T]> {
+        self.half = None;
         self.values.data_mut::<T>()
     }
     pub fn buffers(&self) -> impl Iterator<Item = (&str, &Mutex<Tensor>)> {
@@ -400,6 +437,7 @@ impl ParamStore {
 
     /// Sets values from named tensors (all names required, shapes checked before any write).
     pub fn load_named(&mut self, map: &HashMap<String, Tensor>) -> Result<()> {
+        self.half = None;
         for p in &self.infos {
             let t = map.get(&p.name).ok_or_else(|| Error::Msg(format!("missing tensor `{}`", p.name)))?;
             if t.shape() != p.shape.as_slice() {

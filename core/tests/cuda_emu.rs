@@ -31,6 +31,51 @@ fn gpu_check_ops_pass_on_the_emulator() {
     bf16_casts_match_the_cpu();
     linear_bias_is_fused_where_it_can_be();
     weight_gradients_go_straight_into_the_gradient_buffer();
+    the_optimizers_bf16_weight_copy_replaces_the_casts();
+}
+
+/// After a bf16 forward asked for parameters, `ParamStore::flat_and_half_mut` keeps a bf16 copy
+/// of them (made by one cast; an optimizer's fused pass writes it with the values). A bf16
+/// linear then reads its weight from the copy — one cast fewer per weight — with the same
+/// numbers; anything that takes the values alone (`flat_tensor_mut`) drops the copy.
+fn the_optimizers_bf16_weight_copy_replaces_the_casts() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, DType, Device, GradStore, Init, ParamBuilder, Role, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut pb = ParamBuilder::new();
+    let w = pb.add("w", &[24, 40], Role::Hidden, 40, 24, Init::Normal { std: 0.2 });
+    let mut ps = pb.build(5, DType::F32).unwrap();
+    ps.to_device(Device::Cuda(0)).unwrap();
+    let mut rng = Rng::new(4);
+    let x: Vec<f32> = (0..6 * 40).map(|_| rng.normal() as f32).collect();
+    let step = |ps: &dptrain_core::ParamStore| {
+        d.profile_start();
+        let tape = Tape::new();
+        tape.set_precision(Precision::Bf16);
+        let xv = tape.leaf(Tensor::from_slice(&x, &[6, 40]).unwrap().to_device(Device::Cuda(0)).unwrap());
+        let wv = tape.param(ps, w);
+        let twin = wv.half_twin().is_some();
+        let y = xv.linear(wv, None).unwrap();
+        let loss = y.square().unwrap().sum_all().unwrap();
+        let mut grads = GradStore::try_new(ps).unwrap();
+        tape.backward(loss, &mut grads, |_, _| {}).unwrap();
+        let casts: usize = d.profile_stop().unwrap().iter().filter(|k| k.name.starts_with("f32_to_bf16")).map(|k| k.launches).sum();
+        (y.value().to_vec::<f32>().unwrap(), grads.flat().to_vec::<f32>().unwrap(), casts, twin)
+    };
+    let (y0, g0, casts0, twin0) = step(&ps);
+    assert!(!twin0 && ps.half(w).is_none());
+    // The first optimizer step makes the copy (one cast of the whole flat buffer).
+    let (_, half) = ps.flat_and_half_mut().unwrap();
+    let half = half.expect("a bf16 forward asked for the copy").to_vec::<f32>().unwrap();
+    let vals = ps.flat().to_vec::<f32>().unwrap();
+    assert!(half.iter().zip(&vals).all(|(h, v)| *h == half::bf16::from_f32(*v).to_f32()));
+    let (y1, g1, casts1, twin1) = step(&ps);
+    assert!(twin1);
+    assert_eq!((y0, g0), (y1, g1), "the copy gives the cast's numbers");
+    assert_eq!(casts1 + 1, casts0, "the weight's cast is gone");
+    ps.flat_tensor_mut().unwrap();
+    assert!(ps.half(w).is_none(), "values changed behind the copy's back must drop it");
 }
 
 /// A parameter's weight gradient is written by its GEMM straight into the flat gradient buffer

@@ -153,7 +153,9 @@ impl Optimizer for AdamW {
             let d = self.dev_state(params.flat().device())?;
             let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
-            dptrain_core::ops::flat::adamw_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, scales, s)?;
+            // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
+            let (p, p16) = params.flat_and_half_mut()?;
+            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -210,7 +212,8 @@ impl Optimizer for AdamW {
         self.dev_state(params.flat().device())?;
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
-        dptrain_core::ops::flat::adamw_gated_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, scales, s, rec, gate, t)?;
+        let (p, p16) = params.flat_and_half_mut()?;
+        dptrain_core::ops::flat::adamw_gated_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, rec, gate, t, p16)?;
         Ok(true)
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {

@@ -61,6 +61,8 @@ struct Node {
     /// A bf16 activation held in f32 (the CPU's model of a GPU's bf16 tensor): its gradient is
     /// rounded to bf16 before its backward runs, as the GPU stores it.
     half: bool,
+    /// A parameter's bf16 copy kept by the optimizer (`ParamStore::half`), for bf16 GEMMs.
+    twin: Option<Tensor>,
 }
 
 pub struct Tape {
@@ -150,11 +152,29 @@ impl Tape {
 
     /// A constant input (no gradient).
     pub fn constant(&self, value: Tensor) -> Var<'_> {
-        self.push(Node { name: "constant", value, inputs: vec![], requires_grad: false, backward: None, param: None, half: false })
+        self.push(Node {
+            name: "constant",
+            value,
+            inputs: vec![],
+            requires_grad: false,
+            backward: None,
+            param: None,
+            half: false,
+            twin: None,
+        })
     }
     /// A leaf that receives a gradient (returned by `backward` in [`LeafGrads`]).
     pub fn leaf(&self, value: Tensor) -> Var<'_> {
-        self.push(Node { name: "leaf", value, inputs: vec![], requires_grad: self.grad_enabled, backward: None, param: None, half: false })
+        self.push(Node {
+            name: "leaf",
+            value,
+            inputs: vec![],
+            requires_grad: self.grad_enabled,
+            backward: None,
+            param: None,
+            half: false,
+            twin: None,
+        })
     }
     /// The parameter `id` of `store`, as a leaf whose gradient goes into the `GradStore`.
     /// Repeated calls return the same node, so a parameter has one gradient slot per pass.
@@ -170,6 +190,12 @@ impl Tape {
             backward: None,
             param: Some(id),
             half: false,
+            twin: if self.precision() == Precision::Bf16 {
+                store.want_half();
+                store.half(id)
+            } else {
+                None
+            },
         });
         self.params.borrow_mut().insert(id, v.id);
         v
@@ -186,7 +212,16 @@ impl Tape {
     ) -> Var<'t> {
         let requires_grad = self.grad_enabled && inputs.iter().any(|v| v.requires_grad());
         let backward: Option<BackwardFn> = if requires_grad { Some(Box::new(backward)) } else { None };
-        self.push(Node { name, value, inputs: inputs.iter().map(|v| v.id).collect(), requires_grad, backward, param: None, half: false })
+        self.push(Node {
+            name,
+            value,
+            inputs: inputs.iter().map(|v| v.id).collect(),
+            requires_grad,
+            backward,
+            param: None,
+            half: false,
+            twin: None,
+        })
     }
 
     /// Records an op that has no backward: if a gradient ever reaches it, `backward` fails
@@ -201,6 +236,7 @@ impl Tape {
             backward: None,
             param: None,
             half: false,
+            twin: None,
         })
     }
 
@@ -383,6 +419,11 @@ impl<'t> Var<'t> {
     pub fn mark_half(self) -> Var<'t> {
         self.tape.nodes.borrow_mut()[self.id].half = true;
         self
+    }
+    /// A parameter's bf16 copy (`ParamStore::half`) when the optimizer keeps one: what a bf16
+    /// GEMM reads instead of casting the weight.
+    pub fn half_twin(&self) -> Option<Tensor> {
+        self.tape.nodes.borrow()[self.id].twin.clone()
     }
     /// Whether this value is a bf16 activation: a bf16 tensor, or marked as one on the CPU.
     pub fn is_half(&self) -> bool {

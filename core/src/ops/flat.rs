@@ -108,7 +108,7 @@ pub struct AdamWGate {
 /// One AdamW step decided on the GPU from the step's record: skipped when the gradient norm is
 /// not finite; otherwise the gradient clipped to `gate.max_norm`, `t` counted and the bias
 /// corrections computed there, bit for bit as [`adamw_cuda`] after the host's own clipping and
-/// check (`s.step_size` and `s.inv_sqrt_bc2` are not read).
+/// check (`s.step_size` and `s.inv_sqrt_bc2` are not read); `p16` as in [`adamw_cuda`].
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_gated_cuda(
     p: &mut Tensor,
@@ -120,14 +120,15 @@ pub fn adamw_gated_cuda(
     rec: &StepRecord,
     gate: AdamWGate,
     t: &DeviceStepCount,
+    p16: Option<&mut Tensor>,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::adamw_gated(p, g, m, v, scales, s, &rec.inner, gate, &t.inner)
+        crate::kernels::cuda::ops::adamw_gated(p, g, m, v, scales, s, &rec.inner, gate, &t.inner, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, scales, s, rec, gate, t);
+        let _ = (p, g, m, v, scales, s, rec, gate, t, p16);
         Err(no_cuda())
     }
 }
@@ -227,15 +228,25 @@ pub struct StepScales<'a> {
     pub lr: Option<&'a Tensor>,
 }
 
-/// One fused AdamW step on device buffers (the arithmetic of dptrain-optim's CPU loop).
-pub fn adamw_cuda(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, scales: StepScales, s: AdamWStep) -> Result<()> {
+/// One fused AdamW step on device buffers (the arithmetic of dptrain-optim's CPU loop); `p16`,
+/// the parameters' bf16 copy (`ParamStore::flat_and_half_mut`), is written in the same pass.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_cuda(
+    p: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    scales: StepScales,
+    s: AdamWStep,
+    p16: Option<&mut Tensor>,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s)
+        crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, scales, s);
+        let _ = (p, g, m, v, scales, s, p16);
         Err(no_cuda())
     }
 }

@@ -120,7 +120,7 @@ impl<'t> Var<'t> {
         // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
         let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, w.value(), b.map(|b| b.value()), prec, half, 1)?;
+        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let y = self.tape().record("linear", out, &inputs, backward);
@@ -143,9 +143,10 @@ pub(crate) struct HalfIo {
 /// weight's position among the recording op's inputs — on a GPU, when it is a parameter, its
 /// gradient is written by the GEMM straight into the flat gradient buffer
 /// ([`take_grad_sink`](crate::autograd::take_grad_sink)) and backward returns `None` for it.
+/// The weight comes with its bf16 copy when the optimizer keeps one (`Var::half_twin`).
 pub(crate) fn linear_value(
     xv: &Tensor,
-    wv: Tensor,
+    (wv, w16): (Tensor, Option<Tensor>),
     bv: Option<Tensor>,
     prec: Precision,
     half: HalfIo,
@@ -166,7 +167,7 @@ pub(crate) fn linear_value(
     let has_b = bv.is_some();
     let in_shape = xv.shape().to_vec();
     let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
-    let (out, saved) = linear_forward(x2, wv, bv.as_ref(), &out_shape, prec, half)?;
+    let (out, saved) = linear_forward(x2, wv, w16, bv.as_ref(), &out_shape, prec, half)?;
     Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, half, w_at)))
 }
 
@@ -180,9 +181,11 @@ enum LinearSaved {
 
 /// `linear`'s forward on the input's device: the output, and the operands backward reads (on
 /// the CPU rounded as the GEMM saw them under bf16 precision).
+#[allow(clippy::too_many_arguments)]
 fn linear_forward(
     x2: Tensor,
     wv: Tensor,
+    w16: Option<Tensor>,
     bv: Option<&Tensor>,
     out_shape: &[usize],
     prec: Precision,
@@ -196,9 +199,10 @@ fn linear_forward(
         let half = HalfIo { y: half.y && crate::kernels::cuda::ops::dev_of(&x2)?.fusions().activations, gx: half.gx };
         let dt = |h: bool| if h { DType::BF16 } else { DType::F32 };
         let dts = LinearDtypes { y: dt(half.y), gx: dt(half.gx) };
-        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, bv, out_shape, prec, dts)?;
+        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, w16.as_ref(), bv, out_shape, prec, dts)?;
         return Ok((out, LinearSaved::Device(saved)));
     }
+    let _ = w16; // the CPU rounds the weight itself
     let (rows, k) = (x2.shape()[0], x2.shape()[1]);
     let n = wv.shape()[0];
     let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);

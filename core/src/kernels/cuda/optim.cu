@@ -14,15 +14,18 @@ __device__ __forceinline__ void adam_moments(float* m, float* v, float gi, float
 }
 
 // decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
-// null when every one is 1 (the common case reads nothing).
+// null when every one is 1 (the common case reads nothing). p16: the parameters' bf16 copy,
+// written in the same pass (the operand bf16 GEMMs read), or null.
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
-                                     AdamWStep s) {
+                                     AdamWStep s, bf16_t* p16) {
     GRID_STRIDE(i, n) {
         float mi, vi;
         adam_moments(m, v, g[i], s.beta1, s.beta2, i, &mi, &vi);
         const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
         const float step = lr_scale ? s.step_size * lr_scale[i] : s.step_size;
-        p[i] = pi - step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
+        const float np = pi - step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
+        p[i] = np;
+        if (p16) p16[i] = f32_to_bf16(np);
     }
 }
 
@@ -66,7 +69,7 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, do
 // factor (as the host path's in-place scaling, an f32 product; skipped at exactly 1 as there);
 // step size and bias correction from the gate.
 extern "C" __global__ void adamw_gated_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
-                                           AdamWStep s, const float* rec) {
+                                           AdamWStep s, const float* rec, bf16_t* p16) {
     const float* gate = rec + 2;
     if (gate[0] == 0.0f) return;
     const float coef = gate[1], step_size = gate[2], inv_sqrt_bc2 = gate[3];
@@ -76,7 +79,9 @@ extern "C" __global__ void adamw_gated_f32(float* p, const float* g, float* m, f
         adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
         const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
         const float step = lr_scale ? step_size * lr_scale[i] : step_size;
-        p[i] = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
+        const float np = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
+        p[i] = np;
+        if (p16) p16[i] = f32_to_bf16(np);
     }
 }
 

@@ -154,7 +154,7 @@ impl<'t> Var<'t> {
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
             return Err(Error::shape("linear_cross_entropy", format!("target {t} out of range for {v} classes")));
         }
-        let (saved, st) = gpu::linear_cross_entropy(&x, &wv, targets, z_coef)?;
+        let (saved, st) = gpu::linear_cross_entropy(&x, &wv, w.half_twin().as_ref(), targets, z_coef)?;
         let at = |i: usize| -> Result<ProbeValue> { Ok(ProbeValue::Device(st.narrow(0, i, 1)?, Reduce::Mean)) };
         let loss = st.narrow(0, 0, 1)?.reshape(&[])?;
         let (log_z_mean, log_z_max, logit_mean, z_loss, accuracy) = (at(1)?, at(2)?, at(3)?, at(4)?, at(5)?);

@@ -63,8 +63,14 @@ impl<'t> Var<'t> {
             // From a bf16 pre-activation (a `linear_half` output) backward is bf16 throughout:
             // the product writes GELU's output gradient in bf16, GELU's backward the input's.
             let half = crate::ops::matmul::HalfIo { y: false, gx: m.dtype() == crate::tensor::DType::BF16 };
-            let (out, lin_bwd) =
-                crate::ops::matmul::linear_value(&act16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half, 1)?;
+            let (out, lin_bwd) = crate::ops::matmul::linear_value(
+                &act16,
+                (w.value(), w.half_twin()),
+                b.map(|b| b.value()),
+                crate::tensor::Precision::Bf16,
+                half,
+                1,
+            )?;
             let mut inputs = vec![self, w];
             inputs.extend(b);
             return Ok(self.tape().record("gelu_linear", out, &inputs, move |g| {

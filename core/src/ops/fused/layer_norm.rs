@@ -175,8 +175,14 @@ impl<'t> Var<'t> {
             // x and the layer norm's own parameters among the inputs.
             let w_at = 1 + ln_w.is_some() as usize + ln_b.is_some() as usize;
             let half = crate::ops::matmul::HalfIo { y: half_out, gx: false };
-            let (out, lin_bwd) =
-                crate::ops::matmul::linear_value(&h16, w.value(), b.map(|b| b.value()), crate::tensor::Precision::Bf16, half, w_at)?;
+            let (out, lin_bwd) = crate::ops::matmul::linear_value(
+                &h16,
+                (w.value(), w.half_twin()),
+                b.map(|b| b.value()),
+                crate::tensor::Precision::Bf16,
+                half,
+                w_at,
+            )?;
             let mut inputs = vec![self];
             inputs.extend(ln_w);
             inputs.extend(ln_b);

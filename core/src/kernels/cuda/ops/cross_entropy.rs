@@ -68,17 +68,29 @@ pub struct ClassifierSaved {
 /// written by the GEMM in bf16 (half the bytes of f32 logits, never cast), then the
 /// cross-entropy rows read them. Returns what backward needs and the statistics `[6]` (as
 /// [`cross_entropy`]).
-pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, targets: &[u32], z: f64) -> Result<(ClassifierSaved, Tensor)> {
+pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, w16: Option<&Tensor>, targets: &[u32], z: f64) -> Result<(ClassifierSaved, Tensor)> {
     f32_only(x2, "linear_cross_entropy")?;
     let d = dev_of(x2)?;
     let (rows, k, v) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
-    let (x16, w16) = (cast(&contiguous(x2)?, DType::BF16)?, cast(&contiguous(w)?, DType::BF16)?);
+    let x16 = cast(&contiguous(x2)?, DType::BF16)?;
+    let w16 = match w16 {
+        Some(h) => half_weight(w, h)?,
+        None => cast(&contiguous(w)?, DType::BF16)?,
+    };
     let logits = wrap(d.alloc(rows * v * 2)?, DType::BF16, &[rows, v]);
     let row = |t: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(t)?, trans, ld: k.max(1), batch_stride: 0 }) };
     d.gemm_to(rows, v, k, row(&x16, false)?, row(&w16, true)?, ptr(&logits)?, 1, 1.0, 0.0, DType::BF16, DType::BF16)?;
     let tg = upload_ids(&d, targets)?;
     let (lse, stats) = rows_and_stats(&d, &logits, &tg, rows, v, z)?;
     Ok((ClassifierSaved { logits, x16, w16, lse, targets: tg }, stats))
+}
+
+/// A weight's bf16 copy kept by the optimizer (`ParamStore::half`), checked to be one.
+pub(super) fn half_weight(w: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if h.dtype() != DType::BF16 || h.shape() != w.shape() || !h.is_contiguous() {
+        return Err(Error::shape("linear", format!("a bf16 weight copy {:?} ({}) for a weight {:?}", h.shape(), h.dtype(), w.shape())));
+    }
+    Ok(h.clone())
 }
 
 /// The fused classifier's gradients (x `[rows, k]`, w `[v, k]`) for the upstream gradient `go`

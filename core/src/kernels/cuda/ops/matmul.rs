@@ -143,9 +143,12 @@ impl LinearDtypes {
 /// is added by the GEMM's epilogue (cuBLASLt), or where that cannot run by one pass over y.
 /// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`, or
 /// a bf16 activation), and `dt` may ask for bf16 y and input gradient; under f32 both are f32.
+/// `w16`: the weight's bf16 copy kept by the optimizer, read instead of casting w under bf16.
+#[allow(clippy::too_many_arguments)]
 pub fn linear(
     x2: &Tensor,
     w: &Tensor,
+    w16: Option<&Tensor>,
     b: Option<&Tensor>,
     out_shape: &[usize],
     prec: Prec,
@@ -171,7 +174,10 @@ pub fn linear(
         }
         Prec::Bf16 => {
             let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
-            let w16 = bf16_copy(w)?;
+            let w16 = match w16 {
+                Some(h) => super::cross_entropy::half_weight(w, h)?,
+                None => bf16_copy(w)?,
+            };
             (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16, gx: dt.gx })
         }
     };

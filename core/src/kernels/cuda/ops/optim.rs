@@ -20,12 +20,24 @@ pub fn adamw(
     v: &Tensor,
     scales: crate::ops::flat::StepScales,
     s: crate::ops::flat::AdamWStep,
+    p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
-    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s)
+    check_half_copy(p, p16)?;
+    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, bf16_t* p16)
     launch!(d, "optim", "adamw_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s)
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, ptr_or_null(p16)?)
+}
+
+/// A parameters' bf16 copy must match them element for element.
+fn check_half_copy(p: &Tensor, p16: Option<&Tensor>) -> Result<()> {
+    match p16 {
+        Some(h) if h.dtype() != DType::BF16 || h.numel() != p.numel() || !h.is_contiguous() => {
+            Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {} parameters", h.shape(), h.dtype(), p.numel())))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// AdamW decided on the device: the gate kernel reads the record's Σg² (clipping, the
@@ -42,15 +54,17 @@ pub fn adamw_gated(
     rec: &StepRecord,
     gate: crate::ops::flat::AdamWGate,
     t: &DevCounter,
+    p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
+    check_half_copy(p, p16)?;
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
     // adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t)
     launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, gate.lr, gate.beta1, gate.beta2, t.ptr())?;
-    // adamw_gated_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec)
+    // adamw_gated_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec, bf16_t* p16)
     launch!(d, "optim", "adamw_gated_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec.ptr())
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec.ptr(), ptr_or_null(p16)?)
 }
 
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers.
