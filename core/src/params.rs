@@ -354,8 +354,12 @@ impl ParamStore {
             return Err(Error::Msg("parameter storage is shared (is an autograd tape still alive?)".into()));
         }
         #[cfg(feature = "cuda")]
-        if self.half.is_none() && self.values.is_cuda() && self.want_half.load(Ordering::Relaxed) {
-            self.half = Some(crate::kernels::cuda::ops::cast(&self.values, DType::BF16)?);
+        if self.values.is_cuda() {
+            if !crate::kernels::cuda::ops::dev_of(&self.values)?.fusions().weight_copy {
+                self.half = None;
+            } else if self.half.is_none() && self.want_half.load(Ordering::Relaxed) {
+                self.half = Some(crate::kernels::cuda::ops::cast(&self.values, DType::BF16)?);
+            }
         }
         Ok((&mut self.values, self.half.as_mut()))
     }
@@ -534,7 +538,7 @@ impl GradStore {
     /// contributed since `zero_grad`). `None` on the CPU.
     #[cfg(feature = "cuda")]
     pub(crate) fn sink(&self, id: ParamId) -> Option<crate::autograd::GradSink> {
-        if !self.data.is_cuda() {
+        if !self.data.is_cuda() || !crate::kernels::cuda::ops::dev_of(&self.data).ok()?.fusions().grad_sink {
             return None;
         }
         let (o, n) = self.ranges[id.0];

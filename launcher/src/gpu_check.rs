@@ -338,6 +338,9 @@ fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String>
         ("fused classifier", Fusions { classifier: false, ..Fusions::ALL }),
         ("bf16 operands from GELU and layer norm", Fusions { operands: false, ..Fusions::ALL }),
         ("bf16 activations (qkv, attention output, MLP pre-activation)", Fusions { activations: false, ..Fusions::ALL }),
+        ("step decided on the device (a wait every step)", Fusions { device_step: false, ..Fusions::ALL }),
+        ("weight gradients written into the gradient buffer", Fusions { grad_sink: false, ..Fusions::ALL }),
+        ("optimizer's bf16 weight copy", Fusions { weight_copy: false, ..Fusions::ALL }),
     ];
     for (what, f) in offs {
         match measure(device, preset, f) {
@@ -410,15 +413,13 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         drop(tape);
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         // As the trainer on a step that logs nothing: the step decided on the device (its
-        // record read on a logging step, not here) — or, with DPTRAIN_STEP_SYNC=1, the loss and
-        // the gradient's norm read in one transfer, then clipping.
-        if !dptrain_core::env::env().step_sync {
-            let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value)).map_err(e)?;
-            if opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0).map_err(|x| x.to_string())? {
-                return Ok(());
-            }
+        // record read on a logging step, not here) — or, with that off, the loss and the
+        // gradient's norm read in one transfer, then clipping.
+        let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value)).map_err(e)?;
+        if opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0).map_err(|x| x.to_string())? {
+            return Ok(());
         }
-        let (sq, _) = dptrain_core::ops::flat::sum_squares_and(grads.flat(), &[value]).map_err(e)?;
+        let (sq, _, _) = rec.read().map_err(e)?;
         dptrain_optim::clip_to_norm(&mut grads, 1.0, sq.sqrt()).map_err(|x| x.to_string())?;
         opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())
     };
@@ -469,7 +470,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         mfu: per_token * tokens_per_s / peak,
         peak,
         raw_allocs_in_timed_steps: allocs,
-        reserved_mib: dev.cache_stats().reserved_bytes as f64 / (1u64 << 20) as f64,
+        reserved_mib: dev.reserved_bytes() as f64 / (1u64 << 20) as f64,
         host_waits_per_step: waits as f64 / timed as f64,
         profile,
         attention,

@@ -116,7 +116,7 @@ fn train_loop(
     let mut tprobes = crate::probes::TrainProbes::new(&cfg.probes, &run.params, run.init_params.take())?;
     let mut events = Events::open(&run.run_dir, rank == 0, run.resumed_from.is_some().then_some(run.start_step))?;
     // Steps decided on the GPU whose records the host has not read yet, oldest first.
-    let device_steps = run.params.flat().is_cuda() && !dptrain_core::env::env().step_sync;
+    let device_steps = run.params.flat().is_cuda();
     let mut pending: Vec<Pending> = vec![];
     // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
     let cbs_beta = 0.99f64.powf(cfg.probes.interval as f64);

@@ -320,6 +320,9 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
         "| dptrain without the fused classifier (flash attention): ",
         "| dptrain without the bf16 operands from GELU and layer norm (flash attention): ",
         "| dptrain without the bf16 activations (qkv, attention output, MLP pre-activation) (flash attention): ",
+        "| dptrain without the step decided on the device (a wait every step) (flash attention): ",
+        "| dptrain without the weight gradients written into the gradient buffer (flash attention): ",
+        "| dptrain without the optimizer's bf16 weight copy (flash attention): ",
     ] {
         assert_eq!(out.matches(line).count(), 2, "{line}:\n{out}");
     }

@@ -198,7 +198,7 @@ impl Optimizer for AdamW {
         rec: &StepRecord,
         max_norm: f64,
     ) -> Result<bool> {
-        if !params.flat().is_cuda() {
+        if !dptrain_core::ops::flat::decides_steps_on_device(params.flat()) {
             return Ok(false);
         }
         if self.t_dev.is_none() {

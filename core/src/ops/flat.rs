@@ -47,6 +47,17 @@ impl StepRecord {
     }
 }
 
+/// Whether steps over the buffer `t` are decided on its device (a GPU with
+/// `Fusions::device_step` on; see `Optimizer::step_on_device`).
+pub fn decides_steps_on_device(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() {
+        return crate::kernels::cuda::ops::dev_of(t).is_ok_and(|d| d.fusions().device_step);
+    }
+    let _ = t;
+    false
+}
+
 /// [`sum_squares_and`] left on the device as a [`StepRecord`] (GPU buffers only).
 pub fn sum_squares_and_record(t: &Tensor, scalars: &[Tensor]) -> Result<StepRecord> {
     #[cfg(feature = "cuda")]

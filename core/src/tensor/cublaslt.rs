@@ -21,7 +21,7 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 
 /// Workspace the heuristic may use (NVIDIA's recommendation for Hopper).
-const WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// What the epilogue does, in cuBLAS's column-major terms (D is `m × n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -69,27 +69,53 @@ pub struct Fusions {
     /// stored in bf16, its gradient too. Off, they are stored in f32 (the ablation's before-line;
     /// the CPU engine models them on).
     pub activations: bool,
+    /// Training steps decided on the device without a host wait (`Optimizer::step_on_device`);
+    /// off (`DPTRAIN_STEP_SYNC=1`), the trainer reads the loss and norm every step.
+    pub device_step: bool,
+    /// Weight-gradient GEMMs writing straight into the flat gradient buffer
+    /// (`autograd::take_grad_sink`).
+    pub grad_sink: bool,
+    /// The optimizer's bf16 copy of the parameters read by bf16 GEMMs (`ParamStore::half`).
+    pub weight_copy: bool,
 }
 
 impl Fusions {
-    pub const ALL: Fusions = Fusions { flash: true, epilogue: true, classifier: true, operands: true, activations: true };
+    pub const ALL: Fusions = Fusions {
+        flash: true,
+        epilogue: true,
+        classifier: true,
+        operands: true,
+        activations: true,
+        device_step: true,
+        grad_sink: true,
+        weight_copy: true,
+    };
 
     fn bits(self) -> u8 {
-        self.flash as u8
-            | (self.epilogue as u8) << 1
-            | (self.classifier as u8) << 2
-            | (self.operands as u8) << 3
-            | (self.activations as u8) << 4
+        [self.flash, self.epilogue, self.classifier, self.operands, self.activations, self.device_step, self.grad_sink, self.weight_copy]
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &on)| b | (on as u8) << i)
     }
 
     fn of(b: u8) -> Fusions {
-        Fusions { flash: b & 1 != 0, epilogue: b & 2 != 0, classifier: b & 4 != 0, operands: b & 8 != 0, activations: b & 16 != 0 }
+        let on = |i: u32| b & (1 << i) != 0;
+        Fusions {
+            flash: on(0),
+            epilogue: on(1),
+            classifier: on(2),
+            operands: on(3),
+            activations: on(4),
+            device_step: on(5),
+            grad_sink: on(6),
+            weight_copy: on(7),
+        }
     }
 
     /// The process default: all, less what the environment turns off.
     fn from_env() -> Fusions {
         let e = crate::env::env();
-        Fusions { flash: e.flash, epilogue: e.epilogue, ..Fusions::ALL }
+        Fusions { flash: e.flash, epilogue: e.epilogue, device_step: !e.step_sync, ..Fusions::ALL }
     }
 }
 
@@ -417,6 +443,13 @@ impl CudaDev {
 
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.lock().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// Device memory dptrain holds on this device: the caching allocator's blocks (which it
+    /// keeps, so this is also their peak) plus cuBLASLt's workspace when it is open.
+    pub fn reserved_bytes(&self) -> usize {
+        let lt = self.real.as_ref().is_some_and(|r| r.lt.is_some());
+        self.cache_stats().reserved_bytes + if lt { super::cublaslt::WORKSPACE_BYTES } else { 0 }
     }
 
     /// Copies host data into a new device buffer.
