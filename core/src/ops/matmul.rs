@@ -128,9 +128,10 @@ impl<'t> Var<'t> {
     }
 }
 
-/// Which of a linear's values are bf16 activations under `Precision::Bf16` (ignored under f32):
-/// the output `y`, and the input gradient `gx`. On a GPU they are stored in bf16; the CPU
-/// rounds them to bf16 (kept in f32), so both engines compute the same numbers.
+/// Which of a linear's values are bf16 activations under `Precision::Bf16` (ignored under f32).
+/// `y`: the output — stored in bf16 on a GPU, rounded to bf16 (kept in f32) on the CPU, so both
+/// engines compute the same numbers. `gx`: the input gradient is stored in bf16 on a GPU (for an
+/// input that is a bf16 tensor; on the CPU the tape rounds a marked value's gradient itself).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct HalfIo {
     pub y: bool,
@@ -168,7 +169,7 @@ pub(crate) fn linear_value(
     let in_shape = xv.shape().to_vec();
     let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
     let (out, saved) = linear_forward(x2, wv, w16, bv.as_ref(), &out_shape, prec, half)?;
-    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, half, w_at)))
+    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, w_at)))
 }
 
 /// The operands `linear`'s backward reads, as the forward product read them.
@@ -235,7 +236,6 @@ fn linear_backward(
     in_shape: &[usize],
     has_b: bool,
     prec: Precision,
-    half: HalfIo,
     w_at: usize,
 ) -> Result<Vec<Option<Tensor>>> {
     let n = *g.shape().last().ok_or_else(|| Error::shape("linear", "scalar gradient"))?;
@@ -258,7 +258,6 @@ fn linear_backward(
     with_float!(g.dtype(), "linear", T => {
         let g2r = round_for(&g2, prec)?;
         let gx = grad_input::<T>(&g2r, wv, rows, n, k, in_shape)?;
-        let gx = if half.gx { round_for(&gx, prec)? } else { gx };
         let gw = grad_weight::<T>(&g2r, x2, rows, n, k)?;
         let mut v = vec![Some(gx), Some(gw)];
         if has_b {

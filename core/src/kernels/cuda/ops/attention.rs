@@ -160,14 +160,6 @@ fn flash_kernel(stem: &str, dh: usize, bf16: bool) -> Result<&'static str> {
     })
 }
 
-/// A new packed tensor of `shape` in `dt` (f32 or bf16) on `d`.
-fn empty_as(d: &Arc<CudaDev>, shape: &[usize], dt: DType) -> Result<Tensor> {
-    match dt {
-        DType::BF16 => Ok(wrap(d.alloc(shape.iter().product::<usize>() * 2)?, DType::BF16, shape)),
-        _ => empty(d, shape),
-    }
-}
-
 /// (key, threshold, 1/(1 − p)) of attention dropout for the flash kernels; threshold 0: none.
 fn flash_dropout(drop: Option<crate::ops::dropout::Dropout>) -> (i64, i64, f32) {
     drop.map(|dr| (dr.key as i64, dr.threshold() as i64, dr.scale())).unwrap_or((0, 0, 1.0))

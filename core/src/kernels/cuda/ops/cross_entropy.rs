@@ -77,7 +77,7 @@ pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, w16: Option<&Tensor>, targe
         Some(h) => half_weight(w, h)?,
         None => cast(&contiguous(w)?, DType::BF16)?,
     };
-    let logits = wrap(d.alloc(rows * v * 2)?, DType::BF16, &[rows, v]);
+    let logits = empty_as(&d, &[rows, v], DType::BF16)?;
     let row = |t: &Tensor, trans: bool| -> Result<MatArg> { Ok(MatArg { ptr: ptr(t)?, trans, ld: k.max(1), batch_stride: 0 }) };
     d.gemm_to(rows, v, k, row(&x16, false)?, row(&w16, true)?, ptr(&logits)?, 1, 1.0, 0.0, DType::BF16, DType::BF16)?;
     let tg = upload_ids(&d, targets)?;
@@ -113,15 +113,7 @@ pub fn linear_cross_entropy_bwd(
     launch!(d, "cross_entropy", "xent_bwd_bf16_inplace", per_row(rows);
         g, s.targets.ptr, ptr(&s.lse)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
     let gx = empty(&d, &[rows, k])?;
-    if sink.is_some_and(|sk| sk.len != v * k) {
-        return Err(Error::shape("linear_cross_entropy", format!("a weight gradient slot for [{v}, {k}]")));
-    }
-    let gw = if sink.is_some() { None } else { Some(empty(&d, &[v, k])?) };
-    let (gw_ptr, beta) = match (sink, &gw) {
-        (Some(sk), _) => (sk.ptr, if sk.accumulate { 1.0 } else { 0.0 }),
-        (None, Some(t)) => (ptr(t)?, 0.0),
-        (None, None) => unreachable!("allocated above"),
-    };
+    let (gw, gw_ptr, beta) = weight_grad_dest(&d, sink, v, k)?;
     let mat = |p: u64, trans: bool, ld: usize| MatArg { ptr: p, trans, ld: ld.max(1), batch_stride: 0 };
     // gx = g · w, gw = gᵀ · x, all operands bf16.
     d.gemm(rows, k, v, mat(g, false, v), mat(ptr(&s.w16)?, false, k), ptr(&gx)?, 1, 1.0, 0.0, DType::BF16)?;

@@ -21,7 +21,7 @@ pub fn gelu(x: &Tensor, tanh: bool) -> Result<Tensor> {
 pub fn gelu_bf16(x: &Tensor, tanh: bool) -> Result<Tensor> {
     let d = dev_of(x)?;
     let n = x.numel();
-    let out = wrap(d.alloc(n * 2)?, DType::BF16, x.shape());
+    let out = empty_as(&d, x.shape(), DType::BF16)?;
     if x.dtype() == DType::BF16 {
         if !x.is_contiguous() {
             return Err(Error::shape("gelu", "a strided bf16 input on CUDA"));
@@ -46,7 +46,7 @@ pub fn gelu_bwd(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
         if !(g.is_contiguous() && x.is_contiguous()) {
             return Err(Error::shape("gelu", "a strided bf16 gradient or input on CUDA"));
         }
-        let out = wrap(d.alloc(n * 2)?, DType::BF16, g.shape());
+        let out = empty_as(&d, g.shape(), DType::BF16)?;
         // gelu_bwd_bf16(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
         launch!(d, "elementwise", "gelu_bwd_bf16", grid(n); ptr(&g)?, ptr(x)?, ptr(&out)?, n as i64, tanh as i32)?;
         return Ok(out);

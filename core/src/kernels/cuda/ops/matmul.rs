@@ -160,10 +160,7 @@ pub fn linear(
     let dt = if prec == Prec::Bf16 { dt } else { LinearDtypes::F32 };
     let d = dev_of(x2)?;
     let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
-    let out = match dt.y {
-        DType::BF16 => wrap(d.alloc(rows * n * 2)?, DType::BF16, out_shape),
-        _ => empty(&d, out_shape)?,
-    };
+    let out = empty_as(&d, out_shape, dt.y)?;
     // `_wo` owns the weight operand's memory (a packed copy when cuBLAS cannot read w's
     // strides) until the products are queued.
     let (xa, (_wo, wa), in_dt, saved) = match prec {
@@ -230,22 +227,8 @@ pub fn linear_grads(
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
-    let gx = match s.gx {
-        DType::BF16 => wrap(d.alloc(in_shape.iter().product::<usize>() * 2)?, DType::BF16, in_shape),
-        _ => empty(&d, in_shape)?,
-    };
-    if let Some(sk) = sink {
-        if sk.len != n * k {
-            return Err(Error::shape("linear", format!("a weight gradient slot of {} elements for [{n}, {k}]", sk.len)));
-        }
-    }
-    // Straight into the parameter's gradient slot (beta 1 adds to it), or a new tensor.
-    let gw = if sink.is_some() { None } else { Some(empty(&d, &[n, k])?) };
-    let (gw_ptr, beta) = match (sink, &gw) {
-        (Some(sk), _) => (sk.ptr, if sk.accumulate { 1.0 } else { 0.0 }),
-        (None, Some(t)) => (ptr(t)?, 0.0),
-        (None, None) => unreachable!("allocated above"),
-    };
+    let gx = empty_as(&d, in_shape, s.gx)?;
+    let (gw, gw_ptr, beta) = weight_grad_dest(&d, sink, n, k)?;
     let (gq, dt) = match prec {
         Prec::F32 => (contiguous(g2)?, DType::F32),
         Prec::Bf16 if g2.dtype() == DType::BF16 => (contiguous_bf16(g2)?, DType::BF16),

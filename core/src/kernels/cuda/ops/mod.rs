@@ -73,6 +73,31 @@ pub(crate) fn empty(d: &Arc<CudaDev>, shape: &[usize]) -> Result<Tensor> {
     Ok(wrap(d.alloc(n * 4)?, DType::F32, shape))
 }
 
+/// A new uninitialised tensor of dtype `dt` (f32 or bf16) on `d`.
+pub(crate) fn empty_as(d: &Arc<CudaDev>, shape: &[usize], dt: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    Ok(wrap(d.alloc(n * dt.size_in_bytes())?, dt, shape))
+}
+
+/// Where a weight-gradient GEMM writes: the parameter's slot in the flat gradient buffer when
+/// the tape offered it (beta 1 adds to what is there), else a new `[n, k]` tensor (returned).
+pub(super) fn weight_grad_dest(
+    d: &Arc<CudaDev>,
+    sink: Option<crate::autograd::GradSink>,
+    n: usize,
+    k: usize,
+) -> Result<(Option<Tensor>, u64, f32)> {
+    match sink {
+        Some(sk) if sk.len != n * k => Err(Error::shape("weight gradient", format!("a slot of {} elements for [{n}, {k}]", sk.len))),
+        Some(sk) => Ok((None, sk.ptr, if sk.accumulate { 1.0 } else { 0.0 })),
+        None => {
+            let t = empty(d, &[n, k])?;
+            let p = ptr(&t)?;
+            Ok((Some(t), p, 0.0))
+        }
+    }
+}
+
 pub(crate) fn zeros(d: &Arc<CudaDev>, shape: &[usize]) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     Ok(wrap(d.alloc_zeros(n * 4)?, DType::F32, shape))

@@ -56,29 +56,11 @@ pub fn sum_squares_host(x: &Tensor) -> Result<f64> {
     Ok(sum_squares_and_host(x, &[])?.0)
 }
 
-/// [`sum_squares_host`] and the values of one-element f32 `scalars`, in one download: the sum
-/// lands in the first 8 bytes of a small buffer, each scalar is copied (on the stream) into the
-/// 4 bytes after it, and the whole buffer is read once.
+/// [`sum_squares_host`] and the values of one-element f32 `scalars`, in one download (a
+/// [`StepRecord`] made and read at once).
 pub fn sum_squares_and_host(x: &Tensor, scalars: &[Tensor]) -> Result<(f64, Vec<f64>)> {
-    f32_only(x, "sum_squares")?;
-    let d = dev_of(x)?;
-    let c = contiguous(x)?;
-    let words = 2 + scalars.len();
-    let acc = d.alloc_zeros(4 * words)?;
-    let n = c.numel();
-    let cfg = grid(n.min(BLOCK as usize * 1024));
-    // sum_squares_f32(const float* x, double* out, i64 n)
-    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, acc.ptr, n as i64)?;
-    for (i, s) in scalars.iter().enumerate() {
-        f32_only(s, "sum_squares_and")?;
-        if s.numel() != 1 {
-            return Err(Error::shape("sum_squares_and", format!("a scalar of {} elements", s.numel())));
-        }
-        d.copy(acc.ptr + 4 * (2 + i) as u64, ptr(s)?, 4)?;
-    }
-    let w = d.download::<u32>(acc.ptr, words)?;
-    let sum = f64::from_bits(w[0] as u64 | (w[1] as u64) << 32);
-    Ok((sum, w[2..].iter().map(|&b| f32::from_bits(b) as f64).collect()))
+    let (sum, _, values) = sum_squares_and_record(x, scalars)?.read()?;
+    Ok((sum, values))
 }
 
 /// A training step's record on the device: the gradient's Σg² (f64, words 0–1), four words
@@ -125,8 +107,9 @@ impl DevCounter {
     }
 }
 
-/// [`sum_squares_and_host`] without the download: Σx² and the one-element f32 `scalars`
-/// copied into a new [`StepRecord`] on the stream.
+/// Σx² and the one-element f32 `scalars` in a new [`StepRecord`], without a download: the sum
+/// lands in the record's first 8 bytes, each scalar is copied (on the stream) into its place
+/// after the gate's words.
 pub fn sum_squares_and_record(x: &Tensor, scalars: &[Tensor]) -> Result<StepRecord> {
     f32_only(x, "sum_squares")?;
     let d = dev_of(x)?;
