@@ -9,7 +9,7 @@
 //! learning rate. The update is a single fused pass over the flat buffers.
 
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceStepCount, StepRecord, StepScales};
+use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceStepCount, StepRecord, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -155,7 +155,7 @@ impl Optimizer for AdamW {
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, p16)?;
+            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -213,7 +213,8 @@ impl Optimizer for AdamW {
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let (p, p16) = params.flat_and_half_mut()?;
-        dptrain_core::ops::flat::adamw_gated_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, rec, gate, t, p16)?;
+        let gate = Some(DeviceGate { rec, gate, t });
+        dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, gate, p16)?;
         Ok(true)
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {

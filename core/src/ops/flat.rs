@@ -116,32 +116,12 @@ pub struct AdamWGate {
     pub beta2: f64,
 }
 
-/// One AdamW step decided on the GPU from the step's record: skipped when the gradient norm is
-/// not finite; otherwise the gradient clipped to `gate.max_norm`, `t` counted and the bias
-/// corrections computed there, bit for bit as [`adamw_cuda`] after the host's own clipping and
-/// check (`s.step_size` and `s.inv_sqrt_bc2` are not read); `p16` as in [`adamw_cuda`].
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_gated_cuda(
-    p: &mut Tensor,
-    g: &Tensor,
-    m: &mut Tensor,
-    v: &mut Tensor,
-    scales: StepScales,
-    s: AdamWStep,
-    rec: &StepRecord,
-    gate: AdamWGate,
-    t: &DeviceStepCount,
-    p16: Option<&mut Tensor>,
-) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        crate::kernels::cuda::ops::adamw_gated(p, g, m, v, scales, s, &rec.inner, gate, &t.inner, p16.map(|t| &*t))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (p, g, m, v, scales, s, rec, gate, t, p16);
-        Err(no_cuda())
-    }
+/// A step AdamW decides on the GPU: the step's record, the host's scalars for the gate, and
+/// the device step count (see [`adamw_cuda`]).
+pub struct DeviceGate<'a> {
+    pub rec: &'a StepRecord,
+    pub gate: AdamWGate,
+    pub t: &'a DeviceStepCount,
 }
 
 /// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
@@ -241,6 +221,10 @@ pub struct StepScales<'a> {
 
 /// One fused AdamW step on device buffers (the arithmetic of dptrain-optim's CPU loop); `p16`,
 /// the parameters' bf16 copy (`ParamStore::flat_and_half_mut`), is written in the same pass.
+/// With `gate` the step is decided on the GPU from the step's record: skipped when the gradient
+/// norm is not finite, else the gradient clipped to `gate.max_norm`, `t` counted and the bias
+/// corrections computed there, bit for bit as the host's own check, clipping and scalars
+/// (`s.step_size` and `s.inv_sqrt_bc2` are then not read).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_cuda(
     p: &mut Tensor,
@@ -249,15 +233,17 @@ pub fn adamw_cuda(
     v: &mut Tensor,
     scales: StepScales,
     s: AdamWStep,
+    gate: Option<DeviceGate>,
     p16: Option<&mut Tensor>,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s, p16.map(|t| &*t))
+        let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner));
+        crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, scales, s, p16);
+        let _ = (p, g, m, v, scales, s, gate, p16);
         Err(no_cuda())
     }
 }

@@ -13,22 +13,6 @@ __device__ __forceinline__ void adam_moments(float* m, float* v, float gi, float
     v[i] = *vi;
 }
 
-// decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
-// null when every one is 1 (the common case reads nothing). p16: the parameters' bf16 copy,
-// written in the same pass (the operand bf16 GEMMs read), or null.
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
-                                     AdamWStep s, bf16_t* p16) {
-    GRID_STRIDE(i, n) {
-        float mi, vi;
-        adam_moments(m, v, g[i], s.beta1, s.beta2, i, &mi, &vi);
-        const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
-        const float step = lr_scale ? s.step_size * lr_scale[i] : s.step_size;
-        const float np = pi - step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
-        p[i] = np;
-        if (p16) p16[i] = f32_to_bf16(np);
-    }
-}
-
 // A training step decided on the device (no host wait; the trainer reads the record on its next
 // logging step). `rec` is the step's record: rec[0..2] the gradient's Σg² as a double (written
 // by sum_squares_f32), then the gate this kernel writes: applied (1 or 0), the clipping
@@ -65,14 +49,22 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, do
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
 
-// adamw_f32 after adamw_gate: nothing when the gate is closed; the gradient times the clipping
-// factor (as the host path's in-place scaling, an f32 product; skipped at exactly 1 as there);
-// step size and bias correction from the gate.
-extern "C" __global__ void adamw_gated_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
-                                           AdamWStep s, const float* rec, bf16_t* p16) {
-    const float* gate = rec + 2;
-    if (gate[0] == 0.0f) return;
-    const float coef = gate[1], step_size = gate[2], inv_sqrt_bc2 = gate[3];
+// decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
+// null when every one is 1 (the common case reads nothing). rec: the step's record after
+// adamw_gate — nothing when its gate is closed, the gradient times the clipping factor (as the
+// host path's in-place scaling, an f32 product; skipped below 1 as there), step size and bias
+// correction from the gate — or null for a step the host decided (its scalars in s). p16: the
+// parameters' bf16 copy, written in the same pass (the operand bf16 GEMMs read), or null.
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
+                                     AdamWStep s, const float* rec, bf16_t* p16) {
+    float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2;
+    if (rec) {
+        const float* gate = rec + 2;
+        if (gate[0] == 0.0f) return;
+        coef = gate[1];
+        step_size = gate[2];
+        inv_sqrt_bc2 = gate[3];
+    }
     GRID_STRIDE(i, n) {
         float mi, vi;
         const float gi = coef < 1.0f ? g[i] * coef : g[i];

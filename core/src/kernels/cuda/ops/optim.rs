@@ -12,7 +12,11 @@ pub(super) fn ptr_or_null(t: Option<&Tensor>) -> Result<u64> {
     t.map_or(Ok(0), ptr)
 }
 
-/// Fused AdamW over flat buffers.
+/// Fused AdamW over flat buffers; with `gate`, decided on the device: the gate kernel reads the
+/// record's Σg² (the non-finite check, clipping, `t` — an i64 on the device — and the bias
+/// corrections), then the update runs or does nothing (see optim.cu). `p16`: the parameters'
+/// bf16 copy, written in the same pass.
+#[allow(clippy::too_many_arguments)]
 pub fn adamw(
     p: &Tensor,
     g: &Tensor,
@@ -20,51 +24,26 @@ pub fn adamw(
     v: &Tensor,
     scales: crate::ops::flat::StepScales,
     s: crate::ops::flat::AdamWStep,
+    gate: Option<(&StepRecord, crate::ops::flat::AdamWGate, &DevCounter)>,
     p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
-    check_half_copy(p, p16)?;
-    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, bf16_t* p16)
-    launch!(d, "optim", "adamw_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, ptr_or_null(p16)?)
-}
-
-/// A parameters' bf16 copy must match them element for element.
-fn check_half_copy(p: &Tensor, p16: Option<&Tensor>) -> Result<()> {
-    match p16 {
-        Some(h) if h.dtype() != DType::BF16 || h.numel() != p.numel() || !h.is_contiguous() => {
-            Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {} parameters", h.shape(), h.dtype(), p.numel())))
-        }
-        _ => Ok(()),
+    if let Some(h) = p16.filter(|h| h.dtype() != DType::BF16 || h.numel() != n || !h.is_contiguous()) {
+        return Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {n} parameters", h.shape(), h.dtype())));
     }
-}
-
-/// AdamW decided on the device: the gate kernel reads the record's Σg² (clipping, the
-/// non-finite check, t and the bias corrections, `t` an i64 on the device), then the update
-/// runs or does nothing (see optim.cu).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_gated(
-    p: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    scales: crate::ops::flat::StepScales,
-    s: crate::ops::flat::AdamWStep,
-    rec: &StepRecord,
-    gate: crate::ops::flat::AdamWGate,
-    t: &DevCounter,
-    p16: Option<&Tensor>,
-) -> Result<()> {
-    let d = dev_of(p)?;
-    let n = p.numel();
-    check_half_copy(p, p16)?;
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-    // adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t)
-    launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, gate.lr, gate.beta1, gate.beta2, t.ptr())?;
-    // adamw_gated_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec, bf16_t* p16)
-    launch!(d, "optim", "adamw_gated_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec.ptr(), ptr_or_null(p16)?)
+    let rec = match gate {
+        Some((rec, gate, t)) => {
+            let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+            // adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t)
+            launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, gate.lr, gate.beta1, gate.beta2, t.ptr())?;
+            rec.ptr()
+        }
+        None => 0,
+    };
+    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec, bf16_t* p16)
+    launch!(d, "optim", "adamw_f32", grid(n);
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, ptr_or_null(p16)?)
 }
 
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers.
