@@ -8,7 +8,8 @@
 # torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
 # DPTRAIN_TORCH_PYTHON or python3), dptrain with each fusion off in turn, one step profiled by
 # kernel class; the same for the 10.9 M model of examples/shakespeare-char.toml against eager;
-# (d) a 1-rank NCCL all-reduce; meant to finish within 7 minutes (torch.compile's compilation
+# (d) a 1-rank NCCL all-reduce; with $OUT set, each profiled step's every kernel in
+# $OUT/profile-*.tsv; meant to finish within 7 minutes (torch.compile's compilation
 # is most of it).
 # `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare,
 # `DPTRAIN_EPILOGUE=0` the line with each linear's bias in a pass of its own. NVRTC, cuBLAS(Lt)
@@ -33,4 +34,5 @@ PY
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-timeout 480 "$BIN" gpu-check
+# On the device machine $OUT is the folder that comes back: every profiled kernel goes there.
+timeout 480 "$BIN" gpu-check ${OUT:+--profile-out "$OUT"}

@@ -59,6 +59,10 @@ pub enum Cmd {
         /// CUDA device ordinal.
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// Also write every kernel of each profiled training step to DIR/profile-*.tsv (the
+        /// table shows kernel classes and the five longest).
+        #[arg(long, value_name = "DIR")]
+        profile_out: Option<PathBuf>,
     },
     /// μP coordinate check: train the configured model at several widths for a few steps on
     /// one batch, fit log2(mean |module output|) against log2(width); exit 1 when any |slope|

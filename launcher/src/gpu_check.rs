@@ -9,7 +9,7 @@
 use crate::error::{LaunchError, Result};
 use dptrain_core::device::{cuda_status, CudaStatus};
 
-pub fn run(device: usize) -> Result<()> {
+pub fn run(device: usize, profile_out: Option<&std::path::Path>) -> Result<()> {
     let n = match cuda_status() {
         CudaStatus::Devices(n) => n,
         CudaStatus::NotBuilt => return Err(LaunchError::Input("gpu-check: this dptrain was built without the `cuda` feature".into())),
@@ -27,19 +27,23 @@ pub fn run(device: usize) -> Result<()> {
                     .into(),
             ));
         }
-        cuda_check(device)
+        cuda_check(device, profile_out)
     }
     #[cfg(not(feature = "cuda"))]
     {
+        let _ = profile_out;
         unreachable!("cuda_status() is NotBuilt without the cuda feature")
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_check(device: usize) -> Result<()> {
+fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()> {
     use dptrain_core::diagnostics::gpu_ops::{self as check, CheckRow};
     use std::io::Write;
     let t0 = std::time::Instant::now();
+    if let Some(d) = profile_out {
+        std::fs::create_dir_all(d).map_err(|e| LaunchError::Input(format!("gpu-check: --profile-out {}: {e}", d.display())))?;
+    }
     let info = check::device_info(device).map_err(|e| LaunchError::Runtime(format!("gpu-check: {e}")))?;
     println!(
         "dptrain gpu-check — {} (compute capability {}.{}, kernels compiled for {}), commit {}",
@@ -82,7 +86,7 @@ fn cuda_check(device: usize) -> Result<()> {
     rows.push(row);
     // (c) throughput against PyTorch on the same GPU: GPT-124M, then the 10.9 M byte-level GPT.
     for preset in [Preset::gpt124m(), Preset::shakespeare_char()] {
-        if let Err(e) = throughput(device, &preset) {
+        if let Err(e) = throughput(device, &preset, profile_out) {
             let row = fail(&format!("{} bf16 throughput", preset.label), e);
             print(&row);
             rows.push(row);
@@ -158,7 +162,7 @@ struct Perf {
 #[cfg(feature = "cuda")]
 fn kernel_class(file: &str, name: &str) -> &'static str {
     match file {
-        "cublas" if name.contains("cuBLASLt") => "GEMMs with a bias epilogue (cuBLASLt)",
+        "cublas" if name.contains("cuBLASLt") => "GEMMs with an epilogue (cuBLASLt: bias, residual)",
         "cublas" => "GEMMs (cuBLAS)",
         "flash" => "flash attention",
         "attention" => "attention, unfused (softmax, head copies)",
@@ -204,6 +208,30 @@ fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f6
     );
 }
 
+/// Writes one measurement's profiled step, every kernel (longest first), to
+/// `<dir>/profile-<model>[-without-<fusion>].tsv` when `--profile-out` gave a directory: the
+/// table prints classes and the five longest, the file has what a comparison needs.
+#[cfg(feature = "cuda")]
+fn write_profile(dir: Option<&std::path::Path>, model: &str, off: &str, p: &Perf) -> std::result::Result<(), String> {
+    let Some(dir) = dir else { return Ok(()) };
+    let total: f64 = p.profile.iter().map(|k| k.ms).sum();
+    let mut text = format!(
+        "# {} bf16, batch {}x{}: step {:.3} ms timed, {:.3} ms of kernel time profiled{}\nfile\tkernel\tlaunches\tms\tshare\n",
+        p.model,
+        p.batch,
+        p.context,
+        p.step_ms,
+        total,
+        if off.is_empty() { String::new() } else { format!(", without {off}") }
+    );
+    for k in &p.profile {
+        text.push_str(&format!("{}\t{}\t{}\t{:.4}\t{:.4}\n", k.file, k.name, k.launches, k.ms, k.ms / total.max(1e-12)));
+    }
+    let name = if off.is_empty() { format!("profile-{model}.tsv") } else { format!("profile-{model}-without-{off}.tsv") };
+    let path = dir.join(name);
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// One PyTorch measurement.
 #[cfg(feature = "cuda")]
 struct TorchPerf {
@@ -237,6 +265,8 @@ struct Preset {
     batch: usize,
     betas: (f64, f64),
     torch_args: &'static [&'static str],
+    /// The model in file names (`--profile-out`).
+    slug: &'static str,
     /// Also against torch.compile (its compilation takes minutes of scarce device time; the
     /// small model's target is eager's).
     compile: bool,
@@ -259,7 +289,7 @@ impl Preset {
             dropout: 0.0,
             ..Default::default()
         };
-        Preset { label: "GPT-124M".into(), cfg, batch: 8, betas: (0.9, 0.95), torch_args: &[], compile: true }
+        Preset { label: "GPT-124M".into(), cfg, batch: 8, betas: (0.9, 0.95), torch_args: &[], slug: "gpt124m", compile: true }
     }
 
     /// examples/shakespeare-char.toml's model (nanoGPT's character-level one on bytes: 6 layers
@@ -284,6 +314,7 @@ impl Preset {
             batch: 64,
             betas: (0.9, 0.99),
             torch_args: &["--small"],
+            slug: "gpt-10.9m",
             compile: false,
         }
     }
@@ -292,10 +323,11 @@ impl Preset {
 /// Part (c) for one model: dptrain against PyTorch eager and torch.compile, then dptrain with
 /// each fusion off in turn (the before/after lines), then one step's profile.
 #[cfg(feature = "cuda")]
-fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String> {
+fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Path>) -> std::result::Result<(), String> {
     use dptrain_core::tensor::cuda::Fusions;
     use std::io::Write;
     let p = measure(device, preset, Fusions::ALL)?;
+    write_profile(profile_out, preset.slug, "", &p)?;
     println!();
     println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU | device memory MiB |", p.model, p.batch, p.context);
     println!("|---|---|---|---|---|");
@@ -333,17 +365,23 @@ fn throughput(device: usize, preset: &Preset) -> std::result::Result<(), String>
     }
     // Before/after: each fused path off in turn (the rest on), same model and batch.
     let offs = [
-        ("flash attention", Fusions { flash: false, ..Fusions::ALL }),
-        ("bias epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
-        ("fused classifier", Fusions { classifier: false, ..Fusions::ALL }),
-        ("bf16 operands from GELU and layer norm", Fusions { operands: false, ..Fusions::ALL }),
-        ("bf16 activations (qkv, attention output, MLP pre-activation)", Fusions { activations: false, ..Fusions::ALL }),
-        ("step decided on the device (a wait every step)", Fusions { device_step: false, ..Fusions::ALL }),
-        ("weight gradients written into the gradient buffer", Fusions { grad_sink: false, ..Fusions::ALL }),
-        ("optimizer's bf16 weight copy", Fusions { weight_copy: false, ..Fusions::ALL }),
+        ("flash attention", "flash", Fusions { flash: false, ..Fusions::ALL }),
+        ("bias epilogue", "epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
+        ("fused classifier", "classifier", Fusions { classifier: false, ..Fusions::ALL }),
+        ("bf16 operands from GELU and layer norm", "operands", Fusions { operands: false, ..Fusions::ALL }),
+        ("bf16 activations (qkv, attention output, MLP pre-activation)", "activations", Fusions { activations: false, ..Fusions::ALL }),
+        ("step decided on the device (a wait every step)", "device_step", Fusions { device_step: false, ..Fusions::ALL }),
+        ("weight gradients written into the gradient buffer", "grad_sink", Fusions { grad_sink: false, ..Fusions::ALL }),
+        ("optimizer's bf16 weight copy", "weight_copy", Fusions { weight_copy: false, ..Fusions::ALL }),
+        (
+            "gradient added in place by its op (layer norm's dx into the residual stream's)",
+            "accumulate",
+            Fusions { accumulate: false, ..Fusions::ALL },
+        ),
     ];
-    for (what, f) in offs {
-        match measure(device, preset, f) {
+    for (what, off, f) in offs {
+        let q = measure(device, preset, f).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));
+        match q {
             Ok(q) => println!(
                 "| dptrain without the {what} ({}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
                 q.attention,

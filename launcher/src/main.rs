@@ -89,12 +89,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Parity { cmd: ParityCmd::Optim { config, input, output, state_in, state_out } } => {
             dptrain_launcher::parity::optim(&dptrain_launcher::parity::ParityArgs { config, input, output, state_in, state_out })?
         }
-        Cmd::GpuCheck { device } => {
+        Cmd::GpuCheck { device, profile_out } => {
             #[cfg(feature = "cuda")]
             if matches!(dptrain_core::device::cuda_status(), dptrain_core::device::CudaStatus::Devices(_)) {
                 dptrain_launcher::cuda_libs::ensure_cuda_libs();
             }
-            dptrain_launcher::gpu_check::run(device)?
+            dptrain_launcher::gpu_check::run(device, profile_out.as_deref())?
         }
     }
     Ok(())

@@ -291,8 +291,12 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn gpu_check_runs_end_to_end_on_the_emulator() {
+    let prof = std::env::temp_dir().join(format!("dptrain-gpu-check-profile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&prof);
     let o = bin()
         .arg("gpu-check")
+        .arg("--profile-out")
+        .arg(&prof)
         .env("DPTRAIN_CUDA_EMULATOR", "1")
         .env("DPTRAIN_GPU_CHECK_TINY", "1")
         .env("DPTRAIN_TORCH_PYTHON", "/nonexistent/python")
@@ -302,7 +306,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 53 + 2, "{out}");
+    assert_eq!(rows, 58 + 2, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.
@@ -323,11 +327,25 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
         "| dptrain without the step decided on the device (a wait every step) (flash attention): ",
         "| dptrain without the weight gradients written into the gradient buffer (flash attention): ",
         "| dptrain without the optimizer's bf16 weight copy (flash attention): ",
+        "| dptrain without the gradient added in place by its op (layer norm's dx into the residual stream's) (flash attention): ",
+        "| dptrain without the residual add in the projections' GEMMs (flash attention): ",
     ] {
         assert_eq!(out.matches(line).count(), 2, "{line}:\n{out}");
     }
     assert_eq!(out.matches("the GPU is busy").count(), 2, "{out}");
     assert!(!out.contains("| NO |"), "{out}");
+    // Every kernel of each profiled step, in a file per model and per fusion switched off.
+    let full = std::fs::read_to_string(prof.join("profile-gpt124m.tsv")).unwrap();
+    let kernels: Vec<&str> = full.lines().skip(2).collect();
+    assert!(kernels.iter().any(|l| l.starts_with("flash\t")), "{full}");
+    assert!(kernels.iter().any(|l| l.starts_with("optim\tadamw_f32\t1\t")), "{full}");
+    let launches: usize = kernels.iter().map(|l| l.split('\t').nth(2).unwrap().parse::<usize>().unwrap()).sum();
+    let printed = out.lines().find(|l| l.starts_with("| total |")).unwrap();
+    assert!(printed.ends_with(&format!("| {launches} |")), "{printed} vs {launches} launches in the file");
+    let files = std::fs::read_dir(&prof).unwrap().count();
+    assert_eq!(files, 2 * 11, "one profile per model and fusion setting");
+    assert!(prof.join("profile-gpt-10.9m-without-flash.tsv").exists());
+    std::fs::remove_dir_all(&prof).ok();
     // A training step that logs nothing never waits for the device: the step is decided there
     // and the model's forward and backward (cross-entropy included) never wait.
     assert_eq!(out.matches("waited for the device 0 times per step").count(), 2, "{out}");
@@ -335,7 +353,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     for row in [
         "| flash attention |",
         "| GEMMs (cuBLAS) |",
-        "| GEMMs with a bias epilogue (cuBLASLt) |",
+        "| GEMMs with an epilogue (cuBLASLt: bias, residual) |",
         "| cross-entropy |",
         "| optimizer |",
         "| total |",

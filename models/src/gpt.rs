@@ -229,9 +229,17 @@ impl Gpt {
                 probes.record_value(&format!("attn_logit_max/{i}"), Reduce::Max, att.max_logit);
             }
             record_coord(probes, format_args!("h.{i}.attn"), &att.y);
-            let a = blk.attn_proj.forward(tape, ps, att.y)?;
-            record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
-            x = x.add(a.dropout(drop(site + 1)?)?)?;
+            // Without dropout or the coordinate check between them, the output projection
+            // writes its sum with the residual stream itself (`linear_add`).
+            let fuse = !probes.coords() && p == 0.0;
+            x = if fuse {
+                let proj = &blk.attn_proj;
+                att.y.linear_add(tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)), x)?
+            } else {
+                let a = blk.attn_proj.forward(tape, ps, att.y)?;
+                record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
+                x.add(a.dropout(drop(site + 1)?)?)?
+            };
             let m = if probes.coords() {
                 let h = blk.ln_2.forward(tape, ps, x)?;
                 record_coord(probes, format_args!("h.{i}.ln_2"), &h);
@@ -241,17 +249,23 @@ impl Gpt {
                 ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc, true)?
             };
             record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
-            let m = if want.sparsity {
+            let proj = &blk.mlp_proj;
+            let (pw, pb) = (tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)));
+            x = if want.sparsity {
                 let act = m.gelu(self.cfg.gelu_tanh)?;
                 crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
-                blk.mlp_proj.forward(tape, ps, act)?
+                let m = act.linear(pw, pb)?;
+                record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
+                x.add(m.dropout(drop(site + 2)?)?)?
+            } else if fuse {
+                // GELU writes the projection's operand (bf16 on a GPU; see `gelu_linear`), the
+                // projection its sum with the residual stream.
+                m.gelu_linear_add(self.cfg.gelu_tanh, pw, pb, x)?
             } else {
-                // GELU writes the projection's operand (bf16 on a GPU; see `gelu_linear`).
-                let proj = &blk.mlp_proj;
-                m.gelu_linear(self.cfg.gelu_tanh, tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)))?
+                let m = m.gelu_linear(self.cfg.gelu_tanh, pw, pb)?;
+                record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
+                x.add(m.dropout(drop(site + 2)?)?)?
             };
-            record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
-            x = x.add(m.dropout(drop(site + 2)?)?)?;
             record_coord(probes, format_args!("h.{i}"), &x);
             if want.residual {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&x));

@@ -3,7 +3,8 @@
 //! Ops append nodes (value, input ids, a backward closure holding what it saved); `backward`
 //! walks them in reverse. Design points, each from a measured cost or a past bug:
 //! - Gradients of intermediates are **moved in** on first contribution and added in place after
-//!   (never `zeros + add`); parameter gradients go straight into the flat [`GradStore`].
+//!   (never `zeros + add`) — on a GPU by the contributing op itself where it can ([`GradSink`]);
+//!   parameter gradients go straight into the flat [`GradStore`].
 //! - A "parameter gradient final" callback fires the moment a parameter's last use has been
 //!   processed, in backward order, exactly once per parameter per pass — the data-parallel
 //!   reducer starts a bucket's all-reduce on it while backward continues.
@@ -18,11 +19,12 @@ use std::collections::HashMap;
 
 pub type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
-/// A parameter's slot in the flat gradient buffer on a GPU, offered to the backward of an op
-/// that takes the parameter as an input: the op may write the gradient there itself (a weight
-/// gradient GEMM with beta = 0, or 1 to add — no temporary, no accumulation pass) and then
-/// returns `None` for that input. Offered through [`take_grad_sink`] while the op's backward
-/// runs.
+/// An input's gradient slot on a GPU, offered to the backward of an op: a parameter's slot in
+/// the flat gradient buffer, or the gradient an intermediate has already received from a later
+/// use (the residual stream's). The op may write its gradient there itself (a weight-gradient
+/// GEMM with beta = 0, or 1 to add; a layer norm's backward adding its dx — no temporary, no
+/// accumulation pass) and then returns `None` for that input. Offered through
+/// [`take_grad_sink`] while the op's backward runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GradSink {
     /// Device address of the parameter's f32 gradient.
@@ -39,8 +41,8 @@ thread_local! {
     static TAKEN: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Inside an op's backward: the gradient slot of its input at `position` when that input is a
-/// parameter whose gradient lives on a GPU (see [`GradSink`]). Taking it is a promise to
+/// Inside an op's backward: the gradient slot of its input at `position` when the tape offers
+/// one (see [`GradSink`]). Taking it is a promise to
 /// write the whole gradient there, and to return `None` for that input.
 pub fn take_grad_sink(position: usize) -> Option<GradSink> {
     let s = SINKS.with(|s| s.borrow_mut().get_mut(position).and_then(Option::take));
@@ -282,14 +284,20 @@ impl Tape {
                 } else if !inputs.is_empty() {
                     let bw = node.backward.take().ok_or(Error::NoBackward(node.name))?;
                     let name = node.name;
-                    // Offer each parameter input's gradient slot (once per parameter: a
-                    // parameter used twice by one op takes the ordinary path).
+                    // Offer each parameter input's gradient slot, and an intermediate's gradient
+                    // already there to add into (once per input: one used twice by one op takes
+                    // the ordinary path).
                     #[cfg(feature = "cuda")]
                     let sinks: Vec<Option<GradSink>> = inputs
                         .iter()
                         .map(|&inp| {
-                            let p = nodes[inp].param.filter(|_| nodes[inp].requires_grad)?;
-                            (inputs.iter().filter(|&&j| j == inp).count() == 1).then(|| grads.sink(p)).flatten()
+                            if !nodes[inp].requires_grad || inputs.iter().filter(|&&j| j == inp).count() != 1 {
+                                return None;
+                            }
+                            match nodes[inp].param {
+                                Some(p) => grads.sink(p),
+                                None => activation_sink(pending[inp].as_mut()?, &nodes[inp].value),
+                            }
                         })
                         .collect();
                     #[cfg(not(feature = "cuda"))]
@@ -306,13 +314,16 @@ impl Tape {
                         vec![]
                     };
                     let gi = gi?;
+                    if gi.len() != inputs.len() {
+                        return Err(Error::Autograd(format!("{name}: backward returned {} grads for {} inputs", gi.len(), inputs.len())));
+                    }
                     for &j in &taken {
+                        if gi[j].is_some() {
+                            return Err(Error::Autograd(format!("{name}: took input {j}'s gradient slot and returned a gradient too")));
+                        }
                         if let Some(p) = nodes[inputs[j]].param {
                             grads.mark_written(p);
                         }
-                    }
-                    if gi.len() != inputs.len() {
-                        return Err(Error::Autograd(format!("{name}: backward returned {} grads for {} inputs", gi.len(), inputs.len())));
                     }
                     for (&inp, gin) in inputs.iter().zip(gi) {
                         let Some(gin) = gin else { continue };
@@ -362,6 +373,24 @@ impl Tape {
         }
         Ok(LeafGrads(leaf_grads))
     }
+}
+
+/// The slot an op may add an intermediate's gradient contribution into (see [`GradSink`]): the
+/// gradient accumulated so far, when it is an f32 GPU buffer of the value's shape that nothing
+/// else holds — the op's write then is the accumulation, with no pass of its own.
+#[cfg(feature = "cuda")]
+fn activation_sink(acc: &mut Tensor, value: &Tensor) -> Option<GradSink> {
+    if !acc.is_cuda() || acc.dtype() != DType::F32 || value.dtype() != DType::F32 || acc.shape() != value.shape() {
+        return None;
+    }
+    if !crate::kernels::cuda::ops::dev_of(acc).ok()?.fusions().accumulate {
+        return None;
+    }
+    if !acc.is_contiguous() || !acc.is_unique() {
+        return None;
+    }
+    let ptr = crate::kernels::cuda::ops::ptr(acc).ok()?;
+    Some(GradSink { ptr, len: acc.numel(), accumulate: true })
 }
 
 /// `t` in dtype `dt`, as a fallible conversion (a GPU cast can run out of memory).

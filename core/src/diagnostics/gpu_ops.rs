@@ -195,6 +195,32 @@ fn cases() -> Vec<Case> {
         prec: Precision::Bf16,
         unfused: false,
     });
+    // A linear adding its output to a residual stream in its GEMM (`linear_add`: cuBLASLt reads
+    // the residual as C), with and without bias, f32 and bf16 inputs, after GELU; then without
+    // cuBLASLt (the residual copied into the output, the product added with beta 1).
+    for (name, prec, bias, unfused) in [
+        ("linear (+bias) + residual in the GEMM", Precision::F32, true, false),
+        ("linear (+bias) + residual in the GEMM, bf16 GEMM inputs", Precision::Bf16, true, false),
+        ("linear (no bias) + residual in the GEMM, bf16 GEMM inputs", Precision::Bf16, false, false),
+        ("linear (+bias) + residual, unfused", Precision::F32, true, true),
+    ] {
+        v.push(Case {
+            name: name.into(),
+            inputs: vec![randn(&[4, 32, 64], 66), randn(&[96, 64], 67), randn(&[96], 68), randn(&[4, 32, 96], 69)],
+            build: Box::new(move |_, x, _| x[0].linear_add(x[1], bias.then_some(x[2]), x[3])),
+            bound: 1e-5,
+            prec,
+            unfused,
+        });
+    }
+    v.push(Case {
+        name: "gelu (tanh) → linear (+bias) + residual in the GEMM, bf16 operand written by GELU".into(),
+        inputs: vec![randn(&[4, 32, 96], 70), randn(&[40, 96], 71), randn(&[40], 72), randn(&[4, 32, 40], 73)],
+        build: Box::new(|_, x, _| x[0].gelu_linear_add(true, x[1], Some(x[2]), x[3])),
+        bound: 1e-3,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
     v.push(f32c(
         "embedding",
         vec![randn(&[50, 24], 36)],

@@ -115,17 +115,56 @@ impl<'t> Var<'t> {
         self.linear_as(w, b, true)
     }
 
+    /// `residual + self.linear(w, b)` as one op, for a residual stream (f32): on a GPU the
+    /// GEMM reads the residual as its C and writes the sum (cuBLASLt; `Fusions::residual`), so
+    /// the stream is not read and written again by an add of its own; backward hands the
+    /// residual the output's gradient as it is. Elsewhere it is those two ops, whose numbers
+    /// these are (up to the order of the three terms of each sum).
+    pub fn linear_add(self, w: Var<'t>, b: Option<Var<'t>>, residual: Var<'t>) -> Result<Var<'t>> {
+        if !fuses_residual(&self.value(), w, residual)? {
+            return self.linear(w, b)?.add(residual);
+        }
+        let xv = self.value();
+        let half = HalfIo { y: false, gx: xv.dtype() == DType::BF16 };
+        let prec = self.tape().precision();
+        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1, Some(&residual.value()))?;
+        let mut inputs = vec![self, w];
+        inputs.extend(b);
+        inputs.push(residual);
+        Ok(self.tape().record("linear_add", out, &inputs, move |g| {
+            let mut v = backward(g)?;
+            v.push(Some(g.clone()));
+            Ok(v)
+        }))
+    }
+
     fn linear_as(self, w: Var<'t>, b: Option<Var<'t>>, half_y: bool) -> Result<Var<'t>> {
         let xv = self.value();
         // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
         let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1)?;
+        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1, None)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let y = self.tape().record("linear", out, &inputs, backward);
         Ok(if half_y && prec == Precision::Bf16 { y.mark_half() } else { y })
     }
+}
+
+/// Whether a linear of `xv` by `w` can take `residual` into its GEMM (`Var::linear_add`): on a
+/// GPU with the fusion on, an f32 residual of the output's shape.
+pub(crate) fn fuses_residual(xv: &Tensor, w: Var<'_>, residual: Var<'_>) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if xv.is_cuda() && crate::kernels::cuda::ops::dev_of(xv)?.fusions().residual {
+        let mut out_shape = xv.shape().to_vec();
+        let ws = w.shape();
+        if let (Some(last), &[n, _]) = (out_shape.last_mut(), &ws[..]) {
+            *last = n;
+            return Ok(residual.dtype() == DType::F32 && residual.shape() == out_shape && residual.value().is_cuda());
+        }
+    }
+    let _ = (xv, w, residual);
+    Ok(false)
 }
 
 /// Which of a linear's values are bf16 activations under `Precision::Bf16` (ignored under f32).
@@ -145,6 +184,7 @@ pub(crate) struct HalfIo {
 /// gradient is written by the GEMM straight into the flat gradient buffer
 /// ([`take_grad_sink`](crate::autograd::take_grad_sink)) and backward returns `None` for it.
 /// The weight comes with its bf16 copy when the optimizer keeps one (`Var::half_twin`).
+/// `residual`: an f32 tensor of the output's shape added to it (`Var::linear_add`; f32 output).
 pub(crate) fn linear_value(
     xv: &Tensor,
     (wv, w16): (Tensor, Option<Tensor>),
@@ -152,6 +192,7 @@ pub(crate) fn linear_value(
     prec: Precision,
     half: HalfIo,
     w_at: usize,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
     if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
         return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
@@ -168,7 +209,10 @@ pub(crate) fn linear_value(
     let has_b = bv.is_some();
     let in_shape = xv.shape().to_vec();
     let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
-    let (out, saved) = linear_forward(x2, wv, w16, bv.as_ref(), &out_shape, prec, half)?;
+    if residual.is_some() && half.y {
+        return Err(Error::shape("linear", "a residual added to a bf16 output"));
+    }
+    let (out, saved) = linear_forward(x2, wv, w16, bv.as_ref(), &out_shape, prec, half, residual)?;
     Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, w_at)))
 }
 
@@ -191,6 +235,7 @@ fn linear_forward(
     out_shape: &[usize],
     prec: Precision,
     half: HalfIo,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, LinearSaved)> {
     #[cfg(feature = "cuda")]
     if x2.is_cuda() {
@@ -200,7 +245,7 @@ fn linear_forward(
         let half = HalfIo { y: half.y && crate::kernels::cuda::ops::dev_of(&x2)?.fusions().activations, gx: half.gx };
         let dt = |h: bool| if h { DType::BF16 } else { DType::F32 };
         let dts = LinearDtypes { y: dt(half.y), gx: dt(half.gx) };
-        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, w16.as_ref(), bv, out_shape, prec, dts)?;
+        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, w16.as_ref(), bv, out_shape, prec, dts, residual)?;
         return Ok((out, LinearSaved::Device(saved)));
     }
     let _ = w16; // the CPU rounds the weight itself
@@ -226,6 +271,10 @@ fn linear_forward(
         }))
     })?;
     let out = if half.y { round_for(&out, prec)? } else { out };
+    let out = match residual {
+        Some(r) => crate::ops::elementwise::t::add(&out, r)?,
+        None => out,
+    };
     Ok((out, LinearSaved::Host { x2, wv }))
 }
 

@@ -30,12 +30,15 @@ pub(crate) enum ColEpilogue {
     Bias(u64),
     /// grad[j] = Σ_l op(B)[l, j] over the inner dimension, length n (`CUBLASLT_EPILOGUE_BGRADB`).
     GradB(u64),
+    /// Nothing (`CUBLASLT_EPILOGUE_DEFAULT`): for a C read from another buffer than D.
+    None,
 }
 
 impl ColEpilogue {
     fn ptr(self) -> u64 {
         match self {
             ColEpilogue::Bias(p) | ColEpilogue::GradB(p) => p,
+            ColEpilogue::None => 0,
         }
     }
 
@@ -43,12 +46,14 @@ impl ColEpilogue {
         match self {
             ColEpilogue::Bias(_) => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             ColEpilogue::GradB(_) => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+            ColEpilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
         }
     }
 }
 
-/// One column-major GEMM `D = alpha·op(A)·op(B) + beta·C` (C and D the same buffer: f32, or
-/// bf16 with `out_bf16`, whose bias is then bf16 too — cuBLASLt's default bias type is D's).
+/// One column-major GEMM `D = alpha·op(A)·op(B) + beta·C`, D at `c` and C at `c_in` (the same
+/// buffer, or another of the same layout: a residual added as the product is written), f32, or
+/// bf16 with `out_bf16`, whose bias is then bf16 too — cuBLASLt's default bias type is D's.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LtGemm {
     pub trans_a: bool,
@@ -61,6 +66,7 @@ pub(crate) struct LtGemm {
     pub b: u64,
     pub ldb: usize,
     pub c: u64,
+    pub c_in: u64,
     pub ldc: usize,
     pub alpha: f32,
     pub beta: f32,
@@ -77,8 +83,8 @@ struct Key {
     ld: (usize, usize, usize),
     bf16: bool,
     out_bf16: bool,
-    grad: bool,
-    align: (u32, u32, u32),
+    epilogue: sys::cublasLtEpilogue_t,
+    align: (u32, u32, u32, u32),
 }
 
 /// Largest power of two ≤ 256 dividing `p`: the alignment cuBLASLt may assume.
@@ -149,7 +155,9 @@ impl Plan {
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.trans_a))?;
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.trans_b))?;
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &(ep.lt() as u32))?;
-            set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            if ep != ColEpilogue::None {
+                set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            }
         }
         let pref = lt::create_matmul_pref().map_err(err("cuBLASLt preference"))?;
         let set_pref = |attr: P, v: &dyn Fn() -> (*const c_void, usize)| {
@@ -159,13 +167,13 @@ impl Plan {
             unsafe { lt::set_matmul_pref_attribute(pref, attr, p, n) }.map_err(err("cuBLASLt preference"))
         };
         let ws = WORKSPACE_BYTES as u64;
-        let (aa, ab, ac2) = key.align;
+        let (aa, ab, ac2, ad) = key.align;
         let chosen = (|| {
             set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &|| (&ws as *const u64 as *const c_void, 8))?;
             set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &|| (&aa as *const u32 as *const c_void, 4))?;
             set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &|| (&ab as *const u32 as *const c_void, 4))?;
             set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &|| (&ac2 as *const u32 as *const c_void, 4))?;
-            set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &|| (&ac2 as *const u32 as *const c_void, 4))?;
+            set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &|| (&ad as *const u32 as *const c_void, 4))?;
             // SAFETY: every descriptor is live.
             unsafe { lt::get_matmul_algo_heuristic(handle, desc, plan.la, plan.lb, plan.lc, plan.lc, pref) }
                 .map_err(err("cuBLASLt heuristic"))
@@ -226,8 +234,8 @@ impl Lt {
             ld: (g.lda, g.ldb, g.ldc),
             bf16: g.bf16,
             out_bf16: g.out_bf16,
-            grad: matches!(ep, ColEpilogue::GradB(_)),
-            align: (alignment(g.a), alignment(g.b), alignment(g.c)),
+            epilogue: ep.lt(),
+            align: (alignment(g.a), alignment(g.b), alignment(g.c_in), alignment(g.c)),
         };
         let mut plans = self.plans.lock().map_err(|_| crate::error::Error::Device("cuBLASLt plans poisoned".into()))?;
         let plan = plans.entry(key).or_insert_with(|| {
@@ -241,7 +249,9 @@ impl Lt {
         // shape implies (callers' invariant); alpha/beta are f32 as the scale type says; the
         // workspace holds WORKSPACE_BYTES and only this call (under the lock) uses it.
         let r = unsafe {
-            set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            if ep != ColEpilogue::None {
+                set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            }
             lt::matmul(
                 self.handle,
                 p.desc,
@@ -251,7 +261,7 @@ impl Lt {
                 p.la,
                 g.b as *const c_void,
                 p.lb,
-                g.c as *const c_void,
+                g.c_in as *const c_void,
                 p.lc,
                 g.c as *mut c_void,
                 p.lc,

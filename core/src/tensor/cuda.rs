@@ -48,7 +48,7 @@ pub struct CudaDev {
     profile: Mutex<Option<Vec<Timed>>>,
     profiling: std::sync::atomic::AtomicBool,
     /// Which fused paths run ([`Fusions`] as bits).
-    fusions: std::sync::atomic::AtomicU8,
+    fusions: std::sync::atomic::AtomicU16,
 }
 
 /// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0` and
@@ -77,6 +77,13 @@ pub struct Fusions {
     pub grad_sink: bool,
     /// The optimizer's bf16 copy of the parameters read by bf16 GEMMs (`ParamStore::half`).
     pub weight_copy: bool,
+    /// The residual add riding on the GEMM of the linear before it (`Var::linear_add`: cuBLASLt
+    /// reads C from the residual stream and writes the sum).
+    pub residual: bool,
+    /// An op adding its contribution to an intermediate's gradient into the gradient already
+    /// there (a layer norm's dx into the residual stream's), instead of a new tensor the tape
+    /// adds in a pass of its own (`autograd::GradSink`).
+    pub accumulate: bool,
 }
 
 impl Fusions {
@@ -89,16 +96,29 @@ impl Fusions {
         device_step: true,
         grad_sink: true,
         weight_copy: true,
+        residual: true,
+        accumulate: true,
     };
 
-    fn bits(self) -> u8 {
-        [self.flash, self.epilogue, self.classifier, self.operands, self.activations, self.device_step, self.grad_sink, self.weight_copy]
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &on)| b | (on as u8) << i)
+    fn bits(self) -> u16 {
+        [
+            self.flash,
+            self.epilogue,
+            self.classifier,
+            self.operands,
+            self.activations,
+            self.device_step,
+            self.grad_sink,
+            self.weight_copy,
+            self.accumulate,
+            self.residual,
+        ]
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, &on)| b | (on as u16) << i)
     }
 
-    fn of(b: u8) -> Fusions {
+    fn of(b: u16) -> Fusions {
         let on = |i: u32| b & (1 << i) != 0;
         Fusions {
             flash: on(0),
@@ -109,6 +129,8 @@ impl Fusions {
             device_step: on(5),
             grad_sink: on(6),
             weight_copy: on(7),
+            accumulate: on(8),
+            residual: on(9),
         }
     }
 
@@ -619,7 +641,9 @@ impl CudaDev {
 
     /// [`CudaDev::gemm`] (one matrix, not batched) with a fused epilogue through cuBLASLt, C
     /// of dtype `out` (f32, or bf16 for bf16 inputs: then a bias is bf16 too, cuBLASLt's
-    /// default for a bf16 output, and the f32 sum is rounded once).
+    /// default for a bf16 output, and the f32 sum is rounded once). `c_in`: where beta·C is
+    /// read from when not from `c` itself (packed like it, f32: a residual added as the product
+    /// is written; the sum is `(alpha·A·B + beta·C) + bias`).
     /// Returns `Ok(false)`, having launched nothing, when it cannot fuse here — no cuBLASLt,
     /// epilogues switched off, a bias pointer not 16-byte aligned, or no cuBLASLt algorithm for
     /// the shape — and the caller then runs the plain GEMM and its own bias pass. The emulator
@@ -637,9 +661,11 @@ impl CudaDev {
         in_dtype: DType,
         out: DType,
         ep: Epilogue,
+        c_in: Option<u64>,
     ) -> Result<bool> {
         let p = match ep {
             Epilogue::Bias(p) | Epilogue::RowSumsA(p) => p,
+            Epilogue::None => 0,
         };
         let out_bf16 = out == DType::BF16;
         let types_ok = match in_dtype {
@@ -651,11 +677,17 @@ impl CudaDev {
         if !self.fusions().epilogue || p % 16 != 0 || !types_ok || (out_bf16 && matches!(ep, Epilogue::RowSumsA(_))) {
             return Ok(false);
         }
+        // A separate C only for an f32 output (a residual stream is f32); no epilogue at all
+        // only with one.
+        if c_in.is_some() && (out_bf16 || !self.fusions().residual) || (ep == Epilogue::None && c_in.is_none()) {
+            return Ok(false);
+        }
         // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's
         // columns is a bias over Cᵀ's rows; row sums of A are sums of Aᵀ = op(B) over k.
         let col = match ep {
             Epilogue::Bias(p) => super::cublaslt::ColEpilogue::Bias(p),
             Epilogue::RowSumsA(p) => super::cublaslt::ColEpilogue::GradB(p),
+            Epilogue::None => super::cublaslt::ColEpilogue::None,
         };
         let g = super::cublaslt::LtGemm {
             trans_a: b.trans,
@@ -668,16 +700,20 @@ impl CudaDev {
             b: a.ptr,
             ldb: a.ld,
             c,
+            c_in: c_in.unwrap_or(c),
             ldc: n,
             alpha,
             beta,
             bf16: in_dtype == DType::BF16,
             out_bf16,
         };
-        let name = match (ep, out_bf16) {
-            (Epilogue::Bias(_), false) => "gemm + bias (cuBLASLt)",
-            (Epilogue::Bias(_), true) => "gemm + bias, bf16 output (cuBLASLt)",
-            (Epilogue::RowSumsA(_), _) => "gemm + bias gradient (cuBLASLt)",
+        let name = match (ep, out_bf16, c_in.is_some()) {
+            (Epilogue::Bias(_), _, true) => "gemm + residual + bias (cuBLASLt)",
+            (_, _, true) => "gemm + residual (cuBLASLt)",
+            (Epilogue::Bias(_), false, _) => "gemm + bias (cuBLASLt)",
+            (Epilogue::Bias(_), true, _) => "gemm + bias, bf16 output (cuBLASLt)",
+            (Epilogue::RowSumsA(_), ..) => "gemm + bias gradient (cuBLASLt)",
+            (Epilogue::None, ..) => "gemm (cuBLASLt)",
         };
         self.timed_if("cublas", name, || match &self.real {
             Some(r) => match &r.lt {
@@ -706,6 +742,8 @@ pub enum Epilogue {
     /// Writes f32 `out[m]` = Σ_l A[i, l], the row sums of A (with A = gᵀ for a weight gradient
     /// gᵀ·x, the bias gradient).
     RowSumsA(u64),
+    /// Nothing more (a GEMM that reads C from another buffer than it writes).
+    None,
 }
 
 /// The emulator's cuBLASLt: the plain GEMM, then the epilogue as cuBLASLt defines it.
@@ -714,6 +752,13 @@ pub enum Epilogue {
 /// Pointers must be host addresses of buffers as large as the dims imply.
 unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpilogue) {
     use super::cublaslt::ColEpilogue;
+    if g.c_in != g.c && g.beta != 0.0 {
+        // C read from elsewhere: as if it had been copied into D first (same layout, f32).
+        for j in 0..g.n {
+            // SAFETY: both hold an m × n column-major f32 matrix at leading dimension ldc.
+            unsafe { std::ptr::copy((g.c_in as *const f32).add(j * g.ldc), (g.c as *mut f32).add(j * g.ldc), g.m) };
+        }
+    }
     let plain = ColGemm {
         trans_a: g.trans_a,
         trans_b: g.trans_b,
@@ -777,6 +822,7 @@ unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpi
             }
         }
         // grad[j] = Σ_l op(B)[l, j] for j < n: B's elements as stored (bf16 read as bf16).
+        ColEpilogue::None => {}
         ColEpilogue::GradB(p) => {
             for j in 0..g.n {
                 let mut acc = 0.0f32;

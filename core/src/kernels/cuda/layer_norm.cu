@@ -1,6 +1,9 @@
-// Layer norm over the last dim, one block per row: forward saves mean and 1/std; backward
-// computes dx per row and writes g·x̂ (when gxhat is not null) so that dW = Σ_rows g·x̂ and
-// dB = Σ_rows g are column sums done as GEMMs (atomics on C addresses from every row serialise).
+// Layer norm over the last dim, one block per row (forward): forward saves mean and 1/std.
+// Backward computes dx per row — written, or added to a gradient already there (the residual
+// stream's other use: no separate accumulation pass) — and the parameter gradients dW = Σ_rows
+// g·x̂, dB = Σ_rows g as per-block partial sums (`layer_norm_bwd_f32`: each thread keeps its
+// columns' sums over the block's rows in registers, then writes one row of partials; the host
+// sums the blocks' rows as one GEMM). No atomics: the sums are reproducible run to run.
 // w may be null (no affine).
 
 __device__ __forceinline__ void ln_store(float* p, i64 j, float v) { p[j] = v; }
@@ -26,7 +29,7 @@ __device__ __forceinline__ void ln_row_fwd(const float* xr, const float* w, cons
     *rs_out = rs;
 }
 
-// One row's backward: gx, and g·x̂ into gxhat when it is not null.
+// One row's backward (qk-layernorm's): gx, and g·x̂ into gxhat when it is not null.
 __device__ __forceinline__ void ln_row_bwd(const float* xr, const float* gr, const float* w, float m, float rs, float* gxr, float* gxhatr, i64 c) {
     float a = 0.0f, bsum = 0.0f;
     for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
@@ -63,10 +66,67 @@ extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, c
     ln_fwd_rows(x, w, b, y, mean, rstd, rows, c, eps);
 }
 
+// Columns a thread keeps its partial parameter-gradient sums for in registers (unrolled, so
+// they stay registers): c ≤ LN_COLS · blockDim.x (4096 at 256 threads); columns past that
+// accumulate in the block's row of `part` itself.
+#define LN_COLS 16
+
+// Backward over rows r = blockIdx.x, + gridDim.x, …: gx (added to gx when acc ≠ 0) and, when
+// part is not null, the block's partial sums over its rows: Σ g·x̂ into row blockIdx.x of
+// part [parts, c], Σ g into row blockIdx.x of the [parts, c] block after it (part zeroed by the
+// caller, parts ≥ gridDim.x: a block that runs no row leaves zeros).
 extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, const float* w, const float* mean, const float* rstd,
-                                              float* gx, float* gxhat, i64 rows, i64 c) {
+                                              float* gx, int acc, float* part, i64 parts, i64 rows, i64 c) {
+    float pw[LN_COLS], pb[LN_COLS];
+#pragma unroll
+    for (int t = 0; t < LN_COLS; ++t) { pw[t] = 0.0f; pb[t] = 0.0f; }
+    float* pwr = part ? part + (i64)blockIdx.x * c : 0;
+    float* pbr = part ? part + (parts + (i64)blockIdx.x) * c : 0;
+    const i64 in_regs = (i64)LN_COLS * blockDim.x;
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        ln_row_bwd(x + r * c, g + r * c, w, mean[r], rstd[r], gx + r * c, gxhat ? gxhat + r * c : 0, c);
+        const float *xr = x + r * c, *gr = g + r * c;
+        const float m = mean[r], rs = rstd[r];
+        float a = 0.0f, bsum = 0.0f;
+#pragma unroll
+        for (int t = 0; t < LN_COLS; ++t) {
+            const i64 j = threadIdx.x + (i64)t * blockDim.x;
+            if (j < c) {
+                const float xh = (xr[j] - m) * rs, gj = gr[j];
+                const float gxh = w ? gj * w[j] : gj;
+                a += gxh;
+                bsum += gxh * xh;
+                pw[t] += gj * xh;
+                pb[t] += gj;
+            }
+        }
+        for (i64 j = in_regs + threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs, gj = gr[j];
+            const float gxh = w ? gj * w[j] : gj;
+            a += gxh;
+            bsum += gxh * xh;
+            if (pwr) {
+                pwr[j] += gj * xh;
+                pbr[j] += gj;
+            }
+        }
+        a = block_sum(a) / (float)c;
+        bsum = block_sum(bsum) / (float)c;
+        float* gxr = gx + r * c;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+            const float xh = (xr[j] - m) * rs;
+            const float gxh = w ? gr[j] * w[j] : gr[j];
+            const float v = rs * (gxh - a - xh * bsum);
+            gxr[j] = acc ? gxr[j] + v : v;
+        }
+    }
+    if (!pwr) return;
+#pragma unroll
+    for (int t = 0; t < LN_COLS; ++t) {
+        const i64 j = threadIdx.x + (i64)t * blockDim.x;
+        if (j < c) {
+            pwr[j] = pw[t];
+            pbr[j] = pb[t];
+        }
     }
 }
 

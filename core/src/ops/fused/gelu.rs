@@ -53,6 +53,16 @@ impl<'t> Var<'t> {
     /// to the product's input gradient. The numbers are those of `gelu` then `linear` (which
     /// rounds its input to bf16 anyway); elsewhere, or with the fusion off, it is exactly that.
     pub fn gelu_linear(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
+        self.gelu_linear_to(tanh, w, b, None)
+    }
+
+    /// `residual + self.gelu_linear(tanh, w, b)`, the sum written by the GEMM where it can
+    /// (see [`linear_add`](Self::linear_add)): a GPT block's MLP and its residual add.
+    pub fn gelu_linear_add(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>, residual: Var<'t>) -> Result<Var<'t>> {
+        self.gelu_linear_to(tanh, w, b, Some(residual))
+    }
+
+    fn gelu_linear_to(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>, residual: Option<Var<'t>>) -> Result<Var<'t>> {
         #[cfg(feature = "cuda")]
         if self.value().is_cuda()
             && self.tape().precision() == crate::tensor::Precision::Bf16
@@ -63,6 +73,11 @@ impl<'t> Var<'t> {
             // From a bf16 pre-activation (a `linear_half` output) backward is bf16 throughout:
             // the product writes GELU's output gradient in bf16, GELU's backward the input's.
             let half = crate::ops::matmul::HalfIo { y: false, gx: m.dtype() == crate::tensor::DType::BF16 };
+            // The residual rides on the GEMM where it can; otherwise it is added after.
+            let fused_residual = match residual {
+                Some(r) if crate::ops::matmul::fuses_residual(&act16, w, r)? => Some(r),
+                _ => None,
+            };
             let (out, lin_bwd) = crate::ops::matmul::linear_value(
                 &act16,
                 (w.value(), w.half_twin()),
@@ -70,17 +85,30 @@ impl<'t> Var<'t> {
                 crate::tensor::Precision::Bf16,
                 half,
                 1,
+                fused_residual.map(|r| r.value()).as_ref(),
             )?;
             let mut inputs = vec![self, w];
             inputs.extend(b);
-            return Ok(self.tape().record("gelu_linear", out, &inputs, move |g| {
+            inputs.extend(fused_residual);
+            let with_residual = fused_residual.is_some();
+            let y = self.tape().record("gelu_linear", out, &inputs, move |g| {
                 let mut grads = lin_bwd(g)?;
                 let g_act = grads[0].take().ok_or_else(|| crate::Error::Autograd("linear gave no input gradient".into()))?;
                 grads[0] = Some(backward(&g_act, &m, tanh)?);
+                if with_residual {
+                    grads.push(Some(g.clone()));
+                }
                 Ok(grads)
-            }));
+            });
+            return match (residual, fused_residual) {
+                (Some(r), None) => y.add(r),
+                _ => Ok(y),
+            };
         }
-        self.gelu(tanh)?.linear(w, b)
+        match residual {
+            Some(r) => self.gelu(tanh)?.linear_add(w, b, r),
+            None => self.gelu(tanh)?.linear(w, b),
+        }
     }
 
     /// GELU; `tanh = true` for the tanh approximation. Of a bf16 activation it is one too

@@ -108,8 +108,10 @@ fn device_forward(xv: &Tensor, wv: Option<&Tensor>, bv: Option<&Tensor>, c: usiz
     })
 }
 
-/// Backward on the saved tensors' device: (dx, dw when `has_w`, db when `has_b`).
-#[allow(clippy::type_complexity)]
+/// Backward on the saved tensors' device: (dx, dw when `has_w`, db when `has_b`), each `None`
+/// too where a GPU wrote it into the slot the tape offered (`autograd::take_grad_sink`: the
+/// input's existing gradient at position 0, the gain's and bias's after it).
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn device_backward(
     xv: &Tensor,
     g: &Tensor,
@@ -119,8 +121,16 @@ fn device_backward(
     c: usize,
     has_w: bool,
     has_b: bool,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    crate::on_cuda!(xv => crate::kernels::cuda::ops::layer_norm_bwd(xv, g, wv, mean, rstd, has_w, has_b));
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    crate::on_cuda!(xv => {
+        use crate::autograd::take_grad_sink;
+        let sinks = gpu::LnSinks {
+            x: take_grad_sink(0),
+            w: if has_w { take_grad_sink(1) } else { None },
+            b: if has_b { take_grad_sink(1 + has_w as usize) } else { None },
+        };
+        gpu::layer_norm_bwd(xv, g, wv, mean, rstd, has_w, has_b, sinks)
+    });
     with_float!(g.dtype(), "layer_norm", T => {
         let g = g.contiguous();
         let wd = match wv { Some(w) => Some(w.data::<T>()?), None => None };
@@ -132,7 +142,7 @@ fn device_backward(
         let (gw, gb) = parts.expect("set by build");
         let gw = if has_w { Some(Tensor::from_vec(gw, &[c])?) } else { None };
         let gb = if has_b { Some(Tensor::from_vec(gb, &[c])?) } else { None };
-        Ok((gx, gw, gb))
+        Ok((Some(gx), gw, gb))
     })
 }
 
@@ -182,6 +192,7 @@ impl<'t> Var<'t> {
                 crate::tensor::Precision::Bf16,
                 half,
                 w_at,
+                None,
             )?;
             let mut inputs = vec![self];
             inputs.extend(ln_w);
@@ -239,7 +250,7 @@ impl<'t> Var<'t> {
         let (has_w, has_b) = (w.is_some(), b.is_some());
         Ok((y, move |g: &Tensor| {
             let (gx, gw, gb) = device_backward(&xv, g, wv.as_ref(), &mean, &rstd, c, has_w, has_b)?;
-            let mut v = vec![Some(gx)];
+            let mut v = vec![gx];
             if has_w {
                 v.push(gw);
             }

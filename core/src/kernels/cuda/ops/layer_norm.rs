@@ -33,7 +33,24 @@ pub fn layer_norm_to(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f6
     Ok((y, mean, rstd))
 }
 
-/// Layer norm backward: (dx, dw, db) — dw, db only when `affine`.
+/// Blocks of the layer-norm backward when it sums parameter gradients: each sums its rows'
+/// share into one row of partials (1024 rows fill an H100/H200 in one wave; the partials are
+/// 8·c KB, against 4·rows·c bytes for a g·x̂ matrix per row).
+const LN_PARTS: usize = 1024;
+
+/// Where a layer norm's backward writes, each gradient optional: the input's (`x`: added into
+/// an existing gradient — the residual stream's other use), the gain's and the bias's (their
+/// slots in the flat gradient buffer). See `autograd::take_grad_sink`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LnSinks {
+    pub x: Option<crate::autograd::GradSink>,
+    pub w: Option<crate::autograd::GradSink>,
+    pub b: Option<crate::autograd::GradSink>,
+}
+
+/// Layer norm backward: (dx, dw, db) — dw, db only when wanted; each `None` too when written
+/// into its sink instead.
+#[allow(clippy::too_many_arguments)]
 pub fn layer_norm_bwd(
     x: &Tensor,
     g: &Tensor,
@@ -42,22 +59,41 @@ pub fn layer_norm_bwd(
     rstd: &Tensor,
     want_w: bool,
     want_b: bool,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    sinks: LnSinks,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let d = dev_of(x)?;
     let (x, g) = (contiguous(x)?, contiguous(g)?);
     let c = *x.shape().last().unwrap_or(&1);
     let rows = x.numel() / c.max(1);
     let w = w.map(contiguous).transpose()?;
-    let gx = empty(&d, x.shape())?;
-    let gxhat = if want_w { Some(empty(&d, &[rows, c])?) } else { None };
+    let (gx, gx_ptr, acc) = match sinks.x {
+        Some(sk) if sk.len != rows * c => {
+            return Err(Error::shape("layer_norm backward", format!("a gradient of {} elements for {:?}", sk.len, x.shape())))
+        }
+        Some(sk) => (None, sk.ptr, sk.accumulate as i32),
+        None => {
+            let t = empty(&d, x.shape())?;
+            let p = ptr(&t)?;
+            (Some(t), p, 0)
+        }
+    };
+    let parts = rows.clamp(1, LN_PARTS);
+    let part = if want_w || want_b { Some(zeros(&d, &[2, parts, c])?) } else { None };
     let wp = w.as_ref().map(ptr).transpose()?.unwrap_or(0);
-    let gxp = gxhat.as_ref().map(ptr).transpose()?.unwrap_or(0);
-    // layer_norm_bwd_f32(x, g, w, mean, rstd, gx, gxhat, i64 rows, i64 c)
-    launch!(d, "layer_norm", "layer_norm_bwd_f32", per_row(rows);
-        ptr(&x)?, ptr(&g)?, wp, ptr(mean)?, ptr(rstd)?, ptr(&gx)?, gxp, rows as i64, c as i64)?;
-    let gw = gxhat.map(|t| sum_rows(&t)).transpose()?;
-    let gb = if want_b { Some(sum_rows(&g.reshape(&[rows, c])?)?) } else { None };
-    Ok((gx, gw, gb))
+    let pp = part.as_ref().map(ptr).transpose()?.unwrap_or(0);
+    let cfg = LaunchConfig { grid_dim: (parts as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // layer_norm_bwd_f32(x, g, w, mean, rstd, gx, int acc, part, i64 parts, i64 rows, i64 c)
+    launch!(d, "layer_norm", "layer_norm_bwd_f32", cfg;
+        ptr(&x)?, ptr(&g)?, wp, ptr(mean)?, ptr(rstd)?, gx_ptr, acc, pp, parts as i64, rows as i64, c as i64)?;
+    // Each parameter gradient: the column sums of its block of partials, into its slot or a
+    // new tensor.
+    let sum = |want: bool, at: usize, sink: Option<crate::autograd::GradSink>| -> Result<Option<Tensor>> {
+        let Some(part) = part.as_ref().filter(|_| want) else { return Ok(None) };
+        let (t, out, beta) = weight_grad_dest(&d, sink, 1, c)?;
+        sum_rows_into(&d, ptr(part)? + (at * parts * c * 4) as u64, parts, c, out, beta, DType::F32)?;
+        t.map(|t| t.reshape(&[c])).transpose()
+    };
+    Ok((gx, sum(want_w, 0, sinks.w)?, sum(want_b, 1, sinks.b)?))
 }
 
 /// qk-layernorm over packed `qkv [N, 3·h·c]` (rows of one head's `c` values; value rows copied):

@@ -144,6 +144,8 @@ impl LinearDtypes {
 /// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`, or
 /// a bf16 activation), and `dt` may ask for bf16 y and input gradient; under f32 both are f32.
 /// `w16`: the weight's bf16 copy kept by the optimizer, read instead of casting w under bf16.
+/// `residual`: an f32 tensor of y's shape added to it (`y = residual + x2 @ wᵀ + b`, y in f32):
+/// read by cuBLASLt as the GEMM's C where it can, else copied into y for the GEMM to add to.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x2: &Tensor,
@@ -153,6 +155,7 @@ pub fn linear(
     out_shape: &[usize],
     prec: Prec,
     dt: LinearDtypes,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, LinearSaved)> {
     if !(prec == Prec::Bf16 && x2.dtype() == DType::BF16) {
         f32_only(x2, "linear")?;
@@ -184,8 +187,30 @@ pub fn linear(
         Some(b) => Some(contiguous(b)?),
         None => None,
     };
+    if let Some(r) = residual {
+        if dt.y != DType::F32 || r.dtype() != DType::F32 || r.shape() != out_shape {
+            return Err(Error::shape("linear", format!("a residual {:?} {} for an output {out_shape:?} {}", r.shape(), r.dtype(), dt.y)));
+        }
+        let r = contiguous(r)?;
+        let y = ptr(&out)?;
+        let ep = match &bias {
+            Some(bc) => Epilogue::Bias(ptr(bc)?),
+            None => Epilogue::None,
+        };
+        if !d.gemm_epilogue(rows, n, k, xa, wa, y, 1.0, 1.0, in_dt, DType::F32, ep, Some(ptr(&r)?))? {
+            // The same sum without cuBLASLt: the residual in y, the product added (beta 1),
+            // then the bias.
+            d.copy(y, ptr(&r)?, rows * n * 4)?;
+            d.gemm(rows, n, k, xa, wa, y, 1, 1.0, 1.0, in_dt)?;
+            if let Some(bc) = &bias {
+                let total = rows * n;
+                launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
+            }
+        }
+        return Ok((out, saved));
+    }
     let fused = match &bias {
-        Some(bc) => d.gemm_epilogue(rows, n, k, xa, wa, ptr(&out)?, 1.0, 0.0, in_dt, dt.y, Epilogue::Bias(ptr(bc)?))?,
+        Some(bc) => d.gemm_epilogue(rows, n, k, xa, wa, ptr(&out)?, 1.0, 0.0, in_dt, dt.y, Epilogue::Bias(ptr(bc)?), None)?,
         None => false,
     };
     if !fused {
@@ -243,7 +268,7 @@ pub fn linear_grads(
     let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
     let gb = if with_bias { Some(empty(&d, &[n])?) } else { None };
     let fused = match &gb {
-        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, gw_ptr, 1.0, beta, dt, DType::F32, Epilogue::RowSumsA(ptr(gb)?))?,
+        Some(gb) => d.gemm_epilogue(n, k, rows, gt, xm, gw_ptr, 1.0, beta, dt, DType::F32, Epilogue::RowSumsA(ptr(gb)?), None)?,
         None => false,
     };
     if !fused {
