@@ -67,9 +67,11 @@ extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, c
 }
 
 // Columns a thread keeps its partial parameter-gradient sums for in registers (unrolled, so
-// they stay registers): c ≤ LN_COLS · blockDim.x (4096 at 256 threads); columns past that
-// accumulate in the block's row of `part` itself.
-#define LN_COLS 16
+// they stay registers): c ≤ LN_COLS · blockDim.x (1024 at 256 threads: GPT-2 small and medium);
+// columns past that accumulate in the block's row of `part` itself (L2-resident). ptxas for
+// sm_90: 48 registers at 4 (five 256-thread blocks per SM), 72 at 8, 128 at 16 — and int
+// column indices (c < 2³¹), as 64-bit ones cost more.
+#define LN_COLS 4
 
 // Backward over rows r = blockIdx.x, + gridDim.x, …: gx (added to gx when acc ≠ 0) and, when
 // part is not null, the block's partial sums over its rows: Σ g·x̂ into row blockIdx.x of
@@ -82,15 +84,15 @@ extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, co
     for (int t = 0; t < LN_COLS; ++t) { pw[t] = 0.0f; pb[t] = 0.0f; }
     float* pwr = part ? part + (i64)blockIdx.x * c : 0;
     float* pbr = part ? part + (parts + (i64)blockIdx.x) * c : 0;
-    const i64 in_regs = (i64)LN_COLS * blockDim.x;
+    const int in_regs = LN_COLS * blockDim.x, cc = (int)c;
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float *xr = x + r * c, *gr = g + r * c;
         const float m = mean[r], rs = rstd[r];
         float a = 0.0f, bsum = 0.0f;
 #pragma unroll
         for (int t = 0; t < LN_COLS; ++t) {
-            const i64 j = threadIdx.x + (i64)t * blockDim.x;
-            if (j < c) {
+            const int j = threadIdx.x + t * blockDim.x;
+            if (j < cc) {
                 const float xh = (xr[j] - m) * rs, gj = gr[j];
                 const float gxh = w ? gj * w[j] : gj;
                 a += gxh;
@@ -99,7 +101,7 @@ extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, co
                 pb[t] += gj;
             }
         }
-        for (i64 j = in_regs + threadIdx.x; j < c; j += blockDim.x) {
+        for (int j = in_regs + threadIdx.x; j < cc; j += blockDim.x) {
             const float xh = (xr[j] - m) * rs, gj = gr[j];
             const float gxh = w ? gj * w[j] : gj;
             a += gxh;
@@ -112,7 +114,7 @@ extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, co
         a = block_sum(a) / (float)c;
         bsum = block_sum(bsum) / (float)c;
         float* gxr = gx + r * c;
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        for (int j = threadIdx.x; j < cc; j += blockDim.x) {
             const float xh = (xr[j] - m) * rs;
             const float gxh = w ? gr[j] * w[j] : gr[j];
             const float v = rs * (gxh - a - xh * bsum);
@@ -122,8 +124,8 @@ extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* g, co
     if (!pwr) return;
 #pragma unroll
     for (int t = 0; t < LN_COLS; ++t) {
-        const i64 j = threadIdx.x + (i64)t * blockDim.x;
-        if (j < c) {
+        const int j = threadIdx.x + t * blockDim.x;
+        if (j < cc) {
             pwr[j] = pw[t];
             pbr[j] = pb[t];
         }
