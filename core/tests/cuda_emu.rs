@@ -19,7 +19,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
         eprintln!("{:<45} {:.2e}", r.op, r.max_rel_err);
     }
     assert!(bad.is_empty(), "ops disagreeing with the CPU engine on the emulator:\n{}", bad.join("\n"));
-    assert_eq!(rows.len(), 58);
+    assert_eq!(rows.len(), 59);
     // Ghost BN's kernels (one launch for all ghost batches, the sequential running-statistics
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
@@ -33,6 +33,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     weight_gradients_go_straight_into_the_gradient_buffer();
     residual_gradients_accumulate_in_the_layer_norms_backward();
     the_residual_add_rides_on_the_projections_gemm();
+    dropout_and_the_residual_add_are_one_pass();
     the_optimizers_bf16_weight_copy_replaces_the_casts();
 }
 
@@ -251,6 +252,48 @@ fn the_residual_add_rides_on_the_projections_gemm() {
             assert!(e < 1e-5, "{prec:?} gelu {gelu} {f:?}: the fused and unfused sums differ by {e:.2e}");
         }
     }
+}
+
+/// `dropout_add` (a residual add under dropout) is one kernel on a GPU, with the numbers of
+/// dropout then add bit for bit (the fusion off), and the CPU's.
+fn dropout_and_the_residual_add_are_one_pass() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::ops::dropout::Dropout;
+    use dptrain_core::tensor::cuda::Fusions;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut rng = Rng::new(43);
+    let mut r = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+    let (x, res) = (r(5 * 300), r(5 * 300));
+    let drop = Dropout::new(0.2, 77).unwrap();
+    let run = |device: Device, f: Fusions| {
+        let before = d.set_fusions(f);
+        d.profile_start();
+        let tape = Tape::new();
+        let leaf = |v: &[f32]| tape.leaf(Tensor::from_slice(v, &[5, 300]).unwrap().to_device(device).unwrap());
+        let (xv, rv) = (leaf(&x), leaf(&res));
+        let y = xv.dropout_add(drop, rv).unwrap();
+        let loss = y.square().unwrap().sum_all().unwrap();
+        let lg = tape.backward(loss, &mut dptrain_core::GradStore::empty(), |_, _| {}).unwrap();
+        let mut out = y.value().to_vec::<f32>().unwrap();
+        out.extend(lg.get(xv).unwrap().to_vec::<f32>().unwrap());
+        out.extend(lg.get(rv).unwrap().to_vec::<f32>().unwrap());
+        let prof = if device != Device::Cpu { d.profile_stop().unwrap() } else { vec![] };
+        d.set_fusions(before);
+        (out, prof.iter().map(|k| (k.name, k.launches)).collect::<Vec<_>>())
+    };
+    let (cpu, _) = run(Device::Cpu, Fusions::ALL);
+    let (fused, launches) = run(Device::Cuda(0), Fusions::ALL);
+    let (plain, plain_launches) = run(Device::Cuda(0), Fusions { residual: false, ..Fusions::ALL });
+    assert!(launches.contains(&("dropout_add_f32", 1)) && !launches.iter().any(|l| l.0 == "add_f32"), "{launches:?}");
+    assert!(plain_launches.iter().any(|l| l.0 == "add_f32"), "{plain_launches:?}");
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        same(&fused, &plain) && same(&fused, &cpu),
+        "fused {:.2e} from the two ops, {:.2e} from the CPU",
+        check::rel_err(&fused, &plain),
+        check::rel_err(&fused, &cpu)
+    );
 }
 
 /// A linear's bias and bias gradient ride on the GEMMs (the cuBLASLt epilogues, emulated) —

@@ -306,7 +306,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 58 + 2, "{out}");
+    assert_eq!(rows, 59 + 2, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.

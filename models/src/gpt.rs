@@ -230,7 +230,8 @@ impl Gpt {
             }
             record_coord(probes, format_args!("h.{i}.attn"), &att.y);
             // Without dropout or the coordinate check between them, the output projection
-            // writes its sum with the residual stream itself (`linear_add`).
+            // writes its sum with the residual stream itself (`linear_add`); under dropout,
+            // dropout and the residual add are one pass (`dropout_add`).
             let fuse = !probes.coords() && p == 0.0;
             x = if fuse {
                 let proj = &blk.attn_proj;
@@ -238,7 +239,7 @@ impl Gpt {
             } else {
                 let a = blk.attn_proj.forward(tape, ps, att.y)?;
                 record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
-                x.add(a.dropout(drop(site + 1)?)?)?
+                a.dropout_add(drop(site + 1)?, x)?
             };
             let m = if probes.coords() {
                 let h = blk.ln_2.forward(tape, ps, x)?;
@@ -256,7 +257,7 @@ impl Gpt {
                 crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
                 let m = act.linear(pw, pb)?;
                 record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
-                x.add(m.dropout(drop(site + 2)?)?)?
+                m.dropout_add(drop(site + 2)?, x)?
             } else if fuse {
                 // GELU writes the projection's operand (bf16 on a GPU; see `gelu_linear`), the
                 // projection its sum with the residual stream.
@@ -264,7 +265,7 @@ impl Gpt {
             } else {
                 let m = m.gelu_linear(self.cfg.gelu_tanh, pw, pb)?;
                 record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
-                x.add(m.dropout(drop(site + 2)?)?)?
+                m.dropout_add(drop(site + 2)?, x)?
             };
             record_coord(probes, format_args!("h.{i}"), &x);
             if want.residual {

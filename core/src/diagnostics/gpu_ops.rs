@@ -204,10 +204,14 @@ fn cases() -> Vec<Case> {
         ("linear (no bias) + residual in the GEMM, bf16 GEMM inputs", Precision::Bf16, false, false),
         ("linear (+bias) + residual, unfused", Precision::F32, true, true),
     ] {
+        let mut inputs = vec![randn(&[4, 32, 64], 66), randn(&[96, 64], 67), randn(&[96], 68), randn(&[4, 32, 96], 69)];
+        if !bias {
+            inputs.remove(2);
+        }
         v.push(Case {
             name: name.into(),
-            inputs: vec![randn(&[4, 32, 64], 66), randn(&[96, 64], 67), randn(&[96], 68), randn(&[4, 32, 96], 69)],
-            build: Box::new(move |_, x, _| x[0].linear_add(x[1], bias.then_some(x[2]), x[3])),
+            inputs,
+            build: Box::new(move |_, x, _| if bias { x[0].linear_add(x[1], Some(x[2]), x[3]) } else { x[0].linear_add(x[1], None, x[2]) }),
             bound: 1e-5,
             prec,
             unfused,
@@ -251,6 +255,11 @@ fn cases() -> Vec<Case> {
     // elements the CPU keeps, or these rows fail by O(1).
     let drop = crate::ops::dropout::Dropout::new(0.3, 0xd1ce).expect("valid p");
     v.push(f32c("dropout (p 0.3)", vec![randn(&[3, 1000], 54)], Box::new(move |_, x, _| x[0].dropout(drop))));
+    v.push(f32c(
+        "dropout (p 0.3) + residual add, one pass",
+        vec![randn(&[3, 1000], 74), randn(&[3, 1000], 75)],
+        Box::new(move |_, x, _| x[0].dropout_add(drop, x[1])),
+    ));
     v.push(f32c(
         "causal_attention + dropout 0.3",
         vec![randn(&[2, 33, 3 * 32], 55)],

@@ -29,6 +29,12 @@ extern "C" __global__ void dropout_f32(const float* in, float* out, i64 n, i64 k
     GRID_STRIDE(i, n) { out[i] = dpt_keep(key, i, threshold) ? in[i] * scale : 0.0f; }
 }
 
+// A residual plus the inverted dropout of x, in one pass (GPT's residual adds under dropout):
+// the mask is dropout_f32's, so out = res + dropout_f32(x) exactly.
+extern "C" __global__ void dropout_add_f32(const float* x, const float* res, float* out, i64 n, i64 key, i64 threshold, float scale) {
+    GRID_STRIDE(i, n) { out[i] = res[i] + (dpt_keep(key, i, threshold) ? x[i] * scale : 0.0f); }
+}
+
 // Backward passes of the pointwise maps: g is the output gradient.
 extern "C" __global__ void tanh_bwd_f32(const float* g, const float* y, float* out, i64 n) {
     GRID_STRIDE(i, n) { out[i] = g[i] * (1.0f - y[i] * y[i]); }

@@ -16,3 +16,17 @@ pub fn dropout(x: &Tensor, dr: crate::ops::dropout::Dropout) -> Result<Tensor> {
     dropout_raw(&d, ptr(&c)?, ptr(&out)?, out.numel(), dr)?;
     Ok(out)
 }
+
+/// `res + dropout(x)` in one pass (same shapes; the mask of [`dropout`]).
+pub fn dropout_add(x: &Tensor, res: &Tensor, dr: crate::ops::dropout::Dropout) -> Result<Tensor> {
+    f32_only(x, "dropout_add")?;
+    f32_only(res, "dropout_add")?;
+    let d = dev_of(x)?;
+    let (c, r) = (contiguous(x)?, contiguous(res)?);
+    let out = empty(&d, x.shape())?;
+    let n = out.numel();
+    // dropout_add_f32(const float* x, const float* res, float* out, i64 n, i64 key, i64 threshold, float scale)
+    launch!(d, "elementwise", "dropout_add_f32", grid(n);
+        ptr(&c)?, ptr(&r)?, ptr(&out)?, n as i64, dr.key as i64, dr.threshold() as i64, dr.scale())?;
+    Ok(out)
+}
