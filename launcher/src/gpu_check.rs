@@ -378,6 +378,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
             "accumulate",
             Fusions { accumulate: false, ..Fusions::ALL },
         ),
+        ("residual add in the projections' GEMMs", "residual", Fusions { residual: false, ..Fusions::ALL }),
     ];
     for (what, off, f) in offs {
         let q = measure(device, preset, f).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));
