@@ -677,9 +677,9 @@ impl CudaDev {
         if !self.fusions().epilogue || p % 16 != 0 || !types_ok || (out_bf16 && matches!(ep, Epilogue::RowSumsA(_))) {
             return Ok(false);
         }
-        // A separate C only for an f32 output (a residual stream is f32); no epilogue at all
-        // only with one.
-        if c_in.is_some() && (out_bf16 || !self.fusions().residual) || (ep == Epilogue::None && c_in.is_none()) {
+        // A separate C only for an f32 output (a residual stream is f32; whether to read one is
+        // the op's choice, `Fusions::residual`); no epilogue at all only with one.
+        if (c_in.is_some() && out_bf16) || (ep == Epilogue::None && c_in.is_none()) {
             return Ok(false);
         }
         // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's
