@@ -74,26 +74,14 @@ pub fn apply(x: &Tensor, d: Dropout) -> Result<Tensor> {
     })
 }
 
-/// `res + apply(x, d)` in one pass (same shapes): the numbers of the two ops.
+/// `res + apply(x, d)` (same shapes): one pass on a GPU with `Fusions::residual` on, else the
+/// two ops — the same numbers either way.
 fn apply_add(x: &Tensor, res: &Tensor, d: Dropout) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.is_cuda() && crate::kernels::cuda::ops::dev_of(x)?.fusions().residual {
         return crate::kernels::cuda::ops::dropout_add(x, res, d);
     }
-    on_cuda!(x => crate::ops::elementwise::t::add(res, &gpu::dropout(x, d)?));
-    let (x, res) = (x.contiguous(), res.contiguous());
-    with_float!(x.dtype(), "dropout", T => {
-        let (xd, rd) = (x.data::<T>()?, res.data::<T>()?);
-        let scale = T::of(d.scale() as f64);
-        Ok(Tensor::build::<T>(x.shape(), |y| {
-            y.par_chunks_mut(1 << 14).zip(xd.par_chunks(1 << 14).zip(rd.par_chunks(1 << 14))).enumerate().for_each(|(c, (y, (x, r)))| {
-                let base = (c as u64) << 14;
-                for (k, (y, (&x, &r))) in y.iter_mut().zip(x.iter().zip(r)).enumerate() {
-                    *y = r + if d.keep(base + k as u64) { x * scale } else { T::zero() };
-                }
-            })
-        }))
-    })
+    crate::ops::elementwise::t::add(res, &apply(x, d)?)
 }
 
 impl<'t> Var<'t> {
@@ -104,9 +92,9 @@ impl<'t> Var<'t> {
         Ok(self.tape().record("dropout", y, &[self], move |g| Ok(vec![Some(apply(g, d)?)])))
     }
 
-    /// `residual + self.dropout(d)` as one op, for a residual stream: one pass over the three
-    /// tensors instead of a dropout pass and an add (on a GPU with `Fusions::residual` on; the
-    /// same numbers everywhere). Backward hands the residual the output's gradient as it is.
+    /// `residual + self.dropout(d)` as one op, for a residual stream: on a GPU (with
+    /// `Fusions::residual` on) one pass over the three tensors instead of a dropout pass and an
+    /// add; the same numbers everywhere. Backward hands the residual the output's gradient as it is.
     pub fn dropout_add(self, d: Option<Dropout>, residual: Var<'t>) -> Result<Var<'t>> {
         let Some(d) = d else { return residual.add(self) };
         if self.shape() != residual.shape() || self.dtype() != residual.dtype() {

@@ -203,8 +203,7 @@ pub fn linear(
             d.copy(y, ptr(&r)?, rows * n * 4)?;
             d.gemm(rows, n, k, xa, wa, y, 1, 1.0, 1.0, in_dt)?;
             if let Some(bc) = &bias {
-                let total = rows * n;
-                launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
+                add_bias_in_place(&d, y, bc, rows * n, n)?;
             }
         }
         return Ok((out, saved));
@@ -227,13 +226,19 @@ pub fn linear(
             }
             (Some(bc), _) => {
                 d.gemm(rows, n, k, xa, wa, y, 1, 1.0, 0.0, in_dt)?;
-                // In place: add_f32(a, b, out, n, na, nb) with the bias repeating every n elements.
-                launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bc)?, y, total as i64, total as i64, n as i64)?;
+                add_bias_in_place(&d, y, bc, total, n)?;
             }
             (None, out_dt) => d.gemm_to(rows, n, k, xa, wa, y, 1, 1.0, 0.0, in_dt, out_dt)?,
         }
     }
     Ok((out, saved))
+}
+
+/// `y[total] += bias[n]` repeating every n elements, in place (a linear's bias where no
+/// epilogue adds it).
+fn add_bias_in_place(d: &CudaDev, y: u64, bias: &Tensor, total: usize, n: usize) -> Result<()> {
+    // add_f32(a, b, out, n, na, nb)
+    launch!(d, "elementwise", "add_f32", grid(total); y, ptr(bias)?, y, total as i64, total as i64, n as i64)
 }
 
 /// `linear`'s gradients for g `[rows, n]`: input (`g @ w` → `in_shape`, in the dtype the
