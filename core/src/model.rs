@@ -24,6 +24,43 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Overwrites this batch's contents with `other`'s in place (the buffers keep their
+    /// addresses: a step captured as a CUDA graph reads its inputs from them). Both must have
+    /// the same kind and shape.
+    pub fn refill(&mut self, other: &Batch) -> Result<()> {
+        match (self, other) {
+            (Batch::Tokens { inputs, targets, .. }, Batch::Tokens { inputs: i2, targets: t2, .. })
+                if inputs.len() == i2.len() && targets.len() == t2.len() =>
+            {
+                inputs.copy_from_slice(i2);
+                targets.copy_from_slice(t2);
+                Ok(())
+            }
+            (Batch::Images { pixels, labels, .. }, Batch::Images { pixels: p2, labels: l2, .. })
+                if pixels.len() == p2.len() && labels.len() == l2.len() =>
+            {
+                pixels.copy_from_slice(p2);
+                labels.copy_from_slice(l2);
+                Ok(())
+            }
+            _ => Err(crate::error::Error::shape("Batch::refill", "a batch of another kind or shape".to_string())),
+        }
+    }
+}
+
+/// A step captured as a CUDA graph uploads its token ids and targets again from the batch it
+/// owns before each replay. (Images go to the device through a plain upload, which a capture
+/// refuses: image models are not captured.)
+#[cfg(feature = "cuda")]
+impl crate::tensor::cuda::GraphInputs for Batch {
+    fn host_ranges(&self) -> Vec<(usize, usize)> {
+        let r = |v: &[u32]| (v.as_ptr() as usize, std::mem::size_of_val(v));
+        match self {
+            Batch::Tokens { inputs, targets, .. } => vec![r(inputs), r(targets)],
+            Batch::Images { labels, .. } => vec![r(labels)],
+        }
+    }
 }
 
 pub trait Model: Send + Sync {

@@ -35,6 +35,88 @@ fn gpu_check_ops_pass_on_the_emulator() {
     the_residual_add_rides_on_the_projections_gemm();
     dropout_and_the_residual_add_are_one_pass();
     the_optimizers_bf16_weight_copy_replaces_the_casts();
+    a_captured_step_replays_with_new_inputs();
+}
+
+/// A step captured as a CUDA graph (`CudaDev::capture`): nothing of it runs at capture; each
+/// replay runs it on the batch refilled into the graph's inputs, with the gradients an eager
+/// step gets from that batch, bit for bit; tensors allocated after the capture are not handed
+/// blocks the replays write (the graph's private pool); a capture refuses a host wait, a
+/// download or a plain upload, naming it, and inputs moved since the capture are refused too.
+fn a_captured_step_replays_with_new_inputs() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::model::Batch;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, DType, Device, GradStore, Init, ParamBuilder, Role, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut pb = ParamBuilder::new();
+    let emb = pb.add("emb", &[16, 32], Role::Input, 1, 32, Init::Normal { std: 0.5 });
+    let w = pb.add("w", &[32, 32], Role::Hidden, 32, 32, Init::Normal { std: 0.2 });
+    let b = pb.add("b", &[32], Role::Vector, 1, 32, Init::Normal { std: 0.1 });
+    let head = pb.add("head", &[16, 32], Role::Output, 32, 16, Init::Normal { std: 0.2 });
+    let mut ps = pb.build(9, DType::F32).unwrap();
+    ps.to_device(Device::Cuda(0)).unwrap();
+    let mut grads = GradStore::try_new(&ps).unwrap();
+    let mut rng = Rng::new(5);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.uniform() * 16.0) as u32 % 16).collect() };
+    let batches: Vec<Batch> = (0..4).map(|_| Batch::Tokens { inputs: ids(12), targets: ids(12), batch: 3, context: 4 }).collect();
+    let step = |grads: &mut GradStore, batch: &Batch| -> dptrain_core::Result<()> {
+        let Batch::Tokens { inputs, targets, .. } = batch else { unreachable!() };
+        grads.zero_grad();
+        let tape = Tape::new();
+        tape.set_precision(Precision::Bf16);
+        let x = tape.param(&ps, emb).embedding(inputs, &[12])?;
+        let h = x.layer_norm_linear(None, None, 1e-5, tape.param(&ps, w), Some(tape.param(&ps, b)), false)?.gelu(true)?;
+        let loss = h.linear_cross_entropy(tape.param(&ps, head), targets, 0.0)?.loss;
+        tape.backward(loss, grads, |_, _| {}).map(drop)
+    };
+    let mut eager = vec![];
+    for batch in &batches {
+        step(&mut grads, batch).unwrap();
+        eager.push(grads.flat().to_vec::<f32>().unwrap());
+    }
+    // Captured after the eager steps (the warm-up): the record only, the gradients untouched.
+    let (mut g, ()) = d.capture(batches[0].clone(), |b| step(&mut grads, b)).unwrap();
+    assert!(g.nodes().unwrap() > 10, "{} operations recorded", g.nodes().unwrap());
+    assert_eq!(grads.flat().to_vec::<f32>().unwrap(), eager[3], "the capture ran part of the step");
+    // Tensors made between replays, of the step's sizes, must not share a block with it.
+    let keep: Vec<Tensor> = [12 * 32, 12 * 16, 16 * 32, 32 * 32, 12, 1]
+        .iter()
+        .flat_map(|&n| (0..8).map(move |_| Tensor::from_vec(vec![7.0f32; n], &[n]).unwrap().to_device(Device::Cuda(0)).unwrap()))
+        .collect();
+    for (i, batch) in batches.iter().enumerate().rev() {
+        g.inputs_mut().refill(batch).unwrap();
+        g.replay().unwrap();
+        assert_eq!(grads.flat().to_vec::<f32>().unwrap(), eager[i], "replay with batch {i}");
+    }
+    assert!(keep.iter().all(|t| t.to_vec::<f32>().unwrap().iter().all(|&v| v == 7.0)), "a replay wrote a tensor made outside the graph");
+    // Inputs shortened since the capture: refused, not read out of bounds.
+    if let Batch::Tokens { inputs, .. } = g.inputs_mut() {
+        inputs.truncate(6);
+    }
+    let err = g.replay().unwrap_err().to_string();
+    assert!(err.contains("inputs were moved or shortened"), "{err}");
+    drop(g);
+    // What a capture cannot hold, each named; a failed capture leaves none running.
+    let t = Tensor::from_vec(vec![1.0f32; 4], &[4]).unwrap().to_device(Device::Cuda(0)).unwrap();
+    let host = vec![2.0f32; 4];
+    let refused: [(&str, Box<dyn Fn() -> dptrain_core::Result<()>>); 3] = [
+        ("a device-to-host copy", Box::new(|| t.to_vec::<f32>().map(drop))),
+        ("a host-to-device copy of 16 bytes", Box::new(|| Tensor::from_slice(&host, &[4])?.to_device(Device::Cuda(0)).map(drop))),
+        ("a wait for the device", Box::new(|| d.sync())),
+    ];
+    for (what, f) in refused {
+        let err = d.capture(Vec::<Batch>::new(), |_| f()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(what) && err.contains("inside a CUDA graph capture"), "{what}: {err}");
+    }
+    // Buffers made before the capture (parameters, optimizer state) are written in place by
+    // every replay, and only by replays.
+    let mut doubled = t.clone();
+    let (g, ()) = d.capture(Vec::<Batch>::new(), |_| dptrain_core::ops::flat::scale_in_place(&mut doubled, 2.0)).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0; 4]);
+    g.replay().unwrap();
+    g.replay().unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![4.0; 4]);
 }
 
 /// After a bf16 forward asked for parameters, `ParamStore::flat_and_half_mut` keeps a bf16 copy

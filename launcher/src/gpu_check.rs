@@ -84,6 +84,17 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
     };
     print(&row);
     rows.push(row);
+    // The training step captured as a CUDA graph and replayed with new batches, against eager.
+    let row = match graph_agreement(device) {
+        Ok((d, steps)) => CheckRow {
+            op: format!("GPT training step as a CUDA graph, {steps} steps (replays with new batches) vs eager: parameters"),
+            max_rel_err: d,
+            bound: 1e-6,
+        },
+        Err(e) => fail("GPT training step as a CUDA graph vs eager", e),
+    };
+    print(&row);
+    rows.push(row);
     // (c) throughput against PyTorch on the same GPU: GPT-124M, then the 10.9 M byte-level GPT.
     for preset in [Preset::gpt124m(), Preset::shakespeare_char()] {
         if let Err(e) = throughput(device, &preset, profile_out) {
@@ -137,6 +148,71 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
     Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
 }
 
+/// A small GPT's bf16 training step (AdamW and clipping decided on the device) run eagerly for
+/// five batches, and again with the second step captured as a CUDA graph that is replayed for
+/// the second to fifth batches, each refilled into the graph's inputs: the largest difference
+/// of the parameters after the five steps, relative to their largest magnitude. The graph runs
+/// the same kernels with the same arguments, so it should be 0.
+#[cfg(feature = "cuda")]
+fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
+    use dptrain_core::model::{Batch, Model};
+    use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Precision, Tape};
+    use dptrain_optim::Optimizer;
+    let e = |x: dptrain_core::Error| x.to_string();
+    // Head size 32: flash attention on a GPU; biases: the cuBLASLt epilogues.
+    let cfg =
+        dptrain_models::GptConfig { vocab_size: 64, context: 16, d_model: 64, n_layers: 2, n_heads: 2, bias: true, ..Default::default() };
+    let (b, t, steps) = (2usize, 16usize, 5usize);
+    let mut rng = dptrain_core::rng::Rng::new(11);
+    let mut ids = || -> Vec<u32> { (0..b * t).map(|_| (rng.uniform() * 64.0) as u32 % 64).collect() };
+    let batches: Vec<Batch> = (0..steps).map(|_| Batch::Tokens { inputs: ids(), targets: ids(), batch: b, context: t }).collect();
+    let dev = dptrain_core::tensor::cuda::dev(device).map_err(e)?;
+    let train = |graph: bool| -> std::result::Result<Vec<f32>, String> {
+        let mut pb = ParamBuilder::new();
+        let model = dptrain_models::Gpt::new(cfg.clone(), &mut pb).map_err(e)?;
+        let mut params = pb.build(3, DType::F32).map_err(e)?;
+        let mut opt = dptrain_optim::AdamW::new(dptrain_optim::AdamWConfig { weight_decay: 0.1, ..Default::default() }, &params);
+        params.to_device(Device::Cuda(device)).map_err(e)?;
+        let mut grads = GradStore::try_new(&params).map_err(e)?;
+        let mut solo = dptrain_comm::LocalComm::new();
+        let mut step = |batch: &Batch| -> dptrain_core::Result<()> {
+            grads.zero_grad();
+            let tape = Tape::new();
+            tape.set_precision(Precision::Bf16);
+            let loss = model.loss(&tape, &params, batch, true, &mut NoProbes)?;
+            let value = loss.value();
+            tape.backward(loss, &mut grads, |_, _| {})?;
+            drop(tape);
+            let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value))?;
+            let ctx = &mut dptrain_optim::StepCtx { step: 0, lr: 1e-3, comm: &mut solo };
+            match opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(dptrain_core::Error::Device("AdamW did not decide the step on the device".into())),
+                Err(x) => Err(dptrain_core::Error::Device(x.to_string())),
+            }
+        };
+        step(&batches[0]).map_err(e)?;
+        if graph {
+            let (mut g, ()) = dev.capture(batches[1].clone(), |b| step(b)).map_err(e)?;
+            for (i, batch) in batches.iter().enumerate().skip(1) {
+                if i > 1 {
+                    g.inputs_mut().refill(batch).map_err(e)?;
+                }
+                g.replay().map_err(e)?;
+            }
+        } else {
+            for batch in &batches[1..] {
+                step(batch).map_err(e)?;
+            }
+        }
+        params.flat().to_vec::<f32>().map_err(e)
+    };
+    let (eager, replayed) = (train(false)?, train(true)?);
+    let scale = eager.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    let diff = eager.iter().zip(&replayed).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok(((diff / scale) as f64, steps))
+}
+
 #[cfg(feature = "cuda")]
 struct Perf {
     model: String,
@@ -156,6 +232,8 @@ struct Perf {
     host_waits_per_step: f64,
     /// Every kernel's time in one profiled step.
     profile: Vec<dptrain_core::tensor::cuda::KernelTime>,
+    /// Nodes of the step's CUDA graph when it was measured as one.
+    graph_nodes: Option<usize>,
 }
 
 /// The class a kernel's time is reported under in gpu-check's profile of a training step.
@@ -326,7 +404,7 @@ impl Preset {
 fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Path>) -> std::result::Result<(), String> {
     use dptrain_core::tensor::cuda::Fusions;
     use std::io::Write;
-    let p = measure(device, preset, Fusions::ALL)?;
+    let p = measure(device, preset, Fusions::ALL, false)?;
     write_profile(profile_out, preset.slug, "", &p)?;
     println!();
     println!("| {}, bf16, batch {}×{}, 1 GPU | tokens/s | step ms | MFU | device memory MiB |", p.model, p.batch, p.context);
@@ -381,7 +459,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         ("residual add in the projections' GEMMs", "residual", Fusions { residual: false, ..Fusions::ALL }),
     ];
     for (what, off, f) in offs {
-        let q = measure(device, preset, f).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));
+        let q = measure(device, preset, f, false).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));
         match q {
             Ok(q) => println!(
                 "| dptrain without the {what} ({}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
@@ -396,6 +474,21 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         }
         let _ = std::io::stdout().flush();
     }
+    // After: the same step captured once as a CUDA graph and replayed (one launch per step).
+    match measure(device, preset, Fusions::ALL, true) {
+        Ok(q) => println!(
+            "| dptrain with the step as one CUDA graph ({} nodes, replayed{}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
+            q.graph_nodes.unwrap_or(0),
+            if preset.cfg.dropout > 0.0 { "; dropout masks of the capture" } else { "" },
+            q.step_ms / p.step_ms,
+            q.tokens_per_s,
+            q.step_ms,
+            100.0 * q.mfu,
+            q.reserved_mib
+        ),
+        Err(e) => println!("| dptrain with the step as one CUDA graph | not run: {e} | | | |"),
+    }
+    let _ = std::io::stdout().flush();
     print_profile(&p.profile, p.step_ms);
     println!(
         "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer decides a step on the device and reads its loss and gradient norm on logging steps: 0 on the others; 1 with DPTRAIN_STEP_SYNC=1)",
@@ -407,7 +500,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
 /// One model's bf16 training steps with fusions `fusions` (AdamW, clipping at 1): 3 warm-up
 /// steps, then 10 timed, then one profiled.
 #[cfg(feature = "cuda")]
-fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::Fusions) -> std::result::Result<Perf, String> {
+fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::Fusions, graph: bool) -> std::result::Result<Perf, String> {
     use dptrain_core::model::{Batch, Model};
     use dptrain_core::Precision;
     use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Tape};
@@ -441,12 +534,12 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
     let mut t0 = std::time::Instant::now();
     let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
-    let mut step = |i: usize| -> std::result::Result<(), String> {
+    let mut step = |i: usize, batch: &Batch| -> std::result::Result<(), String> {
         grads.zero_grad();
         let tape = Tape::new();
         tape.set_precision(Precision::Bf16);
         tape.set_rng_key(i as u64);
-        let loss = model.loss(&tape, &params, &batch, true, &mut NoProbes).map_err(e)?;
+        let loss = model.loss(&tape, &params, batch, true, &mut NoProbes).map_err(e)?;
         let value = loss.value();
         tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
         drop(tape);
@@ -462,7 +555,11 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         dptrain_optim::clip_to_norm(&mut grads, 1.0, sq.sqrt()).map_err(|x| x.to_string())?;
         opt.step(&mut params, &grads, ctx).map_err(|x| x.to_string())
     };
+    let mut nodes = None;
     let mut run = || -> std::result::Result<(f64, u64, u64, Vec<dptrain_core::tensor::cuda::KernelTime>), String> {
+        // With `graph`, the last warm-up step is captured (after eager ones: the optimizer's
+        // state and the bf16 weights exist) and every later step is a replay of it.
+        let mut captured = None;
         for i in 0..warm + timed {
             if i == warm {
                 dev.sync().map_err(e)?;
@@ -470,16 +567,28 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
                 allocs0 = dev.cache_stats().raw_allocs;
                 waits0 = dev.host_waits();
             }
-            step(i)?;
+            if graph && i == warm - 1 {
+                let (g, ()) = dev.capture(batch.clone(), |b| step(i, b).map_err(dptrain_core::Error::Device)).map_err(e)?;
+                nodes = Some(g.nodes().map_err(e)?);
+                captured = Some(g);
+            }
+            match &captured {
+                Some(g) => g.replay().map_err(e)?,
+                None => step(i, &batch)?,
+            }
         }
         let waits = dev.host_waits() - waits0;
         dev.sync().map_err(e)?;
         let dt = t0.elapsed().as_secs_f64() / timed as f64;
         let allocs = dev.cache_stats().raw_allocs - allocs0;
+        if graph {
+            // A replay launches no kernel of its own to time.
+            return Ok((dt, allocs, waits, vec![]));
+        }
         // One more step with every launch timed (events around each: a little slower than the
         // timed steps, so only the shares are reported).
         dev.profile_start();
-        step(warm + timed)?;
+        step(warm + timed, &batch)?;
         Ok((dt, allocs, waits, dev.profile_stop().map_err(e)?))
     };
     let r = run();
@@ -513,6 +622,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         host_waits_per_step: waits as f64 / timed as f64,
         profile,
         attention,
+        graph_nodes: nodes,
     })
 }
 

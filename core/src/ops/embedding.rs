@@ -16,9 +16,17 @@ fn gather<T: Elem>(w: &Tensor, ids: &[u32], dim: usize, out_shape: &[usize]) -> 
     }))
 }
 
-fn forward(w: &Tensor, ids: &[u32], dim: usize, shape: &[usize]) -> Result<Tensor> {
-    on_cuda!(w => gpu::embedding(w, ids, shape));
-    with_float!(w.dtype(), "embedding", T => gather::<T>(w, ids, dim, shape))
+/// Where backward finds the ids: on a GPU the buffer forward uploaded (uploaded once per step,
+/// and inside a CUDA graph capture the one bound to the step's inputs), else the host copy.
+enum Ids {
+    Host(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Device(crate::tensor::cuda::DevBuf),
+}
+
+fn forward(w: &Tensor, ids: &[u32], dim: usize, shape: &[usize]) -> Result<(Tensor, Ids)> {
+    on_cuda!(w => gpu::embedding(w, ids, shape).map(|(out, b)| (out, Ids::Device(b))));
+    with_float!(w.dtype(), "embedding", T => gather::<T>(w, ids, dim, shape)).map(|out| (out, Ids::Host(ids.to_vec())))
 }
 
 impl<'t> Var<'t> {
@@ -37,16 +45,23 @@ impl<'t> Var<'t> {
         }
         let mut shape = out_shape.to_vec();
         shape.push(dim);
-        let out = forward(&w, ids, dim, &shape)?;
-        let ids = ids.to_vec();
+        let (out, saved) = forward(&w, ids, dim, &shape)?;
+        let n = ids.len();
         Ok(self.tape().record("embedding", out, &[self], move |g| {
-            on_cuda!(g => Ok(vec![Some(gpu::embedding_bwd(g, &ids, vocab, dim)?)]));
+            let ids = match &saved {
+                Ids::Host(ids) => ids,
+                #[cfg(feature = "cuda")]
+                Ids::Device(b) => {
+                    use crate::kernels::cuda::ops as gpu;
+                    return Ok(vec![Some(gpu::embedding_bwd(g, b, n, vocab, dim)?)]);
+                }
+            };
             let gw = with_float!(g.dtype(), "embedding", T => {
                 let g = g.contiguous();
                 let gd = g.data::<T>()?;
                 Ok(Tensor::build::<T>(&[vocab, dim], |o| {
                     o.fill(T::zero());
-                    for (row, &id) in gd.chunks(dim).zip(&ids) {
+                    for (row, &id) in gd.chunks(dim).zip(ids.iter().take(n)) {
                         let dst = &mut o[id as usize * dim..(id as usize + 1) * dim];
                         for (d, &x) in dst.iter_mut().zip(row) {
                             *d += x;

@@ -22,6 +22,9 @@ use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+mod graph;
+pub use graph::{GraphInputs, StepGraph};
+
 pub(crate) fn derr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
@@ -49,6 +52,10 @@ pub struct CudaDev {
     profiling: std::sync::atomic::AtomicBool,
     /// Which fused paths run ([`Fusions`] as bits).
     fusions: std::sync::atomic::AtomicU16,
+    /// A CUDA graph capture in progress (`graph.rs`), and whether one is (checked on every
+    /// operation without taking the lock).
+    capture: Mutex<Option<graph::CaptureState>>,
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 /// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0` and
@@ -236,6 +243,8 @@ impl CudaDev {
             profile: Mutex::new(None),
             profiling: Default::default(),
             fusions: Fusions::from_env().bits().into(),
+            capture: Mutex::new(None),
+            capturing: Default::default(),
         })
     }
 
@@ -252,6 +261,8 @@ impl CudaDev {
             profile: Mutex::new(None),
             profiling: Default::default(),
             fusions: Fusions::from_env().bits().into(),
+            capture: Mutex::new(None),
+            capturing: Default::default(),
         }
     }
 
@@ -399,12 +410,23 @@ impl CudaDev {
                 }
                 .map_err(|e| derr(&format!("launching {file}.{name}"), e))
             }
-            None => emu::launch(file, name, cfg, params),
+            None => self.emu_do(emu::launch(file, name, cfg, params)?),
         })
     }
 
-    /// `bytes` of uninitialised device memory from the cache.
+    /// `bytes` of uninitialised device memory from the cache (from the graph's private pool
+    /// while a capture runs).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        if let Some(pool) = self.capture_pool() {
+            let class = size_class(bytes);
+            let ptr = pool.take(class)?;
+            return Ok(DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) });
+        }
+        self.alloc_cached(bytes)
+    }
+
+    /// [`CudaDev::alloc`] from the device's cache, never a graph's pool.
+    fn alloc_cached(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         self.bind()?;
         let class = size_class(bytes);
         let mut cache = self.cache.lock().map_err(|_| Error::Device("allocator poisoned".into()))?;
@@ -429,7 +451,7 @@ impl CudaDev {
             .map_err(|e| {
                 Error::Device(format!("out of memory on cuda:{} allocating {} MiB ({e}); lower the batch size", self.ordinal, bytes >> 20))
             })?;
-        Ok(DevBuf { ptr, class, dev: self.clone() })
+        Ok(DevBuf { ptr, class, dev: self.clone(), pool: None })
     }
 
     /// `bytes` of zeroed device memory.
@@ -438,8 +460,11 @@ impl CudaDev {
         match &self.real {
             // SAFETY: the block holds at least `bytes` bytes; the memset is ordered on the stream.
             Some(r) => unsafe { drv::memset_d8_async(b.ptr, 0, bytes, r.stream.cu_stream()) }.map_err(|e| derr("memset", e))?,
-            // SAFETY: the emulator's blocks are host memory of at least `bytes` bytes.
-            None => unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0, bytes) },
+            None => {
+                let p = b.ptr;
+                // SAFETY: the emulator's blocks are host memory of at least `bytes` bytes.
+                self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) })))?
+            }
         }
         Ok(b)
     }
@@ -448,6 +473,7 @@ impl CudaDev {
     /// stream has drained: what the cache then reserves is what live tensors hold, so a
     /// measurement that follows reports its own peak (gpu-check measures several models).
     pub fn empty_cache(&self) -> Result<()> {
+        self.refuse_in_capture("emptying the allocator's cache")?;
         self.sync()?;
         self.bind()?;
         let mut cache = self.cache.lock().map_err(|_| Error::Device("allocator poisoned".into()))?;
@@ -476,6 +502,7 @@ impl CudaDev {
 
     /// Copies host data into a new device buffer.
     pub fn upload<T: DeviceRepr>(self: &Arc<Self>, src: &[T]) -> Result<DevBuf> {
+        self.refuse_in_capture(&format!("a host-to-device copy of {} bytes", std::mem::size_of_val(src)))?;
         let bytes = std::mem::size_of_val(src);
         let b = self.alloc(bytes)?;
         match &self.real {
@@ -490,6 +517,7 @@ impl CudaDev {
 
     /// Copies `n` elements at device address `ptr` to the host (waits for the stream).
     pub fn download<T: DeviceRepr + Default + Clone>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
+        self.refuse_in_capture("a device-to-host copy")?;
         self.bind()?;
         let mut v = vec![T::default(); n];
         match &self.real {
@@ -511,16 +539,14 @@ impl CudaDev {
         match &self.real {
             // SAFETY: both ranges lie in live device buffers (callers' invariant).
             Some(r) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, r.stream.cu_stream()) }.map_err(|e| derr("device copy", e)),
-            None => {
-                // SAFETY: as above, in host memory.
-                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
-                Ok(())
-            }
+            // SAFETY: as above, in host memory.
+            None => self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) }))),
         }
     }
 
     /// Waits for everything queued on the compute stream; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
+        self.refuse_in_capture("a wait for the device")?;
         self.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.real {
             Some(r) => r.stream.synchronize().map_err(|e| derr(&format!("cuda:{} (a kernel failed)", self.ordinal), e)),
@@ -536,6 +562,8 @@ impl CudaDev {
                 return Ok(b.ptr);
             }
         }
+        // A device constant made inside a capture would be filled only by the graph's replays.
+        self.refuse_in_capture("growing the device's ones vector (run a step before capturing)")?;
         let len = n.next_power_of_two().max(1024);
         let b = self.alloc(len * 4)?;
         crate::kernels::cuda::ops::fill_raw(self, b.ptr, len, 1.0)?;
@@ -552,6 +580,7 @@ impl CudaDev {
                 return Ok(b.ptr);
             }
         }
+        self.refuse_in_capture("growing the device's bf16 ones vector (run a step before capturing)")?;
         let len = n.next_power_of_two().max(1024);
         let src = self.ones(len)?;
         let b = self.alloc(len * 2)?;
@@ -631,11 +660,8 @@ impl CudaDev {
                 self.bind()?;
                 g.cublas(&r.blas)
             }
-            None => {
-                // SAFETY: the emulator's pointers are host memory of the sizes the GEMM implies.
-                unsafe { g.reference() };
-                Ok(())
-            }
+            // SAFETY: the emulator's pointers are host memory of the sizes the GEMM implies.
+            None => self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { g.reference() }))),
         })
     }
 
@@ -726,7 +752,7 @@ impl CudaDev {
             None => {
                 // SAFETY: the emulator's pointers are host memory of the sizes the GEMM and its
                 // epilogue imply.
-                unsafe { col_reference(&g, col) };
+                self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { col_reference(&g, col) })))?;
                 Ok(true)
             }
         })
@@ -975,14 +1001,41 @@ mod emu {
         }
     }
 
-    pub fn launch(file: &'static str, name: &'static str, cfg: LaunchConfig, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    #[cfg(feature = "cuda-emu")]
+    pub(crate) use table::Launch;
+    /// Without the emulator no launch can be recorded (the type only fills `EmuOp`).
+    #[cfg(not(feature = "cuda-emu"))]
+    pub(crate) type Launch = unsafe extern "C" fn(u32, u32, *mut *mut std::ffi::c_void);
+
+    /// Kernel `file.name` as one emulator operation, its arguments' values copied (so it can
+    /// run now or be recorded into a graph).
+    pub fn launch(
+        file: &'static str,
+        name: &'static str,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<super::graph::EmuOp> {
         #[cfg(feature = "cuda-emu")]
         {
-            let f = table::lookup(file, name).ok_or_else(|| Error::Device(format!("emulator: no kernel {file}.{name}")))?;
-            // SAFETY: the wrapper reads each parameter as the kernel's declared type; the caller
-            // guarantees they match (see `launch_raw`).
-            unsafe { f(cfg.grid_dim.0, cfg.block_dim.0, params.as_mut_ptr()) };
-            Ok(())
+            let (f, z) = table::lookup(file, name).ok_or_else(|| Error::Device(format!("emulator: no kernel {file}.{name}")))?;
+            let mut sizes = [0u32; 64];
+            // SAFETY: writes at most 64 sizes (build.rs refuses kernels with more parameters).
+            let n = unsafe { z(sizes.as_mut_ptr()) } as usize;
+            if n != params.len() {
+                return Err(Error::Device(format!("emulator: {file}.{name} takes {n} arguments, {} given", params.len())));
+            }
+            let args = params
+                .iter()
+                .zip(&sizes[..n])
+                .map(|(&p, &sz)| {
+                    let mut v = vec![0u64; (sz as usize).div_ceil(8)];
+                    // SAFETY: the caller's pointer addresses an argument of the kernel's declared
+                    // type (see `launch_raw`), `sz` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, v.as_mut_ptr() as *mut u8, sz as usize) };
+                    v
+                })
+                .collect();
+            Ok(super::graph::EmuOp::Launch { f, grid: cfg.grid_dim.0, block: cfg.block_dim.0, args })
         }
         #[cfg(not(feature = "cuda-emu"))]
         {
@@ -1051,12 +1104,19 @@ pub struct DevBuf {
     pub ptr: u64,
     class: usize,
     dev: Arc<CudaDev>,
+    /// The CUDA graph pool the block came from (allocated during a capture), if any.
+    pool: Option<Arc<graph::GraphPool>>,
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.dev.cache.lock() {
-            c.give(self.class, self.ptr);
+        match &self.pool {
+            Some(p) => p.give(self.class, self.ptr),
+            None => {
+                if let Ok(mut c) = self.dev.cache.lock() {
+                    c.give(self.class, self.ptr);
+                }
+            }
         }
     }
 }

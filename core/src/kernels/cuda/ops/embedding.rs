@@ -3,11 +3,11 @@
 use super::*;
 
 pub(super) fn upload_ids(d: &Arc<CudaDev>, ids: &[u32]) -> Result<DevBuf> {
-    d.upload(ids)
+    d.upload_input(ids)
 }
 
-/// Rows `ids` of `w [vocab, dim]`.
-pub fn embedding(w: &Tensor, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
+/// Rows `ids` of `w [vocab, dim]`, and the ids on the device (for backward).
+pub fn embedding(w: &Tensor, ids: &[u32], shape: &[usize]) -> Result<(Tensor, DevBuf)> {
     let d = dev_of(w)?;
     let w = contiguous(w)?;
     let dim = w.shape()[1];
@@ -16,15 +16,16 @@ pub fn embedding(w: &Tensor, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
     let n = ids.len();
     // embedding_fwd_f32(const float* w, const unsigned int* ids, float* out, i64 n, i64 dim)
     launch!(d, "embedding", "embedding_fwd_f32", grid(n * dim); ptr(&w)?, idb.ptr, ptr(&out)?, n as i64, dim as i64)?;
-    Ok(out)
+    Ok((out, idb))
 }
 
-pub fn embedding_bwd(g: &Tensor, ids: &[u32], vocab: usize, dim: usize) -> Result<Tensor> {
+/// The table's gradient from `g [n, dim]` and the `n` ids forward left on the device.
+pub fn embedding_bwd(g: &Tensor, idb: &DevBuf, n: usize, vocab: usize, dim: usize) -> Result<Tensor> {
     let d = dev_of(g)?;
     let g = contiguous(g)?;
-    let idb = upload_ids(&d, ids)?;
+    // The ids are u32: 4 bytes each, as f32 elements (checks the buffer holds n of them).
+    idb.region(crate::tensor::DType::F32, n)?;
     let out = zeros(&d, &[vocab, dim])?;
-    let n = ids.len();
     // embedding_bwd_f32(const float* g, const unsigned int* ids, float* gw, i64 n, i64 dim)
     launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, ptr(&out)?, n as i64, dim as i64)?;
     Ok(out)

@@ -1,0 +1,331 @@
+//! CUDA graphs: a steady-state training step captured once and replayed as one launch, so a
+//! small model is not bound by the host's per-kernel launch cost (the "GPU busy %"
+//! tells when that is the case).
+//!
+//! What capture needs from the engine, and where it is done:
+//! - **Stable memory.** A graph bakes in every address it touches. While capturing, the caching
+//!   allocator serves the step from a private pool ([`GraphPool`]): blocks it takes from the
+//!   device's cache stay the graph's until the graph and every tensor from the pool are gone,
+//!   so nothing outside the step can be handed a block the replays write (PyTorch's
+//!   `torch.cuda.graph` keeps a private pool for the same reason).
+//! - **Inputs in place.** A host-to-device copy from pageable memory cannot be captured, and the
+//!   host code that made a batch does not run at replay. The step's token ids are uploaded with
+//!   [`CudaDev::upload_input`]; inside a capture that binds a device buffer of the pool to the
+//!   host range, and each replay copies the range again from the inputs the graph owns (which
+//!   the caller refills through [`StepGraph::inputs_mut`]) before launching the graph. Any other
+//!   upload, download or wait inside a capture is an error naming it.
+//! - **Scalars on the device.** Kernel arguments are baked in too, so what changes between steps
+//!   must be read by the kernels from device memory: AdamW's step count and bias corrections
+//!   already are (its gate). The learning rate and dropout keys are still arguments: a graph
+//!   replays the step with the LR and dropout masks of its capture (see the README).
+//! - **Warm-up first.** State made lazily on a first step (optimizer moments, the bf16 weight
+//!   copy, the ones vector of reductions) must exist before capture, or its initialisation would
+//!   be replayed every step; growing the ones vector inside a capture is an error.
+//!
+//! On the CPU emulator a capture records each operation — kernel launches with their
+//! arguments' values (their sizes come from the kernels' signatures), GEMMs, copies, memsets —
+//! instead of running it, and a replay runs the record: as on a GPU, nothing of the step runs
+//! at capture, so a host step that needs a result of the device inside the step fails there too.
+
+use super::{derr, CudaDev, DevBuf};
+use crate::error::{Error, Result};
+use crate::tensor::cache::SizeCache;
+use std::sync::{Arc, Mutex};
+
+/// What a capture is recording into.
+pub(super) struct CaptureState {
+    pub(super) pool: Arc<GraphPool>,
+    /// The emulator's record (empty on a GPU, where the driver records).
+    pub(super) ops: Vec<EmuOp>,
+    pub(super) bindings: Vec<Binding>,
+}
+
+/// One operation the emulator recorded.
+pub(super) enum EmuOp {
+    /// A kernel launch: the kernel, grid and block, and each argument's bytes (8-aligned).
+    #[cfg_attr(not(feature = "cuda-emu"), allow(dead_code))]
+    Launch { f: super::emu::Launch, grid: u32, block: u32, args: Vec<Vec<u64>> },
+    /// Anything else the emulator does on the host (GEMMs, copies, memsets).
+    Host(Box<dyn Fn() + Send + Sync>),
+}
+
+impl EmuOp {
+    fn run(&self) {
+        match self {
+            EmuOp::Launch { f, grid, block, args } => {
+                let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.as_ptr() as *mut std::ffi::c_void).collect();
+                // SAFETY: the values were copied from a launch whose arguments matched the
+                // kernel's signature, at the sizes the signature declares; the buffers they
+                // point to belong to the graph's pool or outlive it (the capture's contract).
+                unsafe { f(*grid, *block, ptrs.as_mut_ptr()) }
+            }
+            EmuOp::Host(f) => f(),
+        }
+    }
+}
+
+/// A device buffer refilled from host memory before each replay.
+pub(super) struct Binding {
+    host: usize,
+    bytes: usize,
+    dev: u64,
+}
+
+/// The private pool of a graph: blocks taken from the device's cache during capture, free
+/// ones reused by later allocations of the same capture, all returned to the cache when the
+/// graph and the last tensor allocated from the pool are dropped.
+pub(super) struct GraphPool {
+    dev: Arc<CudaDev>,
+    free: Mutex<SizeCache<u64>>,
+    owned: Mutex<Vec<(usize, u64)>>,
+}
+
+impl GraphPool {
+    /// A block of `class` bytes: a free one of the pool, else one from the device's cache.
+    pub(super) fn take(&self, class: usize) -> Result<u64> {
+        let mut free = self.free.lock().map_err(|_| Error::Device("graph pool poisoned".into()))?;
+        let mut fresh = false;
+        let ptr = free.take(
+            class,
+            |c| {
+                fresh = true;
+                self.dev.alloc_cached(c).map(|b| {
+                    let p = b.ptr;
+                    // The block is the pool's now: it goes back to the cache with the pool.
+                    std::mem::forget(b);
+                    p
+                })
+            },
+            |_, _| {},
+        )?;
+        if fresh {
+            self.owned.lock().map_err(|_| Error::Device("graph pool poisoned".into()))?.push((class, ptr));
+        }
+        Ok(ptr)
+    }
+
+    pub(super) fn give(&self, class: usize, ptr: u64) {
+        if let Ok(mut f) = self.free.lock() {
+            f.give(class, ptr);
+        }
+    }
+}
+
+impl Drop for GraphPool {
+    fn drop(&mut self) {
+        if let (Ok(mut cache), Ok(owned)) = (self.dev.cache.lock(), self.owned.lock()) {
+            for &(class, ptr) in owned.iter() {
+                cache.give(class, ptr);
+            }
+        }
+    }
+}
+
+/// The host data a step uploads with [`CudaDev::upload_input`], owned by its graph: each
+/// replay copies the bound ranges again, so the ranges must still be where they were at capture
+/// (refill them in place; [`StepGraph::replay`] checks).
+pub trait GraphInputs {
+    /// (address, bytes) of every host buffer the step may upload from.
+    fn host_ranges(&self) -> Vec<(usize, usize)>;
+}
+
+/// Several micro-steps' inputs.
+impl<T: GraphInputs> GraphInputs for Vec<T> {
+    fn host_ranges(&self) -> Vec<(usize, usize)> {
+        self.iter().flat_map(GraphInputs::host_ranges).collect()
+    }
+}
+
+/// A captured step: replay it with [`StepGraph::replay`] after refilling its inputs.
+pub struct StepGraph<I> {
+    dev: Arc<CudaDev>,
+    inputs: Box<I>,
+    bindings: Vec<Binding>,
+    ops: Vec<EmuOp>,
+    real: Option<cudarc::driver::CudaGraph>,
+    // Dropped after the graph, which is the last user of its blocks.
+    _pool: Arc<GraphPool>,
+}
+
+impl<I: GraphInputs> StepGraph<I> {
+    /// The inputs the step reads: refill them in place (same lengths) before the next replay.
+    pub fn inputs_mut(&mut self) -> &mut I {
+        &mut self.inputs
+    }
+
+    pub fn inputs(&self) -> &I {
+        &self.inputs
+    }
+
+    /// Launches the step: its inputs copied to the device, then the graph (one launch on a GPU;
+    /// the record on the emulator). Does not wait for the device.
+    pub fn replay(&self) -> Result<()> {
+        if !bound_within(&self.bindings, self.inputs.as_ref()) {
+            return Err(Error::Device("a CUDA graph's inputs were moved or shortened since its capture; capture the step again".into()));
+        }
+        self.dev.bind()?;
+        for b in &self.bindings {
+            // SAFETY: the range lies inside a live buffer of the inputs (checked above) and the
+            // device buffer was allocated for exactly these bytes at capture.
+            let src = unsafe { std::slice::from_raw_parts(b.host as *const u8, b.bytes) };
+            match &self.dev.real {
+                // SAFETY: as above; pageable memory is staged by the driver before this returns.
+                Some(r) => unsafe { cudarc::driver::result::memcpy_htod_async(b.dev, src, r.stream.cu_stream()) }
+                    .map_err(|e| derr("copying a graph's input", e))?,
+                // SAFETY: the emulator's device memory is host memory of `bytes` bytes.
+                None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.dev as *mut u8, b.bytes) },
+            }
+        }
+        match &self.real {
+            Some(g) => g.launch().map_err(|e| derr("launching a CUDA graph", e)),
+            None => {
+                self.ops.iter().for_each(EmuOp::run);
+                Ok(())
+            }
+        }
+    }
+
+    /// Kernel launches, GEMMs, copies and memsets in the graph (the emulator's count; on a GPU
+    /// the driver's node count).
+    pub fn nodes(&self) -> Result<usize> {
+        match &self.real {
+            Some(g) => {
+                let mut n = 0usize;
+                // SAFETY: a null node array asks for the count only.
+                unsafe { cudarc::driver::sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) }
+                    .result()
+                    .map_err(|e| derr("counting a CUDA graph's nodes", e))?;
+                Ok(n)
+            }
+            None => Ok(self.ops.len()),
+        }
+    }
+}
+
+/// Whether every bound range lies inside one of the inputs' buffers as they are now.
+fn bound_within<I: GraphInputs>(bindings: &[Binding], inputs: &I) -> bool {
+    let ranges = inputs.host_ranges();
+    bindings.iter().all(|b| ranges.iter().any(|&(p, n)| b.host >= p && b.host + b.bytes <= p + n))
+}
+
+impl CudaDev {
+    /// Whether a capture is running on this device (checked by every operation).
+    pub(super) fn capturing(&self) -> bool {
+        self.capturing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `f` once, recording everything it queues on this device into a graph instead of
+    /// running it, with `inputs` the host data it uploads (through
+    /// [`CudaDev::upload_input`]). Nothing of the step runs until [`StepGraph::replay`]. Run at
+    /// least one step eagerly first (see the module docs).
+    pub fn capture<I: GraphInputs, R>(self: &Arc<Self>, inputs: I, f: impl FnOnce(&I) -> Result<R>) -> Result<(StepGraph<I>, R)> {
+        if self.profiling.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Device("cannot capture a CUDA graph while a profile is running".into()));
+        }
+        let pool = Arc::new(GraphPool { dev: self.clone(), free: Mutex::new(SizeCache::default()), owned: Mutex::new(vec![]) });
+        {
+            let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
+            if c.is_some() {
+                return Err(Error::Device("a CUDA graph capture is already running".into()));
+            }
+            *c = Some(CaptureState { pool: pool.clone(), ops: vec![], bindings: vec![] });
+        }
+        self.bind()?;
+        if let Some(r) = &self.real {
+            // Relaxed: the allocator may still call cuMemAlloc for the pool (as PyTorch's does
+            // under capture); nothing else of the engine calls an unsafe API while capturing.
+            if let Err(e) = r.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
+                self.end_capture_state();
+                return Err(derr("beginning a CUDA graph capture", e));
+            }
+        }
+        self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let inputs = Box::new(inputs);
+        let out = f(&inputs);
+        self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
+        let real = match &self.real {
+            Some(r) => {
+                let g = r.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+                match (&out, g) {
+                    (Ok(_), Ok(Some(g))) => {
+                        g.upload().map_err(|e| derr("uploading a CUDA graph", e))?;
+                        Some(g)
+                    }
+                    (Ok(_), Ok(None)) => {
+                        self.end_capture_state();
+                        return Err(Error::Device("the CUDA graph capture recorded nothing".into()));
+                    }
+                    (Ok(_), Err(e)) => {
+                        self.end_capture_state();
+                        return Err(derr("ending a CUDA graph capture", e));
+                    }
+                    (Err(_), _) => None,
+                }
+            }
+            None => None,
+        };
+        let state = self.end_capture_state();
+        let out = out?;
+        let state = state.ok_or_else(|| Error::Device("capture state lost".into()))?;
+        if !bound_within(&state.bindings, inputs.as_ref()) {
+            return Err(Error::Device(
+                "the captured step uploaded host data its graph does not own (pass it in the graph's inputs)".into(),
+            ));
+        }
+        let graph = StepGraph { dev: self.clone(), inputs, bindings: state.bindings, ops: state.ops, real, _pool: pool };
+        Ok((graph, out))
+    }
+
+    fn end_capture_state(&self) -> Option<CaptureState> {
+        self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.capture.lock().ok().and_then(|mut c| c.take())
+    }
+
+    /// The pool allocations come from while capturing.
+    pub(super) fn capture_pool(&self) -> Option<Arc<GraphPool>> {
+        if !self.capturing() {
+            return None;
+        }
+        self.capture.lock().ok().and_then(|c| c.as_ref().map(|s| s.pool.clone()))
+    }
+
+    /// The emulator's operation `op`: run now, or recorded while capturing.
+    pub(super) fn emu_do(&self, op: EmuOp) -> Result<()> {
+        if self.capturing() {
+            let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
+            if let Some(s) = c.as_mut() {
+                s.ops.push(op);
+                return Ok(());
+            }
+        }
+        op.run();
+        Ok(())
+    }
+
+    /// An error for an operation a capture cannot hold (a host wait, a copy from or to host
+    /// memory other than a bound input).
+    pub(super) fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if self.capturing() {
+            return Err(Error::Device(format!(
+                "{what} inside a CUDA graph capture (the step must not wait for the device or move host data other than its bound inputs)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Uploads token ids (or any step input) like [`CudaDev::upload`]; inside a capture, binds a
+    /// buffer of the graph's pool to `src`, copied again before each replay (see
+    /// [`GraphInputs`]).
+    pub fn upload_input<T: cudarc::driver::DeviceRepr>(self: &Arc<Self>, src: &[T]) -> Result<DevBuf> {
+        if !self.capturing() {
+            return self.upload(src);
+        }
+        let bytes = std::mem::size_of_val(src);
+        let b = self.alloc(bytes)?;
+        let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
+        if let Some(s) = c.as_mut() {
+            s.bindings.push(Binding { host: src.as_ptr() as usize, bytes, dev: b.ptr });
+        }
+        Ok(b)
+    }
+}
