@@ -460,41 +460,43 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
     ];
     for (what, off, f) in offs {
         let q = measure(device, preset, f, false).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));
-        match q {
-            Ok(q) => println!(
-                "| dptrain without the {what} ({}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
-                q.attention,
-                q.step_ms / p.step_ms,
-                q.tokens_per_s,
-                q.step_ms,
-                100.0 * q.mfu,
-                q.reserved_mib
-            ),
-            Err(e) => println!("| dptrain without the {what} | not run: {e} | | | |"),
-        }
-        let _ = std::io::stdout().flush();
+        print_against(&p, q, |q| match q {
+            Some(q) => format!("dptrain without the {what} ({})", q.attention),
+            None => format!("dptrain without the {what}"),
+        });
     }
     // After: the same step captured once as a CUDA graph and replayed (one launch per step).
-    match measure(device, preset, Fusions::ALL, true) {
-        Ok(q) => println!(
-            "| dptrain with the step as one CUDA graph ({} nodes, replayed{}): {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
-            q.graph_nodes.unwrap_or(0),
-            if preset.cfg.dropout > 0.0 { "; dropout masks of the capture" } else { "" },
-            q.step_ms / p.step_ms,
-            q.tokens_per_s,
-            q.step_ms,
-            100.0 * q.mfu,
-            q.reserved_mib
-        ),
-        Err(e) => println!("| dptrain with the step as one CUDA graph | not run: {e} | | | |"),
-    }
-    let _ = std::io::stdout().flush();
+    let dropout = if preset.cfg.dropout > 0.0 { "; dropout masks of the capture" } else { "" };
+    print_against(&p, measure(device, preset, Fusions::ALL, true), |q| match q {
+        Some(q) => format!("dptrain with the step as one CUDA graph ({} nodes, replayed{dropout})", q.graph_nodes.unwrap_or(0)),
+        None => "dptrain with the step as one CUDA graph".into(),
+    });
     print_profile(&p.profile, p.step_ms);
     println!(
         "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer decides a step on the device and reads its loss and gradient norm on logging steps: 0 on the others; 1 with DPTRAIN_STEP_SYNC=1)",
         p.raw_allocs_in_timed_steps, p.host_waits_per_step
     );
     Ok(())
+}
+
+/// One line of part (c) comparing measurement `q` with the step `base` (before/after):
+/// `label` names what differs (given `q` when it ran).
+#[cfg(feature = "cuda")]
+fn print_against(base: &Perf, q: std::result::Result<Perf, String>, label: impl Fn(Option<&Perf>) -> String) {
+    use std::io::Write;
+    match q {
+        Ok(q) => println!(
+            "| {}: {:.2}× the step time | {:.0} | {:.1} | {:.1} % | {:.0} |",
+            label(Some(&q)),
+            q.step_ms / base.step_ms,
+            q.tokens_per_s,
+            q.step_ms,
+            100.0 * q.mfu,
+            q.reserved_mib
+        ),
+        Err(e) => println!("| {} | not run: {e} | | | |", label(None)),
+    }
+    let _ = std::io::stdout().flush();
 }
 
 /// One model's bf16 training steps with fusions `fusions` (AdamW, clipping at 1): 3 warm-up

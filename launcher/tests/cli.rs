@@ -306,8 +306,12 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 59 + 2, "{out}");
+    assert_eq!(rows, 59 + 3, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
+    assert!(
+        out.contains("| GPT training step as a CUDA graph, 5 steps (replays with new batches) vs eager: parameters | 0.00e0 |"),
+        "{out}"
+    );
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.
     for model in ["| GPT-124M (as a tiny test model", "| GPT 10.9M (examples/shakespeare-char.toml) (as a tiny test model"] {
@@ -332,6 +336,10 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     ] {
         assert_eq!(out.matches(line).count(), 2, "{line}:\n{out}");
     }
+    // And the step captured as one CUDA graph, replayed (the small model's dropout masks are
+    // the capture's, which the line says).
+    assert_eq!(out.matches("| dptrain with the step as one CUDA graph (").count(), 2, "{out}");
+    assert_eq!(out.matches("replayed; dropout masks of the capture): ").count(), 1, "{out}");
     assert_eq!(out.matches("the GPU is busy").count(), 2, "{out}");
     assert!(!out.contains("| NO |"), "{out}");
     // Every kernel of each profiled step, in a file per model and per fusion switched off.
