@@ -371,6 +371,12 @@ impl ParamStore {
         self.half.as_ref().and_then(|h| h.view_at(p.offset, &p.shape).ok())
     }
 
+    /// The whole bf16 copy, when there is one (its address is part of what a CUDA graph of the
+    /// training step baked in).
+    pub fn half_flat(&self) -> Option<&Tensor> {
+        self.half.as_ref()
+    }
+
     /// Asks for the bf16 copy (a bf16 forward read parameters; see `Tape::param`).
     pub(crate) fn want_half(&self) {
         self.want_half.store(true, Ordering::Relaxed);

@@ -14,6 +14,7 @@ pub mod env_report;
 pub mod error;
 pub mod fault;
 pub mod gpu_check;
+pub mod graph_step;
 pub mod launch;
 pub mod metrics;
 pub mod parity;

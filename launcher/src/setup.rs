@@ -6,7 +6,7 @@
 
 use crate::build::{build_model, build_optimizer, load_data, Data};
 use crate::checkpoint;
-use crate::config::{check_model_keys, DataKind, ModelKind, Raw, RunConfig, Windows};
+use crate::config::{check_model_keys, DataKind, ModelKind, OptimKind, Raw, RunConfig, Windows};
 use crate::error::{input_err, Result};
 use crate::train::TrainArgs;
 use dptrain_core::comm::Communicator;
@@ -137,6 +137,27 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         return Err(input_err!("train.global_batch: {global_batch} is not divisible by train.micro_batch × ranks = {micro_batch} × {ws}"));
     }
     let accum = global_batch / (micro_batch * ws);
+    if cfg.train.cuda_graph {
+        // What a replay cannot follow: other ranks (NCCL inside the capture is not done yet),
+        // images (uploaded outside the graph's inputs), dropout (its keys are the capture's), an
+        // optimizer whose step the host decides.
+        let why = if !matches!(device, Device::Cuda(_)) {
+            Some("run.device = \"cuda\"".to_string())
+        } else if ws > 1 {
+            Some(format!("one rank (this run has {ws})"))
+        } else if cfg.model.kind != ModelKind::Gpt {
+            Some("model.kind = \"gpt\"".to_string())
+        } else if cfg.model.dropout > 0.0 {
+            Some("model.dropout = 0 (a replay would repeat its capture's dropout masks)".to_string())
+        } else if cfg.optim.kind != OptimKind::Adamw {
+            Some("optim.kind = \"adamw\" (the optimizer whose step is decided on the device)".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(input_err!("train.cuda_graph: true needs {why}"));
+        }
+    }
     if cfg.model.norm == NormKind::Ghost
         && matches!(cfg.model.kind, ModelKind::Mlp | ModelKind::Resnet)
         && micro_batch % cfg.model.ghost_batch != 0

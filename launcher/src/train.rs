@@ -118,6 +118,8 @@ fn train_loop(
     // Steps decided on the GPU whose records the host has not read yet, oldest first.
     let device_steps = run.params.flat().is_cuda();
     let mut pending: Vec<Pending> = vec![];
+    // train.cuda_graph: steps that log and probe nothing replay one captured step.
+    let mut graph = crate::graph_step::GraphStep::new(cfg.train.cuda_graph);
     // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
     let cbs_beta = 0.99f64.powf(cfg.probes.interval as f64);
     if cfg.train.eval_at_start && run.start_step == 0 {
@@ -144,43 +146,72 @@ fn train_loop(
         let cbs = probe_step && cfg.probes.critical_batch;
         let (cbs_ranks, cbs_micro) = (cbs && ws > 1, cbs && ws == 1 && run.accum > 1);
         let (mut micro_sq, mut prev_acc) = (0.0, None);
-        grads.zero_grad();
+        let poisoned = run.fault.is_some_and(|f| f.poisons(rank, done));
+        // Random windows and dropout masks: counter-based draws keyed by where they are used,
+        // so a resumed run draws what the uninterrupted one did and ranks differ.
+        let key = |micro: usize, stream: u64| key_of(&[cfg.run.seed, stream, step, rank as u64, micro as u64]);
         // Each micro-step's loss stays on the device until the one read after the reduction.
-        let (mut losses, mut comm_stats) = (Vec::with_capacity(run.accum), None);
-        for micro in 0..run.accum {
-            // Random windows and dropout masks: counter-based draws keyed by where they are
-            // used, so a resumed run draws what the uninterrupted one did and ranks differ.
-            let key = |stream: u64| key_of(&[cfg.run.seed, stream, step, rank as u64, micro as u64]);
-            let batch = next_batch(run, &mut stream, key(WINDOW_STREAM))?;
-            // Gradients are communicated on the last micro-step only (DDP's no_sync).
-            let sync = micro + 1 == run.accum && !cbs_ranks;
-            let (loss, stats) = forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(DROPOUT_STREAM), sync, &mut probes)?;
-            losses.push(loss);
-            comm_stats = comm_stats.or(stats);
-            if cbs_micro {
-                let acc = copy_of(grads.flat())?;
-                let own = match &prev_acc {
-                    Some(p) => tprobes.total_diff_sq(&acc, p)?,
-                    None => sum_squares(&acc)?,
-                };
-                // Each micro-step adds its mean-loss gradient / accum.
-                micro_sq += own * (run.accum * run.accum) as f64;
-                prev_acc = Some(acc);
+        let (mut losses, mut comm_stats, mut cbs_small) = (Vec::with_capacity(run.accum), None, None);
+        let graphed = graph.enabled() && device_steps && !log_step && !poisoned;
+        if graphed {
+            // The whole step on the device, captured once and replayed (see graph_step); its
+            // record read on the next step that needs the host, as below.
+            let batches =
+                (0..run.accum).map(|micro| next_batch(run, &mut stream, key(micro, WINDOW_STREAM))).collect::<Result<Vec<_>>>()?;
+            run.opt.stage_device_lr(lr);
+            let (device, at) = (run.device, crate::graph_step::addresses(&run.params, grads));
+            let (rec, note) = graph.step(device, at, batches, |batches| {
+                grads.zero_grad();
+                let mut losses = Vec::with_capacity(batches.len());
+                for (micro, batch) in batches.iter().enumerate() {
+                    let no_probes = &mut Probes::with_set(false, ProbeSet::NONE);
+                    losses.push(forward_backward(run, grads, None, batch, key(micro, DROPOUT_STREAM), true, no_probes)?.0);
+                }
+                let rec = sum_squares_and_record(grads.flat(), &losses)?;
+                let ctx = &mut StepCtx { step: done, lr, comm: optim_comm };
+                if !run.opt.step_on_device(&mut run.params, grads, ctx, &rec, cfg.optim.clip)? {
+                    return Err(LaunchError::Runtime("train.cuda_graph: the optimizer did not decide the step on the device".into()));
+                }
+                Ok(rec)
+            })?;
+            if let (Some(note), 0) = (note, rank) {
+                eprintln!("dptrain: step {done}: {note}");
             }
-        }
-        let mut cbs_small = cbs_micro.then(|| (micro_sq / run.accum as f64, run.micro_batch as f64));
-        if cbs_ranks {
-            if let Some(r) = reducer.as_deref_mut() {
-                let local = sum_squares(grads.flat())?;
-                comm_stats = Some(r.reduce_all(grads)?);
-                cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
+            pending.push(Pending { step: done, rec, poisoned: false, comm: None });
+        } else {
+            grads.zero_grad();
+            for micro in 0..run.accum {
+                let batch = next_batch(run, &mut stream, key(micro, WINDOW_STREAM))?;
+                // Gradients are communicated on the last micro-step only (DDP's no_sync).
+                let sync = micro + 1 == run.accum && !cbs_ranks;
+                let (loss, stats) =
+                    forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(micro, DROPOUT_STREAM), sync, &mut probes)?;
+                losses.push(loss);
+                comm_stats = comm_stats.or(stats);
+                if cbs_micro {
+                    let acc = copy_of(grads.flat())?;
+                    let own = match &prev_acc {
+                        Some(p) => tprobes.total_diff_sq(&acc, p)?,
+                        None => sum_squares(&acc)?,
+                    };
+                    // Each micro-step adds its mean-loss gradient / accum.
+                    micro_sq += own * (run.accum * run.accum) as f64;
+                    prev_acc = Some(acc);
+                }
+            }
+            cbs_small = cbs_micro.then(|| (micro_sq / run.accum as f64, run.micro_batch as f64));
+            if cbs_ranks {
+                if let Some(r) = reducer.as_deref_mut() {
+                    let local = sum_squares(grads.flat())?;
+                    comm_stats = Some(r.reduce_all(grads)?);
+                    cbs_small = Some((mean_over_ranks(comm, local)?, (run.micro_batch * run.accum) as f64));
+                }
+            }
+            if poisoned {
+                dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), f32::NAN)?;
             }
         }
         let mut extra = vec![];
-        let poisoned = run.fault.is_some_and(|f| f.poisons(rank, done));
-        if poisoned {
-            dptrain_core::ops::flat::scale_in_place(grads.flat_tensor_mut(), f32::NAN)?;
-        }
         let eval_now = (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == steps;
         let save_now = (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == steps;
         let drift_now = cfg.comm.check_every > 0 && ws > 1 && done % cfg.comm.check_every == 0;
@@ -189,7 +220,7 @@ fn train_loop(
         // host anyway (logging, evaluation, checkpoint): no wait for the device on the others.
         // Probe and critical-batch steps read the gradient on the host, as before.
         let mut record = None;
-        if device_steps && !probe_step && !cbs {
+        if device_steps && !probe_step && !cbs && !graphed {
             let rec = sum_squares_and_record(grads.flat(), &losses)?;
             if run.opt.step_on_device(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm }, &rec, cfg.optim.clip)? {
                 pending.push(Pending { step: done, rec, poisoned, comm: comm_stats.take() });

@@ -285,6 +285,67 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `train.cuda_graph`: the step captured once as a CUDA graph and replayed on the steps that
+/// log nothing, eager steps (logging, probes, an injected NaN) in between, the learning rate
+/// changing every step (warmup), two micro-steps per step, evaluation and checkpoints between
+/// replays — on the emulator, bit for bit what the same run without the graph gives:
+/// parameters, optimizer state, logged numbers, events. One capture, at the second step.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+#[test]
+fn the_training_step_as_a_cuda_graph_matches_eager_steps_on_the_emulator() {
+    let d = tmp("graph");
+    let run = |dir: &Path, graph: bool| {
+        let mut c = bin();
+        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
+        let sets = [
+            "run.device=\"cuda\"",
+            "train.precision=\"bf16\"",
+            "model.n_heads=1",
+            "train.steps=12",
+            "train.micro_batch=4",
+            "run.log_every=5",
+            "probes.interval=6",
+            "schedule.warmup_steps=20",
+            "optim.clip=0.05",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=8",
+            "train.eval_samples=16",
+            "train.checkpoint_every=6",
+            "checkpoint.keep_last=5",
+        ];
+        for s in SMALL.iter().chain(SMALL_GPT).chain(&sets) {
+            c.arg("--set").arg(s);
+        }
+        if graph {
+            c.args(["--set", "train.cuda_graph=true"]);
+        }
+        c.args(["--fault", "nan:0:3"]);
+        c.output().unwrap()
+    };
+    let (graph, eager) = (d.join("graph"), d.join("eager"));
+    let o = run(&graph, true);
+    ok(&o);
+    ok(&run(&eager, false));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("the training step runs as a CUDA graph (").count(), 1, "{err}");
+    assert!(err.contains("dptrain: step 2: the training step runs as a CUDA graph ("), "{err}");
+    for step in ["step_0000006", "step_0000012"] {
+        let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/{step}/{f}"))).unwrap();
+        assert!(ck(&graph, "model.safetensors") == ck(&eager, "model.safetensors"), "{step}: parameters differ");
+        assert!(ck(&graph, "optimizer.safetensors") == ck(&eager, "optimizer.safetensors"), "{step}: optimizer state differs");
+        assert_eq!(ck(&graph, "state.json"), ck(&eager, "state.json"), "{step}");
+    }
+    let recs = values(&records(&graph), 0);
+    assert_eq!(recs, values(&records(&eager), 0));
+    let logged: Vec<u64> = recs.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(logged, [5, 6, 10, 12]);
+    assert!(recs.iter().filter(|r| r.get("val_loss").is_some()).count() == 2, "{recs:?}");
+    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert!(ev(&graph).contains("\"kind\":\"nonfinite\"") && ev(&graph).contains("\"step\":3"), "{}", ev(&graph));
+    assert_eq!(ev(&graph), ev(&eager));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// `dptrain gpu-check` itself, end to end on the CPU emulator (test builds with `cuda-emu`):
 /// the command a GPU session runs first must print its whole table and pass. Part (c) runs a
 /// tiny model here (DPTRAIN_GPU_CHECK_TINY) and PyTorch is absent, which it must say.
@@ -457,6 +518,7 @@ fn bad_config_values_are_one_line_errors() {
     bad("batch0", &["train.global_batch=0"], &[], "train.global_batch: must be a positive integer");
     bad("lr", &["optim.lr=-1"], &[], "optim.lr: must be a positive number");
     bad("divisible", &["train.global_batch=10", "train.micro_batch=4"], &[], "train.global_batch: 10 is not divisible");
+    bad("graph-cpu", &["train.cuda_graph=true"], &[], "train.cuda_graph: true needs run.device = \"cuda\"");
     bad("heads", &["model.n_heads=5"], &[], "model.n_heads");
     bad("kind", &["optim.kind=\"rmsprop\""], &[], "optim.kind: expected one of sgd | adamw");
     bad("cuda", &["run.device=\"cuda\""], &[], "run.device");

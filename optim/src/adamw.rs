@@ -9,7 +9,7 @@
 //! learning rate. The update is a single fused pass over the flat buffers.
 
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceStepCount, StepRecord, StepScales};
+use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceStepCount, StepRecord, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -62,6 +62,8 @@ pub struct AdamW {
     /// The step count on the GPU while steps are decided there (`step_on_device`); `t` is then
     /// stale until read back.
     t_dev: Option<DeviceStepCount>,
+    /// The learning rate and decay as the device step reads them.
+    lr_dev: DeviceLr,
 }
 
 struct DevState {
@@ -84,7 +86,17 @@ impl AdamW {
             DecayMode::Coupled => scales.expand(params, |i| scales.wd[i] * scales.lr[i]),
             DecayMode::Independent => scales.expand(params, |i| scales.wd[i]),
         };
-        Ok(AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], decay_scale, lr_scale: scales.lr_elems(params), t: 0, dev: None, t_dev: None })
+        Ok(AdamW {
+            cfg,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            decay_scale,
+            lr_scale: scales.lr_elems(params),
+            t: 0,
+            dev: None,
+            t_dev: None,
+            lr_dev: DeviceLr::default(),
+        })
     }
     /// Steps taken (read from the device while steps are decided there).
     pub fn steps(&self) -> Result<u64> {
@@ -136,11 +148,15 @@ const CHUNK: usize = 1 << 14;
 impl Optimizer for AdamW {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         let lr = ctx.lr;
-        // After steps decided on the device, the count comes back from there.
-        if let Some(t) = self.t_dev.take() {
-            self.t = t.get()?;
+        // After steps decided on the device, the count comes back from there, and this step's
+        // goes back: the device count stays where it is (a CUDA graph of the device step reads
+        // it there).
+        if let Some(t) = &self.t_dev {
+            self.t = t.get()? + 1;
+            t.set(self.t)?;
+        } else {
+            self.t += 1;
         }
-        self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - powi(c.beta1, self.t);
         let bc2 = 1.0 - powi(c.beta2, self.t);
@@ -213,7 +229,7 @@ impl Optimizer for AdamW {
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let (p, p16) = params.flat_and_half_mut()?;
-        let gate = Some(DeviceGate { rec, gate, t });
+        let gate = Some(DeviceGate { rec, gate, t, lr: &self.lr_dev });
         dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, gate, p16)?;
         Ok(true)
     }
@@ -233,6 +249,9 @@ impl Optimizer for AdamW {
     }
     fn name(&self) -> &'static str {
         "adamw"
+    }
+    fn stage_device_lr(&mut self, lr: f64) {
+        self.lr_dev.stage(lr, self.decay(lr));
     }
     fn adam_view(&self) -> Result<Option<crate::AdamView>> {
         let (c, t) = (&self.cfg, self.steps()?);

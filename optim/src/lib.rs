@@ -83,6 +83,12 @@ pub trait Optimizer: Send {
         let _ = (params, grads, ctx, rec, max_norm);
         Ok(false)
     }
+    /// Before a replay of a captured step that `step_on_device` decided (a CUDA graph: its
+    /// kernel arguments are the capture's): puts this step's learning rate where the device
+    /// step reads it. Nothing to do for an optimizer without a device step.
+    fn stage_device_lr(&mut self, lr: f64) {
+        let _ = lr;
+    }
     /// Adam-family optimizers: their moments, for the training probes (the fraction of √v̂
     /// below ε, the unscaled update's size). `None` for the others, and before a first step.
     fn adam_view(&self) -> Result<Option<AdamView>> {

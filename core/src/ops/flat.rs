@@ -45,6 +45,18 @@ impl StepRecord {
             Err(no_cuda())
         }
     }
+    /// A copy of the record in a new buffer, without waiting (a CUDA graph's record is
+    /// overwritten by its next replay).
+    pub fn copy(&self) -> Result<StepRecord> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(StepRecord { inner: self.inner.copy()? })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(no_cuda())
+        }
+    }
 }
 
 /// Whether steps over the buffer `t` are decided on its device (a GPU with
@@ -93,6 +105,18 @@ impl DeviceStepCount {
             Err(no_cuda())
         }
     }
+    /// Sets the count (a step the host decided; queued on the stream, no wait).
+    pub fn set(&self, t: u64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.set(t as i64)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = t;
+            Err(no_cuda())
+        }
+    }
     /// The count (waits for the device).
     pub fn get(&self) -> Result<u64> {
         #[cfg(feature = "cuda")]
@@ -116,12 +140,33 @@ pub struct AdamWGate {
     pub beta2: f64,
 }
 
-/// A step AdamW decides on the GPU: the step's record, the host's scalars for the gate, and
-/// the device step count (see [`adamw_cuda`]).
+/// A step AdamW decides on the GPU: the step's record, the host's scalars for the gate, the
+/// device step count, and the cell its learning rate and decay reach the device through (see
+/// [`adamw_cuda`]).
 pub struct DeviceGate<'a> {
     pub rec: &'a StepRecord,
     pub gate: AdamWGate,
     pub t: &'a DeviceStepCount,
+    pub lr: &'a DeviceLr,
+}
+
+/// An optimizer's learning rate (and decay) as its device step reads them: uploaded from this
+/// cell for each step, and by a CUDA graph of the step before each replay — so a replayed step
+/// follows the schedule once the optimizer has [`DeviceLr::stage`]d the step's values.
+#[derive(Clone, Default)]
+pub struct DeviceLr {
+    #[cfg(feature = "cuda")]
+    inner: crate::tensor::cuda::HostScalars,
+}
+
+impl DeviceLr {
+    /// The step's learning rate and the f32 decay the update applies (as `AdamWStep::decay`).
+    pub fn stage(&self, lr: f64, decay: f32) {
+        #[cfg(feature = "cuda")]
+        self.inner.set(&[lr, decay as f64]);
+        #[cfg(not(feature = "cuda"))]
+        let _ = (lr, decay);
+    }
 }
 
 /// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
@@ -238,7 +283,7 @@ pub fn adamw_cuda(
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner));
+        let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner, &x.lr.inner));
         crate::kernels::cuda::ops::adamw(p, g, m, v, scales, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 mod graph;
-pub use graph::{GraphInputs, StepGraph};
+pub use graph::{GraphInputs, HostScalars, StepGraph};
 
 pub(crate) fn derr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -513,6 +513,23 @@ impl CudaDev {
             None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, b.ptr as *mut u8, bytes) },
         }
         Ok(b)
+    }
+
+    /// Copies host data to device address `dst` (a live buffer of at least its size), queued on
+    /// the stream.
+    pub fn write<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.refuse_in_capture(&format!("a host-to-device copy of {} bytes", std::mem::size_of_val(src)))?;
+        self.bind()?;
+        match &self.real {
+            // SAFETY: the caller passes a buffer of at least the bytes of `src`; pageable sources
+            // are staged by the driver before this returns.
+            Some(r) => unsafe { drv::memcpy_htod_async(dst, src, r.stream.cu_stream()) }.map_err(|e| derr("host-to-device copy", e)),
+            None => {
+                // SAFETY: as above, in host memory.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, std::mem::size_of_val(src)) };
+                Ok(())
+            }
+        }
     }
 
     /// Copies `n` elements at device address `ptr` to the host (waits for the stream).

@@ -183,6 +183,12 @@ pub const KEYS: &[KeyDoc] = &[
     .one_of(&["abort", "skip"]),
     k("train.checkpoint_every", Int, Some("200"), "checkpoint every this many steps (0 = only at the end)").nonneg(),
     k(
+        "train.cuda_graph",
+        Bool,
+        Some("false"),
+        "capture the training step as a CUDA graph after the first one and replay it (one launch per step instead of hundreds): needs run.device = \"cuda\", one rank, a GPT without dropout, optim.kind = \"adamw\"; probe steps run as before",
+    ),
+    k(
         "optim.kind",
         Str,
         Some("\"adamw\""),

@@ -218,6 +218,7 @@ pub struct TrainSection {
     pub eval_at_start: bool,
     pub on_nonfinite: OnNonFinite,
     pub checkpoint_every: u64,
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,7 +30,9 @@ __device__ double adamw_powi(double a, i64 b) {
     }
     return r;
 }
-extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t) {
+// lrs: the step's learning rate and decay, written by the host before the step (device memory,
+// so a CUDA graph of the step reads each step's).
+extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const double norm = sqrt(*(const double*)rec);
     float* gate = rec + 2;
@@ -45,7 +47,7 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, do
     const double bc1 = 1.0 - adamw_powi(beta1, step), bc2 = 1.0 - adamw_powi(beta2, step);
     gate[0] = 1.0f;
     gate[1] = (float)coef;
-    gate[2] = (float)(lr / bc1);
+    gate[2] = (float)(lrs[0] / bc1);
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
 
@@ -54,11 +56,13 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, double lr, do
 // adamw_gate — nothing when its gate is closed, the gradient times the clipping factor (as the
 // host path's in-place scaling, an f32 product; skipped below 1 as there), step size and bias
 // correction from the gate — or null for a step the host decided (its scalars in s). p16: the
-// parameters' bf16 copy, written in the same pass (the operand bf16 GEMMs read), or null.
+// parameters' bf16 copy, written in the same pass (the operand bf16 GEMMs read), or null. lrs:
+// with rec, the gate's (the decay is its second value, the f32 the host would pass in s).
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
-                                     AdamWStep s, const float* rec, bf16_t* p16) {
-    float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2;
+                                     AdamWStep s, const float* rec, bf16_t* p16, const double* lrs) {
+    float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, decay = s.decay;
     if (rec) {
+        decay = (float)lrs[1];
         const float* gate = rec + 2;
         if (gate[0] == 0.0f) return;
         coef = gate[1];
@@ -69,7 +73,7 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         float mi, vi;
         const float gi = coef < 1.0f ? g[i] * coef : g[i];
         adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
-        const float pi = p[i] * (1.0f - s.decay * decay_scale[i]);
+        const float pi = p[i] * (1.0f - decay * decay_scale[i]);
         const float step = lr_scale ? step_size * lr_scale[i] : step_size;
         const float np = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
         p[i] = np;

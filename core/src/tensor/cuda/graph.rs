@@ -10,14 +10,18 @@
 //!   `torch.cuda.graph` keeps a private pool for the same reason).
 //! - **Inputs in place.** A host-to-device copy from pageable memory cannot be captured, and the
 //!   host code that made a batch does not run at replay. The step's token ids are uploaded with
-//!   [`CudaDev::upload_input`]; inside a capture that binds a device buffer of the pool to the
-//!   host range, and each replay copies the range again from the inputs the graph owns (which
-//!   the caller refills through [`StepGraph::inputs_mut`]) before launching the graph. Any other
-//!   upload, download or wait inside a capture is an error naming it.
+//!   [`CudaDev::upload_input`]; inside a capture that binds a device buffer to the host range,
+//!   and each replay copies the range again from the inputs the graph owns (which the caller
+//!   refills through [`StepGraph::inputs_mut`]) before launching the graph. Those copies land
+//!   before anything of the step runs, so a bound buffer is a block no earlier operation of the
+//!   capture used (never a freed block of the pool, which an earlier kernel would overwrite).
+//!   Any other upload, download or wait inside a capture is an error naming it.
 //! - **Scalars on the device.** Kernel arguments are baked in too, so what changes between steps
 //!   must be read by the kernels from device memory: AdamW's step count and bias corrections
-//!   already are (its gate). The learning rate and dropout keys are still arguments: a graph
-//!   replays the step with the LR and dropout masks of its capture (see the README).
+//!   come from its gate, its learning rate and decay from a [`HostScalars`] cell uploaded with
+//!   [`CudaDev::upload_scalars`] (bound like an input: the graph uploads the cell's current
+//!   values before each replay). Dropout keys are still arguments: a graph replays the dropout
+//!   masks of its capture (so the trainer captures no model with dropout).
 //! - **Warm-up first.** State made lazily on a first step (optimizer moments, the bf16 weight
 //!   copy, the ones vector of reductions) must exist before capture, or its initialisation would
 //!   be replayed every step; growing the ones vector inside a capture is an error.
@@ -64,11 +68,29 @@ impl EmuOp {
     }
 }
 
-/// A device buffer refilled from host memory before each replay.
-pub(super) struct Binding {
-    host: usize,
-    bytes: usize,
-    dev: u64,
+/// A device buffer refilled from host memory before each replay: a range of the graph's inputs,
+/// or a cell of scalars the graph keeps alive.
+pub(super) enum Binding {
+    Input { host: usize, bytes: usize, dev: u64 },
+    Scalars { cell: HostScalars, dev: u64 },
+}
+
+/// Host values a step uploads that change between replays (a learning rate): a graph that
+/// captured their upload keeps the cell and uploads its current values before each replay.
+#[derive(Clone, Default)]
+pub struct HostScalars(Arc<Mutex<Vec<f64>>>);
+
+impl HostScalars {
+    pub fn set(&self, v: &[f64]) {
+        if let Ok(mut c) = self.0.lock() {
+            c.clear();
+            c.extend_from_slice(v);
+        }
+    }
+
+    pub fn get(&self) -> Vec<f64> {
+        self.0.lock().map(|c| c.clone()).unwrap_or_default()
+    }
 }
 
 /// The private pool of a graph: blocks taken from the device's cache during capture, free
@@ -81,6 +103,17 @@ pub(super) struct GraphPool {
 }
 
 impl GraphPool {
+    /// A block of `class` bytes that no earlier operation of the capture has used, from the
+    /// device's cache: a bound input's buffer (written before the replay runs anything, so a
+    /// block an earlier operation writes would be overwritten under it).
+    fn take_fresh(&self, class: usize) -> Result<u64> {
+        let b = self.dev.alloc_cached(class)?;
+        let p = b.ptr;
+        std::mem::forget(b);
+        self.owned.lock().map_err(|_| Error::Device("graph pool poisoned".into()))?.push((class, p));
+        Ok(p)
+    }
+
     /// A block of `class` bytes: a free one of the pool, else one from the device's cache.
     pub(super) fn take(&self, class: usize) -> Result<u64> {
         let mut free = self.free.lock().map_err(|_| Error::Device("graph pool poisoned".into()))?;
@@ -165,15 +198,27 @@ impl<I: GraphInputs> StepGraph<I> {
         }
         self.dev.bind()?;
         for b in &self.bindings {
-            // SAFETY: the range lies inside a live buffer of the inputs (checked above) and the
-            // device buffer was allocated for exactly these bytes at capture.
-            let src = unsafe { std::slice::from_raw_parts(b.host as *const u8, b.bytes) };
+            let values;
+            let (src, dev): (&[u8], u64) = match b {
+                // SAFETY: the range lies inside a live buffer of the inputs (checked above) and
+                // the device buffer was allocated for exactly these bytes at capture.
+                Binding::Input { host, bytes, dev } => (unsafe { std::slice::from_raw_parts(*host as *const u8, *bytes) }, *dev),
+                Binding::Scalars { cell, dev } => {
+                    values = cell.get();
+                    if values.len() * 8 != b.bytes() {
+                        return Err(Error::Device("a CUDA graph's scalars changed length since its capture".into()));
+                    }
+                    // SAFETY: plain f64s viewed as their bytes.
+                    (unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 8) }, *dev)
+                }
+            };
             match &self.dev.real {
-                // SAFETY: as above; pageable memory is staged by the driver before this returns.
-                Some(r) => unsafe { cudarc::driver::result::memcpy_htod_async(b.dev, src, r.stream.cu_stream()) }
+                // SAFETY: the device buffer holds `src.len()` bytes (allocated for them at
+                // capture); pageable memory is staged by the driver before this returns.
+                Some(r) => unsafe { cudarc::driver::result::memcpy_htod_async(dev, src, r.stream.cu_stream()) }
                     .map_err(|e| derr("copying a graph's input", e))?,
-                // SAFETY: the emulator's device memory is host memory of `bytes` bytes.
-                None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.dev as *mut u8, b.bytes) },
+                // SAFETY: the emulator's device memory is host memory of that many bytes.
+                None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dev as *mut u8, src.len()) },
             }
         }
         match &self.real {
@@ -202,10 +247,22 @@ impl<I: GraphInputs> StepGraph<I> {
     }
 }
 
-/// Whether every bound range lies inside one of the inputs' buffers as they are now.
+impl Binding {
+    fn bytes(&self) -> usize {
+        match self {
+            Binding::Input { bytes, .. } => *bytes,
+            Binding::Scalars { cell, .. } => cell.get().len() * 8,
+        }
+    }
+}
+
+/// Whether every bound input range lies inside one of the inputs' buffers as they are now.
 fn bound_within<I: GraphInputs>(bindings: &[Binding], inputs: &I) -> bool {
     let ranges = inputs.host_ranges();
-    bindings.iter().all(|b| ranges.iter().any(|&(p, n)| b.host >= p && b.host + b.bytes <= p + n))
+    bindings.iter().all(|b| match b {
+        Binding::Input { host, bytes, .. } => ranges.iter().any(|&(p, n)| *host >= p && host + bytes <= p + n),
+        Binding::Scalars { .. } => true,
+    })
 }
 
 impl CudaDev {
@@ -313,6 +370,15 @@ impl CudaDev {
         Ok(())
     }
 
+    /// A buffer of the capture's pool for a bound input: a fresh block (see
+    /// [`GraphPool::take_fresh`]), the pool's once freed.
+    fn bound_buffer(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        let pool = self.capture_pool().ok_or_else(|| Error::Device("no capture is running".into()))?;
+        let class = crate::tensor::cache::size_class(bytes);
+        let ptr = pool.take_fresh(class)?;
+        Ok(DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) })
+    }
+
     /// Uploads token ids (or any step input) like [`CudaDev::upload`]; inside a capture, binds a
     /// buffer of the graph's pool to `src`, copied again before each replay (see
     /// [`GraphInputs`]).
@@ -321,10 +387,25 @@ impl CudaDev {
             return self.upload(src);
         }
         let bytes = std::mem::size_of_val(src);
-        let b = self.alloc(bytes)?;
+        let b = self.bound_buffer(bytes)?;
         let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
         if let Some(s) = c.as_mut() {
-            s.bindings.push(Binding { host: src.as_ptr() as usize, bytes, dev: b.ptr });
+            s.bindings.push(Binding::Input { host: src.as_ptr() as usize, bytes, dev: b.ptr });
+        }
+        Ok(b)
+    }
+
+    /// Uploads `cell`'s values (f64); inside a capture, binds a buffer of the graph's pool to the
+    /// cell, whose values then are uploaded before each replay.
+    pub fn upload_scalars(self: &Arc<Self>, cell: &HostScalars) -> Result<DevBuf> {
+        let values = cell.get();
+        if !self.capturing() {
+            return self.upload(&values);
+        }
+        let b = self.bound_buffer(values.len() * 8)?;
+        let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
+        if let Some(s) = c.as_mut() {
+            s.bindings.push(Binding::Scalars { cell: cell.clone(), dev: b.ptr });
         }
         Ok(b)
     }

@@ -24,7 +24,7 @@ pub fn adamw(
     v: &Tensor,
     scales: crate::ops::flat::StepScales,
     s: crate::ops::flat::AdamWStep,
-    gate: Option<(&StepRecord, crate::ops::flat::AdamWGate, &DevCounter)>,
+    gate: Option<(&StepRecord, crate::ops::flat::AdamWGate, &DevCounter, &crate::tensor::cuda::HostScalars)>,
     p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
@@ -32,18 +32,26 @@ pub fn adamw(
     if let Some(h) = p16.filter(|h| h.dtype() != DType::BF16 || h.numel() != n || !h.is_contiguous()) {
         return Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {n} parameters", h.shape(), h.dtype())));
     }
+    // The learning rate and decay go up in a cell (a CUDA graph of the step uploads its values
+    // again before each replay); the buffer lives until the kernels below have run (stream order).
+    let mut lrs = None;
     let rec = match gate {
-        Some((rec, gate, t)) => {
+        Some((rec, gate, t, cell)) => {
+            cell.set(&[gate.lr, s.decay as f64]);
+            let b = d.upload_scalars(cell)?;
             let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-            // adamw_gate(float* rec, double max_norm, double lr, double beta1, double beta2, i64* t)
-            launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, gate.lr, gate.beta1, gate.beta2, t.ptr())?;
+            // adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t)
+            launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, b.ptr, gate.beta1, gate.beta2, t.ptr())?;
+            lrs = Some(b);
             rec.ptr()
         }
         None => 0,
     };
-    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec, bf16_t* p16)
+    let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
+    // adamw_f32(p, g, m, v, const float* decay_scale, const float* lr_scale, i64 n, AdamWStep s, const float* rec, bf16_t* p16,
+    //           const double* lrs)
     launch!(d, "optim", "adamw_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, ptr_or_null(p16)?)
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, ptr_or_null(p16)?, lrs_ptr)
 }
 
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers.

@@ -86,6 +86,15 @@ impl StepRecord {
         let sum = f64::from_bits(w[0] as u64 | (w[1] as u64) << 32);
         Ok((sum, f32::from_bits(w[2]) != 0.0, w[RECORD_HEAD..].iter().map(|&b| f32::from_bits(b) as f64).collect()))
     }
+    /// A copy in a new buffer (one device copy, no wait): what a replayed CUDA graph's record
+    /// holds now, kept after the next replay overwrites it.
+    pub fn copy(&self) -> Result<StepRecord> {
+        let d = self.buf.dev();
+        let bytes = 4 * (RECORD_HEAD + self.scalars);
+        let buf = d.alloc(bytes)?;
+        d.copy(buf.ptr, self.buf.ptr, bytes)?;
+        Ok(StepRecord { buf, scalars: self.scalars })
+    }
 }
 
 /// A counter on the device (an optimizer's step count when its steps are decided there).
@@ -100,6 +109,10 @@ impl DevCounter {
     }
     pub fn ptr(&self) -> u64 {
         self.buf.ptr
+    }
+    /// Overwrites its value in place (queued on the stream).
+    pub fn set(&self, v: i64) -> Result<()> {
+        self.buf.dev().write(self.buf.ptr, &[v])
     }
     /// Its value (a host wait).
     pub fn get(&self) -> Result<i64> {
