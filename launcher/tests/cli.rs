@@ -225,6 +225,20 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `dptrain train` of the small GPT in bf16 with one head of 32 (flash attention) on the
+/// emulated GPU, with `sets` on top, environment `env` and extra arguments `extra`.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+fn emulated_bf16_gpt(dir: &Path, sets: &[&str], env: &[(&str, &str)], extra: &[&str]) -> Output {
+    let mut c = bin();
+    c.env("DPTRAIN_CUDA_EMULATOR", "1").envs(env.iter().copied()).arg("train").arg("--run-dir").arg(dir);
+    let gpu = ["run.device=\"cuda\"", "train.precision=\"bf16\"", "model.n_heads=1"];
+    for s in SMALL.iter().chain(SMALL_GPT).chain(&gpu).chain(sets) {
+        c.arg("--set").arg(s);
+    }
+    c.args(extra);
+    c.output().unwrap()
+}
+
 /// On a GPU a training step is decided on the device — AdamW's gate does the non-finite check,
 /// the clipping and the step count there — and the host reads each step's record (Σg², the
 /// losses) on the next logging step. On the emulator that gives, bit for bit, what the waiting
@@ -235,15 +249,7 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
 fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
     let d = tmp("devstep");
     let run = |dir: &Path, sync: bool| {
-        let mut c = bin();
-        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
-        if sync {
-            c.env("DPTRAIN_STEP_SYNC", "1");
-        }
         let sets = [
-            "run.device=\"cuda\"",
-            "train.precision=\"bf16\"",
-            "model.n_heads=1",
             "train.steps=9",
             "run.log_every=4",
             "optim.clip=0.05",
@@ -251,11 +257,7 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
             "train.eval_every=0",
             "train.eval_samples=16",
         ];
-        for s in SMALL.iter().chain(SMALL_GPT).chain(&sets) {
-            c.arg("--set").arg(s);
-        }
-        c.args(["--fault", "nan:0:2"]);
-        c.output().unwrap()
+        emulated_bf16_gpt(dir, &sets, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", "nan:0:2"])
     };
     let (dev, sync) = (d.join("device"), d.join("sync"));
     ok(&run(&dev, false));
@@ -295,12 +297,7 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
 fn the_training_step_as_a_cuda_graph_matches_eager_steps_on_the_emulator() {
     let d = tmp("graph");
     let run = |dir: &Path, graph: bool| {
-        let mut c = bin();
-        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
         let sets = [
-            "run.device=\"cuda\"",
-            "train.precision=\"bf16\"",
-            "model.n_heads=1",
             "train.steps=12",
             "train.micro_batch=4",
             "run.log_every=5",
@@ -312,15 +309,9 @@ fn the_training_step_as_a_cuda_graph_matches_eager_steps_on_the_emulator() {
             "train.eval_samples=16",
             "train.checkpoint_every=6",
             "checkpoint.keep_last=5",
+            if graph { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
         ];
-        for s in SMALL.iter().chain(SMALL_GPT).chain(&sets) {
-            c.arg("--set").arg(s);
-        }
-        if graph {
-            c.args(["--set", "train.cuda_graph=true"]);
-        }
-        c.args(["--fault", "nan:0:3"]);
-        c.output().unwrap()
+        emulated_bf16_gpt(dir, &sets, &[], &["--fault", "nan:0:3"])
     };
     let (graph, eager) = (d.join("graph"), d.join("eager"));
     let o = run(&graph, true);
