@@ -192,6 +192,11 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
             schedule.warmup_steps, cfg.optim.lr
         ));
     }
+    if cfg.train.cuda_graph && cfg.run.log_every == 1 {
+        warnings.push(
+            "train.cuda_graph: run.log_every = 1 logs every step, and logging steps run without the graph: no step is replayed".into(),
+        );
+    }
     let lm_data = cfg.data.kind.is_tokens();
     let random_windows = match cfg.data.windows {
         None => lm_data && cfg.data.kind != DataKind::SyntheticLm,

@@ -17,7 +17,7 @@ use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
-use dptrain_core::ops::flat::{copy_of, sum_squares, sum_squares_and, sum_squares_and_record, StepRecord};
+use dptrain_core::ops::flat::{copy_of, decides_steps_on_device, sum_squares, sum_squares_and, sum_squares_and_record, StepRecord};
 use dptrain_core::probe::{anchor_of, ProbeSet, ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{GradStore, Tape};
@@ -152,7 +152,7 @@ fn train_loop(
         let key = |micro: usize, stream: u64| key_of(&[cfg.run.seed, stream, step, rank as u64, micro as u64]);
         // Each micro-step's loss stays on the device until the one read after the reduction.
         let (mut losses, mut comm_stats, mut cbs_small) = (Vec::with_capacity(run.accum), None, None);
-        let graphed = graph.enabled() && device_steps && !log_step && !poisoned;
+        let graphed = graph.enabled() && decides_steps_on_device(run.params.flat()) && !log_step && !poisoned;
         if graphed {
             // The whole step on the device, captured once and replayed (see graph_step); its
             // record read on the next step that needs the host, as below.
