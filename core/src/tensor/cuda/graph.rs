@@ -305,7 +305,10 @@ impl CudaDev {
                 let g = r.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
                 match (&out, g) {
                     (Ok(_), Ok(Some(g))) => {
-                        g.upload().map_err(|e| derr("uploading a CUDA graph", e))?;
+                        if let Err(e) = g.upload() {
+                            self.end_capture_state();
+                            return Err(derr("uploading a CUDA graph", e));
+                        }
                         Some(g)
                     }
                     (Ok(_), Ok(None)) => {
