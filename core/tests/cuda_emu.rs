@@ -123,6 +123,22 @@ fn a_captured_step_replays_with_new_inputs() {
     g.replay().unwrap();
     g.replay().unwrap();
     assert_eq!(t.to_vec::<f32>().unwrap(), vec![4.0; 4]);
+    // A tensor from before the capture that the step frees is still read by every replay: its
+    // block stays the graph's, not handed to a tensor made between replays.
+    let on_gpu = |v: f32| Tensor::from_vec(vec![v; 64], &[64]).unwrap().to_device(Device::Cuda(0)).unwrap();
+    let (src, dst) = (on_gpu(3.0), on_gpu(0.0));
+    let into = &dst;
+    let (g, ()) = d
+        .capture(Vec::<Batch>::new(), move |_| {
+            let r = dptrain_core::ops::flat::copy_into_cuda(into, &src);
+            drop(src);
+            r
+        })
+        .unwrap();
+    let others: Vec<Tensor> = (0..8).map(|_| on_gpu(9.0)).collect();
+    g.replay().unwrap();
+    assert_eq!(dst.to_vec::<f32>().unwrap(), vec![3.0; 64], "a replay read a block handed out again");
+    drop(others);
 }
 
 /// After a bf16 forward asked for parameters, `ParamStore::flat_and_half_mut` keeps a bf16 copy

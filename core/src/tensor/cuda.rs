@@ -1129,11 +1129,17 @@ impl Drop for DevBuf {
     fn drop(&mut self) {
         match &self.pool {
             Some(p) => p.give(self.class, self.ptr),
-            None => {
-                if let Ok(mut c) = self.dev.cache.lock() {
-                    c.give(self.class, self.ptr);
+            // A block from before a capture, freed during it: captured operations may still
+            // use it at replay, so it is the graph's now (not the cache's, where work between
+            // replays could be handed it).
+            None => match self.dev.capture_pool() {
+                Some(p) => p.adopt(self.class, self.ptr),
+                None => {
+                    if let Ok(mut c) = self.dev.cache.lock() {
+                        c.give(self.class, self.ptr);
+                    }
                 }
-            }
+            },
         }
     }
 }

@@ -7,7 +7,10 @@
 //!   allocator serves the step from a private pool ([`GraphPool`]): blocks it takes from the
 //!   device's cache stay the graph's until the graph and every tensor from the pool are gone,
 //!   so nothing outside the step can be handed a block the replays write (PyTorch's
-//!   `torch.cuda.graph` keeps a private pool for the same reason).
+//!   `torch.cuda.graph` keeps a private pool for the same reason). A block from before the
+//!   capture that the step frees joins the pool too: the replays still use it. One that the
+//!   step only reads or writes (parameters, gradients, optimizer state) must outlive the graph
+//!   and stay where it is: the caller's part, as with PyTorch's static tensors.
 //! - **Inputs in place.** A host-to-device copy from pageable memory cannot be captured, and the
 //!   host code that made a batch does not run at replay. The step's token ids are uploaded with
 //!   [`CudaDev::upload_input`]; inside a capture that binds a device buffer to the host range,
@@ -135,6 +138,15 @@ impl GraphPool {
             self.owned.lock().map_err(|_| Error::Device("graph pool poisoned".into()))?.push((class, ptr));
         }
         Ok(ptr)
+    }
+
+    /// Takes over a block of the device's cache that was in use before the capture (returned
+    /// to the cache with the pool).
+    pub(super) fn adopt(&self, class: usize, ptr: u64) {
+        if let Ok(mut o) = self.owned.lock() {
+            o.push((class, ptr));
+        }
+        self.give(class, ptr);
     }
 
     pub(super) fn give(&self, class: usize, ptr: u64) {
