@@ -224,11 +224,12 @@ impl Optimizer for AdamW {
         let decay = self.decay(ctx.lr);
         // step_size and inv_sqrt_bc2 come from the gate.
         let s = AdamWStep { beta1: c.beta1 as f32, beta2: c.beta2 as f32, eps: c.eps as f32, step_size: 0.0, inv_sqrt_bc2: 0.0, decay };
-        let gate = AdamWGate { max_norm, lr: ctx.lr, beta1: c.beta1, beta2: c.beta2 };
+        let gate = AdamWGate { max_norm, beta1: c.beta1, beta2: c.beta2 };
         self.dev_state(params.flat().device())?;
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let (p, p16) = params.flat_and_half_mut()?;
+        self.lr_dev.stage(ctx.lr, decay);
         let gate = Some(DeviceGate { rec, gate, t, lr: &self.lr_dev });
         dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, gate, p16)?;
         Ok(true)

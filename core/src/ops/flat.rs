@@ -130,19 +130,18 @@ impl DeviceStepCount {
     }
 }
 
-/// What AdamW's device gate needs from the host: the clipping norm (0: none), this step's
-/// learning rate and the betas (all f64, as the host path computes with them).
+/// What AdamW's device gate takes as arguments: the clipping norm (0: none) and the betas
+/// (f64, as the host path computes with them). The learning rate comes from [`DeviceLr`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWGate {
     pub max_norm: f64,
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
 }
 
 /// A step AdamW decides on the GPU: the step's record, the host's scalars for the gate, the
-/// device step count, and the cell its learning rate and decay reach the device through (see
-/// [`adamw_cuda`]).
+/// device step count, and the cell its learning rate and decay reach the device through, staged
+/// with this step's (see [`adamw_cuda`]).
 pub struct DeviceGate<'a> {
     pub rec: &'a StepRecord,
     pub gate: AdamWGate,

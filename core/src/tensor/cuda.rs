@@ -463,7 +463,7 @@ impl CudaDev {
             None => {
                 let p = b.ptr;
                 // SAFETY: the emulator's blocks are host memory of at least `bytes` bytes.
-                self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) })))?
+                self.emu_host(move || unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) })?
             }
         }
         Ok(b)
@@ -503,15 +503,8 @@ impl CudaDev {
     /// Copies host data into a new device buffer.
     pub fn upload<T: DeviceRepr>(self: &Arc<Self>, src: &[T]) -> Result<DevBuf> {
         self.refuse_in_capture(&format!("a host-to-device copy of {} bytes", std::mem::size_of_val(src)))?;
-        let bytes = std::mem::size_of_val(src);
-        let b = self.alloc(bytes)?;
-        match &self.real {
-            // SAFETY: the block holds the bytes of `src`; pageable sources are staged by the
-            // driver before this returns, so `src` may be dropped afterwards.
-            Some(r) => unsafe { drv::memcpy_htod_async(b.ptr, src, r.stream.cu_stream()) }.map_err(|e| derr("host-to-device copy", e))?,
-            // SAFETY: host memory of `bytes` bytes on both sides.
-            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, b.ptr as *mut u8, bytes) },
-        }
+        let b = self.alloc(std::mem::size_of_val(src))?;
+        self.write(b.ptr, src)?;
         Ok(b)
     }
 
@@ -522,7 +515,7 @@ impl CudaDev {
         self.bind()?;
         match &self.real {
             // SAFETY: the caller passes a buffer of at least the bytes of `src`; pageable sources
-            // are staged by the driver before this returns.
+            // are staged by the driver before this returns, so `src` may be dropped afterwards.
             Some(r) => unsafe { drv::memcpy_htod_async(dst, src, r.stream.cu_stream()) }.map_err(|e| derr("host-to-device copy", e)),
             None => {
                 // SAFETY: as above, in host memory.
@@ -557,7 +550,7 @@ impl CudaDev {
             // SAFETY: both ranges lie in live device buffers (callers' invariant).
             Some(r) => unsafe { drv::memcpy_dtod_async(dst, src, bytes, r.stream.cu_stream()) }.map_err(|e| derr("device copy", e)),
             // SAFETY: as above, in host memory.
-            None => self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) }))),
+            None => self.emu_host(move || unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) }),
         }
     }
 
@@ -678,7 +671,7 @@ impl CudaDev {
                 g.cublas(&r.blas)
             }
             // SAFETY: the emulator's pointers are host memory of the sizes the GEMM implies.
-            None => self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { g.reference() }))),
+            None => self.emu_host(move || unsafe { g.reference() }),
         })
     }
 
@@ -769,7 +762,7 @@ impl CudaDev {
             None => {
                 // SAFETY: the emulator's pointers are host memory of the sizes the GEMM and its
                 // epilogue imply.
-                self.emu_do(graph::EmuOp::Host(Box::new(move || unsafe { col_reference(&g, col) })))?;
+                self.emu_host(move || unsafe { col_reference(&g, col) })?;
                 Ok(true)
             }
         })

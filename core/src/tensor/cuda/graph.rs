@@ -75,7 +75,7 @@ impl EmuOp {
 /// or a cell of scalars the graph keeps alive.
 pub(super) enum Binding {
     Input { host: usize, bytes: usize, dev: u64 },
-    Scalars { cell: HostScalars, dev: u64 },
+    Scalars { cell: HostScalars, bytes: usize, dev: u64 },
 }
 
 /// Host values a step uploads that change between replays (a learning rate): a graph that
@@ -208,29 +208,20 @@ impl<I: GraphInputs> StepGraph<I> {
         if !bound_within(&self.bindings, self.inputs.as_ref()) {
             return Err(Error::Device("a CUDA graph's inputs were moved or shortened since its capture; capture the step again".into()));
         }
-        self.dev.bind()?;
         for b in &self.bindings {
-            let values;
-            let (src, dev): (&[u8], u64) = match b {
-                // SAFETY: the range lies inside a live buffer of the inputs (checked above) and
-                // the device buffer was allocated for exactly these bytes at capture.
-                Binding::Input { host, bytes, dev } => (unsafe { std::slice::from_raw_parts(*host as *const u8, *bytes) }, *dev),
-                Binding::Scalars { cell, dev } => {
-                    values = cell.get();
-                    if values.len() * 8 != b.bytes() {
-                        return Err(Error::Device("a CUDA graph's scalars changed length since its capture".into()));
-                    }
-                    // SAFETY: plain f64s viewed as their bytes.
-                    (unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 8) }, *dev)
+            match b {
+                Binding::Input { host, bytes, dev } => {
+                    // SAFETY: the range lies inside a live buffer of the inputs (checked above).
+                    let src = unsafe { std::slice::from_raw_parts(*host as *const u8, *bytes) };
+                    self.dev.write(*dev, src)?;
                 }
-            };
-            match &self.dev.real {
-                // SAFETY: the device buffer holds `src.len()` bytes (allocated for them at
-                // capture); pageable memory is staged by the driver before this returns.
-                Some(r) => unsafe { cudarc::driver::result::memcpy_htod_async(dev, src, r.stream.cu_stream()) }
-                    .map_err(|e| derr("copying a graph's input", e))?,
-                // SAFETY: the emulator's device memory is host memory of that many bytes.
-                None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dev as *mut u8, src.len()) },
+                Binding::Scalars { cell, bytes, dev } => {
+                    let values = cell.get();
+                    if values.len() * 8 != *bytes {
+                        return Err(Error::Device("a CUDA graph's scalars changed in number since its capture".into()));
+                    }
+                    self.dev.write(*dev, &values)?;
+                }
             }
         }
         match &self.real {
@@ -255,15 +246,6 @@ impl<I: GraphInputs> StepGraph<I> {
                 Ok(n)
             }
             None => Ok(self.ops.len()),
-        }
-    }
-}
-
-impl Binding {
-    fn bytes(&self) -> usize {
-        match self {
-            Binding::Input { bytes, .. } => *bytes,
-            Binding::Scalars { cell, .. } => cell.get().len() * 8,
         }
     }
 }
@@ -374,6 +356,11 @@ impl CudaDev {
         Ok(())
     }
 
+    /// The emulator's host-side operation `f` (a GEMM, copy or memset): run now, or recorded.
+    pub(super) fn emu_host(&self, f: impl Fn() + Send + Sync + 'static) -> Result<()> {
+        self.emu_do(EmuOp::Host(Box::new(f)))
+    }
+
     /// An error for an operation a capture cannot hold (a host wait, a copy from or to host
     /// memory other than a bound input).
     pub(super) fn refuse_in_capture(&self, what: &str) -> Result<()> {
@@ -420,7 +407,7 @@ impl CudaDev {
         let b = self.bound_buffer(values.len() * 8)?;
         let mut c = self.capture.lock().map_err(|_| Error::Device("capture state poisoned".into()))?;
         if let Some(s) = c.as_mut() {
-            s.bindings.push(Binding::Scalars { cell: cell.clone(), dev: b.ptr });
+            s.bindings.push(Binding::Scalars { cell: cell.clone(), bytes: values.len() * 8, dev: b.ptr });
         }
         Ok(b)
     }

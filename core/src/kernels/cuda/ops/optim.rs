@@ -32,12 +32,12 @@ pub fn adamw(
     if let Some(h) = p16.filter(|h| h.dtype() != DType::BF16 || h.numel() != n || !h.is_contiguous()) {
         return Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {n} parameters", h.shape(), h.dtype())));
     }
-    // The learning rate and decay go up in a cell (a CUDA graph of the step uploads its values
-    // again before each replay); the buffer lives until the kernels below have run (stream order).
+    // The learning rate and decay go up from the cell the optimizer staged them in (a CUDA
+    // graph of the step uploads its values again before each replay); the buffer lives until
+    // the kernels below have run (stream order).
     let mut lrs = None;
     let rec = match gate {
         Some((rec, gate, t, cell)) => {
-            cell.set(&[gate.lr, s.decay as f64]);
             let b = d.upload_scalars(cell)?;
             let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
             // adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t)
