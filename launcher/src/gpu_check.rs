@@ -155,9 +155,8 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
 /// the same kernels with the same arguments, so it should be 0.
 #[cfg(feature = "cuda")]
 fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
-    use dptrain_core::model::{Batch, Model};
-    use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Precision, Tape};
-    use dptrain_optim::Optimizer;
+    use dptrain_core::model::Batch;
+    use dptrain_core::{DType, Device, GradStore, ParamBuilder};
     let e = |x: dptrain_core::Error| x.to_string();
     // Head size 32: flash attention on a GPU; biases: the cuBLASLt epilogues.
     let cfg =
@@ -176,19 +175,10 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
         let mut grads = GradStore::try_new(&params).map_err(e)?;
         let mut solo = dptrain_comm::LocalComm::new();
         let mut step = |batch: &Batch| -> dptrain_core::Result<()> {
-            grads.zero_grad();
-            let tape = Tape::new();
-            tape.set_precision(Precision::Bf16);
-            let loss = model.loss(&tape, &params, batch, true, &mut NoProbes)?;
-            let value = loss.value();
-            tape.backward(loss, &mut grads, |_, _| {})?;
-            drop(tape);
-            let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value))?;
             let ctx = &mut dptrain_optim::StepCtx { step: 0, lr: 1e-3, comm: &mut solo };
-            match opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(dptrain_core::Error::Device("AdamW did not decide the step on the device".into())),
-                Err(x) => Err(dptrain_core::Error::Device(x.to_string())),
+            match bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, 0, ctx)? {
+                (_, true) => Ok(()),
+                (_, false) => Err(dptrain_core::Error::Device("AdamW did not decide the step on the device".into())),
             }
         };
         step(&batches[0]).map_err(e)?;
@@ -211,6 +201,35 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
     let scale = eager.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
     let diff = eager.iter().zip(&replayed).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     Ok(((diff / scale) as f64, steps))
+}
+
+/// One bf16 training step of `model` on `batch`, as the trainer runs a step that logs nothing:
+/// forward and backward (dropout keyed by `rng_key`), the record (Σg², the loss) and AdamW's
+/// step decided on the device. Returns the record and whether the device decided the step (not
+/// with `Fusions::device_step` off: the caller then takes the waiting path).
+#[cfg(feature = "cuda")]
+fn bf16_device_step(
+    model: &dptrain_models::Gpt,
+    params: &mut dptrain_core::ParamStore,
+    grads: &mut dptrain_core::GradStore,
+    opt: &mut dptrain_optim::AdamW,
+    batch: &dptrain_core::model::Batch,
+    rng_key: u64,
+    ctx: &mut dptrain_optim::StepCtx,
+) -> dptrain_core::Result<(dptrain_core::ops::flat::StepRecord, bool)> {
+    use dptrain_core::model::Model;
+    use dptrain_optim::Optimizer;
+    grads.zero_grad();
+    let tape = dptrain_core::Tape::new();
+    tape.set_precision(dptrain_core::Precision::Bf16);
+    tape.set_rng_key(rng_key);
+    let loss = model.loss(&tape, params, batch, true, &mut dptrain_core::probe::NoProbes)?;
+    let value = loss.value();
+    tape.backward(loss, grads, |_, _| {})?;
+    drop(tape);
+    let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value))?;
+    let decided = opt.step_on_device(params, grads, ctx, &rec, 1.0).map_err(|x| dptrain_core::Error::Device(x.to_string()))?;
+    Ok((rec, decided))
 }
 
 #[cfg(feature = "cuda")]
@@ -503,9 +522,9 @@ fn print_against(base: &Perf, q: std::result::Result<Perf, String>, label: impl 
 /// steps, then 10 timed, then one profiled.
 #[cfg(feature = "cuda")]
 fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::Fusions, graph: bool) -> std::result::Result<Perf, String> {
-    use dptrain_core::model::{Batch, Model};
+    use dptrain_core::model::Batch;
     use dptrain_core::Precision;
-    use dptrain_core::{probe::NoProbes, DType, Device, GradStore, ParamBuilder, Tape};
+    use dptrain_core::{DType, Device, GradStore, ParamBuilder};
     use dptrain_models::Gpt;
     use dptrain_optim::Optimizer;
     let e = |x: dptrain_core::Error| x.to_string();
@@ -537,20 +556,12 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
     let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
     let mut step = |i: usize, batch: &Batch| -> std::result::Result<(), String> {
-        grads.zero_grad();
-        let tape = Tape::new();
-        tape.set_precision(Precision::Bf16);
-        tape.set_rng_key(i as u64);
-        let loss = model.loss(&tape, &params, batch, true, &mut NoProbes).map_err(e)?;
-        let value = loss.value();
-        tape.backward(loss, &mut grads, |_, _| {}).map_err(e)?;
-        drop(tape);
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         // As the trainer on a step that logs nothing: the step decided on the device (its
         // record read on a logging step, not here) — or, with that off, the loss and the
         // gradient's norm read in one transfer, then clipping.
-        let rec = dptrain_core::ops::flat::sum_squares_and_record(grads.flat(), std::slice::from_ref(&value)).map_err(e)?;
-        if opt.step_on_device(&mut params, &grads, ctx, &rec, 1.0).map_err(|x| x.to_string())? {
+        let (rec, decided) = bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, i as u64, ctx).map_err(e)?;
+        if decided {
             return Ok(());
         }
         let (sq, _, _) = rec.read().map_err(e)?;

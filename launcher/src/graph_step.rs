@@ -30,8 +30,6 @@ pub struct GraphStep {
     warm: bool,
     #[cfg(feature = "cuda")]
     graph: Option<Captured>,
-    /// Captures so far (a run should make one).
-    pub captures: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -93,7 +91,6 @@ impl GraphStep {
                 graph.replay()?;
                 let out = rec.copy()?;
                 let note = format!("the training step runs as a CUDA graph ({} nodes, captured at this step)", graph.nodes()?);
-                self.captures += 1;
                 self.graph = Some(Captured { graph, rec, at });
                 return Ok((out, Some(note)));
             }
