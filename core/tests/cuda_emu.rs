@@ -36,6 +36,56 @@ fn gpu_check_ops_pass_on_the_emulator() {
     dropout_and_the_residual_add_are_one_pass();
     the_optimizers_bf16_weight_copy_replaces_the_casts();
     a_captured_step_replays_with_new_inputs();
+    a_replayed_step_draws_each_steps_dropout_masks();
+}
+
+/// Dropout in a step replayed as a CUDA graph: the kernels read the micro-step's tape key from
+/// device memory (`StepKeys`, staged for each step and uploaded by the graph before each
+/// replay), so each replay draws the masks an eager step with that key draws — the element-wise
+/// dropout, the fused dropout + residual add and flash attention's dropout, forward and backward.
+fn a_replayed_step_draws_each_steps_dropout_masks() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::model::Batch;
+    use dptrain_core::ops::dropout::StepKeys;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{DType, Device, GradStore, Init, ParamBuilder, Role};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut pb = ParamBuilder::new();
+    // Packed qkv of one sequence of 16 positions, one head of 32: flash attention under bf16.
+    let qkv = pb.add("qkv", &[1, 16, 96], Role::Hidden, 96, 96, Init::Normal { std: 1.0 });
+    let res = pb.add("res", &[1, 16, 32], Role::Hidden, 32, 32, Init::Normal { std: 1.0 });
+    let mut ps = pb.build(3, DType::F32).unwrap();
+    ps.to_device(Device::Cuda(0)).unwrap();
+    let mut grads = GradStore::try_new(&ps).unwrap();
+    let keys = StepKeys::default();
+    let step = |grads: &mut GradStore, key: u64, on_device: bool| -> dptrain_core::Result<()> {
+        grads.zero_grad();
+        let tape = Tape::new();
+        tape.set_precision(Precision::Bf16);
+        tape.set_rng_key(key);
+        let staged = if on_device { keys.upload(Device::Cuda(0))? } else { vec![] };
+        tape.set_device_rng_key(staged.first().cloned());
+        let att = tape.param(&ps, qkv).causal_attention_dropout(1, tape.dropout(0.3, 1)?)?;
+        let y = att.y.dropout(tape.dropout(0.2, 2)?)?.dropout_add(tape.dropout(0.4, 3)?, tape.param(&ps, res))?;
+        let loss = y.mul(y)?.sum_all()?;
+        tape.backward(loss, grads, |_, _| {}).map(drop)
+    };
+    let step_keys = [101u64, 202, 303, 404];
+    let eager: Vec<Vec<f32>> = step_keys
+        .iter()
+        .map(|&k| {
+            step(&mut grads, k, false).unwrap();
+            grads.flat().to_vec::<f32>().unwrap()
+        })
+        .collect();
+    assert!(eager.windows(2).all(|w| w[0] != w[1]), "the keys drew the same masks");
+    keys.stage(&[step_keys[0]]);
+    let (g, ()) = d.capture(Vec::<Batch>::new(), |_| step(&mut grads, step_keys[0], true)).unwrap();
+    for (i, &k) in step_keys.iter().enumerate().rev() {
+        keys.stage(&[k]);
+        g.replay().unwrap();
+        assert_eq!(grads.flat().to_vec::<f32>().unwrap(), eager[i], "replay with the key of step {i}");
+    }
 }
 
 /// A step captured as a CUDA graph (`CudaDev::capture`): nothing of it runs at capture; each

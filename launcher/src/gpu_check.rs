@@ -87,7 +87,9 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
     // The training step captured as a CUDA graph and replayed with new batches, against eager.
     let row = match graph_agreement(device) {
         Ok((d, steps)) => CheckRow {
-            op: format!("GPT training step as a CUDA graph, {steps} steps (replays with new batches) vs eager: parameters"),
+            op: format!(
+                "GPT training step as a CUDA graph, {steps} steps (replays with new batches and dropout masks) vs eager: parameters"
+            ),
             max_rel_err: d,
             bound: 1e-6,
         },
@@ -148,19 +150,28 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
     Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
 }
 
-/// A small GPT's bf16 training step (AdamW and clipping decided on the device) run eagerly for
-/// five batches, and again with the second step captured as a CUDA graph that is replayed for
-/// the second to fifth batches, each refilled into the graph's inputs: the largest difference
-/// of the parameters after the five steps, relative to their largest magnitude. The graph runs
-/// the same kernels with the same arguments, so it should be 0.
+/// A small GPT's bf16 training step with dropout (AdamW and clipping decided on the device) run
+/// eagerly for five batches, and again with the second step captured as a CUDA graph that is
+/// replayed for the second to fifth batches, each refilled into the graph's inputs with its
+/// step's dropout key staged: the largest difference of the parameters after the five steps,
+/// relative to their largest magnitude. The graph runs the same kernels on the same values, so
+/// it should be 0.
 #[cfg(feature = "cuda")]
 fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
     use dptrain_core::model::Batch;
     use dptrain_core::{DType, Device, GradStore, ParamBuilder};
     let e = |x: dptrain_core::Error| x.to_string();
     // Head size 32: flash attention on a GPU; biases: the cuBLASLt epilogues.
-    let cfg =
-        dptrain_models::GptConfig { vocab_size: 64, context: 16, d_model: 64, n_layers: 2, n_heads: 2, bias: true, ..Default::default() };
+    let cfg = dptrain_models::GptConfig {
+        vocab_size: 64,
+        context: 16,
+        d_model: 64,
+        n_layers: 2,
+        n_heads: 2,
+        bias: true,
+        dropout: 0.1,
+        ..Default::default()
+    };
     let (b, t, steps) = (2usize, 16usize, 5usize);
     let mut rng = dptrain_core::rng::Rng::new(11);
     let mut ids = || -> Vec<u32> { (0..b * t).map(|_| (rng.uniform() * 64.0) as u32 % 64).collect() };
@@ -174,25 +185,31 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
         params.to_device(Device::Cuda(device)).map_err(e)?;
         let mut grads = GradStore::try_new(&params).map_err(e)?;
         let mut solo = dptrain_comm::LocalComm::new();
-        let mut step = |batch: &Batch| -> dptrain_core::Result<()> {
+        let keys = dptrain_core::ops::dropout::StepKeys::default();
+        // Step i's dropout key is i, staged where the kernels read it.
+        let mut step = |i: u64, batch: &Batch| -> dptrain_core::Result<()> {
             let ctx = &mut dptrain_optim::StepCtx { step: 0, lr: 1e-3, comm: &mut solo };
-            match bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, 0, ctx)? {
+            match bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i, &keys), ctx)? {
                 (_, true) => Ok(()),
                 (_, false) => Err(dptrain_core::Error::Device("AdamW did not decide the step on the device".into())),
             }
         };
-        step(&batches[0]).map_err(e)?;
+        keys.stage(&[0]);
+        step(0, &batches[0]).map_err(e)?;
         if graph {
-            let (mut g, ()) = dev.capture(batches[1].clone(), |b| step(b)).map_err(e)?;
+            keys.stage(&[1]);
+            let (mut g, ()) = dev.capture(batches[1].clone(), |b| step(1, b)).map_err(e)?;
             for (i, batch) in batches.iter().enumerate().skip(1) {
                 if i > 1 {
                     g.inputs_mut().refill(batch).map_err(e)?;
                 }
+                keys.stage(&[i as u64]);
                 g.replay().map_err(e)?;
             }
         } else {
-            for batch in &batches[1..] {
-                step(batch).map_err(e)?;
+            for (i, batch) in batches.iter().enumerate().skip(1) {
+                keys.stage(&[i as u64]);
+                step(i as u64, batch).map_err(e)?;
             }
         }
         params.flat().to_vec::<f32>().map_err(e)
@@ -204,9 +221,11 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
 }
 
 /// One bf16 training step of `model` on `batch`, as the trainer runs a step that logs nothing:
-/// forward and backward (dropout keyed by `rng_key`), the record (Σg², the loss) and AdamW's
-/// step decided on the device. Returns the record and whether the device decided the step (not
-/// with `Fusions::device_step` off: the caller then takes the waiting path).
+/// forward and backward (dropout keyed by `rng_key`: the key, and the cell the caller staged it
+/// in, which the kernels read, as in a step the trainer replays as a CUDA graph), the record
+/// (Σg², the loss) and AdamW's step decided on the device. Returns the record and whether the
+/// device decided the step (not with `Fusions::device_step` off: the caller then takes the
+/// waiting path).
 #[cfg(feature = "cuda")]
 fn bf16_device_step(
     model: &dptrain_models::Gpt,
@@ -214,7 +233,7 @@ fn bf16_device_step(
     grads: &mut dptrain_core::GradStore,
     opt: &mut dptrain_optim::AdamW,
     batch: &dptrain_core::model::Batch,
-    rng_key: u64,
+    rng_key: (u64, &dptrain_core::ops::dropout::StepKeys),
     ctx: &mut dptrain_optim::StepCtx,
 ) -> dptrain_core::Result<(dptrain_core::ops::flat::StepRecord, bool)> {
     use dptrain_core::model::Model;
@@ -222,7 +241,9 @@ fn bf16_device_step(
     grads.zero_grad();
     let tape = dptrain_core::Tape::new();
     tape.set_precision(dptrain_core::Precision::Bf16);
-    tape.set_rng_key(rng_key);
+    tape.set_rng_key(rng_key.0);
+    let staged = rng_key.1.upload(params.device())?;
+    tape.set_device_rng_key(staged.first().cloned());
     let loss = model.loss(&tape, params, batch, true, &mut dptrain_core::probe::NoProbes)?;
     let value = loss.value();
     tape.backward(loss, grads, |_, _| {})?;
@@ -485,9 +506,8 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         });
     }
     // After: the same step captured once as a CUDA graph and replayed (one launch per step).
-    let dropout = if preset.cfg.dropout > 0.0 { "; dropout masks of the capture" } else { "" };
     print_against(&p, measure(device, preset, Fusions::ALL, true), |q| match q {
-        Some(q) => format!("dptrain with the step as one CUDA graph ({} nodes, replayed{dropout})", q.graph_nodes.unwrap_or(0)),
+        Some(q) => format!("dptrain with the step as one CUDA graph ({} nodes, replayed)", q.graph_nodes.unwrap_or(0)),
         None => "dptrain with the step as one CUDA graph".into(),
     });
     print_profile(&p.profile, p.step_ms);
@@ -555,12 +575,14 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
     let mut t0 = std::time::Instant::now();
     let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
+    // Each step's dropout key (i), staged where the kernels read it (a replay's too).
+    let keys = dptrain_core::ops::dropout::StepKeys::default();
     let mut step = |i: usize, batch: &Batch| -> std::result::Result<(), String> {
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         // As the trainer on a step that logs nothing: the step decided on the device (its
         // record read on a logging step, not here) — or, with that off, the loss and the
         // gradient's norm read in one transfer, then clipping.
-        let (rec, decided) = bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, i as u64, ctx).map_err(e)?;
+        let (rec, decided) = bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i as u64, &keys), ctx).map_err(e)?;
         if decided {
             return Ok(());
         }
@@ -580,6 +602,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
                 allocs0 = dev.cache_stats().raw_allocs;
                 waits0 = dev.host_waits();
             }
+            keys.stage(&[i as u64]);
             if graph && i == warm - 1 {
                 let (g, ()) = dev.capture(batch.clone(), |b| step(i, b).map_err(dptrain_core::Error::Device)).map_err(e)?;
                 nodes = Some(g.nodes().map_err(e)?);
@@ -601,6 +624,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         // One more step with every launch timed (events around each: a little slower than the
         // timed steps, so only the shares are reported).
         dev.profile_start();
+        keys.stage(&[(warm + timed) as u64]);
         step(warm + timed, &batch)?;
         Ok((dt, allocs, waits, dev.profile_stop().map_err(e)?))
     };

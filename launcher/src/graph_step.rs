@@ -8,7 +8,8 @@
 //! micro-batches and the step itself as a closure. The first such step runs eagerly (it makes
 //! what a step makes once: the optimizer's moments, the bf16 weight copy), the second is
 //! captured and replayed, the later ones refill the graph's batches and replay it; the
-//! optimizer has staged the step's learning rate where the graph's AdamW reads it. Each replay's
+//! optimizer has staged the step's learning rate where the graph's AdamW reads it, and the
+//! trainer the micro-steps' dropout keys where its kernels read them. Each replay's
 //! record (Σg², the micro-step losses, whether the update was applied) is copied out of the
 //! graph, so the logging step that reads it later finds this step's numbers. Steps in between
 //! (probes, logging) run eagerly on the same parameters, gradients and optimizer state, whose

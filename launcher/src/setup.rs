@@ -139,16 +139,13 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
     let accum = global_batch / (micro_batch * ws);
     if cfg.train.cuda_graph {
         // What a replay cannot follow: other ranks (NCCL inside the capture is not done yet),
-        // images (uploaded outside the graph's inputs), dropout (its keys are the capture's), an
-        // optimizer whose step the host decides.
+        // images (uploaded outside the graph's inputs), an optimizer whose step the host decides.
         let why = if !matches!(device, Device::Cuda(_)) {
             Some("run.device = \"cuda\"".to_string())
         } else if ws > 1 {
             Some(format!("one rank (this run has {ws})"))
         } else if cfg.model.kind != ModelKind::Gpt {
             Some("model.kind = \"gpt\"".to_string())
-        } else if cfg.model.dropout > 0.0 {
-            Some("model.dropout = 0 (a replay would repeat its capture's dropout masks)".to_string())
         } else if cfg.optim.kind != OptimKind::Adamw {
             Some("optim.kind = \"adamw\" (the optimizer whose step is decided on the device)".to_string())
         } else {

@@ -120,6 +120,8 @@ fn train_loop(
     let mut pending: Vec<Pending> = vec![];
     // train.cuda_graph: steps that log and probe nothing replay one captured step.
     let mut graph = crate::graph_step::GraphStep::new(cfg.train.cuda_graph);
+    // Its micro-steps' dropout keys, staged for each step where the graph's kernels read them.
+    let step_keys = dptrain_core::ops::dropout::StepKeys::default();
     // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
     let cbs_beta = 0.99f64.powf(cfg.probes.interval as f64);
     if cfg.train.eval_at_start && run.start_step == 0 {
@@ -159,13 +161,17 @@ fn train_loop(
             let batches =
                 (0..run.accum).map(|micro| next_batch(run, &mut stream, key(micro, WINDOW_STREAM))).collect::<Result<Vec<_>>>()?;
             run.opt.stage_device_lr(lr);
+            step_keys.stage(&(0..run.accum).map(|micro| key(micro, DROPOUT_STREAM)).collect::<Vec<_>>());
             let (device, at) = (run.device, crate::graph_step::addresses(&run.params, grads));
             let (rec, note) = graph.step(device, at, batches, |batches| {
                 grads.zero_grad();
+                // The kernels read the dropout keys from the device (a replay's staged ones).
+                let on_device = step_keys.upload(device)?;
                 let mut losses = Vec::with_capacity(batches.len());
                 for (micro, batch) in batches.iter().enumerate() {
                     let no_probes = &mut Probes::with_set(false, ProbeSet::NONE);
-                    losses.push(forward_backward(run, grads, None, batch, key(micro, DROPOUT_STREAM), true, no_probes)?.0);
+                    let keys = (key(micro, DROPOUT_STREAM), on_device.get(micro).cloned());
+                    losses.push(forward_backward(run, grads, None, batch, keys, true, no_probes)?.0);
                 }
                 let rec = sum_squares_and_record(grads.flat(), &losses)?;
                 let ctx = &mut StepCtx { step: done, lr, comm: optim_comm };
@@ -185,7 +191,7 @@ fn train_loop(
                 // Gradients are communicated on the last micro-step only (DDP's no_sync).
                 let sync = micro + 1 == run.accum && !cbs_ranks;
                 let (loss, stats) =
-                    forward_backward(run, grads, reducer.as_deref_mut(), &batch, key(micro, DROPOUT_STREAM), sync, &mut probes)?;
+                    forward_backward(run, grads, reducer.as_deref_mut(), &batch, (key(micro, DROPOUT_STREAM), None), sync, &mut probes)?;
                 losses.push(loss);
                 comm_stats = comm_stats.or(stats);
                 if cbs_micro {
@@ -393,19 +399,21 @@ fn nonfinite(run: &mut Run, events: &mut Events, step: u64, loss: f64, grad_norm
 /// One micro-step: forward, then backward through the gradient synchroniser (buckets are
 /// all-reduced while backward goes on; on the last micro-step the gradients are the averages
 /// over ranks when it returns), probes kept. Returns the micro-batch loss (a one-element tensor,
-/// on a GPU still there) and, when it synchronised, the reduction's timing.
+/// on a GPU still there) and, when it synchronised, the reduction's timing. `dropout_key`: the
+/// tape's key, and the same in device memory for a step a CUDA graph replays.
 fn forward_backward(
     run: &Run,
     grads: &mut GradStore,
     reducer: Option<&mut (dyn GradSync + 'static)>,
     batch: &Batch,
-    dropout_key: u64,
+    dropout_key: (u64, Option<dptrain_core::ops::dropout::DeviceKey>),
     sync: bool,
     probes: &mut Probes,
 ) -> Result<(dptrain_core::Tensor, Option<ReduceStats>)> {
     let tape = Tape::new();
     tape.set_precision(run.cfg.train.precision);
-    tape.set_rng_key(dropout_key);
+    tape.set_rng_key(dropout_key.0);
+    tape.set_device_rng_key(dropout_key.1);
     let mut mine = Probes::with_set(probes.enabled(), probes.set());
     let loss = run.model.loss(&tape, &run.params, batch, true, &mut mine)?;
     let value = loss.value();

@@ -74,6 +74,8 @@ pub struct Tape {
     used: std::cell::Cell<bool>,
     precision: std::cell::Cell<Precision>,
     rng_key: std::cell::Cell<u64>,
+    /// The same key in device memory, for steps a CUDA graph replays (see `ops::dropout`).
+    device_rng_key: RefCell<Option<crate::ops::dropout::DeviceKey>>,
 }
 
 /// A handle to a value on a tape.
@@ -114,6 +116,7 @@ impl Tape {
             used: false.into(),
             precision: Precision::F32.into(),
             rng_key: 0.into(),
+            device_rng_key: None.into(),
         }
     }
     /// A tape that records nothing for backward (evaluation).
@@ -132,9 +135,19 @@ impl Tape {
     pub fn set_rng_key(&self, key: u64) {
         self.rng_key.set(key);
     }
+    /// Where the GPU kernels read this tape's key from instead of their arguments: the same
+    /// value (set with [`set_rng_key`](Self::set_rng_key)) staged in device memory, so that a
+    /// CUDA graph of the step draws each replay's masks (see `ops::dropout::StepKeys`).
+    pub fn set_device_rng_key(&self, key: Option<crate::ops::dropout::DeviceKey>) {
+        *self.device_rng_key.borrow_mut() = key;
+    }
     /// The mask of dropout site `site` with probability `p` on this tape (`None` when `p` is 0).
     pub fn dropout(&self, p: f64, site: u64) -> Result<Option<crate::ops::dropout::Dropout>> {
-        Ok(crate::ops::dropout::Dropout::new(p, self.rng_key.get())?.map(|d| d.site(site)))
+        let at = self.device_rng_key.borrow().as_ref().map(|k| k.at);
+        Ok(crate::ops::dropout::Dropout::new(p, self.rng_key.get())?.map(|d| match at {
+            Some(at) => d.site_on_device(site, at),
+            None => d.site(site),
+        }))
     }
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled

@@ -10,6 +10,13 @@
 //! number (layer, position in the block), so a run's masks are a function of its config and a
 //! resumed run draws the same ones. The fused attention applies the same rule to its
 //! probabilities (`ops::fused::attention`).
+//!
+//! A training step replayed as a CUDA graph keeps the kernel arguments of its capture, keys
+//! included. For it the micro-steps' tape keys live in device memory ([`StepKeys`], staged by
+//! the trainer for each step and uploaded by the graph before each replay), a tape set to read
+//! them ([`Tape::set_device_rng_key`](crate::autograd::Tape::set_device_rng_key)) hands its
+//! masks their address and site, and the kernels derive each mask's key from them — the key
+//! [`Dropout::site`] computes on the host, so eager and replayed steps draw the same masks.
 
 use crate::autograd::Var;
 use crate::error::{Error, Result};
@@ -25,6 +32,9 @@ pub struct Dropout {
     pub(crate) p: f64,
     pub(crate) key: u64,
     thr: u32,
+    /// On a GPU, where the kernels read the key from: (device address of the micro-step's tape
+    /// key, site), whose `key_of` is `key` (see [`StepKeys`]).
+    on_device: Option<(u64, u64)>,
 }
 
 impl Dropout {
@@ -34,11 +44,25 @@ impl Dropout {
             return Err(Error::Config { key: "dropout".into(), msg: format!("probability must be in [0, 1), got {p}") });
         }
         let thr = ((p * 4_294_967_296.0).round() as u64).min(u32::MAX as u64) as u32;
-        Ok((p > 0.0).then_some(Dropout { p, key, thr }))
+        Ok((p > 0.0).then_some(Dropout { p, key, thr, on_device: None }))
     }
     /// The same probability under a sub-key (one per dropout site).
     pub fn site(self, site: u64) -> Dropout {
-        Dropout { key: key_of(&[self.key, site]), ..self }
+        Dropout { key: key_of(&[self.key, site]), on_device: None, ..self }
+    }
+    /// Site `site` of a tape key that is also at device address `at` (a [`DeviceKey`]): the
+    /// kernels compute the mask's key from the device's copy.
+    pub(crate) fn site_on_device(self, site: u64, at: u64) -> Dropout {
+        Dropout { on_device: Some((at, site)), ..self.site(site) }
+    }
+    /// The key as the CUDA kernels take it (`dpt_mask_key`): (address of the tape key in device
+    /// memory, 0 for none; the site with an address, else the key).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn kernel_key(&self) -> (u64, i64) {
+        match self.on_device {
+            Some((at, site)) => (at, site as i64),
+            None => (0, self.key as i64),
+        }
     }
     /// Draws below this (the top 32 bits of the 64-bit draw) drop.
     pub fn threshold(&self) -> u32 {
@@ -52,6 +76,52 @@ impl Dropout {
     #[inline]
     pub fn keep(&self, i: u64) -> bool {
         (draw(self.key, i) >> 32) as u32 >= self.thr
+    }
+}
+
+/// The tape keys of a training step's micro-steps, as its dropout kernels read them on a GPU: the
+/// trainer [`stage`](Self::stage)s each step's and the step [`upload`](Self::upload)s them —
+/// inside a CUDA graph's capture that binds them to this cell, which the graph uploads again
+/// before each replay (as AdamW's learning rate). Clones share the cell.
+#[derive(Clone, Default)]
+pub struct StepKeys {
+    #[cfg(feature = "cuda")]
+    cell: crate::tensor::cuda::HostScalars,
+}
+
+/// One micro-step's tape key in device memory (for
+/// [`Tape::set_device_rng_key`](crate::autograd::Tape::set_device_rng_key)); holds its buffer.
+#[derive(Clone)]
+pub struct DeviceKey {
+    #[cfg(feature = "cuda")]
+    _buf: std::sync::Arc<crate::tensor::cuda::DevBuf>,
+    pub(crate) at: u64,
+}
+
+impl StepKeys {
+    /// This step's tape keys, one per micro-step.
+    pub fn stage(&self, keys: &[u64]) {
+        #[cfg(feature = "cuda")]
+        self.cell.set_words(keys);
+        #[cfg(not(feature = "cuda"))]
+        let _ = keys;
+    }
+
+    /// The staged keys in `device`'s memory, one per key (none off a GPU, whose tapes use the
+    /// host's keys).
+    pub fn upload(&self, device: crate::Device) -> Result<Vec<DeviceKey>> {
+        match device {
+            #[cfg(feature = "cuda")]
+            crate::Device::Cuda(ordinal) => {
+                let n = self.cell.words().len();
+                if n == 0 {
+                    return Ok(vec![]);
+                }
+                let buf = std::sync::Arc::new(crate::tensor::cuda::dev(ordinal)?.upload_scalars(&self.cell)?);
+                Ok((0..n as u64).map(|i| DeviceKey { at: buf.ptr + 8 * i, _buf: buf.clone() }).collect())
+            }
+            _ => Ok(vec![]),
+        }
     }
 }
 

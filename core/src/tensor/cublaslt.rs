@@ -204,6 +204,11 @@ unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
 
 impl Lt {
+    /// The workspace's device address (cuBLAS shares it: see `CudaDev::open`).
+    pub(crate) fn workspace(&self) -> u64 {
+        self.workspace
+    }
+
     /// The library's handle and a workspace on the current context; `None` when libcublasLt
     /// cannot be loaded (the unfused path then runs everywhere).
     pub(crate) fn open() -> Option<Lt> {

@@ -231,6 +231,18 @@ impl CudaDev {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| derr("creating the cuBLAS handle", e))?;
         ctx.bind_to_thread().map_err(|e| derr("binding the CUDA context", e))?;
         let lt = super::cublaslt::Lt::open();
+        if let Some(lt) = &lt {
+            // cuBLAS gets cuBLASLt's workspace (PyTorch shares one too): both run on the compute
+            // stream, one GEMM at a time, so one buffer serves both. Without a workspace of its
+            // own cuBLAS allocates one inside each CUDA graph capture (PyTorch #83461), and its
+            // default one is memory the allocator's numbers do not show.
+            // SAFETY: a live handle, and a device buffer of WORKSPACE_BYTES that outlives it
+            // (`Real` drops `blas` before `lt`).
+            let st = unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), lt.workspace() as *mut _, super::cublaslt::WORKSPACE_BYTES) };
+            if st != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                tracing::warn!("cuBLAS workspace: {st:?}; cuBLAS keeps its own");
+            }
+        }
         Ok(CudaDev {
             ordinal,
             name,

@@ -54,6 +54,18 @@ __device__ __forceinline__ u64_t dpt_mix64(u64_t z) {
 __device__ __forceinline__ u64_t dpt_draw(u64_t key, u64_t i) {
     return dpt_mix64(key + i * 0x9E3779B97F4A7C15ULL);
 }
+// rng::key_of(&[a, b]).
+__device__ __forceinline__ u64_t dpt_key_of2(u64_t a, u64_t b) {
+    const u64_t k = dpt_mix64(0x6A09E667F3BCC909ULL ^ dpt_mix64(a + 0x9E3779B97F4A7C15ULL));
+    return dpt_mix64(k ^ dpt_mix64(b + 0x9E3779B97F4A7C15ULL));
+}
+// A dropout mask's key. Without `step_key` it is `key`, a kernel argument. A step replayed as a
+// CUDA graph keeps its kernel arguments, so there the micro-step's tape key lives in device
+// memory, staged before each replay, `key` is the dropout site, and the mask's key is
+// rng::key_of(&[*step_key, site]): what Dropout::site computes on the host.
+__device__ __forceinline__ i64 dpt_mask_key(const u64_t* step_key, i64 key) {
+    return step_key ? (i64)dpt_key_of2(*step_key, (u64_t)key) : key;
+}
 // Element i survives dropout when the top 32 bits of its draw reach the threshold p·2^32.
 __device__ __forceinline__ bool dpt_keep(i64 key, i64 i, i64 threshold) {
     return (i64)(dpt_draw((u64_t)key, (u64_t)i) >> 32) >= threshold;

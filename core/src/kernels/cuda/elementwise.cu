@@ -24,14 +24,18 @@ extern "C" __global__ void affine_f32(const float* in, float* out, i64 n, float 
     GRID_STRIDE(i, n) { out[i] = in[i] * mul + add; }
 }
 
-// Inverted dropout with a mask regenerated from (key, index); also its own backward.
-extern "C" __global__ void dropout_f32(const float* in, float* out, i64 n, i64 key, i64 threshold, float scale) {
+// Inverted dropout with a mask regenerated from (key, index); also its own backward. The key:
+// `key`, or from the step's key in device memory (see dpt_mask_key).
+extern "C" __global__ void dropout_f32(const float* in, float* out, i64 n, const u64_t* step_key, i64 key, i64 threshold, float scale) {
+    key = dpt_mask_key(step_key, key);
     GRID_STRIDE(i, n) { out[i] = dpt_keep(key, i, threshold) ? in[i] * scale : 0.0f; }
 }
 
 // A residual plus the inverted dropout of x, in one pass (GPT's residual adds under dropout):
 // the mask is dropout_f32's, so out = res + dropout_f32(x) exactly.
-extern "C" __global__ void dropout_add_f32(const float* x, const float* res, float* out, i64 n, i64 key, i64 threshold, float scale) {
+extern "C" __global__ void dropout_add_f32(const float* x, const float* res, float* out, i64 n, const u64_t* step_key, i64 key, i64 threshold,
+                                           float scale) {
+    key = dpt_mask_key(step_key, key);
     GRID_STRIDE(i, n) { out[i] = res[i] + (dpt_keep(key, i, threshold) ? x[i] * scale : 0.0f); }
 }
 

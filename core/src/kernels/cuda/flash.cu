@@ -431,19 +431,22 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
 
 // Entry points per head dimension (the fragments are sized at compile time) and element type
 // (f32, or `_bf16`: qkv, y, dO and dqkv in bf16). Launch: 128 threads per block, one block per
-// work item up to the grid limit. Dropout: key, threshold (p·2³², 0 for none) and 1/(1 − p).
+// work item up to the grid limit. Dropout: the step's key in device memory or null, key (or
+// site: see dpt_mask_key), threshold (p·2³², 0 for none) and 1/(1 − p).
 #define FA_ENTRIES(D, SUF, E)                                                                                                            \
     extern "C" __global__ void flash_fwd_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale,    \
-                                                   i64 key, i64 threshold, float dscale) {                                             \
-        flash_fwd<D, E>(qkv, y, lse, row_max, b, t, h, scale, key, threshold, dscale);                                                 \
+                                                   const u64_t* step_key, i64 key, i64 threshold, float dscale) {                      \
+        flash_fwd<D, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                         \
     }                                                                                                                                  \
     extern "C" __global__ void flash_bwd_dq_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
-                                                      i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale) {              \
-        flash_bwd_dq<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);                                          \
+                                                      i64 t, i64 h, float scale, const u64_t* step_key, i64 key, i64 threshold,       \
+                                                      float dscale) {                                                                  \
+        flash_bwd_dq<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                  \
     }                                                                                                                                  \
     extern "C" __global__ void flash_bwd_dkv_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
-                                                       i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale) {             \
-        flash_bwd_dkv<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, key, threshold, dscale);                                         \
+                                                       i64 t, i64 h, float scale, const u64_t* step_key, i64 key, i64 threshold,      \
+                                                       float dscale) {                                                                 \
+        flash_bwd_dkv<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                 \
     }
 FA_ENTRIES(32, , float)
 FA_ENTRIES(64, , float)

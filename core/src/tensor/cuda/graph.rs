@@ -23,8 +23,8 @@
 //!   must be read by the kernels from device memory: AdamW's step count and bias corrections
 //!   come from its gate, its learning rate and decay from a [`HostScalars`] cell uploaded with
 //!   [`CudaDev::upload_scalars`] (bound like an input: the graph uploads the cell's current
-//!   values before each replay). Dropout keys are still arguments: a graph replays the dropout
-//!   masks of its capture (so the trainer captures no model with dropout).
+//!   values before each replay), and so do the micro-steps' dropout keys
+//!   (`ops::dropout::StepKeys`): the kernels derive each mask's key from them.
 //! - **Warm-up first.** State made lazily on a first step (optimizer moments, the bf16 weight
 //!   copy, the ones vector of reductions) must exist before capture, or its initialisation would
 //!   be replayed every step; growing the ones vector inside a capture is an error.
@@ -78,20 +78,25 @@ pub(super) enum Binding {
     Scalars { cell: HostScalars, bytes: usize, dev: u64 },
 }
 
-/// Host values a step uploads that change between replays (a learning rate): a graph that
-/// captured their upload keeps the cell and uploads its current values before each replay.
+/// Host values a step uploads that change between replays (a learning rate, dropout keys): a
+/// graph that captured their upload keeps the cell and uploads its current values before each
+/// replay. Values are 8-byte words: f64 ([`set`](Self::set)) or u64 ([`set_words`](Self::set_words)).
 #[derive(Clone, Default)]
-pub struct HostScalars(Arc<Mutex<Vec<f64>>>);
+pub struct HostScalars(Arc<Mutex<Vec<u64>>>);
 
 impl HostScalars {
     pub fn set(&self, v: &[f64]) {
+        self.set_words(&v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    }
+
+    pub fn set_words(&self, v: &[u64]) {
         if let Ok(mut c) = self.0.lock() {
             c.clear();
             c.extend_from_slice(v);
         }
     }
 
-    pub fn get(&self) -> Vec<f64> {
+    pub fn words(&self) -> Vec<u64> {
         self.0.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
@@ -216,7 +221,7 @@ impl<I: GraphInputs> StepGraph<I> {
                     self.dev.write(*dev, src)?;
                 }
                 Binding::Scalars { cell, bytes, dev } => {
-                    let values = cell.get();
+                    let values = cell.words();
                     if values.len() * 8 != *bytes {
                         return Err(Error::Device("a CUDA graph's scalars changed in number since its capture".into()));
                     }
@@ -397,10 +402,10 @@ impl CudaDev {
         Ok(b)
     }
 
-    /// Uploads `cell`'s values (f64); inside a capture, binds a buffer of the graph's pool to the
+    /// Uploads `cell`'s values (8-byte words); inside a capture, binds a buffer of the graph's pool to the
     /// cell, whose values then are uploaded before each replay.
     pub fn upload_scalars(self: &Arc<Self>, cell: &HostScalars) -> Result<DevBuf> {
-        let values = cell.get();
+        let values = cell.words();
         if !self.capturing() {
             return self.upload(&values);
         }

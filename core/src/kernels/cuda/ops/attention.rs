@@ -160,9 +160,14 @@ fn flash_kernel(stem: &str, dh: usize, bf16: bool) -> Result<&'static str> {
     })
 }
 
-/// (key, threshold, 1/(1 − p)) of attention dropout for the flash kernels; threshold 0: none.
-fn flash_dropout(drop: Option<crate::ops::dropout::Dropout>) -> (i64, i64, f32) {
-    drop.map(|dr| (dr.key as i64, dr.threshold() as i64, dr.scale())).unwrap_or((0, 0, 1.0))
+/// (step key address, key, threshold, 1/(1 − p)) of attention dropout for the flash kernels
+/// (see `dpt_mask_key`); threshold 0: none.
+fn flash_dropout(drop: Option<crate::ops::dropout::Dropout>) -> (u64, i64, i64, f32) {
+    drop.map(|dr| {
+        let (at, key) = dr.kernel_key();
+        (at, key, dr.threshold() as i64, dr.scale())
+    })
+    .unwrap_or((0, 0, 0, 1.0))
 }
 
 /// Causal attention over packed qkv `[b, t, 3c]` with bf16 tensor-core products and no T × T
@@ -192,10 +197,11 @@ pub fn flash_attention(
     let d = dev_of(&qkv)?;
     let y = empty_as(&d, &[b, t, h * dh], qkv.dtype())?;
     let (lse, row_max) = (empty(&d, &[b * h * t])?, empty(&d, &[b * h * t])?);
-    let (key, threshold, dscale) = flash_dropout(drop);
-    // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold, float dscale)
+    let (step_key, key, threshold, dscale) = flash_dropout(drop);
+    // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, const u64_t* step_key,
+    //              i64 key, i64 threshold, float dscale)
     launch!(d, "flash", kernel, flash_launch(b, t, h);
-        ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32, key, threshold, dscale)?;
+        ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32, step_key, key, threshold, dscale)?;
     Ok((y.clone(), FlashSaved { qkv, y, lse }, row_max))
 }
 
@@ -235,12 +241,12 @@ pub fn flash_attention_bwd(
         launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
     }
     let gx = empty_as(&d, &[b, t, 3 * h * dh], dt)?;
-    let (key, threshold, dscale) = flash_dropout(drop);
+    let (step_key, key, threshold, dscale) = flash_dropout(drop);
     // flash_bwd_{dq,dkv}_d*[_bf16](const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h,
-    //                             float scale, i64 key, i64 threshold, float dscale)
+    //                             float scale, const u64_t* step_key, i64 key, i64 threshold, float dscale)
     launch!(d, "flash", flash_kernel("dq", dh, bf16)?, flash_launch(b, t, h);
-        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
+        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, step_key, key, threshold, dscale)?;
     launch!(d, "flash", flash_kernel("dkv", dh, bf16)?, flash_launch(b, t, h);
-        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, key, threshold, dscale)?;
+        ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, step_key, key, threshold, dscale)?;
     Ok(gx)
 }
