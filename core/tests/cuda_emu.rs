@@ -24,6 +24,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
     segment_sums_match_the_cpu();
+    the_embeddings_gradient_is_the_cpus_bit_for_bit();
     activation_statistics_match_the_cpu();
     strided_copies_match_the_cpu();
     flash_attention_probe_matches_the_cpu();
@@ -630,6 +631,29 @@ fn strided_copies_match_the_cpu() {
 
 /// The training probes' per-tensor sums (`seg_probe_f32`, every mode) against the CPU loop,
 /// over segments that span several chunks and one that is a single element.
+/// The embedding's backward on the device — positions sorted by (id, position), each row's
+/// positions summed in order — is the CPU's scatter-add bit for bit, for runs of one id longer
+/// than a block and a tile, ids that never occur, a single id and a single position.
+fn the_embeddings_gradient_is_the_cpus_bit_for_bit() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::{rng::Rng, Device, GradStore, Tensor};
+    let mut rng = Rng::new(8);
+    for (n, vocab, dim) in [(1000usize, 3usize, 5usize), (333, 400, 7), (257, 1, 4), (1, 9, 3)] {
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+        let w: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
+        let g: Vec<f32> = (0..n * dim).map(|_| rng.normal() as f32).collect();
+        let grad = |device: Device| {
+            let tape = Tape::new();
+            let wv = tape.leaf(Tensor::from_slice(&w, &[vocab, dim]).unwrap().to_device(device).unwrap());
+            let up = tape.constant(Tensor::from_slice(&g, &[n, dim]).unwrap().to_device(device).unwrap());
+            let loss = wv.embedding(&ids, &[n]).unwrap().mul(up).unwrap().sum_all().unwrap();
+            let leaves = tape.backward(loss, &mut GradStore::empty(), |_, _| {}).unwrap();
+            leaves.get(wv).unwrap().to_vec::<f32>().unwrap()
+        };
+        assert_eq!(grad(Device::Cpu), grad(Device::Cuda(0)), "n {n}, vocab {vocab}");
+    }
+}
+
 fn segment_sums_match_the_cpu() {
     use dptrain_core::ops::flat::{segment_sums, DeviceSegments, SegSum, Segment};
     use dptrain_core::{rng::Rng, Device, Tensor};

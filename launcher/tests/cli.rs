@@ -122,14 +122,20 @@ fn bf16_precision_trains_close_to_f32() {
 /// The GPU path of the trainer — parameters, gradients and optimizer state on the device, every
 /// op dispatched to the CUDA kernels, AdamW/SGD kernels, clipping, batch-norm buffers,
 /// checkpoints written from the device and resumed onto it — run on the CPU emulator of the
-/// kernels (test builds with `cuda-emu`), against the CPU engine.
+/// kernels (test builds with `cuda-emu`), against the CPU engine. The emulator runs each
+/// launch's blocks and threads in an order of its own (`DPTRAIN_CUDA_EMULATOR_SCHEDULE`), other
+/// for each run: a GPU run is the same bits whatever the order (no float atomics), so a run
+/// repeated, or resumed, under another order gives the same parameters.
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
     let d = tmp("emu");
+    let schedules = std::cell::Cell::new(0u64);
     let emu = |dir: &Path, sets: &[&str], extra: &[&str]| {
         let mut c = bin();
-        c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(dir);
+        schedules.set(schedules.get() + 1);
+        c.env("DPTRAIN_CUDA_EMULATOR", "1").env("DPTRAIN_CUDA_EMULATOR_SCHEDULE", schedules.get().to_string());
+        c.arg("train").arg("--run-dir").arg(dir);
         let gpt = !sets.iter().any(|s| s.starts_with("model.kind="));
         for s in SMALL.iter().chain(if gpt { SMALL_GPT } else { &[] }).chain(sets).chain(&["run.device=\"cuda\""]) {
             c.arg("--set").arg(s);
@@ -190,6 +196,17 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         close(name, &loss(&c), &loss(&g), 1e-4);
         let vals = |dir: &Path| records(dir).iter().filter_map(|v| v["val_loss"].as_f64()).collect::<Vec<f64>>();
         close(&format!("{name} validation"), &vals(&c), &vals(&g), 1e-4);
+        if ["gpt-bf16", "resnet"].contains(&name) {
+            // Again, in another order: the same parameters, bit for bit.
+            let again = d.join(format!("{name}-gpu-again"));
+            ok(&emu(&again, &sets, &[]));
+            let last = |dir: &Path| {
+                let mut cks: Vec<_> = std::fs::read_dir(dir.join("checkpoints")).unwrap().flatten().map(|e| e.path()).collect();
+                cks.sort();
+                std::fs::read(cks.last().unwrap().join("model.safetensors")).unwrap()
+            };
+            assert!(last(&g) == last(&again), "{name}: the GPU run's parameters changed with the order its kernels ran in");
+        }
         if name == "gpt-probes" {
             // The activation probes: the same numbers from the device reductions as from the
             // host's (up to the activations' own GEMM rounding), the same top-1 positions.
@@ -219,9 +236,12 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
     let g = d.join("gpt-adamw-gpu");
     let r = d.join("gpt-resumed");
     let mut c = bin();
-    c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--resume").arg(g.join("checkpoints/step_0000004")).arg("--run-dir").arg(&r);
+    c.env("DPTRAIN_CUDA_EMULATOR", "1").env("DPTRAIN_CUDA_EMULATOR_SCHEDULE", "99");
+    c.arg("train").arg("--resume").arg(g.join("checkpoints/step_0000004")).arg("--run-dir").arg(&r);
     ok(&c.output().unwrap());
     assert_eq!(values(&records(&g), 4), values(&records(&r), 4));
+    let ck = |dir: &Path| std::fs::read(dir.join("checkpoints/step_0000008/model.safetensors")).unwrap();
+    assert!(ck(&g) == ck(&r), "the resumed GPU run's parameters differ from the uninterrupted run's");
     std::fs::remove_dir_all(&d).ok();
 }
 

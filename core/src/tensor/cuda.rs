@@ -261,6 +261,7 @@ impl CudaDev {
     }
 
     fn emulator(ordinal: usize) -> CudaDev {
+        emu::set_schedule(crate::env::env().cuda_emulator_schedule);
         CudaDev {
             ordinal,
             name: "CPU emulator of the CUDA kernels (tests)".into(),
@@ -1021,6 +1022,20 @@ mod emu {
             // SAFETY: allocated by `alloc` with this layout (the cache keys blocks by class).
             unsafe { std::alloc::dealloc(p as *mut u8, layout) }
         }
+    }
+
+    /// The order the emulator runs blocks and threads in (`DPTRAIN_CUDA_EMULATOR_SCHEDULE`).
+    pub fn set_schedule(seed: u64) {
+        #[cfg(feature = "cuda-emu")]
+        {
+            unsafe extern "C" {
+                fn emu_set_schedule(seed: u64);
+            }
+            // SAFETY: sets two integers of the emulator's scheduler, which runs on this thread.
+            unsafe { emu_set_schedule(seed) }
+        }
+        #[cfg(not(feature = "cuda-emu"))]
+        let _ = seed;
     }
 
     #[cfg(feature = "cuda-emu")]

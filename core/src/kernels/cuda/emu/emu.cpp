@@ -11,7 +11,7 @@ namespace {
 constexpr unsigned kBlock = 64;
 // Largest block run as requested (see emu.h).
 constexpr unsigned kMaxBlock = 128;
-constexpr unsigned kMaxGrid = 2;
+constexpr unsigned kMaxGrid = 3;
 constexpr size_t kStack = 256 * 1024;
 enum State { Runnable, AtBarrier, Done };
 
@@ -23,6 +23,29 @@ const std::function<void()>* body;
 std::vector<char> stacks(kMaxBlock* kStack);
 float slots[kMaxBlock];
 unsigned mma_a[kMaxBlock][4], mma_b[kMaxBlock][2];
+
+// The schedule (see emu_set_schedule): 0 runs blocks and threads in index order; another seed
+// shuffles both, differently for every launch and every round.
+unsigned long long schedule_seed = 0, schedule_state = 0;
+
+unsigned long long next_draw() {
+    unsigned long long z = (schedule_state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// 0, 1, ..., n - 1, shuffled when a schedule seed is set (Fisher-Yates).
+void order(unsigned* o, unsigned n) {
+    for (unsigned i = 0; i < n; ++i) o[i] = i;
+    if (schedule_seed == 0) return;
+    for (unsigned i = n; i > 1; --i) {
+        const unsigned j = (unsigned)(next_draw() % i);
+        const unsigned t = o[i - 1];
+        o[i - 1] = o[j];
+        o[j] = t;
+    }
+}
 
 float bf16_bits(unsigned pair, unsigned half) {
     const unsigned u = ((pair >> (16 * half)) & 0xffffu) << 16;
@@ -83,13 +106,24 @@ void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
     __syncthreads();
 }
 
+// A CUDA kernel may not depend on the order in which blocks, or threads between two barriers,
+// run: a nonzero seed makes the emulator run them in a pseudo-random order of its own, so a
+// result that changes with the seed shows such a dependence (float atomics, a race).
+extern "C" void emu_set_schedule(unsigned long long seed) {
+    schedule_seed = seed;
+    schedule_state = seed;
+}
+
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& b) {
     body = &b;
     const unsigned g = grid < kMaxGrid ? grid : kMaxGrid;
     const unsigned nb = block <= kMaxBlock ? block : kBlock;
     gridDim = {g, 1, 1};
     blockDim = {nb, 1, 1};
-    for (unsigned bi = 0; bi < g; ++bi) {
+    unsigned blocks[kMaxGrid], threads[kMaxBlock];
+    order(blocks, g);
+    for (unsigned bk = 0; bk < g; ++bk) {
+        const unsigned bi = blocks[bk];
         blockIdx = {bi, 0, 0};
         for (unsigned i = 0; i < nb; ++i) {
             getcontext(&ctxs[i]);
@@ -102,7 +136,9 @@ void emu_launch(unsigned grid, unsigned block, const std::function<void()>& b) {
         // Rounds: every live thread runs to its next barrier or to its end.
         for (;;) {
             bool live = false;
-            for (unsigned i = 0; i < nb; ++i) {
+            order(threads, nb);
+            for (unsigned k = 0; k < nb; ++k) {
+                const unsigned i = threads[k];
                 if (state[i] == Done) continue;
                 live = true;
                 state[i] = Runnable;

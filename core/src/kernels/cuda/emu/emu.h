@@ -3,8 +3,9 @@
 // built-ins become globals, a block's threads become cooperative contexts (ucontext) that run
 // until they finish or reach a barrier, and __shfl_xor_sync is two barriers around a shared
 // slot. Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
-// each launch with its own small configuration (at most 2 blocks of 64 threads: two warps, so
-// cross-warp reductions are exercised) and the results do not depend on it — except kernels that
+// each launch with its own small configuration (at most 3 blocks — more than two, so partial
+// sums combined in another block order would differ — of 64 threads: two warps, so cross-warp
+// reductions are exercised) and the results do not depend on it — except kernels that
 // split a tile among warps (flash attention's 4 warps), which ask for at most 128 threads and
 // get exactly what they ask for.
 //

@@ -26,7 +26,11 @@ pub fn embedding_bwd(g: &Tensor, idb: &DevBuf, n: usize, vocab: usize, dim: usiz
     // The ids are u32: 4 bytes each, as f32 elements (checks the buffer holds n of them).
     idb.region(crate::tensor::DType::F32, n)?;
     let out = zeros(&d, &[vocab, dim])?;
-    // embedding_bwd_f32(const float* g, const unsigned int* ids, float* gw, i64 n, i64 dim)
-    launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, ptr(&out)?, n as i64, dim as i64)?;
+    // The positions sorted by id (then position): each row then sums its own, in order.
+    let order = d.alloc(4 * n.max(1))?;
+    // embedding_order(const unsigned int* ids, int* order, i64 n)
+    launch!(d, "embedding", "embedding_order", grid(n); idb.ptr, order.ptr, n as i64)?;
+    // embedding_bwd_f32(const float* g, const unsigned int* ids, const int* order, float* gw, i64 n, i64 dim)
+    launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, order.ptr, ptr(&out)?, n as i64, dim as i64)?;
     Ok(out)
 }

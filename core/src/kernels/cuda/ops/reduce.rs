@@ -129,8 +129,14 @@ pub fn sum_squares_and_record(x: &Tensor, scalars: &[Tensor]) -> Result<StepReco
     let c = contiguous(x)?;
     let acc = d.alloc_zeros(4 * (RECORD_HEAD + scalars.len()))?;
     let n = c.numel();
-    // sum_squares_f32(const float* x, double* out, i64 n)
-    launch!(d, "reduce", "sum_squares_f32", grid(n.min(BLOCK as usize * 1024)); ptr(&c)?, acc.ptr, n as i64)?;
+    // One partial per block (zeroed: the emulator runs fewer blocks than asked), summed in order.
+    let cfg = grid(n.min(BLOCK as usize * 1024));
+    let blocks = cfg.grid_dim.0 as usize;
+    let parts = d.alloc_zeros(8 * blocks)?;
+    // sum_squares_f32(const float* x, double* parts, i64 n)
+    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, parts.ptr, n as i64)?;
+    // sum_parts_f64(const double* parts, double* out, i64 n)
+    launch!(d, "reduce", "sum_parts_f64", grid(1); parts.ptr, acc.ptr, blocks as i64)?;
     for (i, s) in scalars.iter().enumerate() {
         f32_only(s, "sum_squares_and")?;
         if s.numel() != 1 {
