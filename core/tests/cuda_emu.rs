@@ -652,6 +652,35 @@ fn the_embeddings_gradient_is_the_cpus_bit_for_bit() {
         };
         assert_eq!(grad(Device::Cpu), grad(Device::Cuda(0)), "n {n}, vocab {vocab}");
     }
+    // A parameter's table: on the device its gradient goes into the flat gradient buffer's slot
+    // (zeroed, then added to by a second micro-step) — still the CPU's bits, and no pass adding a
+    // table-sized temporary in.
+    use dptrain_core::{DType, Init, ParamBuilder, Role};
+    let (n, vocab, dim) = (300usize, 7usize, 6usize);
+    let batches: Vec<Vec<u32>> = (0..2).map(|_| (0..n).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+    let up: Vec<f32> = (0..n * dim).map(|_| rng.normal() as f32).collect();
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let grads_on = |device: Device| {
+        let mut pb = ParamBuilder::new();
+        let wte = pb.add("wte", &[vocab, dim], Role::Input, 1, dim, Init::Normal { std: 1.0 });
+        let mut ps = pb.build(4, DType::F32).unwrap();
+        ps.to_device(device).unwrap();
+        let mut grads = GradStore::try_new(&ps).unwrap();
+        grads.zero_grad();
+        let up = Tensor::from_slice(&up, &[n, dim]).unwrap().to_device(device).unwrap();
+        d.profile_start();
+        for ids in &batches {
+            let tape = Tape::new();
+            let x = tape.param(&ps, wte).embedding(ids, &[n]).unwrap();
+            let loss = x.mul(tape.constant(up.clone())).unwrap().sum_all().unwrap();
+            tape.backward(loss, &mut grads, |_, _| {}).unwrap();
+        }
+        let adds = d.profile_stop().unwrap().iter().filter(|k| k.name == "add_assign_f32").map(|k| k.launches).sum::<usize>();
+        (grads.flat().to_vec::<f32>().unwrap(), adds)
+    };
+    let (cpu, (gpu, adds)) = (grads_on(Device::Cpu).0, grads_on(Device::Cuda(0)));
+    assert_eq!(cpu, gpu, "a parameter's table, two micro-steps");
+    assert_eq!(adds, 0, "the table's gradient was added in by a pass of its own");
 }
 
 fn segment_sums_match_the_cpu() {

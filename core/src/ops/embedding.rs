@@ -53,7 +53,8 @@ impl<'t> Var<'t> {
                 #[cfg(feature = "cuda")]
                 Ids::Device(b) => {
                     use crate::kernels::cuda::ops as gpu;
-                    return Ok(vec![Some(gpu::embedding_bwd(g, b, n, vocab, dim)?)]);
+                    // Into the table's gradient slot when the tape offers it.
+                    return Ok(vec![gpu::embedding_bwd(g, b, n, vocab, dim, crate::autograd::take_grad_sink(0))?]);
                 }
             };
             let gw = with_float!(g.dtype(), "embedding", T => {

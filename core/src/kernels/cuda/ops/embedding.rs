@@ -1,4 +1,5 @@
-//! Embedding lookup and its scatter-add backward.
+//! Embedding lookup and its backward: positions sorted by id on the device, each row summed in
+//! position order (no atomics: the CPU's bits), into the gradient slot the tape offers.
 
 use super::*;
 
@@ -19,18 +20,45 @@ pub fn embedding(w: &Tensor, ids: &[u32], shape: &[usize]) -> Result<(Tensor, De
     Ok((out, idb))
 }
 
-/// The table's gradient from `g [n, dim]` and the `n` ids forward left on the device.
-pub fn embedding_bwd(g: &Tensor, idb: &DevBuf, n: usize, vocab: usize, dim: usize) -> Result<Tensor> {
+/// The table's gradient from `g [n, dim]` and the `n` ids forward left on the device: a new
+/// `[vocab, dim]` tensor, or with `sink` (the table's slot in the flat gradient buffer, see
+/// `autograd::take_grad_sink`) added there — zeroed first when nothing is there yet — and `None`
+/// returned: no table-sized temporary and no pass adding it in (GPT-124M's is 154 MB).
+pub fn embedding_bwd(
+    g: &Tensor,
+    idb: &DevBuf,
+    n: usize,
+    vocab: usize,
+    dim: usize,
+    sink: Option<crate::autograd::GradSink>,
+) -> Result<Option<Tensor>> {
     let d = dev_of(g)?;
     let g = contiguous(g)?;
+    f32_only(&g, "embedding")?;
     // The ids are u32: 4 bytes each, as f32 elements (checks the buffer holds n of them).
     idb.region(crate::tensor::DType::F32, n)?;
-    let out = zeros(&d, &[vocab, dim])?;
-    // The positions sorted by id (then position): each row then sums its own, in order.
+    let (out, gw) = match sink {
+        Some(sk) if sk.len != vocab * dim => {
+            return Err(Error::shape("embedding", format!("a gradient slot of {} elements for [{vocab}, {dim}]", sk.len)))
+        }
+        Some(sk) => {
+            if !sk.accumulate {
+                fill_raw(&d, sk.ptr, sk.len, 0.0)?;
+            }
+            (None, sk.ptr)
+        }
+        None => {
+            let t = zeros(&d, &[vocab, dim])?;
+            let p = ptr(&t)?;
+            (Some(t), p)
+        }
+    };
+    // The positions sorted by id (then position): each row then sums its own, in order, and adds
+    // the sum to what the row holds.
     let order = d.alloc(4 * n.max(1))?;
     // embedding_order(const unsigned int* ids, int* order, i64 n)
     launch!(d, "embedding", "embedding_order", grid(n); idb.ptr, order.ptr, n as i64)?;
     // embedding_bwd_f32(const float* g, const unsigned int* ids, const int* order, float* gw, i64 n, i64 dim)
-    launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, order.ptr, ptr(&out)?, n as i64, dim as i64)?;
+    launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, order.ptr, gw, n as i64, dim as i64)?;
     Ok(out)
 }
