@@ -19,4 +19,7 @@ export DPTRAIN_REQUIRE_NVRTC=1
 # cuda-emu: the CUDA kernels also run on their CPU emulator (core/tests/cuda_emu.rs and the
 # trainer's GPU path in launcher/tests/cli.rs), so the GPU code is exercised without a GPU.
 # fault-injection: `dptrain train --fault` kills or hangs a rank (launcher/tests/mpi.rs).
+# The emulator runs blocks and threads in a shuffled order, not index order, so a kernel whose
+# result depends on the order (float atomics, a race) fails the bit-for-bit comparisons.
+export DPTRAIN_CUDA_EMULATOR_SCHEDULE=${DPTRAIN_CUDA_EMULATOR_SCHEDULE:-1}
 cargo test --workspace --features dptrain-launcher/cuda-emu,dptrain-launcher/fault-injection

@@ -28,6 +28,7 @@ use dptrain_core::{Device, GradStore, ParamStore};
 pub struct GraphStep {
     enabled: bool,
     /// An eager step has run since the last capture was dropped (or ever).
+    #[cfg(feature = "cuda")]
     warm: bool,
     #[cfg(feature = "cuda")]
     graph: Option<Captured>,

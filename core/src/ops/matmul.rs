@@ -32,7 +32,11 @@ pub(crate) fn round_for(t: &Tensor, prec: Precision) -> Result<Tensor> {
 }
 
 fn raw<T: Elem>(t: &Tensor) -> &[T] {
-    let Storage::Cpu(c) = t.storage() else { unreachable!("CPU kernel reached with a CUDA tensor: ops dispatch on the device first") };
+    // Irrefutable in a build without CUDA.
+    #[allow(irrefutable_let_patterns)]
+    let Storage::Cpu(c) = t.storage() else {
+        unreachable!("CPU kernel reached with a CUDA tensor: ops dispatch on the device first")
+    };
     T::slice(c).expect("dtype checked")
 }
 

@@ -205,6 +205,7 @@ impl Tensor {
 
     /// A view of this tensor's storage with explicit shape, strides and offset (callers keep
     /// it inside the storage).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn view_with(&self, shape: &[usize], strides: &[usize], offset: usize) -> Tensor {
         Tensor { storage: self.storage.clone(), shape: shape.to_vec(), strides: strides.to_vec(), offset }
     }

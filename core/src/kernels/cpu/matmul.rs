@@ -86,6 +86,8 @@ pub fn gemm_into<T: Elem>(
 
 /// Storage slice and offset of a tensor (any strides).
 fn raw<T: Elem>(t: &Tensor) -> Result<(&[T], usize)> {
+    // Irrefutable in a build without CUDA.
+    #[allow(irrefutable_let_patterns)]
     let crate::tensor::Storage::Cpu(c) = t.storage() else {
         unreachable!("CPU kernel reached with a CUDA tensor: ops dispatch on the device first")
     };
