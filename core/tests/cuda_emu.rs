@@ -684,6 +684,16 @@ fn the_embeddings_gradient_is_the_cpus_bit_for_bit() {
 }
 
 fn segment_sums_match_the_cpu() {
+    // Σx² of the gradient norm: block partials summed on the device in a fixed order, against
+    // the CPU's f64 sum (the GPU squares in f32 within a thread), for 1, a few and many blocks.
+    for n in [1usize, 700, 300_001] {
+        let mut rng = dptrain_core::rng::Rng::new(n as u64);
+        let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let t = dptrain_core::Tensor::from_slice(&x, &[n]).unwrap();
+        let cpu = dptrain_core::ops::flat::sum_squares(&t).unwrap();
+        let gpu = dptrain_core::ops::flat::sum_squares(&t.to_device(dptrain_core::Device::Cuda(0)).unwrap()).unwrap();
+        assert!((cpu - gpu).abs() <= 1e-5 * cpu, "n {n}: Σx² cpu {cpu} gpu {gpu}");
+    }
     use dptrain_core::ops::flat::{segment_sums, DeviceSegments, SegSum, Segment};
     use dptrain_core::{rng::Rng, Device, Tensor};
     let lens = [20_000usize, 1, 300, 9_000];

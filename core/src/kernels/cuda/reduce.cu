@@ -1,6 +1,6 @@
 // Reductions over packed [rows, cols] views: row sums (one block per row), column sums (one
 // thread per column, rows walked in order — coalesced; the bias-gradient pattern), and the sum
-// of squares for the global gradient norm (block partials in double, summed in block order: no
+// of squares for the global gradient norm (block partials in double, summed in a fixed order: no
 // atomics, so the norm — and the clipping it decides — is the same run to run).
 
 extern "C" __global__ void sum_rows_f32(const float* x, float* out, i64 rows, i64 cols) {
@@ -27,11 +27,18 @@ extern "C" __global__ void sum_squares_f32(const float* x, double* parts, i64 n)
     if (threadIdx.x == 0) parts[blockIdx.x] = (double)acc;
 }
 
-// out[0] = the sum of parts[0..n) in index order (one thread: n is at most 1024 block partials).
+// out[0] = the sum of parts[0..n): each thread sums a fixed stride of them, then a fixed tree
+// over the block (blockDim a power of two, at most 1024) — the same order every run.
 extern "C" __global__ void sum_parts_f64(const double* parts, double* out, i64 n) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        double s = 0.0;
-        for (i64 i = 0; i < n; ++i) s += parts[i];
-        out[0] = s;
+    __shared__ double part[1024];
+    if (blockIdx.x != 0) return;
+    double acc = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) acc += parts[i];
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) part[threadIdx.x] += part[threadIdx.x + h];
+        __syncthreads();
     }
+    if (threadIdx.x == 0) out[0] = part[0];
 }
