@@ -85,18 +85,29 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
     print(&row);
     rows.push(row);
     // The training step captured as a CUDA graph and replayed with new batches, against eager.
-    let row = match graph_agreement(device) {
-        Ok((d, steps)) => CheckRow {
-            op: format!(
-                "GPT training step as a CUDA graph, {steps} steps (replays with new batches and dropout masks) vs eager: parameters"
-            ),
-            max_rel_err: d,
-            bound: 1e-6,
-        },
-        Err(e) => fail("GPT training step as a CUDA graph vs eager", e),
+    // And the same eager steps run twice: a GPU run is the same bits run to run (no float
+    // atomics in dptrain's kernels; cuBLAS and cuBLASLt must be deterministic too).
+    let (graph_row, repeat_row) = match graph_agreement(device) {
+        Ok((d, again, steps)) => (
+            CheckRow {
+                op: format!(
+                    "GPT training step as a CUDA graph, {steps} steps (replays with new batches and dropout masks) vs eager: parameters"
+                ),
+                max_rel_err: d,
+                bound: 1e-6,
+            },
+            CheckRow {
+                op: format!("the same {steps} eager steps run twice: parameters (reproducible run to run)"),
+                max_rel_err: again,
+                bound: 0.0,
+            },
+        ),
+        Err(e) => (fail("GPT training step as a CUDA graph vs eager", e.clone()), fail("the same eager steps run twice", e)),
     };
-    print(&row);
-    rows.push(row);
+    for row in [graph_row, repeat_row] {
+        print(&row);
+        rows.push(row);
+    }
     // (c) throughput against PyTorch on the same GPU: GPT-124M, then the 10.9 M byte-level GPT.
     for preset in [Preset::gpt124m(), Preset::shakespeare_char()] {
         if let Err(e) = throughput(device, &preset, profile_out) {
@@ -155,9 +166,9 @@ fn trainer_agreement(device: usize) -> std::result::Result<(f64, usize), String>
 /// replayed for the second to fifth batches, each refilled into the graph's inputs with its
 /// step's dropout key staged: the largest difference of the parameters after the five steps,
 /// relative to their largest magnitude. The graph runs the same kernels on the same values, so
-/// it should be 0.
+/// it should be 0. Also the largest difference between two eager runs of the five steps.
 #[cfg(feature = "cuda")]
-fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
+fn graph_agreement(device: usize) -> std::result::Result<(f64, f64, usize), String> {
     use dptrain_core::model::Batch;
     use dptrain_core::{DType, Device, GradStore, ParamBuilder};
     let e = |x: dptrain_core::Error| x.to_string();
@@ -214,10 +225,10 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, usize), String> {
         }
         params.flat().to_vec::<f32>().map_err(e)
     };
-    let (eager, replayed) = (train(false)?, train(true)?);
+    let (eager, replayed, again) = (train(false)?, train(true)?, train(false)?);
     let scale = eager.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    let diff = eager.iter().zip(&replayed).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    Ok(((diff / scale) as f64, steps))
+    let diff = |other: &[f32]| (eager.iter().zip(other).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale) as f64;
+    Ok((diff(&replayed), diff(&again), steps))
 }
 
 /// One bf16 training step of `model` on `batch`, as the trainer runs a step that logs nothing:

@@ -413,7 +413,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 59 + 3, "{out}");
+    assert_eq!(rows, 59 + 4, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     assert!(
         out.contains(
@@ -421,6 +421,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
         ),
         "{out}"
     );
+    assert!(out.contains("| the same 5 eager steps run twice: parameters (reproducible run to run) | 0.00e0 |"), "{out}");
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.
     for model in ["| GPT-124M (as a tiny test model", "| GPT 10.9M (examples/shakespeare-char.toml) (as a tiny test model"] {
