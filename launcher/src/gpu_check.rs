@@ -196,30 +196,31 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, f64, usize), Stri
         params.to_device(Device::Cuda(device)).map_err(e)?;
         let mut grads = GradStore::try_new(&params).map_err(e)?;
         let mut solo = dptrain_comm::LocalComm::new();
-        let keys = dptrain_core::ops::dropout::StepKeys::default();
-        // Step i's dropout key is i, staged where the kernels read it.
+        // Step i's dropout key is i. With the graph it is staged where the kernels read it; the
+        // eager runs pass it as a kernel argument, so the check compares the two as well.
+        let keys = graph.then(dptrain_core::ops::dropout::StepKeys::default);
+        let stage = |i: u64| keys.iter().for_each(|k| k.stage(&[i]));
         let mut step = |i: u64, batch: &Batch| -> dptrain_core::Result<()> {
             let ctx = &mut dptrain_optim::StepCtx { step: 0, lr: 1e-3, comm: &mut solo };
-            match bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i, &keys), ctx)? {
+            match bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i, keys.as_ref()), ctx)? {
                 (_, true) => Ok(()),
                 (_, false) => Err(dptrain_core::Error::Device("AdamW did not decide the step on the device".into())),
             }
         };
-        keys.stage(&[0]);
+        stage(0);
         step(0, &batches[0]).map_err(e)?;
         if graph {
-            keys.stage(&[1]);
+            stage(1);
             let (mut g, ()) = dev.capture(batches[1].clone(), |b| step(1, b)).map_err(e)?;
             for (i, batch) in batches.iter().enumerate().skip(1) {
                 if i > 1 {
                     g.inputs_mut().refill(batch).map_err(e)?;
                 }
-                keys.stage(&[i as u64]);
+                stage(i as u64);
                 g.replay().map_err(e)?;
             }
         } else {
             for (i, batch) in batches.iter().enumerate().skip(1) {
-                keys.stage(&[i as u64]);
                 step(i as u64, batch).map_err(e)?;
             }
         }
@@ -232,8 +233,8 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, f64, usize), Stri
 }
 
 /// One bf16 training step of `model` on `batch`, as the trainer runs a step that logs nothing:
-/// forward and backward (dropout keyed by `rng_key`: the key, and the cell the caller staged it
-/// in, which the kernels read, as in a step the trainer replays as a CUDA graph), the record
+/// forward and backward (dropout keyed by `rng_key`: the key, and with a cell — for a step
+/// captured as a CUDA graph — where the caller staged it and the kernels read it), the record
 /// (Σg², the loss) and AdamW's step decided on the device. Returns the record and whether the
 /// device decided the step (not with `Fusions::device_step` off: the caller then takes the
 /// waiting path).
@@ -244,7 +245,7 @@ fn bf16_device_step(
     grads: &mut dptrain_core::GradStore,
     opt: &mut dptrain_optim::AdamW,
     batch: &dptrain_core::model::Batch,
-    rng_key: (u64, &dptrain_core::ops::dropout::StepKeys),
+    rng_key: (u64, Option<&dptrain_core::ops::dropout::StepKeys>),
     ctx: &mut dptrain_optim::StepCtx,
 ) -> dptrain_core::Result<(dptrain_core::ops::flat::StepRecord, bool)> {
     use dptrain_core::model::Model;
@@ -253,8 +254,9 @@ fn bf16_device_step(
     let tape = dptrain_core::Tape::new();
     tape.set_precision(dptrain_core::Precision::Bf16);
     tape.set_rng_key(rng_key.0);
-    let staged = rng_key.1.upload(params.device())?;
-    tape.set_device_rng_key(staged.first().cloned());
+    if let Some(keys) = rng_key.1 {
+        tape.set_device_rng_key(keys.upload(params.device())?.first().cloned());
+    }
     let loss = model.loss(&tape, params, batch, true, &mut dptrain_core::probe::NoProbes)?;
     let value = loss.value();
     tape.backward(loss, grads, |_, _| {})?;
@@ -586,14 +588,15 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
     let mut t0 = std::time::Instant::now();
     let (mut allocs0, mut waits0) = (0, 0);
     let mut solo = dptrain_comm::LocalComm::new();
-    // Each step's dropout key (i), staged where the kernels read it (a replay's too).
-    let keys = dptrain_core::ops::dropout::StepKeys::default();
+    // Each step's dropout key (i); with the graph also staged where the kernels read it.
+    let keys = graph.then(dptrain_core::ops::dropout::StepKeys::default);
     let mut step = |i: usize, batch: &Batch| -> std::result::Result<(), String> {
         let ctx = &mut dptrain_optim::StepCtx { step: i as u64 + 1, lr: 3e-4, comm: &mut solo };
         // As the trainer on a step that logs nothing: the step decided on the device (its
         // record read on a logging step, not here) — or, with that off, the loss and the
         // gradient's norm read in one transfer, then clipping.
-        let (rec, decided) = bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i as u64, &keys), ctx).map_err(e)?;
+        let (rec, decided) =
+            bf16_device_step(&model, &mut params, &mut grads, &mut opt, batch, (i as u64, keys.as_ref()), ctx).map_err(e)?;
         if decided {
             return Ok(());
         }
@@ -613,7 +616,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
                 allocs0 = dev.cache_stats().raw_allocs;
                 waits0 = dev.host_waits();
             }
-            keys.stage(&[i as u64]);
+            keys.iter().for_each(|k| k.stage(&[i as u64]));
             if graph && i == warm - 1 {
                 let (g, ()) = dev.capture(batch.clone(), |b| step(i, b).map_err(dptrain_core::Error::Device)).map_err(e)?;
                 nodes = Some(g.nodes().map_err(e)?);
@@ -635,7 +638,6 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         // One more step with every launch timed (events around each: a little slower than the
         // timed steps, so only the shares are reported).
         dev.profile_start();
-        keys.stage(&[(warm + timed) as u64]);
         step(warm + timed, &batch)?;
         Ok((dt, allocs, waits, dev.profile_stop().map_err(e)?))
     };
