@@ -129,7 +129,8 @@ pub fn sum_squares_and_record(x: &Tensor, scalars: &[Tensor]) -> Result<StepReco
     let c = contiguous(x)?;
     let acc = d.alloc_zeros(4 * (RECORD_HEAD + scalars.len()))?;
     let n = c.numel();
-    // One partial per block (zeroed: the emulator runs fewer blocks than asked), summed in order.
+    // One partial per block (zeroed: the emulator runs fewer blocks than asked), summed in a
+    // fixed tree.
     let cfg = grid(n.min(BLOCK as usize * 1024));
     let blocks = cfg.grid_dim.0 as usize;
     let parts = d.alloc_zeros(8 * blocks)?;
