@@ -8,7 +8,7 @@
 # torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
 # DPTRAIN_TORCH_PYTHON or python3), dptrain with each fusion off in turn, one step profiled by
 # kernel class; the same for the 10.9 M model of examples/shakespeare-char.toml against eager;
-# (d) a 1-rank NCCL all-reduce; with $OUT set, each profiled step's every kernel in
+# (d) a 1-rank NCCL all-reduce and the NCCL reducer's pass in a CUDA graph; with $OUT set, each profiled step's every kernel in
 # $OUT/profile-*.tsv; meant to finish within 7 minutes (torch.compile's compilation
 # is most of it).
 # `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare,

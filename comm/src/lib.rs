@@ -6,7 +6,8 @@
 //! - `bucket` / `reducer`: DDP-style gradient buckets all-reduced on a communication thread
 //!   while backward continues;
 //! - `NcclComm` / `NcclReducer` (feature `nccl`): the same buckets averaged by NCCL on a
-//!   communication stream of the GPU, bootstrapped over MPI;
+//!   communication stream of the GPU, bootstrapped over MPI, watched by `nccl_watchdog`'s
+//!   thread so the training thread never waits for them;
 //! - `GradSync`: the one interface the trainer drives both reducers through.
 
 pub mod bucket;
@@ -16,6 +17,8 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod nccl_lib;
+#[cfg(any(feature = "nccl", test))]
+mod nccl_watchdog;
 pub mod reducer;
 pub mod sync;
 pub mod thread;

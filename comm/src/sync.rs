@@ -27,6 +27,16 @@ pub trait GradSync: Send {
     /// (the trainer reads each rank's own gradient in between: the critical-batch probe). The
     /// buckets and their reductions are the overlapped path's, so the averages are the same.
     fn reduce_all(&mut self, grads: &mut GradStore) -> Result<ReduceStats>;
+    /// Whether the next synchronising pass is measured (its `ReduceStats` real numbers). The
+    /// trainer asks on the steps it logs. A transport whose reductions run on the device
+    /// (NCCL) waits on the host for a measured pass only, so the other steps never wait; the
+    /// MPI reducer always measures (its wait is the step's anyway).
+    fn measure_next(&mut self, _on: bool) {}
+    /// Called after each launch of a CUDA graph that captured this synchroniser's passes (a
+    /// replayed training step), so the reductions inside are watched as the eager ones are.
+    fn after_replay(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `GradSync::reduce_all` for any `BucketSync`.

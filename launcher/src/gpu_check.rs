@@ -1,7 +1,8 @@
 //! `dptrain gpu-check`: the one-shot device check for a machine with a GPU. Prints the device,
 //! the build's commit and one table: (a) every op of the engine, forward and backward, GPU vs
 //! CPU on random inputs; (b) the default GPT trained 20 steps by the real trainer on each
-//! device, per-step losses compared; (d) a 1-rank NCCL all-reduce; then (c) tokens/s of a
+//! device, per-step losses compared; (d) a 1-rank NCCL all-reduce, and
+//! the NCCL reducer's pass captured in a CUDA graph and replayed; then (c) tokens/s of a
 //! GPT-124M-shaped model in bf16 against PyTorch eager on the same GPU, with model FLOPs
 //! utilisation. Exits 2 when there is no usable GPU (one line saying why) and 1 when a check
 //! fails (throughput is reported, not judged).
@@ -72,6 +73,17 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
             Ok(diff) => CheckRow { op: "nccl all_reduce avg, 1 rank, 4 MiB".into(), max_rel_err: diff, bound: 0.0 },
             Err(e) => fail("nccl all_reduce", e),
         }
+    };
+    print(&row);
+    rows.push(row);
+    // The reducer's pass captured in a CUDA graph (what `train.cuda_graph` does on several GPUs).
+    let row = match dptrain_comm::nccl::single_rank_reducer_in_graph(device) {
+        Ok(diff) => CheckRow {
+            op: "nccl reducer pass (bf16 buckets) inside a CUDA graph, 1 rank, 3 replays: vs the doubled gradients in bf16".into(),
+            max_rel_err: diff,
+            bound: 0.0,
+        },
+        Err(e) => fail("nccl reducer pass inside a CUDA graph", e),
     };
     print(&row);
     rows.push(row);

@@ -61,16 +61,18 @@ impl GraphStep {
     }
 
     /// Runs one training step over `batches` — eagerly, by capturing it, or by replaying the
-    /// graph — and returns its record. `step` does the whole step (zero the gradients, forward
-    /// and backward of each micro-batch, the record, the optimizer's device step) and must not
-    /// read anything back from the device.
+    /// graph — and returns its record, the capture's note, and whether the graph was launched
+    /// (the gradient synchroniser then watches the reductions inside). `step` does the whole
+    /// step (zero the gradients, forward and backward of each micro-batch with the gradients'
+    /// all-reduce on the last, the record, the optimizer's device step) and must not read
+    /// anything back from the device.
     pub fn step(
         &mut self,
         device: Device,
         at: Vec<u64>,
         batches: Vec<Batch>,
         mut step: impl FnMut(&[Batch]) -> Result<StepRecord>,
-    ) -> Result<(StepRecord, Option<String>)> {
+    ) -> Result<(StepRecord, Option<String>, bool)> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(ordinal) = device {
             if self.graph.as_ref().is_some_and(|c| c.at != at) {
@@ -82,10 +84,10 @@ impl GraphStep {
                     && c.graph.inputs_mut().iter_mut().zip(&batches).all(|(m, b)| m.refill(b).is_ok());
                 if same {
                     c.graph.replay()?;
-                    return Ok((c.rec.copy()?, None));
+                    return Ok((c.rec.copy()?, None, true));
                 }
                 // A batch of another shape (a short last batch): this step runs eagerly.
-                return Ok((step(&batches)?, None));
+                return Ok((step(&batches)?, None, false));
             }
             if self.warm {
                 let dev = dptrain_core::tensor::cuda::dev(ordinal)?;
@@ -94,11 +96,11 @@ impl GraphStep {
                 let out = rec.copy()?;
                 let note = format!("the training step runs as a CUDA graph ({} nodes, captured at this step)", graph.nodes()?);
                 self.graph = Some(Captured { graph, rec, at });
-                return Ok((out, Some(note)));
+                return Ok((out, Some(note), true));
             }
             self.warm = true;
         }
         let _ = (device, at);
-        Ok((step(&batches)?, None))
+        Ok((step(&batches)?, None, false))
     }
 }

@@ -138,12 +138,11 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
     }
     let accum = global_batch / (micro_batch * ws);
     if cfg.train.cuda_graph {
-        // What a replay cannot follow: other ranks (NCCL inside the capture is not done yet),
-        // images (uploaded outside the graph's inputs), an optimizer whose step the host decides.
+        // What a replay cannot follow: images (uploaded outside the graph's inputs), an
+        // optimizer whose step the host decides. Several ranks are fine: NCCL's reductions are
+        // captured with the step.
         let why = if !matches!(device, Device::Cuda(_)) {
             Some("run.device = \"cuda\"".to_string())
-        } else if ws > 1 {
-            Some(format!("one rank (this run has {ws})"))
         } else if cfg.model.kind != ModelKind::Gpt {
             Some("model.kind = \"gpt\"".to_string())
         } else if cfg.optim.kind != OptimKind::Adamw {

@@ -163,7 +163,12 @@ fn train_loop(
             run.opt.stage_device_lr(lr);
             step_keys.stage(&(0..run.accum).map(|micro| key(micro, DROPOUT_STREAM)).collect::<Vec<_>>());
             let (device, at) = (run.device, crate::graph_step::addresses(&run.params, grads));
-            let (rec, note) = graph.step(device, at, batches, |batches| {
+            // Several GPUs: the reductions are part of the step (NCCL inside the graph); an
+            // unmeasured pass never waits for the device.
+            if let Some(r) = reducer.as_deref_mut() {
+                r.measure_next(false);
+            }
+            let (rec, note, launched) = graph.step(device, at, batches, |batches| {
                 grads.zero_grad();
                 // The kernels read the dropout keys from the device (a replay's staged ones).
                 let on_device = step_keys.upload(device)?;
@@ -171,7 +176,8 @@ fn train_loop(
                 for (micro, batch) in batches.iter().enumerate() {
                     let no_probes = &mut Probes::with_set(false, ProbeSet::NONE);
                     let keys = (key(micro, DROPOUT_STREAM), on_device.get(micro).cloned());
-                    losses.push(forward_backward(run, grads, None, batch, keys, true, no_probes)?.0);
+                    let sync = micro + 1 == batches.len();
+                    losses.push(forward_backward(run, grads, reducer.as_deref_mut(), batch, keys, sync, no_probes)?.0);
                 }
                 let rec = sum_squares_and_record(grads.flat(), &losses)?;
                 let ctx = &mut StepCtx { step: done, lr, comm: optim_comm };
@@ -180,12 +186,19 @@ fn train_loop(
                 }
                 Ok(rec)
             })?;
+            if let (true, Some(r)) = (launched, reducer.as_deref_mut()) {
+                r.after_replay()?;
+            }
             if let (Some(note), 0) = (note, rank) {
                 eprintln!("dptrain: step {done}: {note}");
             }
             pending.push(Pending { step: done, rec, poisoned: false, comm: None });
         } else {
             grads.zero_grad();
+            // A logging step reports the reduction's timing (NCCL: the host waits for it then).
+            if let Some(r) = reducer.as_deref_mut() {
+                r.measure_next(log_step);
+            }
             for micro in 0..run.accum {
                 let batch = next_batch(run, &mut stream, key(micro, WINDOW_STREAM))?;
                 // Gradients are communicated on the last micro-step only (DDP's no_sync).

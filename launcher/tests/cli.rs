@@ -413,8 +413,14 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 59 + 4, "{out}");
+    assert_eq!(rows, 59 + 5, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
+    assert!(
+        out.contains(
+            "| nccl reducer pass (bf16 buckets) inside a CUDA graph, 1 rank, 3 replays: vs the doubled gradients in bf16 | 0.00e0 |"
+        ),
+        "{out}"
+    );
     assert!(
         out.contains(
             "| GPT training step as a CUDA graph, 5 steps (replays with new batches and dropout masks) vs eager: parameters | 0.00e0 |"

@@ -270,6 +270,23 @@ impl CudaDev {
         self.capturing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether a CUDA graph capture is running on this device: what another crate's stream
+    /// work (NCCL's) needs to know, since an event recorded inside a capture cannot be queried.
+    pub fn is_capturing(&self) -> bool {
+        self.capturing()
+    }
+
+    /// On the emulator, `f` as an operation of the device's stream: run now, or recorded and
+    /// run by each replay while a capture is running — what the emulated NCCL's host
+    /// collectives need to sit inside a captured step as NCCL's kernels do on a GPU. Errors
+    /// on a real device, where only the driver's operations can be captured.
+    pub fn emulated_host_op(&self, f: impl Fn() + Send + Sync + 'static) -> Result<()> {
+        if !self.is_emulated() {
+            return Err(Error::Device("a host operation in the device's stream exists only on the emulator".into()));
+        }
+        self.emu_host(f)
+    }
+
     /// Runs `f` once, recording everything it queues on this device into a graph instead of
     /// running it, with `inputs` the host data it uploads (through
     /// [`CudaDev::upload_input`]). Nothing of the step runs until [`StepGraph::replay`]. Run at
