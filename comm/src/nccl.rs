@@ -155,7 +155,7 @@ impl NcclComm {
     }
 
     /// Has the watchdog watch `done` (an event after the work `what` names).
-    fn watch(&self, what: String, done: CudaEvent) {
+    fn watch(&self, what: String, done: Arc<CudaEvent>) {
         if let Some(w) = &self.watchdog {
             w.watch(
                 what,
@@ -357,7 +357,7 @@ impl NcclReducer {
     pub fn after_replay(&mut self) -> Result<()> {
         self.comm.emulated_failure()?;
         if let Some(ev) = self.comm.compute_event()? {
-            self.comm.watch("all-reduces of a replayed CUDA graph of the training step".into(), ev);
+            self.comm.watch("all-reduces of a replayed CUDA graph of the training step".into(), Arc::new(ev));
         }
         Ok(())
     }
@@ -445,12 +445,13 @@ impl NcclReducer {
             self.comm.dev.stream()?.wait(&done).map_err(|e| nerr("stream wait", e))?;
             // Inside a capture the event cannot be queried: the replays are watched instead.
             if !self.comm.dev.is_capturing() {
+                let done = Arc::new(done);
+                let what = format!("all_reduce #{}–#{} (rank {}'s gradient buckets)", self.seq_at_begin + 1, self.comm.seq, self.comm.rank);
+                self.comm.watch(what, done.clone());
                 if self.measure {
-                    // A measured pass: wait here (the watchdog still ends the rank on a hang).
+                    // A measured pass: wait here, watched (a hang ends the rank from the watchdog).
                     done.synchronize().map_err(|e| nerr("waiting for the all-reduce", e))?;
                 }
-                let what = format!("all_reduce #{}–#{} (rank {}'s gradient buckets)", self.seq_at_begin + 1, self.comm.seq, self.comm.rank);
-                self.comm.watch(what, done);
             }
         }
         self.comm.emulated_failure()?;
