@@ -4,7 +4,7 @@
 //! capture).
 //!
 //! The trainer hands each step that may be replayed here — one without probes, logging, a
-//! critical-batch measurement or an injected fault, decided on the device (AdamW) — with its
+//! critical-batch measurement or an injected fault, decided on the device (AdamW, SGD) — with its
 //! micro-batches and the step itself as a closure. The first such step runs eagerly (it makes
 //! what a step makes once: the optimizer's moments, the bf16 weight copy), the second is
 //! captured and replayed, the later ones refill the graph's batches and replay it; the

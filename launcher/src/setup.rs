@@ -145,8 +145,8 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
             Some("run.device = \"cuda\"".to_string())
         } else if cfg.model.kind != ModelKind::Gpt {
             Some("model.kind = \"gpt\"".to_string())
-        } else if cfg.optim.kind != OptimKind::Adamw {
-            Some("optim.kind = \"adamw\" (the optimizer whose step is decided on the device)".to_string())
+        } else if !matches!(cfg.optim.kind, OptimKind::Adamw | OptimKind::Sgd) {
+            Some("optim.kind = \"adamw\" or \"sgd\" (the optimizers whose step is decided on the device)".to_string())
         } else {
             None
         };

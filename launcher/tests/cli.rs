@@ -307,6 +307,58 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// SGD (Nesterov momentum, weight decay, clipping, warmup) decides its step on the device as
+/// AdamW does — the gate kernel's non-finite check, clipping and first-step flag — and so can
+/// be replayed in a CUDA graph: with a NaN injected at step 1 (skipped there), probe steps the
+/// host decides in between (3, 6, 9) and two micro-steps, the device-decided run and the one
+/// replaying its steps give, bit for bit, the waiting path's parameters, momentum, state and
+/// logged numbers.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+#[test]
+fn sgd_steps_decided_on_the_device_and_replayed_match_the_waiting_path_on_the_emulator() {
+    let d = tmp("sgd-devstep");
+    let run = |dir: &Path, mode: &str| {
+        let sets = [
+            "optim.kind=\"sgd\"",
+            "optim.lr=0.05",
+            "optim.nesterov=true",
+            "optim.weight_decay=0.01",
+            "optim.clip=0.05",
+            "schedule.warmup_steps=20",
+            "train.steps=9",
+            "train.micro_batch=4",
+            "run.log_every=4",
+            "probes.interval=3",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=0",
+            "train.eval_samples=16",
+            if mode == "graph" { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
+        ];
+        let env: &[(&str, &str)] = if mode == "sync" { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] };
+        let o = emulated_bf16_gpt(dir, &sets, env, &["--fault", "nan:0:1"]);
+        ok(&o);
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let (sync, dev, graph) = (d.join("sync"), d.join("device"), d.join("graph"));
+    run(&sync, "sync");
+    run(&dev, "device");
+    let err = run(&graph, "graph");
+    // Step 1 (poisoned) runs eagerly, step 2 warms up, step 5 is captured, step 7 replays it.
+    assert!(err.contains("dptrain: step 5: the training step runs as a CUDA graph ("), "{err}");
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
+    for other in [&dev, &graph] {
+        assert!(ck(other, "model.safetensors") == ck(&sync, "model.safetensors"), "{other:?}: parameters differ");
+        assert!(ck(other, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "{other:?}: momentum differs");
+        assert_eq!(ck(other, "state.json"), ck(&sync, "state.json"), "{other:?}");
+        assert_eq!(values(&records(other), 0), values(&records(&sync), 0), "{other:?}");
+    }
+    let recs = values(&records(&dev), 0);
+    assert!(recs.iter().filter_map(|r| r["grad_norm"].as_f64()).all(|g| g > 0.05), "the clip was active: {recs:?}");
+    let ev = std::fs::read_to_string(dev.join("events.jsonl")).unwrap();
+    assert!(ev.contains("\"kind\":\"nonfinite\"") && ev.contains("\"step\":1"), "{ev}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// `train.cuda_graph`: the step captured once as a CUDA graph and replayed on the steps that
 /// log nothing, eager steps (logging, probes, an injected NaN) in between, the learning rate
 /// changing every step (warmup), two micro-steps per step, evaluation and checkpoints between

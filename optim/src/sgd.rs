@@ -1,10 +1,13 @@
 //! SGD with momentum and Nesterov, matching `torch.optim.SGD` exactly: g ← g + λθ;
 //! b ← μb + (1 − dampening)g (b = g on the first step); g ← g + μb (Nesterov) or b; θ ← θ − lr·g.
 //! Per-parameter multipliers (`ParamScales`) scale each parameter's λ and lr, as torch's
-//! parameter groups would.
+//! parameter groups would. On a GPU the step is decided on the device (`step_on_device`: the
+//! non-finite check, clipping and whether the momentum buffer starts there), so a step that
+//! logs nothing does not wait for the GPU and can be replayed in a CUDA graph — the large-batch
+//! image recipes (SGD with momentum) get what AdamW has.
 
 use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{SgdStep, StepScales};
+use dptrain_core::ops::flat::{DeviceLr, DeviceStepCount, SgdGate, SgdStep, StepRecord, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +32,12 @@ pub struct Sgd {
     /// Per-element decay and learning-rate multipliers (`None`: all 1).
     decay_scale: Vec<f32>,
     lr_scale: Option<Vec<f32>>,
-    started: bool,
+    /// Applied steps (only whether any was matters: the momentum buffer starts at the first).
+    t: u64,
+    /// The count on the device while steps are decided there (`step_on_device`).
+    t_dev: Option<DeviceStepCount>,
+    /// The learning rate as the device step reads it.
+    lr_dev: DeviceLr,
     /// (momentum buffer, decay scale, lr scale) on the parameters' GPU once a step ran there.
     dev: Option<(Tensor, Tensor, Option<Tensor>)>,
 }
@@ -47,9 +55,40 @@ impl Sgd {
             buf: vec![0.0; params.numel()],
             decay_scale: scales.expand(params, |i| scales.wd[i]),
             lr_scale: scales.lr_elems(params),
-            started: false,
+            t: 0,
+            t_dev: None,
+            lr_dev: DeviceLr::default(),
             dev: None,
         })
+    }
+
+    /// Applied steps (read from the device while steps are decided there).
+    fn steps(&self) -> Result<u64> {
+        match &self.t_dev {
+            Some(t) => Ok(t.get()?),
+            None => Ok(self.t),
+        }
+    }
+
+    /// The momentum buffer and multipliers on the parameters' GPU (uploaded at the first GPU step).
+    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, Tensor, Option<Tensor>)> {
+        if self.dev.is_none() {
+            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
+            self.dev = Some((up(&self.buf)?, up(&self.decay_scale)?, self.lr_scale.as_deref().map(up).transpose()?));
+        }
+        Ok(self.dev.as_mut().expect("just set"))
+    }
+
+    fn sgd_step(&self, lr: f64, first: bool) -> SgdStep {
+        let c = self.cfg;
+        SgdStep {
+            lr: lr as f32,
+            weight_decay: c.weight_decay as f32,
+            momentum: c.momentum as f32,
+            dampening: c.dampening as f32,
+            nesterov: c.nesterov,
+            first,
+        }
     }
 }
 
@@ -57,18 +96,19 @@ impl Optimizer for Sgd {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         let c = self.cfg;
         let (wd, mu, damp, lr) = (c.weight_decay as f32, c.momentum as f32, c.dampening as f32, ctx.lr as f32);
-        let first = !self.started;
+        // After steps decided on the device the count comes from there, and this step's goes
+        // back, in place (a CUDA graph of the device step reads it there).
+        let done = self.steps()?;
+        let first = done == 0;
+        self.t = done + 1;
+        if let Some(t) = &self.t_dev {
+            t.set(self.t)?;
+        }
         if params.flat().is_cuda() {
-            let device = params.flat().device();
-            if self.dev.is_none() {
-                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-                self.dev = Some((up(&self.buf)?, up(&self.decay_scale)?, self.lr_scale.as_deref().map(up).transpose()?));
-            }
-            let (buf, decay_scale, lr_scale) = self.dev.as_mut().expect("just set");
+            let s = self.sgd_step(ctx.lr, first);
+            let (buf, decay_scale, lr_scale) = self.dev_state(params.flat().device())?;
             let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
-            let s = SgdStep { lr, weight_decay: wd, momentum: mu, dampening: damp, nesterov: c.nesterov, first };
-            dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, scales, s)?;
-            self.started = true;
+            dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, scales, s, None)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -83,20 +123,48 @@ impl Optimizer for Sgd {
             }
             p[i] -= lr_scale.map_or(lr, |l| lr * l[i]) * d;
         }
-        self.started = true;
         Ok(())
+    }
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        if !dptrain_core::ops::flat::decides_steps_on_device(params.flat()) {
+            return Ok(false);
+        }
+        if self.t_dev.is_none() {
+            self.t_dev = Some(DeviceStepCount::new(params.flat(), self.t)?);
+        }
+        // lr and first come from the device.
+        let s = self.sgd_step(0.0, false);
+        self.lr_dev.stage(ctx.lr, 0.0);
+        self.dev_state(params.flat().device())?;
+        let ((buf, decay_scale, lr_scale), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
+        let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
+        let gate = SgdGate { rec, max_norm, t, lr: &self.lr_dev };
+        dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, scales, s, Some(gate))?;
+        Ok(true)
+    }
+    fn stage_device_lr(&mut self, lr: f64) {
+        self.lr_dev.stage(lr, 0.0);
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         let buf = match &self.dev {
             Some((b, _, _)) => b.to_vec::<f32>()?,
             None => self.buf.clone(),
         };
-        Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.started })))
+        Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.steps()? > 0 })))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
+        self.t_dev = None;
         join_state("momentum_buffer", &mut self.buf, params, t)?;
-        self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| crate::OptimError::State("missing `started`".into()))?;
+        let started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| crate::OptimError::State("missing `started`".into()))?;
+        self.t = started as u64;
         Ok(())
     }
     fn name(&self) -> &'static str {

@@ -159,7 +159,8 @@ pub struct DeviceLr {
 }
 
 impl DeviceLr {
-    /// The step's learning rate and the f32 decay the update applies (as `AdamWStep::decay`).
+    /// The step's learning rate and the f32 decay the update applies (as `AdamWStep::decay`;
+    /// 0 for SGD, whose decay does not follow the learning rate).
     pub fn stage(&self, lr: f64, decay: f32) {
         #[cfg(feature = "cuda")]
         self.inner.set(&[lr, decay as f64]);
@@ -353,15 +354,28 @@ pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: f32, keep: f32) -> Result<(
     }
 }
 
-/// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop).
-pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, s: SgdStep) -> Result<()> {
+/// A step SGD decides on the GPU: the step's record, the clipping norm (0: none), the count of
+/// applied steps on the device (the first applied one starts the momentum buffer), and the
+/// cell the learning rate reaches the device through (see [`sgd_cuda`]).
+pub struct SgdGate<'a> {
+    pub rec: &'a StepRecord,
+    pub max_norm: f64,
+    pub t: &'a DeviceStepCount,
+    pub lr: &'a DeviceLr,
+}
+
+/// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop). With
+/// `gate`, decided on the device: the non-finite check, the clipping and `first` there, bit for
+/// bit as the host's own (`s.lr` and `s.first` are then not read).
+pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, s: SgdStep, gate: Option<SgdGate>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s)
+        let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.t.inner, &x.lr.inner));
+        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s, gate)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, scales, s);
+        let _ = (p, g, buf, scales, s, gate);
         Err(no_cuda())
     }
 }

@@ -81,15 +81,50 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
     }
 }
 
-extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s) {
+// SGD's gate, for a step decided on the device: adamw_gate's non-finite check and clipping
+// factor (gate[0], gate[1]); gate[2] is 1 on the first applied step (the momentum buffer then
+// starts as the gradient, as torch's), else 0. t counts the applied steps. One thread.
+extern "C" __global__ void sgd_gate(float* rec, double max_norm, i64* t) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const double norm = sqrt(*(const double*)rec);
+    float* gate = rec + 2;
+    if (!(norm - norm == 0.0)) {  // NaN or ±inf
+        gate[0] = 0.0f;
+        return;
+    }
+    double coef = 1.0;
+    if (max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0) coef = max_norm / (norm + 1e-6);
+    const i64 step = *t + 1;
+    *t = step;
+    gate[0] = 1.0f;
+    gate[1] = (float)coef;
+    gate[2] = step == 1 ? 1.0f : 0.0f;
+}
+
+// rec: the step's record after sgd_gate — nothing when its gate is closed, the gradient times
+// the clipping factor (the host path's in-place f32 product, skipped below 1 as there), `first`
+// from the gate, the learning rate from lrs[0] (rounded to f32 as the host rounds it) — or null
+// for a step the host decided (its scalars in s).
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s,
+                                   const float* rec, const double* lrs) {
+    float coef = 1.0f, base_lr = s.lr;
+    bool first = s.first;
+    if (rec) {
+        const float* gate = rec + 2;
+        if (gate[0] == 0.0f) return;
+        coef = gate[1];
+        first = gate[2] != 0.0f;
+        base_lr = (float)lrs[0];
+    }
     GRID_STRIDE(i, n) {
-        float d = g[i] + s.weight_decay * decay_scale[i] * p[i];
+        const float gi = coef < 1.0f ? g[i] * coef : g[i];
+        float d = gi + s.weight_decay * decay_scale[i] * p[i];
         if (s.momentum != 0.0f) {
-            const float b = s.first ? d : s.momentum * buf[i] + (1.0f - s.dampening) * d;
+            const float b = first ? d : s.momentum * buf[i] + (1.0f - s.dampening) * d;
             buf[i] = b;
             d = s.nesterov ? d + s.momentum * b : b;
         }
-        const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
+        const float lr = lr_scale ? base_lr * lr_scale[i] : base_lr;
         p[i] -= lr * d;
     }
 }

@@ -54,13 +54,37 @@ pub fn adamw(
         ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, ptr_or_null(p16)?, lrs_ptr)
 }
 
-/// Fused SGD (momentum, Nesterov, decay) over flat buffers.
-pub fn sgd(p: &Tensor, g: &Tensor, buf: &Tensor, scales: crate::ops::flat::StepScales, s: crate::ops::flat::SgdStep) -> Result<()> {
+/// Fused SGD (momentum, Nesterov, decay) over flat buffers; with `gate` (the record, the
+/// clipping norm, the applied-step count, the learning-rate cell), decided on the device as
+/// AdamW's step is (see optim.cu).
+pub fn sgd(
+    p: &Tensor,
+    g: &Tensor,
+    buf: &Tensor,
+    scales: crate::ops::flat::StepScales,
+    s: crate::ops::flat::SgdStep,
+    gate: Option<(&StepRecord, f64, &DevCounter, &crate::tensor::cuda::HostScalars)>,
+) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
-    // sgd_f32(p, g, buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s)
+    // The learning rate goes up from the optimizer's cell (a CUDA graph uploads it again before
+    // each replay); the buffer lives until the kernels below have run (stream order).
+    let mut lrs = None;
+    let rec = match gate {
+        Some((rec, max_norm, t, cell)) => {
+            let b = d.upload_scalars(cell)?;
+            let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+            // sgd_gate(float* rec, double max_norm, i64* t)
+            launch!(d, "optim", "sgd_gate", one; rec.ptr(), max_norm, t.ptr())?;
+            lrs = Some(b);
+            rec.ptr()
+        }
+        None => 0,
+    };
+    let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
+    // sgd_f32(p, g, buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s, const float* rec, const double* lrs)
     launch!(d, "optim", "sgd_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s)
+        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, lrs_ptr)
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu).
