@@ -49,16 +49,15 @@ impl Batch {
     }
 }
 
-/// A step captured as a CUDA graph uploads its token ids and targets again from the batch it
-/// owns before each replay. (Images go to the device through a plain upload, which a capture
-/// refuses: image models are not captured.)
+/// A step captured as a CUDA graph uploads its token ids and targets, or its pixels
+/// (`Tensor::input_f32`) and labels, again from the batch it owns before each replay.
 #[cfg(feature = "cuda")]
 impl crate::tensor::cuda::GraphInputs for Batch {
     fn host_ranges(&self) -> Vec<(usize, usize)> {
         let r = |v: &[u32]| (v.as_ptr() as usize, std::mem::size_of_val(v));
         match self {
             Batch::Tokens { inputs, targets, .. } => vec![r(inputs), r(targets)],
-            Batch::Images { labels, .. } => vec![r(labels)],
+            Batch::Images { pixels, labels, .. } => vec![(pixels.as_ptr() as usize, std::mem::size_of_val(&pixels[..])), r(labels)],
         }
     }
 }

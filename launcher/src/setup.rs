@@ -138,13 +138,11 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
     }
     let accum = global_batch / (micro_batch * ws);
     if cfg.train.cuda_graph {
-        // What a replay cannot follow: images (uploaded outside the graph's inputs), an
-        // optimizer whose step the host decides. Several ranks are fine: NCCL's reductions are
+        // What a replay cannot follow: an optimizer whose step the host decides. Every model's
+        // inputs are bound to its batch; several ranks are fine: NCCL's reductions are
         // captured with the step.
         let why = if !matches!(device, Device::Cuda(_)) {
             Some("run.device = \"cuda\"".to_string())
-        } else if cfg.model.kind != ModelKind::Gpt {
-            Some("model.kind = \"gpt\"".to_string())
         } else if !matches!(cfg.optim.kind, OptimKind::Adamw | OptimKind::Sgd) {
             Some("optim.kind = \"adamw\" or \"sgd\" (the optimizers whose step is decided on the device)".to_string())
         } else {

@@ -359,6 +359,65 @@ fn sgd_steps_decided_on_the_device_and_replayed_match_the_waiting_path_on_the_em
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `train.cuda_graph` for image models: the batch's pixels and labels are the graph's inputs,
+/// batch norm's running statistics are updated in place by each replay (and read by the
+/// evaluation at the end), SGD or AdamW decide the step on the device. ResNet (batch norm, SGD)
+/// and an MLP with Ghost Batch Normalization and dropout (AdamW), two micro-steps each: the
+/// replayed run's checkpoint (parameters and running statistics) and metrics are the eager
+/// run's, byte for byte.
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn image_models_replay_their_step_as_a_cuda_graph_on_the_emulator() {
+    let d = tmp("graph-images");
+    let models: [(&str, &[&str]); 2] = [
+        ("resnet", &["model.kind=\"resnet\"", "model.width=4", "optim.kind=\"sgd\"", "optim.lr=0.05", "train.steps=5"]),
+        (
+            "mlp-ghost",
+            &[
+                "model.kind=\"mlp\"",
+                "model.widths=[16, 16]",
+                "model.norm=\"ghost\"",
+                "model.ghost_batch=2",
+                "model.dropout=0.2",
+                "optim.kind=\"adamw\"",
+                "train.steps=7",
+            ],
+        ),
+    ];
+    for (name, sets) in models {
+        let run = |graph: bool| {
+            let dir = d.join(format!("{name}-{graph}"));
+            let mut c = bin();
+            c.env("DPTRAIN_CUDA_EMULATOR", "1").arg("train").arg("--run-dir").arg(&dir);
+            let common = [
+                "data.kind=\"synthetic-images\"",
+                "run.device=\"cuda\"",
+                "train.micro_batch=4",
+                "run.log_every=100",
+                "train.eval_every=0",
+                "train.eval_samples=16",
+            ];
+            let g = if graph { "train.cuda_graph=true" } else { "train.cuda_graph=false" };
+            for s in SMALL.iter().chain(&common).chain(sets).chain(&[g]) {
+                c.arg("--set").arg(s);
+            }
+            let o = c.output().unwrap();
+            ok(&o);
+            (dir, String::from_utf8_lossy(&o.stderr).to_string())
+        };
+        let ((graph, err), (eager, _)) = (run(true), run(false));
+        assert!(err.contains("dptrain: step 2: the training step runs as a CUDA graph ("), "{name}: {err}");
+        let last = std::fs::read_dir(graph.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).max().unwrap();
+        let ck = |r: &Path, f: &str| std::fs::read(r.join("checkpoints").join(&last).join(f)).unwrap();
+        assert!(ck(&graph, "model.safetensors") == ck(&eager, "model.safetensors"), "{name}: parameters or running statistics differ");
+        assert!(ck(&graph, "optimizer.safetensors") == ck(&eager, "optimizer.safetensors"), "{name}: optimizer state differs");
+        let recs = values(&records(&graph), 0);
+        assert!(recs.iter().any(|r| r.get("val_loss").is_some()), "{name}: {recs:?}");
+        assert_eq!(recs, values(&records(&eager), 0), "{name}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// `train.cuda_graph`: the step captured once as a CUDA graph and replayed on the steps that
 /// log nothing, eager steps (logging, probes, an injected NaN) in between, the learning rate
 /// changing every step (warmup), two micro-steps per step, evaluation and checkpoints between

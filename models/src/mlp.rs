@@ -82,7 +82,8 @@ impl Model for Mlp {
                 msg: format!("is {}, but the data has {feat} features per sample", self.cfg.input_dim),
             });
         }
-        let x = Tensor::from_slice(pixels, &[*batch, feat])?.to_dtype(ps.dtype()).to_device(ps.device())?;
+        // On a GPU a step input (a CUDA graph of the step uploads it again at each replay).
+        let x = Tensor::input_f32(pixels, &[*batch, feat], ps.device())?.to_dtype(ps.dtype());
         let mut h = tape.constant(x);
         for (i, (lin, bn)) in self.layers.iter().enumerate() {
             h = lin.forward(tape, ps, h)?;

@@ -122,7 +122,8 @@ impl Model for ResNet {
                 msg: format!("is {}, but images have {} channels", self.cfg.in_channels, shape[0]),
             });
         }
-        let x = Tensor::from_slice(pixels, &[*batch, shape[0], shape[1], shape[2]])?.to_dtype(ps.dtype()).to_device(ps.device())?;
+        // On a GPU a step input (a CUDA graph of the step uploads it again at each replay).
+        let x = Tensor::input_f32(pixels, &[*batch, shape[0], shape[1], shape[2]], ps.device())?.to_dtype(ps.dtype());
         let x = tape.constant(x);
         let mut h = maybe_norm(&self.bn1, tape, ps, self.conv1.forward(tape, ps, x)?, train)?.relu()?;
         record_coord(probes, format_args!("conv1"), &h);

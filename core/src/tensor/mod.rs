@@ -187,6 +187,23 @@ impl Tensor {
         }
     }
 
+    /// A step's f32 input (an image batch) as a tensor of `shape` on `device`. On a GPU it is
+    /// uploaded with `CudaDev::upload_input`: inside a CUDA graph capture the device buffer is
+    /// bound to `v`, which the graph uploads again before each replay (so `v` must live in the
+    /// graph's inputs, as a `Batch`'s pixels do).
+    pub fn input_f32(v: &[f32], shape: &[usize], device: Device) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != v.len() {
+            return Err(Error::shape("input_f32", format!("{} values as {shape:?}", v.len())));
+        }
+        match device {
+            Device::Cpu => Tensor::from_slice(v, shape),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(o) => crate::kernels::cuda::ops::input_f32(&crate::tensor::cuda::dev(o)?, v, shape),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Device("this dptrain was built without the `cuda` feature".into())),
+        }
+    }
+
     /// Zeros of `shape` on `device` (f32 on CUDA).
     pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         match device {

@@ -67,6 +67,12 @@ fn wrap(buf: DevBuf, dtype: DType, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(crate::tensor::cuda::CudaStorage { buf, dtype, len }), shape)
 }
 
+/// f32 step input (a batch's pixels) on `d`, uploaded through `CudaDev::upload_input` (bound to
+/// `v` inside a CUDA graph capture).
+pub fn input_f32(d: &Arc<CudaDev>, v: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Ok(wrap(d.upload_input(v)?, DType::F32, shape))
+}
+
 /// A new uninitialised f32 tensor on `d`.
 pub(crate) fn empty(d: &Arc<CudaDev>, shape: &[usize]) -> Result<Tensor> {
     let n: usize = shape.iter().product();
