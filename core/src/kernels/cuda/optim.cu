@@ -30,23 +30,33 @@ __device__ double adamw_powi(double a, i64 b) {
     }
     return r;
 }
-// lrs: the step's learning rate and decay, written by the host before the step (device memory,
-// so a CUDA graph of the step reads each step's).
-extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+// The part every optimizer's gate shares: a non-finite gradient norm closes the gate (gate[0] =
+// 0, t untouched) and returns 0; else gate[0] = 1, gate[1] = the clipping factor, t counts the
+// step, and the step's number is returned.
+__device__ i64 step_gate(float* rec, double max_norm, i64* t) {
     const double norm = sqrt(*(const double*)rec);
     float* gate = rec + 2;
     if (!(norm - norm == 0.0)) {  // NaN or ±inf
         gate[0] = 0.0f;
-        return;
+        return 0;
     }
     double coef = 1.0;
     if (max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0) coef = max_norm / (norm + 1e-6);
     const i64 step = *t + 1;
     *t = step;
-    const double bc1 = 1.0 - adamw_powi(beta1, step), bc2 = 1.0 - adamw_powi(beta2, step);
     gate[0] = 1.0f;
     gate[1] = (float)coef;
+    return step;
+}
+
+// lrs: the step's learning rate and decay, written by the host before the step (device memory,
+// so a CUDA graph of the step reads each step's).
+extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const i64 step = step_gate(rec, max_norm, t);
+    if (step == 0) return;
+    float* gate = rec + 2;
+    const double bc1 = 1.0 - adamw_powi(beta1, step), bc2 = 1.0 - adamw_powi(beta2, step);
     gate[2] = (float)(lrs[0] / bc1);
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
@@ -86,18 +96,9 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
 // starts as the gradient, as torch's), else 0. t counts the applied steps. One thread.
 extern "C" __global__ void sgd_gate(float* rec, double max_norm, i64* t) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const double norm = sqrt(*(const double*)rec);
+    const i64 step = step_gate(rec, max_norm, t);
+    if (step == 0) return;
     float* gate = rec + 2;
-    if (!(norm - norm == 0.0)) {  // NaN or ±inf
-        gate[0] = 0.0f;
-        return;
-    }
-    double coef = 1.0;
-    if (max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0) coef = max_norm / (norm + 1e-6);
-    const i64 step = *t + 1;
-    *t = step;
-    gate[0] = 1.0f;
-    gate[1] = (float)coef;
     gate[2] = step == 1 ? 1.0f : 0.0f;
 }
 
