@@ -143,8 +143,8 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         // captured with the step.
         let why = if !matches!(device, Device::Cuda(_)) {
             Some("run.device = \"cuda\"".to_string())
-        } else if !matches!(cfg.optim.kind, OptimKind::Adamw | OptimKind::Sgd) {
-            Some("optim.kind = \"adamw\" or \"sgd\" (the optimizers whose step is decided on the device)".to_string())
+        } else if cfg.optim.kind == OptimKind::Soap {
+            Some("an optimizer whose step is decided on the device: optim.kind = \"adamw\", \"sgd\", \"lamb\" or \"lars\" (SOAP refreshes its bases on the host)".to_string())
         } else {
             None
         };

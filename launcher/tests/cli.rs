@@ -361,25 +361,42 @@ fn sgd_steps_decided_on_the_device_and_replayed_match_the_waiting_path_on_the_em
 
 /// `train.cuda_graph` for image models: the batch's pixels and labels are the graph's inputs,
 /// batch norm's running statistics are updated in place by each replay (and read by the
-/// evaluation at the end), SGD or AdamW decide the step on the device. ResNet (batch norm, SGD)
-/// and an MLP with Ghost Batch Normalization and dropout (AdamW), two micro-steps each: the
-/// replayed run's checkpoint (parameters and running statistics) and metrics are the eager
-/// run's, byte for byte.
+/// evaluation at the end), the optimizer decides the step on the device. ResNet with batch norm
+/// under SGD and under LARS (the large-batch recipe: trust ratios from the clipped gradient's
+/// per-layer norms), and an MLP with Ghost Batch Normalization and dropout under LAMB (bias
+/// correction, independent decay), two micro-steps each: the replayed run's checkpoint
+/// (parameters and running statistics) and metrics are the eager run's, byte for byte.
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn image_models_replay_their_step_as_a_cuda_graph_on_the_emulator() {
     let d = tmp("graph-images");
-    let models: [(&str, &[&str]); 2] = [
+    let models: [(&str, &[&str]); 3] = [
         ("resnet", &["model.kind=\"resnet\"", "model.width=4", "optim.kind=\"sgd\"", "optim.lr=0.05", "train.steps=5"]),
         (
-            "mlp-ghost",
+            "resnet-lars",
+            &[
+                "model.kind=\"resnet\"",
+                "model.width=4",
+                "optim.kind=\"lars\"",
+                "optim.lr=2.0",
+                "optim.nesterov=true",
+                "optim.weight_decay=0.001",
+                "optim.clip=0.5",
+                "train.steps=5",
+            ],
+        ),
+        (
+            "mlp-ghost-lamb",
             &[
                 "model.kind=\"mlp\"",
                 "model.widths=[16, 16]",
                 "model.norm=\"ghost\"",
                 "model.ghost_batch=2",
                 "model.dropout=0.2",
-                "optim.kind=\"adamw\"",
+                "optim.kind=\"lamb\"",
+                "optim.correct_bias=true",
+                "optim.decay=\"independent\"",
+                "optim.weight_decay=0.1",
                 "train.steps=7",
             ],
         ),

@@ -2,7 +2,8 @@
 //! fused AdamW, LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
 //! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
-//! step for step.
+//! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
+//! host-decided steps, bit for bit.
 #![cfg(feature = "cuda-emu")]
 
 use dptrain_core::rng::Rng;
@@ -139,5 +140,104 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}: {key}: emulated GPU {x:?}\nvs CPU {y:?}");
             }
         }
+    }
+    device_decided_steps_are_the_hosts_and_keep_the_bf16_copy();
+}
+
+/// AdamW, SGD, LAMB and LARS decide a step on the device from its record (the gradient's Σg²):
+/// a non-finite gradient skipped, one clipped, others not — the parameters and the optimizer
+/// state after each step are, bit for bit, what the host's own check, clipping and `step` give.
+/// Both paths write the parameters' bf16 copy in the update pass, so after a bf16 forward asked
+/// for it the copy is the values' rounding after every step (a skipped one included).
+fn device_decided_steps_are_the_hosts_and_keep_the_bf16_copy() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::ops::flat::{sum_squares_and, sum_squares_and_record};
+    use dptrain_core::tensor::Precision;
+    type Make = fn(&ParamStore) -> Box<dyn Optimizer>;
+    fn scales(_: &ParamStore) -> ParamScales {
+        ParamScales { lr: vec![1.0, 0.5], wd: vec![1.0, 0.0] }
+    }
+    let makers: [(&str, Make); 5] = [
+        ("adamw", |ps| Box::new(AdamW::with_scales(AdamWConfig { weight_decay: 0.1, ..Default::default() }, ps, &scales(ps)).unwrap())),
+        ("sgd", |ps| {
+            let c = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.01, ..Default::default() };
+            Box::new(Sgd::with_scales(c, ps, &scales(ps)).unwrap())
+        }),
+        ("lamb bias-corrected, independent decay", |ps| {
+            let c = LambConfig {
+                weight_decay: 0.1,
+                correct_bias: true,
+                decay_mode: DecayMode::Independent,
+                peak_lr: 0.05,
+                ..Default::default()
+            };
+            Box::new(Lamb::with_scales(c, ps, &scales(ps)).unwrap())
+        }),
+        ("lamb", |ps| Box::new(Lamb::with_scales(LambConfig { weight_decay: 0.1, ..Default::default() }, ps, &scales(ps)).unwrap())),
+        ("lars", |ps| {
+            let c = LarsConfig { weight_decay: 0.01, nesterov: true, trust_coefficient: 0.05, ..Default::default() };
+            Box::new(Lars::with_scales(c, ps, &scales(ps)).unwrap())
+        }),
+    ];
+    // ‖g‖ ≈ 100 for the raw gradients: step 1 is not finite, step 3 is clipped to 5, the others
+    // are below it.
+    let max_norm = 5.0;
+    let factors = [f32::NAN, 0.02, 1.0, 0.03];
+    for (name, make) in makers {
+        let mut results = vec![];
+        for on_device in [false, true] {
+            let (mut ps, raw) = stores_with(100, 100);
+            ps.to_device(Device::Cuda(0)).unwrap();
+            // A bf16 forward reading a parameter asks for the bf16 copy.
+            let tape = Tape::new();
+            tape.set_precision(Precision::Bf16);
+            tape.param(&ps, ps.id("w").unwrap());
+            drop(tape);
+            let mut opt = make(&ps);
+            let mut g = GradStore::try_new(&ps).unwrap();
+            let mut solo = dptrain_comm::LocalComm::new();
+            let mut seen = vec![];
+            for (i, (gr, f)) in raw.iter().zip(factors).enumerate() {
+                let scaled: Vec<f32> = gr.iter().map(|x| x * f).collect();
+                *g.flat_tensor_mut() = Tensor::from_slice(&scaled, &[scaled.len()]).unwrap().to_device(Device::Cuda(0)).unwrap();
+                let ctx = &mut StepCtx { step: i as u64 + 1, lr: 0.05 / (i + 1) as f64, comm: &mut solo };
+                if on_device {
+                    let rec = sum_squares_and_record(g.flat(), &[]).unwrap();
+                    assert!(opt.step_on_device(&mut ps, &g, ctx, &rec, max_norm).unwrap(), "{name}: no device step");
+                    let (_, applied, _) = rec.read().unwrap();
+                    assert_eq!(applied, f.is_finite(), "{name}: step {}", i + 1);
+                } else {
+                    let norm = sum_squares_and(g.flat(), &[]).unwrap().0.sqrt();
+                    if norm.is_finite() {
+                        clip_to_norm(&mut g, max_norm, norm).unwrap();
+                        opt.step(&mut ps, &g, ctx).unwrap();
+                    }
+                }
+                let vals = ps.flat().to_vec::<f32>().unwrap();
+                // The first update makes the copy (the host path has none before an applied step).
+                match ps.half_flat() {
+                    Some(h) => {
+                        let half = h.to_vec::<f32>().unwrap();
+                        assert!(
+                            half.iter().zip(&vals).all(|(h, v)| *h == half::bf16::from_f32(*v).to_f32()),
+                            "{name}: the bf16 copy is stale"
+                        );
+                    }
+                    None => assert!(i == 0 && !on_device, "{name}: step {}: the update dropped the bf16 copy", i + 1),
+                }
+                seen.push(vals);
+            }
+            let (state, scalars) = opt.state(&ps).unwrap();
+            let state: Vec<(String, Vec<f32>)> = state.into_iter().map(|(k, t)| (k, t.to_vec::<f32>().unwrap())).collect();
+            results.push((seen, state, scalars));
+        }
+        let (host, dev) = (&results[0], &results[1]);
+        assert!(host.0[0] == stores_with(100, 100).0.flat().to_vec::<f32>().unwrap(), "{name}: the non-finite step moved the parameters");
+        assert!(host.0[2] != host.0[1], "{name}: the clipped step did not move the parameters");
+        for (i, (a, b)) in host.0.iter().zip(&dev.0).enumerate() {
+            assert!(a == b, "{name}: parameters after step {} differ (host- vs device-decided)", i + 1);
+        }
+        assert!(host.1 == dev.1, "{name}: optimizer state differs");
+        assert_eq!(host.2, dev.2, "{name}");
     }
 }

@@ -129,7 +129,7 @@ impl AdamW {
 /// `a`ᵗ by repeated squaring — the same products, in the same order, as the GPU's step gate
 /// (`adamw_powi` in optim.cu) and compiler-rt's `powi`, so the bias corrections agree bit for
 /// bit whichever side computes them.
-fn powi(mut a: f64, mut t: u64) -> f64 {
+pub(crate) fn powi(mut a: f64, mut t: u64) -> f64 {
     let mut r = 1.0;
     loop {
         if t & 1 == 1 {

@@ -9,11 +9,18 @@
 //! `pytorch-optimizer`'s `Lamb(weight_decouple=False, adam_debias=True)` (= `torch-optimizer`'s
 //! `Lamb(debias=False)`). The decay is coupled into r, before the norm, as there. Per-parameter
 //! multipliers scale λ and lr (`ParamScales`).
+//!
+//! On a GPU the step is decided on the device (`step_on_device`: the non-finite check, clipping,
+//! the step count and bias corrections there; the trust ratios were always computed there), so
+//! a step that logs nothing does not wait for the GPU and can be replayed in a CUDA graph.
 
+use crate::adamw::powi;
 use crate::trust::{norm, segments};
 use crate::DecayMode;
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{DeviceSegments, LambStep, Segment, StepScales};
+use dptrain_core::ops::flat::{
+    DeviceLr, DeviceSegments, DeviceStepCount, LambGate, LambGateScalars, LambStep, Segment, StepRecord, StepScales,
+};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +65,10 @@ pub struct Lamb {
     lr_scale: Option<Vec<f32>>,
     segs: Vec<Segment>,
     t: u64,
+    /// The step count on the GPU while steps are decided there; `t` is then stale.
+    t_dev: Option<DeviceStepCount>,
+    /// The learning rate and independent decay as the device step reads them.
+    lr_dev: DeviceLr,
     dev: Option<DevState>,
 }
 
@@ -84,16 +95,53 @@ impl Lamb {
             lr_scale: scales.lr_elems(params),
             segs: segments(params),
             t: 0,
+            t_dev: None,
+            lr_dev: DeviceLr::default(),
             dev: None,
         })
     }
 
+    /// Steps taken (read from the device while steps are decided there).
+    fn steps(&self) -> Result<u64> {
+        match &self.t_dev {
+            Some(t) => Ok(t.get()?),
+            None => Ok(self.t),
+        }
+    }
+
+    /// s_t·λ of an independent decay at learning rate `lr` (0 when the decay is coupled).
+    fn indep_decay(&self, lr: f64) -> f32 {
+        let c = self.cfg;
+        if c.decay_mode == DecayMode::Independent {
+            (lr / c.peak_lr * c.weight_decay) as f32
+        } else {
+            0.0
+        }
+    }
+
+    /// The moments and multipliers on the parameters' GPU (uploaded at the first GPU step).
+    fn dev_state(&mut self, like: &Tensor) -> Result<&mut DevState> {
+        if self.dev.is_none() {
+            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
+            self.dev = Some(DevState {
+                m: up(&self.m)?,
+                v: up(&self.v)?,
+                r: up(&self.r)?,
+                decay_scale: up(&self.decay_scale)?,
+                lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
+                segs: DeviceSegments::new(&self.segs, like)?,
+            });
+        }
+        Ok(self.dev.as_mut().expect("just set"))
+    }
+
     fn scalars(&self, lr: f64) -> LambStep {
         let c = self.cfg;
-        let t = self.t as i32;
+        let t = self.t;
         let independent = c.decay_mode == DecayMode::Independent;
+        // The powers as the device gate computes them (lamb_gate in optim.cu).
         let (c1, inv_sqrt_bc2) =
-            if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)).sqrt()) } else { (1.0, 1.0) };
+            if c.correct_bias { (1.0 / (1.0 - powi(c.beta1, t)), (1.0 / (1.0 - powi(c.beta2, t))).sqrt()) } else { (1.0, 1.0) };
         LambStep {
             beta1: c.beta1 as f32,
             beta2: c.beta2 as f32,
@@ -103,31 +151,26 @@ impl Lamb {
             weight_decay: if independent { 0.0 } else { c.weight_decay as f32 },
             lr: lr as f32,
             clamp: c.clamp as f32,
-            indep_decay: if independent { (lr / c.peak_lr * c.weight_decay) as f32 } else { 0.0 },
+            indep_decay: self.indep_decay(lr),
         }
     }
 }
 
 impl Optimizer for Lamb {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
-        self.t += 1;
+        // After steps decided on the device the count comes from there, and this step's goes
+        // back, in place (a CUDA graph of the device step reads it there).
+        self.t = self.steps()? + 1;
+        if let Some(t) = &self.t_dev {
+            t.set(self.t)?;
+        }
         let s = self.scalars(ctx.lr);
         if params.flat().is_cuda() {
-            if self.dev.is_none() {
-                let like = params.flat();
-                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
-                self.dev = Some(DevState {
-                    m: up(&self.m)?,
-                    v: up(&self.v)?,
-                    r: up(&self.r)?,
-                    decay_scale: up(&self.decay_scale)?,
-                    lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
-                    segs: DeviceSegments::new(&self.segs, like)?,
-                });
-            }
-            let d = self.dev.as_mut().expect("just set");
+            let d = self.dev_state(params.flat())?;
             let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
-            dptrain_core::ops::flat::lamb_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s)?;
+            // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
+            let (p, p16) = params.flat_and_half_mut()?;
+            dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -155,15 +198,46 @@ impl Optimizer for Lamb {
         }
         Ok(())
     }
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        if !dptrain_core::ops::flat::decides_steps_on_device(params.flat()) {
+            return Ok(false);
+        }
+        if self.t_dev.is_none() {
+            self.t_dev = Some(DeviceStepCount::new(params.flat(), self.t)?);
+        }
+        let c = self.cfg;
+        // The bias corrections, lr and decay come from the gate and the staged cell.
+        let s = self.scalars(ctx.lr);
+        self.lr_dev.stage(ctx.lr, self.indep_decay(ctx.lr));
+        let gate = LambGateScalars { max_norm, beta1: c.beta1, beta2: c.beta2, correct_bias: c.correct_bias };
+        self.dev_state(params.flat())?;
+        let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
+        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+        let gate = LambGate { rec, gate, t, lr: &self.lr_dev };
+        let (p, p16) = params.flat_and_half_mut()?;
+        dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s, Some(gate), p16)?;
+        Ok(true)
+    }
+    fn stage_device_lr(&mut self, lr: f64) {
+        self.lr_dev.stage(lr, self.indep_decay(lr));
+    }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         let (m, v) = match &self.dev {
             Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
             None => (self.m.clone(), self.v.clone()),
         };
-        Ok(moments_state(&m, &v, self.t, params))
+        Ok(moments_state(&m, &v, self.steps()?, params))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
+        self.t_dev = None;
         self.t = load_moments(&mut self.m, &mut self.v, params, t, s)?;
         Ok(())
     }
@@ -171,8 +245,8 @@ impl Optimizer for Lamb {
         "lamb"
     }
     fn adam_view(&self) -> Result<Option<crate::AdamView>> {
-        let (c, t) = (&self.cfg, self.t as i32);
-        let corr = if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t))) } else { (1.0, 1.0) };
-        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), (corr.0, corr.1, c.eps), self.t)
+        let (c, t) = (&self.cfg, self.steps()?);
+        let corr = if c.correct_bias { (1.0 / (1.0 - powi(c.beta1, t)), 1.0 / (1.0 - powi(c.beta2, t))) } else { (1.0, 1.0) };
+        crate::AdamView::of(Some(&self.m), &self.v, self.dev.as_ref().map(|d| (Some(&d.m), &d.v)), (corr.0, corr.1, c.eps), t)
     }
 }

@@ -7,10 +7,15 @@
 //! decay, no adaptation — as in the reference, PyPI `pytorch-optimizer`'s `LARS`. Then momentum
 //! b ← μb + (1 − dampening)·d (the buffer starts at zero, unlike torch's SGD), d = d + μb
 //! (Nesterov) or b, and w ← w − lr·d. Per-parameter multipliers scale λ and lr.
+//!
+//! On a GPU the step is decided on the device (`step_on_device`: the non-finite check and
+//! clipping there, the trust ratios from the clipped gradient's norms), so the large-batch
+//! image recipes that use LARS do not wait for the GPU on steps that log nothing and can be
+//! replayed in a CUDA graph.
 
 use crate::trust::{norm, segments};
 use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{DeviceSegments, LarsStep, Segment, StepScales};
+use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, LarsGate, LarsStep, Segment, StepRecord, StepScales};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +40,8 @@ pub struct Lars {
     decay_scale: Vec<f32>,
     lr_scale: Option<Vec<f32>>,
     segs: Vec<Segment>,
+    /// The learning rate as the device step reads it.
+    lr_dev: DeviceLr,
     dev: Option<DevState>,
 }
 
@@ -55,36 +62,48 @@ impl Lars {
             decay_scale: scales.expand(params, |i| scales.wd[i]),
             lr_scale: scales.lr_elems(params),
             segs: segments(params),
+            lr_dev: DeviceLr::default(),
             dev: None,
         })
     }
-}
 
-impl Optimizer for Lars {
-    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+    fn lars_step(&self, lr: f64) -> LarsStep {
         let c = self.cfg;
-        let s = LarsStep {
-            lr: ctx.lr as f32,
+        LarsStep {
+            lr: lr as f32,
             weight_decay: c.weight_decay as f32,
             momentum: c.momentum as f32,
             dampening: c.dampening as f32,
             trust_coefficient: c.trust_coefficient as f32,
             nesterov: c.nesterov,
-        };
+        }
+    }
+
+    /// The momentum buffer, multipliers and segment table on the parameters' GPU (uploaded at
+    /// the first GPU step).
+    fn dev_state(&mut self, like: &Tensor) -> Result<&mut DevState> {
+        if self.dev.is_none() {
+            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
+            self.dev = Some(DevState {
+                buf: up(&self.buf)?,
+                decay_scale: up(&self.decay_scale)?,
+                lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
+                segs: DeviceSegments::new(&self.segs, like)?,
+            });
+        }
+        Ok(self.dev.as_mut().expect("just set"))
+    }
+}
+
+impl Optimizer for Lars {
+    fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        let s = self.lars_step(ctx.lr);
         if params.flat().is_cuda() {
-            if self.dev.is_none() {
-                let like = params.flat();
-                let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
-                self.dev = Some(DevState {
-                    buf: up(&self.buf)?,
-                    decay_scale: up(&self.decay_scale)?,
-                    lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
-                    segs: DeviceSegments::new(&self.segs, like)?,
-                });
-            }
-            let d = self.dev.as_mut().expect("just set");
+            let d = self.dev_state(params.flat())?;
             let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
-            dptrain_core::ops::flat::lars_cuda(params.flat_tensor_mut()?, grads.flat(), &mut d.buf, scales, &d.segs, s)?;
+            // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
+            let (p, p16) = params.flat_and_half_mut()?;
+            dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, scales, &d.segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -112,6 +131,31 @@ impl Optimizer for Lars {
             }
         }
         Ok(())
+    }
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        if !dptrain_core::ops::flat::decides_steps_on_device(params.flat()) {
+            return Ok(false);
+        }
+        // The learning rate comes from the staged cell.
+        let s = self.lars_step(ctx.lr);
+        self.lr_dev.stage(ctx.lr, 0.0);
+        self.dev_state(params.flat())?;
+        let d = self.dev.as_mut().expect("just set");
+        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
+        let gate = LarsGate { rec, max_norm, lr: &self.lr_dev };
+        let (p, p16) = params.flat_and_half_mut()?;
+        dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, scales, &d.segs, s, Some(gate), p16)?;
+        Ok(true)
+    }
+    fn stage_device_lr(&mut self, lr: f64) {
+        self.lr_dev.stage(lr, 0.0);
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         let buf = match &self.dev {

@@ -108,7 +108,9 @@ impl Optimizer for Sgd {
             let s = self.sgd_step(ctx.lr, first);
             let (buf, decay_scale, lr_scale) = self.dev_state(params.flat().device())?;
             let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
-            dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, scales, s, None)?;
+            // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
+            let (p, p16) = params.flat_and_half_mut()?;
+            dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -146,7 +148,8 @@ impl Optimizer for Sgd {
         let ((buf, decay_scale, lr_scale), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
         let gate = SgdGate { rec, max_norm, t, lr: &self.lr_dev };
-        dptrain_core::ops::flat::sgd_cuda(params.flat_tensor_mut()?, grads.flat(), buf, scales, s, Some(gate))?;
+        let (p, p16) = params.flat_and_half_mut()?;
+        dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, Some(gate), p16)?;
         Ok(true)
     }
     fn stage_device_lr(&mut self, lr: f64) {

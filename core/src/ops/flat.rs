@@ -366,16 +366,24 @@ pub struct SgdGate<'a> {
 
 /// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop). With
 /// `gate`, decided on the device: the non-finite check, the clipping and `first` there, bit for
-/// bit as the host's own (`s.lr` and `s.first` are then not read).
-pub fn sgd_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, s: SgdStep, gate: Option<SgdGate>) -> Result<()> {
+/// bit as the host's own (`s.lr` and `s.first` are then not read). `p16` as [`adamw_cuda`]'s.
+pub fn sgd_cuda(
+    p: &mut Tensor,
+    g: &Tensor,
+    buf: &mut Tensor,
+    scales: StepScales,
+    s: SgdStep,
+    gate: Option<SgdGate>,
+    p16: Option<&mut Tensor>,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.t.inner, &x.lr.inner));
-        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s, gate)
+        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, scales, s, gate);
+        let _ = (p, g, buf, scales, s, gate, p16);
         Err(no_cuda())
     }
 }
@@ -400,6 +408,34 @@ pub struct LambStep {
     /// Independent decay s_t·λ, applied to the parameter beside the update (0: coupled, where
     /// λ is in the direction).
     pub indep_decay: f32,
+}
+
+/// What LAMB's device gate takes besides the record: the clipping norm (0: none), the betas in
+/// f64 (as the host computes the bias corrections) and whether it corrects them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LambGateScalars {
+    pub max_norm: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub correct_bias: bool,
+}
+
+/// A step LAMB decides on the GPU: the step's record, the gate's scalars, the step count on the
+/// device, and the cell its learning rate and independent decay reach the device through
+/// (staged as `DeviceLr::stage(lr, indep_decay)`; see [`lamb_cuda`]).
+pub struct LambGate<'a> {
+    pub rec: &'a StepRecord,
+    pub gate: LambGateScalars,
+    pub t: &'a DeviceStepCount,
+    pub lr: &'a DeviceLr,
+}
+
+/// A step LARS decides on the GPU: the step's record, the clipping norm (0: none) and the cell
+/// its learning rate reaches the device through (see [`lars_cuda`]).
+pub struct LarsGate<'a> {
+    pub rec: &'a StepRecord,
+    pub max_norm: f64,
+    pub lr: &'a DeviceLr,
 }
 
 /// LARS's scalars for one step (the C layout of `struct LarsStep` in `kernels/cuda/optim.cu`).
@@ -526,7 +562,10 @@ pub fn segment_sums(a: &Tensor, b: &Tensor, segs: &[Segment], dev: Option<&Devic
 }
 
 /// One fused LAMB step on device buffers (`r`: a scratch buffer of the parameters' size for
-/// the direction, whose norm sets the trust ratio before any parameter moves).
+/// the direction, whose norm sets the trust ratio before any parameter moves). With `gate`,
+/// decided on the device: the non-finite check, clipping, step count and bias corrections
+/// there, bit for bit as the host's own (`s.c1`, `s.inv_sqrt_bc2`, `s.lr` and `s.indep_decay`
+/// are then not read). `p16` as [`adamw_cuda`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn lamb_cuda(
     p: &mut Tensor,
@@ -537,27 +576,43 @@ pub fn lamb_cuda(
     scales: StepScales,
     segs: &DeviceSegments,
     s: LambStep,
+    gate: Option<LambGate>,
+    p16: Option<&mut Tensor>,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::lamb(p, g, m, v, r, scales, &segs.table, s)
+        let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner, &x.lr.inner));
+        crate::kernels::cuda::ops::lamb(p, g, m, v, r, scales, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, r, scales, segs, s);
+        let _ = (p, g, m, v, r, scales, segs, s, gate, p16);
         Err(no_cuda())
     }
 }
 
-/// One fused LARS step on device buffers.
-pub fn lars_cuda(p: &mut Tensor, g: &Tensor, buf: &mut Tensor, scales: StepScales, segs: &DeviceSegments, s: LarsStep) -> Result<()> {
+/// One fused LARS step on device buffers. With `gate`, decided on the device: the non-finite
+/// check and the clipping there, the gradient's norms taken of the clipped gradient as the
+/// host path's (`s.lr` is then not read). `p16` as [`adamw_cuda`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn lars_cuda(
+    p: &mut Tensor,
+    g: &Tensor,
+    buf: &mut Tensor,
+    scales: StepScales,
+    segs: &DeviceSegments,
+    s: LarsStep,
+    gate: Option<LarsGate>,
+    p16: Option<&mut Tensor>,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::lars(p, g, buf, scales, &segs.table, s)
+        let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.lr.inner));
+        crate::kernels::cuda::ops::lars(p, g, buf, scales, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, scales, segs, s);
+        let _ = (p, g, buf, scales, segs, s, gate, p16);
         Err(no_cuda())
     }
 }

@@ -1,7 +1,9 @@
 // Fused optimizer updates over the flat parameter / gradient / state buffers, one pass each,
 // with exactly the CPU path's arithmetic (see dptrain-optim).
 
-// A step's scalars (the Rust side: dptrain_core::ops::flat::{AdamWStep, SgdStep}).
+// A step's scalars (the Rust side: dptrain_core::ops::flat::{AdamWStep, SgdStep}). p16, in
+// every update below: the parameters' bf16 copy written in the same pass (the operand bf16
+// GEMMs read), or null.
 struct AdamWStep { float beta1, beta2, eps, step_size, inv_sqrt_bc2, decay; };
 struct SgdStep { float lr, weight_decay, momentum, dampening; bool nesterov, first; };
 
@@ -32,7 +34,7 @@ __device__ double adamw_powi(double a, i64 b) {
 }
 // The part every optimizer's gate shares: a non-finite gradient norm closes the gate (gate[0] =
 // 0, t untouched) and returns 0; else gate[0] = 1, gate[1] = the clipping factor, t counts the
-// step, and the step's number is returned.
+// step (null: an optimizer that keeps no count), and the step's number is returned.
 __device__ i64 step_gate(float* rec, double max_norm, i64* t) {
     const double norm = sqrt(*(const double*)rec);
     float* gate = rec + 2;
@@ -42,8 +44,8 @@ __device__ i64 step_gate(float* rec, double max_norm, i64* t) {
     }
     double coef = 1.0;
     if (max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0) coef = max_norm / (norm + 1e-6);
-    const i64 step = *t + 1;
-    *t = step;
+    const i64 step = (t ? *t : 0) + 1;
+    if (t) *t = step;
     gate[0] = 1.0f;
     gate[1] = (float)coef;
     return step;
@@ -65,9 +67,8 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double*
 // null when every one is 1 (the common case reads nothing). rec: the step's record after
 // adamw_gate — nothing when its gate is closed, the gradient times the clipping factor (as the
 // host path's in-place scaling, an f32 product; skipped below 1 as there), step size and bias
-// correction from the gate — or null for a step the host decided (its scalars in s). p16: the
-// parameters' bf16 copy, written in the same pass (the operand bf16 GEMMs read), or null. lrs:
-// with rec, the gate's (the decay is its second value, the f32 the host would pass in s).
+// correction from the gate — or null for a step the host decided (its scalars in s). lrs: with
+// rec, the gate's (the decay is its second value, the f32 the host would pass in s).
 extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
                                      AdamWStep s, const float* rec, bf16_t* p16, const double* lrs) {
     float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, decay = s.decay;
@@ -107,7 +108,7 @@ extern "C" __global__ void sgd_gate(float* rec, double max_norm, i64* t) {
 // from the gate, the learning rate from lrs[0] (rounded to f32 as the host rounds it) — or null
 // for a step the host decided (its scalars in s).
 extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s,
-                                   const float* rec, const double* lrs) {
+                                   const float* rec, const double* lrs, bf16_t* p16) {
     float coef = 1.0f, base_lr = s.lr;
     bool first = s.first;
     if (rec) {
@@ -126,7 +127,9 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const f
             d = s.nesterov ? d + s.momentum * b : b;
         }
         const float lr = lr_scale ? base_lr * lr_scale[i] : base_lr;
-        p[i] -= lr * d;
+        const float np = p[i] - lr * d;
+        p[i] = np;
+        if (p16) p16[i] = f32_to_bf16(np);
     }
 }
 
@@ -162,15 +165,50 @@ struct Chunk { i64 start, end, seg, matrix; };
 struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp, indep_decay; };
 struct LarsStep { float lr, weight_decay, momentum, dampening, trust_coefficient; bool nesterov; };
 
-// partial[2c], partial[2c + 1] = Σx², Σy² over chunk c.
-extern "C" __global__ void seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial) {
+// A step of LAMB or LARS decided on the device reads its gate from the step's record `rec`
+// (null: a step the host decided, its scalars in s): nothing happens when the gate is closed,
+// and the gradient is taken times the clipping factor (the host path's in-place f32 product,
+// skipped below 1 as there) wherever it is read, its norm included.
+__device__ __forceinline__ float clipped(const float* g, i64 i, float coef) {
+    return coef < 1.0f ? g[i] * coef : g[i];
+}
+__device__ __forceinline__ bool gate_closed(const float* rec) {
+    return rec && rec[2] == 0.0f;
+}
+__device__ __forceinline__ float gate_coef(const float* rec) {
+    return rec && rec[2] != 0.0f ? rec[3] : 1.0f;
+}
+
+// LAMB's gate: step_gate's check, clipping factor and count, then the bias corrections as the
+// host computes them in double (gate[2] = 1/(1 − β1ᵗ), gate[3] = √(1/(1 − β2ᵗ)); both 1
+// without correction), rounded to f32 once. One thread.
+extern "C" __global__ void lamb_gate(float* rec, double max_norm, double beta1, double beta2, int correct_bias, i64* t) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const i64 step = step_gate(rec, max_norm, t);
+    if (step == 0) return;
+    float* gate = rec + 2;
+    gate[2] = correct_bias ? (float)(1.0 / (1.0 - adamw_powi(beta1, step))) : 1.0f;
+    gate[3] = correct_bias ? (float)sqrt(1.0 / (1.0 - adamw_powi(beta2, step))) : 1.0f;
+}
+
+// LARS's gate: step_gate's check and clipping factor (LARS keeps no step count). One thread.
+extern "C" __global__ void lars_gate(float* rec, double max_norm) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    step_gate(rec, max_norm, 0);
+}
+
+// partial[2c], partial[2c + 1] = Σx², Σy² over chunk c; y is a gradient clipped by the gate of
+// `rec` when rec is not null.
+extern "C" __global__ void seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial, const float* rec) {
     const Chunk* chunks = (const Chunk*)table;
+    const float coef = gate_coef(rec);
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const Chunk ch = chunks[c];
         float a = 0.0f, b = 0.0f;
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             a += x[i] * x[i];
-            b += y[i] * y[i];
+            const float yi = clipped(y, i, coef);
+            b += yi * yi;
         }
         a = block_sum(a);
         b = block_sum(b);
@@ -230,20 +268,30 @@ extern "C" __global__ void seg_probe_f32(const float* a, const float* b, const i
 }
 
 // LAMB, first pass: the moments and the Adam direction with coupled decay,
-// r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias correction).
+// r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias
+// correction; from lamb_gate's record on a step decided on the device).
 extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n,
-                                            LambStep s) {
+                                            LambStep s, const float* rec) {
+    if (gate_closed(rec)) return;
+    const float coef = gate_coef(rec);
+    const float c1 = rec ? rec[4] : s.c1, inv_sqrt_bc2 = rec ? rec[5] : s.inv_sqrt_bc2;
     GRID_STRIDE(i, n) {
         float mi, vi;
-        adam_moments(m, v, g[i], s.beta1, s.beta2, i, &mi, &vi);
-        r[i] = mi * s.c1 / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * decay_scale[i] * p[i];
+        adam_moments(m, v, clipped(g, i, coef), s.beta1, s.beta2, i, &mi, &vi);
+        r[i] = mi * c1 / (sqrtf(vi) * inv_sqrt_bc2 + s.eps) + s.weight_decay * decay_scale[i] * p[i];
     }
 }
 
 // LAMB, second pass: p ← p·(1 − indep_decay·decay_scale) − lr·trust·r with
-// trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0 (indep_decay is 0 unless the decay is independent).
+// trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0 (indep_decay is 0 unless the decay is
+// independent). With rec, lr and indep_decay come from lrs (the f32 values the host would pass).
 extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table,
-                                          i64 nchunks, const float* norms, LambStep s) {
+                                          i64 nchunks, const float* norms, LambStep s, const float* rec, const double* lrs, bf16_t* p16) {
+    if (gate_closed(rec)) return;
+    if (rec) {
+        s.lr = (float)lrs[0];
+        s.indep_decay = (float)lrs[1];
+    }
     const Chunk* chunks = (const Chunk*)table;
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const Chunk ch = chunks[c];
@@ -251,22 +299,29 @@ extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float*
         const float trust = (wn == 0.0f || rn == 0.0f) ? 1.0f : wn / (rn + s.eps);
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
-            p[i] = p[i] * (1.0f - s.indep_decay * decay_scale[i]) - lr * trust * r[i];
+            const float np = p[i] * (1.0f - s.indep_decay * decay_scale[i]) - lr * trust * r[i];
+            p[i] = np;
+            if (p16) p16[i] = f32_to_bf16(np);
         }
     }
 }
 
 // LARS on norms[2s] = ‖p‖, norms[2s + 1] = ‖g‖: matrices take d = trust·(g + λp) with
 // trust = tc·‖p‖ / (‖g‖ + λ‖p‖) (1 when ‖p‖ or the denominator is 0); vectors plain d = g.
-// Then momentum (buffer starts at zero) and p ← p − lr·d.
+// Then momentum (buffer starts at zero) and p ← p − lr·d. With rec (lars_gate's), the gradient
+// is clipped and the learning rate comes from lrs[0].
 extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale,
-                                          const i64* table, i64 nchunks, const float* norms, LarsStep s) {
+                                          const i64* table, i64 nchunks, const float* norms, LarsStep s, const float* rec, const double* lrs,
+                                          bf16_t* p16) {
+    if (gate_closed(rec)) return;
+    const float coef = gate_coef(rec);
+    if (rec) s.lr = (float)lrs[0];
     const Chunk* chunks = (const Chunk*)table;
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const Chunk ch = chunks[c];
         const float pn = norms[2 * ch.seg], gn = norms[2 * ch.seg + 1];
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
-            float d = g[i];
+            float d = clipped(g, i, coef);
             if (ch.matrix) {
                 const float wd = s.weight_decay * decay_scale[i];
                 const float den = gn + wd * pn;
@@ -279,7 +334,9 @@ extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, 
                 d = s.nesterov ? d + s.momentum * b : b;
             }
             const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
-            p[i] -= lr * d;
+            const float np = p[i] - lr * d;
+            p[i] = np;
+            if (p16) p16[i] = f32_to_bf16(np);
         }
     }
 }

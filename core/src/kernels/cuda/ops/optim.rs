@@ -7,6 +7,19 @@ unsafe impl DeviceRepr for crate::ops::flat::AdamWStep {}
 
 unsafe impl DeviceRepr for crate::ops::flat::SgdStep {}
 
+/// `p16`, the parameters' bf16 copy an update writes in its pass, must be one of `n` elements.
+fn half_copy(op: &'static str, p16: Option<&Tensor>, n: usize) -> Result<u64> {
+    if let Some(h) = p16.filter(|h| h.dtype() != DType::BF16 || h.numel() != n || !h.is_contiguous()) {
+        return Err(Error::shape(op, format!("a bf16 copy {:?} ({}) of {n} parameters", h.shape(), h.dtype())));
+    }
+    ptr_or_null(p16)
+}
+
+/// Launches a one-thread gate kernel (a step decided on the device).
+fn one_thread() -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// A device pointer, or null for an absent optional buffer.
 pub(super) fn ptr_or_null(t: Option<&Tensor>) -> Result<u64> {
     t.map_or(Ok(0), ptr)
@@ -29,9 +42,7 @@ pub fn adamw(
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
-    if let Some(h) = p16.filter(|h| h.dtype() != DType::BF16 || h.numel() != n || !h.is_contiguous()) {
-        return Err(Error::shape("adamw", format!("a bf16 copy {:?} ({}) of {n} parameters", h.shape(), h.dtype())));
-    }
+    half_copy("adamw", p16, n)?;
     // The learning rate and decay go up from the cell the optimizer staged them in (a CUDA
     // graph of the step uploads its values again before each replay); the buffer lives until
     // the kernels below have run (stream order).
@@ -39,9 +50,8 @@ pub fn adamw(
     let rec = match gate {
         Some((rec, gate, t, cell)) => {
             let b = d.upload_scalars(cell)?;
-            let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
             // adamw_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, i64* t)
-            launch!(d, "optim", "adamw_gate", one; rec.ptr(), gate.max_norm, b.ptr, gate.beta1, gate.beta2, t.ptr())?;
+            launch!(d, "optim", "adamw_gate", one_thread(); rec.ptr(), gate.max_norm, b.ptr, gate.beta1, gate.beta2, t.ptr())?;
             lrs = Some(b);
             rec.ptr()
         }
@@ -56,7 +66,7 @@ pub fn adamw(
 
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers; with `gate` (the record, the
 /// clipping norm, the applied-step count, the learning-rate cell), decided on the device as
-/// AdamW's step is (see optim.cu).
+/// AdamW's step is (see optim.cu). `p16` as [`adamw`]'s.
 pub fn sgd(
     p: &Tensor,
     g: &Tensor,
@@ -64,27 +74,29 @@ pub fn sgd(
     scales: crate::ops::flat::StepScales,
     s: crate::ops::flat::SgdStep,
     gate: Option<(&StepRecord, f64, &DevCounter, &crate::tensor::cuda::HostScalars)>,
+    p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
+    let p16 = half_copy("sgd", p16, n)?;
     // The learning rate goes up from the optimizer's cell (a CUDA graph uploads it again before
     // each replay); the buffer lives until the kernels below have run (stream order).
     let mut lrs = None;
     let rec = match gate {
         Some((rec, max_norm, t, cell)) => {
             let b = d.upload_scalars(cell)?;
-            let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
             // sgd_gate(float* rec, double max_norm, i64* t)
-            launch!(d, "optim", "sgd_gate", one; rec.ptr(), max_norm, t.ptr())?;
+            launch!(d, "optim", "sgd_gate", one_thread(); rec.ptr(), max_norm, t.ptr())?;
             lrs = Some(b);
             rec.ptr()
         }
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
-    // sgd_f32(p, g, buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s, const float* rec, const double* lrs)
+    // sgd_f32(p, g, buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s, const float* rec, const double* lrs,
+    //         bf16_t* p16)
     launch!(d, "optim", "sgd_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, lrs_ptr)
+        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, lrs_ptr, p16)
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu).
@@ -133,13 +145,15 @@ pub fn upload_table(like: &Tensor, table: &[i64], nchunks: usize, nseg: usize) -
     Ok(DevTable { buf: dev_of(like)?.upload(table)?, nchunks, nseg })
 }
 
-/// `[nseg, 2]` device tensor of (‖x‖, ‖y‖) per segment: one reduction launch, one finishing launch.
-pub fn segment_norms(x: &Tensor, y: &Tensor, t: &DevTable) -> Result<Tensor> {
+/// `[nseg, 2]` device tensor of (‖x‖, ‖y‖) per segment: one reduction launch, one finishing
+/// launch. `y_rec`: `y` is a gradient to take clipped by this step record's gate (device-decided
+/// LARS).
+pub fn segment_norms(x: &Tensor, y: &Tensor, t: &DevTable, y_rec: u64) -> Result<Tensor> {
     let d = dev_of(x)?;
     let partial = empty(&d, &[t.nchunks.max(1), 2])?;
     let norms = empty(&d, &[t.nseg.max(1), 2])?;
-    // seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial)
-    launch!(d, "optim", "seg_sumsq_f32", per_row(t.nchunks); ptr(x)?, ptr(y)?, t.buf.ptr, t.nchunks as i64, ptr(&partial)?)?;
+    // seg_sumsq_f32(const float* x, const float* y, const i64* table, i64 nchunks, float* partial, const float* rec)
+    launch!(d, "optim", "seg_sumsq_f32", per_row(t.nchunks); ptr(x)?, ptr(y)?, t.buf.ptr, t.nchunks as i64, ptr(&partial)?, y_rec)?;
     // seg_norms_f32(const float* partial, const i64* table, i64 nchunks, i64 nseg, float* norms)
     launch!(d, "optim", "seg_norms_f32", grid(t.nseg); ptr(&partial)?, t.buf.ptr, t.nchunks as i64, t.nseg as i64, ptr(&norms)?)?;
     Ok(norms)
@@ -157,9 +171,14 @@ pub fn segment_probe(a: &Tensor, b: &Tensor, t: &DevTable, mode: i32, c1: f32, c
     Ok(norms)
 }
 
+/// What a LAMB step decided on the device takes: the step's record, the gate's scalars, the
+/// step count and the cell with (lr, independent decay).
+pub type LambGateArgs<'a> = (&'a StepRecord, crate::ops::flat::LambGateScalars, &'a DevCounter, &'a crate::tensor::cuda::HostScalars);
+
 #[allow(clippy::too_many_arguments)]
 /// Fused LAMB over flat buffers: moments and direction into `r`, the per-parameter norms of
-/// `p` and `r`, then the trust-scaled update.
+/// `p` and `r`, then the trust-scaled update; with `gate`, decided on the device (`lamb_gate`
+/// in optim.cu). `p16` as [`adamw`]'s.
 pub fn lamb(
     p: &Tensor,
     g: &Tensor,
@@ -169,18 +188,39 @@ pub fn lamb(
     scales: crate::ops::flat::StepScales,
     t: &DevTable,
     s: crate::ops::flat::LambStep,
+    gate: Option<LambGateArgs>,
+    p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
-    // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n, LambStep s)
-    launch!(d, "optim", "lamb_moments_f32", grid(n); ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, ptr(scales.decay)?, n as i64, s)?;
-    let norms = segment_norms(p, r, t)?;
-    // lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LambStep s)
+    let p16 = half_copy("lamb", p16, n)?;
+    // The cell's values go up for this launch (a CUDA graph uploads them again before each
+    // replay); the buffer lives until the kernels below have run (stream order).
+    let mut lrs = None;
+    let rec = match gate {
+        Some((rec, g, count, cell)) => {
+            lrs = Some(d.upload_scalars(cell)?);
+            // lamb_gate(float* rec, double max_norm, double beta1, double beta2, int correct_bias, i64* t)
+            launch!(d, "optim", "lamb_gate", one_thread(); rec.ptr(), g.max_norm, g.beta1, g.beta2, g.correct_bias as i32, count.ptr())?;
+            rec.ptr()
+        }
+        None => 0,
+    };
+    let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
+    // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n, LambStep s,
+    //                  const float* rec)
+    launch!(d, "optim", "lamb_moments_f32", grid(n); ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, ptr(scales.decay)?, n as i64, s, rec)?;
+    let norms = segment_norms(p, r, t, 0)?;
+    // lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks,
+    //                const float* norms, LambStep s, const float* rec, const double* lrs, bf16_t* p16)
     launch!(d, "optim", "lamb_apply_f32", per_row(t.nchunks);
-        ptr(p)?, ptr(r)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
+        ptr(p)?, ptr(r)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
 }
 
-/// Fused LARS over flat buffers: the per-parameter norms of `p` and `g`, then the update.
+/// Fused LARS over flat buffers: the per-parameter norms of `p` and `g`, then the update; with
+/// `gate` (the record, the clipping norm, the cell with the learning rate), decided on the
+/// device (`lars_gate` in optim.cu). `p16` as [`adamw`]'s.
+#[allow(clippy::too_many_arguments)]
 pub fn lars(
     p: &Tensor,
     g: &Tensor,
@@ -188,10 +228,25 @@ pub fn lars(
     scales: crate::ops::flat::StepScales,
     t: &DevTable,
     s: crate::ops::flat::LarsStep,
+    gate: Option<(&StepRecord, f64, &crate::tensor::cuda::HostScalars)>,
+    p16: Option<&Tensor>,
 ) -> Result<()> {
     let d = dev_of(p)?;
-    let norms = segment_norms(p, g, t)?;
-    // lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks, const float* norms, LarsStep s)
+    let p16 = half_copy("lars", p16, p.numel())?;
+    let mut lrs = None;
+    let rec = match gate {
+        Some((rec, max_norm, cell)) => {
+            lrs = Some(d.upload_scalars(cell)?);
+            // lars_gate(float* rec, double max_norm)
+            launch!(d, "optim", "lars_gate", one_thread(); rec.ptr(), max_norm)?;
+            rec.ptr()
+        }
+        None => 0,
+    };
+    let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
+    let norms = segment_norms(p, g, t, rec)?;
+    // lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks,
+    //                const float* norms, LarsStep s, const float* rec, const double* lrs, bf16_t* p16)
     launch!(d, "optim", "lars_apply_f32", per_row(t.nchunks);
-        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s)
+        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
 }
