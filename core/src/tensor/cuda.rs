@@ -427,11 +427,22 @@ impl CudaDev {
         })
     }
 
+    /// The block size a request of `bytes` gets: its cache size class on a GPU; on the emulator
+    /// the request itself, to 16 bytes, so the guard page after each block is right behind the
+    /// last byte a kernel may touch (see `emu::alloc`).
+    pub(crate) fn class_of(&self, bytes: usize) -> usize {
+        if self.real.is_some() {
+            size_class(bytes)
+        } else {
+            emu::class(bytes)
+        }
+    }
+
     /// `bytes` of uninitialised device memory from the cache (from the graph's private pool
     /// while a capture runs).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         if let Some(pool) = self.capture_pool() {
-            let class = size_class(bytes);
+            let class = self.class_of(bytes);
             let ptr = pool.take(class)?;
             return Ok(DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) });
         }
@@ -441,7 +452,7 @@ impl CudaDev {
     /// [`CudaDev::alloc`] from the device's cache, never a graph's pool.
     fn alloc_cached(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         self.bind()?;
-        let class = size_class(bytes);
+        let class = self.class_of(bytes);
         let mut cache = self.cache.lock().map_err(|_| Error::Device("allocator poisoned".into()))?;
         let real = self.real.as_ref().map(|r| r.stream.clone());
         let ptr = cache
@@ -1006,22 +1017,67 @@ mod emu {
         include!(concat!(env!("OUT_DIR"), "/emu_table.rs"));
     }
 
+    /// The emulator's block size for a request: whole 16-byte words (a float4 load's alignment),
+    /// nothing more.
+    pub fn class(bytes: usize) -> usize {
+        bytes.max(1).div_ceil(16) * 16
+    }
+
+    #[cfg(feature = "cuda-emu")]
+    const PAGE: usize = 4096;
+
+    /// The pages holding a block of `bytes` (a multiple of 16) and the guard page after them.
+    #[cfg(feature = "cuda-emu")]
+    fn pages(bytes: usize) -> usize {
+        bytes.div_ceil(PAGE) * PAGE + PAGE
+    }
+
+    /// A block of `bytes` (a [`class`]) of host memory standing for device memory, ending
+    /// exactly where an inaccessible guard page starts: a kernel that reads or writes past the
+    /// end of a buffer stops the process with SIGSEGV at that access (electric-fence style),
+    /// where the GPU's rounded-up blocks would let it pass unseen or fault somewhere later.
     pub fn alloc(bytes: usize) -> std::result::Result<u64, String> {
-        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256).map_err(|e| e.to_string())?;
-        // SAFETY: non-zero size.
-        let p = unsafe { std::alloc::alloc(layout) };
-        if p.is_null() {
-            Err(format!("host allocation of {bytes} bytes failed"))
-        } else {
-            Ok(p as u64)
+        #[cfg(feature = "cuda-emu")]
+        {
+            let len = pages(bytes);
+            // SAFETY: a fresh private anonymous mapping; its last page is made inaccessible.
+            unsafe {
+                let base = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if base == libc::MAP_FAILED {
+                    return Err(format!("host mapping of {bytes} bytes failed"));
+                }
+                let guard = (base as *mut u8).add(len - PAGE);
+                if libc::mprotect(guard as *mut libc::c_void, PAGE, libc::PROT_NONE) != 0 {
+                    libc::munmap(base, len);
+                    return Err("guard page: mprotect failed".into());
+                }
+                Ok(guard as u64 - bytes as u64)
+            }
+        }
+        #[cfg(not(feature = "cuda-emu"))]
+        {
+            Err(format!("no CUDA emulator in this build to allocate {bytes} bytes"))
         }
     }
 
+    /// Returns a block [`alloc`] made for `bytes` (the cache keys blocks by class).
     pub fn free(p: u64, bytes: usize) {
-        if let Ok(layout) = std::alloc::Layout::from_size_align(bytes.max(1), 256) {
-            // SAFETY: allocated by `alloc` with this layout (the cache keys blocks by class).
-            unsafe { std::alloc::dealloc(p as *mut u8, layout) }
+        #[cfg(feature = "cuda-emu")]
+        {
+            let len = pages(bytes);
+            let base = p + bytes as u64 + PAGE as u64 - len as u64;
+            // SAFETY: the whole mapping `alloc` made for this block.
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
         }
+        #[cfg(not(feature = "cuda-emu"))]
+        let _ = (p, bytes);
     }
 
     /// The order the emulator runs blocks and threads in (`DPTRAIN_CUDA_EMULATOR_SCHEDULE`).
@@ -1078,6 +1134,33 @@ mod emu {
         {
             let _ = (cfg, params);
             Err(Error::Device(format!("{file}.{name}: this build has no CUDA emulator")))
+        }
+    }
+
+    #[cfg(all(test, feature = "cuda-emu"))]
+    mod tests {
+        /// Every block, whatever its size, is usable to its last byte and ends exactly where an
+        /// inaccessible page starts (read from /proc/self/maps): the first byte past any buffer
+        /// is a fault on the emulator.
+        #[test]
+        fn an_emulator_block_ends_at_its_guard_page() {
+            for bytes in [1, 100, 4096, 5000, 1 << 20] {
+                let c = super::class(bytes);
+                let p = super::alloc(c).unwrap();
+                let end = p + c as u64;
+                assert!(p.is_multiple_of(16) && end.is_multiple_of(4096), "{bytes}: {p:#x}..{end:#x}");
+                // SAFETY: the block is `c` bytes of writable memory.
+                unsafe { std::ptr::write_bytes(p as *mut u8, 7, c) };
+                let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+                let perms = maps.lines().find_map(|l| {
+                    let (range, rest) = l.split_once(' ')?;
+                    let (a, b) = range.split_once('-')?;
+                    let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+                    (a <= end && end < b).then(|| rest[..4].to_string())
+                });
+                assert_eq!(perms.as_deref(), Some("---p"), "{bytes}: the page after the block");
+                super::free(p, c);
+            }
         }
     }
 }

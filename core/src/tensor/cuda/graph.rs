@@ -398,7 +398,7 @@ impl CudaDev {
     /// [`GraphPool::take_fresh`]), the pool's once freed.
     fn bound_buffer(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
         let pool = self.capture_pool().ok_or_else(|| Error::Device("no capture is running".into()))?;
-        let class = crate::tensor::cache::size_class(bytes);
+        let class = self.class_of(bytes);
         let ptr = pool.take_fresh(class)?;
         Ok(DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) })
     }
