@@ -38,6 +38,22 @@ fn gpu_check_ops_pass_on_the_emulator() {
     the_optimizers_bf16_weight_copy_replaces_the_casts();
     a_captured_step_replays_with_new_inputs();
     a_replayed_step_draws_each_steps_dropout_masks();
+    fresh_device_memory_reads_as_nan();
+}
+
+/// The emulator hands out device memory filled with 0xFF bytes — NaN as f32 — even a block the
+/// cache had before with values in it: a kernel that reads what nothing wrote gets NaN (every
+/// check above passes with that), where a GPU's stale contents could look plausible.
+fn fresh_device_memory_reads_as_nan() {
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let b = d.upload(&[1.5f32; 10]).unwrap();
+    assert_eq!(d.download::<f32>(b.ptr, 10).unwrap(), vec![1.5; 10]);
+    drop(b);
+    // The same size class: the block just freed comes back from the cache.
+    let again = d.alloc(40).unwrap();
+    let v = d.download::<f32>(again.ptr, 10).unwrap();
+    assert!(v.iter().all(|x| x.is_nan()), "{v:?}");
+    assert!(d.download::<u32>(again.ptr, 10).unwrap().iter().all(|&w| w == u32::MAX));
 }
 
 /// Dropout in a step replayed as a CUDA graph: the kernels read the micro-step's tape key from

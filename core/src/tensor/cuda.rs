@@ -439,14 +439,25 @@ impl CudaDev {
     }
 
     /// `bytes` of uninitialised device memory from the cache (from the graph's private pool
-    /// while a capture runs).
+    /// while a capture runs). On the emulator every byte of it is 0xFF — NaN as f32 and bf16,
+    /// −1 as an integer — in stream order (a capture records the fill, so each replay refills):
+    /// a kernel that reads memory nothing wrote gets NaN there, where a GPU's stale contents
+    /// would give plausible numbers on one run and not on the next.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
-        if let Some(pool) = self.capture_pool() {
-            let class = self.class_of(bytes);
-            let ptr = pool.take(class)?;
-            return Ok(DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) });
+        let b = match self.capture_pool() {
+            Some(pool) => {
+                let class = self.class_of(bytes);
+                let ptr = pool.take(class)?;
+                DevBuf { ptr, class, dev: self.clone(), pool: Some(pool) }
+            }
+            None => self.alloc_cached(bytes)?,
+        };
+        if self.real.is_none() {
+            let (p, n) = (b.ptr, b.class);
+            // SAFETY: the emulator's blocks are host memory of `class` bytes.
+            self.emu_host(move || unsafe { std::ptr::write_bytes(p as *mut u8, 0xFF, n) })?;
         }
-        self.alloc_cached(bytes)
+        Ok(b)
     }
 
     /// [`CudaDev::alloc`] from the device's cache, never a graph's pool.
