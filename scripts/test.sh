@@ -23,3 +23,8 @@ export DPTRAIN_REQUIRE_NVRTC=1
 # result depends on the order (float atomics, a race) fails the bit-for-bit comparisons.
 export DPTRAIN_CUDA_EMULATOR_SCHEDULE=${DPTRAIN_CUDA_EMULATOR_SCHEDULE:-1}
 cargo test --workspace --features dptrain-launcher/cuda-emu,dptrain-launcher/fault-injection
+# Each emulated device buffer borders an inaccessible page, right after its end above; again with
+# the page right before its start, for the kernels' op checks and the optimizers, so an access
+# before a buffer (a negative index: padding, causal offsets) faults too.
+DPTRAIN_CUDA_EMULATOR_GUARD=front cargo test --workspace --features dptrain-launcher/cuda-emu,dptrain-launcher/fault-injection \
+  --test cuda_emu --test optim_emu

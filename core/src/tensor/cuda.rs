@@ -1047,30 +1047,12 @@ mod emu {
     /// exactly where an inaccessible guard page starts: a kernel that reads or writes past the
     /// end of a buffer stops the process with SIGSEGV at that access (electric-fence style),
     /// where the GPU's rounded-up blocks would let it pass unseen or fault somewhere later.
+    /// With `DPTRAIN_CUDA_EMULATOR_GUARD=front` the block starts right after the guard page
+    /// instead, for accesses before a buffer's start.
     pub fn alloc(bytes: usize) -> std::result::Result<u64, String> {
         #[cfg(feature = "cuda-emu")]
         {
-            let len = pages(bytes);
-            // SAFETY: a fresh private anonymous mapping; its last page is made inaccessible.
-            unsafe {
-                let base = libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                if base == libc::MAP_FAILED {
-                    return Err(format!("host mapping of {bytes} bytes failed"));
-                }
-                let guard = (base as *mut u8).add(len - PAGE);
-                if libc::mprotect(guard as *mut libc::c_void, PAGE, libc::PROT_NONE) != 0 {
-                    libc::munmap(base, len);
-                    return Err("guard page: mprotect failed".into());
-                }
-                Ok(guard as u64 - bytes as u64)
-            }
+            alloc_guarded(bytes, crate::env::env().cuda_emulator_guard_front)
         }
         #[cfg(not(feature = "cuda-emu"))]
         {
@@ -1081,14 +1063,38 @@ mod emu {
     /// Returns a block [`alloc`] made for `bytes` (the cache keys blocks by class).
     pub fn free(p: u64, bytes: usize) {
         #[cfg(feature = "cuda-emu")]
-        {
-            let len = pages(bytes);
-            let base = p + bytes as u64 + PAGE as u64 - len as u64;
-            // SAFETY: the whole mapping `alloc` made for this block.
-            unsafe { libc::munmap(base as *mut libc::c_void, len) };
-        }
+        free_guarded(p, bytes, crate::env::env().cuda_emulator_guard_front);
         #[cfg(not(feature = "cuda-emu"))]
         let _ = (p, bytes);
+    }
+
+    /// [`alloc`] with the guard page after the block, or before it (`front`).
+    #[cfg(feature = "cuda-emu")]
+    fn alloc_guarded(bytes: usize, front: bool) -> std::result::Result<u64, String> {
+        let len = pages(bytes);
+        // SAFETY: a fresh private anonymous mapping; one page of it is made inaccessible.
+        unsafe {
+            let base =
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            if base == libc::MAP_FAILED {
+                return Err(format!("host mapping of {bytes} bytes failed"));
+            }
+            let base = base as *mut u8;
+            let guard = if front { base } else { base.add(len - PAGE) };
+            if libc::mprotect(guard as *mut libc::c_void, PAGE, libc::PROT_NONE) != 0 {
+                libc::munmap(base as *mut libc::c_void, len);
+                return Err("guard page: mprotect failed".into());
+            }
+            Ok(if front { base.add(PAGE) as u64 } else { guard as u64 - bytes as u64 })
+        }
+    }
+
+    #[cfg(feature = "cuda-emu")]
+    fn free_guarded(p: u64, bytes: usize, front: bool) {
+        let len = pages(bytes);
+        let base = if front { p - PAGE as u64 } else { p + bytes as u64 + PAGE as u64 - len as u64 };
+        // SAFETY: the whole mapping `alloc_guarded` made for this block.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 
     /// The order the emulator runs blocks and threads in (`DPTRAIN_CUDA_EMULATOR_SCHEDULE`).
@@ -1150,27 +1156,33 @@ mod emu {
 
     #[cfg(all(test, feature = "cuda-emu"))]
     mod tests {
-        /// Every block, whatever its size, is usable to its last byte and ends exactly where an
-        /// inaccessible page starts (read from /proc/self/maps): the first byte past any buffer
-        /// is a fault on the emulator.
+        /// Every block, whatever its size, is usable from its first to its last byte and borders
+        /// an inaccessible page (read from /proc/self/maps): right after its end, or right
+        /// before its start in `front` mode — one byte past (or before) any buffer is a fault.
         #[test]
-        fn an_emulator_block_ends_at_its_guard_page() {
-            for bytes in [1, 100, 4096, 5000, 1 << 20] {
-                let c = super::class(bytes);
-                let p = super::alloc(c).unwrap();
-                let end = p + c as u64;
-                assert!(p.is_multiple_of(16) && end.is_multiple_of(4096), "{bytes}: {p:#x}..{end:#x}");
-                // SAFETY: the block is `c` bytes of writable memory.
-                unsafe { std::ptr::write_bytes(p as *mut u8, 7, c) };
+        fn an_emulator_block_borders_its_guard_page() {
+            let perms = |at: u64| {
                 let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-                let perms = maps.lines().find_map(|l| {
+                maps.lines().find_map(|l| {
                     let (range, rest) = l.split_once(' ')?;
                     let (a, b) = range.split_once('-')?;
                     let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
-                    (a <= end && end < b).then(|| rest[..4].to_string())
-                });
-                assert_eq!(perms.as_deref(), Some("---p"), "{bytes}: the page after the block");
-                super::free(p, c);
+                    (a <= at && at < b).then(|| rest[..4].to_string())
+                })
+            };
+            for front in [false, true] {
+                for bytes in [1, 100, 4096, 5000, 1 << 20] {
+                    let c = super::class(bytes);
+                    let p = super::alloc_guarded(c, front).unwrap();
+                    let end = p + c as u64;
+                    assert!(p.is_multiple_of(16), "{bytes}: {p:#x}");
+                    assert!(if front { p.is_multiple_of(4096) } else { end.is_multiple_of(4096) }, "{bytes}: {p:#x}..{end:#x}");
+                    // SAFETY: the block is `c` bytes of writable memory.
+                    unsafe { std::ptr::write_bytes(p as *mut u8, 7, c) };
+                    let outside = if front { p - 1 } else { end };
+                    assert_eq!(perms(outside).as_deref(), Some("---p"), "{bytes} (front {front}): the page beside the block");
+                    super::free_guarded(p, c, front);
+                }
             }
         }
     }
