@@ -240,4 +240,32 @@ fn device_decided_steps_are_the_hosts_and_keep_the_bf16_copy() {
         assert!(host.1 == dev.1, "{name}: optimizer state differs");
         assert_eq!(host.2, dev.2, "{name}");
     }
+    // SOAP decides its steps on the host, and writes the bf16 copy in its per-parameter update
+    // passes: after the first step (statistics only) and each update, it is the values' rounding.
+    let (mut ps, raw) = stores_with(6, 4);
+    ps.to_device(Device::Cuda(0)).unwrap();
+    let tape = Tape::new();
+    tape.set_precision(Precision::Bf16);
+    tape.param(&ps, ps.id("w").unwrap());
+    drop(tape);
+    let mut soap = Soap::new(SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() }, &ps);
+    let mut g = GradStore::try_new(&ps).unwrap();
+    let mut solo = dptrain_comm::LocalComm::new();
+    let start = ps.flat().to_vec::<f32>().unwrap();
+    for (i, gr) in raw.iter().enumerate() {
+        *g.flat_tensor_mut() = Tensor::from_slice(gr, &[gr.len()]).unwrap().to_device(Device::Cuda(0)).unwrap();
+        soap.step(&mut ps, &g, &mut StepCtx { step: i as u64 + 1, lr: 0.05, comm: &mut solo }).unwrap();
+        let vals = ps.flat().to_vec::<f32>().unwrap();
+        if let Some(h) = ps.half_flat() {
+            let half = h.to_vec::<f32>().unwrap();
+            assert!(
+                half.iter().zip(&vals).all(|(h, v)| *h == half::bf16::from_f32(*v).to_f32()),
+                "soap: step {}: the bf16 copy is stale",
+                i + 1
+            );
+        } else {
+            assert!(i == 0, "soap: step {}: the update dropped the bf16 copy", i + 1);
+        }
+    }
+    assert!(ps.flat().to_vec::<f32>().unwrap() != start, "soap did not move the parameters");
 }

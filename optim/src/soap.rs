@@ -836,8 +836,10 @@ impl Soap {
         }
         let step_size = self.next_step_size(ctx.lr);
         let c = self.cfg;
-        // Written in place through a view: no tape may still hold the parameters.
-        let p_all = params.flat_tensor_mut()?.clone();
+        // Written in place through a view: no tape may still hold the parameters. The bf16
+        // copy (what bf16 GEMMs read) is written in the same passes.
+        let (p_all, p16) = params.flat_and_half_mut()?;
+        let (p_all, p16) = (p_all.clone(), p16.map(|h| h.clone()));
         for i in 0..self.ps.len() {
             let (o, n, dims) = (self.ps[i].offset, self.ps[i].numel, self.ps[i].dims.clone());
             let d = self.dev.as_ref().expect("device state");
@@ -853,7 +855,8 @@ impl Soap {
             }
             let decay = self.decay_of(i, ctx.lr);
             let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
-            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, (step_size * self.lr_scale[i]) as f32, keep)?;
+            let h = p16.as_ref().map(|h| h.narrow(0, o, n)).transpose()?;
+            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, (step_size * self.lr_scale[i]) as f32, keep, h.as_ref())?;
             if finite[i] {
                 self.accumulate_statistics_dev(i, &g)?;
             }

@@ -341,15 +341,16 @@ pub fn soap_ratio_cuda(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
     }
 }
 
-/// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep`.
-pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: f32, keep: f32) -> Result<()> {
+/// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep`; `p16`, the
+/// parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`), written in the same pass.
+pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::soap_apply(p, u, step, keep)
+        crate::kernels::cuda::ops::soap_apply(p, u, step, keep, p16)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, u, step, keep);
+        let _ = (p, u, step, keep, p16);
         Err(no_cuda())
     }
 }

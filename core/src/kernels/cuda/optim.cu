@@ -150,9 +150,11 @@ extern "C" __global__ void soap_ratio_f32(const float* mp, const float* v, float
 }
 
 // and the update, then the decay (keep = 1 − lr·wd, after the update as the reference).
-extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep) {
+extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16) {
     GRID_STRIDE(i, n) {
-        p[i] = (p[i] - step * u[i]) * keep;
+        const float np = (p[i] - step * u[i]) * keep;
+        p[i] = np;
+        if (p16) p16[i] = f32_to_bf16(np);
     }
 }
 

@@ -120,12 +120,14 @@ pub fn soap_ratio(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
 }
 
 /// `p ← (p − step·u)·keep` in place.
-pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32) -> Result<()> {
+/// `p16`: this parameter's view of the bf16 copy, written in the same pass.
+pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
+    let p16 = half_copy("soap", p16, n)?;
     let u = contiguous(u)?;
-    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep)
-    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep)
+    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16)
+    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16)
 }
 
 // SAFETY: plain-old-data with the C layouts of `struct LambStep` / `struct LarsStep` in optim.cu.
