@@ -19,6 +19,15 @@
 // a grid-stride loop, the tiles with the most work first. Causal: tile pairs above the diagonal
 // are skipped, the diagonal tile masked by index.
 //
+// Staging: the tiles a work item walks (K and V in forward and dQ, Q and dO in dK/dV) are
+// double-buffered in shared memory. bf16 tensors go global → shared by cp.async, 16 bytes a copy,
+// so tile i + 1 is in flight while the block computes on tile i (one barrier before issuing it,
+// so no warp overwrites a tile another still reads; a wait and a barrier before reading it); f32
+// tensors are rounded on the way, through registers. Operand fragments come from shared memory
+// by ldmatrix (x4: four 8 × 8 matrices per instruction, .trans for the right operands read
+// column-wise), not element by element. Both are header-free inline PTX too; the emulator models
+// them (emu.h), cp.async as late as PTX allows, so a tile read before its wait reads NaN.
+//
 // Backward is deterministic (no atomics): dK and dV per key tile in one kernel, dQ per query tile
 // in another, each recomputing P from the saved log-sum-exp; D = rowsum(dO ⊙ O) comes first.
 //
@@ -34,6 +43,14 @@
 __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
 }
+__device__ __forceinline__ void fa_ldsm4(unsigned* r, const void* row) { emu_ldmatrix_x4(r, row, false); }
+__device__ __forceinline__ void fa_ldsm4_t(unsigned* r, const void* row) { emu_ldmatrix_x4(r, row, true); }
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src) { emu_cp_async16(dst, src); }
+__device__ __forceinline__ void fa_commit() { emu_cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+    emu_cp_async_wait(N);
+}
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 // No bf16 tensor cores before sm_80: the file still compiles (every kernel file is compiled when
 // a device opens), and the host never launches these kernels there (flash_supported).
@@ -41,6 +58,12 @@ __device__ __forceinline__ void fa_mma(float*, const unsigned*, const unsigned*)
 __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
 }
+__device__ __forceinline__ void fa_ldsm4(unsigned*, const void*) { asm volatile("trap;"); }
+__device__ __forceinline__ void fa_ldsm4_t(unsigned*, const void*) { asm volatile("trap;"); }
+__device__ __forceinline__ void fa_cp16(void*, const void*) { asm volatile("trap;"); }
+__device__ __forceinline__ void fa_commit() {}
+template <int N>
+__device__ __forceinline__ void fa_wait() {}
 #else
 // c += A·B for one 16 × 8 × 16 tile (fragments as described above).
 __device__ __forceinline__ void fa_mma(float* c, const unsigned* a, const unsigned* b) {
@@ -54,21 +77,48 @@ __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+// A generic pointer into shared memory as a shared-window address (what ldmatrix and cp.async
+// take; no header's __cvta_generic_to_shared under NVRTC).
+__device__ __forceinline__ unsigned fa_smem(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// Four 8 × 8 bf16 matrices from shared memory, lane l naming row l % 8 of matrix l / 8 (16 bytes,
+// 16-byte aligned); register i gets this lane's fragment of matrix i — with _t, of its transpose.
+// volatile: it reads what other threads staged, so it must stay between the barriers.
+__device__ __forceinline__ void fa_ldsm4(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(row)));
+}
+__device__ __forceinline__ void fa_ldsm4_t(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(row)));
+}
+// 16 bytes global → shared without passing through registers (or L1: .cg), complete after a
+// fa_wait that covers its group.
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(fa_smem(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Every committed group but the newest N has landed (for this thread; a barrier then shows them
+// to the block).
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 #endif
 
 // Shared tiles hold bf16 pairs as 32-bit words (one access type, no aliasing); a row is D + 8
-// elements so that the 8 rows a fragment load touches fall in different banks.
+// elements (80 or 144 bytes: 16-byte aligned for cp.async and ldmatrix) so that the 8 rows one
+// 8 × 8 matrix load touches fall in different banks.
 template <int D>
-struct FaTile {
+struct alignas(16) FaTile {
     static const int LDW = (D + 8) / 2;
     unsigned w[FA_TILE * LDW];
 };
-
-// Element (r, c) of a staged tile as f32 bits of its bf16.
-template <int D>
-__device__ __forceinline__ unsigned fa_elem(const FaTile<D>& s, int r, int c) {
-    return (s.w[r * FaTile<D>::LDW + (c >> 1)] >> ((c & 1) * 16)) & 0xffffu;
-}
 
 // Two adjacent elements of a global tensor as one bf16 pair (the first in the low half): f32
 // rounded, bf16 as stored.
@@ -81,7 +131,7 @@ __device__ __forceinline__ float fa_get(const float* p) { return *p; }
 __device__ __forceinline__ float fa_get(const bf16_t* p) { return bf16_to_f32(*p); }
 
 // Rows [r0, r0 + 64) of a [rows, D] matrix (elements E) with row stride `rs`, as bf16; rows at
-// or past `t` as zeros.
+// or past `t` as zeros. Synchronous: through registers (f32 is rounded on the way).
 template <int D, typename E>
 __device__ __forceinline__ void fa_stage(FaTile<D>& s, const E* base, i64 rs, i64 r0, i64 t) {
     for (int e = threadIdx.x; e < FA_TILE * D / 2; e += blockDim.x) {
@@ -90,36 +140,76 @@ __device__ __forceinline__ void fa_stage(FaTile<D>& s, const E* base, i64 rs, i6
     }
 }
 
-// A fragment (rows w0..w0+16, columns 16·ks..) of a staged tile read as a row-major M × K matrix.
+// fa_stage issued asynchronously where it can be: bf16 rows go global → shared by cp.async, 16
+// bytes a copy, landing while the block computes on the other buffer (the caller commits the
+// group, waits and syncs before reading it); padding rows are zeroed by plain stores. f32 (to be
+// rounded) or a tensor not 16-byte aligned (`async` false) is staged synchronously.
+template <int D>
+__device__ __forceinline__ void fa_issue(FaTile<D>& s, const float* base, i64 rs, i64 r0, i64 t, bool) {
+    fa_stage<D, float>(s, base, rs, r0, t);
+}
+template <int D>
+__device__ __forceinline__ void fa_issue(FaTile<D>& s, const bf16_t* base, i64 rs, i64 r0, i64 t, bool async) {
+    if (!async) {
+        fa_stage<D, bf16_t>(s, base, rs, r0, t);
+        return;
+    }
+    for (int e = threadIdx.x; e < FA_TILE * D / 8; e += blockDim.x) {
+        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+        unsigned* dst = s.w + r * FaTile<D>::LDW + c / 2;
+        if (r0 + r < t) {
+            fa_cp16(dst, base + (r0 + r) * rs + c);
+        } else {
+            dst[0] = dst[1] = dst[2] = dst[3] = 0u;
+        }
+    }
+}
+
+// Whether a tensor's rows can be copied 16 bytes at a time: row strides are multiples of 8
+// elements for every head size here, so only the base address decides.
+__device__ __forceinline__ bool fa_aligned16(const void* p) { return ((u64_t)p & 15) == 0; }
+
+// The address this lane gives ldmatrix for the four 8 × 8 matrices at rows r0..r0 + 16 and
+// columns c0..c0 + 16 of a staged tile, in the order (rows, columns) = (0, 0), (8, 0), (0, 8),
+// (8, 8): row r0 + l % 16, column c0 + 8·(l / 16).
+template <int D>
+__device__ __forceinline__ const unsigned* fa_rows16(const FaTile<D>& s, int r0, int c0) {
+    const int lane = threadIdx.x & 31;
+    return s.w + (r0 + (lane & 15)) * FaTile<D>::LDW + (c0 + ((lane >> 4) << 3)) / 2;
+}
+
+// A fragment (rows w0..w0+16, columns 16·ks..) of a staged tile read as a row-major M × K
+// matrix: its four registers are exactly the four matrices of fa_rows16.
 template <int D>
 __device__ __forceinline__ void fa_load_a(const FaTile<D>& s, int w0, int ks, unsigned* a) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const unsigned* r0 = s.w + (w0 + g) * FaTile<D>::LDW + ks * 8 + tq;
-    const unsigned* r8 = r0 + 8 * FaTile<D>::LDW;
-    a[0] = r0[0];
-    a[1] = r8[0];
-    a[2] = r0[4];
-    a[3] = r8[4];
+    fa_ldsm4(a, fa_rows16<D>(s, w0, ks * 16));
 }
 
-// B fragment with B[k][n] = tile[n0 + n][16·ks + k]: the tile's rows are B's columns (Kᵀ, Qᵀ,
-// dOᵀ, Vᵀ as right operands).
+// B fragments with B[k][n] = tile[n0 + n][16·ks + k], for k-steps ks and ks + 1 (b[0], b[1]): the
+// tile's rows are B's columns (Kᵀ, Qᵀ, dOᵀ, Vᵀ as right operands). Four matrices side by side
+// in rows n0..n0 + 8: lane l names row n0 + l % 8 of the one at column 16·ks + 8·(l / 8).
 template <int D>
-__device__ __forceinline__ void fa_load_bt(const FaTile<D>& s, int n0, int ks, unsigned* b) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const unsigned* r = s.w + (n0 + g) * FaTile<D>::LDW + ks * 8 + tq;
-    b[0] = r[0];
-    b[1] = r[4];
+__device__ __forceinline__ void fa_load_bt2(const FaTile<D>& s, int n0, int ks, unsigned (*b)[2]) {
+    const int lane = threadIdx.x & 31;
+    unsigned r[4];
+    fa_ldsm4(r, s.w + (n0 + (lane & 7)) * FaTile<D>::LDW + (ks * 16 + ((lane >> 3) << 3)) / 2);
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+    b[1][0] = r[2];
+    b[1][1] = r[3];
 }
 
-// B fragment with B[k][n] = tile[16·kk + k][n0 + n]: the tile as it is (V, dO, K, Q as right
-// operands of P·V, Pᵀ·dO, dS·K, dSᵀ·Q).
+// B fragments with B[k][n] = tile[16·kk + k][n0 + n], for column slices n0 and n0 + 8 (b[0],
+// b[1]): the tile as it is (V, dO, K, Q as right operands of P·V, Pᵀ·dO, dS·K, dSᵀ·Q), the
+// four matrices of fa_rows16 read transposed.
 template <int D>
-__device__ __forceinline__ void fa_load_b(const FaTile<D>& s, int kk, int n0, unsigned* b) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int k = kk * 16 + tq * 2, n = n0 + g;
-    b[0] = fa_elem<D>(s, k, n) | (fa_elem<D>(s, k + 1, n) << 16);
-    b[1] = fa_elem<D>(s, k + 8, n) | (fa_elem<D>(s, k + 9, n) << 16);
+__device__ __forceinline__ void fa_load_b2(const FaTile<D>& s, int kk, int n0, unsigned (*b)[2]) {
+    unsigned r[4];
+    fa_ldsm4_t(r, fa_rows16<D>(s, kk * 16, n0));
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+    b[1][0] = r[2];
+    b[1][1] = r[3];
 }
 
 // A fragment for k-step kk from a 16 × 64 accumulator (8 slices of 8 columns), rounded to bf16:
@@ -138,10 +228,11 @@ __device__ __forceinline__ void fa_scores(const unsigned (*xa)[4], const FaTile<
     for (int nt = 0; nt < 8; ++nt) {
         acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            unsigned b[2];
-            fa_load_bt<D>(y, nt * 8, ks, b);
-            fa_mma(acc[nt], xa[ks], b);
+        for (int ks = 0; ks < D / 16; ks += 2) {
+            unsigned b[2][2];
+            fa_load_bt2<D>(y, nt * 8, ks, b);
+            fa_mma(acc[nt], xa[ks], b[0]);
+            fa_mma(acc[nt], xa[ks + 1], b[1]);
         }
     }
 }
@@ -154,10 +245,11 @@ __device__ __forceinline__ void fa_times(const float (*p)[4], const FaTile<D>& z
         unsigned a[4];
         fa_acc_to_a(p, kk, a);
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            unsigned b[2];
-            fa_load_b<D>(z, kk, nt * 8, b);
-            fa_mma(out[nt], a, b);
+        for (int nt = 0; nt < D / 8; nt += 2) {
+            unsigned b[2][2];
+            fa_load_b2<D>(z, kk, nt * 8, b);
+            fa_mma(out[nt], a, b[0]);
+            fa_mma(out[nt + 1], a, b[1]);
         }
     }
 }
@@ -201,28 +293,46 @@ __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshol
 template <int D, typename E>
 __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
                           float dscale) {
-    __shared__ FaTile<D> sq, sk, sv;
+    // Two buffers of a K and a V tile (tiles 2j, 2j + 1): tile kt + 1 lands while the block
+    // computes on tile kt. The Q tile is staged in buffer 1's V slot, read into registers before
+    // the first prefetch goes there.
+    __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    const bool async = fa_aligned16(qkv);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
         __syncthreads();
-        fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
+        fa_issue<D>(tiles[3], base, rs, qt * FA_TILE, t, async);
+        fa_issue<D>(tiles[0], base + c, rs, 0, t, async);
+        fa_issue<D>(tiles[1], base + 2 * c, rs, 0, t, async);
+        fa_commit();
+        fa_wait<0>();
         __syncthreads();
         unsigned qa[D / 16][4];
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) fa_load_a<D>(sq, warp * 16, ks, qa[ks]);
+        for (int ks = 0; ks < D / 16; ++ks) fa_load_a<D>(tiles[3], warp * 16, ks, qa[ks]);
         float o[D / 8][4];
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
         float m[2] = {-DPT_INF, -DPT_INF}, l[2] = {0.0f, 0.0f};
         const i64 r0 = qt * FA_TILE + warp * 16 + g;
         for (i64 kt = 0; kt <= qt; ++kt) {
+            const int cur = (int)(kt & 1);
+            // Every warp is done with the other buffer (the previous tile, or Q) before the next
+            // tile goes there.
             __syncthreads();
-            fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
-            fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            if (kt < qt) {
+                fa_issue<D>(tiles[2 - 2 * cur], base + c, rs, (kt + 1) * FA_TILE, t, async);
+                fa_issue<D>(tiles[3 - 2 * cur], base + 2 * c, rs, (kt + 1) * FA_TILE, t, async);
+                fa_commit();
+                fa_wait<1>();
+            } else {
+                fa_wait<0>();
+            }
             __syncthreads();
+            const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
             float s[8][4];
             fa_scores<D>(qa, sk, s);
             float mx[2] = {-DPT_INF, -DPT_INF};
@@ -305,21 +415,27 @@ extern "C" __global__ void flash_bwd_dot_bf16(const bf16_t* go, const bf16_t* y,
 template <int D, typename E>
 __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                              i64 key, i64 threshold, float dscale) {
-    __shared__ FaTile<D> sq, sdo, sk, sv;
+    // K and V tiles double-buffered as in the forward; Q and dO staged first in buffer 1.
+    __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    const bool async = fa_aligned16(qkv) && fa_aligned16(go);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
         __syncthreads();
-        fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
-        fa_stage<D, E>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
+        fa_issue<D>(tiles[2], base, rs, qt * FA_TILE, t, async);
+        fa_issue<D>(tiles[3], go + bb * t * c + hh * D, c, qt * FA_TILE, t, async);
+        fa_issue<D>(tiles[0], base + c, rs, 0, t, async);
+        fa_issue<D>(tiles[1], base + 2 * c, rs, 0, t, async);
+        fa_commit();
+        fa_wait<0>();
         __syncthreads();
         unsigned qa[D / 16][4], da[D / 16][4];
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-            fa_load_a<D>(sq, warp * 16, ks, qa[ks]);
-            fa_load_a<D>(sdo, warp * 16, ks, da[ks]);
+            fa_load_a<D>(tiles[2], warp * 16, ks, qa[ks]);
+            fa_load_a<D>(tiles[3], warp * 16, ks, da[ks]);
         }
         const i64 r0 = qt * FA_TILE + warp * 16 + g;
         float li[2], di[2];
@@ -333,10 +449,18 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.0f;
         for (i64 kt = 0; kt <= qt; ++kt) {
+            const int cur = (int)(kt & 1);
             __syncthreads();
-            fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
-            fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+            if (kt < qt) {
+                fa_issue<D>(tiles[2 - 2 * cur], base + c, rs, (kt + 1) * FA_TILE, t, async);
+                fa_issue<D>(tiles[3 - 2 * cur], base + 2 * c, rs, (kt + 1) * FA_TILE, t, async);
+                fa_commit();
+                fa_wait<1>();
+            } else {
+                fa_wait<0>();
+            }
             __syncthreads();
+            const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
             float p[8][4], dp[8][4];
             fa_scores<D>(qa, sk, p);
             fa_scores<D>(da, sv, dp);
@@ -362,23 +486,45 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
 template <int D, typename E>
 __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                               i64 key, i64 threshold, float dscale) {
-    __shared__ FaTile<D> sk, sv, sq, sdo;
-    __shared__ float sl[FA_TILE], sd[FA_TILE];
+    // Two buffers of a Q and a dO tile (with their rows' lse and D): query tile qt + 1 lands
+    // while the block computes on qt. K and V are staged first in buffer 1.
+    __shared__ FaTile<D> tiles[4];
+    __shared__ float sl[2][FA_TILE], sd[2][FA_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    const bool async = fa_aligned16(qkv) && fa_aligned16(go);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         // Key tile 0 sees every query tile: first.
         const i64 kt = w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
+        const E* gbase = go + bb * t * c + hh * D;
+        // Query tile qt's Q and dO tiles into buffer j; thread r < 64 also loads row r's lse and D
+        // (stored into sl, sd by the caller: a plain load's latency is hidden only if its value
+        // is not needed right away).
+        auto stage_q = [&](int j, i64 qt, float* lr, float* dr) {
+            fa_issue<D>(tiles[2 * j], base, rs, qt * FA_TILE, t, async);
+            fa_issue<D>(tiles[2 * j + 1], gbase, c, qt * FA_TILE, t, async);
+            const i64 row = qt * FA_TILE + threadIdx.x;
+            *lr = threadIdx.x < FA_TILE && row < t ? lse[bh * t + row] : 0.0f;
+            *dr = threadIdx.x < FA_TILE && row < t ? dvec[bh * t + row] : 0.0f;
+        };
+        float nl, nd;
         __syncthreads();
-        fa_stage<D, E>(sk, base + c, rs, kt * FA_TILE, t);
-        fa_stage<D, E>(sv, base + 2 * c, rs, kt * FA_TILE, t);
+        fa_issue<D>(tiles[2], base + c, rs, kt * FA_TILE, t, async);
+        fa_issue<D>(tiles[3], base + 2 * c, rs, kt * FA_TILE, t, async);
+        stage_q(0, kt, &nl, &nd);
+        if (threadIdx.x < FA_TILE) {
+            sl[0][threadIdx.x] = nl;
+            sd[0][threadIdx.x] = nd;
+        }
+        fa_commit();
+        fa_wait<0>();
         __syncthreads();
         unsigned ka[D / 16][4], va[D / 16][4];
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-            fa_load_a<D>(sk, warp * 16, ks, ka[ks]);
-            fa_load_a<D>(sv, warp * 16, ks, va[ks]);
+            fa_load_a<D>(tiles[2], warp * 16, ks, ka[ks]);
+            fa_load_a<D>(tiles[3], warp * 16, ks, va[ks]);
         }
         float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -388,15 +534,19 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
         }
         const i64 j0 = kt * FA_TILE + warp * 16 + g;  // this lane's key rows j0 and j0 + 8
         for (i64 qt = kt; qt < nq; ++qt) {
+            const int cur = (int)((qt - kt) & 1);
             __syncthreads();
-            fa_stage<D, E>(sq, base, rs, qt * FA_TILE, t);
-            fa_stage<D, E>(sdo, go + bb * t * c + hh * D, c, qt * FA_TILE, t);
-            for (int r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
-                const i64 row = qt * FA_TILE + r;
-                sl[r] = row < t ? lse[bh * t + row] : 0.0f;
-                sd[r] = row < t ? dvec[bh * t + row] : 0.0f;
+            const bool more = qt + 1 < nq;
+            if (more) {
+                stage_q(1 - cur, qt + 1, &nl, &nd);
+                fa_commit();
+                fa_wait<1>();
+            } else {
+                fa_wait<0>();
             }
             __syncthreads();
+            const FaTile<D>&sq = tiles[2 * cur], &sdo = tiles[2 * cur + 1];
+            const float *ql = sl[cur], *qd = sd[cur];
             // Transposed tiles: rows are keys, columns queries.
             float pt[8][4], dpt[8][4];
             fa_scores<D>(ka, sq, pt);
@@ -408,7 +558,7 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
                     const int qc = nt * 8 + tq * 2 + (e & 1);
                     const i64 q = qt * FA_TILE + qc, kr = j0 + (e >> 1) * 8;
                     const bool vis = kr <= q && q < t && kr < t;
-                    const float p = vis ? expf(pt[nt][e] * scale - sl[qc]) : 0.0f;
+                    const float p = vis ? expf(pt[nt][e] * scale - ql[qc]) : 0.0f;
                     float dp = dpt[nt][e];
                     if (threshold > 0 && vis) {
                         // dV reads the dropped P; dS the gradient through the same mask.
@@ -418,10 +568,16 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
                     } else {
                         pt[nt][e] = p;
                     }
-                    dpt[nt][e] = p * (dp - sd[qc]);  // dSᵀ
+                    dpt[nt][e] = p * (dp - qd[qc]);  // dSᵀ
                 }
             fa_times<D>(pt, sdo, dv);
             fa_times<D>(dpt, sq, dk);
+            // The next tile's lse and D, loaded before this tile's products; read after the
+            // next iteration's barriers.
+            if (more && threadIdx.x < FA_TILE) {
+                sl[1 - cur][threadIdx.x] = nl;
+                sd[1 - cur][threadIdx.x] = nd;
+            }
         }
         const float sc[2] = {scale, scale}, one[2] = {1.0f, 1.0f};
         fa_store<D, E>(dqkv + bb * t * rs + c + hh * D, rs, j0, t, dk, sc);

@@ -3,6 +3,8 @@
 
 #include <ucontext.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -13,7 +15,7 @@ constexpr unsigned kBlock = 64;
 constexpr unsigned kMaxBlock = 128;
 constexpr unsigned kMaxGrid = 3;
 constexpr size_t kStack = 256 * 1024;
-enum State { Runnable, AtBarrier, Done };
+enum State { Runnable, AtBarrier, AtWarpBarrier, Done };
 
 ucontext_t sched;
 ucontext_t ctxs[kMaxBlock];
@@ -23,6 +25,17 @@ const std::function<void()>* body;
 std::vector<char> stacks(kMaxBlock* kStack);
 float slots[kMaxBlock];
 unsigned mma_a[kMaxBlock][4], mma_b[kMaxBlock][2];
+const unsigned char* ldsm_row[kMaxBlock];
+
+// cp.async copies a thread has issued and not yet waited for, with the number of its group
+// (the count of commits before it).
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned group;
+};
+std::vector<AsyncCopy> async_copies[kMaxBlock];
+unsigned async_groups[kMaxBlock];
 
 // The schedule (see emu_set_schedule): 0 runs blocks and threads in index order; another seed
 // shuffles both, differently for every launch and every round.
@@ -56,6 +69,11 @@ float bf16_bits(unsigned pair, unsigned half) {
 
 void trampoline() {
     (*body)();
+    if (!async_copies[cur].empty()) {
+        std::fprintf(stderr, "cuda emulator: thread %u of block %u ended with %zu cp.async copies it never waited for\n", cur,
+                     blockIdx.x, async_copies[cur].size());
+        std::abort();
+    }
     state[cur] = Done;
     swapcontext(&ctxs[cur], &sched);
 }
@@ -66,12 +84,20 @@ void __syncthreads() {
     swapcontext(&ctxs[cur], &sched);
 }
 
+namespace {
+// Waits for the other live lanes of this thread's warp (a warp collective's rendezvous).
+void warp_sync() {
+    state[cur] = AtWarpBarrier;
+    swapcontext(&ctxs[cur], &sched);
+}
+}  // namespace
+
 float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     const unsigned t = threadIdx.x;
     slots[t] = v;
-    __syncthreads();
+    warp_sync();
     const float r = slots[t ^ (unsigned)lane_mask];
-    __syncthreads();
+    warp_sync();
     return r;
 }
 
@@ -83,7 +109,7 @@ void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
     const unsigned t = threadIdx.x;
     std::memcpy(mma_a[t], a, sizeof mma_a[t]);
     std::memcpy(mma_b[t], b, sizeof mma_b[t]);
-    __syncthreads();
+    warp_sync();
     const unsigned w0 = t & ~31u, lane = t & 31u, g = lane >> 2, q = lane & 3u;
     float am[16][16], bm[16][8];
     for (unsigned l = 0; l < 32; ++l) {
@@ -103,7 +129,52 @@ void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
         for (unsigned k = 0; k < 16; ++k) acc += am[row][k] * bm[k][col];
         c[i] = acc;
     }
-    __syncthreads();
+    warp_sync();
+}
+
+// PTX ISA, "Warp-level matrix load instruction: ldmatrix" (.m8n8.x4.b16): lanes 8i..8i+7 give the
+// addresses of rows 0..7 of matrix i (8 bf16 each); lane l receives register i = the two elements
+// of matrix i at row l / 4, columns 2(l % 4), 2(l % 4) + 1 — or with .trans at rows 2(l % 4),
+// 2(l % 4) + 1 of column l / 4 (the matrix read column-major), the first in the low half.
+void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+    const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    ldsm_row[t] = static_cast<const unsigned char*>(row);
+    warp_sync();
+    for (unsigned i = 0; i < 4; ++i) {
+        if (trans) {
+            uint16_t lo, hi;
+            std::memcpy(&lo, ldsm_row[w0 + 8 * i + 2 * (lane & 3)] + 2 * (lane >> 2), 2);
+            std::memcpy(&hi, ldsm_row[w0 + 8 * i + 2 * (lane & 3) + 1] + 2 * (lane >> 2), 2);
+            r[i] = (unsigned)lo | ((unsigned)hi << 16);
+        } else {
+            std::memcpy(&r[i], ldsm_row[w0 + 8 * i + (lane >> 2)] + 4 * (lane & 3), 4);
+        }
+    }
+    warp_sync();
+}
+
+// cp.async.cg.shared.global, 16 bytes: the destination is NaN (0xFF bytes) until the copy's
+// group is waited for.
+void emu_cp_async16(void* dst, const void* src) {
+    std::memset(dst, 0xFF, 16);
+    async_copies[threadIdx.x].push_back({dst, src, async_groups[threadIdx.x]});
+}
+
+void emu_cp_async_commit() { ++async_groups[threadIdx.x]; }
+
+// cp.async.wait_group: every committed group but the newest `pending` has landed.
+void emu_cp_async_wait(unsigned pending) {
+    const unsigned t = threadIdx.x, committed = async_groups[t];
+    std::vector<AsyncCopy>& q = async_copies[t];
+    std::vector<AsyncCopy> left;
+    for (const AsyncCopy& c : q) {
+        if (c.group + pending < committed) {
+            std::memcpy(c.dst, c.src, 16);
+        } else {
+            left.push_back(c);
+        }
+    }
+    q.swap(left);
 }
 
 // A CUDA kernel may not depend on the order in which blocks, or threads between two barriers,
@@ -132,19 +203,48 @@ void emu_launch(unsigned grid, unsigned block, const std::function<void()>& b) {
             ctxs[i].uc_link = &sched;
             makecontext(&ctxs[i], trampoline, 0);
             state[i] = Runnable;
+            async_copies[i].clear();
+            async_groups[i] = 0;
         }
-        // Rounds: every live thread runs to its next barrier or to its end.
+        // Warp by warp (in shuffled order), each warp's threads run until they wait at
+        // __syncthreads or end, meeting at each warp collective on the way; then the block's
+        // barrier lets all of them go on.
+        const unsigned nwarps = (nb + 31) / 32;
         for (;;) {
+            unsigned warps[kMaxBlock / 32];
+            order(warps, nwarps);
+            for (unsigned k = 0; k < nwarps; ++k) {
+                const unsigned lo = 32 * warps[k], n = (nb - lo < 32 ? nb - lo : 32);
+                for (;;) {
+                    order(threads, n);
+                    for (unsigned j = 0; j < n; ++j) {
+                        const unsigned i = lo + threads[j];
+                        if (state[i] != Runnable) continue;
+                        cur = i;
+                        threadIdx = {i, 0, 0};
+                        swapcontext(&sched, &ctxs[i]);
+                    }
+                    unsigned at_warp = 0, at_block = 0;
+                    for (unsigned i = lo; i < lo + n; ++i) {
+                        at_warp += state[i] == AtWarpBarrier;
+                        at_block += state[i] == AtBarrier;
+                    }
+                    if (at_warp == 0) break;
+                    if (at_block > 0) {
+                        std::fprintf(stderr, "cuda emulator: in warp %u of block %u, lanes wait at a warp collective while others wait at __syncthreads\n",
+                                     warps[k], bi);
+                        std::abort();
+                    }
+                    for (unsigned i = lo; i < lo + n; ++i)
+                        if (state[i] == AtWarpBarrier) state[i] = Runnable;
+                }
+            }
             bool live = false;
-            order(threads, nb);
-            for (unsigned k = 0; k < nb; ++k) {
-                const unsigned i = threads[k];
-                if (state[i] == Done) continue;
-                live = true;
-                state[i] = Runnable;
-                cur = i;
-                threadIdx = {i, 0, 0};
-                swapcontext(&sched, &ctxs[i]);
+            for (unsigned i = 0; i < nb; ++i) {
+                if (state[i] == AtBarrier) {
+                    state[i] = Runnable;
+                    live = true;
+                }
             }
             if (!live) break;
         }

@@ -1,8 +1,12 @@
 // A CPU emulator for dptrain's CUDA kernels, for tests on machines without a GPU (feature
 // `cuda-emu`). The kernel sources compile unchanged as C++ against this header: the CUDA
 // built-ins become globals, a block's threads become cooperative contexts (ucontext) that run
-// until they finish or reach a barrier, and __shfl_xor_sync is two barriers around a shared
-// slot. Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
+// until they finish or reach a barrier, and __shfl_xor_sync is two warp barriers around a
+// shared slot. A block runs warp by warp: one warp runs until each of its threads waits at
+// __syncthreads (or has ended), its warp collectives (shuffles, mma, ldmatrix) meeting only its
+// own lanes, then the next warp — a schedule a GPU may take, with the warps as far apart as it
+// allows, so a warp that overwrites shared memory another warp has yet to read is caught (with
+// cp.async's model below). Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
 // each launch with its own small configuration (at most 3 blocks — more than two, so partial
 // sums combined in another block order would differ — of 64 threads: two warps, so cross-warp
 // reductions are exercised) and the results do not depend on it — except kernels that
@@ -11,10 +15,17 @@
 //
 // Tensor-core products (mma.sync) are inline PTX on the GPU; here `emu_mma_bf16_16816` computes
 // the same warp-wide 16 × 8 × 16 product from the lanes' fragments, laid out as the PTX ISA
-// defines them, so a kernel's fragment indexing is tested as the GPU runs it.
+// defines them, so a kernel's fragment indexing is tested as the GPU runs it. `ldmatrix` (each
+// lane names a row of one of four 8 × 8 bf16 matrices, every lane gets its fragment words) is
+// modelled the same way, and `cp.async` (global → shared copies that complete at a later
+// `cp.async.wait_group`) as its worst case: the destination reads as NaN from the issue until the
+// issuing thread waits for the copy's group, so reading a tile before waiting for it, or issuing
+// into a tile another thread still reads, shows up as NaN; a thread that ends with a copy it
+// never waited for stops the test.
 #pragma once
 #define DPT_EMU 1
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 
@@ -39,6 +50,10 @@ struct uint2 {
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b);
+void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans);
+void emu_cp_async16(void* dst, const void* src);
+void emu_cp_async_commit();
+void emu_cp_async_wait(unsigned pending);
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body);
 
 inline float __int_as_float(int i) {
