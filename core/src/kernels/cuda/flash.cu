@@ -290,6 +290,16 @@ __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshol
     return dpt_keep(key, idx, threshold) ? x * dscale : 0.0f;
 }
 
+// exp(x) is computed as exp2(x·log₂e), the scaling folded into one fused multiply-add with the
+// subtraction of the row's maximum or log-sum-exp (FlashAttention-2's softmax_scale_log2):
+// one MUFU.EX2 and its range fix-up instead of expf's longer accurate sequence.
+#define FA_LOG2E 1.4426950408889634f
+
+// Whether tile pair (query tile qt, key tile kt) needs the causal mask or padding checks per
+// element: only the diagonal, and tiles touching the sequence's end. Every other pair is fully
+// visible (for GPT-124M's T = 1024, 120 of 136 pairs).
+__device__ __forceinline__ bool fa_edge(i64 qt, i64 kt, i64 t) { return qt == kt || (qt + 1) * FA_TILE > t; }
+
 template <int D, typename E>
 __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
                           float dscale) {
@@ -336,12 +346,16 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
             float s[8][4];
             fa_scores<D>(qa, sk, s);
             float mx[2] = {-DPT_INF, -DPT_INF};
+            const bool edge = fa_edge(qt, kt, t);
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
-                    const float v = (col > row || col >= t) ? -DPT_INF : s[nt][e] * scale;
+                    float v = s[nt][e] * scale;
+                    if (edge) {
+                        const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
+                        if (col > row || col >= t) v = -DPT_INF;
+                    }
                     s[nt][e] = v;
                     mx[e >> 1] = fmaxf(mx[e >> 1], v);
                 }
@@ -351,7 +365,7 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
                 const float mn = fmaxf(m[i], fa_quad_max(mx[i]));
                 // A row with nothing visible yet keeps exp(−∞) = 0 everywhere.
                 base_m[i] = mn == -DPT_INF ? 0.0f : mn;
-                const float corr = expf(m[i] - base_m[i]);
+                const float corr = exp2f((m[i] - base_m[i]) * FA_LOG2E);
                 m[i] = mn;
                 l[i] *= corr;
 #pragma unroll
@@ -364,7 +378,7 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[nt][e] = expf(s[nt][e] - base_m[e >> 1]);
+                    s[nt][e] = exp2f(fmaf(s[nt][e], FA_LOG2E, -base_m[e >> 1] * FA_LOG2E));
                     l[e >> 1] += s[nt][e];
                     if (threshold > 0) {
                         const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
@@ -416,6 +430,7 @@ template <int D, typename E>
 __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                              i64 key, i64 threshold, float dscale) {
     // K and V tiles double-buffered as in the forward; Q and dO staged first in buffer 1.
+    const float scale2 = scale * FA_LOG2E;
     __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
@@ -442,7 +457,7 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const i64 row = r0 + 8 * i;
-            li[i] = row < t ? lse[bh * t + row] : 0.0f;
+            li[i] = row < t ? lse[bh * t + row] * FA_LOG2E : 0.0f;  // in log₂ units
             di[i] = row < t ? dvec[bh * t + row] : 0.0f;
         }
         float dq[D / 8][4];
@@ -464,13 +479,14 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
             float p[8][4], dp[8][4];
             fa_scores<D>(qa, sk, p);
             fa_scores<D>(da, sv, dp);
+            const bool edge = fa_edge(qt, kt, t);
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
-                    const bool vis = col <= row && col < t && row < t;
-                    const float pv = vis ? expf(p[nt][e] * scale - li[e >> 1]) : 0.0f;
+                    const bool vis = !edge || (col <= row && col < t && row < t);
+                    const float pv = vis ? exp2f(fmaf(p[nt][e], scale2, -li[e >> 1])) : 0.0f;
                     // dP: the gradient reaching P through the dropout mask.
                     const float dpv = (threshold > 0 && vis) ? fa_drop(dp[nt][e], (bh * t + row) * t + col, key, threshold, dscale) : dp[nt][e];
                     p[nt][e] = pv * (dpv - di[e >> 1]);  // dS
@@ -486,8 +502,9 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
 template <int D, typename E>
 __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h, float scale,
                               i64 key, i64 threshold, float dscale) {
-    // Two buffers of a Q and a dO tile (with their rows' lse and D): query tile qt + 1 lands
-    // while the block computes on qt. K and V are staged first in buffer 1.
+    // Two buffers of a Q and a dO tile (with their rows' lse, in log₂ units, and D): query tile
+    // qt + 1 lands while the block computes on qt. K and V are staged first in buffer 1.
+    const float scale2 = scale * FA_LOG2E;
     __shared__ FaTile<D> tiles[4];
     __shared__ float sl[2][FA_TILE], sd[2][FA_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -505,7 +522,7 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
             fa_issue<D>(tiles[2 * j], base, rs, qt * FA_TILE, t, async);
             fa_issue<D>(tiles[2 * j + 1], gbase, c, qt * FA_TILE, t, async);
             const i64 row = qt * FA_TILE + threadIdx.x;
-            *lr = threadIdx.x < FA_TILE && row < t ? lse[bh * t + row] : 0.0f;
+            *lr = threadIdx.x < FA_TILE && row < t ? lse[bh * t + row] * FA_LOG2E : 0.0f;  // in log₂ units
             *dr = threadIdx.x < FA_TILE && row < t ? dvec[bh * t + row] : 0.0f;
         };
         float nl, nd;
@@ -551,14 +568,15 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
             float pt[8][4], dpt[8][4];
             fa_scores<D>(ka, sq, pt);
             fa_scores<D>(va, sdo, dpt);
+            const bool edge = fa_edge(qt, kt, t);
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qc = nt * 8 + tq * 2 + (e & 1);
                     const i64 q = qt * FA_TILE + qc, kr = j0 + (e >> 1) * 8;
-                    const bool vis = kr <= q && q < t && kr < t;
-                    const float p = vis ? expf(pt[nt][e] * scale - ql[qc]) : 0.0f;
+                    const bool vis = !edge || (kr <= q && q < t && kr < t);
+                    const float p = vis ? exp2f(fmaf(pt[nt][e], scale2, -ql[qc])) : 0.0f;
                     float dp = dpt[nt][e];
                     if (threshold > 0 && vis) {
                         // dV reads the dropped P; dS the gradient through the same mask.
