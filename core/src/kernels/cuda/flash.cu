@@ -405,17 +405,28 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
     }
 }
 
-// D = rowsum(dO ⊙ O) per (b, h, t) row, from dO and O in [B, T, C].
+// D = rowsum(dO ⊙ O) per (b, h, t) row, from dO and O in [B, T, C]. Eight lanes share a row, each
+// summing d/8 adjacent elements, then a fixed shuffle tree (deterministic): a warp's load touches
+// 4 rows' worth of adjacent bytes, not 32 rows'. Launch: 8 threads per row (blocks a multiple of
+// 32 threads); d a multiple of 8.
 template <typename E>
 __device__ void flash_bwd_dot(const E* go, const E* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
-    const i64 c = h * d;
-    GRID_STRIDE(i, b * h * t) {
-        const i64 tt = i % t, bh = i / t, bb = bh / h, hh = bh % h;
-        const E* gr = go + (bb * t + tt) * c + hh * d;
-        const E* yr = y + (bb * t + tt) * c + hh * d;
+    const i64 c = h * d, rows = b * h * t, per = d / 8;
+    const int lane = threadIdx.x & 31, sub = lane & 7;
+    const i64 warps = (i64)gridDim.x * blockDim.x / 32;
+    // r0 is the same for a warp's lanes, so all of them reach the shuffles.
+    for (i64 r0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32 * 4; r0 < rows; r0 += warps * 4) {
+        const i64 i = r0 + (lane >> 3);
         float acc = 0.0f;
-        for (i64 j = 0; j < d; ++j) acc += fa_get(gr + j) * fa_get(yr + j);
-        dvec[i] = acc;
+        if (i < rows) {
+            const i64 tt = i % t, bh = i / t, bb = bh / h, hh = bh % h;
+            const i64 off = (bb * t + tt) * c + hh * d + sub * per;
+            for (i64 j = 0; j < per; ++j) acc += fa_get(go + off + j) * fa_get(y + off + j);
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        if (sub == 0 && i < rows) dvec[i] = acc;
     }
 }
 extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {

@@ -235,10 +235,10 @@ pub fn flash_attention_bwd(
     let dvec = empty(&d, &[b * h * t])?;
     if bf16 {
         // flash_bwd_dot_bf16(const bf16_t* go, const bf16_t* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
-        launch!(d, "flash", "flash_bwd_dot_bf16", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
+        launch!(d, "flash", "flash_bwd_dot_bf16", grid(8 * b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
     } else {
         // flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d)
-        launch!(d, "flash", "flash_bwd_dot_f32", grid(b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
+        launch!(d, "flash", "flash_bwd_dot_f32", grid(8 * b * h * t); ptr(&g)?, ptr(&s.y)?, ptr(&dvec)?, bi, ti, hi, dh as i64)?;
     }
     let gx = empty_as(&d, &[b, t, 3 * h * dh], dt)?;
     let (step_key, key, threshold, dscale) = flash_dropout(drop);
