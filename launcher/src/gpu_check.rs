@@ -293,6 +293,9 @@ struct Perf {
     reserved_mib: f64,
     /// Which attention ran ("flash attention" or "unfused attention").
     attention: &'static str,
+    /// Causal attention's forward FLOPs per step as FlashAttention-2 counts them: QKᵀ and PV
+    /// over the visible half, 4·B·T²·C·L / 2 (backward: 2.5× that).
+    attn_fwd_flops: f64,
     /// Times per timed step the host waited for the device.
     host_waits_per_step: f64,
     /// Every kernel's time in one profiled step.
@@ -321,7 +324,7 @@ fn kernel_class(file: &str, name: &str) -> &'static str {
 
 /// Prints the profiled step: time per kernel class with its share, then the five longest kernels.
 #[cfg(feature = "cuda")]
-fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f64) {
+fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f64, attn_fwd_flops: f64) {
     let total: f64 = profile.iter().map(|k| k.ms).sum();
     let mut classes: Vec<(&str, f64, usize)> = vec![];
     for k in profile {
@@ -344,6 +347,16 @@ fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f6
     println!("| total | {total:.2} | 100 % | {} |", profile.iter().map(|k| k.launches).sum::<usize>());
     let top: Vec<String> = profile.iter().take(5).map(|k| format!("{}.{} {:.2} ms ×{}", k.file, k.name, k.ms, k.launches)).collect();
     println!("longest kernels: {}", top.join(", "));
+    // How near the flash kernels run to the tensor cores, in the unit flash benchmarks use.
+    let flash_ms = |prefix: &str| profile.iter().filter(|k| k.file == "flash" && k.name.starts_with(prefix)).map(|k| k.ms).sum::<f64>();
+    let (fwd, bwd) = (flash_ms("flash_fwd"), flash_ms("flash_bwd"));
+    if fwd > 0.0 && bwd > 0.0 {
+        println!(
+            "flash attention: forward {fwd:.2} ms = {:.0} TFLOP/s, backward {bwd:.2} ms = {:.0} TFLOP/s (causal FLOPs as FlashAttention-2 counts them: 2·B·T²·C·L forward, 2.5× that backward)",
+            attn_fwd_flops / (fwd * 1e-3) / 1e12,
+            2.5 * attn_fwd_flops / (bwd * 1e-3) / 1e12
+        );
+    }
     // Below 100 % the GPU waits for the host (launches, syncs) for the rest of the step.
     println!(
         "kernel time {total:.2} ms per step of {step_ms:.2} ms timed: the GPU is busy {:.0} % of the step",
@@ -535,7 +548,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         Some(q) => format!("dptrain with the step as one CUDA graph ({} nodes, replayed)", q.graph_nodes.unwrap_or(0)),
         None => "dptrain with the step as one CUDA graph".into(),
     });
-    print_profile(&p.profile, p.step_ms);
+    print_profile(&p.profile, p.step_ms, p.attn_fwd_flops);
     println!(
         "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer decides a step on the device and reads its loss and gradient norm on logging steps: 0 on the others; 1 with DPTRAIN_STEP_SYNC=1)",
         p.raw_allocs_in_timed_steps, p.host_waits_per_step
@@ -684,6 +697,7 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
         host_waits_per_step: waits as f64 / timed as f64,
         profile,
         attention,
+        attn_fwd_flops: 2.0 * (b * t * t * cfg.d_model * cfg.n_layers) as f64,
         graph_nodes: nodes,
     })
 }

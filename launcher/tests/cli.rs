@@ -583,6 +583,8 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     // And the step captured as one CUDA graph, replayed (the small model's with its dropout).
     assert_eq!(out.matches("| dptrain with the step as one CUDA graph (").count(), 2, "{out}");
     assert_eq!(out.matches("the GPU is busy").count(), 2, "{out}");
+    // The flash kernels' rate, from the profiled step's flash_fwd and flash_bwd kernels.
+    assert_eq!(out.lines().filter(|l| l.starts_with("flash attention: forward ") && l.contains(" TFLOP/s, backward ")).count(), 2, "{out}");
     assert!(!out.contains("| NO |"), "{out}");
     // Every kernel of each profiled step, in a file per model and per fusion switched off.
     let full = std::fs::read_to_string(prof.join("profile-gpt124m.tsv")).unwrap();
