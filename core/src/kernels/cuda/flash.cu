@@ -300,6 +300,24 @@ __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshol
 // visible (for GPT-124M's T = 1024, 120 of 136 pairs).
 __device__ __forceinline__ bool fa_edge(i64 qt, i64 kt, i64 t) { return qt == kt || (qt + 1) * FA_TILE > t; }
 
+// Forward's and dQ's step to key tile kt of qt + 1 (buffer kt % 2 of `tiles`, K then V): once
+// every warp is done with the other buffer (the previous tile, or Q and dO), tile kt + 1 is
+// issued into it; then tile kt is waited for and shown to the block.
+template <int D, typename E>
+__device__ __forceinline__ void fa_next_kv(FaTile<D>* tiles, const E* base, i64 c, i64 t, i64 kt, i64 qt, bool async) {
+    const int other = 2 - 2 * (int)(kt & 1);
+    __syncthreads();
+    if (kt < qt) {
+        fa_issue<D>(tiles[other], base + c, 3 * c, (kt + 1) * FA_TILE, t, async);
+        fa_issue<D>(tiles[other + 1], base + 2 * c, 3 * c, (kt + 1) * FA_TILE, t, async);
+        fa_commit();
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
+    __syncthreads();
+}
+
 template <int D, typename E>
 __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
                           float dscale) {
@@ -330,18 +348,7 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
         const i64 r0 = qt * FA_TILE + warp * 16 + g;
         for (i64 kt = 0; kt <= qt; ++kt) {
             const int cur = (int)(kt & 1);
-            // Every warp is done with the other buffer (the previous tile, or Q) before the next
-            // tile goes there.
-            __syncthreads();
-            if (kt < qt) {
-                fa_issue<D>(tiles[2 - 2 * cur], base + c, rs, (kt + 1) * FA_TILE, t, async);
-                fa_issue<D>(tiles[3 - 2 * cur], base + 2 * c, rs, (kt + 1) * FA_TILE, t, async);
-                fa_commit();
-                fa_wait<1>();
-            } else {
-                fa_wait<0>();
-            }
-            __syncthreads();
+            fa_next_kv<D, E>(tiles, base, c, t, kt, qt, async);
             const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
             float s[8][4];
             fa_scores<D>(qa, sk, s);
@@ -476,16 +483,7 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
         for (int nt = 0; nt < D / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.0f;
         for (i64 kt = 0; kt <= qt; ++kt) {
             const int cur = (int)(kt & 1);
-            __syncthreads();
-            if (kt < qt) {
-                fa_issue<D>(tiles[2 - 2 * cur], base + c, rs, (kt + 1) * FA_TILE, t, async);
-                fa_issue<D>(tiles[3 - 2 * cur], base + 2 * c, rs, (kt + 1) * FA_TILE, t, async);
-                fa_commit();
-                fa_wait<1>();
-            } else {
-                fa_wait<0>();
-            }
-            __syncthreads();
+            fa_next_kv<D, E>(tiles, base, c, t, kt, qt, async);
             const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
             float p[8][4], dp[8][4];
             fa_scores<D>(qa, sk, p);
