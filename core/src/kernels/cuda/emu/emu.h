@@ -6,12 +6,12 @@
 // __syncthreads (or has ended), its warp collectives (shuffles, mma, ldmatrix) meeting only its
 // own lanes, then the next warp — a schedule a GPU may take, with the warps as far apart as it
 // allows, so a warp that overwrites shared memory another warp has yet to read is caught (with
-// cp.async's model below). Every dptrain kernel loops over its work with grid/block strides, so the emulator runs
-// each launch with its own small configuration (at most 3 blocks — more than two, so partial
-// sums combined in another block order would differ — of 64 threads: two warps, so cross-warp
-// reductions are exercised) and the results do not depend on it — except kernels that
-// split a tile among warps (flash attention's 4 warps), which ask for at most 128 threads and
-// get exactly what they ask for.
+// cp.async's model below). Every dptrain kernel loops over its work with grid/block strides,
+// so the emulator runs each launch with its own small configuration (at most 3 blocks — more
+// than two, so partial sums combined in another block order would differ — of 64 threads: two
+// warps, so cross-warp reductions are exercised) and the results do not depend on it — except
+// kernels that split a tile among warps (flash attention's 4 warps), which ask for at most 128
+// threads and get exactly what they ask for.
 //
 // Tensor-core products (mma.sync) are inline PTX on the GPU; here `emu_mma_bf16_16816` computes
 // the same warp-wide 16 × 8 × 16 product from the lanes' fragments, laid out as the PTX ISA
