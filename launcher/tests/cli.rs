@@ -541,7 +541,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 59 + 5, "{out}");
+    assert_eq!(rows, 60 + 5, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     assert!(
         out.contains(

@@ -327,6 +327,18 @@ fn cases() -> Vec<Case> {
             unfused: false,
         });
     }
+    // A bf16 qkv that starts 2 bytes into its buffer (a contiguous view one element in): its rows
+    // cannot be copied 16 bytes at a time, so the flash kernels stage every tile synchronously.
+    v.push(Case {
+        name: "causal_attention, flash, bf16 qkv not 16-byte aligned (d_head 64)".into(),
+        inputs: vec![randn(&[2 * 130 * 3 * 128 + 1], 76)],
+        build: Box::new(|_, x, _| {
+            x[0].to_half()?.narrow(0, 1, 2 * 130 * 3 * 128)?.reshape(&[2, 130, 3 * 128])?.causal_attention(2)?.y.to_f32()
+        }),
+        bound: 2e-2,
+        prec: Precision::Bf16,
+        unfused: false,
+    });
     // A bf16 qkv through the unfused attention (d_head 8: no flash kernel), which reads it in
     // f32 and gives y back in bf16.
     v.push(Case {

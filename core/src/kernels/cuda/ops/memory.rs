@@ -170,18 +170,23 @@ pub fn cast_raw_on(d: &CudaDev, stream: &cudarc::driver::CudaStream, src: u64, d
     unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(|e| crate::tensor::cuda::derr("launching a cast", e))
 }
 
-/// Writes packed `src` into dim `dim` of the packed `out` at `start` (narrow backward, cat).
+/// Writes packed `src` into dim `dim` of the packed `out` at `start` (narrow backward, cat), in
+/// their element type (f32 or bf16: a bf16 activation's gradient is bf16).
 pub fn place(out: &Tensor, dim: usize, start: usize, src: &Tensor) -> Result<()> {
     let d = dev_of(out)?;
+    if src.dtype() != out.dtype() {
+        return Err(Error::DType { op: "place", expected: format!("{:?}", out.dtype()), got: format!("{:?}", src.dtype()) });
+    }
     let src = contiguous(src)?;
     let shape = out.shape();
     let outer: usize = shape[..dim].iter().product();
     let inner: usize = shape[dim + 1..].iter().product();
     let len = src.shape()[dim];
-    // One strided 2-D copy: `outer` blocks of len·inner contiguous floats.
+    let es = out.dtype().size_in_bytes();
+    // One strided 2-D copy: `outer` blocks of len·inner contiguous elements.
     let (o, s) = (ptr(out)?, ptr(&src)?);
     if outer == 1 {
-        return d.copy(o + (start * inner * 4) as u64, s, len * inner * 4);
+        return d.copy(o + (start * inner * es) as u64, s, len * inner * es);
     }
     // view the destination as [outer, len·inner] with row stride shape[dim]·inner
     let dst_view = out.view_with(&[outer, len * inner], &[shape[dim] * inner, 1], out.offset() + start * inner);
@@ -195,14 +200,16 @@ pub fn place(out: &Tensor, dim: usize, start: usize, src: &Tensor) -> Result<()>
 pub(super) fn scatter_rows(d: &Arc<CudaDev>, dst: &Tensor, src: &Tensor) -> Result<()> {
     let (rows, cols) = (src.shape()[0], src.shape()[1]);
     let rs = dst.strides()[0];
+    let es = dst.dtype().size_in_bytes();
     let (dp, sp) = (ptr(dst)?, ptr(src)?);
     for r in 0..rows {
-        d.copy(dp + (r * rs * 4) as u64, sp + (r * cols * 4) as u64, cols * 4)?;
+        d.copy(dp + (r * rs * es) as u64, sp + (r * cols * es) as u64, cols * es)?;
     }
     Ok(())
 }
 
 /// Zeros of `shape` on the device of `like`.
 pub fn zeros_like_dev(like: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    zeros(&dev_of(like)?, shape)
+    let n: usize = shape.iter().product();
+    Ok(wrap(dev_of(like)?.alloc_zeros(n * like.dtype().size_in_bytes())?, like.dtype(), shape))
 }
