@@ -67,6 +67,16 @@ float bf16_bits(unsigned pair, unsigned half) {
     return f;
 }
 
+// PTX requires 16-byte alignment of an ldmatrix row and of both cp.async addresses (a GPU
+// faults on a misaligned one).
+void require_aligned16(const void* p, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "cuda emulator: %s address %p (thread %u of block %u) is not 16-byte aligned\n", what, p, threadIdx.x,
+                     blockIdx.x);
+        std::abort();
+    }
+}
+
 void trampoline() {
     (*body)();
     if (!async_copies[cur].empty()) {
@@ -138,6 +148,7 @@ void emu_mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
 // 2(l % 4) + 1 of column l / 4 (the matrix read column-major), the first in the low half.
 void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
     const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    require_aligned16(row, "an ldmatrix row");
     ldsm_row[t] = static_cast<const unsigned char*>(row);
     warp_sync();
     for (unsigned i = 0; i < 4; ++i) {
@@ -156,6 +167,8 @@ void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
 // cp.async.cg.shared.global, 16 bytes: the destination is NaN (0xFF bytes) until the copy's
 // group is waited for.
 void emu_cp_async16(void* dst, const void* src) {
+    require_aligned16(dst, "a cp.async destination");
+    require_aligned16(src, "a cp.async source");
     std::memset(dst, 0xFF, 16);
     async_copies[threadIdx.x].push_back({dst, src, async_groups[threadIdx.x]});
 }

@@ -21,7 +21,8 @@
 // `cp.async.wait_group`) as its worst case: the destination reads as NaN from the issue until the
 // issuing thread waits for the copy's group, so reading a tile before waiting for it, or issuing
 // into a tile another thread still reads, shows up as NaN; a thread that ends with a copy it
-// never waited for stops the test.
+// never waited for, or either instruction given an address that is not 16-byte aligned (a
+// fault on a GPU), stops the test.
 #pragma once
 #define DPT_EMU 1
 #include <cmath>
