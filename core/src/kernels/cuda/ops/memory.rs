@@ -208,8 +208,7 @@ pub(super) fn scatter_rows(d: &Arc<CudaDev>, dst: &Tensor, src: &Tensor) -> Resu
     Ok(())
 }
 
-/// Zeros of `shape` on the device of `like`.
+/// Zeros of `shape` on the device of `like`, in its dtype.
 pub fn zeros_like_dev(like: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    Ok(wrap(dev_of(like)?.alloc_zeros(n * like.dtype().size_in_bytes())?, like.dtype(), shape))
+    zeros_as(&dev_of(like)?, shape, like.dtype())
 }

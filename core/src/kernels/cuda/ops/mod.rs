@@ -105,8 +105,12 @@ pub(super) fn weight_grad_dest(
 }
 
 pub(crate) fn zeros(d: &Arc<CudaDev>, shape: &[usize]) -> Result<Tensor> {
+    zeros_as(d, shape, DType::F32)
+}
+
+pub(crate) fn zeros_as(d: &Arc<CudaDev>, shape: &[usize], dt: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    Ok(wrap(d.alloc_zeros(n * 4)?, DType::F32, shape))
+    Ok(wrap(d.alloc_zeros(n * dt.size_in_bytes())?, dt, shape))
 }
 
 pub(crate) fn fill_raw(d: &CudaDev, p: u64, n: usize, v: f32) -> Result<()> {
