@@ -522,6 +522,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
     // Before/after: each fused path off in turn (the rest on), same model and batch.
     let offs = [
         ("flash attention", "flash", Fusions { flash: false, ..Fusions::ALL }),
+        ("flash forward's 128-row query tiles (64-row ones instead)", "flash_wide", Fusions { flash_wide: false, ..Fusions::ALL }),
         ("bias epilogue", "epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
         ("fused classifier", "classifier", Fusions { classifier: false, ..Fusions::ALL }),
         ("bf16 operands from GELU and layer norm", "operands", Fusions { operands: false, ..Fusions::ALL }),
@@ -668,7 +669,11 @@ fn measure(device: usize, preset: &Preset, fusions: dptrain_core::tensor::cuda::
     };
     let r = run();
     let attention = if dptrain_core::ops::fused::attention::gpu_uses_flash(&dev, cfg.d_model / cfg.n_heads, Precision::Bf16) {
-        "flash attention"
+        if fusions.flash_wide {
+            "flash attention"
+        } else {
+            "flash attention, 64-row forward tiles"
+        }
     } else {
         "unfused attention"
     };

@@ -541,7 +541,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 60 + 5, "{out}");
+    assert_eq!(rows, 62 + 5, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     assert!(
         out.contains(
@@ -568,6 +568,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     assert_eq!(out.matches("torch.compile (same) | not run").count(), 1, "{out}");
     for line in [
         "| dptrain without the flash attention (unfused attention): ",
+        "| dptrain without the flash forward's 128-row query tiles (64-row ones instead) (flash attention, 64-row forward tiles): ",
         "| dptrain without the bias epilogue (flash attention): ",
         "| dptrain without the fused classifier (flash attention): ",
         "| dptrain without the bf16 operands from GELU and layer norm (flash attention): ",
@@ -595,7 +596,7 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     let printed = out.lines().find(|l| l.starts_with("| total |")).unwrap();
     assert!(printed.ends_with(&format!("| {launches} |")), "{printed} vs {launches} launches in the file");
     let files = std::fs::read_dir(&prof).unwrap().count();
-    assert_eq!(files, 2 * 11, "one profile per model and fusion setting");
+    assert_eq!(files, 2 * 12, "one profile per model and fusion setting");
     assert!(prof.join("profile-gpt-10.9m-without-flash.tsv").exists());
     std::fs::remove_dir_all(&prof).ok();
     // A training step that logs nothing never waits for the device: the step is decided there

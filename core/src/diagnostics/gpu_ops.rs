@@ -83,17 +83,31 @@ struct Case {
     build: Build,
     bound: f64,
     prec: Precision,
-    /// Runs with fused GEMM epilogues off on the GPU (the path taken where cuBLASLt cannot fuse).
-    unfused: bool,
+    /// What the case changes in the GPU's fused paths.
+    set: Set,
+}
+
+/// A case's fused paths on the GPU: the rest as the process has them (`DPTRAIN_EPILOGUE`,
+/// `DPTRAIN_FLASH_ROWS`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Set {
+    Process,
+    /// GEMM epilogues off (the path taken where cuBLASLt cannot fuse).
+    Unfused,
+    /// The flash forward on 64-row query tiles (the 128-row kernel is the default).
+    FlashRows64,
 }
 
 /// Runs a case on `device`: (output, gradient of every input), on the host.
 fn run_on(c: &Case, device: Device) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
     let Device::Cuda(o) = device else { return run_case(c, device) };
     let d = crate::tensor::cuda::dev(o)?;
-    // Off for an unfused case; otherwise as the process has it (`DPTRAIN_EPILOGUE`).
     let before = d.fusions();
-    d.set_fusions(crate::tensor::cuda::Fusions { epilogue: before.epilogue && !c.unfused, ..before });
+    d.set_fusions(match c.set {
+        Set::Process => before,
+        Set::Unfused => crate::tensor::cuda::Fusions { epilogue: false, ..before },
+        Set::FlashRows64 => crate::tensor::cuda::Fusions { flash_wide: false, ..before },
+    });
     let r = run_case(c, device);
     d.set_fusions(before);
     r
@@ -122,7 +136,7 @@ fn cases() -> Vec<Case> {
         build,
         bound: 1e-5,
         prec: Precision::F32,
-        unfused: false,
+        set: Set::Process,
     };
     v.push(f32c("add", vec![randn(&[64, 48], 1), randn(&[64, 48], 2)], Box::new(|_, x, _| x[0].add(x[1]))));
     v.push(f32c("add (bias broadcast)", vec![randn(&[64, 48], 3), randn(&[48], 4)], Box::new(|_, x, _| x[0].add(x[1]))));
@@ -155,7 +169,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
         bound: 1e-5,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // The same two with the bias added (and its gradient summed) in passes of their own: what
     // runs where cuBLASLt cannot fuse, and the before-line of gpu-check's profile.
@@ -165,7 +179,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
         bound: 1e-5,
         prec: Precision::F32,
-        unfused: true,
+        set: Set::Unfused,
     });
     v.push(Case {
         name: "linear (+bias), bf16 GEMM inputs, bias unfused".into(),
@@ -173,7 +187,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].linear(x[1], Some(x[2]))),
         bound: 1e-5,
         prec: Precision::Bf16,
-        unfused: true,
+        set: Set::Unfused,
     });
     // GELU writing the bf16 operand of the linear after it (`gelu_linear`): the GPU's GELU and
     // the CPU's differ in the last f32 bits, which can move a value across a bf16 rounding
@@ -184,7 +198,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].gelu_linear(true, x[1], Some(x[2]))),
         bound: 1e-3,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // The same for a layer norm writing the operand (`layer_norm_linear`).
     v.push(Case {
@@ -193,7 +207,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].layer_norm_linear(Some(x[1]), Some(x[2]), 1e-5, x[3], Some(x[4]), false)),
         bound: 1e-3,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // A linear adding its output to a residual stream in its GEMM (`linear_add`: cuBLASLt reads
     // the residual as C), with and without bias, f32 and bf16 inputs, after GELU; then without
@@ -214,7 +228,7 @@ fn cases() -> Vec<Case> {
             build: Box::new(move |_, x, _| if bias { x[0].linear_add(x[1], Some(x[2]), x[3]) } else { x[0].linear_add(x[1], None, x[2]) }),
             bound: 1e-5,
             prec,
-            unfused,
+            set: if unfused { Set::Unfused } else { Set::Process },
         });
     }
     v.push(Case {
@@ -223,7 +237,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].gelu_linear_add(true, x[1], Some(x[2]), x[3])),
         bound: 1e-3,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     v.push(f32c(
         "embedding",
@@ -272,7 +286,7 @@ fn cases() -> Vec<Case> {
         // The GPU also rounds the probabilities before P·V; the CPU does not.
         bound: 2e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // Flash attention (bf16, no dropout, head size 32 or 64; `kernels/cuda/flash.cu`): T = 130
     // spans three 64-row tiles, the last one partial. The GPU rounds P, dO and dS to bf16 for
@@ -285,7 +299,7 @@ fn cases() -> Vec<Case> {
             build: Box::new(move |_, x, _| Ok(x[0].causal_attention(heads)?.y)),
             bound: 2e-2,
             prec: Precision::Bf16,
-            unfused: false,
+            set: Set::Process,
         });
     }
     // Flash attention with attention dropout: the kernels must drop exactly the elements the CPU
@@ -296,7 +310,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(2, drop)?.y)),
         bound: 2e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // bf16 activations (autocast's rule, `linear_half`): a linear writes its output in bf16
     // (the bias added in bf16: by the cuBLASLt epilogue, or by a pass of its own) and the CPU
@@ -310,7 +324,7 @@ fn cases() -> Vec<Case> {
             build: Box::new(|_, x, _| x[0].linear_half(x[1], Some(x[2]))?.to_f32()),
             bound: 1e-2,
             prec: Precision::Bf16,
-            unfused,
+            set: if unfused { Set::Unfused } else { Set::Process },
         });
     }
     // Flash attention on a bf16 qkv: qkv, y, dO and dqkv in bf16 (the `_bf16` kernels); the
@@ -324,9 +338,27 @@ fn cases() -> Vec<Case> {
             build: Box::new(move |_, x, _| x[0].to_half()?.causal_attention(heads)?.y.to_f32()),
             bound: 2e-2,
             prec: Precision::Bf16,
-            unfused: false,
+            set: Set::Process,
         });
     }
+    // The flash forward on 64-row query tiles (`DPTRAIN_FLASH_ROWS=64`; the default runs 128-row
+    // tiles, the rows above): bf16 qkv, and f32 qkv with dropout at the other head size.
+    v.push(Case {
+        name: "causal_attention, flash, bf16 qkv and y, 64-row forward tiles (d_head 64)".into(),
+        inputs: vec![randn(&[2, 130, 3 * 128], 77)],
+        build: Box::new(|_, x, _| x[0].to_half()?.causal_attention(2)?.y.to_f32()),
+        bound: 2e-2,
+        prec: Precision::Bf16,
+        set: Set::FlashRows64,
+    });
+    v.push(Case {
+        name: "causal_attention + dropout 0.3, flash, 64-row forward tiles (bf16, d_head 32)".into(),
+        inputs: vec![randn(&[2, 130, 3 * 128], 78)],
+        build: Box::new(move |_, x, _| Ok(x[0].causal_attention_dropout(4, drop)?.y)),
+        bound: 2e-2,
+        prec: Precision::Bf16,
+        set: Set::FlashRows64,
+    });
     // A bf16 qkv that starts 2 bytes into its buffer (a contiguous view one element in): its rows
     // cannot be copied 16 bytes at a time, so the flash kernels stage every tile synchronously.
     v.push(Case {
@@ -337,7 +369,7 @@ fn cases() -> Vec<Case> {
         }),
         bound: 2e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // A bf16 qkv through the unfused attention (d_head 8: no flash kernel), which reads it in
     // f32 and gives y back in bf16.
@@ -347,7 +379,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].to_half()?.causal_attention(4)?.y.to_f32()),
         bound: 2e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     // GELU of a bf16 pre-activation, as an op (bf16 out, as on probe steps) and fused into the
     // next GEMM's operand (`gelu_linear`); backward is bf16 throughout on the GPU.
@@ -357,7 +389,7 @@ fn cases() -> Vec<Case> {
         build: Box::new(|_, x, _| x[0].linear_half(x[1], Some(x[2]))?.gelu(true)?.to_f32()),
         bound: 1e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     v.push(Case {
         name: "layer_norm → linear → gelu (erf) → linear, bf16 pre-activation".into(),
@@ -375,7 +407,7 @@ fn cases() -> Vec<Case> {
         }),
         bound: 1e-2,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     v.push(f32c(
         "cross_entropy + z-loss",
@@ -397,7 +429,7 @@ fn cases() -> Vec<Case> {
         }),
         bound: 1e-4,
         prec: Precision::Bf16,
-        unfused: false,
+        set: Set::Process,
     });
     v.push(f32c(
         "batch_norm (train)",

@@ -58,13 +58,17 @@ pub struct CudaDev {
     capturing: std::sync::atomic::AtomicBool,
 }
 
-/// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0` and
-/// `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns each off in turn for its
+/// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0`,
+/// `DPTRAIN_FLASH_ROWS=64` and `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns each off in turn for its
 /// before/after lines and its unfused check rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fusions {
     /// Flash attention (`kernels/cuda/flash.cu`) where the head size and device allow.
     pub flash: bool,
+    /// The flash forward on 128-row query tiles (FlashAttention-2's for head size 64: each K
+    /// and V fragment serves two 16-row slices per warp); off, on 64-row tiles
+    /// (`DPTRAIN_FLASH_ROWS=64`).
+    pub flash_wide: bool,
     /// A linear's bias (and bias gradient) in the GEMM's cuBLASLt epilogue.
     pub epilogue: bool,
     /// The classifier and its loss as one op with bf16 logits (`Var::linear_cross_entropy`).
@@ -96,6 +100,7 @@ pub struct Fusions {
 impl Fusions {
     pub const ALL: Fusions = Fusions {
         flash: true,
+        flash_wide: true,
         epilogue: true,
         classifier: true,
         operands: true,
@@ -119,6 +124,7 @@ impl Fusions {
             self.weight_copy,
             self.accumulate,
             self.residual,
+            self.flash_wide,
         ]
         .iter()
         .enumerate()
@@ -138,13 +144,14 @@ impl Fusions {
             weight_copy: on(7),
             accumulate: on(8),
             residual: on(9),
+            flash_wide: on(10),
         }
     }
 
     /// The process default: all, less what the environment turns off.
     fn from_env() -> Fusions {
         let e = crate::env::env();
-        Fusions { flash: e.flash, epilogue: e.epilogue, device_step: !e.step_sync, ..Fusions::ALL }
+        Fusions { flash: e.flash, flash_wide: e.flash_rows != 64, epilogue: e.epilogue, device_step: !e.step_sync, ..Fusions::ALL }
     }
 }
 

@@ -13,9 +13,10 @@
 // "Matrix Fragments for mma.m16n8k16 with floating point type"), so every index computed here is
 // the one the GPU uses.
 //
-// Layout of a block: 4 warps (128 threads) own a 64-row tile, 16 rows per warp; lane l holds rows
-// g = l / 4 and g + 8 of its warp's 16 and columns 2·(l % 4) + {0, 1} of each 8-column slice
-// (the accumulator layout). Work items (one per head and 64-row tile) are spread over blocks by
+// Layout of a block: 4 warps (128 threads) own a 64-row tile, 16 rows per warp (the forward's
+// 128-row tiles: two such slices per warp, 64 rows apart); lane l holds rows g = l / 4 and g + 8
+// of a 16-row slice and columns 2·(l % 4) + {0, 1} of each 8-column slice (the accumulator
+// layout). Work items (one per head and 64-row tile) are spread over blocks by
 // a grid-stride loop, the tiles with the most work first. Causal: tile pairs above the diagonal
 // are skipped, the diagonal tile masked by index.
 //
@@ -221,35 +222,46 @@ __device__ __forceinline__ void fa_acc_to_a(const float (*acc)[4], int kk, unsig
     a[3] = fa_pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
-// acc = X·Yᵀ over D for the warp's 16 rows of staged X (A fragments `xa`) and the 64 rows of Y.
-template <int D>
-__device__ __forceinline__ void fa_scores(const unsigned (*xa)[4], const FaTile<D>& y, float (*acc)[4]) {
+// acc[r] = X_r·Yᵀ over D for each of the warp's RW slices of 16 rows of staged X (A fragments
+// `xa[r]`) and the 64 rows of Y. Each B fragment is read from shared memory once for all RW
+// slices: the forward's 128-row tiles (RW = 2) halve the ldmatrix traffic per product.
+template <int D, int RW>
+__device__ __forceinline__ void fa_scores(const unsigned (*xa)[D / 16][4], const FaTile<D>& y, float (*acc)[8][4]) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RW; ++r) acc[r][nt][0] = acc[r][nt][1] = acc[r][nt][2] = acc[r][nt][3] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks += 2) {
             unsigned b[2][2];
             fa_load_bt2<D>(y, nt * 8, ks, b);
-            fa_mma(acc[nt], xa[ks], b[0]);
-            fa_mma(acc[nt], xa[ks + 1], b[1]);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                fa_mma(acc[r][nt], xa[r][ks], b[0]);
+                fa_mma(acc[r][nt], xa[r][ks + 1], b[1]);
+            }
         }
     }
 }
 
-// out += P·Z for the warp's 16 × 64 P (accumulator layout) and staged Z [64, D].
-template <int D>
-__device__ __forceinline__ void fa_times(const float (*p)[4], const FaTile<D>& z, float (*out)[4]) {
+// out[r] += P_r·Z for the warp's RW slices of 16 × 64 P (accumulator layout) and staged Z [64, D],
+// each B fragment read once for all slices.
+template <int D, int RW>
+__device__ __forceinline__ void fa_times(const float (*p)[8][4], const FaTile<D>& z, float (*out)[D / 8][4]) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-        unsigned a[4];
-        fa_acc_to_a(p, kk, a);
+        unsigned a[RW][4];
+#pragma unroll
+        for (int r = 0; r < RW; ++r) fa_acc_to_a(p[r], kk, a[r]);
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt += 2) {
             unsigned b[2][2];
             fa_load_b2<D>(z, kk, nt * 8, b);
-            fa_mma(out[nt], a, b[0]);
-            fa_mma(out[nt + 1], a, b[1]);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                fa_mma(out[r][nt], a[r], b[0]);
+                fa_mma(out[r][nt + 1], a[r], b[1]);
+            }
         }
     }
 }
@@ -283,8 +295,6 @@ __device__ __forceinline__ void fa_store(E* base, i64 rs, i64 r0, i64 t, const f
     }
 }
 
-// Forward: y [B, T, C]; lse and row_max [B·H·T] (row_max: the largest scaled logit of each row
-// over its unmasked keys, for the max-attention-logit probe).
 // Dropout of the element at `idx` of the [B·H, T, T] probabilities: x scaled, or 0.
 __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshold, float dscale) {
     return dpt_keep(key, idx, threshold) ? x * dscale : 0.0f;
@@ -295,19 +305,26 @@ __device__ __forceinline__ float fa_drop(float x, i64 idx, i64 key, i64 threshol
 // one MUFU.EX2 and its range fix-up instead of expf's longer accurate sequence.
 #define FA_LOG2E 1.4426950408889634f
 
-// Whether tile pair (query tile qt, key tile kt) needs the causal mask or padding checks per
-// element: only the diagonal, and tiles touching the sequence's end. Every other pair is fully
-// visible (for GPT-124M's T = 1024, 120 of 136 pairs).
-__device__ __forceinline__ bool fa_edge(i64 qt, i64 kt, i64 t) { return qt == kt || (qt + 1) * FA_TILE > t; }
+// Whether the pair of a query tile qt of 64·RW rows and key tile kt needs the causal mask or
+// padding checks per element: only where some key comes after some query (the diagonal), and
+// where the query tile reaches the sequence's end (which any key tile past it does too). Every
+// other pair is fully visible (for GPT-124M's T = 1024 and 64-row tiles, 120 of 136 pairs).
+// (RW = 1 is written as the diagonal test itself: the backward kernels' registers are tight
+// enough that ptxas spills dK/dV's with the general form.)
+template <int RW>
+__device__ __forceinline__ bool fa_edge(i64 qt, i64 kt, i64 t) {
+    if (RW == 1) return qt == kt || (qt + 1) * FA_TILE > t;
+    return (kt + 1) * FA_TILE > qt * RW * FA_TILE || (qt + 1) * RW * FA_TILE > t;
+}
 
-// Forward's and dQ's step to key tile kt of qt + 1 (buffer kt % 2 of `tiles`, K then V): once
+// Forward's and dQ's step to key tile kt of last + 1 (buffer kt % 2 of `tiles`, K then V): once
 // every warp is done with the other buffer (the previous tile, or Q and dO), tile kt + 1 is
 // issued into it; then tile kt is waited for and shown to the block.
 template <int D, typename E>
-__device__ __forceinline__ void fa_next_kv(FaTile<D>* tiles, const E* base, i64 c, i64 t, i64 kt, i64 qt, bool async) {
+__device__ __forceinline__ void fa_next_kv(FaTile<D>* tiles, const E* base, i64 c, i64 t, i64 kt, i64 last, bool async) {
     const int other = 2 - 2 * (int)(kt & 1);
     __syncthreads();
-    if (kt < qt) {
+    if (kt < last) {
         fa_issue<D>(tiles[other], base + c, 3 * c, (kt + 1) * FA_TILE, t, async);
         fa_issue<D>(tiles[other + 1], base + 2 * c, 3 * c, (kt + 1) * FA_TILE, t, async);
         fa_commit();
@@ -318,95 +335,124 @@ __device__ __forceinline__ void fa_next_kv(FaTile<D>* tiles, const E* base, i64 
     __syncthreads();
 }
 
-template <int D, typename E>
+// Forward: y [B, T, C]; lse and row_max [B·H·T] (row_max: the largest scaled logit of each row
+// over its unmasked keys, for the max-attention-logit probe). A work item is a query tile of
+// 64·RW rows: warp w holds rows 64·r + 16·w.. of it for r < RW, and every K and V fragment read
+// from shared memory serves all RW of them (RW = 2: FlashAttention-2's 128-row tiles for head
+// size 64; twice the registers for scores and output).
+template <int D, int RW, typename E>
 __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, i64 key, i64 threshold,
                           float dscale) {
     // Two buffers of a K and a V tile (tiles 2j, 2j + 1): tile kt + 1 lands while the block
-    // computes on tile kt. The Q tile is staged in buffer 1's V slot, read into registers before
-    // the first prefetch goes there.
+    // computes on tile kt. The Q tile is staged in buffer 1 (its last RW slots), read into
+    // registers before the first prefetch goes there.
+    static_assert(RW == 1 || RW == 2, "the Q tile is staged in buffer 1: at most two 64-row tiles");
     __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
+    const i64 c = h * D, rs = 3 * c, bm = FA_TILE * RW, nq = (t + bm - 1) / bm, nk = (t + FA_TILE - 1) / FA_TILE;
     const bool async = fa_aligned16(qkv);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
+        // The key tiles this query tile sees: up to the one holding its last row.
+        const i64 last = ((qt + 1) * RW < nk ? (qt + 1) * RW : nk) - 1;
         __syncthreads();
-        fa_issue<D>(tiles[3], base, rs, qt * FA_TILE, t, async);
+#pragma unroll
+        for (int r = 0; r < RW; ++r) fa_issue<D>(tiles[4 - RW + r], base, rs, qt * bm + r * FA_TILE, t, async);
         fa_issue<D>(tiles[0], base + c, rs, 0, t, async);
         fa_issue<D>(tiles[1], base + 2 * c, rs, 0, t, async);
         fa_commit();
         fa_wait<0>();
         __syncthreads();
-        unsigned qa[D / 16][4];
+        unsigned qa[RW][D / 16][4];
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) fa_load_a<D>(tiles[3], warp * 16, ks, qa[ks]);
-        float o[D / 8][4];
+        for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-        float m[2] = {-DPT_INF, -DPT_INF}, l[2] = {0.0f, 0.0f};
-        const i64 r0 = qt * FA_TILE + warp * 16 + g;
-        for (i64 kt = 0; kt <= qt; ++kt) {
+            for (int ks = 0; ks < D / 16; ++ks) fa_load_a<D>(tiles[4 - RW + r], warp * 16, ks, qa[r][ks]);
+        float o[RW][D / 8][4];
+#pragma unroll
+        for (int r = 0; r < RW; ++r)
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) o[r][nt][0] = o[r][nt][1] = o[r][nt][2] = o[r][nt][3] = 0.0f;
+        // Per slice r and half i (rows g and g + 8): running maximum and sum.
+        float m[RW][2], l[RW][2];
+#pragma unroll
+        for (int r = 0; r < RW; ++r) m[r][0] = m[r][1] = -DPT_INF, l[r][0] = l[r][1] = 0.0f;
+        const int rrel = warp * 16 + g;  // this lane's first row in the tile; slice r adds 64·r
+        const i64 r0 = qt * bm + rrel;
+        const int tlim = (int)(t - qt * bm);  // rows and columns of the tile's coordinates from here are padding
+        for (i64 kt = 0; kt <= last; ++kt) {
             const int cur = (int)(kt & 1);
-            fa_next_kv<D, E>(tiles, base, c, t, kt, qt, async);
+            fa_next_kv<D, E>(tiles, base, c, t, kt, last, async);
             const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
-            float s[8][4];
-            fa_scores<D>(qa, sk, s);
-            float mx[2] = {-DPT_INF, -DPT_INF};
-            const bool edge = fa_edge(qt, kt, t);
+            float s[RW][8][4];
+            fa_scores<D, RW>(qa, sk, s);
+            const bool edge = fa_edge<RW>(qt, kt, t);
+            // The key tile's first column relative to the query tile's first row; the dropout
+            // index of (this lane's first row, the key tile's first column).
+            const int kofs = (int)(kt * FA_TILE - qt * bm);
+            const i64 drop0 = (bh * t + r0) * t + kt * FA_TILE;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
+            for (int r = 0; r < RW; ++r) {
+                float mx[2] = {-DPT_INF, -DPT_INF};
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float v = s[nt][e] * scale;
-                    if (edge) {
-                        const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
-                        if (col > row || col >= t) v = -DPT_INF;
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float v = s[r][nt][e] * scale;
+                        if (edge) {
+                            // In the query tile's coordinates (32-bit: fewer registers).
+                            const int col = kofs + nt * 8 + tq * 2 + (e & 1), row = rrel + r * FA_TILE + (e >> 1) * 8;
+                            if (col > row || col >= tlim) v = -DPT_INF;
+                        }
+                        s[r][nt][e] = v;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], v);
                     }
-                    s[nt][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                float base_m[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const float mn = fmaxf(m[r][i], fa_quad_max(mx[i]));
+                    // A row with nothing visible yet keeps exp(−∞) = 0 everywhere.
+                    base_m[i] = mn == -DPT_INF ? 0.0f : mn;
+                    const float corr = exp2f((m[r][i] - base_m[i]) * FA_LOG2E);
+                    m[r][i] = mn;
+                    l[r][i] *= corr;
+#pragma unroll
+                    for (int nt = 0; nt < D / 8; ++nt) {
+                        o[r][nt][2 * i] *= corr;
+                        o[r][nt][2 * i + 1] *= corr;
+                    }
                 }
-            float base_m[2];
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[r][nt][e] = exp2f(fmaf(s[r][nt][e], FA_LOG2E, -base_m[e >> 1] * FA_LOG2E));
+                        l[r][e >> 1] += s[r][nt][e];
+                        if (threshold > 0) {
+                            const i64 idx = drop0 + (i64)(r * FA_TILE + (e >> 1) * 8) * t + nt * 8 + tq * 2 + (e & 1);
+                            s[r][nt][e] = fa_drop(s[r][nt][e], idx, key, threshold, dscale);
+                        }
+                    }
+            }
+            fa_times<D, RW>(s, sv, o);
+        }
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            float li[2], inv[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const float mn = fmaxf(m[i], fa_quad_max(mx[i]));
-                // A row with nothing visible yet keeps exp(−∞) = 0 everywhere.
-                base_m[i] = mn == -DPT_INF ? 0.0f : mn;
-                const float corr = exp2f((m[i] - base_m[i]) * FA_LOG2E);
-                m[i] = mn;
-                l[i] *= corr;
-#pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    o[nt][2 * i] *= corr;
-                    o[nt][2 * i + 1] *= corr;
-                }
+                li[i] = fa_quad_sum(l[r][i]);
+                inv[i] = 1.0f / li[i];
             }
+            fa_store<D, E>(y + bb * t * c + hh * D, c, r0 + r * FA_TILE, t, o[r], inv);
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[nt][e] = exp2f(fmaf(s[nt][e], FA_LOG2E, -base_m[e >> 1] * FA_LOG2E));
-                    l[e >> 1] += s[nt][e];
-                    if (threshold > 0) {
-                        const i64 col = kt * FA_TILE + nt * 8 + tq * 2 + (e & 1), row = r0 + (e >> 1) * 8;
-                        s[nt][e] = fa_drop(s[nt][e], (bh * t + row) * t + col, key, threshold, dscale);
-                    }
+            for (int i = 0; i < 2; ++i) {
+                const i64 row = r0 + r * FA_TILE + 8 * i;
+                if (tq == 0 && row < t) {
+                    lse[bh * t + row] = m[r][i] + logf(li[i]);
+                    row_max[bh * t + row] = m[r][i];
                 }
-            fa_times<D>(s, sv, o);
-        }
-        float li[2], inv[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            li[i] = fa_quad_sum(l[i]);
-            inv[i] = 1.0f / li[i];
-        }
-        fa_store<D, E>(y + bb * t * c + hh * D, c, r0, t, o, inv);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const i64 row = r0 + 8 * i;
-            if (tq == 0 && row < t) {
-                lse[bh * t + row] = m[i] + logf(li[i]);
-                row_max[bh * t + row] = m[i];
             }
         }
     }
@@ -486,9 +532,9 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
             fa_next_kv<D, E>(tiles, base, c, t, kt, qt, async);
             const FaTile<D>&sk = tiles[2 * cur], &sv = tiles[2 * cur + 1];
             float p[8][4], dp[8][4];
-            fa_scores<D>(qa, sk, p);
-            fa_scores<D>(da, sv, dp);
-            const bool edge = fa_edge(qt, kt, t);
+            fa_scores<D, 1>(&qa, sk, &p);
+            fa_scores<D, 1>(&da, sv, &dp);
+            const bool edge = fa_edge<1>(qt, kt, t);
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -500,7 +546,7 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
                     const float dpv = (threshold > 0 && vis) ? fa_drop(dp[nt][e], (bh * t + row) * t + col, key, threshold, dscale) : dp[nt][e];
                     p[nt][e] = pv * (dpv - di[e >> 1]);  // dS
                 }
-            fa_times<D>(p, sk, dq);
+            fa_times<D, 1>(&p, sk, &dq);
         }
         const float sc[2] = {scale, scale};
         fa_store<D, E>(dqkv + bb * t * rs + hh * D, rs, r0, t, dq, sc);
@@ -575,9 +621,9 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
             const float *ql = sl[cur], *qd = sd[cur];
             // Transposed tiles: rows are keys, columns queries.
             float pt[8][4], dpt[8][4];
-            fa_scores<D>(ka, sq, pt);
-            fa_scores<D>(va, sdo, dpt);
-            const bool edge = fa_edge(qt, kt, t);
+            fa_scores<D, 1>(&ka, sq, &pt);
+            fa_scores<D, 1>(&va, sdo, &dpt);
+            const bool edge = fa_edge<1>(qt, kt, t);
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -597,8 +643,8 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
                     }
                     dpt[nt][e] = p * (dp - qd[qc]);  // dSᵀ
                 }
-            fa_times<D>(pt, sdo, dv);
-            fa_times<D>(dpt, sq, dk);
+            fa_times<D, 1>(&pt, sdo, &dv);
+            fa_times<D, 1>(&dpt, sq, &dk);
             // The next tile's lse and D, loaded before this tile's products; read after the
             // next iteration's barriers.
             if (more && threadIdx.x < FA_TILE) {
@@ -613,13 +659,18 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
 }
 
 // Entry points per head dimension (the fragments are sized at compile time) and element type
-// (f32, or `_bf16`: qkv, y, dO and dqkv in bf16). Launch: 128 threads per block, one block per
-// work item up to the grid limit. Dropout: the step's key in device memory or null, key (or
+// (f32, or `_bf16`: qkv, y, dO and dqkv in bf16); `flash_fwd128_*` is the forward on 128-row
+// query tiles. Launch: 128 threads per block, one block per work item (a head and query tile)
+// up to the grid limit. Dropout: the step's key in device memory or null, key (or
 // site: see dpt_mask_key), threshold (p·2³², 0 for none) and 1/(1 − p).
 #define FA_ENTRIES(D, SUF, E)                                                                                                            \
     extern "C" __global__ void flash_fwd_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale,    \
                                                    const u64_t* step_key, i64 key, i64 threshold, float dscale) {                      \
-        flash_fwd<D, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                         \
+        flash_fwd<D, 1, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                      \
+    }                                                                                                                                  \
+    extern "C" __global__ void flash_fwd128_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, \
+                                                      const u64_t* step_key, i64 key, i64 threshold, float dscale) {                   \
+        flash_fwd<D, 2, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                      \
     }                                                                                                                                  \
     extern "C" __global__ void flash_bwd_dq_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
                                                       i64 t, i64 h, float scale, const u64_t* step_key, i64 key, i64 threshold,       \

@@ -156,8 +156,11 @@ fn every_launch_site_matches_its_kernel_signature() {
                 "name" if args.contains("na as i64") => ["add_f32", "sub_f32", "mul_f32", "div_f32"].map(String::from).to_vec(),
                 "name" if args.contains("ptr(&s)?") => ["tanh_bwd_f32", "relu_bwd_f32", "square_bwd_f32"].map(String::from).to_vec(),
                 "name" => ["exp_f32", "log_f32", "tanh_f32", "relu_f32", "square_f32"].map(String::from).to_vec(),
-                // Flash attention, one kernel per head size.
-                "kernel" => ["flash_fwd_d32", "flash_fwd_d64", "flash_fwd_d32_bf16", "flash_fwd_d64_bf16"].map(String::from).to_vec(),
+                // Flash attention, one kernel per head size, element type and forward tile.
+                "kernel" => ["fwd", "fwd128"]
+                    .iter()
+                    .flat_map(|s| [(32, ""), (64, ""), (32, "_bf16"), (64, "_bf16")].map(|(d, suf)| format!("flash_{s}_d{d}{suf}")))
+                    .collect(),
                 e if e.starts_with("flash_kernel(\"") => {
                     let stem = e.trim_start_matches("flash_kernel(\"").split('"').next().unwrap();
                     [(32, ""), (64, ""), (32, "_bf16"), (64, "_bf16")].map(|(d, suf)| format!("flash_bwd_{stem}_d{d}{suf}")).to_vec()

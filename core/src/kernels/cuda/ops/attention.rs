@@ -135,15 +135,21 @@ pub struct FlashSaved {
     lse: Tensor,
 }
 
-fn flash_launch(b: usize, t: usize, h: usize) -> LaunchConfig {
-    let work = b * h * t.div_ceil(64);
+/// One block of 128 threads per work item (a head and a query or key tile of `rows`), up to the
+/// grid limit (the kernels loop over the rest).
+fn flash_launch(b: usize, t: usize, h: usize, rows: usize) -> LaunchConfig {
+    let work = b * h * t.div_ceil(rows);
     LaunchConfig { grid_dim: (work.clamp(1, 65535) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The flash kernel for `stem` (fwd, dq, dkv), head size `dh`, and element type (bf16 tensors,
-/// or f32).
+/// The flash kernel for `stem` (fwd, fwd128: the forward on 128-row query tiles, dq, dkv), head
+/// size `dh`, and element type (bf16 tensors, or f32).
 fn flash_kernel(stem: &str, dh: usize, bf16: bool) -> Result<&'static str> {
     Ok(match (stem, dh, bf16) {
+        ("fwd128", 32, false) => "flash_fwd128_d32",
+        ("fwd128", 64, false) => "flash_fwd128_d64",
+        ("fwd128", 32, true) => "flash_fwd128_d32_bf16",
+        ("fwd128", 64, true) => "flash_fwd128_d64_bf16",
         ("fwd", 32, false) => "flash_fwd_d32",
         ("fwd", 64, false) => "flash_fwd_d64",
         ("dq", 32, false) => "flash_bwd_dq_d32",
@@ -193,14 +199,15 @@ pub fn flash_attention(
         f32_only(qkv, "causal_attention")?;
         contiguous(qkv)?
     };
-    let kernel = flash_kernel("fwd", dh, bf16)?;
     let d = dev_of(&qkv)?;
+    let rows = if d.fusions().flash_wide { 128 } else { 64 };
+    let kernel = flash_kernel(if rows == 128 { "fwd128" } else { "fwd" }, dh, bf16)?;
     let y = empty_as(&d, &[b, t, h * dh], qkv.dtype())?;
     let (lse, row_max) = (empty(&d, &[b * h * t])?, empty(&d, &[b * h * t])?);
     let (step_key, key, threshold, dscale) = flash_dropout(drop);
     // flash_fwd_d*(const float* qkv, float* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, const u64_t* step_key,
     //              i64 key, i64 threshold, float dscale)
-    launch!(d, "flash", kernel, flash_launch(b, t, h);
+    launch!(d, "flash", kernel, flash_launch(b, t, h, rows);
         ptr(&qkv)?, ptr(&y)?, ptr(&lse)?, ptr(&row_max)?, b as i64, t as i64, h as i64, scale as f32, step_key, key, threshold, dscale)?;
     Ok((y.clone(), FlashSaved { qkv, y, lse }, row_max))
 }
@@ -244,9 +251,9 @@ pub fn flash_attention_bwd(
     let (step_key, key, threshold, dscale) = flash_dropout(drop);
     // flash_bwd_{dq,dkv}_d*[_bf16](const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, i64 t, i64 h,
     //                             float scale, const u64_t* step_key, i64 key, i64 threshold, float dscale)
-    launch!(d, "flash", flash_kernel("dq", dh, bf16)?, flash_launch(b, t, h);
+    launch!(d, "flash", flash_kernel("dq", dh, bf16)?, flash_launch(b, t, h, 64);
         ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, step_key, key, threshold, dscale)?;
-    launch!(d, "flash", flash_kernel("dkv", dh, bf16)?, flash_launch(b, t, h);
+    launch!(d, "flash", flash_kernel("dkv", dh, bf16)?, flash_launch(b, t, h, 64);
         ptr(&s.qkv)?, ptr(&g)?, ptr(&s.lse)?, ptr(&dvec)?, ptr(&gx)?, bi, ti, hi, scale as f32, step_key, key, threshold, dscale)?;
     Ok(gx)
 }
