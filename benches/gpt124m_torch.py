@@ -6,7 +6,10 @@ model instead (nanoGPT's character-level one on bytes: 6 layers of 384, 6 heads,
 vocabulary 256, no biases, exact GELU, dropout 0.2, batch 64, betas (0.9, 0.99)). Attention is
 F.scaled_dot_product_attention (what eager nanoGPT uses); `--compile` wraps the model in
 torch.compile (its compilation is in the warm-up steps, not the timed ones). Prints one line:
-`tokens_per_s=<float> step_ms=<float> peak_mib=<float>` (peak: torch.cuda.max_memory_reserved).
+`tokens_per_s=<float> step_ms=<float> peak_mib=<float>` (peak: torch.cuda.max_memory_reserved),
+and without --compile also `sdpa_fwd_ms=<float> sdpa_bwd_ms=<float>`: SDPA alone on the step's
+attention shapes, all layers of one step (bf16, causal, the backend eager picks), timed with CUDA
+events after the training steps, for comparing dptrain's flash kernels with PyTorch's.
 
 usage: python3 benches/gpt124m_torch.py [batch] [steps] [warmup] [--compile] [--small]"""
 import math
@@ -62,6 +65,37 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, V), tgt.view(-1))
 
 
+def sdpa_ms(dev, reps=10):
+    """Forward and backward ms of F.scaled_dot_product_attention over L layers' worth of calls
+    at this model's shapes (q, k, v strided as the model passes them: views of the qkv
+    projection), each backward by autograd.grad: the kernels alone, no gradient accumulation."""
+    qkv = torch.randn(B, T, 3 * C, device=dev, dtype=torch.bfloat16)
+    sh = lambda z: z.view(B, T, H, C // H).transpose(1, 2)
+    q, k, v = (sh(z).detach().requires_grad_() for z in qkv.split(C, dim=2))
+    drop = DROP
+    go = torch.randn(B, H, T, C // H, device=dev, dtype=torch.bfloat16)
+    fwd = bwd = 0.0
+    for i in range(reps + 1):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if dev.type == "cuda" else None
+        t0 = time.perf_counter()
+        if ev:
+            ev[0].record()
+        ys = [F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True) for _ in range(L)]
+        if ev:
+            ev[1].record()
+        t1 = time.perf_counter()
+        for y in ys:
+            torch.autograd.grad(y, (q, k, v), go)
+        if ev:
+            ev[2].record()
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i > 0:  # the first is warm-up
+            fwd += ev[0].elapsed_time(ev[1]) if ev else (t1 - t0) * 1e3
+            bwd += ev[1].elapsed_time(ev[2]) if ev else (t2 - t1) * 1e3
+    return fwd / reps, bwd / reps
+
+
 def main():
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -84,7 +118,12 @@ def main():
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / STEPS
     peak = torch.cuda.max_memory_reserved() / 2**20
-    print(f"tokens_per_s={B * T / dt:.1f} step_ms={dt * 1e3:.2f} peak_mib={peak:.0f}")
+    line = f"tokens_per_s={B * T / dt:.1f} step_ms={dt * 1e3:.2f} peak_mib={peak:.0f}"
+    if not COMPILE:
+        del model, run, opt
+        fwd, bwd = sdpa_ms(dev)
+        line += f" sdpa_fwd_ms={fwd:.3f} sdpa_bwd_ms={bwd:.3f}"
+    print(line)
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ fn kernel_class(file: &str, name: &str) -> &'static str {
 
 /// Prints the profiled step: time per kernel class with its share, then the five longest kernels.
 #[cfg(feature = "cuda")]
-fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f64, attn_fwd_flops: f64) {
+fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f64, attn_fwd_flops: f64, sdpa: Option<(f64, f64)>) {
     let total: f64 = profile.iter().map(|k| k.ms).sum();
     let mut classes: Vec<(&str, f64, usize)> = vec![];
     for k in profile {
@@ -347,15 +347,30 @@ fn print_profile(profile: &[dptrain_core::tensor::cuda::KernelTime], step_ms: f6
     println!("| total | {total:.2} | 100 % | {} |", profile.iter().map(|k| k.launches).sum::<usize>());
     let top: Vec<String> = profile.iter().take(5).map(|k| format!("{}.{} {:.2} ms ×{}", k.file, k.name, k.ms, k.launches)).collect();
     println!("longest kernels: {}", top.join(", "));
-    // How near the flash kernels run to the tensor cores, in the unit flash benchmarks use.
+    // How near the flash kernels run to the tensor cores, in the unit flash benchmarks use, and
+    // to PyTorch's SDPA on the same shapes.
     let flash_ms = |prefix: &str| profile.iter().filter(|k| k.file == "flash" && k.name.starts_with(prefix)).map(|k| k.ms).sum::<f64>();
     let (fwd, bwd) = (flash_ms("flash_fwd"), flash_ms("flash_bwd"));
-    if fwd > 0.0 && bwd > 0.0 {
-        println!(
-            "flash attention: forward {fwd:.2} ms = {:.0} TFLOP/s, backward {bwd:.2} ms = {:.0} TFLOP/s (causal FLOPs as FlashAttention-2 counts them: 2·B·T²·C·L forward, 2.5× that backward)",
+    let rate = |fwd: f64, bwd: f64| {
+        format!(
+            "forward {fwd:.2} ms = {:.0} TFLOP/s, backward {bwd:.2} ms = {:.0} TFLOP/s",
             attn_fwd_flops / (fwd * 1e-3) / 1e12,
             2.5 * attn_fwd_flops / (bwd * 1e-3) / 1e12
+        )
+    };
+    if fwd > 0.0 && bwd > 0.0 {
+        println!(
+            "flash attention: {} (causal FLOPs as FlashAttention-2 counts them: 2·B·T²·C·L forward, 2.5× that backward)",
+            rate(fwd, bwd)
         );
+    }
+    if let Some((sf, sb)) = sdpa.filter(|s| s.0 > 0.0 && s.1 > 0.0) {
+        let vs = if fwd > 0.0 && bwd > 0.0 {
+            format!(": dptrain's flash takes {:.2}× its forward time, {:.2}× its backward time", fwd / sf, bwd / sb)
+        } else {
+            String::new()
+        };
+        println!("PyTorch SDPA alone on the same shapes (all layers, CUDA events): {}{vs}", rate(sf, sb));
     }
     // Below 100 % the GPU waits for the host (launches, syncs) for the rest of the step.
     println!(
@@ -394,6 +409,9 @@ struct TorchPerf {
     tokens_per_s: f64,
     step_ms: f64,
     peak_mib: f64,
+    /// SDPA alone on the step's attention shapes, all layers: (forward, backward) ms (eager
+    /// runs only).
+    sdpa_ms: Option<(f64, f64)>,
 }
 
 /// Dense bf16 tensor-core peak of the card, from its name (FLOP/s).
@@ -498,9 +516,11 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
     );
     let _ = std::io::stdout().flush();
     let runs = [("PyTorch eager (autocast bf16, SDPA, fused AdamW)", false), ("PyTorch torch.compile (same)", true)];
+    let mut sdpa = None;
     for (label, compile) in runs.into_iter().filter(|r| preset.compile || !r.1) {
         match torch_tokens_per_s(preset.torch_args, compile) {
             Ok(r) => {
+                sdpa = sdpa.or(r.sdpa_ms);
                 println!(
                     "| {label} | {:.0} | {:.1} | {:.1} % | {:.0} |",
                     r.tokens_per_s,
@@ -549,7 +569,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         Some(q) => format!("dptrain with the step as one CUDA graph ({} nodes, replayed)", q.graph_nodes.unwrap_or(0)),
         None => "dptrain with the step as one CUDA graph".into(),
     });
-    print_profile(&p.profile, p.step_ms, p.attn_fwd_flops);
+    print_profile(&p.profile, p.step_ms, p.attn_fwd_flops, sdpa);
     println!(
         "allocator: {} device allocations in the timed steps (0 = steady state served from the cache); the host waited for the device {} times per step (the trainer decides a step on the device and reads its loss and gradient norm on logging steps: 0 on the others; 1 with DPTRAIN_STEP_SYNC=1)",
         p.raw_allocs_in_timed_steps, p.host_waits_per_step
@@ -722,8 +742,9 @@ fn torch_tokens_per_s(args: &[&str], compile: bool) -> std::result::Result<Torch
     let out = cmd.output().map_err(|e| format!("{py} {script}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
+    let sdpa_ms = field("sdpa_fwd_ms=").zip(field("sdpa_bwd_ms="));
     match (field("tokens_per_s="), field("step_ms="), field("peak_mib=")) {
-        (Some(tokens_per_s), Some(step_ms), Some(peak_mib)) => Ok(TorchPerf { tokens_per_s, step_ms, peak_mib }),
+        (Some(tokens_per_s), Some(step_ms), Some(peak_mib)) => Ok(TorchPerf { tokens_per_s, step_ms, peak_mib, sdpa_ms }),
         _ => Err(format!("{script}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no output"))),
     }
 }

@@ -522,21 +522,36 @@ fn a_cuda_graph_of_the_step_draws_each_steps_dropout_masks_on_the_emulator() {
 
 /// `dptrain gpu-check` itself, end to end on the CPU emulator (test builds with `cuda-emu`):
 /// the command a GPU session runs first must print its whole table and pass. Part (c) runs a
-/// tiny model here (DPTRAIN_GPU_CHECK_TINY) and PyTorch is absent, which it must say.
+/// tiny model here (DPTRAIN_GPU_CHECK_TINY). PyTorch's side is a stand-in script printing what
+/// `benches/gpt124m_torch.py` prints (its output parsed and compared as a real run's), and for
+/// the small model failing as a machine without torch does, which gpu-check must say.
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn gpu_check_runs_end_to_end_on_the_emulator() {
     let prof = std::env::temp_dir().join(format!("dptrain-gpu-check-profile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&prof);
+    let torch = std::env::temp_dir().join(format!("dptrain-gpu-check-torch-{}.sh", std::process::id()));
+    std::fs::write(
+        &torch,
+        r#"case " $* " in
+  *" --small "*) echo "ModuleNotFoundError: No module named 'torch'" >&2; exit 1 ;;
+  *" --compile "*) echo "tokens_per_s=2000.0 step_ms=40.00 peak_mib=300" ;;
+  *) echo "tokens_per_s=1000.0 step_ms=80.00 peak_mib=200 sdpa_fwd_ms=0.500 sdpa_bwd_ms=1.250" ;;
+esac
+"#,
+    )
+    .unwrap();
     let o = bin()
         .arg("gpu-check")
         .arg("--profile-out")
         .arg(&prof)
         .env("DPTRAIN_CUDA_EMULATOR", "1")
         .env("DPTRAIN_GPU_CHECK_TINY", "1")
-        .env("DPTRAIN_TORCH_PYTHON", "/nonexistent/python")
+        .env("DPTRAIN_TORCH_PYTHON", "sh")
+        .env("DPTRAIN_TORCH_SCRIPT", &torch)
         .output()
         .unwrap();
+    std::fs::remove_file(&torch).ok();
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
@@ -563,9 +578,21 @@ fn gpu_check_runs_end_to_end_on_the_emulator() {
     }
     // The tiny model has one head of 32, as GPT-124M's heads (64) a size with a flash kernel.
     assert_eq!(out.matches("| dptrain (flash attention) |").count(), 2, "{out}");
-    assert_eq!(out.matches("fused AdamW) | not run").count(), 2, "{out}");
-    // torch.compile for GPT-124M only (its compilation costs minutes of device time).
-    assert_eq!(out.matches("torch.compile (same) | not run").count(), 1, "{out}");
+    // PyTorch's numbers as its script printed them, and the ratios; torch.compile for GPT-124M
+    // only (its compilation costs minutes of device time).
+    assert!(out.contains("| PyTorch eager (autocast bf16, SDPA, fused AdamW) | 1000 | 80.0 | "), "{out}");
+    assert!(out.contains("| PyTorch torch.compile (same) | 2000 | 40.0 | "), "{out}");
+    assert_eq!(out.matches("| ratio dptrain / eager | ").count(), 1, "{out}");
+    assert_eq!(out.matches("| ratio dptrain / torch.compile | ").count(), 1, "{out}");
+    assert_eq!(out.matches("torch.compile (same) |").count(), 1, "{out}");
+    // A machine without torch: said, and the rest runs.
+    assert_eq!(out.matches("fused AdamW) | not run: ").count(), 1, "{out}");
+    assert!(out.contains("No module named 'torch'"), "{out}");
+    // SDPA alone on the same shapes (eager's run), beside the flash kernels' own times.
+    let sdpa: Vec<&str> = out.lines().filter(|l| l.starts_with("PyTorch SDPA alone on the same shapes")).collect();
+    assert_eq!(sdpa.len(), 1, "{out}");
+    assert!(sdpa[0].contains(": forward 0.50 ms = ") && sdpa[0].contains(", backward 1.25 ms = "), "{}", sdpa[0]);
+    assert!(sdpa[0].contains("dptrain's flash takes "), "{}", sdpa[0]);
     for line in [
         "| dptrain without the flash attention (unfused attention): ",
         "| dptrain without the flash forward's 128-row query tiles (64-row ones instead) (flash attention, 64-row forward tiles): ",
