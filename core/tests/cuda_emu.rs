@@ -649,13 +649,27 @@ fn strided_copies_match_the_cpu() {
 /// over segments that span several chunks and one that is a single element.
 /// The embedding's backward on the device — positions sorted by (id, position), each row's
 /// positions summed in order — is the CPU's scatter-add bit for bit, for runs of one id longer
-/// than a block and a tile, ids that never occur, a single id and a single position.
+/// than a block and a tile, ids that never occur, a single id and a single position, and for
+/// sorts over several chunks of 1024 positions in one, two and three radix passes (vocabularies
+/// below 2⁸, 2¹⁶ and 2²⁴). Ids a multiple of `step` apart agree in their low bits, so a pass
+/// missing leaves them interleaved: each row's sum split into runs, its bits changed.
 fn the_embeddings_gradient_is_the_cpus_bit_for_bit() {
     use dptrain_core::autograd::Tape;
     use dptrain_core::{rng::Rng, Device, GradStore, Tensor};
     let mut rng = Rng::new(8);
-    for (n, vocab, dim) in [(1000usize, 3usize, 5usize), (333, 400, 7), (257, 1, 4), (1, 9, 3)] {
-        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+    let cases = [
+        (1000usize, 3usize, 5usize, 1u64),
+        (333, 400, 7, 1),
+        (257, 1, 4, 1),
+        (1, 9, 3, 1),
+        (2500, 5, 2, 1),
+        (2500, 300, 2, 1),
+        (3000, 1000, 2, 256),
+        (3000, 70000, 2, 1),
+        (3000, 70000, 2, 65536),
+    ];
+    for (n, vocab, dim, step) in cases {
+        let ids: Vec<u32> = (0..n).map(|_| (rng.below((vocab as u64).div_ceil(step)) * step) as u32).collect();
         let w: Vec<f32> = (0..vocab * dim).map(|_| rng.normal() as f32).collect();
         let g: Vec<f32> = (0..n * dim).map(|_| rng.normal() as f32).collect();
         let grad = |device: Device| {
@@ -666,7 +680,7 @@ fn the_embeddings_gradient_is_the_cpus_bit_for_bit() {
             let leaves = tape.backward(loss, &mut GradStore::empty(), |_, _| {}).unwrap();
             leaves.get(wv).unwrap().to_vec::<f32>().unwrap()
         };
-        assert_eq!(grad(Device::Cpu), grad(Device::Cuda(0)), "n {n}, vocab {vocab}");
+        assert_eq!(grad(Device::Cpu), grad(Device::Cuda(0)), "n {n}, vocab {vocab}, ids {step} apart");
     }
     // A parameter's table: on the device its gradient goes into the flat gradient buffer's slot
     // (zeroed, then added to by a second micro-step) — still the CPU's bits, and no pass adding a

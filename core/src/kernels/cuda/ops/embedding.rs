@@ -55,10 +55,37 @@ pub fn embedding_bwd(
     };
     // The positions sorted by id (then position): each row then sums its own, in order, and adds
     // the sum to what the row holds.
-    let order = d.alloc(4 * n.max(1))?;
-    // embedding_order(const unsigned int* ids, int* order, i64 n)
-    launch!(d, "embedding", "embedding_order", grid(n); idb.ptr, order.ptr, n as i64)?;
+    let order = sort_positions(&d, idb, n, vocab)?;
     // embedding_bwd_f32(const float* g, const unsigned int* ids, const int* order, float* gw, i64 n, i64 dim)
     launch!(d, "embedding", "embedding_bwd_f32", grid(n * dim); ptr(&g)?, idb.ptr, order.ptr, gw, n as i64, dim as i64)?;
     Ok(out)
+}
+
+/// Positions per block of the sort (`EMB_CHUNK` in embedding.cu).
+const SORT_CHUNK: usize = 1024;
+
+/// The `n` positions of `ids` (each below `vocab`) stably sorted by id, on the device: a radix
+/// sort, 8 bits of the id a pass (see embedding.cu).
+fn sort_positions(d: &Arc<CudaDev>, ids: &DevBuf, n: usize, vocab: usize) -> Result<DevBuf> {
+    let bits = usize::BITS - vocab.saturating_sub(1).leading_zeros();
+    let passes = bits.div_ceil(8).max(1);
+    let chunks = n.div_ceil(SORT_CHUNK);
+    let per_chunk = LaunchConfig { grid_dim: (chunks.clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let count = d.alloc(4 * 256 * chunks.max(1))?;
+    let bufs = [d.alloc(4 * n.max(1))?, d.alloc(4 * n.max(1))?];
+    let mut src: Option<&DevBuf> = None; // the first pass reads the positions in order
+    for p in 0..passes {
+        let dst = &bufs[p as usize % 2];
+        let src_ptr = src.map_or(0, |b| b.ptr);
+        // embedding_digit_counts(const unsigned int* ids, const int* src, unsigned int* count, i64 n, int shift)
+        launch!(d, "embedding", "embedding_digit_counts", per_chunk; ids.ptr, src_ptr, count.ptr, n as i64, (8 * p) as i32)?;
+        // embedding_digit_offsets(unsigned int* count, i64 m)
+        launch!(d, "embedding", "embedding_digit_offsets", one_block; count.ptr, (256 * chunks) as i64)?;
+        // embedding_digit_scatter(const unsigned int* ids, const int* src, const unsigned int* offset, int* dst, i64 n, int shift)
+        launch!(d, "embedding", "embedding_digit_scatter", per_chunk; ids.ptr, src_ptr, count.ptr, dst.ptr, n as i64, (8 * p) as i32)?;
+        src = Some(dst);
+    }
+    let [even, odd] = bufs;
+    Ok(if passes % 2 == 1 { even } else { odd })
 }
