@@ -91,6 +91,7 @@ struct Case {
 /// `DPTRAIN_FLASH_ROWS`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Set {
+    /// As the process has them.
     Process,
     /// GEMM epilogues off (the path taken where cuBLASLt cannot fuse).
     Unfused,

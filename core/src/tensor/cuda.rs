@@ -59,8 +59,8 @@ pub struct CudaDev {
 }
 
 /// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0`,
-/// `DPTRAIN_FLASH_ROWS=64` and `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns each off in turn for its
-/// before/after lines and its unfused check rows.
+/// `DPTRAIN_FLASH_ROWS=64` and `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns
+/// each off in turn for its before/after lines and its unfused check rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fusions {
     /// Flash attention (`kernels/cuda/flash.cu`) where the head size and device allow.
