@@ -219,6 +219,7 @@ fn the_optimizers_bf16_weight_copy_replaces_the_casts() {
     let d = dptrain_core::tensor::cuda::dev(0).unwrap();
     let mut pb = ParamBuilder::new();
     let w = pb.add("w", &[24, 40], Role::Hidden, 40, 24, Init::Normal { std: 0.2 });
+    let b = pb.add("b", &[24], Role::Vector, 1, 24, Init::Normal { std: 0.2 });
     let mut ps = pb.build(5, DType::F32).unwrap();
     ps.to_device(Device::Cuda(0)).unwrap();
     let mut rng = Rng::new(4);
@@ -228,9 +229,10 @@ fn the_optimizers_bf16_weight_copy_replaces_the_casts() {
         let tape = Tape::new();
         tape.set_precision(Precision::Bf16);
         let xv = tape.leaf(Tensor::from_slice(&x, &[6, 40]).unwrap().to_device(Device::Cuda(0)).unwrap());
-        let wv = tape.param(ps, w);
-        let twin = wv.half_twin().is_some();
-        let y = xv.linear(wv, None).unwrap();
+        let (wv, bv) = (tape.param(ps, w), tape.param(ps, b));
+        let twin = wv.half_twin().is_some() && bv.half_twin().is_some();
+        // A product with an f32 output, and one with a bf16 output and its bias added in bf16.
+        let y = xv.linear(wv, None).unwrap().add(xv.linear_half(wv, Some(bv)).unwrap().to_f32().unwrap()).unwrap();
         let loss = y.square().unwrap().sum_all().unwrap();
         let mut grads = GradStore::try_new(ps).unwrap();
         tape.backward(loss, &mut grads, |_, _| {}).unwrap();
@@ -238,7 +240,7 @@ fn the_optimizers_bf16_weight_copy_replaces_the_casts() {
         (y.value().to_vec::<f32>().unwrap(), grads.flat().to_vec::<f32>().unwrap(), casts, twin)
     };
     let (y0, g0, casts0, twin0) = step(&ps);
-    assert!(!twin0 && ps.half(w).is_none());
+    assert!(!twin0 && ps.half(w).is_none() && ps.half(b).is_none());
     // The first optimizer step makes the copy (one cast of the whole flat buffer).
     let (_, half) = ps.flat_and_half_mut().unwrap();
     let half = half.expect("a bf16 forward asked for the copy").to_vec::<f32>().unwrap();
@@ -247,7 +249,7 @@ fn the_optimizers_bf16_weight_copy_replaces_the_casts() {
     let (y1, g1, casts1, twin1) = step(&ps);
     assert!(twin1);
     assert_eq!((y0, g0), (y1, g1), "the copy gives the cast's numbers");
-    assert_eq!(casts1 + 1, casts0, "the weight's cast is gone");
+    assert_eq!(casts1 + 3, casts0, "the weight's casts (one per product) and the bias's are gone");
     ps.flat_tensor_mut().unwrap();
     assert!(ps.half(w).is_none(), "values changed behind the copy's back must drop it");
 }

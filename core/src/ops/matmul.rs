@@ -131,7 +131,8 @@ impl<'t> Var<'t> {
         let xv = self.value();
         let half = HalfIo { y: false, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1, Some(&residual.value()))?;
+        let (out, backward) =
+            linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())), prec, half, 1, Some(&residual.value()))?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         inputs.push(residual);
@@ -147,7 +148,7 @@ impl<'t> Var<'t> {
         // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
         let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| b.value()), prec, half, 1, None)?;
+        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())), prec, half, 1, None)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let y = self.tape().record("linear", out, &inputs, backward);
@@ -187,12 +188,13 @@ pub(crate) struct HalfIo {
 /// weight's position among the recording op's inputs — on a GPU, when it is a parameter, its
 /// gradient is written by the GEMM straight into the flat gradient buffer
 /// ([`take_grad_sink`](crate::autograd::take_grad_sink)) and backward returns `None` for it.
-/// The weight comes with its bf16 copy when the optimizer keeps one (`Var::half_twin`).
+/// The weight and the bias come with their bf16 copies when the optimizer keeps one
+/// (`Var::half_twin`).
 /// `residual`: an f32 tensor of the output's shape added to it (`Var::linear_add`; f32 output).
 pub(crate) fn linear_value(
     xv: &Tensor,
     (wv, w16): (Tensor, Option<Tensor>),
-    bv: Option<Tensor>,
+    b: Option<(Tensor, Option<Tensor>)>,
     prec: Precision,
     half: HalfIo,
     w_at: usize,
@@ -202,6 +204,8 @@ pub(crate) fn linear_value(
         return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
     }
     let (n, k) = (wv.shape()[0], wv.shape()[1]);
+    let (bv, b16) = b.unzip();
+    let b16 = b16.flatten();
     let x2 = xv.reshape(&[usize::MAX, k])?;
     let mut out_shape = xv.shape().to_vec();
     *out_shape.last_mut().expect("rank ≥ 1") = n;
@@ -216,7 +220,7 @@ pub(crate) fn linear_value(
     if residual.is_some() && half.y {
         return Err(Error::shape("linear", "a residual added to a bf16 output"));
     }
-    let (out, saved) = linear_forward(x2, wv, w16, bv.as_ref(), &out_shape, prec, half, residual)?;
+    let (out, saved) = linear_forward(x2, (wv, w16), (bv.as_ref(), b16), &out_shape, prec, half, residual)?;
     Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, w_at)))
 }
 
@@ -233,9 +237,8 @@ enum LinearSaved {
 #[allow(clippy::too_many_arguments)]
 fn linear_forward(
     x2: Tensor,
-    wv: Tensor,
-    w16: Option<Tensor>,
-    bv: Option<&Tensor>,
+    (wv, w16): (Tensor, Option<Tensor>),
+    (bv, b16): (Option<&Tensor>, Option<Tensor>),
     out_shape: &[usize],
     prec: Precision,
     half: HalfIo,
@@ -249,10 +252,10 @@ fn linear_forward(
         let half = HalfIo { y: half.y && crate::kernels::cuda::ops::dev_of(&x2)?.fusions().activations, gx: half.gx };
         let dt = |h: bool| if h { DType::BF16 } else { DType::F32 };
         let dts = LinearDtypes { y: dt(half.y), gx: dt(half.gx) };
-        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, &wv, w16.as_ref(), bv, out_shape, prec, dts, residual)?;
+        let (out, saved) = crate::kernels::cuda::ops::linear(&x2, (&wv, w16.as_ref()), (bv, b16.as_ref()), out_shape, prec, dts, residual)?;
         return Ok((out, LinearSaved::Device(saved)));
     }
-    let _ = w16; // the CPU rounds the weight itself
+    let _ = (w16, b16); // the CPU rounds the weight and bias itself
     let (rows, k) = (x2.shape()[0], x2.shape()[1]);
     let n = wv.shape()[0];
     let (x2, wv) = (round_for(&x2, prec)?, round_for(&wv, prec)?);

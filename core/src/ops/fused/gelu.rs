@@ -81,7 +81,7 @@ impl<'t> Var<'t> {
             let (out, lin_bwd) = crate::ops::matmul::linear_value(
                 &act16,
                 (w.value(), w.half_twin()),
-                b.map(|b| b.value()),
+                b.map(|b| (b.value(), b.half_twin())),
                 crate::tensor::Precision::Bf16,
                 half,
                 1,

@@ -188,7 +188,7 @@ impl<'t> Var<'t> {
             let (out, lin_bwd) = crate::ops::matmul::linear_value(
                 &h16,
                 (w.value(), w.half_twin()),
-                b.map(|b| b.value()),
+                b.map(|b| (b.value(), b.half_twin())),
                 crate::tensor::Precision::Bf16,
                 half,
                 w_at,

@@ -143,15 +143,16 @@ impl LinearDtypes {
 /// is added by the GEMM's epilogue (cuBLASLt), or where that cannot run by one pass over y.
 /// Under `Prec::Bf16`, x2 may already be bf16 (a producer wrote the operand: `gelu_linear`, or
 /// a bf16 activation), and `dt` may ask for bf16 y and input gradient; under f32 both are f32.
-/// `w16`: the weight's bf16 copy kept by the optimizer, read instead of casting w under bf16.
+/// `w16`: the weight's bf16 copy kept by the optimizer, read instead of casting w under bf16;
+/// `b16` the bias's, read instead of casting b for a bf16 output (when 16-byte aligned, as
+/// cuBLASLt's epilogue wants it).
 /// `residual`: an f32 tensor of y's shape added to it (`y = residual + x2 @ wᵀ + b`, y in f32):
 /// read by cuBLASLt as the GEMM's C where it can, else copied into y for the GEMM to add to.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x2: &Tensor,
-    w: &Tensor,
-    w16: Option<&Tensor>,
-    b: Option<&Tensor>,
+    (w, w16): (&Tensor, Option<&Tensor>),
+    (b, b16): (Option<&Tensor>, Option<&Tensor>),
     out_shape: &[usize],
     prec: Prec,
     dt: LinearDtypes,
@@ -183,7 +184,10 @@ pub fn linear(
     };
     // A bf16 output takes its bias in bf16 (as autocast's does).
     let bias = match b {
-        Some(b) if dt.y == DType::BF16 => Some(bf16_copy(b)?),
+        Some(b) if dt.y == DType::BF16 => Some(match b16 {
+            Some(h) if ptr(h)?.is_multiple_of(16) => super::cross_entropy::half_weight(b, h)?,
+            _ => bf16_copy(b)?,
+        }),
         Some(b) => Some(contiguous(b)?),
         None => None,
     };
