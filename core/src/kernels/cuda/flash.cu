@@ -16,9 +16,9 @@
 // Layout of a block: 4 warps (128 threads) own a 64-row tile, 16 rows per warp (the forward's
 // 128-row tiles: two such slices per warp, 64 rows apart); lane l holds rows g = l / 4 and g + 8
 // of a 16-row slice and columns 2·(l % 4) + {0, 1} of each 8-column slice (the accumulator
-// layout). Work items (one per head and 64-row tile) are spread over blocks by
-// a grid-stride loop, the tiles with the most work first. Causal: tile pairs above the diagonal
-// are skipped, the diagonal tile masked by index.
+// layout). Work items (one per head and query or key tile) are spread over blocks by a
+// grid-stride loop, the tiles with the most work first. Causal: tile pairs above the diagonal
+// are skipped, the pairs on it masked by index.
 //
 // Staging: the tiles a work item walks (K and V in forward and dQ, Q and dO in dK/dV) are
 // double-buffered in shared memory. bf16 tensors go global → shared by cp.async, 16 bytes a copy,
