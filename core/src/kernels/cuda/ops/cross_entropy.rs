@@ -74,7 +74,7 @@ pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, w16: Option<&Tensor>, targe
     let (rows, k, v) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
     let x16 = cast(&contiguous(x2)?, DType::BF16)?;
     let w16 = match w16 {
-        Some(h) => half_weight(w, h)?,
+        Some(h) => super::matmul::half_twin(w, h)?,
         None => cast(&contiguous(w)?, DType::BF16)?,
     };
     let logits = empty_as(&d, &[rows, v], DType::BF16)?;
@@ -83,14 +83,6 @@ pub fn linear_cross_entropy(x2: &Tensor, w: &Tensor, w16: Option<&Tensor>, targe
     let tg = upload_ids(&d, targets)?;
     let (lse, stats) = rows_and_stats(&d, &logits, &tg, rows, v, z)?;
     Ok((ClassifierSaved { logits, x16, w16, lse, targets: tg }, stats))
-}
-
-/// A weight's bf16 copy kept by the optimizer (`ParamStore::half`), checked to be one.
-pub(super) fn half_weight(w: &Tensor, h: &Tensor) -> Result<Tensor> {
-    if h.dtype() != DType::BF16 || h.shape() != w.shape() || !h.is_contiguous() {
-        return Err(Error::shape("linear", format!("a bf16 weight copy {:?} ({}) for a weight {:?}", h.shape(), h.dtype(), w.shape())));
-    }
-    Ok(h.clone())
 }
 
 /// The fused classifier's gradients (x `[rows, k]`, w `[v, k]`) for the upstream gradient `go`

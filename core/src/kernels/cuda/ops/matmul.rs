@@ -111,6 +111,18 @@ fn bf16_copy(t: &Tensor) -> Result<Tensor> {
     cast(t, DType::BF16)
 }
 
+/// A parameter's bf16 copy kept by the optimizer (`ParamStore::half`, a weight's or a bias's),
+/// checked to be one.
+pub(super) fn half_twin(p: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if h.dtype() != DType::BF16 || h.shape() != p.shape() || !h.is_contiguous() {
+        return Err(Error::shape(
+            "linear",
+            format!("a bf16 parameter copy {:?} ({}) for a parameter {:?}", h.shape(), h.dtype(), p.shape()),
+        ));
+    }
+    Ok(h.clone())
+}
+
 /// A bf16 tensor as a packed GEMM operand (bf16 views are not packed on the device).
 fn contiguous_bf16(t: &Tensor) -> Result<Tensor> {
     if !t.is_contiguous() {
@@ -176,7 +188,7 @@ pub fn linear(
         Prec::Bf16 => {
             let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
             let w16 = match w16 {
-                Some(h) => super::cross_entropy::half_weight(w, h)?,
+                Some(h) => half_twin(w, h)?,
                 None => bf16_copy(w)?,
             };
             (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16, gx: dt.gx })
@@ -185,7 +197,7 @@ pub fn linear(
     // A bf16 output takes its bias in bf16 (as autocast's does).
     let bias = match b {
         Some(b) if dt.y == DType::BF16 => Some(match b16 {
-            Some(h) if ptr(h)?.is_multiple_of(16) => super::cross_entropy::half_weight(b, h)?,
+            Some(h) if ptr(h)?.is_multiple_of(16) => half_twin(b, h)?,
             _ => bf16_copy(b)?,
         }),
         Some(b) => Some(contiguous(b)?),
