@@ -556,6 +556,11 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
             Fusions { accumulate: false, ..Fusions::ALL },
         ),
         ("residual add in the projections' GEMMs", "residual", Fusions { residual: false, ..Fusions::ALL }),
+        (
+            "16-byte loads in GELU and the cross-entropy rows (one element per access instead)",
+            "wide_loads",
+            Fusions { wide_loads: false, ..Fusions::ALL },
+        ),
     ];
     for (what, off, f) in offs {
         let q = measure(device, preset, f, false).and_then(|q| write_profile(profile_out, preset.slug, off, &q).map(|()| q));

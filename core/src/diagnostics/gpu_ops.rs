@@ -432,6 +432,28 @@ fn cases() -> Vec<Case> {
         prec: Precision::Bf16,
         set: Set::Process,
     });
+    // Rows whose length and start allow it are read and written 16 bytes a load (eight bf16 or
+    // four f32; the rows above: 300 f32, and bf16 rows of 300, which do not); these take the
+    // other path each: f32 rows of 301, and bf16 rows of 2056 (more than one load per thread).
+    v.push(f32c(
+        "cross_entropy + z-loss, rows of 301 (one element a load)",
+        vec![randn(&[32, 301], 83)],
+        Box::new(|_, x, _| {
+            let t: Vec<u32> = (0..32u32).map(|i| (i * 41) % 301).collect();
+            Ok(x[0].cross_entropy(&t, 1e-3)?.loss)
+        }),
+    ));
+    v.push(Case {
+        name: "linear_cross_entropy + z-loss, bf16 logits, rows of 2056 (16-byte loads)".into(),
+        inputs: vec![randn(&[32, 48], 84), randn(&[2056, 48], 85)],
+        build: Box::new(|_, x, _| {
+            let t: Vec<u32> = (0..32u32).map(|i| (i * 331) % 2056).collect();
+            Ok(x[0].linear_cross_entropy(x[1], &t, 1e-3)?.loss)
+        }),
+        bound: 1e-4,
+        prec: Precision::Bf16,
+        set: Set::Process,
+    });
     v.push(f32c(
         "batch_norm (train)",
         vec![randn(&[8, 6, 5, 5], 44), rand(&[6], 45, 0.5, 1.5), randn(&[6], 46)],

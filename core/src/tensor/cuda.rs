@@ -95,6 +95,10 @@ pub struct Fusions {
     /// there (a layer norm's dx into the residual stream's), instead of a new tensor the tape
     /// adds in a pass of its own (`autograd::GradSink`).
     pub accumulate: bool,
+    /// Memory-bound kernels over wide rows reading and writing 16 bytes per access where the
+    /// addresses allow (GELU on bf16 activations, the cross-entropy rows); off
+    /// (`DPTRAIN_WIDE_LOADS=0`), one element per access.
+    pub wide_loads: bool,
 }
 
 impl Fusions {
@@ -110,6 +114,7 @@ impl Fusions {
         weight_copy: true,
         residual: true,
         accumulate: true,
+        wide_loads: true,
     };
 
     fn bits(self) -> u16 {
@@ -125,6 +130,7 @@ impl Fusions {
             self.accumulate,
             self.residual,
             self.flash_wide,
+            self.wide_loads,
         ]
         .iter()
         .enumerate()
@@ -145,13 +151,21 @@ impl Fusions {
             accumulate: on(8),
             residual: on(9),
             flash_wide: on(10),
+            wide_loads: on(11),
         }
     }
 
     /// The process default: all, less what the environment turns off.
     fn from_env() -> Fusions {
         let e = crate::env::env();
-        Fusions { flash: e.flash, flash_wide: e.flash_rows != 64, epilogue: e.epilogue, device_step: !e.step_sync, ..Fusions::ALL }
+        Fusions {
+            flash: e.flash,
+            flash_wide: e.flash_rows != 64,
+            wide_loads: e.wide_loads,
+            epilogue: e.epilogue,
+            device_step: !e.step_sync,
+            ..Fusions::ALL
+        }
     }
 }
 

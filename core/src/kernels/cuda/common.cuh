@@ -71,4 +71,38 @@ __device__ __forceinline__ bool dpt_keep(i64 key, i64 i, i64 threshold) {
     return (i64)(dpt_draw((u64_t)key, (u64_t)i) >> 32) >= threshold;
 }
 
+// 16-byte loads and stores: eight bf16 or four f32 per instruction. A memory-bound kernel over a
+// wide tensor uses them where its addresses allow (dpt_aligned16): a GPU keeps its bandwidth
+// only with enough bytes in flight per SM, and a 2-byte load per thread and iteration brings an
+// eighth of what a 16-byte one does. A misaligned address faults on a GPU; the emulator checks.
+__device__ __forceinline__ bool dpt_aligned16(const void* p) { return ((u64_t)p & 15) == 0; }
+#if defined(DPT_EMU)
+__device__ __forceinline__ uint4 dpt_ld16(const void* p) { return emu_ld16(p); }
+__device__ __forceinline__ void dpt_st16(void* p, uint4 v) { emu_st16(p, v); }
+#else
+__device__ __forceinline__ uint4 dpt_ld16(const void* p) { return *(const uint4*)p; }
+__device__ __forceinline__ void dpt_st16(void* p, uint4 v) { *(uint4*)p = v; }
+#endif
+// The eight bf16 of a 16-byte word (the lower address first), widened; and eight f32 rounded
+// into one (f32_to_bf16 each: the scalar kernels' bits).
+__device__ __forceinline__ void dpt_unpack8(uint4 w, float* f) {
+    const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(u[k] << 16);
+        f[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ uint4 dpt_pack8(const float* f) {
+    unsigned u[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) u[k] = (unsigned)f32_to_bf16(f[2 * k]) | ((unsigned)f32_to_bf16(f[2 * k + 1]) << 16);
+    uint4 w;
+    w.x = u[0];
+    w.y = u[1];
+    w.z = u[2];
+    w.w = u[3];
+    return w;
+}
+
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)

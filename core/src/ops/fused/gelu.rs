@@ -36,12 +36,14 @@ fn dfwd<T: Elem>(x: T, tanh: bool) -> T {
     }
 }
 
-fn forward(x: &Tensor, tanh: bool) -> Result<Tensor> {
+/// GELU of a tensor, in its dtype (the op without the tape).
+pub fn forward(x: &Tensor, tanh: bool) -> Result<Tensor> {
     on_cuda!(x => gpu::gelu(x, tanh));
     with_float!(x.dtype(), "gelu", T => cpu::map::<T>(x, move |v| fwd(v, tanh)))
 }
 
-fn backward(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
+/// GELU's input gradient for output gradient `g` at input `x`.
+pub fn backward(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
     on_cuda!(g => gpu::gelu_bwd(g, x, tanh));
     with_float!(g.dtype(), "gelu", T => cpu::zip::<T>(g, x, move |g, x| g * dfwd(x, tanh)))
 }

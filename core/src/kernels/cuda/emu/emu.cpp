@@ -164,6 +164,20 @@ void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
     warp_sync();
 }
 
+// A 16-byte load or store (ld/st.v4.u32): a GPU faults on an address that is not 16-byte
+// aligned, so the emulator stops there too.
+uint4 emu_ld16(const void* p) {
+    require_aligned16(p, "a 16-byte load");
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+
+void emu_st16(void* p, uint4 v) {
+    require_aligned16(p, "a 16-byte store");
+    std::memcpy(p, &v, 16);
+}
+
 // cp.async.cg.shared.global, 16 bytes: the destination is NaN (0xFF bytes) until the copy's
 // group is waited for.
 void emu_cp_async16(void* dst, const void* src) {

@@ -47,6 +47,9 @@ struct float4 {
 struct uint2 {
     unsigned x, y;
 };
+struct uint4 {
+    unsigned x, y, z, w;
+};
 
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
@@ -55,6 +58,8 @@ void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans);
 void emu_cp_async16(void* dst, const void* src);
 void emu_cp_async_commit();
 void emu_cp_async_wait(unsigned pending);
+uint4 emu_ld16(const void* p);
+void emu_st16(void* p, uint4 v);
 void emu_launch(unsigned grid, unsigned block, const std::function<void()>& body);
 
 inline float __int_as_float(int i) {

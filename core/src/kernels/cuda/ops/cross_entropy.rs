@@ -21,14 +21,15 @@ pub fn cross_entropy(x: &Tensor, targets: &[u32], z: f64) -> Result<(Tensor, Dev
 /// folded on the device: (lse per row, statistics `[6]`).
 fn rows_and_stats(d: &Arc<CudaDev>, x: &Tensor, tg: &DevBuf, rows: usize, v: usize, z: f64) -> Result<(Tensor, Tensor)> {
     let (loss, lse, rsum, correct) = (empty(d, &[rows])?, empty(d, &[rows])?, empty(d, &[rows])?, empty(d, &[rows])?);
+    let wide = d.fusions().wide_loads as i32;
     if x.dtype() == DType::BF16 {
-        // xent_fwd_bf16(bf16 x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
+        // xent_fwd_bf16(bf16 x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z, int wide)
         launch!(d, "cross_entropy", "xent_fwd_bf16", per_row(rows);
-            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32, wide)?;
     } else {
-        // xent_fwd_f32(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z)
+        // xent_fwd_f32(x, targets, loss, lse, row_sum, correct, i64 rows, i64 v, float z, int wide)
         launch!(d, "cross_entropy", "xent_fwd_f32", per_row(rows);
-            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32)?;
+            ptr(x)?, tg.ptr, ptr(&loss)?, ptr(&lse)?, ptr(&rsum)?, ptr(&correct)?, rows as i64, v as i64, z as f32, wide)?;
     }
     let stats = empty(d, &[6])?;
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
@@ -48,9 +49,10 @@ pub fn cross_entropy_bwd(x: &Tensor, targets: &DevBuf, lse: &Tensor, z: f64, go:
     let rows = lse.numel();
     let gx = empty(&d, x.shape())?;
     let scale = 1.0 / rows.max(1) as f64;
-    // xent_bwd_f32(x, targets, lse, gx, i64 rows, i64 v, float z, const float* go, float scale)
+    // xent_bwd_f32(x, targets, lse, gx, i64 rows, i64 v, float z, const float* go, float scale, int wide)
     launch!(d, "cross_entropy", "xent_bwd_f32", per_row(rows);
-        ptr(&x)?, targets.ptr, ptr(lse)?, ptr(&gx)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
+        ptr(&x)?, targets.ptr, ptr(lse)?, ptr(&gx)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32,
+        d.fusions().wide_loads as i32)?;
     Ok(gx)
 }
 
@@ -101,9 +103,10 @@ pub fn linear_cross_entropy_bwd(
     let go = contiguous(go)?;
     let scale = 1.0 / rows.max(1) as f64;
     let g = ptr(&s.logits)?;
-    // xent_bwd_bf16_inplace(x, targets, lse, i64 rows, i64 v, float z, const float* go, float scale)
+    // xent_bwd_bf16_inplace(x, targets, lse, i64 rows, i64 v, float z, const float* go, float scale, int wide)
     launch!(d, "cross_entropy", "xent_bwd_bf16_inplace", per_row(rows);
-        g, s.targets.ptr, ptr(&s.lse)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32)?;
+        g, s.targets.ptr, ptr(&s.lse)?, rows as i64, v as i64, z as f32, ptr(&go)?, scale as f32,
+        d.fusions().wide_loads as i32)?;
     let gx = empty(&d, &[rows, k])?;
     let (gw, gw_ptr, beta) = weight_grad_dest(&d, sink, v, k)?;
     let mat = |p: u64, trans: bool, ld: usize| MatArg { ptr: p, trans, ld: ld.max(1), batch_stride: 0 };

@@ -26,8 +26,14 @@ pub fn gelu_bf16(x: &Tensor, tanh: bool) -> Result<Tensor> {
         if !x.is_contiguous() {
             return Err(Error::shape("gelu", "a strided bf16 input on CUDA"));
         }
-        // gelu_bf16_bf16(const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
-        launch!(d, "elementwise", "gelu_bf16_bf16", grid(n); ptr(x)?, ptr(&out)?, n as i64, tanh as i32)?;
+        let (xp, op) = (ptr(x)?, ptr(&out)?);
+        if d.fusions().wide_loads && aligned16(&[xp, op]) {
+            // gelu_bf16_bf16_x8(const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+            launch!(d, "elementwise", "gelu_bf16_bf16_x8", grid(n.div_ceil(8)); xp, op, n as i64, tanh as i32)?;
+        } else {
+            // gelu_bf16_bf16(const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+            launch!(d, "elementwise", "gelu_bf16_bf16", grid(n); xp, op, n as i64, tanh as i32)?;
+        }
         return Ok(out);
     }
     f32_only(x, "gelu")?;
@@ -47,8 +53,14 @@ pub fn gelu_bwd(g: &Tensor, x: &Tensor, tanh: bool) -> Result<Tensor> {
             return Err(Error::shape("gelu", "a strided bf16 gradient or input on CUDA"));
         }
         let out = empty_as(&d, g.shape(), DType::BF16)?;
-        // gelu_bwd_bf16(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
-        launch!(d, "elementwise", "gelu_bwd_bf16", grid(n); ptr(&g)?, ptr(x)?, ptr(&out)?, n as i64, tanh as i32)?;
+        let (gp, xp, op) = (ptr(&g)?, ptr(x)?, ptr(&out)?);
+        if d.fusions().wide_loads && aligned16(&[gp, xp, op]) {
+            // gelu_bwd_bf16_x8(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+            launch!(d, "elementwise", "gelu_bwd_bf16_x8", grid(n.div_ceil(8)); gp, xp, op, n as i64, tanh as i32)?;
+        } else {
+            // gelu_bwd_bf16(const bf16_t* g, const bf16_t* in, bf16_t* out, i64 n, int use_tanh)
+            launch!(d, "elementwise", "gelu_bwd_bf16", grid(n); gp, xp, op, n as i64, tanh as i32)?;
+        }
         return Ok(out);
     }
     let (g, x) = (contiguous(&g)?, contiguous(x)?);

@@ -23,6 +23,12 @@ fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.clamp(1, 65535) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Whether every address is 16-byte aligned: the kernels' `_x8` forms (eight bf16 per 16-byte
+/// load and store) need it.
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
 /// Launches `file.name` on `dev`'s stream with the listed arguments (evaluated first, kept alive
 /// until the launch is queued).
 macro_rules! launch {
