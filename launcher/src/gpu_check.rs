@@ -557,7 +557,7 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         ),
         ("residual add in the projections' GEMMs", "residual", Fusions { residual: false, ..Fusions::ALL }),
         (
-            "16-byte loads in GELU and the cross-entropy rows (one element per access instead)",
+            "16-byte loads in GELU, layer norm and the cross-entropy rows (one element per access instead)",
             "wide_loads",
             Fusions { wide_loads: false, ..Fusions::ALL },
         ),

@@ -556,7 +556,7 @@ esac
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 64 + 5, "{out}");
+    assert_eq!(rows, 65 + 5, "{out}");
     assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
     assert!(
         out.contains(
@@ -605,7 +605,7 @@ esac
         "| dptrain without the optimizer's bf16 weight copy (flash attention): ",
         "| dptrain without the gradient added in place by its op (layer norm's dx into the residual stream's) (flash attention): ",
         "| dptrain without the residual add in the projections' GEMMs (flash attention): ",
-        "| dptrain without the 16-byte loads in GELU and the cross-entropy rows (one element per access instead) (flash attention): ",
+        "| dptrain without the 16-byte loads in GELU, layer norm and the cross-entropy rows (one element per access instead) (flash attention): ",
     ] {
         assert_eq!(out.matches(line).count(), 2, "{line}:\n{out}");
     }
@@ -626,12 +626,16 @@ esac
     let files = std::fs::read_dir(&prof).unwrap().count();
     assert_eq!(files, 2 * 13, "one profile per model and fusion setting");
     assert!(prof.join("profile-gpt-10.9m-without-flash.tsv").exists());
-    // GELU on 16-byte loads, and one element per access with them switched off.
+    // GELU and layer norm on 16-byte loads, and one element per access with them switched off.
     let narrow = std::fs::read_to_string(prof.join("profile-gpt124m-without-wide_loads.tsv")).unwrap();
     for (file, on) in [(&full, true), (&narrow, false)] {
-        let x8 = file.lines().any(|l| l.starts_with("elementwise\tgelu_bf16_bf16_x8\t"));
-        let one = file.lines().any(|l| l.starts_with("elementwise\tgelu_bf16_bf16\t"));
-        assert_eq!((x8, one), (on, !on), "{file}");
+        for (wide, narrow) in [
+            ("elementwise\tgelu_bf16_bf16_x8\t", "elementwise\tgelu_bf16_bf16\t"),
+            ("layer_norm\tlayer_norm_fwd_warp_bf16\t", "layer_norm\tlayer_norm_fwd_bf16\t"),
+        ] {
+            let (w, n) = (file.lines().any(|l| l.starts_with(wide)), file.lines().any(|l| l.starts_with(narrow)));
+            assert_eq!((w, n), (on, !on), "{wide}:\n{file}");
+        }
     }
     std::fs::remove_dir_all(&prof).ok();
     // A training step that logs nothing never waits for the device: the step is decided there

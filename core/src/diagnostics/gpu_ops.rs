@@ -248,12 +248,19 @@ fn cases() -> Vec<Case> {
             x[0].embedding(&ids, &[4, 16])
         }),
     ));
+    // Rows of a multiple of 4 (of 8 for a bf16 output) run a warp per row with 16-byte loads;
+    // others a block per row, one element at a time.
     v.push(f32c(
         "layer_norm (affine)",
-        vec![randn(&[64, 96], 37), randn(&[96], 38), randn(&[96], 39)],
+        vec![randn(&[64, 200], 37), randn(&[200], 38), randn(&[200], 39)],
         Box::new(|_, x, _| x[0].layer_norm(Some(x[1]), Some(x[2]), 1e-5)),
     ));
     v.push(f32c("layer_norm (no affine)", vec![randn(&[64, 96], 40)], Box::new(|_, x, _| x[0].layer_norm(None, None, 1e-5))));
+    v.push(f32c(
+        "layer_norm (affine), rows of 97 (a block per row)",
+        vec![randn(&[16, 97], 86), randn(&[97], 87), randn(&[97], 88)],
+        Box::new(|_, x, _| x[0].layer_norm(Some(x[1]), Some(x[2]), 1e-5)),
+    ));
     v.push(f32c(
         "qk_layer_norm (4 heads, affine)",
         vec![randn(&[2, 33, 3 * 32], 42), randn(&[2, 8], 43), randn(&[2, 8], 44)],

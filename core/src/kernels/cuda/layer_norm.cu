@@ -1,4 +1,5 @@
-// Layer norm over the last dim, one block per row (forward): forward saves mean and 1/std.
+// Layer norm over the last dim (forward: a warp per row with 16-byte accesses where the row's
+// width and addresses allow, else a block per row); forward saves mean and 1/std.
 // Backward computes dx per row — written, or added to a gradient already there (the residual
 // stream's other use: no separate accumulation pass) — and the parameter gradients dW = Σ_rows
 // g·x̂, dB = Σ_rows g as per-block partial sums (`layer_norm_bwd_f32`: each thread keeps its
@@ -64,6 +65,92 @@ extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* w, co
 extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, const float* b, bf16_t* y, float* mean, float* rstd,
                                                i64 rows, i64 c, float eps) {
     ln_fwd_rows(x, w, b, y, mean, rstd, rows, c, eps);
+}
+
+// The forward with a warp per row (as many rows per block as it has warps — the host launches
+// eight; warp shuffles only: no block barrier between a row's passes), each lane taking N = 16 / sizeof(Y) columns at a time: x, w
+// and b read 16 bytes a load, y written 16 bytes a store (four f32 or eight bf16). For rows of
+// c a multiple of N with x, w, b and y 16-byte aligned — GPT's widths — and gpu-check's
+// before-line (DPTRAIN_WIDE_LOADS=0) runs the block-per-row kernels above. Three passes over the
+// row (sum, squared deviations, output), the second and third from L1 as the block-per-row
+// kernel's are.
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Four f32 from one 16-byte load.
+__device__ __forceinline__ void ln_ld4(const float* p, float* f) {
+    const uint4 w = dpt_ld16(p);
+    f[0] = __uint_as_float(w.x);
+    f[1] = __uint_as_float(w.y);
+    f[2] = __uint_as_float(w.z);
+    f[3] = __uint_as_float(w.w);
+}
+__device__ __forceinline__ void ln_st16(float* p, const float* f) {
+    uint4 w;
+    w.x = __float_as_uint(f[0]);
+    w.y = __float_as_uint(f[1]);
+    w.z = __float_as_uint(f[2]);
+    w.w = __float_as_uint(f[3]);
+    dpt_st16(p, w);
+}
+__device__ __forceinline__ void ln_st16(bf16_t* p, const float* f) { dpt_st16(p, dpt_pack8(f)); }
+
+template <typename Y>
+__device__ void ln_fwd_warp_rows(const float* x, const float* w, const float* b, Y* y, float* mean, float* rstd, i64 rows, i64 c, float eps) {
+    const int N = 16 / (int)sizeof(Y), lane = threadIdx.x & 31;
+    const i64 wpb = blockDim.x >> 5;
+    for (i64 r = (i64)blockIdx.x * wpb + (threadIdx.x >> 5); r < rows; r += (i64)gridDim.x * wpb) {
+        const float* xr = x + r * c;
+        float f[N];
+        float s = 0.0f;
+        for (i64 j = (i64)lane * N; j < c; j += 32 * N) {
+#pragma unroll
+            for (int q = 0; q < N; q += 4) ln_ld4(xr + j + q, f + q);
+#pragma unroll
+            for (int k = 0; k < N; ++k) s += f[k];
+        }
+        const float m = warp_sum(s) / (float)c;
+        float v = 0.0f;
+        for (i64 j = (i64)lane * N; j < c; j += 32 * N) {
+#pragma unroll
+            for (int q = 0; q < N; q += 4) ln_ld4(xr + j + q, f + q);
+#pragma unroll
+            for (int k = 0; k < N; ++k) v += (f[k] - m) * (f[k] - m);
+        }
+        const float rs = rsqrtf(warp_sum(v) / (float)c + eps);
+        for (i64 j = (i64)lane * N; j < c; j += 32 * N) {
+            float wf[N], bf[N];
+#pragma unroll
+            for (int q = 0; q < N; q += 4) {
+                ln_ld4(xr + j + q, f + q);
+                if (w) ln_ld4(w + j + q, wf + q);
+                if (b) ln_ld4(b + j + q, bf + q);
+            }
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float o = (f[k] - m) * rs;
+                if (w) o *= wf[k];
+                if (b) o += bf[k];
+                f[k] = o;
+            }
+            ln_st16(y + r * c + j, f);
+        }
+        if (lane == 0) {
+            mean[r] = m;
+            rstd[r] = rs;
+        }
+    }
+}
+
+extern "C" __global__ void layer_norm_fwd_warp_f32(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                                                   i64 rows, i64 c, float eps) {
+    ln_fwd_warp_rows(x, w, b, y, mean, rstd, rows, c, eps);
+}
+extern "C" __global__ void layer_norm_fwd_warp_bf16(const float* x, const float* w, const float* b, bf16_t* y, float* mean, float* rstd,
+                                                    i64 rows, i64 c, float eps) {
+    ln_fwd_warp_rows(x, w, b, y, mean, rstd, rows, c, eps);
 }
 
 // Columns a thread keeps its partial parameter-gradient sums for in registers (unrolled, so

@@ -17,21 +17,34 @@ pub fn layer_norm_to(x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, eps: f6
     let (w, b) = (w.map(contiguous).transpose()?, b.map(contiguous).transpose()?);
     let opt = |t: &Option<Tensor>| t.as_ref().map(ptr).transpose().map(|p| p.unwrap_or(0));
     let (mean, rstd) = (empty(&d, &[rows])?, empty(&d, &[rows])?);
-    let y = if out == DType::BF16 {
-        let y = wrap(d.alloc(x.numel() * 2)?, DType::BF16, x.shape());
-        // layer_norm_fwd_bf16(x, w, b, bf16 y, mean, rstd, i64 rows, i64 c, float eps)
-        launch!(d, "layer_norm", "layer_norm_fwd_bf16", per_row(rows);
-            ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
-        y
-    } else {
-        let y = empty(&d, x.shape())?;
-        // layer_norm_fwd_f32(x, w, b, y, mean, rstd, i64 rows, i64 c, float eps)
-        launch!(d, "layer_norm", "layer_norm_fwd_f32", per_row(rows);
-            ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
-        y
+    let y = if out == DType::BF16 { wrap(d.alloc(x.numel() * 2)?, DType::BF16, x.shape()) } else { empty(&d, x.shape())? };
+    let (xp, wp, bp, yp) = (ptr(&x)?, opt(&w)?, opt(&b)?, ptr(&y)?);
+    // A warp per row, 16 bytes a load and store, where the row's width and every address allow
+    // (an absent w or b is address 0: aligned); else a block per row, one element at a time.
+    let per = 16 / out.size_in_bytes();
+    let name = match (d.fusions().wide_loads && c.is_multiple_of(per) && aligned16(&[xp, wp, bp, yp]), out == DType::BF16) {
+        (true, true) => "layer_norm_fwd_warp_bf16",
+        (true, false) => "layer_norm_fwd_warp_f32",
+        (false, true) => "layer_norm_fwd_bf16",
+        (false, false) => "layer_norm_fwd_f32",
     };
+    let cfg = if name.contains("warp") {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(LN_WARP_ROWS).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (32 * LN_WARP_ROWS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        per_row(rows)
+    };
+    // layer_norm_fwd[_warp]_{f32,bf16}(x, w, b, y (f32 or bf16), mean, rstd, i64 rows, i64 c, float eps)
+    launch!(d, "layer_norm", name, cfg; xp, wp, bp, yp, ptr(&mean)?, ptr(&rstd)?, rows as i64, c as i64, eps as f32)?;
     Ok((y, mean, rstd))
 }
+
+/// Rows per block of the warp-per-row forward: one per warp (the kernel reads its warps per
+/// block from the block size).
+const LN_WARP_ROWS: usize = 8;
 
 /// Blocks of the layer-norm backward when it sums parameter gradients: each sums its rows'
 /// share into one row of partials (1024 rows fill an H100/H200 in one wave; the partials are
