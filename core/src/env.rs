@@ -12,7 +12,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_POOL", "`0` turns the CPU buffer pool off (for measuring it)"),
     ("DPTRAIN_FLASH", "`0` runs attention on a GPU unfused (cuBLAS products around a softmax kernel) where flash attention would run (for measuring it)"),
     ("DPTRAIN_FLASH_ROWS", "`64` runs the flash attention forward on 64-row query tiles instead of 128 (for measuring it)"),
-    ("DPTRAIN_WIDE_LOADS", "`0` makes GELU on bf16 activations, the layer norm's forward and the cross-entropy rows read and write one element per access instead of 16 bytes (for measuring it)"),
+    ("DPTRAIN_WIDE_LOADS", "`0` makes GELU on bf16 activations, layer norm and the cross-entropy rows read and write one element per access instead of 16 bytes (for measuring it)"),
     ("DPTRAIN_EPILOGUE", "`0` makes a GPU linear add its bias (and sum its bias gradient) in a pass of its own instead of in the cuBLASLt GEMM (for measuring it)"),
     ("DPTRAIN_STEP_SYNC", "`1` makes every GPU training step wait for the device (read the loss and gradient norm, then decide the update on the host) instead of deciding it there and reading the record on logging steps (for measuring it)"),
     ("DPTRAIN_CUDA_EMULATOR", "`1` runs the CUDA kernels on the CPU emulator (test builds with the `cuda-emu` feature)"),

@@ -632,6 +632,7 @@ esac
         for (wide, narrow) in [
             ("elementwise\tgelu_bf16_bf16_x8\t", "elementwise\tgelu_bf16_bf16\t"),
             ("layer_norm\tlayer_norm_fwd_warp_bf16\t", "layer_norm\tlayer_norm_fwd_bf16\t"),
+            ("layer_norm\tlayer_norm_bwd_x4_f32\t", "layer_norm\tlayer_norm_bwd_f32\t"),
         ] {
             let (w, n) = (file.lines().any(|l| l.starts_with(wide)), file.lines().any(|l| l.starts_with(narrow)));
             assert_eq!((w, n), (on, !on), "{wide}:\n{file}");

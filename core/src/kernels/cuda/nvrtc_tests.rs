@@ -153,6 +153,9 @@ fn every_launch_site_matches_its_kernel_signature() {
             // A kernel chosen by the caller (binary, unary, map_bwd, reductions): every kernel of
             // that family must have the shape of the launch.
             match name.as_str() {
+                "name" if file == "layer_norm" && args.contains("acc") => {
+                    ["layer_norm_bwd_f32", "layer_norm_bwd_x4_f32"].map(String::from).to_vec()
+                }
                 "name" if file == "layer_norm" => {
                     ["layer_norm_fwd_f32", "layer_norm_fwd_bf16", "layer_norm_fwd_warp_f32", "layer_norm_fwd_warp_bf16"]
                         .map(String::from)

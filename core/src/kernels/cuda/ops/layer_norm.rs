@@ -91,13 +91,18 @@ pub fn layer_norm_bwd(
         }
     };
     let parts = rows.clamp(1, LN_PARTS);
-    let part = if want_w || want_b { Some(zeros(&d, &[2, parts, c])?) } else { None };
     let wp = w.as_ref().map(ptr).transpose()?.unwrap_or(0);
+    let (xp, gp) = (ptr(&x)?, ptr(&g)?);
+    // 16 bytes a load where the width and addresses allow. Either kernel writes or zeroes all
+    // of `part` itself: no clearing pass.
+    let wide = d.fusions().wide_loads && c.is_multiple_of(4) && aligned16(&[xp, gp, wp, gx_ptr]);
+    let part = if want_w || want_b { Some(empty(&d, &[2, parts, c])?) } else { None };
     let pp = part.as_ref().map(ptr).transpose()?.unwrap_or(0);
     let cfg = LaunchConfig { grid_dim: (parts as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // layer_norm_bwd_f32(x, g, w, mean, rstd, gx, int acc, part, i64 parts, i64 rows, i64 c)
-    launch!(d, "layer_norm", "layer_norm_bwd_f32", cfg;
-        ptr(&x)?, ptr(&g)?, wp, ptr(mean)?, ptr(rstd)?, gx_ptr, acc, pp, parts as i64, rows as i64, c as i64)?;
+    let name = if wide { "layer_norm_bwd_x4_f32" } else { "layer_norm_bwd_f32" };
+    // layer_norm_bwd[_x4]_f32(x, g, w, mean, rstd, gx, int acc, part, i64 parts, i64 rows, i64 c)
+    launch!(d, "layer_norm", name, cfg;
+        xp, gp, wp, ptr(mean)?, ptr(rstd)?, gx_ptr, acc, pp, parts as i64, rows as i64, c as i64)?;
     // Each parameter gradient: the column sums of its block of partials, into its slot or a
     // new tensor.
     let sum = |want: bool, at: usize, sink: Option<crate::autograd::GradSink>| -> Result<Option<Tensor>> {
