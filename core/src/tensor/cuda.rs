@@ -95,10 +95,9 @@ pub struct Fusions {
     /// there (a layer norm's dx into the residual stream's), instead of a new tensor the tape
     /// adds in a pass of its own (`autograd::GradSink`).
     pub accumulate: bool,
-    /// Memory-bound kernels over wide rows reading and writing 16 bytes per access where the
-    /// addresses allow (GELU on bf16 activations, layer norm — its forward with a warp per row —
-    /// and the cross-entropy rows); off
-    /// (`DPTRAIN_WIDE_LOADS=0`), one element per access.
+    /// Memory-bound kernels reading and writing 16 bytes per access where the addresses allow
+    /// (GELU on bf16 activations, layer norm — its forward with a warp per row — and the
+    /// cross-entropy rows); off (`DPTRAIN_WIDE_LOADS=0`), one element per access.
     pub wide_loads: bool,
 }
 

@@ -83,6 +83,22 @@ __device__ __forceinline__ void dpt_st16(void* p, uint4 v) { emu_st16(p, v); }
 __device__ __forceinline__ uint4 dpt_ld16(const void* p) { return *(const uint4*)p; }
 __device__ __forceinline__ void dpt_st16(void* p, uint4 v) { *(uint4*)p = v; }
 #endif
+// Four f32 by one 16-byte load or store.
+__device__ __forceinline__ void dpt_ld4(const float* p, float* f) {
+    const uint4 w = dpt_ld16(p);
+    f[0] = __uint_as_float(w.x);
+    f[1] = __uint_as_float(w.y);
+    f[2] = __uint_as_float(w.z);
+    f[3] = __uint_as_float(w.w);
+}
+__device__ __forceinline__ void dpt_st4(float* p, const float* f) {
+    uint4 w;
+    w.x = __float_as_uint(f[0]);
+    w.y = __float_as_uint(f[1]);
+    w.z = __float_as_uint(f[2]);
+    w.w = __float_as_uint(f[3]);
+    dpt_st16(p, w);
+}
 // The eight bf16 of a 16-byte word (the lower address first), widened; and eight f32 rounded
 // into one (f32_to_bf16 each: the scalar kernels' bits).
 __device__ __forceinline__ void dpt_unpack8(uint4 w, float* f) {

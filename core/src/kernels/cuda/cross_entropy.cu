@@ -22,22 +22,9 @@ struct XentVec {
     static const int n = 16 / (int)sizeof(T);
 };
 __device__ __forceinline__ void xent_ld16(const bf16_t* p, i64 j, float* f) { dpt_unpack8(dpt_ld16(p + j), f); }
-__device__ __forceinline__ void xent_ld16(const float* p, i64 j, float* f) {
-    const uint4 w = dpt_ld16(p + j);
-    f[0] = __uint_as_float(w.x);
-    f[1] = __uint_as_float(w.y);
-    f[2] = __uint_as_float(w.z);
-    f[3] = __uint_as_float(w.w);
-}
+__device__ __forceinline__ void xent_ld16(const float* p, i64 j, float* f) { dpt_ld4(p + j, f); }
 __device__ __forceinline__ void xent_st16(bf16_t* p, i64 j, const float* f) { dpt_st16(p + j, dpt_pack8(f)); }
-__device__ __forceinline__ void xent_st16(float* p, i64 j, const float* f) {
-    uint4 w;
-    w.x = __float_as_uint(f[0]);
-    w.y = __float_as_uint(f[1]);
-    w.z = __float_as_uint(f[2]);
-    w.w = __float_as_uint(f[3]);
-    dpt_st16(p + j, w);
-}
+__device__ __forceinline__ void xent_st16(float* p, i64 j, const float* f) { dpt_st4(p + j, f); }
 
 // wide = 0: one element per access everywhere (DPTRAIN_WIDE_LOADS=0, for measuring).
 template <typename T>

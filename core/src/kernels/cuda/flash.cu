@@ -166,9 +166,8 @@ __device__ __forceinline__ void fa_issue(FaTile<D>& s, const bf16_t* base, i64 r
     }
 }
 
-// Whether a tensor's rows can be copied 16 bytes at a time: row strides are multiples of 8
-// elements for every head size here, so only the base address decides.
-__device__ __forceinline__ bool fa_aligned16(const void* p) { return ((u64_t)p & 15) == 0; }
+// Whether a tensor's rows can be copied 16 bytes at a time (dpt_aligned16 of its base): row
+// strides are multiples of 8 elements for every head size here, so only the base decides.
 
 // The address this lane gives ldmatrix for the four 8 × 8 matrices at rows r0..r0 + 16 and
 // columns c0..c0 + 16 of a staged tile, in the order (rows, columns) = (0, 0), (8, 0), (0, 8),
@@ -350,7 +349,7 @@ __device__ void flash_fwd(const E* qkv, E* y, float* lse, float* row_max, i64 b,
     __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, bm = FA_TILE * RW, nq = (t + bm - 1) / bm, nk = (t + FA_TILE - 1) / FA_TILE;
-    const bool async = fa_aligned16(qkv);
+    const bool async = dpt_aligned16(qkv);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
@@ -498,7 +497,7 @@ __device__ void flash_bwd_dq(const E* qkv, const E* go, const float* lse, const 
     __shared__ FaTile<D> tiles[4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
-    const bool async = fa_aligned16(qkv) && fa_aligned16(go);
+    const bool async = dpt_aligned16(qkv) && dpt_aligned16(go);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         const i64 qt = nq - 1 - w % nq, bh = w / nq, bb = bh / h, hh = bh % h;
         const E* base = qkv + bb * t * rs + hh * D;
@@ -564,7 +563,7 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
     __shared__ float sl[2][FA_TILE], sd[2][FA_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const i64 c = h * D, rs = 3 * c, nq = (t + FA_TILE - 1) / FA_TILE;
-    const bool async = fa_aligned16(qkv) && fa_aligned16(go);
+    const bool async = dpt_aligned16(qkv) && dpt_aligned16(go);
     for (i64 w = blockIdx.x; w < b * h * nq; w += gridDim.x) {
         // Key tile 0 sees every query tile: first.
         const i64 kt = w % nq, bh = w / nq, bb = bh / h, hh = bh % h;

@@ -79,22 +79,8 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-// Four f32 from one 16-byte load.
-__device__ __forceinline__ void ln_ld4(const float* p, float* f) {
-    const uint4 w = dpt_ld16(p);
-    f[0] = __uint_as_float(w.x);
-    f[1] = __uint_as_float(w.y);
-    f[2] = __uint_as_float(w.z);
-    f[3] = __uint_as_float(w.w);
-}
-__device__ __forceinline__ void ln_st16(float* p, const float* f) {
-    uint4 w;
-    w.x = __float_as_uint(f[0]);
-    w.y = __float_as_uint(f[1]);
-    w.z = __float_as_uint(f[2]);
-    w.w = __float_as_uint(f[3]);
-    dpt_st16(p, w);
-}
+// y's 16 bytes: four f32, or eight rounded to bf16.
+__device__ __forceinline__ void ln_st16(float* p, const float* f) { dpt_st4(p, f); }
 __device__ __forceinline__ void ln_st16(bf16_t* p, const float* f) { dpt_st16(p, dpt_pack8(f)); }
 
 template <typename Y>
@@ -107,7 +93,7 @@ __device__ void ln_fwd_warp_rows(const float* x, const float* w, const float* b,
         float s = 0.0f;
         for (i64 j = (i64)lane * N; j < c; j += 32 * N) {
 #pragma unroll
-            for (int q = 0; q < N; q += 4) ln_ld4(xr + j + q, f + q);
+            for (int q = 0; q < N; q += 4) dpt_ld4(xr + j + q, f + q);
 #pragma unroll
             for (int k = 0; k < N; ++k) s += f[k];
         }
@@ -115,7 +101,7 @@ __device__ void ln_fwd_warp_rows(const float* x, const float* w, const float* b,
         float v = 0.0f;
         for (i64 j = (i64)lane * N; j < c; j += 32 * N) {
 #pragma unroll
-            for (int q = 0; q < N; q += 4) ln_ld4(xr + j + q, f + q);
+            for (int q = 0; q < N; q += 4) dpt_ld4(xr + j + q, f + q);
 #pragma unroll
             for (int k = 0; k < N; ++k) v += (f[k] - m) * (f[k] - m);
         }
@@ -124,9 +110,9 @@ __device__ void ln_fwd_warp_rows(const float* x, const float* w, const float* b,
             float wf[N], bf[N];
 #pragma unroll
             for (int q = 0; q < N; q += 4) {
-                ln_ld4(xr + j + q, f + q);
-                if (w) ln_ld4(w + j + q, wf + q);
-                if (b) ln_ld4(b + j + q, bf + q);
+                dpt_ld4(xr + j + q, f + q);
+                if (w) dpt_ld4(w + j + q, wf + q);
+                if (b) dpt_ld4(b + j + q, bf + q);
             }
 #pragma unroll
             for (int k = 0; k < N; ++k) {
@@ -260,7 +246,7 @@ extern "C" __global__ void layer_norm_bwd_x4_f32(const float* x, const float* g,
             pb[t][k] = 0.0f;
             wv[t][k] = 1.0f;
         }
-        if (w && q < nch) ln_ld4(w + 4 * q, wv[t]);
+        if (w && q < nch) dpt_ld4(w + 4 * q, wv[t]);
     }
     float w4[4] = {1.0f, 1.0f, 1.0f, 1.0f}, x4[4], g4[4];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -272,8 +258,8 @@ extern "C" __global__ void layer_norm_bwd_x4_f32(const float* x, const float* g,
         for (int t = 0; t < LN_VCOLS; ++t) {
             const int q = (int)threadIdx.x + t * (int)blockDim.x;
             if (q < nch) {
-                ln_ld4(xr + 4 * q, xv[t]);
-                ln_ld4(gr + 4 * q, gv[t]);
+                dpt_ld4(xr + 4 * q, xv[t]);
+                dpt_ld4(gr + 4 * q, gv[t]);
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     const float xh = (xv[t][k] - m) * rs, gxh = gv[t][k] * wv[t][k];
@@ -285,9 +271,9 @@ extern "C" __global__ void layer_norm_bwd_x4_f32(const float* x, const float* g,
             }
         }
         for (int q = in_regs + (int)threadIdx.x; q < nch; q += (int)blockDim.x) {
-            ln_ld4(xr + 4 * q, x4);
-            ln_ld4(gr + 4 * q, g4);
-            if (w) ln_ld4(w + 4 * q, w4);
+            dpt_ld4(xr + 4 * q, x4);
+            dpt_ld4(gr + 4 * q, g4);
+            if (w) dpt_ld4(w + 4 * q, w4);
             for (int k = 0; k < 4; ++k) {
                 const float xh = (x4[k] - m) * rs, gxh = g4[k] * w4[k];
                 a += gxh;
@@ -306,7 +292,7 @@ extern "C" __global__ void layer_norm_bwd_x4_f32(const float* x, const float* g,
         for (int t = 0; t < LN_VCOLS; ++t) {
             const int q = (int)threadIdx.x + t * (int)blockDim.x;
             if (q < nch) {
-                if (acc) ln_ld4(gxr + 4 * q, o);
+                if (acc) dpt_ld4(gxr + 4 * q, o);
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     const float v = rs * (gv[t][k] * wv[t][k] - a - (xv[t][k] - m) * rs * bsum);
@@ -316,10 +302,10 @@ extern "C" __global__ void layer_norm_bwd_x4_f32(const float* x, const float* g,
             }
         }
         for (int q = in_regs + (int)threadIdx.x; q < nch; q += (int)blockDim.x) {
-            ln_ld4(xr + 4 * q, x4);
-            ln_ld4(gr + 4 * q, g4);
-            if (w) ln_ld4(w + 4 * q, w4);
-            if (acc) ln_ld4(gxr + 4 * q, o);
+            dpt_ld4(xr + 4 * q, x4);
+            dpt_ld4(gr + 4 * q, g4);
+            if (w) dpt_ld4(w + 4 * q, w4);
+            if (acc) dpt_ld4(gxr + 4 * q, o);
             for (int k = 0; k < 4; ++k) {
                 const float v = rs * (g4[k] * w4[k] - a - (x4[k] - m) * rs * bsum);
                 o[k] = acc ? o[k] + v : v;

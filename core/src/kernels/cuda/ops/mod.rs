@@ -23,8 +23,8 @@ fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.clamp(1, 65535) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Whether every address is 16-byte aligned: the kernels' `_x8` forms (eight bf16 per 16-byte
-/// load and store) need it.
+/// Whether every address is 16-byte aligned, as the kernels that read and write 16 bytes per
+/// access need (`dpt_ld16` in common.cuh).
 fn aligned16(ptrs: &[u64]) -> bool {
     ptrs.iter().all(|p| p.is_multiple_of(16))
 }
