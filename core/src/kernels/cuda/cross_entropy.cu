@@ -1,5 +1,5 @@
 // Softmax cross-entropy with z-loss, one block per row, one read of the logits (16 bytes a
-// load where the rows allow, see XentVec): each thread keeps an online (max, Σexp) pair —
+// load where the rows allow, see xent_ld16): each thread keeps an online (max, Σexp) pair —
 // rescaled when its max grows — with the row sum of logits (for the logit-mean probe) and the
 // count of logits that beat the target (larger, or equal at a smaller index: top-1 accuracy
 // with argmax's tie rule); the pairs combine over the block.
@@ -17,10 +17,6 @@ __device__ __forceinline__ void xent_st(bf16_t* p, i64 i, float v) { p[i] = f32_
 // 16 bytes of logits (or of their gradient) at element j, 16-byte aligned: eight bf16 or four
 // f32, widened. Rows whose start is aligned and whose length is a multiple of that (GPT-2's
 // vocabulary, 50,304 = 8 · 6,288; a byte vocabulary's 256) are read and written this way.
-template <typename T>
-struct XentVec {
-    static const int n = 16 / (int)sizeof(T);
-};
 __device__ __forceinline__ void xent_ld16(const bf16_t* p, i64 j, float* f) { dpt_unpack8(dpt_ld16(p + j), f); }
 __device__ __forceinline__ void xent_ld16(const float* p, i64 j, float* f) { dpt_ld4(p + j, f); }
 __device__ __forceinline__ void xent_st16(bf16_t* p, i64 j, const float* f) { dpt_st16(p + j, dpt_pack8(f)); }
@@ -30,7 +26,7 @@ __device__ __forceinline__ void xent_st16(float* p, i64 j, const float* f) { dpt
 template <typename T>
 __device__ void xent_fwd_rows(const T* x, const unsigned int* targets, float* loss, float* lse_out, float* row_sum, float* correct,
                               i64 rows, i64 v, float z, int wide) {
-    const int N = XentVec<T>::n;
+    const int N = 16 / (int)sizeof(T);
     const bool vec = wide && dpt_aligned16(x) && v % N == 0;
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* xr = x + r * v;
@@ -136,7 +132,7 @@ template <typename T, typename G>
 __device__ void xent_bwd_rows(const T* x, const unsigned int* targets, const float* lse, G* gx, i64 rows, i64 v, float z,
                               const float* go, float scale, int wide) {
     static_assert(sizeof(T) == sizeof(G), "logits and gradient of one type");
-    const int N = XentVec<T>::n;
+    const int N = 16 / (int)sizeof(T);
     const bool vec = wide && dpt_aligned16(x) && dpt_aligned16(gx) && v % N == 0;
     const float sc = scale * go[0];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
