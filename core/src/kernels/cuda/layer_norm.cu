@@ -68,12 +68,12 @@ extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, c
 }
 
 // The forward with a warp per row (as many rows per block as it has warps — the host launches
-// eight; warp shuffles only: no block barrier between a row's passes), each lane taking N = 16 / sizeof(Y) columns at a time: x, w
-// and b read 16 bytes a load, y written 16 bytes a store (four f32 or eight bf16). For rows of
-// c a multiple of N with x, w, b and y 16-byte aligned — GPT's widths — and gpu-check's
-// before-line (DPTRAIN_WIDE_LOADS=0) runs the block-per-row kernels above. Three passes over the
-// row (sum, squared deviations, output), the second and third from L1 as the block-per-row
-// kernel's are.
+// eight; warp shuffles only: no block barrier between a row's passes), each lane taking
+// N = 16 / sizeof(Y) columns at a time: x, w and b read 16 bytes a load, y written 16 bytes a
+// store (four f32 or eight bf16). The host runs it for rows of c a multiple of N with x, w, b
+// and y 16-byte aligned (GPT's widths); otherwise, and for gpu-check's before-line
+// (DPTRAIN_WIDE_LOADS=0), the block-per-row kernels above. Three passes over the row (sum,
+// squared deviations, output), the second and third from L1 as the block-per-row kernel's are.
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
