@@ -34,6 +34,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     linear_bias_is_fused_where_it_can_be();
     weight_gradients_go_straight_into_the_gradient_buffer();
     residual_gradients_accumulate_in_the_layer_norms_backward();
+    layer_norm_gain_and_bias_gradients_are_one_gemm();
     the_residual_add_rides_on_the_projections_gemm();
     dropout_and_the_residual_add_are_one_pass();
     the_optimizers_bf16_weight_copy_replaces_the_casts();
@@ -371,6 +372,63 @@ fn residual_gradients_accumulate_in_the_layer_norms_backward() {
         assert!(e < 1e-4, "c {c}: gradients differ from the CPU's by {e:.2e}");
         // Forward's two residual adds stay; backward's two accumulations are gone.
         assert_eq!((adds, plain_adds), (2, 4), "c {c}");
+    }
+}
+
+/// A layer norm whose gain and bias gradients sit side by side in the flat gradient buffer (as
+/// `LayerNorm::new` registers them) gets both column sums of its partials from one batched
+/// GEMM, over two micro-steps (overwritten, then added to); one whose slots are apart, or that
+/// has no bias, takes a GEMM per parameter. The CPU's gradients either way, for a width within
+/// a thread's registers and one past them.
+fn layer_norm_gain_and_bias_gradients_are_one_gemm() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, DType, Device, GradStore, Init, ParamBuilder, Role, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    for c in [40, 1100] {
+        // ln0's gain and bias adjacent; ln1's split by ln2's gain; ln2 without a bias.
+        let builder = || {
+            let mut pb = ParamBuilder::new();
+            let init = Init::Normal { std: 0.5 };
+            let w0 = pb.add("ln0.w", &[c], Role::Vector, 1, c, init);
+            let b0 = pb.add("ln0.b", &[c], Role::Vector, 1, c, init);
+            let w1 = pb.add("ln1.w", &[c], Role::Vector, 1, c, init);
+            let w2 = pb.add("ln2.w", &[c], Role::Vector, 1, c, init);
+            let b1 = pb.add("ln1.b", &[c], Role::Vector, 1, c, init);
+            (pb, [w0, b0, w1, b1, w2])
+        };
+        let [w0, b0, w1, b1, w2] = builder().1;
+        let mut rng = Rng::new(5);
+        let xs: Vec<Vec<f32>> = (0..2).map(|_| (0..6 * c).map(|_| rng.normal() as f32).collect()).collect();
+        let run = |device: Device| {
+            let mut ps = builder().0.build(8, DType::F32).unwrap();
+            ps.to_device(device).unwrap();
+            let mut grads = GradStore::try_new(&ps).unwrap();
+            grads.zero_grad();
+            let mut sums = vec![];
+            for x in &xs {
+                d.profile_start();
+                let tape = Tape::new();
+                tape.set_precision(Precision::F32);
+                let p = |id| tape.param(&ps, id);
+                let xv = tape.leaf(Tensor::from_slice(x, &[6, c]).unwrap().to_device(device).unwrap());
+                let a = xv.layer_norm(Some(p(w0)), Some(p(b0)), 1e-5).unwrap().square().unwrap();
+                let b = a.layer_norm(Some(p(w1)), Some(p(b1)), 1e-5).unwrap().square().unwrap();
+                let y = b.layer_norm(Some(p(w2)), None, 1e-5).unwrap();
+                let loss = y.mul(y.tanh().unwrap()).unwrap().mean_all().unwrap();
+                tape.backward(loss, &mut grads, |_, _| {}).unwrap();
+                let prof = d.profile_stop().unwrap();
+                sums.push(prof.iter().filter(|k| k.name == "gemm (f32)").map(|k| k.launches).sum::<usize>());
+            }
+            (grads.flat().to_vec::<f32>().unwrap(), sums)
+        };
+        let (cpu, _) = run(Device::Cpu);
+        let (gpu, gemms) = run(Device::Cuda(0));
+        let e = check::rel_err(&gpu, &cpu);
+        assert!(e < 1e-4, "c {c}: gradients differ from the CPU's by {e:.2e}");
+        // ln0: one; ln1: two; ln2: one; and the loss's sum (`sum_all` is a GEMM) — in each
+        // micro-step (6 with ln0's sums apart).
+        assert_eq!(gemms, [5, 5], "c {c}");
     }
 }
 

@@ -5,15 +5,32 @@ use super::*;
 /// Column sums of a packed `[rows, cols]` matrix of `dtype` (f32 or bf16) at `p`, in f32,
 /// written (or added, `beta = 1`) to `out` — `onesᵀ·X` as a GEMM.
 pub(crate) fn sum_rows_into(d: &Arc<CudaDev>, p: u64, rows: usize, cols: usize, out: u64, beta: f32, dtype: DType) -> Result<()> {
+    sum_rows_batched_into(d, p, 1, rows, cols, out, beta, dtype)
+}
+
+/// [`sum_rows_into`] for `batch` such matrices one after the other at `p` (`[batch, rows,
+/// cols]`), their sums one after the other at `out` (`[batch, cols]`): one strided-batched GEMM,
+/// one launch for all of them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sum_rows_batched_into(
+    d: &Arc<CudaDev>,
+    p: u64,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    out: u64,
+    beta: f32,
+    dtype: DType,
+) -> Result<()> {
     let ones = if dtype == DType::BF16 { d.ones_bf16(rows)? } else { d.ones(rows)? };
     d.gemm(
         1,
         cols,
         rows,
         MatArg { ptr: ones, trans: false, ld: rows, batch_stride: 0 },
-        MatArg { ptr: p, trans: false, ld: cols, batch_stride: 0 },
+        MatArg { ptr: p, trans: false, ld: cols, batch_stride: rows * cols },
         out,
-        1,
+        batch,
         1.0,
         beta,
         dtype,
