@@ -9,7 +9,7 @@
 # DPTRAIN_TORCH_PYTHON or python3), dptrain with each fusion off in turn, one step profiled by
 # kernel class; the same for the 10.9 M model of examples/shakespeare-char.toml against eager;
 # (d) a 1-rank NCCL all-reduce and the NCCL reducer's pass in a CUDA graph; with $OUT set, each profiled step's every kernel in
-# $OUT/profile-*.tsv; meant to finish within 7 minutes (torch.compile's compilation
+# $OUT/profile-*.tsv and the whole output in $OUT/gpu-check.log; meant to finish within 7 minutes (torch.compile's compilation
 # is most of it).
 # A check that fails within 4 minutes (a kernel fault ends the CUDA context) runs once more
 # with DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0, its profiles in $OUT/retry; the exit code is the
@@ -35,6 +35,11 @@ print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The whole output also goes to $OUT/gpu-check.log as it is printed: the device tool returns only
+# the tail of stdout (the table is longer), and a run cut short by a time limit keeps its log.
+if [ -n "${OUT:-}" ] && mkdir -p "$OUT"; then
+  exec > >(tee -a "$OUT/gpu-check.log") 2>&1
+fi
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # On the device machine $OUT is the folder that comes back: every profiled kernel goes there.
