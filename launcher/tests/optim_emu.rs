@@ -1,5 +1,5 @@
 //! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
-//! fused AdamW, LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
+//! fused AdamW (its multipliers by runs of chunks), LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
 //! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
 //! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
@@ -68,8 +68,16 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     }
     // LAMB and LARS: a 100×100 matrix spans two chunks of the segmented norm (8192 elements
     // each), so the per-tensor norms combine partials across blocks; the vector takes LARS's
-    // unadapted path.
-    let makers: [(&str, Make); 3] = [
+    // unadapted path. AdamW: the matrix's multipliers are a run of two chunks, the vector's
+    // another run (one more with a learning-rate multiplier of its own).
+    let makers: [(&str, Make); 5] = [
+        ("adamw coupled, runs of chunks", |ps, s| {
+            Box::new(AdamW::with_scales(AdamWConfig { weight_decay: 0.1, ..Default::default() }, ps, s).unwrap())
+        }),
+        ("adamw independent, runs of chunks", |ps, s| {
+            let c = AdamWConfig { weight_decay: 0.1, decay_mode: DecayMode::Independent, peak_lr: 0.05, ..Default::default() };
+            Box::new(AdamW::with_scales(c, ps, s).unwrap())
+        }),
         ("lamb", |ps, s| {
             let c = LambConfig { weight_decay: 0.1, correct_bias: true, ..Default::default() };
             Box::new(Lamb::with_scales(c, ps, s).unwrap())

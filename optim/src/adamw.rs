@@ -9,7 +9,7 @@
 //! learning rate. The update is a single fused pass over the flat buffers.
 
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceStepCount, StepRecord, StepScales};
+use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceScales, DeviceStepCount, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -69,8 +69,8 @@ pub struct AdamW {
 struct DevState {
     m: Tensor,
     v: Tensor,
-    decay_scale: Tensor,
-    lr_scale: Option<Tensor>,
+    /// `decay_scale` and `lr_scale` as runs of equal values (what the kernel reads).
+    scales: DeviceScales,
 }
 
 impl AdamW {
@@ -119,8 +119,9 @@ impl AdamW {
     fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut DevState> {
         if self.dev.is_none() {
             let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-            let lr_scale = self.lr_scale.as_deref().map(up).transpose()?;
-            self.dev = Some(DevState { m: up(&self.m)?, v: up(&self.v)?, decay_scale: up(&self.decay_scale)?, lr_scale });
+            let (m, v) = (up(&self.m)?, up(&self.v)?);
+            let scales = DeviceScales::new(&self.decay_scale, self.lr_scale.as_deref(), &m)?;
+            self.dev = Some(DevState { m, v, scales });
         }
         Ok(self.dev.as_mut().expect("just set"))
     }
@@ -167,11 +168,10 @@ impl Optimizer for AdamW {
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         if params.flat().is_cuda() {
             let d = self.dev_state(params.flat().device())?;
-            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, None, p16)?;
+            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.scales, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -227,11 +227,10 @@ impl Optimizer for AdamW {
         let gate = AdamWGate { max_norm, beta1: c.beta1, beta2: c.beta2 };
         self.dev_state(params.flat().device())?;
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
-        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let (p, p16) = params.flat_and_half_mut()?;
         self.lr_dev.stage(ctx.lr, decay);
         let gate = Some(DeviceGate { rec, gate, t, lr: &self.lr_dev });
-        dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, scales, s, gate, p16)?;
+        dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.scales, s, gate, p16)?;
         Ok(true)
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {

@@ -63,13 +63,15 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double*
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
 
-// decay_scale: per-element decay multiplier; lr_scale: per-element learning-rate multiplier, or
-// null when every one is 1 (the common case reads nothing). rec: the step's record after
-// adamw_gate — nothing when its gate is closed, the gradient times the clipping factor (as the
-// host path's in-place scaling, an f32 product; skipped below 1 as there), step size and bias
-// correction from the gate — or null for a step the host decided (its scalars in s). lrs: with
-// rec, the gate's (the decay is its second value, the f32 the host would pass in s).
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* decay_scale, const float* lr_scale, i64 n,
+// The decay and learning-rate multipliers by chunk: block-sized chunk c covers elements
+// [chunks[3c], chunks[3c + 1]) of run chunks[3c + 2], whose multipliers are run_scale[2r]
+// (decay) and run_scale[2r + 1] (learning rate) — read once per chunk, not per element (see
+// dptrain_core::ops::flat::DeviceScales). rec: the step's record after adamw_gate — nothing
+// when its gate is closed, the gradient times the clipping factor (as the host path's in-place
+// scaling, an f32 product; skipped below 1 as there), step size and bias correction from the
+// gate — or null for a step the host decided (its scalars in s). lrs: with rec, the gate's (the
+// decay is its second value, the f32 the host would pass in s).
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const i64* chunks, i64 nchunks, const float* run_scale,
                                      AdamWStep s, const float* rec, bf16_t* p16, const double* lrs) {
     float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, decay = s.decay;
     if (rec) {
@@ -80,15 +82,19 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         step_size = gate[2];
         inv_sqrt_bc2 = gate[3];
     }
-    GRID_STRIDE(i, n) {
-        float mi, vi;
-        const float gi = coef < 1.0f ? g[i] * coef : g[i];
-        adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
-        const float pi = p[i] * (1.0f - decay * decay_scale[i]);
-        const float step = lr_scale ? step_size * lr_scale[i] : step_size;
-        const float np = pi - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
-        p[i] = np;
-        if (p16) p16[i] = f32_to_bf16(np);
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const i64 lo = chunks[3 * c], hi = chunks[3 * c + 1], run = chunks[3 * c + 2];
+        // The host's per-element products: p·(1 − decay·ds), step·ls (ls = 1: step exactly).
+        const float keep = 1.0f - decay * run_scale[2 * run];
+        const float step = step_size * run_scale[2 * run + 1];
+        for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            float mi, vi;
+            const float gi = coef < 1.0f ? g[i] * coef : g[i];
+            adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
+            const float np = p[i] * keep - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + s.eps);
+            p[i] = np;
+            if (p16) p16[i] = f32_to_bf16(np);
+        }
     }
 }
 
