@@ -7,7 +7,7 @@
 //! image recipes (SGD with momentum) get what AdamW has.
 
 use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{DeviceLr, DeviceStepCount, SgdGate, SgdStep, StepRecord, StepScales};
+use dptrain_core::ops::flat::{DeviceLr, DeviceScales, DeviceStepCount, SgdGate, SgdStep, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,8 +38,9 @@ pub struct Sgd {
     t_dev: Option<DeviceStepCount>,
     /// The learning rate as the device step reads it.
     lr_dev: DeviceLr,
-    /// (momentum buffer, decay scale, lr scale) on the parameters' GPU once a step ran there.
-    dev: Option<(Tensor, Tensor, Option<Tensor>)>,
+    /// (momentum buffer, the decay and lr multipliers as runs) on the parameters' GPU once a
+    /// step ran there.
+    dev: Option<(Tensor, DeviceScales)>,
 }
 
 impl Sgd {
@@ -71,10 +72,11 @@ impl Sgd {
     }
 
     /// The momentum buffer and multipliers on the parameters' GPU (uploaded at the first GPU step).
-    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, Tensor, Option<Tensor>)> {
+    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, DeviceScales)> {
         if self.dev.is_none() {
-            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-            self.dev = Some((up(&self.buf)?, up(&self.decay_scale)?, self.lr_scale.as_deref().map(up).transpose()?));
+            let buf = Tensor::from_slice(&self.buf, &[self.buf.len()]).and_then(|t| t.to_device(device))?;
+            let scales = DeviceScales::new(&self.decay_scale, self.lr_scale.as_deref(), &buf)?;
+            self.dev = Some((buf, scales));
         }
         Ok(self.dev.as_mut().expect("just set"))
     }
@@ -106,8 +108,7 @@ impl Optimizer for Sgd {
         }
         if params.flat().is_cuda() {
             let s = self.sgd_step(ctx.lr, first);
-            let (buf, decay_scale, lr_scale) = self.dev_state(params.flat().device())?;
-            let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
+            let (buf, scales) = self.dev_state(params.flat().device())?;
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
             dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, None, p16)?;
@@ -145,8 +146,7 @@ impl Optimizer for Sgd {
         let s = self.sgd_step(0.0, false);
         self.lr_dev.stage(ctx.lr, 0.0);
         self.dev_state(params.flat().device())?;
-        let ((buf, decay_scale, lr_scale), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
-        let scales = StepScales { decay: decay_scale, lr: lr_scale.as_ref() };
+        let ((buf, scales), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let gate = SgdGate { rec, max_norm, t, lr: &self.lr_dev };
         let (p, p16) = params.flat_and_half_mut()?;
         dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, Some(gate), p16)?;
@@ -157,7 +157,7 @@ impl Optimizer for Sgd {
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         let buf = match &self.dev {
-            Some((b, _, _)) => b.to_vec::<f32>()?,
+            Some((b, _)) => b.to_vec::<f32>()?,
             None => self.buf.clone(),
         };
         Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.steps()? > 0 })))

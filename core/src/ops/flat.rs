@@ -264,7 +264,7 @@ pub struct StepScales<'a> {
     pub lr: Option<&'a Tensor>,
 }
 
-/// Per-element multipliers (decay, learning rate) as the device's AdamW reads them: runs of
+/// Per-element multipliers (decay, learning rate) as the device's AdamW and SGD read them: runs of
 /// equal multipliers (a parameter's elements share theirs, so GPT-124M's 124 M elements are
 /// about a hundred runs) cut into chunks of at most [`SEG_CHUNK`] elements, each chunk one
 /// block's work with its multipliers in registers. A step then reads no per-element array
@@ -433,7 +433,7 @@ pub fn sgd_cuda(
     p: &mut Tensor,
     g: &Tensor,
     buf: &mut Tensor,
-    scales: StepScales,
+    scales: &DeviceScales,
     s: SgdStep,
     gate: Option<SgdGate>,
     p16: Option<&mut Tensor>,
@@ -441,7 +441,7 @@ pub fn sgd_cuda(
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.t.inner, &x.lr.inner));
-        crate::kernels::cuda::ops::sgd(p, g, buf, scales, s, gate, p16.map(|t| &*t))
+        crate::kernels::cuda::ops::sgd(p, g, buf, &scales.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -113,7 +113,8 @@ extern "C" __global__ void sgd_gate(float* rec, double max_norm, i64* t) {
 // the clipping factor (the host path's in-place f32 product, skipped below 1 as there), `first`
 // from the gate, the learning rate from lrs[0] (rounded to f32 as the host rounds it) — or null
 // for a step the host decided (its scalars in s).
-extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s,
+// The multipliers by chunk, as adamw_f32's.
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const i64* chunks, i64 nchunks, const float* run_scale, SgdStep s,
                                    const float* rec, const double* lrs, bf16_t* p16) {
     float coef = 1.0f, base_lr = s.lr;
     bool first = s.first;
@@ -124,18 +125,23 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const f
         first = gate[2] != 0.0f;
         base_lr = (float)lrs[0];
     }
-    GRID_STRIDE(i, n) {
-        const float gi = coef < 1.0f ? g[i] * coef : g[i];
-        float d = gi + s.weight_decay * decay_scale[i] * p[i];
-        if (s.momentum != 0.0f) {
-            const float b = first ? d : s.momentum * buf[i] + (1.0f - s.dampening) * d;
-            buf[i] = b;
-            d = s.nesterov ? d + s.momentum * b : b;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const i64 lo = chunks[3 * c], hi = chunks[3 * c + 1], run = chunks[3 * c + 2];
+        // The host's per-element products: (wd·ds)·p, lr·ls.
+        const float wd = s.weight_decay * run_scale[2 * run];
+        const float lr = base_lr * run_scale[2 * run + 1];
+        for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            const float gi = coef < 1.0f ? g[i] * coef : g[i];
+            float d = gi + wd * p[i];
+            if (s.momentum != 0.0f) {
+                const float b = first ? d : s.momentum * buf[i] + (1.0f - s.dampening) * d;
+                buf[i] = b;
+                d = s.nesterov ? d + s.momentum * b : b;
+            }
+            const float np = p[i] - lr * d;
+            p[i] = np;
+            if (p16) p16[i] = f32_to_bf16(np);
         }
-        const float lr = lr_scale ? base_lr * lr_scale[i] : base_lr;
-        const float np = p[i] - lr * d;
-        p[i] = np;
-        if (p16) p16[i] = f32_to_bf16(np);
     }
 }
 

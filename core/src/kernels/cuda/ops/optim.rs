@@ -91,7 +91,7 @@ pub fn sgd(
     p: &Tensor,
     g: &Tensor,
     buf: &Tensor,
-    scales: crate::ops::flat::StepScales,
+    scales: &ScaleTable,
     s: crate::ops::flat::SgdStep,
     gate: Option<(&StepRecord, f64, &DevCounter, &crate::tensor::cuda::HostScalars)>,
     p16: Option<&Tensor>,
@@ -113,10 +113,13 @@ pub fn sgd(
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
-    // sgd_f32(p, g, buf, const float* decay_scale, const float* lr_scale, i64 n, SgdStep s, const float* rec, const double* lrs,
+    if scales.n != n {
+        return Err(Error::shape("sgd", format!("multipliers of {} elements for {n} parameters", scales.n)));
+    }
+    // sgd_f32(p, g, buf, const i64* chunks, i64 nchunks, const float* run_scale, SgdStep s, const float* rec, const double* lrs,
     //         bf16_t* p16)
-    launch!(d, "optim", "sgd_f32", grid(n);
-        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, n as i64, s, rec, lrs_ptr, p16)
+    launch!(d, "optim", "sgd_f32", per_row(scales.nchunks);
+        ptr(p)?, ptr(g)?, ptr(buf)?, scales.chunks.ptr, scales.nchunks as i64, scales.runs.ptr, s, rec, lrs_ptr, p16)
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu).
