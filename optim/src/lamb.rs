@@ -18,9 +18,7 @@ use crate::adamw::powi;
 use crate::trust::{norm, segments};
 use crate::DecayMode;
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{
-    DeviceLr, DeviceSegments, DeviceStepCount, LambGate, LambGateScalars, LambStep, Segment, StepRecord, StepScales,
-};
+use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, DeviceStepCount, LambGate, LambGateScalars, LambStep, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,8 +74,7 @@ struct DevState {
     m: Tensor,
     v: Tensor,
     r: Tensor,
-    decay_scale: Tensor,
-    lr_scale: Option<Tensor>,
+    /// The segment table with each parameter's decay and learning-rate multipliers.
     segs: DeviceSegments,
 }
 
@@ -127,9 +124,7 @@ impl Lamb {
                 m: up(&self.m)?,
                 v: up(&self.v)?,
                 r: up(&self.r)?,
-                decay_scale: up(&self.decay_scale)?,
-                lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
-                segs: DeviceSegments::new(&self.segs, like)?,
+                segs: DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), like)?,
             });
         }
         Ok(self.dev.as_mut().expect("just set"))
@@ -167,10 +162,9 @@ impl Optimizer for Lamb {
         let s = self.scalars(ctx.lr);
         if params.flat().is_cuda() {
             let d = self.dev_state(params.flat())?;
-            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s, None, p16)?;
+            dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, &d.segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -219,10 +213,9 @@ impl Optimizer for Lamb {
         let gate = LambGateScalars { max_norm, beta1: c.beta1, beta2: c.beta2, correct_bias: c.correct_bias };
         self.dev_state(params.flat())?;
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
-        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let gate = LambGate { rec, gate, t, lr: &self.lr_dev };
         let (p, p16) = params.flat_and_half_mut()?;
-        dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, scales, &d.segs, s, Some(gate), p16)?;
+        dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, &d.segs, s, Some(gate), p16)?;
         Ok(true)
     }
     fn stage_device_lr(&mut self, lr: f64) {

@@ -15,7 +15,7 @@
 
 use crate::trust::{norm, segments};
 use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, LarsGate, LarsStep, Segment, StepRecord, StepScales};
+use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, LarsGate, LarsStep, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,8 +47,7 @@ pub struct Lars {
 
 struct DevState {
     buf: Tensor,
-    decay_scale: Tensor,
-    lr_scale: Option<Tensor>,
+    /// The segment table with each parameter's decay and learning-rate multipliers.
     segs: DeviceSegments,
 }
 
@@ -86,9 +85,7 @@ impl Lars {
             let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
             self.dev = Some(DevState {
                 buf: up(&self.buf)?,
-                decay_scale: up(&self.decay_scale)?,
-                lr_scale: self.lr_scale.as_deref().map(up).transpose()?,
-                segs: DeviceSegments::new(&self.segs, like)?,
+                segs: DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), like)?,
             });
         }
         Ok(self.dev.as_mut().expect("just set"))
@@ -100,10 +97,9 @@ impl Optimizer for Lars {
         let s = self.lars_step(ctx.lr);
         if params.flat().is_cuda() {
             let d = self.dev_state(params.flat())?;
-            let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, scales, &d.segs, s, None, p16)?;
+            dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, &d.segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -148,10 +144,9 @@ impl Optimizer for Lars {
         self.lr_dev.stage(ctx.lr, 0.0);
         self.dev_state(params.flat())?;
         let d = self.dev.as_mut().expect("just set");
-        let scales = StepScales { decay: &d.decay_scale, lr: d.lr_scale.as_ref() };
         let gate = LarsGate { rec, max_norm, lr: &self.lr_dev };
         let (p, p16) = params.flat_and_half_mut()?;
-        dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, scales, &d.segs, s, Some(gate), p16)?;
+        dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, &d.segs, s, Some(gate), p16)?;
         Ok(true)
     }
     fn stage_device_lr(&mut self, lr: f64) {

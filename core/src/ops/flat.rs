@@ -255,15 +255,6 @@ pub struct SgdStep {
     pub first: bool,
 }
 
-/// Per-element multipliers of a fused optimizer step, in the flat layout of the parameters.
-#[derive(Clone, Copy)]
-pub struct StepScales<'a> {
-    /// Multiplies the decay (0 exempts an element).
-    pub decay: &'a Tensor,
-    /// Multiplies the learning rate; `None` = 1 everywhere (nothing is read).
-    pub lr: Option<&'a Tensor>,
-}
-
 /// Per-element multipliers (decay, learning rate) as the device's AdamW and SGD read them: runs of
 /// equal multipliers (a parameter's elements share theirs, so GPT-124M's 124 M elements are
 /// about a hundred runs) cut into chunks of at most [`SEG_CHUNK`] elements, each chunk one
@@ -537,6 +528,38 @@ pub struct DeviceSegments {
 impl DeviceSegments {
     /// The chunk table of `segs` (in buffer order) on the device of `like`.
     pub fn new(segs: &[Segment], like: &Tensor) -> Result<DeviceSegments> {
+        DeviceSegments::build(segs, None, like)
+    }
+
+    /// [`DeviceSegments::new`] with each segment's decay and learning-rate multipliers (from
+    /// the per-element `decay` and `lr`, `None` = 1, the same for all of a segment's elements):
+    /// what LAMB's and LARS's kernels read, two floats per segment instead of an array per
+    /// element (GPT-124M: 0.5 GB each).
+    pub fn with_scales(segs: &[Segment], decay: &[f32], lr: Option<&[f32]>, like: &Tensor) -> Result<DeviceSegments> {
+        let mut scales = Vec::with_capacity(2 * segs.len());
+        for seg in segs {
+            let range = seg.offset..seg.offset + seg.len;
+            let ls = lr.map(|l| l.get(range.clone()));
+            let (Some(ds), Some(ls)) = (decay.get(range.clone()), ls.map_or(Some(None), |l| l.map(Some))) else {
+                return Err(crate::error::Error::Msg(format!(
+                    "multipliers of {} elements for a segment ending at {}",
+                    decay.len(),
+                    range.end
+                )));
+            };
+            let d0 = ds.first().copied().unwrap_or(0.0);
+            let l0 = ls.and_then(|l| l.first().copied()).unwrap_or(1.0);
+            let uniform =
+                ds.iter().all(|x| x.to_bits() == d0.to_bits()) && ls.is_none_or(|l| l.iter().all(|x| x.to_bits() == l0.to_bits()));
+            if !uniform {
+                return Err(crate::error::Error::Msg(format!("multipliers that differ within the segment at {}", seg.offset)));
+            }
+            scales.extend([d0, l0]);
+        }
+        DeviceSegments::build(segs, Some(&scales), like)
+    }
+
+    fn build(segs: &[Segment], scales: Option<&[f32]>, like: &Tensor) -> Result<DeviceSegments> {
         let mut chunks: Vec<i64> = vec![];
         let mut first: Vec<i64> = vec![];
         for (s, seg) in segs.iter().enumerate() {
@@ -553,11 +576,11 @@ impl DeviceSegments {
         chunks.extend(first);
         #[cfg(feature = "cuda")]
         {
-            Ok(DeviceSegments { table: crate::kernels::cuda::ops::upload_table(like, &chunks, nchunks, segs.len())? })
+            Ok(DeviceSegments { table: crate::kernels::cuda::ops::upload_table(like, &chunks, nchunks, segs.len(), scales)? })
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (like, chunks);
+            let _ = (like, chunks, scales);
             Err(no_cuda())
         }
     }
@@ -627,7 +650,8 @@ pub fn segment_sums(a: &Tensor, b: &Tensor, segs: &[Segment], dev: Option<&Devic
 /// the direction, whose norm sets the trust ratio before any parameter moves). With `gate`,
 /// decided on the device: the non-finite check, clipping, step count and bias corrections
 /// there, bit for bit as the host's own (`s.c1`, `s.inv_sqrt_bc2`, `s.lr` and `s.indep_decay`
-/// are then not read). `p16` as [`adamw_cuda`]'s.
+/// are then not read). `segs` must carry the multipliers ([`DeviceSegments::with_scales`]).
+/// `p16` as [`adamw_cuda`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn lamb_cuda(
     p: &mut Tensor,
@@ -635,7 +659,6 @@ pub fn lamb_cuda(
     m: &mut Tensor,
     v: &mut Tensor,
     r: &mut Tensor,
-    scales: StepScales,
     segs: &DeviceSegments,
     s: LambStep,
     gate: Option<LambGate>,
@@ -644,24 +667,24 @@ pub fn lamb_cuda(
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner, &x.lr.inner));
-        crate::kernels::cuda::ops::lamb(p, g, m, v, r, scales, &segs.table, s, gate, p16.map(|t| &*t))
+        crate::kernels::cuda::ops::lamb(p, g, m, v, r, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, r, scales, segs, s, gate, p16);
+        let _ = (p, g, m, v, r, segs, s, gate, p16);
         Err(no_cuda())
     }
 }
 
 /// One fused LARS step on device buffers. With `gate`, decided on the device: the non-finite
 /// check and the clipping there, the gradient's norms taken of the clipped gradient as the
-/// host path's (`s.lr` is then not read). `p16` as [`adamw_cuda`]'s.
+/// host path's (`s.lr` is then not read). `segs` must carry the multipliers
+/// ([`DeviceSegments::with_scales`]). `p16` as [`adamw_cuda`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn lars_cuda(
     p: &mut Tensor,
     g: &Tensor,
     buf: &mut Tensor,
-    scales: StepScales,
     segs: &DeviceSegments,
     s: LarsStep,
     gate: Option<LarsGate>,
@@ -670,11 +693,11 @@ pub fn lars_cuda(
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.lr.inner));
-        crate::kernels::cuda::ops::lars(p, g, buf, scales, &segs.table, s, gate, p16.map(|t| &*t))
+        crate::kernels::cuda::ops::lars(p, g, buf, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, scales, segs, s, gate, p16);
+        let _ = (p, g, buf, segs, s, gate, p16);
         Err(no_cuda())
     }
 }
@@ -682,6 +705,18 @@ pub fn lars_cuda(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_multipliers_must_be_one_per_segment() {
+        let like = Tensor::from_vec(vec![0.0f32; 5], &[5]).unwrap();
+        let segs = [Segment { offset: 0, len: 3, matrix: true }, Segment { offset: 3, len: 2, matrix: false }];
+        let e = DeviceSegments::with_scales(&segs, &[1.0, 1.0, 0.5, 0.0, 0.0], None, &like).err().unwrap().to_string();
+        assert!(e.contains("differ within the segment at 0"), "{e}");
+        let e = DeviceSegments::with_scales(&segs, &[1.0; 5], Some(&[1.0, 1.0, 1.0, 2.0, 1.0]), &like).err().unwrap().to_string();
+        assert!(e.contains("differ within the segment at 3"), "{e}");
+        let e = DeviceSegments::with_scales(&segs, &[1.0; 4], None, &like).err().unwrap().to_string();
+        assert!(e.contains("multipliers of 4 elements"), "{e}");
+    }
 
     #[test]
     fn scale_runs_cover_every_element_with_its_multipliers() {

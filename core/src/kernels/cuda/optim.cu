@@ -284,23 +284,30 @@ extern "C" __global__ void seg_probe_f32(const float* a, const float* b, const i
 // LAMB, first pass: the moments and the Adam direction with coupled decay,
 // r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias
 // correction; from lamb_gate's record on a step decided on the device).
-extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n,
-                                            LambStep s, const float* rec) {
+// seg_scale, here and below: each segment's decay (seg_scale[2s]) and learning-rate
+// (seg_scale[2s + 1]) multipliers, read once per chunk.
+extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* seg_scale,
+                                            const i64* table, i64 nchunks, LambStep s, const float* rec) {
     if (gate_closed(rec)) return;
     const float coef = gate_coef(rec);
     const float c1 = rec ? rec[4] : s.c1, inv_sqrt_bc2 = rec ? rec[5] : s.inv_sqrt_bc2;
-    GRID_STRIDE(i, n) {
-        float mi, vi;
-        adam_moments(m, v, clipped(g, i, coef), s.beta1, s.beta2, i, &mi, &vi);
-        r[i] = mi * c1 / (sqrtf(vi) * inv_sqrt_bc2 + s.eps) + s.weight_decay * decay_scale[i] * p[i];
+    const Chunk* chunks = (const Chunk*)table;
+    for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const Chunk ch = chunks[c];
+        const float wd = s.weight_decay * seg_scale[2 * ch.seg];  // the host's (wd·ds)·p
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
+            float mi, vi;
+            adam_moments(m, v, clipped(g, i, coef), s.beta1, s.beta2, i, &mi, &vi);
+            r[i] = mi * c1 / (sqrtf(vi) * inv_sqrt_bc2 + s.eps) + wd * p[i];
+        }
     }
 }
 
 // LAMB, second pass: p ← p·(1 − indep_decay·decay_scale) − lr·trust·r with
 // trust = min(‖p‖, clamp) / (‖r‖ + ε), 1 when a norm is 0 (indep_decay is 0 unless the decay is
 // independent). With rec, lr and indep_decay come from lrs (the f32 values the host would pass).
-extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table,
-                                          i64 nchunks, const float* norms, LambStep s, const float* rec, const double* lrs, bf16_t* p16) {
+extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float* seg_scale, const i64* table, i64 nchunks,
+                                          const float* norms, LambStep s, const float* rec, const double* lrs, bf16_t* p16) {
     if (gate_closed(rec)) return;
     if (rec) {
         s.lr = (float)lrs[0];
@@ -311,9 +318,9 @@ extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float*
         const Chunk ch = chunks[c];
         const float wn = fminf(norms[2 * ch.seg], s.clamp), rn = norms[2 * ch.seg + 1];
         const float trust = (wn == 0.0f || rn == 0.0f) ? 1.0f : wn / (rn + s.eps);
+        const float keep = 1.0f - s.indep_decay * seg_scale[2 * ch.seg], lr = s.lr * seg_scale[2 * ch.seg + 1];
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
-            const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
-            const float np = p[i] * (1.0f - s.indep_decay * decay_scale[i]) - lr * trust * r[i];
+            const float np = p[i] * keep - lr * trust * r[i];
             p[i] = np;
             if (p16) p16[i] = f32_to_bf16(np);
         }
@@ -324,9 +331,8 @@ extern "C" __global__ void lamb_apply_f32(float* p, const float* r, const float*
 // trust = tc·‖p‖ / (‖g‖ + λ‖p‖) (1 when ‖p‖ or the denominator is 0); vectors plain d = g.
 // Then momentum (buffer starts at zero) and p ← p − lr·d. With rec (lars_gate's), the gradient
 // is clipped and the learning rate comes from lrs[0].
-extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale,
-                                          const i64* table, i64 nchunks, const float* norms, LarsStep s, const float* rec, const double* lrs,
-                                          bf16_t* p16) {
+extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, const float* seg_scale, const i64* table, i64 nchunks,
+                                          const float* norms, LarsStep s, const float* rec, const double* lrs, bf16_t* p16) {
     if (gate_closed(rec)) return;
     const float coef = gate_coef(rec);
     if (rec) s.lr = (float)lrs[0];
@@ -334,10 +340,10 @@ extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, 
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         const Chunk ch = chunks[c];
         const float pn = norms[2 * ch.seg], gn = norms[2 * ch.seg + 1];
+        const float wd = s.weight_decay * seg_scale[2 * ch.seg], lr = s.lr * seg_scale[2 * ch.seg + 1];
         for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             float d = clipped(g, i, coef);
             if (ch.matrix) {
-                const float wd = s.weight_decay * decay_scale[i];
                 const float den = gn + wd * pn;
                 const float trust = (pn > 0.0f && den > 0.0f) ? s.trust_coefficient * pn / den : 1.0f;
                 d = (d + wd * p[i]) * trust;
@@ -347,7 +353,6 @@ extern "C" __global__ void lars_apply_f32(float* p, const float* g, float* buf, 
                 buf[i] = b;
                 d = s.nesterov ? d + s.momentum * b : b;
             }
-            const float lr = lr_scale ? s.lr * lr_scale[i] : s.lr;
             const float np = p[i] - lr * d;
             p[i] = np;
             if (p16) p16[i] = f32_to_bf16(np);

@@ -158,16 +158,26 @@ unsafe impl DeviceRepr for crate::ops::flat::LambStep {}
 
 unsafe impl DeviceRepr for crate::ops::flat::LarsStep {}
 
-/// A chunk table on the device (see `seg_sumsq_f32` in optim.cu).
+/// A chunk table on the device (see `seg_sumsq_f32` in optim.cu), with the segments' (decay,
+/// learning-rate) multipliers when an optimizer's update reads them.
 pub struct DevTable {
     pub(crate) buf: DevBuf,
     pub(crate) nchunks: usize,
     pub(crate) nseg: usize,
+    scales: Option<DevBuf>,
 }
 
-/// Uploads `table` (4 i64 per chunk, then nseg + 1 first-chunk offsets) next to `like`.
-pub fn upload_table(like: &Tensor, table: &[i64], nchunks: usize, nseg: usize) -> Result<DevTable> {
-    Ok(DevTable { buf: dev_of(like)?.upload(table)?, nchunks, nseg })
+impl DevTable {
+    fn scales(&self, op: &'static str) -> Result<u64> {
+        self.scales.as_ref().map(|b| b.ptr).ok_or_else(|| Error::Msg(format!("{op}: a segment table without multipliers")))
+    }
+}
+
+/// Uploads `table` (4 i64 per chunk, then nseg + 1 first-chunk offsets) and the segments'
+/// multipliers (2 f32 a segment) next to `like`.
+pub fn upload_table(like: &Tensor, table: &[i64], nchunks: usize, nseg: usize, scales: Option<&[f32]>) -> Result<DevTable> {
+    let d = dev_of(like)?;
+    Ok(DevTable { buf: d.upload(table)?, nchunks, nseg, scales: scales.map(|s| d.upload(s)).transpose()? })
 }
 
 /// `[nseg, 2]` device tensor of (‖x‖, ‖y‖) per segment: one reduction launch, one finishing
@@ -210,7 +220,6 @@ pub fn lamb(
     m: &Tensor,
     v: &Tensor,
     r: &Tensor,
-    scales: crate::ops::flat::StepScales,
     t: &DevTable,
     s: crate::ops::flat::LambStep,
     gate: Option<LambGateArgs>,
@@ -232,14 +241,16 @@ pub fn lamb(
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
-    // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* decay_scale, i64 n, LambStep s,
-    //                  const float* rec)
-    launch!(d, "optim", "lamb_moments_f32", grid(n); ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, ptr(scales.decay)?, n as i64, s, rec)?;
+    let scales = t.scales("lamb")?;
+    // lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* seg_scale, const i64* table,
+    //                  i64 nchunks, LambStep s, const float* rec)
+    launch!(d, "optim", "lamb_moments_f32", per_row(t.nchunks);
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, ptr(r)?, scales, t.buf.ptr, t.nchunks as i64, s, rec)?;
     let norms = segment_norms(p, r, t, 0)?;
-    // lamb_apply_f32(float* p, const float* r, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks,
-    //                const float* norms, LambStep s, const float* rec, const double* lrs, bf16_t* p16)
+    // lamb_apply_f32(float* p, const float* r, const float* seg_scale, const i64* table, i64 nchunks, const float* norms,
+    //                LambStep s, const float* rec, const double* lrs, bf16_t* p16)
     launch!(d, "optim", "lamb_apply_f32", per_row(t.nchunks);
-        ptr(p)?, ptr(r)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
+        ptr(p)?, ptr(r)?, scales, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
 }
 
 /// Fused LARS over flat buffers: the per-parameter norms of `p` and `g`, then the update; with
@@ -250,7 +261,6 @@ pub fn lars(
     p: &Tensor,
     g: &Tensor,
     buf: &Tensor,
-    scales: crate::ops::flat::StepScales,
     t: &DevTable,
     s: crate::ops::flat::LarsStep,
     gate: Option<(&StepRecord, f64, &crate::tensor::cuda::HostScalars)>,
@@ -269,9 +279,10 @@ pub fn lars(
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
+    let scales = t.scales("lars")?;
     let norms = segment_norms(p, g, t, rec)?;
-    // lars_apply_f32(float* p, const float* g, float* buf, const float* decay_scale, const float* lr_scale, const i64* table, i64 nchunks,
-    //                const float* norms, LarsStep s, const float* rec, const double* lrs, bf16_t* p16)
+    // lars_apply_f32(float* p, const float* g, float* buf, const float* seg_scale, const i64* table, i64 nchunks, const float* norms,
+    //                LarsStep s, const float* rec, const double* lrs, bf16_t* p16)
     launch!(d, "optim", "lars_apply_f32", per_row(t.nchunks);
-        ptr(p)?, ptr(g)?, ptr(buf)?, ptr(scales.decay)?, ptr_or_null(scales.lr)?, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
+        ptr(p)?, ptr(g)?, ptr(buf)?, scales, t.buf.ptr, t.nchunks as i64, ptr(&norms)?, s, rec, lrs_ptr, p16)
 }
