@@ -63,8 +63,8 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double*
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
 
-// The decay and learning-rate multipliers by chunk: block-sized chunk c covers elements
-// [chunks[3c], chunks[3c + 1]) of run chunks[3c + 2], whose multipliers are run_scale[2r]
+// The decay and learning-rate multipliers by chunk, a block's work at a time: chunk c covers
+// elements [chunks[3c], chunks[3c + 1]) of run chunks[3c + 2], whose multipliers are run_scale[2r]
 // (decay) and run_scale[2r + 1] (learning rate) — read once per chunk, not per element (see
 // dptrain_core::ops::flat::DeviceScales). rec: the step's record after adamw_gate — nothing
 // when its gate is closed, the gradient times the clipping factor (as the host path's in-place
