@@ -1,5 +1,5 @@
 //! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
-//! fused AdamW and SGD (their multipliers by runs of chunks), LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
+//! fused AdamW and SGD (their multipliers read per parameter chunk), LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
 //! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
 //! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
@@ -68,17 +68,17 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     }
     // LAMB and LARS: a 100×100 matrix spans two chunks of the segmented norm (8192 elements
     // each), so the per-tensor norms combine partials across blocks; the vector takes LARS's
-    // unadapted path. AdamW and SGD: the matrix's multipliers are a run of two chunks, the
-    // vector's another run.
+    // unadapted path. AdamW and SGD read each chunk's multipliers from the same table: the
+    // matrix's in two chunks, the vector's in a third.
     let makers: [(&str, Make); 6] = [
-        ("sgd, runs of chunks", |ps, s| {
+        ("sgd, two-chunk matrix", |ps, s| {
             let c = SgdConfig { momentum: 0.9, weight_decay: 0.01, ..Default::default() };
             Box::new(Sgd::with_scales(c, ps, s).unwrap())
         }),
-        ("adamw coupled, runs of chunks", |ps, s| {
+        ("adamw coupled, two-chunk matrix", |ps, s| {
             Box::new(AdamW::with_scales(AdamWConfig { weight_decay: 0.1, ..Default::default() }, ps, s).unwrap())
         }),
-        ("adamw independent, runs of chunks", |ps, s| {
+        ("adamw independent, two-chunk matrix", |ps, s| {
             let c = AdamWConfig { weight_decay: 0.1, decay_mode: DecayMode::Independent, peak_lr: 0.05, ..Default::default() };
             Box::new(AdamW::with_scales(c, ps, s).unwrap())
         }),

@@ -9,7 +9,7 @@
 //! learning rate. The update is a single fused pass over the flat buffers.
 
 use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceScales, DeviceStepCount, StepRecord};
+use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceSegments, DeviceStepCount, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
 
@@ -55,6 +55,9 @@ pub struct AdamW {
     decay_scale: Vec<f32>,
     /// Per-element learning-rate multiplier; `None` when all are 1.
     lr_scale: Option<Vec<f32>>,
+    /// The parameters' places in the flat buffer (the device reads the multipliers per
+    /// parameter).
+    segs: Vec<Segment>,
     t: u64,
     /// The buffers on the parameters' GPU once a step ran there; the host moments are then
     /// stale until `state` copies these back.
@@ -69,8 +72,9 @@ pub struct AdamW {
 struct DevState {
     m: Tensor,
     v: Tensor,
-    /// `decay_scale` and `lr_scale` as runs of equal values (what the kernel reads).
-    scales: DeviceScales,
+    /// The parameters' segments with their decay and learning-rate multipliers (what the
+    /// kernel reads).
+    segs: DeviceSegments,
 }
 
 impl AdamW {
@@ -92,6 +96,7 @@ impl AdamW {
             v: vec![0.0; n],
             decay_scale,
             lr_scale: scales.lr_elems(params),
+            segs: crate::trust::segments(params),
             t: 0,
             dev: None,
             t_dev: None,
@@ -120,8 +125,8 @@ impl AdamW {
         if self.dev.is_none() {
             let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
             let (m, v) = (up(&self.m)?, up(&self.v)?);
-            let scales = DeviceScales::new(&self.decay_scale, self.lr_scale.as_deref(), &m)?;
-            self.dev = Some(DevState { m, v, scales });
+            let segs = DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), &m)?;
+            self.dev = Some(DevState { m, v, segs });
         }
         Ok(self.dev.as_mut().expect("just set"))
     }
@@ -171,7 +176,7 @@ impl Optimizer for AdamW {
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.scales, s, None, p16)?;
+            dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -230,7 +235,7 @@ impl Optimizer for AdamW {
         let (p, p16) = params.flat_and_half_mut()?;
         self.lr_dev.stage(ctx.lr, decay);
         let gate = Some(DeviceGate { rec, gate, t, lr: &self.lr_dev });
-        dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.scales, s, gate, p16)?;
+        dptrain_core::ops::flat::adamw_cuda(p, grads.flat(), &mut d.m, &mut d.v, &d.segs, s, gate, p16)?;
         Ok(true)
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {

@@ -7,7 +7,7 @@
 //! image recipes (SGD with momentum) get what AdamW has.
 
 use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
-use dptrain_core::ops::flat::{DeviceLr, DeviceScales, DeviceStepCount, SgdGate, SgdStep, StepRecord};
+use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, DeviceStepCount, Segment, SgdGate, SgdStep, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,9 +38,12 @@ pub struct Sgd {
     t_dev: Option<DeviceStepCount>,
     /// The learning rate as the device step reads it.
     lr_dev: DeviceLr,
-    /// (momentum buffer, the decay and lr multipliers as runs) on the parameters' GPU once a
+    /// The parameters' places in the flat buffer (the device reads the multipliers per
+    /// parameter).
+    segs: Vec<Segment>,
+    /// (momentum buffer, the segments with their multipliers) on the parameters' GPU once a
     /// step ran there.
-    dev: Option<(Tensor, DeviceScales)>,
+    dev: Option<(Tensor, DeviceSegments)>,
 }
 
 impl Sgd {
@@ -56,6 +59,7 @@ impl Sgd {
             buf: vec![0.0; params.numel()],
             decay_scale: scales.expand(params, |i| scales.wd[i]),
             lr_scale: scales.lr_elems(params),
+            segs: crate::trust::segments(params),
             t: 0,
             t_dev: None,
             lr_dev: DeviceLr::default(),
@@ -72,11 +76,11 @@ impl Sgd {
     }
 
     /// The momentum buffer and multipliers on the parameters' GPU (uploaded at the first GPU step).
-    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, DeviceScales)> {
+    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, DeviceSegments)> {
         if self.dev.is_none() {
             let buf = Tensor::from_slice(&self.buf, &[self.buf.len()]).and_then(|t| t.to_device(device))?;
-            let scales = DeviceScales::new(&self.decay_scale, self.lr_scale.as_deref(), &buf)?;
-            self.dev = Some((buf, scales));
+            let segs = DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), &buf)?;
+            self.dev = Some((buf, segs));
         }
         Ok(self.dev.as_mut().expect("just set"))
     }
@@ -108,10 +112,10 @@ impl Optimizer for Sgd {
         }
         if params.flat().is_cuda() {
             let s = self.sgd_step(ctx.lr, first);
-            let (buf, scales) = self.dev_state(params.flat().device())?;
+            let (buf, segs) = self.dev_state(params.flat().device())?;
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
-            dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, None, p16)?;
+            dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, segs, s, None, p16)?;
             return Ok(());
         }
         let g = grads.flat().data::<f32>()?;
@@ -146,10 +150,10 @@ impl Optimizer for Sgd {
         let s = self.sgd_step(0.0, false);
         self.lr_dev.stage(ctx.lr, 0.0);
         self.dev_state(params.flat().device())?;
-        let ((buf, scales), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
+        let ((buf, segs), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let gate = SgdGate { rec, max_norm, t, lr: &self.lr_dev };
         let (p, p16) = params.flat_and_half_mut()?;
-        dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, scales, s, Some(gate), p16)?;
+        dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, segs, s, Some(gate), p16)?;
         Ok(true)
     }
     fn stage_device_lr(&mut self, lr: f64) {

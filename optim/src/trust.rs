@@ -2,7 +2,8 @@
 //! buffer, and its norm on the host. A trust ratio is a per-tensor quantity, so these
 //! optimizers cannot be one element-wise pass like AdamW: they need one norm per parameter
 //! first. On a GPU that is one segmented reduction over the whole buffer
-//! (`dptrain_core::ops::flat::DeviceSegments`), not a loop of launches.
+//! (`dptrain_core::ops::flat::DeviceSegments`), not a loop of launches. AdamW and SGD walk the
+//! same segments on a GPU for their per-parameter decay and learning-rate multipliers.
 
 use dptrain_core::ops::flat::Segment;
 use dptrain_core::ParamStore;

@@ -255,80 +255,20 @@ pub struct SgdStep {
     pub first: bool,
 }
 
-/// Per-element multipliers (decay, learning rate) as the device's AdamW and SGD read them: runs of
-/// equal multipliers (a parameter's elements share theirs, so GPT-124M's 124 M elements are
-/// about a hundred runs) cut into chunks of at most [`SEG_CHUNK`] elements, each chunk one
-/// block's work with its multipliers in registers. A step then reads no per-element array
-/// (the f32 decay multipliers were 0.5 GB of GPT-124M's AdamW traffic, the μP learning-rate
-/// ones as much again), with the same products as the per-element form.
-pub struct DeviceScales {
-    #[cfg(feature = "cuda")]
-    pub(crate) table: crate::kernels::cuda::ops::ScaleTable,
-}
-
-impl DeviceScales {
-    /// The runs of `decay` and `lr` (per element; `None` = 1 everywhere, equal lengths) on
-    /// the device of `like`.
-    pub fn new(decay: &[f32], lr: Option<&[f32]>, like: &Tensor) -> Result<DeviceScales> {
-        if lr.is_some_and(|l| l.len() != decay.len()) {
-            return Err(crate::error::Error::Msg(format!(
-                "{} decay and {:?} learning-rate multipliers",
-                decay.len(),
-                lr.map(<[f32]>::len)
-            )));
-        }
-        let (chunks, scales) = scale_runs(decay, lr);
-        #[cfg(feature = "cuda")]
-        {
-            Ok(DeviceScales { table: crate::kernels::cuda::ops::upload_scales(like, &chunks, &scales)? })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (like, chunks, scales);
-            Err(no_cuda())
-        }
-    }
-}
-
-/// `(chunks, scales)` of [`DeviceScales`]: 3 i64 per chunk — its first element, its end and
-/// its run — and 2 f32 per run, the decay and learning-rate multipliers (bit patterns compared,
-/// so a run is exactly equal values).
-fn scale_runs(decay: &[f32], lr: Option<&[f32]>) -> (Vec<i64>, Vec<f32>) {
-    let at = |i: usize| (decay[i], lr.map_or(1.0, |l| l[i]));
-    let (mut chunks, mut scales) = (vec![], vec![]);
-    let mut start = 0;
-    while start < decay.len() {
-        let (d, l) = at(start);
-        let mut end = start + 1;
-        while end < decay.len() && at(end).0.to_bits() == d.to_bits() && at(end).1.to_bits() == l.to_bits() {
-            end += 1;
-        }
-        let run = (scales.len() / 2) as i64;
-        scales.extend([d, l]);
-        let mut c = start;
-        while c < end {
-            let e = (c + SEG_CHUNK).min(end);
-            chunks.extend([c as i64, e as i64, run]);
-            c = e;
-        }
-        start = end;
-    }
-    (chunks, scales)
-}
-
 /// One fused AdamW step on device buffers (the arithmetic of dptrain-optim's CPU loop); `p16`,
 /// the parameters' bf16 copy (`ParamStore::flat_and_half_mut`), is written in the same pass.
 /// With `gate` the step is decided on the GPU from the step's record: skipped when the gradient
 /// norm is not finite, else the gradient clipped to `gate.max_norm`, `t` counted and the bias
 /// corrections computed there, bit for bit as the host's own check, clipping and scalars
-/// (`s.step_size` and `s.inv_sqrt_bc2` are then not read).
+/// (`s.step_size` and `s.inv_sqrt_bc2` are then not read). `segs`: the parameters' segments
+/// with their multipliers ([`DeviceSegments::with_scales`]).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_cuda(
     p: &mut Tensor,
     g: &Tensor,
     m: &mut Tensor,
     v: &mut Tensor,
-    scales: &DeviceScales,
+    segs: &DeviceSegments,
     s: AdamWStep,
     gate: Option<DeviceGate>,
     p16: Option<&mut Tensor>,
@@ -336,11 +276,11 @@ pub fn adamw_cuda(
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.gate, &x.t.inner, &x.lr.inner));
-        crate::kernels::cuda::ops::adamw(p, g, m, v, &scales.table, s, gate, p16.map(|t| &*t))
+        crate::kernels::cuda::ops::adamw(p, g, m, v, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, m, v, scales, s, gate, p16);
+        let _ = (p, g, m, v, segs, s, gate, p16);
         Err(no_cuda())
     }
 }
@@ -419,12 +359,13 @@ pub struct SgdGate<'a> {
 
 /// One fused SGD step on device buffers (the arithmetic of dptrain-optim's CPU loop). With
 /// `gate`, decided on the device: the non-finite check, the clipping and `first` there, bit for
-/// bit as the host's own (`s.lr` and `s.first` are then not read). `p16` as [`adamw_cuda`]'s.
+/// bit as the host's own (`s.lr` and `s.first` are then not read). `segs` must carry the
+/// multipliers ([`DeviceSegments::with_scales`]). `p16` as [`adamw_cuda`]'s.
 pub fn sgd_cuda(
     p: &mut Tensor,
     g: &Tensor,
     buf: &mut Tensor,
-    scales: &DeviceScales,
+    segs: &DeviceSegments,
     s: SgdStep,
     gate: Option<SgdGate>,
     p16: Option<&mut Tensor>,
@@ -432,11 +373,11 @@ pub fn sgd_cuda(
     #[cfg(feature = "cuda")]
     {
         let gate = gate.map(|x| (&x.rec.inner, x.max_norm, &x.t.inner, &x.lr.inner));
-        crate::kernels::cuda::ops::sgd(p, g, buf, &scales.table, s, gate, p16.map(|t| &*t))
+        crate::kernels::cuda::ops::sgd(p, g, buf, &segs.table, s, gate, p16.map(|t| &*t))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, g, buf, scales, s, gate, p16);
+        let _ = (p, g, buf, segs, s, gate, p16);
         Err(no_cuda())
     }
 }
@@ -533,8 +474,9 @@ impl DeviceSegments {
 
     /// [`DeviceSegments::new`] with each segment's decay and learning-rate multipliers (from
     /// the per-element `decay` and `lr`, `None` = 1, the same for all of a segment's elements):
-    /// what LAMB's and LARS's kernels read, two floats per segment instead of an array per
-    /// element (GPT-124M: 0.5 GB each).
+    /// what the optimizers' update kernels (AdamW, SGD, LAMB, LARS) read, two floats per
+    /// segment, once per chunk, instead of an array per element (GPT-124M: 0.5 GB each, read
+    /// on every step).
     pub fn with_scales(segs: &[Segment], decay: &[f32], lr: Option<&[f32]>, like: &Tensor) -> Result<DeviceSegments> {
         let mut scales = Vec::with_capacity(2 * segs.len());
         for seg in segs {
@@ -716,28 +658,6 @@ mod tests {
         assert!(e.contains("differ within the segment at 3"), "{e}");
         let e = DeviceSegments::with_scales(&segs, &[1.0; 4], None, &like).err().unwrap().to_string();
         assert!(e.contains("multipliers of 4 elements"), "{e}");
-    }
-
-    #[test]
-    fn scale_runs_cover_every_element_with_its_multipliers() {
-        // Three parameters: decay 1 (a run two chunks and a bit long), decay 0, decay 1 again
-        // with a learning-rate multiplier of its own; -0.0 is not 0.0 (bit patterns compared).
-        let n0 = 2 * SEG_CHUNK + 5;
-        let mut decay = vec![1.0f32; n0];
-        decay.extend([0.0, 0.0, -0.0]);
-        decay.extend([1.0f32; 4]);
-        let mut lr = vec![1.0f32; n0 + 3];
-        lr.extend([0.5f32; 4]);
-        let (chunks, scales) = scale_runs(&decay, Some(&lr));
-        assert_eq!(scales, vec![1.0, 1.0, 0.0, 1.0, -0.0, 1.0, 1.0, 0.5]);
-        let c: Vec<[i64; 3]> = chunks.chunks(3).map(|c| [c[0], c[1], c[2]]).collect();
-        let n0 = n0 as i64;
-        let k = SEG_CHUNK as i64;
-        assert_eq!(c, vec![[0, k, 0], [k, 2 * k, 0], [2 * k, n0, 0], [n0, n0 + 2, 1], [n0 + 2, n0 + 3, 2], [n0 + 3, n0 + 7, 3]]);
-        // Without learning-rate multipliers every run's is 1; nothing for no elements.
-        let (chunks, scales) = scale_runs(&[0.5, 0.5], None);
-        assert_eq!((chunks, scales), (vec![0, 2, 0], vec![0.5, 1.0]));
-        assert_eq!(scale_runs(&[], None), (vec![], vec![]));
     }
 
     #[test]

@@ -6,6 +6,12 @@
 // GEMMs read), or null.
 struct AdamWStep { float beta1, beta2, eps, step_size, inv_sqrt_bc2, decay; };
 struct SgdStep { float lr, weight_decay, momentum, dampening; bool nesterov, first; };
+// A chunk of a segment table (dptrain_core::ops::flat::DeviceSegments): elements [start, end)
+// of segment (parameter) seg, at most 8192, a block's work at a time; matrix: the parameter has
+// more than one dimension. seg_scale, in the updates below: each segment's decay
+// (seg_scale[2 * seg]) and learning-rate (seg_scale[2 * seg + 1]) multipliers, read once per
+// chunk rather than per element.
+struct Chunk { i64 start, end, seg, matrix; };
 
 // Adam's moment updates of element i (AdamW and LAMB): m, v updated in place and returned.
 __device__ __forceinline__ void adam_moments(float* m, float* v, float gi, float beta1, float beta2, i64 i, float* mi, float* vi) {
@@ -63,15 +69,12 @@ extern "C" __global__ void adamw_gate(float* rec, double max_norm, const double*
     gate[3] = (float)(1.0 / sqrt(bc2));
 }
 
-// The decay and learning-rate multipliers by chunk, a block's work at a time: chunk c covers
-// elements [chunks[3c], chunks[3c + 1]) of run chunks[3c + 2], whose multipliers are run_scale[2r]
-// (decay) and run_scale[2r + 1] (learning rate) — read once per chunk, not per element (see
-// dptrain_core::ops::flat::DeviceScales). rec: the step's record after adamw_gate — nothing
-// when its gate is closed, the gradient times the clipping factor (as the host path's in-place
-// scaling, an f32 product; skipped below 1 as there), step size and bias correction from the
-// gate — or null for a step the host decided (its scalars in s). lrs: with rec, the gate's (the
-// decay is its second value, the f32 the host would pass in s).
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const i64* chunks, i64 nchunks, const float* run_scale,
+// rec: the step's record after adamw_gate — nothing when its gate is closed, the gradient times
+// the clipping factor (as the host path's in-place scaling, an f32 product; skipped below 1 as
+// there), step size and bias correction from the gate — or null for a step the host decided
+// (its scalars in s). lrs: with rec, the gate's (the decay is its second value, the f32 the host
+// would pass in s).
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, const float* seg_scale, const i64* table, i64 nchunks,
                                      AdamWStep s, const float* rec, bf16_t* p16, const double* lrs) {
     float coef = 1.0f, step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, decay = s.decay;
     if (rec) {
@@ -82,12 +85,13 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         step_size = gate[2];
         inv_sqrt_bc2 = gate[3];
     }
+    const Chunk* chunks = (const Chunk*)table;
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
-        const i64 lo = chunks[3 * c], hi = chunks[3 * c + 1], run = chunks[3 * c + 2];
+        const Chunk ch = chunks[c];
         // The host's per-element products: p·(1 − decay·ds), step·ls (ls = 1: step exactly).
-        const float keep = 1.0f - decay * run_scale[2 * run];
-        const float step = step_size * run_scale[2 * run + 1];
-        for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const float keep = 1.0f - decay * seg_scale[2 * ch.seg];
+        const float step = step_size * seg_scale[2 * ch.seg + 1];
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             float mi, vi;
             const float gi = coef < 1.0f ? g[i] * coef : g[i];
             adam_moments(m, v, gi, s.beta1, s.beta2, i, &mi, &vi);
@@ -113,8 +117,7 @@ extern "C" __global__ void sgd_gate(float* rec, double max_norm, i64* t) {
 // the clipping factor (the host path's in-place f32 product, skipped below 1 as there), `first`
 // from the gate, the learning rate from lrs[0] (rounded to f32 as the host rounds it) — or null
 // for a step the host decided (its scalars in s).
-// The multipliers by chunk, as adamw_f32's.
-extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const i64* chunks, i64 nchunks, const float* run_scale, SgdStep s,
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const float* seg_scale, const i64* table, i64 nchunks, SgdStep s,
                                    const float* rec, const double* lrs, bf16_t* p16) {
     float coef = 1.0f, base_lr = s.lr;
     bool first = s.first;
@@ -125,12 +128,13 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const i
         first = gate[2] != 0.0f;
         base_lr = (float)lrs[0];
     }
+    const Chunk* chunks = (const Chunk*)table;
     for (i64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
-        const i64 lo = chunks[3 * c], hi = chunks[3 * c + 1], run = chunks[3 * c + 2];
+        const Chunk ch = chunks[c];
         // The host's per-element products: (wd·ds)·p, lr·ls.
-        const float wd = s.weight_decay * run_scale[2 * run];
-        const float lr = base_lr * run_scale[2 * run + 1];
-        for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const float wd = s.weight_decay * seg_scale[2 * ch.seg];
+        const float lr = base_lr * seg_scale[2 * ch.seg + 1];
+        for (i64 i = ch.start + threadIdx.x; i < ch.end; i += blockDim.x) {
             const float gi = coef < 1.0f ? g[i] * coef : g[i];
             float d = gi + wd * p[i];
             if (s.momentum != 0.0f) {
@@ -175,7 +179,6 @@ extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float
 // nseg + 1 offsets of each parameter's first chunk); one block reduces a chunk at a time, the
 // chunk partials are summed per parameter in order, in double — one launch each, and bitwise
 // the same result on every run and every rank.
-struct Chunk { i64 start, end, seg, matrix; };
 struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp, indep_decay; };
 struct LarsStep { float lr, weight_decay, momentum, dampening, trust_coefficient; bool nesterov; };
 
@@ -284,8 +287,6 @@ extern "C" __global__ void seg_probe_f32(const float* a, const float* b, const i
 // LAMB, first pass: the moments and the Adam direction with coupled decay,
 // r = m·c1 / (√v·inv_sqrt_bc2 + ε) + λ·decay_scale·p (c1 = inv_sqrt_bc2 = 1 without bias
 // correction; from lamb_gate's record on a step decided on the device).
-// seg_scale, here and below: each segment's decay (seg_scale[2s]) and learning-rate
-// (seg_scale[2s + 1]) multipliers, read once per chunk.
 extern "C" __global__ void lamb_moments_f32(const float* p, const float* g, float* m, float* v, float* r, const float* seg_scale,
                                             const i64* table, i64 nchunks, LambStep s, const float* rec) {
     if (gate_closed(rec)) return;

@@ -35,7 +35,7 @@ pub fn adamw(
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
-    scales: &ScaleTable,
+    t: &DevTable,
     s: crate::ops::flat::AdamWStep,
     gate: Option<(&StepRecord, crate::ops::flat::AdamWGate, &DevCounter, &crate::tensor::cuda::HostScalars)>,
     p16: Option<&Tensor>,
@@ -58,30 +58,11 @@ pub fn adamw(
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
-    if scales.n != n {
-        return Err(Error::shape("adamw", format!("multipliers of {} elements for {n} parameters", scales.n)));
-    }
-    // adamw_f32(p, g, m, v, const i64* chunks, i64 nchunks, const float* run_scale, AdamWStep s, const float* rec, bf16_t* p16,
+    let scales = t.scales("adamw")?;
+    // adamw_f32(p, g, m, v, const float* seg_scale, const i64* table, i64 nchunks, AdamWStep s, const float* rec, bf16_t* p16,
     //           const double* lrs)
-    launch!(d, "optim", "adamw_f32", per_row(scales.nchunks);
-        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, scales.chunks.ptr, scales.nchunks as i64, scales.runs.ptr, s, rec, ptr_or_null(p16)?, lrs_ptr)
-}
-
-/// [`crate::ops::flat::DeviceScales`] on the device: the chunk table (3 i64 a chunk) and the
-/// runs' multipliers (2 f32 a run).
-pub struct ScaleTable {
-    chunks: DevBuf,
-    nchunks: usize,
-    runs: DevBuf,
-    /// Elements covered.
-    n: usize,
-}
-
-/// Uploads the chunk table and the runs' multipliers of `DeviceScales` next to `like`.
-pub fn upload_scales(like: &Tensor, chunks: &[i64], runs: &[f32]) -> Result<ScaleTable> {
-    let d = dev_of(like)?;
-    let n = chunks.chunks(3).last().map_or(0, |c| c[1] as usize);
-    Ok(ScaleTable { chunks: d.upload(chunks)?, nchunks: chunks.len() / 3, runs: d.upload(runs)?, n })
+    launch!(d, "optim", "adamw_f32", per_row(t.nchunks);
+        ptr(p)?, ptr(g)?, ptr(m)?, ptr(v)?, scales, t.buf.ptr, t.nchunks as i64, s, rec, ptr_or_null(p16)?, lrs_ptr)
 }
 
 /// Fused SGD (momentum, Nesterov, decay) over flat buffers; with `gate` (the record, the
@@ -91,7 +72,7 @@ pub fn sgd(
     p: &Tensor,
     g: &Tensor,
     buf: &Tensor,
-    scales: &ScaleTable,
+    t: &DevTable,
     s: crate::ops::flat::SgdStep,
     gate: Option<(&StepRecord, f64, &DevCounter, &crate::tensor::cuda::HostScalars)>,
     p16: Option<&Tensor>,
@@ -113,13 +94,11 @@ pub fn sgd(
         None => 0,
     };
     let lrs_ptr = lrs.as_ref().map_or(0, |b| b.ptr);
-    if scales.n != n {
-        return Err(Error::shape("sgd", format!("multipliers of {} elements for {n} parameters", scales.n)));
-    }
-    // sgd_f32(p, g, buf, const i64* chunks, i64 nchunks, const float* run_scale, SgdStep s, const float* rec, const double* lrs,
+    let scales = t.scales("sgd")?;
+    // sgd_f32(p, g, buf, const float* seg_scale, const i64* table, i64 nchunks, SgdStep s, const float* rec, const double* lrs,
     //         bf16_t* p16)
-    launch!(d, "optim", "sgd_f32", per_row(scales.nchunks);
-        ptr(p)?, ptr(g)?, ptr(buf)?, scales.chunks.ptr, scales.nchunks as i64, scales.runs.ptr, s, rec, lrs_ptr, p16)
+    launch!(d, "optim", "sgd_f32", per_row(t.nchunks);
+        ptr(p)?, ptr(g)?, ptr(buf)?, scales, t.buf.ptr, t.nchunks as i64, s, rec, lrs_ptr, p16)
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu).
