@@ -478,25 +478,23 @@ impl DeviceSegments {
     /// segment, once per chunk, instead of an array per element (GPT-124M: 0.5 GB each, read
     /// on every step).
     pub fn with_scales(segs: &[Segment], decay: &[f32], lr: Option<&[f32]>, like: &Tensor) -> Result<DeviceSegments> {
+        let n = segs.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+        if decay.len() != n || lr.is_some_and(|l| l.len() != n) {
+            let lr_len = lr.map(<[f32]>::len);
+            return Err(crate::error::Error::Msg(format!(
+                "multipliers of {} elements (decay; learning rate: {lr_len:?}) for {n} parameters",
+                decay.len()
+            )));
+        }
+        let same = |v: &[f32]| v.iter().all(|x| x.to_bits() == v[0].to_bits());
         let mut scales = Vec::with_capacity(2 * segs.len());
         for seg in segs {
             let range = seg.offset..seg.offset + seg.len;
-            let ls = lr.map(|l| l.get(range.clone()));
-            let (Some(ds), Some(ls)) = (decay.get(range.clone()), ls.map_or(Some(None), |l| l.map(Some))) else {
-                return Err(crate::error::Error::Msg(format!(
-                    "multipliers of {} elements for a segment ending at {}",
-                    decay.len(),
-                    range.end
-                )));
-            };
-            let d0 = ds.first().copied().unwrap_or(0.0);
-            let l0 = ls.and_then(|l| l.first().copied()).unwrap_or(1.0);
-            let uniform =
-                ds.iter().all(|x| x.to_bits() == d0.to_bits()) && ls.is_none_or(|l| l.iter().all(|x| x.to_bits() == l0.to_bits()));
-            if !uniform {
+            let (ds, ls) = (&decay[range.clone()], lr.map(|l| &l[range]));
+            if !same(ds) || ls.is_some_and(|l| !same(l)) {
                 return Err(crate::error::Error::Msg(format!("multipliers that differ within the segment at {}", seg.offset)));
             }
-            scales.extend([d0, l0]);
+            scales.extend([ds.first().copied().unwrap_or(0.0), ls.and_then(|l| l.first().copied()).unwrap_or(1.0)]);
         }
         DeviceSegments::build(segs, Some(&scales), like)
     }
