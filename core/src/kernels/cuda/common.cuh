@@ -16,31 +16,38 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+// Sum and max over a warp (all 32 lanes), every lane getting the result: a butterfly, so the
+// order of the adds is fixed.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // Sum over a block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float warp_sums[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) warp_sums[warp] = v;
     __syncthreads();
     const int nwarps = (blockDim.x + 31) >> 5;
-    float t = lane < nwarps ? warp_sums[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    return t;
+    return warp_sum(lane < nwarps ? warp_sums[lane] : 0.0f);
 }
 
 __device__ __forceinline__ float block_max(float v) {
-    __shared__ float warp_max[32];
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __shared__ float warp_maxes[32];
+    v = warp_max(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
-    if (lane == 0) warp_max[warp] = v;
+    if (lane == 0) warp_maxes[warp] = v;
     __syncthreads();
     const int nwarps = (blockDim.x + 31) >> 5;
-    float t = lane < nwarps ? warp_max[lane] : -DPT_INF;
-    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
-    return t;
+    return warp_max(lane < nwarps ? warp_maxes[lane] : -DPT_INF);
 }
 
 // Counter-based draws, bit for bit those of core/src/rng.rs (mix64, draw): dropout masks are

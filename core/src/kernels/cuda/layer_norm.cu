@@ -75,10 +75,6 @@ extern "C" __global__ void layer_norm_fwd_bf16(const float* x, const float* w, c
 // (DPTRAIN_WIDE_LOADS=0), the block-per-row kernels above. Three passes over the row (sum,
 // squared deviations, output), the second and third from L1 as the block-per-row kernel's are.
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 // y's 16 bytes: four f32, or eight rounded to bf16.
 __device__ __forceinline__ void ln_st16(float* p, const float* f) { dpt_st4(p, f); }
 __device__ __forceinline__ void ln_st16(bf16_t* p, const float* f) { dpt_st16(p, dpt_pack8(f)); }
