@@ -159,6 +159,9 @@ pub struct ParamBuilder {
     mup: Option<Mup>,
     /// Parameters the base model lacks (or has with another rank), reported by `build`.
     mup_errors: Vec<String>,
+    /// The first parameter whose size (or the running total) overflowed `usize`, reported by
+    /// `build` instead of wrapping into a wrong layout.
+    too_large: Option<String>,
 }
 
 /// Index of a non-trainable buffer.
@@ -214,9 +217,15 @@ impl ParamBuilder {
         init: Init,
         owner: Option<ParamId>,
     ) -> ParamId {
-        let numel = shape.iter().product();
         let id = ParamId(self.infos.len());
         let full = self.full_name(name);
+        let numel = match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|n| self.total.checked_add(*n).is_some()) {
+            Some(n) => n,
+            None => {
+                self.too_large.get_or_insert_with(|| format!("{full}: shape {shape:?} has more elements than this machine can address"));
+                0
+            }
+        };
         let mut info = ParamInfo {
             id,
             name: full.clone(),
@@ -251,6 +260,24 @@ impl ParamBuilder {
         self.total += numel;
         id
     }
+    /// Each parameter's initial values, drawn in f64 from its own stream and rounded once into
+    /// `out`'s type: no f64 copy of the whole model (twice an f32 model's size) on the way.
+    fn init_into<T: Elem>(&self, seed: u64, out: &mut [T]) {
+        for p in &self.infos {
+            let mut rng = Rng::stream(seed, p.id.0 as u64);
+            let dst = &mut out[p.offset..p.offset + p.numel];
+            match p.init {
+                Init::Normal { std } => dst.iter_mut().for_each(|x| *x = T::of(rng.normal() * std)),
+                Init::Uniform { bound } => dst.iter_mut().for_each(|x| *x = T::of((2.0 * rng.uniform() - 1.0) * bound)),
+                Init::Const(c) => dst.fill(T::of(c)),
+                Init::NormalZeroPrefix { std, zeros } => {
+                    dst.iter_mut().for_each(|x| *x = T::of(rng.normal() * std));
+                    let z = zeros.min(dst.len());
+                    dst[..z].fill(T::of(0.0));
+                }
+            }
+        }
+    }
     pub fn add_buffer(&mut self, name: &str, shape: &[usize], value: f64) -> BufferId {
         let n = self.full_name(name);
         self.buffers.push((n, shape.to_vec(), value));
@@ -267,22 +294,14 @@ impl ParamBuilder {
                 return Err(Error::Config { key: "mup".into(), msg: format!("base model mismatch: {extra} is not in the model") });
             }
         }
-        let mut flat = vec![0f64; self.total];
-        for p in &self.infos {
-            let mut rng = Rng::stream(seed, p.id.0 as u64);
-            let dst = &mut flat[p.offset..p.offset + p.numel];
-            match p.init {
-                Init::Normal { std } => dst.iter_mut().for_each(|x| *x = rng.normal() * std),
-                Init::Uniform { bound } => dst.iter_mut().for_each(|x| *x = (2.0 * rng.uniform() - 1.0) * bound),
-                Init::Const(c) => dst.fill(c),
-                Init::NormalZeroPrefix { std, zeros } => {
-                    dst.iter_mut().for_each(|x| *x = rng.normal() * std);
-                    let z = zeros.min(dst.len());
-                    dst[..z].fill(0.0);
-                }
-            }
+        if let Some(e) = &self.too_large {
+            return Err(Error::Config { key: "model".into(), msg: e.clone() });
         }
-        let values = Tensor::from_vec(flat, &[self.total])?.to_dtype(dtype);
+        let values = match dtype {
+            DType::F32 => Tensor::build::<f32>(&[self.total], |o| self.init_into(seed, o)),
+            DType::F64 => Tensor::build::<f64>(&[self.total], |o| self.init_into(seed, o)),
+            DType::BF16 => Tensor::build::<half::bf16>(&[self.total], |o| self.init_into(seed, o)),
+        };
         let by_name = self.infos.iter().map(|p| (p.name.clone(), p.id)).collect();
         let buffers = self.buffers.into_iter().map(|(name, shape, v)| (name, Mutex::new(Tensor::full(&shape, v, dtype)))).collect();
         Ok(ParamStore { infos: self.infos, values, by_name, buffers, dtype, half: None, want_half: AtomicBool::new(false) })

@@ -197,6 +197,41 @@ fn init_is_deterministic_per_seed() {
     assert!(std > 0.2 && std < 0.9, "std {std}");
 }
 
+/// An f32 store holds the f64 store's values rounded once (the draws are made in f64 either
+/// way; the f32 store is written directly, with no f64 copy of the model on the way).
+#[test]
+fn f32_init_is_the_f64_init_rounded() {
+    let build = |dtype| {
+        let mut b = ParamBuilder::new();
+        b.add("w", &[40, 30], Role::Hidden, 30, 40, Init::Normal { std: 0.02 });
+        b.add("u", &[17], Role::Vector, 1, 17, Init::Uniform { bound: 0.3 });
+        b.add("q", &[6, 5], Role::Hidden, 5, 6, Init::NormalZeroPrefix { std: 1.0, zeros: 7 });
+        b.add("c", &[3], Role::Vector, 1, 3, Init::Const(0.1));
+        b.build(11, dtype).unwrap()
+    };
+    let (a, b) = (build(DType::F32), build(DType::F64));
+    let rounded: Vec<u32> = b.flat().data::<f64>().unwrap().iter().map(|&x| (x as f32).to_bits()).collect();
+    let direct: Vec<u32> = a.flat().data::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+    assert_eq!(direct, rounded);
+    assert!(direct[1200 + 17..1200 + 17 + 7].iter().all(|&x| x == 0) && direct[1200 + 17 + 7] != 0);
+}
+
+/// A parameter whose element count overflows the address space is an error of `build`, not a
+/// wrapped size (the launcher refuses such models before; a library user gets this).
+#[test]
+fn a_parameter_too_large_to_address_is_an_error() {
+    let mut b = ParamBuilder::new();
+    b.add("ok", &[4], Role::Vector, 1, 4, Init::Const(0.0));
+    b.scope("l", |b| b.add("w", &[1 << 40, 1 << 40], Role::Hidden, 1 << 40, 1 << 40, Init::Const(0.0)));
+    let e = b.build(0, DType::F32).err().expect("too large").to_string();
+    assert!(e.contains("l.w: shape [1099511627776, 1099511627776] has more elements than this machine can address"), "{e}");
+    let mut b = ParamBuilder::new();
+    b.add("a", &[usize::MAX / 2 + 1], Role::Vector, 1, 1, Init::Const(0.0));
+    b.add("b", &[usize::MAX / 2 + 1], Role::Vector, 1, 1, Init::Const(0.0));
+    let e = b.build(0, DType::F32).err().expect("total too large").to_string();
+    assert!(e.contains("b: shape"), "{e}");
+}
+
 /// `Precision::Bf16` on the CPU: a GEMM op computes exactly what the f32 op computes on inputs
 /// rounded to bf16 (forward and the input/weight/bias gradients), and differs from plain f32.
 #[test]
