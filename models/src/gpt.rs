@@ -72,6 +72,21 @@ impl Default for GptConfig {
 }
 
 impl GptConfig {
+    /// How many parameters [`Gpt::new`] declares, counted from the config alone — before any
+    /// is declared, so a size no machine holds is refused before the builder loops over a
+    /// billion layers or allocates. In f64: exact below 2^53, and never overflowing above.
+    pub fn param_count(&self) -> f64 {
+        let (c, v, t, hid) =
+            (self.d_model as f64, self.vocab_size as f64, self.context as f64, (self.mlp_ratio as f64) * self.d_model as f64);
+        let b = if self.bias { 1.0 } else { 0.0 };
+        let d_head = self.d_model.checked_div(self.n_heads).unwrap_or(0) as f64;
+        let qk = if self.qk_norm { 2.0 * d_head * (1.0 + b) } else { 0.0 };
+        // Two layer norms, qkv, the attention and MLP projections, the MLP's first layer.
+        let block = 2.0 * c * (1.0 + b) + (c * 3.0 * c + b * 3.0 * c) + qk + (c * c + b * c) + (c * hid + b * hid) + (hid * c + b * c);
+        // Embeddings, blocks, final layer norm, untied readout (no bias).
+        v * c + t * c + self.n_layers as f64 * block + c * (1.0 + b) + v * c
+    }
+
     pub fn validate(&self) -> std::result::Result<(), (String, String)> {
         let pos = |k: &str, v: usize| if v == 0 { Err((format!("model.{k}"), "must be positive".to_string())) } else { Ok(()) };
         pos("vocab_size", self.vocab_size)?;

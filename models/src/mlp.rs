@@ -47,6 +47,22 @@ pub struct Mlp {
     head: Linear,
 }
 
+impl MlpConfig {
+    /// How many parameters [`Mlp::new`] declares, from the config alone (see
+    /// [`crate::GptConfig::param_count`]).
+    pub fn param_count(&self) -> f64 {
+        // A hidden layer has a bias without normalisation, a norm's gain and bias with it.
+        let per_width = if self.norm == NormKind::None { 1.0 } else { 2.0 };
+        let mut fan_in = self.input_dim as f64;
+        let mut n = 0.0;
+        for &w in &self.widths {
+            n += fan_in * w as f64 + per_width * w as f64;
+            fan_in = w as f64;
+        }
+        n + fan_in * self.classes as f64 + self.classes as f64
+    }
+}
+
 impl Mlp {
     pub fn new(cfg: MlpConfig, pb: &mut ParamBuilder) -> Result<Mlp> {
         if cfg.input_dim == 0 || cfg.classes == 0 || cfg.widths.contains(&0) {

@@ -73,6 +73,31 @@ pub struct ResNet {
     fc: Linear,
 }
 
+impl ResNetConfig {
+    /// How many parameters [`ResNet::new`] declares, from the config alone (see
+    /// [`crate::GptConfig::param_count`]).
+    pub fn param_count(&self) -> f64 {
+        // Each convolution has a bias without normalisation, a norm's gain and bias with it.
+        let per_out = if self.norm == NormKind::None { 1.0 } else { 2.0 };
+        let conv = |cin: f64, cout: f64, k: f64| cin * cout * k * k + per_out * cout;
+        let w = self.width as f64;
+        let mut n = conv(self.in_channels as f64, w, 3.0);
+        let mut cin = w;
+        for stage in 0..3 {
+            let cout = w * f64::from(1u32 << stage);
+            // A stage's first block (a 1×1 projection where it changes stride or width), then
+            // depth - 1 alike blocks, counted at once: depth may be more than any machine holds.
+            n += conv(cin, cout, 3.0) + conv(cout, cout, 3.0);
+            if stage > 0 || cin != cout {
+                n += conv(cin, cout, 1.0);
+            }
+            n += self.depth.saturating_sub(1) as f64 * 2.0 * conv(cout, cout, 3.0);
+            cin = cout;
+        }
+        n + cin * self.classes as f64 + self.classes as f64
+    }
+}
+
 impl ResNet {
     pub fn new(cfg: ResNetConfig, pb: &mut ParamBuilder) -> Result<ResNet> {
         if cfg.in_channels == 0 || cfg.width == 0 || cfg.depth == 0 || cfg.classes == 0 {
