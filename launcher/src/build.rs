@@ -49,7 +49,10 @@ fn split_tokens(t: Vec<u32>, vf: f64, context: usize, path: &Path) -> Result<(To
     Ok((TokenWindows::new(tr, context), TokenWindows::new(va, context)))
 }
 
-pub fn load_data(cfg: &RunConfig) -> Result<Data> {
+/// Loads or generates the run's data; synthetic data too large for this machine's memory,
+/// shared by `procs` processes of this node, is refused before it is generated.
+pub fn load_data(cfg: &RunConfig, procs: usize) -> Result<Data> {
+    crate::memory::check_data_fits(cfg, crate::memory::host_memory(), procs)?;
     let (d, seed) = (&cfg.data, cfg.run.seed);
     let kind = d.kind.name();
     let model_kind = cfg.model.kind.name();
@@ -176,6 +179,26 @@ impl ModelCfg {
             ModelCfg::ResNet(c) => ModelCfg::ResNet(ResNetConfig { width: w, ..c.clone() }),
         })
     }
+    /// How many parameters `build` will declare, and the keys that set it (for the error when
+    /// that is more than the machine holds).
+    fn size(&self) -> (f64, String) {
+        match self {
+            ModelCfg::Gpt(g) => (
+                g.param_count(),
+                format!(
+                    "gpt (d_model = {}, n_layers = {}, mlp_ratio = {}, vocab_size = {}, context = {})",
+                    g.d_model, g.n_layers, g.mlp_ratio, g.vocab_size, g.context
+                ),
+            ),
+            ModelCfg::Mlp(c) => {
+                (c.param_count(), format!("mlp (input_dim = {}, widths = {:?}, classes = {})", c.input_dim, c.widths, c.classes))
+            }
+            ModelCfg::ResNet(c) => (
+                c.param_count(),
+                format!("resnet (width = {}, depth = {}, in_channels = {}, classes = {})", c.width, c.depth, c.in_channels, c.classes),
+            ),
+        }
+    }
     fn build(self, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
         Ok(match self {
             ModelCfg::Gpt(g) => (toml::Table::try_from(&g)?, Box::new(Gpt::new(g, pb)?) as Box<dyn Model>),
@@ -189,7 +212,9 @@ impl ModelCfg {
 /// Builds the model from the config and the data's shape, returning it with the resolved model
 /// table (derived values filled in). Under μP the same model is first declared at
 /// `mup.base_width` (nothing allocated) for its shapes, which set what scales with width.
-pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Result<(Box<dyn Model>, toml::Table)> {
+/// A model that cannot fit in this machine's memory, shared by `procs` processes of this node,
+/// is refused before anything is declared ([`crate::memory`]).
+pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder, procs: usize) -> Result<(Box<dyn Model>, toml::Table)> {
     let m = &cfg.model;
     let mut t = toml::Table::new();
     t.insert("kind".into(), m.kind.name().into());
@@ -240,6 +265,8 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder) -> Resul
             ..Default::default()
         }),
     };
+    let (count, what) = mc.size();
+    crate::memory::check_model_fits(cfg, count, &what, crate::memory::host_memory(), procs)?;
     if cfg.mup.enabled {
         let w0 = cfg.mup.base_width.ok_or_else(|| {
             input_err!("mup.base_width: required when mup.enabled (the width at which μP equals the standard parametrization)")

@@ -116,7 +116,7 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     if matches!(first.model.kind, ModelKind::Gpt | ModelKind::Mlp) {
         fixed.push("model.dropout=0.0".into());
     }
-    let data = load_data(&first)?;
+    let data = load_data(&first, 1)?;
     let batch = data.train.batch(&(0..first.train.global_batch.min(data.train.len())).collect::<Vec<_>>());
     // samples[module][step][width index][seed]
     let mut samples: BTreeMap<String, Vec<Vec<Vec<f64>>>> = BTreeMap::new();
@@ -128,7 +128,7 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
             sets.push(format!("run.seed={}", first.run.seed + seed));
             let cfg = typed(&table, &sets)?;
             let mut pb = ParamBuilder::new();
-            let (model, _) = build_model(&cfg, &data, &mut pb)?;
+            let (model, _) = build_model(&cfg, &data, &mut pb, 1)?;
             let mut params = pb.build(cfg.run.seed, DType::F32)?;
             let mut opt = build_optimizer(&cfg, &params, 1)?;
             let mut grads = GradStore::try_new(&params)?;

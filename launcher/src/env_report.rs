@@ -1,7 +1,8 @@
 //! `dptrain env`: what a user debugging a cluster job needs to see in one place — the MPI
 //! library this binary uses (or that it was built without), the launcher variables in the
 //! environment and the world they resolve to, the CUDA driver and its devices, whether NVRTC,
-//! cuBLAS and NCCL load (with the directories searched), and the threads a rank would use.
+//! cuBLAS and NCCL load (with the directories searched), the threads a rank would use and the
+//! memory the size checks compare against (`crate::memory`).
 //! It reads the same functions the trainer does, so what it says is what a run would get.
 
 use std::fmt::Write;
@@ -45,6 +46,10 @@ pub fn report() -> String {
     cuda(w);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let _ = writeln!(w, "threads: {cores} cores available to this process; run.threads = 0 divides them by the ranks on this node");
+    let mem = crate::memory::host_memory().map_or("unknown (neither /proc/meminfo nor a cgroup limit could be read)".to_string(), |b| {
+        format!("{} (the smaller of physical memory and this cgroup's limit); a model or synthetic data that cannot fit in it, shared by the ranks on this node, is refused before it is built", crate::memory::human_bytes(b as f64))
+    });
+    let _ = writeln!(w, "memory: {mem}");
     o
 }
 

@@ -16,6 +16,7 @@ pub mod fault;
 pub mod gpu_check;
 pub mod graph_step;
 pub mod launch;
+pub mod memory;
 pub mod metrics;
 pub mod parity;
 pub mod plot;

@@ -758,6 +758,19 @@ fn bad_config_values_are_one_line_errors() {
     bad("cli", &[], &["--bogus"], "--bogus");
 }
 
+/// Sizes no machine holds: before, an aborted allocation (exit 134), a loop over 10¹¹ layers,
+/// or a wrapped size; now refused before anything is declared, generated or written.
+#[test]
+fn models_and_data_larger_than_memory_are_one_line_errors() {
+    bad("wide", &["model.d_model=100000000"], &[], "model: gpt (d_model = 100000000, n_layers = 2");
+    bad("wrapping", &["model.d_model=4294967296", "model.n_heads=1"], &[], "parameters, which need at least");
+    bad("deep", &["model.n_layers=100000000000"], &[], "n_layers = 100000000000");
+    bad("mlp", &["model.kind=\"mlp\"", "data.kind=\"synthetic-images\"", "model.widths=[100000000000]"], &[], "model: mlp (");
+    bad("resnet", &["model.kind=\"resnet\"", "data.kind=\"synthetic-images\"", "model.width=100000000"], &[], "model: resnet (");
+    bad("tokens", &["data.train_tokens=100000000000000"], &[], "data.train_tokens / data.val_tokens: 100000000040000 tokens");
+    bad("images", &["model.kind=\"mlp\"", "data.kind=\"synthetic-images\"", "data.samples=100000000000"], &[], "data.samples / ");
+}
+
 #[test]
 fn bad_data_files_are_one_line_errors() {
     let d = tmp("data");
@@ -1740,7 +1753,7 @@ fn env_reports_mpi_the_world_cuda_and_threads() {
     let o = bin().arg("env").env_remove("OMPI_COMM_WORLD_SIZE").output().unwrap();
     ok(&o);
     let out = String::from_utf8_lossy(&o.stdout);
-    for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: "] {
+    for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: ", "memory: "] {
         assert!(out.contains(want), "{want} not in:\n{out}");
     }
     let o = bin()

@@ -53,9 +53,9 @@ fn mup_init_and_learning_rates_match_pypi_mup() {
                 let mut s = sets.clone();
                 s.push(format!("optim.kind=\"{kind}\""));
                 let cfg = config(&s);
-                let data = load_data(&cfg).unwrap();
+                let data = load_data(&cfg, 1).unwrap();
                 let mut pb = ParamBuilder::new();
-                build_model(&cfg, &data, &mut pb).unwrap();
+                build_model(&cfg, &data, &mut pb, 1).unwrap();
                 let ps = pb.build(0, dptrain_core::DType::F32).unwrap();
                 let scales = mup_scales(&cfg, &ps);
                 let names: Vec<&String> = want.as_object().unwrap().keys().collect();
