@@ -517,11 +517,14 @@ fn write_summary(summary: &Summary) -> Result<()> {
     dptrain_core::checkpoint::atomic_write(&summary.run_dir.join("summary.json"), text.as_bytes())?;
     let elapsed = summary.elapsed_s;
     match (summary.final_val_loss, summary.entropy_floor) {
-        (Some(v), Some(f)) => println!(
-            "dptrain: done in {elapsed:.1} s — val loss {v:.4} vs entropy floor {f:.4}: {:.4} nats/token above the best achievable ({:.1}% of the floor)",
-            v - f,
-            100.0 * (v - f) / f
-        ),
+        (Some(v), Some(f)) => {
+            // A deterministic source's floor is 0: no percentage of it.
+            let pct = if f > 0.0 { format!(" ({:.1}% of the floor)", 100.0 * (v - f) / f) } else { String::new() };
+            println!(
+                "dptrain: done in {elapsed:.1} s — val loss {v:.4} vs entropy floor {f:.4}: {:.4} nats/token above the best achievable{pct}",
+                v - f
+            )
+        }
         (Some(v), None) => {
             let acc = summary.final_val_acc.map(|a| format!(", val acc {a:.4}")).unwrap_or_default();
             println!("dptrain: done in {elapsed:.1} s — val loss {v:.4}{acc}")

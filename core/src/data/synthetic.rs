@@ -85,7 +85,9 @@ impl MarkovSource {
                 break;
             }
         }
-        (0..n).map(|s| pi[s] * -self.probs[s].iter().map(|p| p * p.ln()).sum::<f64>()).sum()
+        let h: f64 = (0..n).map(|s| pi[s] * -self.probs[s].iter().map(|p| p * p.ln()).sum::<f64>()).sum();
+        // A deterministic source (one token, or one successor each) sums to −0: print it as 0.
+        h.abs()
     }
 }
 
@@ -131,6 +133,14 @@ mod tests {
         let emp = nll / (toks.len() - 2) as f64;
         assert!((emp - h).abs() < 0.02, "empirical {emp} vs exact {h}");
         assert_eq!(m.sample(100, 5), toks[..100]);
+    }
+
+    #[test]
+    fn a_deterministic_source_has_entropy_plus_zero() {
+        for (vocab, branching) in [(1, 1), (5, 1)] {
+            let h = MarkovSource::new(vocab, 1, branching, 1).entropy_rate();
+            assert!(h == 0.0 && h.is_sign_positive(), "vocab {vocab}, branching {branching}: {h}");
+        }
     }
 
     #[test]
