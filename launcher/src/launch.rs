@@ -6,7 +6,8 @@
 //! because each rank sizes its own thread pool), prints the exact command, prefixes each output
 //! line with its rank (`[r3] ...`, from Open MPI's `--tag-output` or MPICH's `-prepend-rank`),
 //! forwards SIGINT/SIGTERM to the job and escalates to SIGKILL of every process under it after a
-//! grace period, and exits with the first failing rank's code, saying which rank it was.
+//! grace period (and of any process still holding mpirun's output pipes once it has gone), and
+//! exits with the first failing rank's code, saying which rank it was.
 //!
 //! Supervision is plain std: a thread per output pipe and a polling wait, no async runtime.
 
@@ -40,6 +41,11 @@ pub enum Mpi {
 
 /// The subcommands a rank can run.
 const RANK_COMMANDS: &[&str] = &["train"];
+
+/// Ranks per core beyond which a local launch is refused as a typo: `-n 100000` on two cores
+/// had mpirun forking for minutes (and leaving a fork behind when stopped). Oversubscribing a
+/// few times over, to try an 8-GPU config's logic on a laptop, stays well inside it.
+const MAX_RANKS_PER_CORE: usize = 16;
 
 /// `h1:4,h2:4` → [(h1, 4), (h2, 4)]; a host without `:slots` has one slot.
 pub fn parse_hosts(s: &str) -> Result<Vec<(String, usize)>> {
@@ -87,6 +93,13 @@ pub fn mpirun_flags(mpi: Mpi, a: &LaunchArgs, root: bool, cores: usize) -> Resul
     let mut f = vec!["-np".to_string(), a.n.to_string()];
     let mut notes = vec![];
     let hosts = a.hosts.as_deref().map(parse_hosts).transpose()?;
+    if hosts.is_none() && a.n > MAX_RANKS_PER_CORE * cores {
+        return Err(input_err!(
+            "-n {}: more than {MAX_RANKS_PER_CORE} ranks per core of this machine ({cores} cores, so {} at most): every rank is a whole process here; spread them with --hosts",
+            a.n,
+            MAX_RANKS_PER_CORE * cores
+        ));
+    }
     match mpi {
         Mpi::OpenMpi => {
             if root {
@@ -195,6 +208,36 @@ fn start_time(pid: u32) -> Option<u64> {
     s.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// What /proc shows for one of this process's pipe ends (`pipe:[inode]`), so that every other
+/// process holding the same pipe can be found.
+fn pipe_name(fd: std::os::fd::RawFd) -> Option<String> {
+    let l = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?.to_string_lossy().into_owned();
+    l.starts_with("pipe:").then_some(l)
+}
+
+/// Every process other than this one that holds one of `pipes` open, from /proc/<pid>/fd.
+/// mpirun's output pipes are held by nothing but the job: a process still holding one after
+/// mpirun has gone is a fork it left behind — Open MPI's mpirun, stopped while it was still
+/// starting ranks, left one reparented to init, which kept the output threads (and so launch)
+/// waiting forever. Such a fork is no longer below mpirun, and it may have been born after
+/// the last scan of the tree, so the pipe is what finds it.
+pub fn pipe_holders(pipes: &[String]) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = vec![];
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| pipes.iter().any(|p| l.as_os_str() == p.as_str()))) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Every process below `root` (children, their children, ...), from /proc.
 pub fn descendants(root: u32) -> Vec<u32> {
     let mut parent = std::collections::HashMap::new();
@@ -221,6 +264,15 @@ pub fn descendants(root: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Sends on drop: an output thread's end, however it ends.
+struct Closed(std::sync::mpsc::Sender<()>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// Runs the job; returns the exit code `dptrain launch` exits with.
@@ -275,10 +327,19 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
         .spawn()
         .map_err(|e| LaunchError::Runtime(format!("cannot start {}: {e}", mpirun.display())))?;
     let pid = child.id();
+    let pipes: Vec<String> = {
+        use std::os::fd::AsRawFd;
+        let (o, e) = (child.stdout.as_ref().expect("piped"), child.stderr.as_ref().expect("piped"));
+        [pipe_name(o.as_raw_fd()), pipe_name(e.as_raw_fd())].into_iter().flatten().collect()
+    };
     // mpirun's own stderr lines (not a rank's), kept for its closing report.
     let report: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Each output thread says when its pipe has closed (every writer gone).
+    let (closed_tx, closed) = std::sync::mpsc::channel::<()>();
     let pump = |pipe: Box<dyn std::io::Read + Send>, is_err: bool, report: Arc<Mutex<Vec<String>>>| {
+        let closed_tx = closed_tx.clone();
         std::thread::spawn(move || {
+            let _closed = Closed(closed_tx);
             for line in BufReader::new(pipe).lines().map_while(|l| l.ok()) {
                 match retag(&line) {
                     Some((r, err, text)) => {
@@ -331,8 +392,9 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
             }
             Some(t) if t.elapsed().as_secs_f64() > a.grace_s => {
                 eprintln!("dptrain launch: the job did not stop within {} s: SIGKILL to every process under it", a.grace_s);
-                for p in descendants(pid).into_iter().chain(known.iter().filter(|k| start_time(k.0) == k.1).map(|k| k.0)) {
-                    // SAFETY: kill(2) on processes that were below our child.
+                let below = descendants(pid).into_iter().chain(known.iter().filter(|k| start_time(k.0) == k.1).map(|k| k.0));
+                for p in below.chain(pipe_holders(&pipes)) {
+                    // SAFETY: kill(2) on processes that were below our child or hold its pipes.
                     unsafe { libc::kill(p as i32, libc::SIGKILL) };
                 }
                 // SAFETY: as above.
@@ -344,15 +406,29 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
         std::thread::sleep(Duration::from_millis(50));
     };
     // Whatever mpirun left behind (it should have taken its ranks with it) goes now, so that
-    // no rank outlives the job and no pipe stays open.
+    // no rank outlives the job and no pipe stays open: what was seen below it, and whatever
+    // still holds its output pipes.
     for (p, started) in known {
         if start_time(p).is_some_and(|t| Some(t) == started) {
             // SAFETY: kill(2) on a leftover process that was below our (finished) child.
             unsafe { libc::kill(p as i32, libc::SIGKILL) };
         }
     }
-    let _ = out.join();
-    let _ = err.join();
+    for p in pipe_holders(&pipes) {
+        // SAFETY: kill(2) on a leftover of the job: it holds the output pipes of our (finished)
+        // child, which nothing outside the job was given.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    // The pipes close as the killed processes go. One held by a process this user cannot kill
+    // must not keep launch waiting: its last lines are lost, said aloud.
+    drop(closed_tx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    if (0..2).all(|_| closed.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()) {
+        let _ = out.join();
+        let _ = err.join();
+    } else {
+        eprintln!("dptrain launch: mpirun's output is still held open by processes {:?}; not waiting for it", pipe_holders(&pipes));
+    }
     let code = match status.code() {
         Some(c) => c,
         None => 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(9),
@@ -400,6 +476,12 @@ mod tests {
         assert_eq!(f, ["-np", "8", "-hosts", "a:4,b:4", "-prepend-rank", "-x", "FOO"]);
         let few = LaunchArgs { n: 9, hosts: Some("a:4,b:4".into()), ..Default::default() };
         assert!(mpirun_flags(Mpi::OpenMpi, &few, false, 2).unwrap_err().to_string().contains("8 slots for -n 9"));
+        // 16 ranks a core here at most; across hosts their slots decide.
+        assert!(mpirun_flags(Mpi::OpenMpi, &LaunchArgs { n: 32, ..Default::default() }, false, 2).is_ok());
+        let e = mpirun_flags(Mpi::Mpich, &LaunchArgs { n: 33, ..Default::default() }, false, 2).unwrap_err().to_string();
+        assert!(e.starts_with("-n 33: more than 16 ranks per core of this machine (2 cores, so 32 at most)"), "{e}");
+        let spread = LaunchArgs { n: 64, hosts: Some("a:32,b:32".into()), ..Default::default() };
+        assert!(mpirun_flags(Mpi::OpenMpi, &spread, false, 2).is_ok());
     }
 
     #[test]

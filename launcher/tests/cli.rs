@@ -1738,12 +1738,74 @@ fn launch_rejects_bad_command_lines() {
         (vec!["launch", "-n", "2", "--hosts", "a:x", "--", "train"], "--hosts a:x"),
         (vec!["launch", "-n", "9", "--hosts", "a:4,b:4", "--", "train"], "8 slots for -n 9"),
         (vec!["launch", "-n", "2", "--", "report", "x"], "`report` after `--`"),
+        (vec!["launch", "-n", "100000", "--", "train"], "-n 100000: more than 16 ranks per core"),
     ] {
         let o = bin().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
     }
+}
+
+/// An mpirun stopped by launch's SIGTERM while it was still starting ranks (Open MPI's, at
+/// `-n 100000`) left a fork of itself behind, reparented to init, ignoring SIGTERM and holding
+/// the output pipes: launch waited on them forever. A stand-in mpirun does the same here; launch
+/// must exit with 128 + 15 within its grace period and take the fork with it.
+#[test]
+fn launch_stopped_ends_what_mpirun_left_holding_its_output() {
+    let d = tmp("launch-fork");
+    let fake = d.join("bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let script = "#!/bin/sh\n\
+        if [ \"$1\" = \"--version\" ]; then echo 'mpirun (Open MPI) 4.1.4'; exit 0; fi\n\
+        trap 'sh -c \"trap \\\"\\\" TERM; echo \\$\\$ > $FORK_PID_FILE; exec sleep 300\" & exit 143' TERM\n\
+        echo started\n\
+        while :; do sleep 1; done\n";
+    let mpirun = fake.join("mpirun");
+    std::fs::write(&mpirun, script).unwrap();
+    std::fs::set_permissions(&mpirun, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fork_file = d.join("fork.pid");
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap_or_default());
+    let mut child = bin()
+        .args(["launch", "-n", "2", "--grace", "2", "--", "train"])
+        .env("PATH", path)
+        .env("FORK_PID_FILE", &fork_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    // The command line, then the stand-in's first line: it is running and has set its trap.
+    while !line.contains("started") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "launch ended before mpirun started");
+    }
+    // SAFETY: kill(2) on this test's own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 30 {
+            let _ = child.kill();
+            let fork = std::fs::read_to_string(&fork_file).unwrap_or_default();
+            if let Ok(p) = fork.trim().parse::<i32>() {
+                // SAFETY: kill(2) on the stand-in's fork, so that a failing test leaves nothing.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            panic!("launch still waiting 30 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(143));
+    let fork: u32 = std::fs::read_to_string(&fork_file).unwrap().trim().parse().unwrap();
+    // Gone, or a zombie waiting for init to reap it.
+    let stat = std::fs::read_to_string(format!("/proc/{fork}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next().unwrap_or('Z')).unwrap_or('Z');
+    assert_eq!(state, 'Z', "the fork {fork} is still alive: {stat}");
+    std::fs::remove_dir_all(&d).ok();
 }
 
 /// `dptrain env` says what the trainer would find: the MPI library, the launcher's variables
