@@ -795,6 +795,18 @@ fn bad_data_files_are_one_line_errors() {
         &[],
         "x.npy",
     );
+    let (img, labels) = (d.join("img.npy"), d.join("labels.npy"));
+    dptrain_core::data::files::write_npy(&img, &[4, 1, 2, 2], &[0.0; 16], false).unwrap();
+    for (name, label, want) in [
+        ("negative label", -1.0, "labels.npy: label -1 is not a class id (an integer from 0 to 4294967294)"),
+        ("label too large", 2f64.powi(40), "labels.npy: label 1099511627776 is not a class id"),
+        ("fractional label", 1.5, "labels.npy: label 1.5 is not a class id"),
+    ] {
+        dptrain_core::data::files::write_npy(&labels, &[4], &[0.0, 1.0, label, 0.0], label.fract() == 0.0).unwrap();
+        let sets = ["model.kind=\"mlp\"", "data.kind=\"npy\""];
+        let paths = [format!("data.path=\"{}\"", img.display()), format!("data.labels=\"{}\"", labels.display())];
+        bad(name, &[sets[0], sets[1], &paths[0], &paths[1]], &[], want);
+    }
     bad("no path", &["data.kind=\"text\""], &[], "data.path: required");
 }
 

@@ -122,7 +122,7 @@ pub fn load_npy_images(images: &Path, labels: &Path) -> Result<ImageSet> {
             if v >= 0.0 && v.fract() == 0.0 && v < u32::MAX as f64 {
                 Ok(v as u32)
             } else {
-                Err(Error::file(labels, format!("label {v} is not a non-negative integer")))
+                Err(Error::file(labels, format!("label {v} is not a class id (an integer from 0 to {})", u32::MAX - 1)))
             }
         })
         .collect::<Result<_>>()?;
