@@ -12,19 +12,64 @@
 use crate::config::{DataKind, DeviceKind, OptimKind, RunConfig};
 use crate::error::{input_err, Result};
 
-/// Bytes a process may use on this machine: physical memory, or the cgroup's limit when that
-/// is lower (a Slurm job or a container); `None` when neither can be read.
+/// Bytes a process may use on this machine: physical memory, or its cgroup's memory limit
+/// when that is lower (a Slurm job's, a container's); `None` when neither can be read.
 pub fn host_memory() -> Option<u64> {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| meminfo_total(&s));
-    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .filter_map(|s| s.trim().parse::<u64>().ok())
-        .min();
+    let cgroup = match (std::fs::read_to_string("/proc/self/mountinfo"), std::fs::read_to_string("/proc/self/cgroup")) {
+        (Ok(mounts), Ok(cgroups)) => cgroup_limit(&mounts, &cgroups, |p| std::fs::read_to_string(p).ok()),
+        _ => None,
+    };
     match (total, cgroup) {
         (Some(t), Some(c)) => Some(t.min(c)),
         (t, c) => t.or(c),
     }
+}
+
+/// The tightest memory limit on this process's cgroup and its ancestors, from the texts of
+/// /proc/self/mountinfo and /proc/self/cgroup, reading limit files through `read`. Both
+/// hierarchies count: v2 (`0::<path>`, `memory.max` in the cgroup2 mount) and v1's memory
+/// controller (`N:memory:<path>`, `memory.limit_in_bytes`; an unlimited one reads as about
+/// 2^63). A job's limit sits on its own cgroup (Slurm: `.../job_<id>/step_<n>/...`), not at
+/// the mount's root: every level from the process's cgroup up to the mount's is read.
+fn cgroup_limit(mountinfo: &str, cgroups: &str, read: impl Fn(&std::path::Path) -> Option<String>) -> Option<u64> {
+    use std::path::Path;
+    // (mount point, the cgroup path at that mount's root) of the v2 and the v1 memory mounts.
+    let mut v2 = None;
+    let mut v1 = None;
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = f.iter().position(|&x| x == "-") else { continue };
+        let (Some(root), Some(point), Some(fstype), Some(opts)) = (f.get(3), f.get(4), f.get(dash + 1), f.get(dash + 3)) else {
+            continue;
+        };
+        match *fstype {
+            "cgroup2" => v2 = Some((point.to_string(), root.to_string())),
+            "cgroup" if opts.split(',').any(|o| o == "memory") => v1 = Some((point.to_string(), root.to_string())),
+            _ => {}
+        }
+    }
+    let mut limit: Option<u64> = None;
+    for line in cgroups.lines() {
+        let mut it = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else { continue };
+        let (mount, file) = if id == "0" && ctrls.is_empty() {
+            (v2.as_ref(), "memory.max")
+        } else if ctrls.split(',').any(|c| c == "memory") {
+            (v1.as_ref(), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let Some((point, root)) = mount else { continue };
+        // The process's cgroup as a directory under the mount: its path below the mount's root.
+        let Ok(rel) = Path::new(path).strip_prefix(root) else { continue };
+        for dir in rel.ancestors() {
+            if let Some(v) = read(&Path::new(point).join(dir).join(file)).and_then(|s| s.trim().parse::<u64>().ok()) {
+                limit = Some(limit.map_or(v, |l| l.min(v)));
+            }
+        }
+    }
+    limit
 }
 
 /// `MemTotal` from /proc/meminfo's text, in bytes.
@@ -131,7 +176,11 @@ fn refuse_beyond(bytes: f64, memory: Option<u64>, procs: usize, says: impl FnOnc
         return Ok(());
     }
     let each = if procs > 1 { format!(" ({procs} processes on this node, a copy each)") } else { String::new() };
-    Err(input_err!("{}{each}; this machine has {}", says(human_bytes(need)), human_bytes(mem as f64)))
+    Err(input_err!(
+        "{}{each}; this machine gives a process {} (its memory, or the cgroup's limit if lower)",
+        says(human_bytes(need)),
+        human_bytes(mem as f64)
+    ))
 }
 
 fn optim_name(k: OptimKind) -> &'static str {
@@ -156,6 +205,42 @@ mod tests {
         assert_eq!(meminfo_total("MemTotal: lots\n"), None);
     }
 
+    /// Limits are read at every level from the process's cgroup up to the mount's root (the
+    /// tightest wins), below the mount's own root, in both hierarchies; "max" is no limit.
+    #[test]
+    fn cgroup_limits_are_read_up_the_process_cgroup() {
+        use std::collections::HashMap;
+        let files: HashMap<&str, &str> = [
+            // v2, as under Slurm: the job's limit, tighter than its parent's, looser than none.
+            ("/sys/fs/cgroup/system.slice/slurmstepd.scope/job_7/memory.max", "8589934592\n"),
+            ("/sys/fs/cgroup/system.slice/slurmstepd.scope/job_7/step_0/memory.max", "max\n"),
+            ("/sys/fs/cgroup/system.slice/memory.max", "17179869184\n"),
+            // v1 (this machine's layout): unlimited reads as about 2^63.
+            ("/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes", "9223372036854771712\n"),
+            ("/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes", "4294967296\n"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n"),
+        ]
+        .into_iter()
+        .collect();
+        let read = |p: &std::path::Path| files.get(p.to_str().unwrap()).map(|s| s.to_string());
+        let v2_mount = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        let slurm = "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n";
+        assert_eq!(cgroup_limit(v2_mount, slurm, read), Some(8 << 30));
+        assert_eq!(cgroup_limit(v2_mount, "0::/user.slice\n", read), None);
+        let v1_mounts = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                         35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                         41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let v1 = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+        assert_eq!(cgroup_limit(v1_mounts, v1, read), Some(4 << 30));
+        // A container's cgroup namespace: the mount's root is the process's cgroup itself.
+        let ns = "35 31 0:32 /process_api /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let files_ns: HashMap<&str, &str> = [("/sys/fs/cgroup/memory/memory.limit_in_bytes", "1073741824")].into_iter().collect();
+        let read_ns = |p: &std::path::Path| files_ns.get(p.to_str().unwrap()).map(|s| s.to_string());
+        assert_eq!(cgroup_limit(ns, "4:memory:/process_api\n", read_ns), Some(1 << 30));
+        // No cgroup mount, or nothing readable: no limit known.
+        assert_eq!(cgroup_limit("", slurm, read), None);
+    }
+
     #[test]
     fn human_bytes_picks_the_unit() {
         assert_eq!(human_bytes(512.0), "512 B");
@@ -173,7 +258,7 @@ mod tests {
         // multipliers: 20 bytes a parameter.
         assert!(check_model_fits(&cfg, 50e6, "gpt", Some(gib), 1).is_ok());
         let e = check_model_fits(&cfg, 60e6, "gpt", Some(gib), 1).unwrap_err().to_string();
-        assert!(e.starts_with("model: gpt has 60000000 parameters, which need at least 1.118 GiB for their values, gradients and AdamW state; this machine has 1.000 GiB"), "{e}");
+        assert!(e.starts_with("model: gpt has 60000000 parameters, which need at least 1.118 GiB for their values, gradients and AdamW state; this machine gives a process 1.000 GiB"), "{e}");
         // Two processes on the node each hold a copy.
         let e = check_model_fits(&cfg, 30e6, "gpt", Some(gib), 2).unwrap_err().to_string();
         assert!(e.contains("(2 processes on this node, a copy each)"), "{e}");
@@ -195,7 +280,9 @@ mod tests {
         cfg.data.train_tokens = 300 << 20;
         let e = check_data_fits(&cfg, Some(gib), 1).unwrap_err().to_string();
         assert!(
-            e.starts_with("data.train_tokens / data.val_tokens: 314612800 tokens need at least 1.172 GiB; this machine has 1.000 GiB"),
+            e.starts_with(
+                "data.train_tokens / data.val_tokens: 314612800 tokens need at least 1.172 GiB; this machine gives a process 1.000 GiB"
+            ),
             "{e}"
         );
         cfg.data.kind = DataKind::SyntheticImages;
