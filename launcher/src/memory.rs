@@ -234,7 +234,13 @@ mod tests {
         assert_eq!(cgroup_limit(v1_mounts, v1, read), Some(4 << 30));
         // A container's cgroup namespace: the mount's root is the process's cgroup itself.
         let ns = "35 31 0:32 /process_api /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        let files_ns: HashMap<&str, &str> = [("/sys/fs/cgroup/memory/memory.limit_in_bytes", "1073741824")].into_iter().collect();
+        // (A directory named like the cgroup under the mount is another cgroup: not this one's.)
+        let files_ns: HashMap<&str, &str> = [
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "1073741824"),
+            ("/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes", "536870912"),
+        ]
+        .into_iter()
+        .collect();
         let read_ns = |p: &std::path::Path| files_ns.get(p.to_str().unwrap()).map(|s| s.to_string());
         assert_eq!(cgroup_limit(ns, "4:memory:/process_api\n", read_ns), Some(1 << 30));
         // No cgroup mount, or nothing readable: no limit known.
