@@ -90,7 +90,8 @@ pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Resolves `--resume DIR`: a run directory (newest checkpoint) or a checkpoint directory.
+/// Resolves `--resume DIR`: a run directory (newest checkpoint), its `checkpoints` directory
+/// (the same), or one checkpoint's directory.
 pub fn find(dir: &Path) -> Result<PathBuf> {
     if dir.join("state.json").is_file() {
         return Ok(dir.to_path_buf());
@@ -98,10 +99,14 @@ pub fn find(dir: &Path) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(input_err!("--resume {}: no such directory", dir.display()));
     }
-    list(dir)
+    let run = match dir.parent() {
+        Some(run) if dir.file_name().is_some_and(|n| n == "checkpoints") && list(dir).is_empty() => run,
+        _ => dir,
+    };
+    list(run)
         .pop()
         .map(|(_, p)| p)
-        .ok_or_else(|| input_err!("--resume {}: no checkpoint found (expected {}/checkpoints/step_*/)", dir.display(), dir.display()))
+        .ok_or_else(|| input_err!("--resume {}: no checkpoint found (expected {}/checkpoints/step_*/)", dir.display(), run.display()))
 }
 
 pub fn read_state(ckpt: &Path) -> Result<State> {
@@ -133,4 +138,28 @@ pub fn load(ckpt: &Path, st: &State, params: &mut ParamStore, opt: &mut dyn Opti
     let tensors = tensors_from_bytes(&bytes).map_err(|e| input_err!("{}: {e}", op.display()))?;
     opt.load_state(params, &tensors, &st.optimizer_scalars).map_err(|e| input_err!("{}: {e}", op.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find;
+
+    #[test]
+    fn resume_takes_a_run_its_checkpoints_or_one_checkpoint() {
+        let d = std::env::temp_dir().join(format!("dptrain-find-{}", std::process::id()));
+        for s in ["step_0000010", "step_0000020"] {
+            std::fs::create_dir_all(d.join("run/checkpoints").join(s)).unwrap();
+            std::fs::write(d.join("run/checkpoints").join(s).join("state.json"), "{}").unwrap();
+        }
+        let newest = d.join("run/checkpoints/step_0000020");
+        assert_eq!(find(&d.join("run")).unwrap(), newest);
+        assert_eq!(find(&d.join("run/checkpoints")).unwrap(), newest);
+        let older = d.join("run/checkpoints/step_0000010");
+        assert_eq!(find(&older).unwrap(), older);
+        std::fs::create_dir_all(d.join("empty/checkpoints")).unwrap();
+        let e = find(&d.join("empty/checkpoints")).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint found"), "{e}");
+        assert!(find(&d.join("nope")).unwrap_err().to_string().contains("no such directory"));
+        std::fs::remove_dir_all(&d).ok();
+    }
 }

@@ -22,7 +22,7 @@ pub enum Cmd {
         /// Run directory (default runs/<run.name>, or a fresh runs/<run.name>-N if taken).
         #[arg(long)]
         run_dir: Option<PathBuf>,
-        /// Continue a run from its newest checkpoint (a run directory or a checkpoint directory).
+        /// Continue a run from its newest checkpoint (a run directory, its checkpoints directory, or one checkpoint directory).
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Tests: make rank RANK fail at step STEP (kill:RANK:STEP or hang:RANK:STEP).
