@@ -5,6 +5,7 @@
 
 use crate::config::{DataKind, ModelKind, OptimKind, RunConfig};
 use crate::error::{input_err, Result};
+use crate::memory::Budget;
 use dptrain_core::data::files::{load_npy_images, load_text, load_tokens_u16};
 use dptrain_core::data::synthetic::{synthetic_images, MarkovSource};
 use dptrain_core::data::{Dataset, ImageSet, TokenWindows};
@@ -49,10 +50,10 @@ fn split_tokens(t: Vec<u32>, vf: f64, context: usize, path: &Path) -> Result<(To
     Ok((TokenWindows::new(tr, context), TokenWindows::new(va, context)))
 }
 
-/// Loads or generates the run's data; synthetic data too large for this machine's memory,
-/// shared by `procs` processes of this node, is refused before it is generated.
-pub fn load_data(cfg: &RunConfig, procs: usize) -> Result<Data> {
-    crate::memory::check_data_fits(cfg, crate::memory::host_memory(), procs)?;
+/// Loads or generates the run's data; synthetic data that cannot fit in `budget` is refused
+/// before it is generated.
+pub fn load_data(cfg: &RunConfig, budget: Budget) -> Result<Data> {
+    crate::memory::check_data_fits(cfg, budget)?;
     let (d, seed) = (&cfg.data, cfg.run.seed);
     let kind = d.kind.name();
     let model_kind = cfg.model.kind.name();
@@ -212,9 +213,9 @@ impl ModelCfg {
 /// Builds the model from the config and the data's shape, returning it with the resolved model
 /// table (derived values filled in). Under μP the same model is first declared at
 /// `mup.base_width` (nothing allocated) for its shapes, which set what scales with width.
-/// A model that cannot fit in this machine's memory, shared by `procs` processes of this node,
-/// is refused before anything is declared ([`crate::memory`]).
-pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder, procs: usize) -> Result<(Box<dyn Model>, toml::Table)> {
+/// A model that cannot fit in `budget` is refused before anything is declared
+/// ([`crate::memory`]).
+pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder, budget: Budget) -> Result<(Box<dyn Model>, toml::Table)> {
     let m = &cfg.model;
     let mut t = toml::Table::new();
     t.insert("kind".into(), m.kind.name().into());
@@ -266,7 +267,7 @@ pub fn build_model(cfg: &RunConfig, data: &Data, pb: &mut ParamBuilder, procs: u
         }),
     };
     let (count, what) = mc.size();
-    crate::memory::check_model_fits(cfg, count, &what, crate::memory::host_memory(), procs)?;
+    crate::memory::check_model_fits(cfg, count, &what, budget)?;
     if cfg.mup.enabled {
         let w0 = cfg.mup.base_width.ok_or_else(|| {
             input_err!("mup.base_width: required when mup.enabled (the width at which μP equals the standard parametrization)")

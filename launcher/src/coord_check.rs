@@ -11,6 +11,7 @@
 use crate::build::{build_model, build_optimizer, load_data};
 use crate::config::{apply_sets, parse_file, ModelKind, Raw, RunConfig};
 use crate::error::{input_err, LaunchError, Result};
+use crate::memory::Budget;
 use dptrain_core::probe::Probes;
 use dptrain_core::{DType, GradStore, ParamBuilder, Tape};
 use dptrain_optim::StepCtx;
@@ -116,7 +117,9 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     if matches!(first.model.kind, ModelKind::Gpt | ModelKind::Mlp) {
         fixed.push("model.dropout=0.0".into());
     }
-    let data = load_data(&first, 1)?;
+    // One process: the machine's memory is all the model at each width may use.
+    let budget = Budget::this_node(1);
+    let data = load_data(&first, budget)?;
     let batch = data.train.batch(&(0..first.train.global_batch.min(data.train.len())).collect::<Vec<_>>());
     // samples[module][step][width index][seed]
     let mut samples: BTreeMap<String, Vec<Vec<Vec<f64>>>> = BTreeMap::new();
@@ -128,7 +131,7 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
             sets.push(format!("run.seed={}", first.run.seed + seed));
             let cfg = typed(&table, &sets)?;
             let mut pb = ParamBuilder::new();
-            let (model, _) = build_model(&cfg, &data, &mut pb, 1)?;
+            let (model, _) = build_model(&cfg, &data, &mut pb, budget)?;
             let mut params = pb.build(cfg.run.seed, DType::F32)?;
             let mut opt = build_optimizer(&cfg, &params, 1)?;
             let mut grads = GradStore::try_new(&params)?;

@@ -12,6 +12,22 @@
 use crate::config::{DataKind, DeviceKind, OptimKind, RunConfig};
 use crate::error::{input_err, Result};
 
+/// What the size checks compare against: the memory a process of this node may use, and how
+/// many processes of this run share it (each holds its own copy of the model and data).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Bytes; `None` when they could not be read (then nothing is refused).
+    pub memory: Option<u64>,
+    pub procs: usize,
+}
+
+impl Budget {
+    /// This machine's memory ([`host_memory`]), shared by `procs` processes.
+    pub fn this_node(procs: usize) -> Budget {
+        Budget { memory: host_memory(), procs: procs.max(1) }
+    }
+}
+
 /// Bytes a process may use on this machine: physical memory, or its cgroup's memory limit
 /// when that is lower (a Slurm job's, a container's); `None` when neither can be read.
 pub fn host_memory() -> Option<u64> {
@@ -123,36 +139,33 @@ pub fn human_bytes(b: f64) -> String {
 }
 
 /// Refuses a model of `params` parameters (`what` names it: its kind and size keys) that
-/// cannot fit in `memory` bytes shared by `procs` processes of this node (each holds its own
-/// copy). `memory` None (unreadable) lets everything through.
-pub fn check_model_fits(cfg: &RunConfig, params: f64, what: &str, memory: Option<u64>, procs: usize) -> Result<()> {
+/// cannot fit in the budget.
+pub fn check_model_fits(cfg: &RunConfig, params: f64, what: &str, budget: Budget) -> Result<()> {
     let on = if cfg.run.device == DeviceKind::Cpu {
         format!("for their values, gradients and {} state", optim_name(cfg.optim.kind))
     } else {
         "of host memory to initialise them".to_string()
     };
-    refuse_beyond(params * host_bytes_per_param(cfg), memory, procs, |need| {
+    refuse_beyond(params * host_bytes_per_param(cfg), budget, |need| {
         format!("model: {what} has {} parameters, which need at least {need} {on}", count(params))
     })
 }
 
 /// Refuses synthetic data (generated in memory: its size is the config's) that cannot fit, as
 /// [`check_model_fits`] a model. Files are as large as they are and are not checked here.
-pub fn check_data_fits(cfg: &RunConfig, memory: Option<u64>, procs: usize) -> Result<()> {
+pub fn check_data_fits(cfg: &RunConfig, budget: Budget) -> Result<()> {
     let d = &cfg.data;
     match d.kind {
         // u32 token ids.
         DataKind::SyntheticLm => {
             let n = d.train_tokens as f64 + d.val_tokens as f64;
-            refuse_beyond(4.0 * n, memory, procs, |need| {
-                format!("data.train_tokens / data.val_tokens: {} tokens need at least {need}", count(n))
-            })
+            refuse_beyond(4.0 * n, budget, |need| format!("data.train_tokens / data.val_tokens: {} tokens need at least {need}", count(n)))
         }
         // f32 pixels and a label per sample.
         DataKind::SyntheticImages => {
             let n = d.samples as f64 + d.val_samples as f64;
             let per = 4.0 * (d.channels as f64 * d.image_size as f64 * d.image_size as f64 + 1.0);
-            refuse_beyond(n * per, memory, procs, |need| {
+            refuse_beyond(n * per, budget, |need| {
                 format!(
                     "data.samples / data.val_samples / data.image_size / data.channels: {} images of {}×{}×{} need at least {need}",
                     count(n),
@@ -166,11 +179,12 @@ pub fn check_data_fits(cfg: &RunConfig, memory: Option<u64>, procs: usize) -> Re
     }
 }
 
-/// Ok when `procs` copies of `bytes` fit in `memory` (or it is unknown); else the input error
-/// `says(the bytes needed, human-readable)`, with the node's share and the machine's memory.
-fn refuse_beyond(bytes: f64, memory: Option<u64>, procs: usize, says: impl FnOnce(String) -> String) -> Result<()> {
-    let Some(mem) = memory else { return Ok(()) };
-    let procs = procs.max(1);
+/// Ok when the budget's processes' copies of `bytes` fit in its memory (or that is unknown);
+/// else the input error `says(the bytes needed, human-readable)`, with the node's share and
+/// the machine's memory.
+fn refuse_beyond(bytes: f64, budget: Budget, says: impl FnOnce(String) -> String) -> Result<()> {
+    let Some(mem) = budget.memory else { return Ok(()) };
+    let procs = budget.procs.max(1);
     let need = bytes * procs as f64;
     if need <= mem as f64 {
         return Ok(());
@@ -262,29 +276,29 @@ mod tests {
         let gib = 1u64 << 30;
         // AdamW on the CPU: 4 bytes each for value, gradient, two moments and the decay
         // multipliers: 20 bytes a parameter.
-        assert!(check_model_fits(&cfg, 50e6, "gpt", Some(gib), 1).is_ok());
-        let e = check_model_fits(&cfg, 60e6, "gpt", Some(gib), 1).unwrap_err().to_string();
+        assert!(check_model_fits(&cfg, 50e6, "gpt", Budget { memory: Some(gib), procs: 1 }).is_ok());
+        let e = check_model_fits(&cfg, 60e6, "gpt", Budget { memory: Some(gib), procs: 1 }).unwrap_err().to_string();
         assert!(e.starts_with("model: gpt has 60000000 parameters, which need at least 1.118 GiB for their values, gradients and AdamW state; this machine gives a process 1.000 GiB"), "{e}");
         // Two processes on the node each hold a copy.
-        let e = check_model_fits(&cfg, 30e6, "gpt", Some(gib), 2).unwrap_err().to_string();
+        let e = check_model_fits(&cfg, 30e6, "gpt", Budget { memory: Some(gib), procs: 2 }).unwrap_err().to_string();
         assert!(e.contains("(2 processes on this node, a copy each)"), "{e}");
         // On a GPU the host only initialises the f32 values.
         cfg.run.device = DeviceKind::Cuda;
-        assert!(check_model_fits(&cfg, 250e6, "gpt", Some(gib), 1).is_ok());
-        let e = check_model_fits(&cfg, 300e6, "gpt", Some(gib), 1).unwrap_err().to_string();
+        assert!(check_model_fits(&cfg, 250e6, "gpt", Budget { memory: Some(gib), procs: 1 }).is_ok());
+        let e = check_model_fits(&cfg, 300e6, "gpt", Budget { memory: Some(gib), procs: 1 }).unwrap_err().to_string();
         assert!(e.contains("of host memory to initialise them"), "{e}");
         // Unknown memory: no verdict.
-        assert!(check_model_fits(&cfg, 1e30, "gpt", None, 1).is_ok());
-        assert!(check_model_fits(&cfg, f64::INFINITY, "gpt", Some(gib), 1).is_err());
+        assert!(check_model_fits(&cfg, 1e30, "gpt", Budget { memory: None, procs: 1 }).is_ok());
+        assert!(check_model_fits(&cfg, f64::INFINITY, "gpt", Budget { memory: Some(gib), procs: 1 }).is_err());
     }
 
     #[test]
     fn refuses_synthetic_data_that_cannot_fit() {
         let mut cfg = crate::config::Raw::new(toml::Table::new()).unwrap().typed().unwrap();
         let gib = 1u64 << 30;
-        assert!(check_data_fits(&cfg, Some(gib), 1).is_ok());
+        assert!(check_data_fits(&cfg, Budget { memory: Some(gib), procs: 1 }).is_ok());
         cfg.data.train_tokens = 300 << 20;
-        let e = check_data_fits(&cfg, Some(gib), 1).unwrap_err().to_string();
+        let e = check_data_fits(&cfg, Budget { memory: Some(gib), procs: 1 }).unwrap_err().to_string();
         assert!(
             e.starts_with(
                 "data.train_tokens / data.val_tokens: 314612800 tokens need at least 1.172 GiB; this machine gives a process 1.000 GiB"
@@ -295,11 +309,11 @@ mod tests {
         cfg.data.samples = 1 << 18;
         cfg.data.image_size = 32;
         cfg.data.channels = 3;
-        assert!(check_data_fits(&cfg, Some(1 << 32), 1).is_ok());
-        let e = check_data_fits(&cfg, Some(1 << 32), 2).unwrap_err().to_string();
+        assert!(check_data_fits(&cfg, Budget { memory: Some(1 << 32), procs: 1 }).is_ok());
+        let e = check_data_fits(&cfg, Budget { memory: Some(1 << 32), procs: 2 }).unwrap_err().to_string();
         assert!(e.contains("images of 3×32×32 need at least") && e.contains("(2 processes on this node"), "{e}");
         // Files are not judged by the config.
         cfg.data.kind = DataKind::Text;
-        assert!(check_data_fits(&cfg, Some(1), 1).is_ok());
+        assert!(check_data_fits(&cfg, Budget { memory: Some(1), procs: 1 }).is_ok());
     }
 }

@@ -198,7 +198,9 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         Some(w) => w == Windows::Random,
     };
 
-    let data = load_data(&cfg, w.local_size)?;
+    // This node's memory, shared by its ranks: what the data and the model must fit in.
+    let budget = crate::memory::Budget::this_node(w.local_size);
+    let data = load_data(&cfg, budget)?;
     if !random_windows && data.train.len() < micro_batch * ws {
         return Err(input_err!(
             "train.micro_batch: {micro_batch} × {ws} ranks exceeds the {} training samples of the data",
@@ -215,7 +217,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         Some(n) => n,
     };
     let mut pb = ParamBuilder::new();
-    let (model, model_table) = build_model(&cfg, &data, &mut pb, w.local_size)?;
+    let (model, model_table) = build_model(&cfg, &data, &mut pb, budget)?;
     let mut params = pb.build(cfg.run.seed, DType::F32)?;
     let mut opt = build_optimizer(&cfg, &params, ws)?;
     let init_params = if cfg.probes.distance { Some(dptrain_core::ops::flat::copy_of(params.flat())?) } else { None };

@@ -8,6 +8,7 @@
 use dptrain_core::{Init, ParamBuilder};
 use dptrain_launcher::build::{build_model, load_data, mup_scales};
 use dptrain_launcher::config::{apply_sets, Raw};
+use dptrain_launcher::memory::Budget;
 use serde_json::Value;
 
 fn config(sets: &[String]) -> dptrain_launcher::config::RunConfig {
@@ -53,9 +54,9 @@ fn mup_init_and_learning_rates_match_pypi_mup() {
                 let mut s = sets.clone();
                 s.push(format!("optim.kind=\"{kind}\""));
                 let cfg = config(&s);
-                let data = load_data(&cfg, 1).unwrap();
+                let data = load_data(&cfg, Budget::this_node(1)).unwrap();
                 let mut pb = ParamBuilder::new();
-                build_model(&cfg, &data, &mut pb, 1).unwrap();
+                build_model(&cfg, &data, &mut pb, Budget::this_node(1)).unwrap();
                 let ps = pb.build(0, dptrain_core::DType::F32).unwrap();
                 let scales = mup_scales(&cfg, &ps);
                 let names: Vec<&String> = want.as_object().unwrap().keys().collect();
