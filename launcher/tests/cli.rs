@@ -1760,9 +1760,9 @@ fn launch_rejects_bad_command_lines() {
 }
 
 /// An mpirun stopped by launch's SIGTERM while it was still starting ranks (Open MPI's, at
-/// `-n 100000`) left a fork of itself behind, reparented to init, ignoring SIGTERM and holding
-/// the output pipes: launch waited on them forever. A stand-in mpirun does the same here; launch
-/// must exit with 128 + 15 within its grace period and take the fork with it.
+/// `-n 100000`) left a fork of itself behind, reparented to init and holding the output pipes:
+/// launch waited on them forever. A stand-in mpirun does the same here (its fork also ignores
+/// SIGTERM); launch must exit with 128 + 15 within its grace period and take the fork with it.
 #[test]
 fn launch_stopped_ends_what_mpirun_left_holding_its_output() {
     let d = tmp("launch-fork");
