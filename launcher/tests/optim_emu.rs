@@ -1,5 +1,7 @@
 //! The optimizers' GPU paths on the CPU emulator of the CUDA kernels (feature `cuda-emu`): the
-//! fused AdamW and SGD (their multipliers read per parameter chunk), LAMB and SOAP (both decay forms each) and SGD kernels, with and without learning-rate multipliers,
+//! fused AdamW and SGD (their multipliers read per parameter chunk; AdamW also over a store
+//! large enough for its parallel CPU pieces), LAMB and SOAP (both decay forms each) and SGD
+//! kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
 //! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
 //! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
@@ -108,6 +110,22 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             for (i, (x, y)) in got.iter().zip(&want).enumerate() {
                 assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{name} (lr scales {with_lr}): element {i}: emulated GPU {x} vs CPU {y}");
             }
+        }
+    }
+    // AdamW's CPU update over more than 4 × 16,384 elements runs in parallel pieces, each
+    // within one parameter and reading its multipliers as constants: a 300×250 matrix is five
+    // pieces (the last short), the vector a sixth. Four threads, so the pieces run in parallel
+    // on any machine.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    for (name, mode) in [("coupled", DecayMode::Coupled), ("independent", DecayMode::Independent)] {
+        let (mut cpu, grads) = stores_with(300, 250);
+        let (mut gpu, _) = stores_with(300, 250);
+        let s = ParamScales { lr: vec![0.25, 2.0], wd: vec![0.5, 1.0] };
+        let c = AdamWConfig { weight_decay: 0.1, decay_mode: mode, peak_lr: 0.05, ..Default::default() };
+        let want = pool.install(|| run(&mut AdamW::with_scales(c, &cpu, &s).unwrap(), &mut cpu, &grads, Device::Cpu));
+        let got = run(&mut AdamW::with_scales(c, &gpu, &s).unwrap(), &mut gpu, &grads, Device::Cuda(0));
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "adamw {name}, parallel pieces: element {i}: emulated GPU {x} vs CPU {y}");
         }
     }
     // SOAP, with basis refreshes inside the four steps, with and without normalisation. The

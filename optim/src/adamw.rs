@@ -8,7 +8,7 @@
 //! parameter's learning rate is lr·scale, and in the coupled form its decay follows its own
 //! learning rate. The update is a single fused pass over the flat buffers.
 
-use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
+use crate::{host_state, load_moments, moments_state, saved_state, upload_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{AdamWGate, AdamWStep, DeviceGate, DeviceLr, DeviceSegments, DeviceStepCount, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 use rayon::prelude::*;
@@ -49,18 +49,19 @@ impl Default for AdamWConfig {
 
 pub struct AdamW {
     pub cfg: AdamWConfig,
+    /// The moments on the host: empty until a CPU step or a restore needs them (`host_state`),
+    /// and again once uploaded to the parameters' GPU.
     m: Vec<f32>,
     v: Vec<f32>,
-    /// Per-element decay multiplier (the coupled form's includes the learning-rate multiplier).
+    /// Each parameter's decay multiplier (the coupled form's includes its learning-rate
+    /// multiplier).
     decay_scale: Vec<f32>,
-    /// Per-element learning-rate multiplier; `None` when all are 1.
+    /// Each parameter's learning-rate multiplier; `None` when all are 1.
     lr_scale: Option<Vec<f32>>,
-    /// The parameters' places in the flat buffer (the device reads the multipliers per
-    /// parameter).
+    /// The parameters' places in the flat buffer, in order (the multipliers are per segment).
     segs: Vec<Segment>,
     t: u64,
-    /// The buffers on the parameters' GPU once a step ran there; the host moments are then
-    /// stale until `state` copies these back.
+    /// The buffers on the parameters' GPU once a step ran there (the host then has none).
     dev: Option<DevState>,
     /// The step count on the GPU while steps are decided there (`step_on_device`); `t` is then
     /// stale until read back.
@@ -85,17 +86,16 @@ impl AdamW {
     /// AdamW with explicit per-parameter multipliers (`cfg.decay_vectors` is then unused).
     pub fn with_scales(cfg: AdamWConfig, params: &ParamStore, scales: &ParamScales) -> Result<AdamW> {
         scales.validate(params)?;
-        let n = params.numel();
         let decay_scale = match cfg.decay_mode {
-            DecayMode::Coupled => scales.expand(params, |i| scales.wd[i] * scales.lr[i]),
-            DecayMode::Independent => scales.expand(params, |i| scales.wd[i]),
+            DecayMode::Coupled => scales.per_param(|i| scales.wd[i] * scales.lr[i]),
+            DecayMode::Independent => scales.per_param(|i| scales.wd[i]),
         };
         Ok(AdamW {
             cfg,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            m: vec![],
+            v: vec![],
             decay_scale,
-            lr_scale: scales.lr_elems(params),
+            lr_scale: scales.lr_per_param(),
             segs: crate::trust::segments(params),
             t: 0,
             dev: None,
@@ -120,11 +120,12 @@ impl AdamW {
         }) as f32
     }
 
-    /// The moments and multipliers on the parameters' GPU (uploaded at the first GPU step).
-    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut DevState> {
+    /// The moments and multipliers on the parameters' GPU (made there at the first GPU step,
+    /// or uploaded from a restore).
+    fn dev_state(&mut self, flat: &Tensor) -> Result<&mut DevState> {
         if self.dev.is_none() {
-            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(device));
-            let (m, v) = (up(&self.m)?, up(&self.v)?);
+            let (n, device) = (flat.numel(), flat.device());
+            let (m, v) = (upload_state(&mut self.m, n, device)?, upload_state(&mut self.v, n, device)?);
             let segs = DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), &m)?;
             self.dev = Some(DevState { m, v, segs });
         }
@@ -172,7 +173,7 @@ impl Optimizer for AdamW {
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         if params.flat().is_cuda() {
-            let d = self.dev_state(params.flat().device())?;
+            let d = self.dev_state(params.flat())?;
             let s = AdamWStep { beta1: b1, beta2: b2, eps, step_size: step, inv_sqrt_bc2, decay };
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
@@ -181,33 +182,43 @@ impl Optimizer for AdamW {
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        type Chunk<'a> = (((&'a mut [f32], &'a [f32]), (&'a mut [f32], &'a mut [f32])), (&'a [f32], Option<&'a [f32]>));
-        let body = |(((p, g), (m, v)), (ds, ls)): Chunk| {
+        let n = p.len();
+        let (m, v) = (host_state(&mut self.m, n), host_state(&mut self.v, n));
+        // Pieces of at most CHUNK elements within one parameter, so each reads its two
+        // multipliers as constants (the segments tile the buffer in order, as the store lays
+        // out its parameters).
+        let mut pieces = Vec::with_capacity(n / CHUNK + self.segs.len());
+        let (mut p, mut g, mut m, mut v) = (p, g, m, v);
+        for (k, seg) in self.segs.iter().enumerate() {
+            let (ds, ls) = (self.decay_scale[k], self.lr_scale.as_ref().map_or(1.0, |l| l[k]));
+            let mut left = seg.len;
+            while left > 0 {
+                let len = left.min(CHUNK);
+                let (p0, p1) = std::mem::take(&mut p).split_at_mut(len);
+                let (m0, m1) = std::mem::take(&mut m).split_at_mut(len);
+                let (v0, v1) = std::mem::take(&mut v).split_at_mut(len);
+                let (g0, g1) = g.split_at(len);
+                (p, m, v, g) = (p1, m1, v1, g1);
+                pieces.push((p0, g0, m0, v0, ds, ls));
+                left -= len;
+            }
+        }
+        let body = |(p, g, m, v, ds, ls): (&mut [f32], &[f32], &mut [f32], &mut [f32], f32, f32)| {
+            let step = step * ls;
             for i in 0..p.len() {
                 let gi = g[i];
                 let mi = b1 * m[i] + (1.0 - b1) * gi;
                 let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
                 m[i] = mi;
                 v[i] = vi;
-                let pi = p[i] * (1.0 - decay * ds[i]);
-                let step = ls.map_or(step, |l| step * l[i]);
+                let pi = p[i] * (1.0 - decay * ds);
                 p[i] = pi - step * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
             }
         };
-        let lr_scale = self.lr_scale.as_deref();
-        if p.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
-            let n_chunks = p.len().div_ceil(CHUNK);
-            let lr_chunks: Vec<Option<&[f32]>> = match lr_scale {
-                Some(l) => l.chunks(CHUNK).map(Some).collect(),
-                None => vec![None; n_chunks],
-            };
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(self.m.par_chunks_mut(CHUNK).zip(self.v.par_chunks_mut(CHUNK)))
-                .zip(self.decay_scale.par_chunks(CHUNK).zip(lr_chunks.into_par_iter()))
-                .for_each(body);
+        if n >= 4 * CHUNK && rayon::current_num_threads() > 1 {
+            pieces.into_par_iter().for_each(body);
         } else {
-            body((((p, g), (&mut self.m[..], &mut self.v[..])), (&self.decay_scale[..], lr_scale)));
+            pieces.into_iter().for_each(body);
         }
         Ok(())
     }
@@ -230,7 +241,7 @@ impl Optimizer for AdamW {
         // step_size and inv_sqrt_bc2 come from the gate.
         let s = AdamWStep { beta1: c.beta1 as f32, beta2: c.beta2 as f32, eps: c.eps as f32, step_size: 0.0, inv_sqrt_bc2: 0.0, decay };
         let gate = AdamWGate { max_norm, beta1: c.beta1, beta2: c.beta2 };
-        self.dev_state(params.flat().device())?;
+        self.dev_state(params.flat())?;
         let (d, t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let (p, p16) = params.flat_and_half_mut()?;
         self.lr_dev.stage(ctx.lr, decay);
@@ -240,15 +251,17 @@ impl Optimizer for AdamW {
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the moments are read back (once per checkpoint).
-        let (m, v) = match &self.dev {
-            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
-            None => (self.m.clone(), self.v.clone()),
-        };
+        let n = params.numel();
+        let m = saved_state(&self.m, self.dev.as_ref().map(|d| &d.m), n)?;
+        let v = saved_state(&self.v, self.dev.as_ref().map(|d| &d.v), n)?;
         Ok(moments_state(&m, &v, self.steps()?, params))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
         self.t_dev = None;
+        let n = params.numel();
+        host_state(&mut self.m, n);
+        host_state(&mut self.v, n);
         self.t = load_moments(&mut self.m, &mut self.v, params, t, s)?;
         Ok(())
     }

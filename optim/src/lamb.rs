@@ -17,7 +17,7 @@
 use crate::adamw::powi;
 use crate::trust::{norm, segments};
 use crate::DecayMode;
-use crate::{load_moments, moments_state, Optimizer, ParamScales, Result, StepCtx};
+use crate::{host_state, load_moments, moments_state, saved_state, upload_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, DeviceStepCount, LambGate, LambGateScalars, LambStep, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
@@ -55,10 +55,13 @@ impl Default for LambConfig {
 
 pub struct Lamb {
     pub cfg: LambConfig,
+    /// The moments on the host: empty until a CPU step or a restore needs them, and again once
+    /// uploaded to the parameters' GPU.
     m: Vec<f32>,
     v: Vec<f32>,
     /// The direction r, kept between the two passes (its norm is needed before the update).
     r: Vec<f32>,
+    /// Each parameter's multipliers of λ and lr (`None`: all 1).
     decay_scale: Vec<f32>,
     lr_scale: Option<Vec<f32>>,
     segs: Vec<Segment>,
@@ -82,14 +85,13 @@ impl Lamb {
     /// LAMB with per-parameter multipliers of λ and lr.
     pub fn with_scales(cfg: LambConfig, params: &ParamStore, scales: &ParamScales) -> Result<Lamb> {
         scales.validate(params)?;
-        let n = params.numel();
         Ok(Lamb {
             cfg,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            r: vec![0.0; n],
-            decay_scale: scales.expand(params, |i| scales.wd[i]),
-            lr_scale: scales.lr_elems(params),
+            m: vec![],
+            v: vec![],
+            r: vec![],
+            decay_scale: scales.per_param(|i| scales.wd[i]),
+            lr_scale: scales.lr_per_param(),
             segs: segments(params),
             t: 0,
             t_dev: None,
@@ -116,14 +118,15 @@ impl Lamb {
         }
     }
 
-    /// The moments and multipliers on the parameters' GPU (uploaded at the first GPU step).
+    /// The moments and multipliers on the parameters' GPU (made there at the first GPU step,
+    /// or uploaded from a restore).
     fn dev_state(&mut self, like: &Tensor) -> Result<&mut DevState> {
         if self.dev.is_none() {
-            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
+            let (n, device) = (like.numel(), like.device());
             self.dev = Some(DevState {
-                m: up(&self.m)?,
-                v: up(&self.v)?,
-                r: up(&self.r)?,
+                m: upload_state(&mut self.m, n, device)?,
+                v: upload_state(&mut self.v, n, device)?,
+                r: upload_state(&mut self.r, n, device)?,
                 segs: DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), like)?,
             });
         }
@@ -169,25 +172,26 @@ impl Optimizer for Lamb {
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        for seg in &self.segs {
+        let n = p.len();
+        let (m, v, r) = (host_state(&mut self.m, n), host_state(&mut self.v, n), host_state(&mut self.r, n));
+        for (k, seg) in self.segs.iter().enumerate() {
             let range = seg.offset..seg.offset + seg.len;
             let (p, g) = (&mut p[range.clone()], &g[range.clone()]);
-            let (m, v, r) = (&mut self.m[range.clone()], &mut self.v[range.clone()], &mut self.r[range.clone()]);
-            let ds = &self.decay_scale[range.clone()];
+            let (m, v, r) = (&mut m[range.clone()], &mut v[range.clone()], &mut r[range.clone()]);
+            let ds = self.decay_scale[k];
             for i in 0..p.len() {
                 let gi = g[i];
                 let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
                 let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
                 m[i] = mi;
                 v[i] = vi;
-                r[i] = mi * s.c1 / (vi.sqrt() * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * ds[i] * p[i];
+                r[i] = mi * s.c1 / (vi.sqrt() * s.inv_sqrt_bc2 + s.eps) + s.weight_decay * ds * p[i];
             }
             let (wn, rn) = (norm(p).min(s.clamp), norm(r));
             let trust = if wn == 0.0 || rn == 0.0 { 1.0 } else { wn / (rn + s.eps) };
-            let ls = self.lr_scale.as_ref().map(|l| &l[range]);
+            let lr = self.lr_scale.as_ref().map_or(s.lr, |l| s.lr * l[k]);
             for i in 0..p.len() {
-                let lr = ls.map_or(s.lr, |l| s.lr * l[i]);
-                p[i] = p[i] * (1.0 - s.indep_decay * ds[i]) - lr * trust * r[i];
+                p[i] = p[i] * (1.0 - s.indep_decay * ds) - lr * trust * r[i];
             }
         }
         Ok(())
@@ -222,15 +226,17 @@ impl Optimizer for Lamb {
         self.lr_dev.stage(lr, self.indep_decay(lr));
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
-        let (m, v) = match &self.dev {
-            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
-            None => (self.m.clone(), self.v.clone()),
-        };
+        let n = params.numel();
+        let m = saved_state(&self.m, self.dev.as_ref().map(|d| &d.m), n)?;
+        let v = saved_state(&self.v, self.dev.as_ref().map(|d| &d.v), n)?;
         Ok(moments_state(&m, &v, self.steps()?, params))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
         self.t_dev = None;
+        let n = params.numel();
+        host_state(&mut self.m, n);
+        host_state(&mut self.v, n);
         self.t = load_moments(&mut self.m, &mut self.v, params, t, s)?;
         Ok(())
     }

@@ -14,7 +14,7 @@
 //! replayed in a CUDA graph.
 
 use crate::trust::{norm, segments};
-use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use crate::{host_state, join_state, saved_state, split_state, upload_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, LarsGate, LarsStep, Segment, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
@@ -36,7 +36,10 @@ impl Default for LarsConfig {
 
 pub struct Lars {
     pub cfg: LarsConfig,
+    /// The momentum buffer on the host: empty until a CPU step or a restore needs it, and again
+    /// once uploaded to the parameters' GPU.
     buf: Vec<f32>,
+    /// Each parameter's multipliers of λ and lr (`None`: all 1).
     decay_scale: Vec<f32>,
     lr_scale: Option<Vec<f32>>,
     segs: Vec<Segment>,
@@ -57,9 +60,9 @@ impl Lars {
         scales.validate(params)?;
         Ok(Lars {
             cfg,
-            buf: vec![0.0; params.numel()],
-            decay_scale: scales.expand(params, |i| scales.wd[i]),
-            lr_scale: scales.lr_elems(params),
+            buf: vec![],
+            decay_scale: scales.per_param(|i| scales.wd[i]),
+            lr_scale: scales.lr_per_param(),
             segs: segments(params),
             lr_dev: DeviceLr::default(),
             dev: None,
@@ -78,13 +81,12 @@ impl Lars {
         }
     }
 
-    /// The momentum buffer, multipliers and segment table on the parameters' GPU (uploaded at
-    /// the first GPU step).
+    /// The momentum buffer, multipliers and segment table on the parameters' GPU (made there
+    /// at the first GPU step, or uploaded from a restore).
     fn dev_state(&mut self, like: &Tensor) -> Result<&mut DevState> {
         if self.dev.is_none() {
-            let up = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).and_then(|t| t.to_device(like.device()));
             self.dev = Some(DevState {
-                buf: up(&self.buf)?,
+                buf: upload_state(&mut self.buf, like.numel(), like.device())?,
                 segs: DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), like)?,
             });
         }
@@ -104,16 +106,17 @@ impl Optimizer for Lars {
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        for seg in &self.segs {
+        let buf = host_state(&mut self.buf, p.len());
+        for (k, seg) in self.segs.iter().enumerate() {
             let range = seg.offset..seg.offset + seg.len;
-            let (p, g, b) = (&mut p[range.clone()], &g[range.clone()], &mut self.buf[range.clone()]);
-            let ds = &self.decay_scale[range.clone()];
-            let ls = self.lr_scale.as_ref().map(|l| &l[range]);
+            let (p, g, b) = (&mut p[range.clone()], &g[range.clone()], &mut buf[range]);
+            let ds = self.decay_scale[k];
+            let lr = self.lr_scale.as_ref().map_or(s.lr, |l| s.lr * l[k]);
             let (pn, gn) = (norm(p), norm(g));
             for i in 0..p.len() {
                 let mut d = g[i];
                 if seg.matrix {
-                    let wd = s.weight_decay * ds[i];
+                    let wd = s.weight_decay * ds;
                     let den = gn + wd * pn;
                     let trust = if pn > 0.0 && den > 0.0 { s.trust_coefficient * pn / den } else { 1.0 };
                     d = (d + wd * p[i]) * trust;
@@ -123,7 +126,7 @@ impl Optimizer for Lars {
                     b[i] = bi;
                     d = if s.nesterov { d + s.momentum * bi } else { bi };
                 }
-                p[i] -= ls.map_or(s.lr, |l| s.lr * l[i]) * d;
+                p[i] -= lr * d;
             }
         }
         Ok(())
@@ -153,15 +156,12 @@ impl Optimizer for Lars {
         self.lr_dev.stage(lr, 0.0);
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
-        let buf = match &self.dev {
-            Some(d) => d.buf.to_vec::<f32>()?,
-            None => self.buf.clone(),
-        };
+        let buf = saved_state(&self.buf, self.dev.as_ref().map(|d| &d.buf), params.numel())?;
         Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({})))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, _s: &serde_json::Value) -> Result<()> {
         self.dev = None;
-        join_state("momentum_buffer", &mut self.buf, params, t)
+        join_state("momentum_buffer", host_state(&mut self.buf, params.numel()), params, t)
     }
     fn name(&self) -> &'static str {
         "lars"

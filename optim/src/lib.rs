@@ -2,8 +2,10 @@
 //!
 //! Optimizers update the parameter store's flat buffer in **one fused in-place pass** over all
 //! parameters. Per-parameter learning-rate and weight-decay multipliers (`ParamScales`, indexed
-//! by `ParamId`: torch's parameter groups, μP's per-layer rates) are expanded once into
-//! per-element buffers on the parameters' device. Each step gets a `StepCtx`: the step number,
+//! by `ParamId`: torch's parameter groups, μP's per-layer rates) are read once per parameter.
+//! Per-element state (moments, momentum) lives where the parameters do: on a GPU it is made
+//! there at the first step and the host never holds a copy (a host buffer is allocated only by
+//! a CPU step or a restore, and freed once uploaded). Each step gets a `StepCtx`: the step number,
 //! the schedule's learning rate and the optimizer's own communicator, for optimizers whose
 //! update needs other ranks (preconditioners split across ranks). State is kept in flat buffers
 //! with the store's layout, and saved/loaded as named tensors keyed by parameter name
@@ -148,6 +150,37 @@ pub(crate) fn load_moments(
     join_state("exp_avg", m, params, tensors)?;
     join_state("exp_avg_sq", v, params, tensors)?;
     scalars.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))
+}
+
+/// A per-element state vector on the host, allocated (zeros) at its first use: a run on a GPU
+/// never makes one, so the host holds no state the size of the model.
+pub(crate) fn host_state(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() != n {
+        *v = vec![0.0; n];
+    }
+    v
+}
+
+/// A state vector of `n` elements moved to `device`: the host's values where it has them (a
+/// restore, CPU steps), zeros made there otherwise. The host copy is freed: from now on the
+/// device's is the state.
+pub(crate) fn upload_state(v: &mut Vec<f32>, n: usize, device: dptrain_core::Device) -> Result<Tensor> {
+    let t = if v.len() == n {
+        Tensor::from_slice(v, &[n])?.to_device(device)?
+    } else {
+        Tensor::zeros_on(&[n], dptrain_core::DType::F32, device)?
+    };
+    *v = Vec::new();
+    Ok(t)
+}
+
+/// The state to save: read back from the device, or the host's, or zeros before any step.
+pub(crate) fn saved_state(host: &[f32], dev: Option<&Tensor>, n: usize) -> Result<Vec<f32>> {
+    Ok(match dev {
+        Some(d) => d.to_vec::<f32>()?,
+        None if host.len() == n => host.to_vec(),
+        None => vec![0.0; n],
+    })
 }
 
 /// Flat state buffer → named per-parameter tensors.

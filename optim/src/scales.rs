@@ -1,7 +1,8 @@
 //! `ParamScales`: per-parameter multipliers of the learning rate and the weight decay — what
 //! torch expresses with parameter groups, and μP with per-layer learning rates. One entry per
-//! parameter (indexed by `ParamId`); the fused update reads them expanded to one value per
-//! element, uploaded once to the parameters' device.
+//! parameter (indexed by `ParamId`); the fused updates read them one value per parameter, on
+//! the host and, uploaded once with the segment table, on the parameters' device — never one
+//! per element, which would cost as much memory as a moment.
 
 use dptrain_core::{ParamStore, Role};
 
@@ -37,18 +38,14 @@ impl ParamScales {
         self.lr.iter().any(|&x| x != 1.0)
     }
 
-    /// Per-element values of `f(parameter index)` in the store's flat layout.
-    pub(crate) fn expand(&self, params: &ParamStore, f: impl Fn(usize) -> f64) -> Vec<f32> {
-        let mut out = vec![0.0f32; params.numel()];
-        for (i, p) in params.infos().iter().enumerate() {
-            out[p.offset..p.offset + p.numel].fill(f(i) as f32);
-        }
-        out
+    /// `f(parameter index)` for every parameter, as the updates read it.
+    pub(crate) fn per_param(&self, f: impl Fn(usize) -> f64) -> Vec<f32> {
+        (0..self.lr.len()).map(|i| f(i) as f32).collect()
     }
 
-    /// Per-element learning-rate multipliers, or `None` when all are 1.
-    pub(crate) fn lr_elems(&self, params: &ParamStore) -> Option<Vec<f32>> {
-        self.scales_lr().then(|| self.expand(params, |i| self.lr[i]))
+    /// The learning-rate multipliers, or `None` when all are 1.
+    pub(crate) fn lr_per_param(&self) -> Option<Vec<f32>> {
+        self.scales_lr().then(|| self.per_param(|i| self.lr[i]))
     }
 
     /// Checks one entry per parameter, each finite and ≥ 0.

@@ -6,7 +6,7 @@
 //! logs nothing does not wait for the GPU and can be replayed in a CUDA graph — the large-batch
 //! image recipes (SGD with momentum) get what AdamW has.
 
-use crate::{join_state, split_state, Optimizer, ParamScales, Result, StepCtx};
+use crate::{host_state, join_state, saved_state, split_state, upload_state, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::ops::flat::{DeviceLr, DeviceSegments, DeviceStepCount, Segment, SgdGate, SgdStep, StepRecord};
 use dptrain_core::{GradStore, ParamStore, Tensor};
 
@@ -28,8 +28,10 @@ impl Default for SgdConfig {
 
 pub struct Sgd {
     pub cfg: SgdConfig,
+    /// The momentum buffer on the host: empty until a CPU step or a restore needs it, and again
+    /// once uploaded to the parameters' GPU.
     buf: Vec<f32>,
-    /// Per-element decay and learning-rate multipliers (`None`: all 1).
+    /// Each parameter's decay and learning-rate multipliers (`None`: all 1).
     decay_scale: Vec<f32>,
     lr_scale: Option<Vec<f32>>,
     /// Applied steps (only whether any was matters: the momentum buffer starts at the first).
@@ -38,8 +40,7 @@ pub struct Sgd {
     t_dev: Option<DeviceStepCount>,
     /// The learning rate as the device step reads it.
     lr_dev: DeviceLr,
-    /// The parameters' places in the flat buffer (the device reads the multipliers per
-    /// parameter).
+    /// The parameters' places in the flat buffer, in order (the multipliers are per segment).
     segs: Vec<Segment>,
     /// (momentum buffer, the segments with their multipliers) on the parameters' GPU once a
     /// step ran there.
@@ -56,9 +57,9 @@ impl Sgd {
         scales.validate(params)?;
         Ok(Sgd {
             cfg,
-            buf: vec![0.0; params.numel()],
-            decay_scale: scales.expand(params, |i| scales.wd[i]),
-            lr_scale: scales.lr_elems(params),
+            buf: vec![],
+            decay_scale: scales.per_param(|i| scales.wd[i]),
+            lr_scale: scales.lr_per_param(),
             segs: crate::trust::segments(params),
             t: 0,
             t_dev: None,
@@ -75,10 +76,11 @@ impl Sgd {
         }
     }
 
-    /// The momentum buffer and multipliers on the parameters' GPU (uploaded at the first GPU step).
-    fn dev_state(&mut self, device: dptrain_core::Device) -> Result<&mut (Tensor, DeviceSegments)> {
+    /// The momentum buffer and multipliers on the parameters' GPU (made there at the first GPU
+    /// step, or uploaded from a restore).
+    fn dev_state(&mut self, flat: &Tensor) -> Result<&mut (Tensor, DeviceSegments)> {
         if self.dev.is_none() {
-            let buf = Tensor::from_slice(&self.buf, &[self.buf.len()]).and_then(|t| t.to_device(device))?;
+            let buf = upload_state(&mut self.buf, flat.numel(), flat.device())?;
             let segs = DeviceSegments::with_scales(&self.segs, &self.decay_scale, self.lr_scale.as_deref(), &buf)?;
             self.dev = Some((buf, segs));
         }
@@ -112,7 +114,7 @@ impl Optimizer for Sgd {
         }
         if params.flat().is_cuda() {
             let s = self.sgd_step(ctx.lr, first);
-            let (buf, segs) = self.dev_state(params.flat().device())?;
+            let (buf, segs) = self.dev_state(params.flat())?;
             // The parameters' bf16 copy (what bf16 GEMMs read) is written in the same pass.
             let (p, p16) = params.flat_and_half_mut()?;
             dptrain_core::ops::flat::sgd_cuda(p, grads.flat(), buf, segs, s, None, p16)?;
@@ -120,15 +122,21 @@ impl Optimizer for Sgd {
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
-        let lr_scale = self.lr_scale.as_deref();
-        for i in 0..p.len() {
-            let mut d = g[i] + wd * self.decay_scale[i] * p[i];
-            if mu != 0.0 {
-                let b = if first { d } else { mu * self.buf[i] + (1.0 - damp) * d };
-                self.buf[i] = b;
-                d = if c.nesterov { d + mu * b } else { b };
+        let buf = host_state(&mut self.buf, p.len());
+        for (k, seg) in self.segs.iter().enumerate() {
+            let range = seg.offset..seg.offset + seg.len;
+            let (p, g, buf) = (&mut p[range.clone()], &g[range.clone()], &mut buf[range]);
+            let ds = self.decay_scale[k];
+            let lr = self.lr_scale.as_ref().map_or(lr, |l| lr * l[k]);
+            for i in 0..p.len() {
+                let mut d = g[i] + wd * ds * p[i];
+                if mu != 0.0 {
+                    let b = if first { d } else { mu * buf[i] + (1.0 - damp) * d };
+                    buf[i] = b;
+                    d = if c.nesterov { d + mu * b } else { b };
+                }
+                p[i] -= lr * d;
             }
-            p[i] -= lr_scale.map_or(lr, |l| lr * l[i]) * d;
         }
         Ok(())
     }
@@ -149,7 +157,7 @@ impl Optimizer for Sgd {
         // lr and first come from the device.
         let s = self.sgd_step(0.0, false);
         self.lr_dev.stage(ctx.lr, 0.0);
-        self.dev_state(params.flat().device())?;
+        self.dev_state(params.flat())?;
         let ((buf, segs), t) = (self.dev.as_mut().expect("just set"), self.t_dev.as_ref().expect("just set"));
         let gate = SgdGate { rec, max_norm, t, lr: &self.lr_dev };
         let (p, p16) = params.flat_and_half_mut()?;
@@ -160,16 +168,13 @@ impl Optimizer for Sgd {
         self.lr_dev.stage(lr, 0.0);
     }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
-        let buf = match &self.dev {
-            Some((b, _)) => b.to_vec::<f32>()?,
-            None => self.buf.clone(),
-        };
+        let buf = saved_state(&self.buf, self.dev.as_ref().map(|(b, _)| b), params.numel())?;
         Ok((split_state("momentum_buffer", &buf, params), serde_json::json!({ "started": self.steps()? > 0 })))
     }
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
         self.t_dev = None;
-        join_state("momentum_buffer", &mut self.buf, params, t)?;
+        join_state("momentum_buffer", host_state(&mut self.buf, params.numel()), params, t)?;
         let started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| crate::OptimError::State("missing `started`".into()))?;
         self.t = started as u64;
         Ok(())
