@@ -108,7 +108,9 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     // check looks at what the parametrization does to updates, nothing else.
     let mut fixed = args.sets.clone();
     fixed.extend([
-        format!("optim.lr={}", args.lr),
+        // Debug, not Display: 1e30 as `1e30`, which TOML reads as a float (Display writes 31
+        // digits, an integer too large for TOML).
+        format!("optim.lr={:?}", args.lr),
         "optim.clip=0.0".into(),
         "schedule.kind=\"constant\"".into(),
         "schedule.warmup_steps=0".into(),
@@ -121,13 +123,25 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     let budget = Budget::this_node(1);
     let data = load_data(&first, budget)?;
     let batch = data.train.batch(&(0..first.train.global_batch.min(data.train.len())).collect::<Vec<_>>());
+    // Every width's config and model are checked (declared, not built) before the first one
+    // trains: a width the heads do not divide, or one too large for memory, is an error now
+    // rather than after the smaller widths ran.
+    let width_cfgs = args
+        .widths
+        .iter()
+        .map(|&w| {
+            let mut sets = fixed.clone();
+            sets.extend(width_sets(&first, w)?);
+            build_model(&typed(&table, &sets)?, &data, &mut ParamBuilder::new(), budget)?;
+            Ok(sets)
+        })
+        .collect::<Result<Vec<_>>>()?;
     // samples[module][step][width index][seed]
     let mut samples: BTreeMap<String, Vec<Vec<Vec<f64>>>> = BTreeMap::new();
     let nw = args.widths.len();
     for (wi, &w) in args.widths.iter().enumerate() {
         for seed in 0..args.seeds {
-            let mut sets = fixed.clone();
-            sets.extend(width_sets(&first, w)?);
+            let mut sets = width_cfgs[wi].clone();
             sets.push(format!("run.seed={}", first.run.seed + seed));
             let cfg = typed(&table, &sets)?;
             let mut pb = ParamBuilder::new();

@@ -122,7 +122,9 @@ fn losses(run_dir: &Path) -> (Option<f64>, Option<f64>) {
 /// The `--set`s of one point beyond the sweep's own: its variant's, its learning rate, and the
 /// step-0 evaluation the sensitivity needs.
 fn point_sets(vsets: &[String], lr: f64) -> Vec<String> {
-    vsets.iter().cloned().chain([format!("optim.lr={lr}"), "train.eval_at_start=true".into()]).collect()
+    // `{lr:?}`: a float TOML reads back whatever its size (Display writes 1e20 as 21 digits,
+    // an integer too large for TOML).
+    vsets.iter().cloned().chain([format!("optim.lr={lr:?}"), "train.eval_at_start=true".into()]).collect()
 }
 
 /// `--slurm`: the array job script and its config in `--out`; returns the script's path.
@@ -292,5 +294,17 @@ mod tests {
         assert_eq!(v.len(), 4);
         assert_eq!(v[1].0, "model.qk_norm=true,optim.kind=\"lamb\"");
         assert!(variants(&["nokey".into()]).is_err());
+    }
+
+    /// A point's learning rate reaches its config as the number swept, however large or small
+    /// (1e20 was written as 21 digits, an integer TOML refused).
+    #[test]
+    fn a_points_learning_rate_reads_back_as_swept() {
+        for lr in [1e20, 1e-30, 0.05, 3.0, 2.5e-4] {
+            let mut t = toml::Table::new();
+            crate::config::apply_sets(&mut t, &point_sets(&[], lr)).unwrap();
+            let cfg = crate::config::Raw::new(t).unwrap().typed().unwrap();
+            assert_eq!(cfg.optim.lr, lr);
+        }
     }
 }

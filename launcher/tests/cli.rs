@@ -1408,6 +1408,31 @@ fn coord_check_passes_for_mup_and_fails_for_the_standard_parametrization() {
     let o = bin().args(["coord-check", "--widths", "64"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--widths: at least two widths"));
+    // Every width is checked before any trains. At --lr 1e30 the first width's loss is not
+    // finite by its second step (the rate reaches the config as a float: it was written as 31
+    // digits, an integer TOML refused); with a third width too large for memory, that width is
+    // the error, at once, and nothing is written.
+    let check = |widths: &str, out: &str, sets: &[&str]| {
+        let mut c = bin();
+        c.args(["coord-check", "--widths", widths, "--lr", "1e30", "--out"]).arg(d.join(out));
+        for s in ["model.context=16", "train.global_batch=4"].iter().chain(sets) {
+            c.args(["--set", s]);
+        }
+        let o = c.output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned(), d.join(out).exists())
+    };
+    let (code, err, _) = check("64,128", "diverges", &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("width 64, seed 0, step 2: the loss is not finite"), "{err}");
+    for (widths, sets, want) in [
+        ("64,128,40000000", &[][..], "(d_model = 40000000, n_layers = 2"),
+        ("64,128,130", &["model.n_heads=4"][..], "--widths: 130 is not divisible by model.n_heads = 4"),
+    ] {
+        let (code, err, written) = check(widths, "bad-width", sets);
+        assert_eq!(code, Some(2), "{widths}: {err}");
+        assert!(err.contains(want) && err.trim_end().lines().count() == 1, "{widths}: {err}");
+        assert!(!written, "{widths}: wrote its output");
+    }
     std::fs::remove_dir_all(&d).ok();
 }
 
