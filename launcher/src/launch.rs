@@ -140,7 +140,12 @@ pub fn mpirun_flags(mpi: Mpi, a: &LaunchArgs, root: bool, cores: usize) -> Resul
         }
     }
     if let Some(extra) = &a.mpirun_args {
-        f.extend(extra.split_whitespace().map(String::from));
+        // Split as the shell the user typed it in would: `-x NCCL_DEBUG='INFO'` or a quoted
+        // value with spaces is what mpirun gets, not the quotes themselves.
+        let words = shlex::split(extra).ok_or_else(|| {
+            input_err!("--mpirun-args {extra}: a quote left open or a trailing backslash; expected flags as a shell would split them")
+        })?;
+        f.extend(words);
     }
     Ok((f, notes))
 }
@@ -474,6 +479,16 @@ mod tests {
         let h = LaunchArgs { n: 8, hosts: Some("a:4,b:4".into()), mpirun_args: Some("-x FOO".into()), ..Default::default() };
         let (f, _) = mpirun_flags(Mpi::Mpich, &h, true, 2).unwrap();
         assert_eq!(f, ["-np", "8", "-hosts", "a:4,b:4", "-prepend-rank", "-x", "FOO"]);
+        // Quotes group and are removed, as the shell would; one left open is an input error.
+        let quoted =
+            LaunchArgs { n: 2, no_prefix: true, mpirun_args: Some("-x 'A=b c' --mca  btl \"self,tcp\"".into()), ..Default::default() };
+        let (f, _) = mpirun_flags(Mpi::OpenMpi, &quoted, false, 2).unwrap();
+        assert_eq!(f, ["-np", "2", "--bind-to", "none", "-x", "A=b c", "--mca", "btl", "self,tcp"]);
+        for bad in ["'unterminated", "-x \"A=b", "trailing\\"] {
+            let a = LaunchArgs { n: 2, mpirun_args: Some(bad.into()), ..Default::default() };
+            let e = mpirun_flags(Mpi::OpenMpi, &a, false, 2).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--mpirun-args {bad}: a quote left open")), "{bad}: {e}");
+        }
         let few = LaunchArgs { n: 9, hosts: Some("a:4,b:4".into()), ..Default::default() };
         assert!(mpirun_flags(Mpi::OpenMpi, &few, false, 2).unwrap_err().to_string().contains("8 slots for -n 9"));
         // 16 ranks a core here at most; across hosts their slots decide.
