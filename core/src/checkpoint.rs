@@ -39,7 +39,7 @@ pub fn tensors_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
             Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
             Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(Error::Msg(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            other => return Err(Error::Msg(format!("tensor `{name}` is {other:?}; expected F32, F64 or BF16"))),
         };
         out.insert(name, Tensor::from_vec(v, view.shape())?.to_dtype(DType::F32));
     }
@@ -65,4 +65,22 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res.map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_read_back_and_bad_files_say_why() {
+        let t = Tensor::from_vec(vec![1.0f32, -2.5], &[2]).unwrap();
+        let bytes = tensors_to_bytes(&[("w".into(), t)]).unwrap();
+        assert_eq!(tensors_from_bytes(&bytes).unwrap()["w"].to_vec::<f32>().unwrap(), [1.0, -2.5]);
+        let e = tensors_from_bytes(&bytes[..bytes.len() - 1]).unwrap_err().to_string();
+        assert!(e.starts_with("not a valid safetensors file ("), "{e}");
+        let ints = [7i32, 8].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let view = safetensors::tensor::TensorView::new(Dtype::I32, vec![2], &ints).unwrap();
+        let bytes = safetensors::serialize([("ids", view)], None).unwrap();
+        assert_eq!(tensors_from_bytes(&bytes).unwrap_err().to_string(), "tensor `ids` is I32; expected F32, F64 or BF16");
+    }
 }

@@ -30,7 +30,7 @@ pub struct ParityArgs {
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| input_err!("{}: cannot read ({e})", path.display()))?;
-    tensors_from_bytes(&bytes).map_err(|e| input_err!("{}: not a safetensors file ({e})", path.display()))
+    tensors_from_bytes(&bytes).map_err(|e| input_err!("{}: {e}", path.display()))
 }
 
 pub fn optim(args: &ParityArgs) -> Result<()> {

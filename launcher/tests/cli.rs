@@ -1232,6 +1232,21 @@ fn parity_replay_matches_the_soap_reference() {
     assert!(err.contains("grad.0.w: shape [3], expected [2]"), "{err}");
     let err = run("kind = \"soap\"\nprecondition_frequncy = 3\n", vec![p, ("grad.0.w".into(), t(&[1.0, 1.0], &[2]))]);
     assert!(err.contains("optim.precondition_frequncy: unknown config key"), "{err}");
+    // Not safetensors at all: the file named, once.
+    std::fs::write(d.join("bad.toml"), "kind = \"soap\"\n").unwrap();
+    std::fs::write(d.join("junk.safetensors"), b"PK\x03\x04 not tensors").unwrap();
+    let o = bin()
+        .args(["parity", "optim", "--config"])
+        .arg(d.join("bad.toml"))
+        .arg("--input")
+        .arg(d.join("junk.safetensors"))
+        .arg("--output")
+        .arg(d.join("bad-out.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("junk.safetensors: not a valid safetensors file (") && err.trim_end().lines().count() == 1, "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
 
