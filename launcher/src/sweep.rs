@@ -129,12 +129,12 @@ fn point_sets(vsets: &[String], lr: f64) -> Vec<String> {
 
 /// `--slurm`: the array job script and its config in `--out`; returns the script's path.
 pub fn write_slurm(args: &SweepArgs, job: &crate::slurm::SlurmArgs) -> Result<PathBuf> {
-    check_lrs(&args.lrs)?;
+    let variants = checked_variants(args)?;
     let exe = std::env::current_exe().map_err(|e| LaunchError::Runtime(format!("cannot find the dptrain binary: {e}")))?;
     std::fs::create_dir_all(&args.out).map_err(|e| input_err!("--out {}: {e}", args.out.display()))?;
     let out = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
     let mut tasks = vec![];
-    for (name, vsets) in variants(&args.grid)? {
+    for (name, vsets) in variants {
         for &lr in &args.lrs {
             tasks.push(crate::slurm::ArrayTask {
                 sets: point_sets(&vsets, lr),
@@ -152,6 +152,22 @@ pub fn write_slurm(args: &SweepArgs, job: &crate::slurm::SlurmArgs) -> Result<Pa
     Ok(script)
 }
 
+/// The grid's variants, every point's config checked first as `dptrain train` will check it
+/// (the file, the sweep's `--set`s, the variant's and the learning rate): a value one variant
+/// gets wrong is an error before any point runs or any script is written, not after the
+/// points before it trained.
+fn checked_variants(args: &SweepArgs) -> Result<Vec<(String, Vec<String>)>> {
+    check_lrs(&args.lrs)?;
+    let vs = variants(&args.grid)?;
+    for (_, vsets) in &vs {
+        for &lr in &args.lrs {
+            let sets = args.sets.iter().cloned().chain(point_sets(vsets, lr)).collect();
+            crate::setup::load_config(&crate::train::TrainArgs { config: args.config.clone(), sets, ..Default::default() })?;
+        }
+    }
+    Ok(vs)
+}
+
 fn check_lrs(lrs: &[f64]) -> Result<()> {
     if lrs.is_empty() || lrs.iter().any(|l| !(*l > 0.0 && l.is_finite())) {
         return Err(input_err!("--lr: a comma-separated list of positive learning rates"));
@@ -162,13 +178,18 @@ fn check_lrs(lrs: &[f64]) -> Result<()> {
 /// Runs the sweep (children one after another) — or, with `Mode::Collect`, reads what the
 /// points' runs wrote — and writes sweep.json and sweep.png.
 pub fn run(args: &SweepArgs) -> Result<Sweep> {
-    check_lrs(&args.lrs)?;
     let collect = matches!(args.mode, Mode::Collect);
+    let variants = if collect {
+        check_lrs(&args.lrs)?;
+        variants(&args.grid)?
+    } else {
+        checked_variants(args)?
+    };
     let exe = std::env::current_exe().map_err(|e| LaunchError::Runtime(format!("cannot find the dptrain binary: {e}")))?;
     std::fs::create_dir_all(&args.out).map_err(|e| input_err!("--out {}: {e}", args.out.display()))?;
     let mut points = vec![];
     let mut out_variants = vec![];
-    for (name, vsets) in variants(&args.grid)? {
+    for (name, vsets) in variants {
         let mut finals = vec![];
         let mut l0s = vec![];
         for &lr in &args.lrs {
@@ -201,11 +222,10 @@ pub fn run(args: &SweepArgs) -> Result<Sweep> {
             std::fs::write(run_dir.with_extension("log"), &log).ok();
             let (l0, last) = losses(&run_dir);
             if o.status.code() == Some(2) {
-                // Bad input: the same for every point, so stop at the first.
-                return Err(input_err!(
-                    "{}",
-                    log.lines().rev().find(|l| l.contains("error")).unwrap_or("a sweep point's config is invalid").trim()
-                ));
+                // Bad input the config check could not see (the data, say): the same for every
+                // point, so stop at the first, with the child's own line.
+                let line = log.lines().rev().find(|l| l.contains("error")).unwrap_or("a sweep point's config is invalid").trim();
+                return Err(input_err!("{}", line.strip_prefix("dptrain: error: ").unwrap_or(line)));
             }
             let diverged = !o.status.success();
             let final_loss = if diverged { None } else { last };

@@ -1536,6 +1536,36 @@ fn an_lr_sweep_runs_every_point_and_scores_sensitivity() {
     let again: Value = serde_json::from_str(&std::fs::read_to_string(d.join("sweep.json")).unwrap()).unwrap();
     assert_eq!(again["variants"], s["variants"]);
     assert_eq!(again["points"], s["points"]);
+    // A value only the grid's second variant gets wrong is the error before any point trains,
+    // and nothing is written (the first variant's points used to run first); with --slurm, no
+    // script either. Bad input only a point's run can see (more samples than the data has)
+    // stops at the first point with the child's line, once.
+    for slurm in [false, true] {
+        let bad = d.join(format!("bad-grid-{slurm}"));
+        let mut c = bin();
+        c.args(["sweep", "--lr", "1e-2,1e-1", "--grid", "model.qk_norm=false|maybe", "--out"])
+            .arg(&bad)
+            .args(SMALL_GPT.iter().flat_map(|s| ["--set", s]));
+        if slurm {
+            c.arg("--slurm");
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end(), "dptrain: error: model.qk_norm: expected true or false, got \"maybe\"");
+        assert!(!bad.exists(), "--slurm {slurm}: the sweep wrote {}", bad.display());
+    }
+    let o = bin()
+        .args(["sweep", "--lr", "1e-2", "--set", "train.micro_batch=100000", "--set", "train.global_batch=100000", "--out"])
+        .arg(d.join("too-few"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("dptrain: error: train.micro_batch: 100000 × 1 ranks exceeds the") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
