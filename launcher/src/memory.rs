@@ -7,7 +7,8 @@
 //! The check only refuses what cannot fit: it counts the parameters exactly (each model
 //! config's `param_count`) but only the memory that certainly scales with them — values,
 //! gradients and the optimizer's per-element state — not activations, so a model it lets
-//! through may still be too large to train at the chosen batch.
+//! through may still be too large to train at the chosen batch. The data likewise: synthetic
+//! data by its config, data files by their size (each is read whole and converted).
 
 use crate::config::{DataKind, DeviceKind, OptimKind, RunConfig};
 use crate::error::{input_err, Result};
@@ -152,7 +153,9 @@ pub fn check_model_fits(cfg: &RunConfig, params: f64, what: &str, budget: Budget
 }
 
 /// Refuses synthetic data (generated in memory: its size is the config's) that cannot fit, as
-/// [`check_model_fits`] a model. Files are as large as they are and are not checked here.
+/// [`check_model_fits`] a model, and data files by their size: each is read whole and
+/// converted (a text file's bytes to u32 tokens), so a file beyond memory used to end in the
+/// kernel's OOM killer after minutes of swapping.
 pub fn check_data_fits(cfg: &RunConfig, budget: Budget) -> Result<()> {
     let d = &cfg.data;
     match d.kind {
@@ -175,8 +178,28 @@ pub fn check_data_fits(cfg: &RunConfig, budget: Budget) -> Result<()> {
                 )
             })
         }
-        DataKind::Text | DataKind::Tokens | DataKind::Npy => Ok(()),
+        // The file's bytes, then a u32 per byte.
+        DataKind::Text => file_fits("data.path", &d.path, 5.0, "read and held as u32 byte tokens", budget),
+        // The file's bytes, then a u32 per 2 bytes.
+        DataKind::Tokens => file_fits("data.path", &d.path, 3.0, "read and held as u32 tokens", budget),
+        // The file's bytes, then an f64 per element of at most 8 bytes (and f32 pixels after).
+        DataKind::Npy => {
+            file_fits("data.path", &d.path, 2.0, "read and held as f64 values", budget)?;
+            file_fits("data.labels", &d.labels, 2.0, "read and held as f64 values", budget)
+        }
     }
+}
+
+/// Refuses a data file that, at `per_byte` bytes of memory per byte of it (a lower bound of
+/// what its loader holds), cannot fit. A file that cannot be read or is not a regular file is
+/// left to the loader, whose error names it.
+fn file_fits(key: &str, path: &str, per_byte: f64, held: &str, budget: Budget) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let len = meta.len() as f64;
+    refuse_beyond(len * per_byte, budget, |need| format!("{key}: {path} is {}, which needs at least {need} {held}", human_bytes(len)))
 }
 
 /// Ok when the budget's processes' copies of `bytes` fit in its memory (or that is unknown);
@@ -312,8 +335,27 @@ mod tests {
         assert!(check_data_fits(&cfg, Budget { memory: Some(1 << 32), procs: 1 }).is_ok());
         let e = check_data_fits(&cfg, Budget { memory: Some(1 << 32), procs: 2 }).unwrap_err().to_string();
         assert!(e.contains("images of 3×32×32 need at least") && e.contains("(2 processes on this node"), "{e}");
-        // Files are not judged by the config.
-        cfg.data.kind = DataKind::Text;
+        // Files by their size: a sparse 3 GiB file (no disk used) is refused at 1 GiB by each
+        // loader's lower bound; a missing one is left to the loader.
+        let dir = std::env::temp_dir().join(format!("dptrain-memory-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.bin");
+        std::fs::File::create(&big).unwrap().set_len(3 << 30).unwrap();
+        cfg.data.path = big.display().to_string();
+        cfg.data.labels = dir.join("missing.npy").display().to_string();
+        let one = Budget { memory: Some(gib), procs: 1 };
+        for (kind, need) in [
+            (DataKind::Text, "15.000 GiB read and held as u32 byte tokens"),
+            (DataKind::Tokens, "9.000 GiB read and held as u32 tokens"),
+            (DataKind::Npy, "6.000 GiB read and held as f64 values"),
+        ] {
+            cfg.data.kind = kind;
+            let e = check_data_fits(&cfg, one).unwrap_err().to_string();
+            assert_eq!(e, format!("data.path: {} is 3.000 GiB, which needs at least {need}; this machine gives a process 1.000 GiB (its memory, or the cgroup's limit if lower)", big.display()));
+            assert!(check_data_fits(&cfg, Budget { memory: Some(16 * gib), procs: 1 }).is_ok());
+        }
+        cfg.data.path = "/nonexistent/x.bin".into();
         assert!(check_data_fits(&cfg, Budget { memory: Some(1), procs: 1 }).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

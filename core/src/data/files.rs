@@ -6,7 +6,14 @@ use super::ImageSet;
 use crate::error::{Error, Result};
 use std::path::Path;
 
+/// The whole file. Only a regular file: a device or a pipe would be read until memory ran out
+/// (`/dev/zero`), or block (a FIFO nobody writes).
 fn read(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read ({e})")))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "not a regular file (a device, pipe or socket)" };
+        return Err(Error::file(path, format!("is {what}; expected a data file")));
+    }
     std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read ({e})")))
 }
 
@@ -175,6 +182,11 @@ mod tests {
         let e = load_tokens_u16(&t).unwrap_err().to_string();
         assert!(e.contains("t.bin") && e.contains("truncated"), "{e}");
         assert!(load_tokens_u16(&tmp("missing.bin")).unwrap_err().to_string().contains("missing.bin"));
+        // Not regular files: refused before reading (/dev/zero would fill the memory).
+        let e = load_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert_eq!(e, "/dev/zero: is not a regular file (a device, pipe or socket); expected a data file");
+        let e = load_tokens_u16(&std::env::temp_dir()).unwrap_err().to_string();
+        assert!(e.ends_with(": is a directory; expected a data file"), "{e}");
     }
 
     #[test]
