@@ -79,6 +79,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Report { run_dir } => {
             let w = dptrain_launcher::report::report(&run_dir)?;
+            for warning in &w.warnings {
+                eprintln!("dptrain: warning: {warning}");
+            }
             for p in &w.plots {
                 println!("wrote {}", p.display());
             }

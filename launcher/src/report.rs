@@ -25,6 +25,8 @@ const NOT_PROBES: &[&str] =
 pub struct Written {
     pub plots: Vec<PathBuf>,
     pub report: PathBuf,
+    /// What the report left out, one line each (a last record cut off mid-write).
+    pub warnings: Vec<String>,
 }
 
 fn series(recs: &[Value], key: &str) -> Vec<(f64, f64)> {
@@ -62,8 +64,23 @@ pub fn report(dir: &Path) -> Result<Written> {
     let text = std::fs::read_to_string(&metrics)
         .map_err(|e| input_err!("{}: cannot read ({e}); is {} a run directory?", metrics.display(), dir.display()))?;
     let mut recs = vec![];
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).map_err(|e| input_err!("{}: line {}: not JSON ({e})", metrics.display(), i + 1))?;
+    let mut warnings = vec![];
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    for (k, &(i, line)) in lines.iter().enumerate() {
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // A last line without its newline is a record being written (the run is live) or
+            // cut off (the run was killed): what came before it is the run so far.
+            Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => {
+                warnings.push(format!(
+                    "{}: line {}: left out, cut off before its end (a record being written, or the run stopped while writing it)",
+                    metrics.display(),
+                    i + 1
+                ));
+                continue;
+            }
+            Err(e) => return Err(input_err!("{}: line {}: not JSON ({e})", metrics.display(), i + 1)),
+        };
         if v.get("step").and_then(Value::as_f64).is_none() {
             return Err(input_err!("{}: line {}: no `step`", metrics.display(), i + 1));
         }
@@ -139,6 +156,9 @@ pub fn report(dir: &Path) -> Result<Written> {
     }
     let last_step = recs.iter().filter_map(|r| r["step"].as_u64()).max().unwrap_or(0);
     md.push_str(&format!("Last logged step: {last_step}.\n\n"));
+    for w in &warnings {
+        md.push_str(&format!("Note: {w}.\n\n"));
+    }
     let dist = series(&recs, "dist_init");
     if let Some((slope, intercept, n)) = log_fit(&dist) {
         md.push_str(&format!(
@@ -179,7 +199,7 @@ pub fn report(dir: &Path) -> Result<Written> {
     }
     let report = dir.join("report.md");
     dptrain_core::checkpoint::atomic_write(&report, md.as_bytes()).map_err(|e| LaunchError::Runtime(e.to_string()))?;
-    Ok(Written { plots, report })
+    Ok(Written { plots, report, warnings })
 }
 
 /// Least-squares fit y = a·ln t + b over the points with t > 0: (a, b, points); `None` with

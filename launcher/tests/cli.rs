@@ -1484,6 +1484,23 @@ fn report_plots_a_run() {
     }
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(md.contains("final validation loss") && md.contains("`attn_logit_max/0`") && md.contains("![loss.png](loss.png)"), "{md}");
+    // A run killed while writing a record (or one still running) leaves a last line without
+    // its end: the report is of the records before it, and says so; a broken line elsewhere is
+    // still an error.
+    let metrics = run.join("metrics.jsonl");
+    let whole = std::fs::read_to_string(&metrics).unwrap();
+    std::fs::write(&metrics, format!("{whole}{{\"step\": 21, \"loss\": 4.1")).unwrap();
+    let o = bin().arg("report").arg(&run).output().unwrap();
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let n = whole.lines().count() + 1;
+    assert!(err.contains(&format!("dptrain: warning: {}: line {n}: left out, cut off before its end", metrics.display())), "{err}");
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(md.contains("Last logged step: 20.") && md.contains(&format!("line {n}: left out")), "{md}");
+    std::fs::write(&metrics, format!("{{\"step\": 1, \"loss\": 4.1\n{whole}")).unwrap();
+    let o = bin().arg("report").arg(&run).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("metrics.jsonl: line 1: not JSON"));
     let o = bin().arg("report").arg(d.join("nope")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
