@@ -1,6 +1,6 @@
 //! The launcher's error type. `Input` errors are the user's to fix (config, CLI, data files,
 //! checkpoints): one line, exit code 2. `Runtime` errors are failures during a valid run:
-//! exit code 1.
+//! exit code 1. `Stopped` is a run a signal ended early with a checkpoint: 128 + the signal.
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -8,6 +8,10 @@ pub enum LaunchError {
     Input(String),
     #[error("{0}")]
     Runtime(String),
+    /// A run stopped by a signal at the end of a step, with a checkpoint there (see `stop`):
+    /// exit code 128 + the signal. `message` is empty on the ranks that do not report it.
+    #[error("{message}")]
+    Stopped { signal: i32, message: String },
 }
 
 impl LaunchError {
@@ -15,6 +19,7 @@ impl LaunchError {
         match self {
             LaunchError::Input(_) => 2,
             LaunchError::Runtime(_) => 1,
+            LaunchError::Stopped { signal, .. } => (128 + signal).clamp(129, 255) as u8,
         }
     }
 }

@@ -5,8 +5,11 @@
 //! `--allow-run-as-root`; fewer cores than ranks: `--oversubscribe`, said aloud; `--bind-to none`
 //! because each rank sizes its own thread pool), prints the exact command, prefixes each output
 //! line with its rank (`[r3] ...`, from Open MPI's `--tag-output` or MPICH's `-prepend-rank`),
-//! forwards SIGINT/SIGTERM to the job and escalates to SIGKILL of every process under it after a
-//! grace period (and of any process still holding mpirun's output pipes once it has gone), and
+//! forwards SIGINT/SIGTERM/SIGUSR1 to the job — to Open MPI's mpirun as SIGUSR1, which it
+//! passes to every rank as is, so the ranks stop at their step's end with a checkpoint (its own
+//! SIGTERM kills them within about a second) — and escalates to SIGKILL of every process under
+//! it after a grace period (and of any process still holding mpirun's output pipes once it has
+//! gone), and
 //! exits with the first failing rank's code, saying which rank it was.
 //!
 //! Supervision is plain std: a thread per output pipe and a polling wait, no async runtime.
@@ -321,6 +324,7 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR1, on_signal as *const () as libc::sighandler_t);
     }
     let mut child = Command::new(&mpirun)
         .args(&flags)
@@ -390,9 +394,17 @@ pub fn launch(a: &LaunchArgs) -> Result<i32> {
         let sig = SIGNALLED.load(Ordering::SeqCst);
         match forwarded_at {
             None if sig != 0 => {
-                eprintln!("dptrain launch: got signal {sig}: forwarding SIGTERM to the job (SIGKILL in {} s)", a.grace_s);
+                // Open MPI's mpirun forwards SIGUSR1 to the ranks untouched (`dptrain train`
+                // checkpoints and stops on it); MPICH's gets SIGTERM, as before.
+                let fwd = if mpi == Mpi::OpenMpi { libc::SIGUSR1 } else { libc::SIGTERM };
+                eprintln!(
+                    "dptrain launch: got {}: forwarding {} to the job, whose ranks stop at the end of their step with a checkpoint (SIGKILL in {} s)",
+                    crate::stop::name(sig),
+                    crate::stop::name(fwd),
+                    a.grace_s
+                );
                 // SAFETY: kill(2) on our own child's pid.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                unsafe { libc::kill(pid as i32, fwd) };
                 forwarded_at = Some(Instant::now());
             }
             Some(t) if t.elapsed().as_secs_f64() > a.grace_s => {

@@ -24,6 +24,7 @@ pub mod probes;
 pub mod report;
 pub mod setup;
 pub mod slurm;
+pub mod stop;
 pub mod sweep;
 pub mod train;
 pub mod world;

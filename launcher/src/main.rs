@@ -172,7 +172,12 @@ fn main() -> ExitCode {
         Err(e) if e.downcast_ref::<Exit>().is_some() => ExitCode::from(e.downcast_ref::<Exit>().map_or(1, |x| x.0.clamp(1, 255) as u8)),
         Err(e) => {
             let code = e.downcast_ref::<LaunchError>().map(|l| l.exit_code()).unwrap_or(1);
-            eprintln!("dptrain: error: {e}");
+            match e.downcast_ref::<LaunchError>() {
+                // Not an error: what was asked for; said once (by rank 0).
+                Some(LaunchError::Stopped { message, .. }) if message.is_empty() => {}
+                Some(LaunchError::Stopped { message, .. }) => eprintln!("dptrain: {message}"),
+                _ => eprintln!("dptrain: error: {e}"),
+            }
             ExitCode::from(code)
         }
     }

@@ -1,5 +1,6 @@
 //! `dptrain train`: the training loop, read top to bottom as nanoGPT's is — batch →
-//! forward/backward with gradient sync → clip → optimizer step → log → eval → checkpoint.
+//! forward/backward with gradient sync → clip → optimizer step → log → eval → checkpoint →
+//! stop if a signal asked for it (`stop`).
 //!
 //! What surrounds it lives beside it: the config read and the run built in `setup` (through the
 //! factories in `build`), rank agreement in `agree`, metrics and the progress bar in `metrics`,
@@ -58,6 +59,8 @@ pub struct Summary {
 }
 
 pub fn train(args: &TrainArgs) -> Result<Summary> {
+    // From here on SIGTERM / SIGUSR1 stop the run at a step's end with a checkpoint.
+    crate::stop::install();
     let (raw, cfg, ckpt) = load_config(args)?;
     let mut world = crate::world::discover(std::time::Duration::from_secs_f64(cfg.comm.timeout_s))?;
     let res = setup(args, &raw, cfg, ckpt, world.main.as_ref());
@@ -318,6 +321,27 @@ fn train_loop(
         }
         if save_now {
             save_checkpoint(run, comm, done, &stream)?;
+        }
+        // A signal (a Slurm time limit or preemption, launch's Ctrl-C) ends the run here, at the
+        // same step on every rank, with a checkpoint (see `stop`). At the last step it is done.
+        if let (Some(signal), false) = (crate::stop::agreed(comm)?, done == steps) {
+            if !save_now {
+                settle(run, comm, &mut events, &mut pending, &mut last_loss)?;
+                average_buffers(comm, &run.params, done)?;
+                save_checkpoint(run, comm, done, &stream)?;
+            }
+            sink.finish();
+            let message = if rank == 0 {
+                format!(
+                    "stopped by {} after step {done} of {steps}: checkpoint {}; continue with `dptrain train --resume {}`",
+                    crate::stop::name(signal),
+                    checkpoint::step_dir(&run.run_dir, done).display(),
+                    run.run_dir.display()
+                )
+            } else {
+                String::new()
+            };
+            return Err(LaunchError::Stopped { signal, message });
         }
     }
     let (elapsed_s, samples_per_s) = sink.finish();

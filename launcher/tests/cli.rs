@@ -678,6 +678,46 @@ fn resume_matches(name: &str, sets: &[&str]) {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// SIGTERM (Slurm's time limit, preemption) stops a run at the end of its step with a
+/// checkpoint there and exit code 143; resumed from it, the run continues bitwise as one never
+/// stopped (a constant learning rate, so a shorter run is the same run up to its end).
+#[test]
+fn a_signal_stops_the_run_with_a_checkpoint_it_resumes_from() {
+    let d = tmp("stop");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let same = ["schedule.kind=\"constant\"", "schedule.warmup_steps=0", "run.log_every=1", "train.eval_every=0"];
+    let mut c = bin();
+    c.arg("train").arg("--run-dir").arg(&b);
+    for s in SMALL.iter().chain(SMALL_GPT).chain(&same).chain(&["train.steps=1000000"]) {
+        c.args(["--set", s]);
+    }
+    let child = c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(b.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 60, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on this test's own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    let line = err.lines().find(|l| l.starts_with("dptrain: stopped by SIGTERM after step ")).unwrap_or_else(|| panic!("{err}"));
+    let n: u64 = line["dptrain: stopped by SIGTERM after step ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(line.contains(&format!("of 1000000: checkpoint {}", b.join("checkpoints/step_").display())), "{line}");
+    assert!(b.join(format!("checkpoints/step_{n:07}/state.json")).is_file(), "{line}");
+    assert!(!b.join("summary.json").exists(), "a stopped run is not finished");
+    assert_eq!(records(&b).last().unwrap()["step"], n);
+    // The same run, never stopped, to n + 5; and the stopped one resumed to there.
+    let to = format!("train.steps={}", n + 5);
+    ok(&train(&a, &same.iter().copied().chain([to.as_str()]).collect::<Vec<_>>(), &[]));
+    ok(&bin().args(["train", "--set", &to, "--resume"]).arg(&b).output().unwrap());
+    let (va, vb) = (values(&records(&a), 0), values(&records(&b), 0));
+    assert_eq!(vb.len(), n as usize + 5 + 1, "the resumed run's records");
+    assert_eq!(va, vb, "the stopped and resumed run differs from the one never stopped");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn resume_is_bitwise_exact_gpt_adamw() {
     resume_matches("resume-gpt", &[]);

@@ -308,6 +308,53 @@ fn resume_on_two_ranks_is_exact() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// A signal that reaches one rank only (SIGUSR1, as `#SBATCH --signal` or Open MPI's mpirun
+/// deliver it) stops both at the same step: one checkpoint there, said once, and the run
+/// resumed from it on two ranks continues bitwise as one never stopped.
+#[test]
+fn a_signal_to_one_rank_stops_both_at_one_checkpoint() {
+    if skip() {
+        return;
+    }
+    let d = tmp("stop");
+    let same = ["train.global_batch=16", "schedule.kind=\"constant\"", "schedule.warmup_steps=0"];
+    let mut c = mpirun(2);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(args(&d.join("b"), &same.iter().copied().chain(["train.steps=1000000"]).collect::<Vec<_>>()));
+    let child = c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    let rank1 = loop {
+        let ranks = dptrain_launcher::launch::descendants(child.id());
+        let one = ranks.into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == b"OMPI_COMM_WORLD_RANK=1"))
+        });
+        let started = std::fs::read_to_string(d.join("b/metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 3);
+        if let (Some(p), true) = (one, started) {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the ranks did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: kill(2) on a rank of this test's own job.
+    unsafe { libc::kill(rank1 as i32, libc::SIGUSR1) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let said: Vec<&str> = err.lines().filter(|l| l.starts_with("dptrain: stopped by SIGUSR1 after step ")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    let n: u64 = said[0]["dptrain: stopped by SIGUSR1 after step ".len()..].split(' ').next().unwrap().parse().unwrap();
+    let ckpts: Vec<_> = std::fs::read_dir(d.join("b/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(ckpts, [std::ffi::OsString::from(format!("step_{n:07}"))], "{err}");
+    let to = format!("train.steps={}", n + 3);
+    ok(&multi(2, &d.join("a"), &same.iter().copied().chain([to.as_str()]).collect::<Vec<_>>(), &[]));
+    let mut c = mpirun(2);
+    c.arg(env!("CARGO_BIN_EXE_dptrain")).args(["train", "--set", &to, "--resume"]).arg(d.join("b"));
+    ok(&c.output().unwrap());
+    let (a, b) = (values_of(&d.join("a")), values_of(&d.join("b")));
+    assert_eq!(b.len(), n as usize + 3 + 1);
+    assert!(a == b, "the stopped and resumed 2-rank run differs from the one never stopped");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Random windows and dropout masks are keyed by rank as well as step: two ranks resume them
 /// exactly, and evaluation split over the two ranks scores the same samples as one rank.
 #[test]
@@ -656,6 +703,10 @@ fn sigterm_to_launch_leaves_no_rank_behind() {
         })
         .collect();
     assert!(alive.is_empty(), "processes left behind: {alive:?}");
+    // The ranks got SIGUSR1 through mpirun and stopped at a step's end with a checkpoint
+    // (the run saves none of its own: train.checkpoint_every = 0).
+    let ckpts = std::fs::read_dir(d.join("r/checkpoints")).map_or(0, |r| r.count());
+    assert_eq!(ckpts, 1, "no checkpoint from the stop");
     // launch has exited and been waited for: its pid may already name another process.
     std::mem::forget(guard);
     std::fs::remove_dir_all(&d).ok();
