@@ -9,8 +9,7 @@
 //! passes to every rank as is, so the ranks stop at their step's end with a checkpoint (its own
 //! SIGTERM kills them within about a second) — and escalates to SIGKILL of every process under
 //! it after a grace period (and of any process still holding mpirun's output pipes once it has
-//! gone), and
-//! exits with the first failing rank's code, saying which rank it was.
+//! gone), and exits with the first failing rank's code, saying which rank it was.
 //!
 //! Supervision is plain std: a thread per output pipe and a polling wait, no async runtime.
 

@@ -1,8 +1,10 @@
 //! Stopping a run early, with a checkpoint. Slurm sends SIGTERM to every task at a job's time
 //! limit or on preemption, and SIGKILL `KillWait` seconds later (30 by default); `#SBATCH
 //! --signal=USR1@120` sends SIGUSR1 ahead of the limit; Open MPI's mpirun forwards SIGUSR1 to
-//! every rank as it is (its own SIGTERM kills the ranks within about a second), and so does
-//! `dptrain launch` on Ctrl-C or SIGTERM. Either signal asks `dptrain train` to stop at the end
+//! every rank as it is (its own SIGTERM kills the ranks within about a second), and `dptrain
+//! launch` turns the SIGTERM it gets into that SIGUSR1. (A Ctrl-C in the terminal sends SIGINT
+//! to every process of the job, which ends them at once, as before.) Either signal asks
+//! `dptrain train` to stop at the end
 //! of the step it is in: the ranks agree on that step (a signal may reach them at different
 //! steps, or reach only some), a checkpoint is written there, and every rank exits with 128 +
 //! the signal, so the run continues with `dptrain train --resume RUN_DIR`. A second signal
