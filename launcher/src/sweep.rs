@@ -80,9 +80,10 @@ fn variants(grid: &[String]) -> Result<Vec<(String, Vec<String>)>> {
     let mut out = vec![(String::new(), vec![])];
     for axis in grid {
         let (key, vals) = axis.split_once('=').ok_or_else(|| input_err!("--grid {axis}: expected key=v1|v2|..."))?;
-        let vals: Vec<&str> = vals.split('|').filter(|v| !v.is_empty()).collect();
-        if key.is_empty() || vals.is_empty() {
-            return Err(input_err!("--grid {axis}: expected key=v1|v2|..."));
+        let vals: Vec<&str> = vals.split('|').collect();
+        // An empty value (`a||b`, a trailing `|`) is a typo, not a variant to drop quietly.
+        if key.is_empty() || vals.iter().any(|v| v.trim().is_empty()) {
+            return Err(input_err!("--grid {axis}: expected key=v1|v2|... (no empty value)"));
         }
         out = out
             .into_iter()
@@ -314,6 +315,10 @@ mod tests {
         assert_eq!(v.len(), 4);
         assert_eq!(v[1].0, "model.qk_norm=true,optim.kind=\"lamb\"");
         assert!(variants(&["nokey".into()]).is_err());
+        for typo in ["optim.kind=\"adamw\"|", "model.qk_norm=true||false", "model.qk_norm=", "=1|2"] {
+            let e = variants(&[typo.into()]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--grid {typo}: expected key=v1|v2|...")), "{e}");
+        }
     }
 
     /// A point's learning rate reaches its config as the number swept, however large or small
