@@ -120,12 +120,19 @@ pub fn apply_sets(t: &mut Table, sets: &[String]) -> Result<()> {
     for s in sets {
         let (key, val) = s.split_once('=').ok_or_else(|| input_err!("--set {s}: expected key=value"))?;
         let key = key.trim();
-        if doc(key).is_none() {
-            return Err(unknown_key(key, "--set "));
-        }
+        let Some(d) = doc(key) else { return Err(unknown_key(key, "--set ")) };
         let val = val.trim();
-        let v =
-            format!("v = {val}").parse::<Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(val.to_string()));
+        let parsed = format!("v = {val}").parse::<Table>().ok().and_then(|mut t| t.remove("v"));
+        // Digits TOML could not read, for a number, are an integer beyond 64 bits.
+        let digits = val.strip_prefix(['-', '+']).unwrap_or(val);
+        let numeric = matches!(d.ty, Int | Float);
+        if parsed.is_none() && numeric && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
+            return Err(input_err!(
+                "--set {s}: {val} does not fit a 64-bit integer; write a float such as {:e}",
+                val.replace('_', "").parse::<f64>().unwrap_or(f64::MAX)
+            ));
+        }
+        let v = parsed.unwrap_or_else(|| Value::String(val.to_string()));
         set_path(t, key, v)?;
     }
     Ok(())
@@ -387,6 +394,15 @@ mod tests {
         let mut t = Table::new();
         assert!(apply_sets(&mut t, &["train.nope=1".into()]).unwrap_err().to_string().contains("train.nope"));
         assert!(apply_sets(&mut t, &["train.steps".into()]).is_err());
+        // Digits beyond a 64-bit integer say so (they used to become a string, then "expected a
+        // number"); as a float they are read.
+        let e = apply_sets(&mut t, &["optim.lr=100000000000000000000".into()]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--set optim.lr=100000000000000000000: 100000000000000000000 does not fit a 64-bit integer; write a float such as 1e20"
+        );
+        apply_sets(&mut t, &["optim.lr=1e20".into()]).unwrap();
+        assert_eq!(Raw::new(t).unwrap().typed().unwrap().optim.lr, 1e20);
     }
 
     #[test]
