@@ -1877,8 +1877,9 @@ fn launch_rejects_bad_command_lines() {
 
 /// An mpirun stopped by launch's SIGTERM while it was still starting ranks (Open MPI's, at
 /// `-n 100000`) left a fork of itself behind, reparented to init and holding the output pipes:
-/// launch waited on them forever. A stand-in mpirun does the same here (its fork also ignores
-/// SIGTERM); launch must exit with 128 + 15 within its grace period and take the fork with it.
+/// launch waited on them forever. A stand-in mpirun does the same here, on SIGTERM or on the
+/// SIGUSR1 launch forwards to an Open MPI mpirun (its fork also ignores SIGTERM); launch must
+/// exit with 128 + 15 within its grace period and take the fork with it.
 /// The stand-in writes its fork's pid itself before it exits: the fork may be killed before it
 /// runs a command of its own (it did, once, on a loaded machine).
 #[test]
@@ -1888,7 +1889,7 @@ fn launch_stopped_ends_what_mpirun_left_holding_its_output() {
     std::fs::create_dir_all(&fake).unwrap();
     let script = "#!/bin/sh\n\
         if [ \"$1\" = \"--version\" ]; then echo 'mpirun (Open MPI) 4.1.4'; exit 0; fi\n\
-        trap 'sh -c \"trap \\\"\\\" TERM; exec sleep 300\" & echo $! > $FORK_PID_FILE; exit 143' TERM\n\
+        trap 'sh -c \"trap \\\"\\\" TERM; exec sleep 300\" & echo $! > $FORK_PID_FILE; exit 143' TERM USR1\n\
         echo started\n\
         while :; do sleep 1; done\n";
     let mpirun = fake.join("mpirun");
