@@ -16,6 +16,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "fault-injection")]
         Cmd::Train { config, sets, run_dir, resume, fault } => {
             ensure_cuda_libs_for_train();
+            dptrain_launcher::stop::install();
             train(&TrainArgs { config, sets, run_dir, resume, fault })?;
         }
         #[cfg(not(feature = "fault-injection"))]
@@ -24,6 +25,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // before MPI starts (it may re-execute the binary with their directories on the
             // library path).
             ensure_cuda_libs_for_train();
+            // SIGTERM / SIGUSR1 stop the run at a step's end with a checkpoint (`stop`): this
+            // command only, not the in-process runs of gpu-check.
+            dptrain_launcher::stop::install();
             train(&TrainArgs { config, sets, run_dir, resume, fault: None })?;
         }
         Cmd::CoordCheck { config, sets, widths, max_slope, seeds, steps, lr, out } => {

@@ -23,8 +23,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Catches SIGTERM and SIGUSR1 from now on (`dptrain train` only: the other commands keep the
-/// default action).
+/// Catches SIGTERM and SIGUSR1 from now on: the `dptrain train` command calls it; the other
+/// commands, gpu-check's in-process runs among them, keep the default action.
 pub fn install() {
     for sig in [libc::SIGTERM, libc::SIGUSR1] {
         // SAFETY: the handler only swaps an atomic and may call _exit, both async-signal-safe;

@@ -59,8 +59,6 @@ pub struct Summary {
 }
 
 pub fn train(args: &TrainArgs) -> Result<Summary> {
-    // From here on SIGTERM / SIGUSR1 stop the run at a step's end with a checkpoint.
-    crate::stop::install();
     let (raw, cfg, ckpt) = load_config(args)?;
     let mut world = crate::world::discover(std::time::Duration::from_secs_f64(cfg.comm.timeout_s))?;
     let res = setup(args, &raw, cfg, ckpt, world.main.as_ref());
