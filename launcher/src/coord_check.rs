@@ -108,9 +108,7 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     // check looks at what the parametrization does to updates, nothing else.
     let mut fixed = args.sets.clone();
     fixed.extend([
-        // Debug, not Display: 1e30 as `1e30`, which TOML reads as a float (Display writes 31
-        // digits, an integer too large for TOML).
-        format!("optim.lr={:?}", args.lr),
+        format!("optim.lr={}", args.lr),
         "optim.clip=0.0".into(),
         "schedule.kind=\"constant\"".into(),
         "schedule.warmup_steps=0".into(),

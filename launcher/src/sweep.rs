@@ -123,9 +123,7 @@ fn losses(run_dir: &Path) -> (Option<f64>, Option<f64>) {
 /// The `--set`s of one point beyond the sweep's own: its variant's, its learning rate, and the
 /// step-0 evaluation the sensitivity needs.
 fn point_sets(vsets: &[String], lr: f64) -> Vec<String> {
-    // `{lr:?}`: a float TOML reads back whatever its size (Display writes 1e20 as 21 digits,
-    // an integer too large for TOML).
-    vsets.iter().cloned().chain([format!("optim.lr={lr:?}"), "train.eval_at_start=true".into()]).collect()
+    vsets.iter().cloned().chain([format!("optim.lr={lr}"), "train.eval_at_start=true".into()]).collect()
 }
 
 /// `--slurm`: the array job script and its config in `--out`; returns the script's path.
@@ -322,7 +320,7 @@ mod tests {
     }
 
     /// A point's learning rate reaches its config as the number swept, however large or small
-    /// (1e20 was written as 21 digits, an integer TOML refused).
+    /// (1e20, written as 21 digits, was an integer TOML refused).
     #[test]
     fn a_points_learning_rate_reads_back_as_swept() {
         for lr in [1e20, 1e-30, 0.05, 3.0, 2.5e-4] {

@@ -123,16 +123,16 @@ pub fn apply_sets(t: &mut Table, sets: &[String]) -> Result<()> {
         let Some(d) = doc(key) else { return Err(unknown_key(key, "--set ")) };
         let val = val.trim();
         let parsed = format!("v = {val}").parse::<Table>().ok().and_then(|mut t| t.remove("v"));
-        // Digits TOML could not read, for a number, are an integer beyond 64 bits.
+        // Digits TOML could not read are an integer beyond 64 bits (f64's Display writes 1e20
+        // so, and the sweep and coord-check write their rates with it): the number they are
+        // for a float key, an error for an integer one — not a string.
         let digits = val.strip_prefix(['-', '+']).unwrap_or(val);
-        let numeric = matches!(d.ty, Int | Float);
-        if parsed.is_none() && numeric && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
-            return Err(input_err!(
-                "--set {s}: {val} does not fit a 64-bit integer; write a float such as {:e}",
-                val.replace('_', "").parse::<f64>().unwrap_or(f64::MAX)
-            ));
-        }
-        let v = parsed.unwrap_or_else(|| Value::String(val.to_string()));
+        let beyond_i64 = parsed.is_none() && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+        let v = match (beyond_i64, d.ty) {
+            (true, Float) => Value::Float(val.replace('_', "").parse::<f64>().map_err(|e| input_err!("--set {s}: {e}"))?),
+            (true, Int) => return Err(input_err!("--set {s}: {val} does not fit a 64-bit integer")),
+            _ => parsed.unwrap_or_else(|| Value::String(val.to_string())),
+        };
         set_path(t, key, v)?;
     }
     Ok(())
@@ -394,15 +394,13 @@ mod tests {
         let mut t = Table::new();
         assert!(apply_sets(&mut t, &["train.nope=1".into()]).unwrap_err().to_string().contains("train.nope"));
         assert!(apply_sets(&mut t, &["train.steps".into()]).is_err());
-        // Digits beyond a 64-bit integer say so (they used to become a string, then "expected a
-        // number"); as a float they are read.
-        let e = apply_sets(&mut t, &["optim.lr=100000000000000000000".into()]).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "--set optim.lr=100000000000000000000: 100000000000000000000 does not fit a 64-bit integer; write a float such as 1e20"
-        );
-        apply_sets(&mut t, &["optim.lr=1e20".into()]).unwrap();
-        assert_eq!(Raw::new(t).unwrap().typed().unwrap().optim.lr, 1e20);
+        // Digits beyond a 64-bit integer (they used to become a string, then "expected a
+        // number"): the number for a float key, an error naming them for an integer key.
+        let e = apply_sets(&mut t, &["train.steps=100000000000000000000".into()]).unwrap_err().to_string();
+        assert_eq!(e, "--set train.steps=100000000000000000000: 100000000000000000000 does not fit a 64-bit integer");
+        apply_sets(&mut t, &["optim.lr=100000000000000000000".into(), "optim.eps=1000000000000000000000000000000".into()]).unwrap();
+        let r = Raw::new(t).unwrap().typed().unwrap();
+        assert_eq!((r.optim.lr, r.optim.eps), (1e20, 1e30));
     }
 
     #[test]
