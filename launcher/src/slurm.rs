@@ -125,6 +125,11 @@ pub fn render(a: &SlurmArgs, name: &str, exe: &Path, config_path: &Path, log_dir
     if let Some(acc) = &a.account {
         s.push_str(&format!("#SBATCH --account={acc}\n"));
     }
+    // Slurm's SIGTERM at the limit leaves only KillWait (30 s by default) before SIGKILL; two
+    // minutes' notice lets a large model finish its step and write its checkpoint (`stop`).
+    s.push_str("# SIGUSR1 to every rank 2 minutes before the time limit: dptrain stops at the end of its step\n");
+    s.push_str("# with a checkpoint (continue with `dptrain train --resume RUN_DIR`).\n");
+    s.push_str("#SBATCH --signal=USR1@120\n");
     let log = |pat: &str| log_dir.join(pat).display().to_string();
     match array {
         Some(arr) => {

@@ -1,6 +1,6 @@
 //! Stopping a run early, with a checkpoint. Slurm sends SIGTERM to every task at a job's time
 //! limit or on preemption, and SIGKILL `KillWait` seconds later (30 by default); `#SBATCH
-//! --signal=USR1@120` sends SIGUSR1 ahead of the limit; Open MPI's mpirun forwards SIGUSR1 to
+//! --signal=USR1@120` (in the scripts `dptrain slurm` writes) sends SIGUSR1 two minutes ahead; Open MPI's mpirun forwards SIGUSR1 to
 //! every rank as it is (its own SIGTERM kills the ranks within about a second), and `dptrain
 //! launch` turns the SIGTERM it gets into that SIGUSR1. (A Ctrl-C in the terminal sends SIGINT
 //! to every process of the job, which ends them at once, as before.) Either signal asks
