@@ -50,8 +50,8 @@ fn split_tokens(t: Vec<u32>, vf: f64, context: usize, path: &Path) -> Result<(To
     Ok((TokenWindows::new(tr, context), TokenWindows::new(va, context)))
 }
 
-/// Loads or generates the run's data; synthetic data that cannot fit in `budget` is refused
-/// before it is generated.
+/// Loads or generates the run's data; data that cannot fit in `budget` (synthetic by its
+/// config, files by their size) is refused before it is generated or read.
 pub fn load_data(cfg: &RunConfig, budget: Budget) -> Result<Data> {
     crate::memory::check_data_fits(cfg, budget)?;
     let (d, seed) = (&cfg.data, cfg.run.seed);

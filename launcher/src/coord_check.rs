@@ -130,8 +130,9 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
         .map(|&w| {
             let mut sets = fixed.clone();
             sets.extend(width_sets(&first, w)?);
-            build_model(&typed(&table, &sets)?, &data, &mut ParamBuilder::new(), budget)?;
-            Ok(sets)
+            let cfg = typed(&table, &sets)?;
+            build_model(&cfg, &data, &mut ParamBuilder::new(), budget)?;
+            Ok(cfg)
         })
         .collect::<Result<Vec<_>>>()?;
     // samples[module][step][width index][seed]
@@ -139,9 +140,8 @@ pub fn run(args: &CoordArgs) -> Result<Report> {
     let nw = args.widths.len();
     for (wi, &w) in args.widths.iter().enumerate() {
         for seed in 0..args.seeds {
-            let mut sets = width_cfgs[wi].clone();
-            sets.push(format!("run.seed={}", first.run.seed + seed));
-            let cfg = typed(&table, &sets)?;
+            let mut cfg = width_cfgs[wi].clone();
+            cfg.run.seed = first.run.seed + seed;
             let mut pb = ParamBuilder::new();
             let (model, _) = build_model(&cfg, &data, &mut pb, budget)?;
             let mut params = pb.build(cfg.run.seed, DType::F32)?;
