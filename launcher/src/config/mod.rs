@@ -131,6 +131,12 @@ pub fn apply_sets(t: &mut Table, sets: &[String]) -> Result<()> {
         let v = match (beyond_i64, d.ty) {
             (true, Float) => Value::Float(val.replace('_', "").parse::<f64>().map_err(|e| input_err!("--set {s}: {e}"))?),
             (true, Int) => return Err(input_err!("--set {s}: {val} does not fit a 64-bit integer")),
+            // A string key takes the text as written unless it is quoted: run.name=12345,
+            // data.path=inf and run.name=true name a run or a file, not a number or a bool.
+            (_, Str) => match parsed {
+                Some(v @ Value::String(_)) => v,
+                _ => Value::String(val.to_string()),
+            },
             _ => parsed.unwrap_or_else(|| Value::String(val.to_string())),
         };
         set_path(t, key, v)?;
@@ -401,6 +407,17 @@ mod tests {
         apply_sets(&mut t, &["optim.lr=100000000000000000000".into(), "optim.eps=1000000000000000000000000000000".into()]).unwrap();
         let r = Raw::new(t).unwrap().typed().unwrap();
         assert_eq!((r.optim.lr, r.optim.eps), (1e20, 1e30));
+        // A string key reads unquoted numbers, bools and inf as the text written; quotes still
+        // work, and a choice key names what it got.
+        let mut t = Table::new();
+        apply_sets(&mut t, &["run.name=12345".into(), "data.path=inf".into()]).unwrap();
+        let r = Raw::new(t).unwrap().typed().unwrap();
+        assert_eq!((r.run.name.as_str(), r.data.path.as_str()), ("12345", "inf"));
+        let mut t = Table::new();
+        apply_sets(&mut t, &["run.name=\"quoted\"".into(), "data.kind=true".into()]).unwrap();
+        assert_eq!(t["run"]["name"].as_str(), Some("quoted"));
+        let e = Raw::new(t).err().expect("not a data kind").to_string();
+        assert!(e.starts_with("data.kind: expected one of") && e.ends_with("got \"true\""), "{e}");
     }
 
     #[test]
