@@ -27,6 +27,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     the_embeddings_gradient_is_the_cpus_bit_for_bit();
     activation_statistics_match_the_cpu();
     strided_copies_match_the_cpu();
+    row_gathers_match_the_cpu();
     flash_attention_probe_matches_the_cpu();
     cross_entropy_statistics_match_the_cpu();
     bf16_casts_match_the_cpu();
@@ -745,6 +746,28 @@ fn strided_copies_match_the_cpu() {
     let want = ew::broadcast_to(&hb, &[37, 48]).unwrap().to_vec::<f32>().unwrap();
     let got = ew::broadcast_to(&hb.to_device(Device::Cuda(0)).unwrap(), &[37, 48]).unwrap().to_vec::<f32>().unwrap();
     assert_eq!(got, want, "bias broadcast");
+}
+
+/// `ops::embedding::rows` (the tape-free row gather SOAP re-sorts its second moment with) on a
+/// view that starts inside a larger buffer, as SOAP's per-parameter slices do: the CPU's rows,
+/// and the same one-line errors for a row out of range and a bf16 table on the device.
+fn row_gathers_match_the_cpu() {
+    use dptrain_core::ops::embedding::rows;
+    use dptrain_core::{DType, Device, Tensor};
+    let v: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let h = Tensor::from_slice(&v, &[100]).unwrap().narrow(0, 10, 42).unwrap().reshape(&[6, 7]).unwrap();
+    let d =
+        Tensor::from_slice(&v, &[100]).unwrap().to_device(Device::Cuda(0)).unwrap().narrow(0, 10, 42).unwrap().reshape(&[6, 7]).unwrap();
+    let ids = [5u32, 0, 3, 3, 1];
+    let want = rows(&h, &ids).unwrap();
+    assert_eq!(want.shape(), [5, 7]);
+    assert_eq!(want.to_vec::<f32>().unwrap()[..7], v[45..52]);
+    assert_eq!(rows(&d, &ids).unwrap().to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+    for t in [&h, &d] {
+        assert!(rows(t, &[6]).unwrap_err().to_string().contains("row 6 of a table of 6 rows"));
+    }
+    let half = d.to_dtype(DType::BF16);
+    assert!(rows(&half, &[0]).unwrap_err().to_string().contains("f32 only"));
 }
 
 /// The training probes' per-tensor sums (`seg_probe_f32`, every mode) against the CPU loop,

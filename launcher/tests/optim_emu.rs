@@ -3,7 +3,8 @@
 //! large enough for its parallel CPU pieces), LAMB and SOAP (both decay forms each) and SGD
 //! kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
-//! statistics on the device and the eigh/QR refresh on the host) must follow the CPU optimizers
+//! statistics on the device, the eigh/QR refresh on the host and v re-sorted on the device,
+//! no moments on the host) must follow the CPU optimizers
 //! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
 //! host-decided steps, bit for bit.
 #![cfg(feature = "cuda-emu")]
@@ -155,6 +156,9 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{name}: emulated GPU {got:?}\nvs CPU {want:?}");
         }
         assert!(got != stores_with(5, 5).0.flat().to_vec::<f32>().unwrap(), "{name} did not move the parameters");
+        // The moments live on the device alone (re-sorted there at each refresh: v agrees
+        // below); the host keeps the factors the refresh reads.
+        assert_eq!(on_cpu.host_state_bytes() - on_gpu.host_state_bytes(), 8 * cpu.numel(), "{name}: host moments on a GPU run");
         // The state read back from the device has every factor and basis.
         let (tensors, scalars) = on_gpu.state(&gpu).unwrap();
         assert!(tensors.iter().any(|(k, _)| k == "Q0.w") && tensors.iter().any(|(k, _)| k == "GG1.w"), "{name}");
@@ -170,6 +174,15 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}: {key}: emulated GPU {x:?}\nvs CPU {y:?}");
             }
         }
+        // Restored from that state (onto the host, then up at its first step) it steps on the
+        // device as the optimizer that never stopped, refresh included: the same bits.
+        let mut resumed = Soap::new(soap, &gpu);
+        resumed.load_state(&gpu, &tensors.into_iter().collect(), &scalars).unwrap();
+        let (mut gpu2, _) = stores_with(5, 5);
+        gpu2.flat_mut::<f32>().unwrap().copy_from_slice(&got);
+        let more = &grads[..2];
+        let (a, b) = (run(&mut on_gpu, &mut gpu, more, Device::Cuda(0)), run(&mut resumed, &mut gpu2, more, Device::Cuda(0)));
+        assert!(a == b && a != got, "{name}: resumed on the device {b:?}\nvs uninterrupted {a:?}");
     }
     device_decided_steps_are_the_hosts_and_keep_the_bf16_copy();
 }

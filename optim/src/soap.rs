@@ -28,9 +28,10 @@
 //! eigh/QR every `precondition_frequency` updates, with the new bases (and the re-sorted second
 //! moment) going back up.
 
-use crate::{join_state, split_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
+use crate::{host_state, join_state, saved_state, split_state, upload_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::comm::Communicator;
 use dptrain_core::ops::elementwise::t as ew;
+use dptrain_core::ops::embedding::rows;
 use dptrain_core::ops::flat;
 use dptrain_core::ops::matmul::matmul_t;
 use dptrain_core::{Device, GradStore, ParamStore, Precision, Tensor};
@@ -134,6 +135,9 @@ struct Factor {
     q: Vec<f32>,
 }
 
+/// New bases per parameter and factor: (Q, the order its columns were sorted into).
+type Bases = Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>>;
+
 /// A parameter's SOAP layout.
 #[derive(Debug, Clone)]
 struct PState {
@@ -159,7 +163,11 @@ impl PState {
 pub struct Soap {
     pub cfg: SoapConfig,
     ps: Vec<PState>,
-    /// The first moment, in the current eigenbasis.
+    /// Elements over all parameters.
+    n: usize,
+    /// The first moment, in the current eigenbasis, and the second: on the host only for CPU
+    /// steps or a restore (empty until then, and freed once on a GPU — there the device holds
+    /// them, and a refresh re-sorts v there).
     m: Vec<f32>,
     v: Vec<f32>,
     /// Per-parameter lr and decay multipliers.
@@ -172,8 +180,9 @@ pub struct Soap {
     assigned_for: usize,
     /// Seconds this rank spent computing bases (eigh / power iteration + QR), for benchmarks.
     precond_s: f64,
-    /// The state on the parameters' GPU once a step ran there (the host copies are then stale
-    /// until synced down).
+    /// The state on the parameters' GPU once a step ran there. The factors' statistics come
+    /// down for a refresh (d² values each) and the bases go up; the moments never leave it
+    /// but for a checkpoint.
     dev: Option<DevState>,
 }
 
@@ -219,12 +228,12 @@ impl Soap {
                 PState { name: p.name.clone(), offset: p.offset, numel: p.numel, dims, factors, owner: 0 }
             })
             .collect();
-        let n = params.numel();
         Ok(Soap {
             cfg,
             ps,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            n: params.numel(),
+            m: vec![],
+            v: vec![],
             lr_scale: scales.lr.clone(),
             wd_scale: scales.wd.clone(),
             t: 0,
@@ -257,10 +266,18 @@ impl Soap {
         self.precond_s
     }
 
-    /// Bytes of optimizer state: the moments, and each factor's statistics and basis.
+    /// Bytes of optimizer state a step keeps (on the host or the GPU it steps on): the moments,
+    /// and each factor's statistics and basis.
     pub fn state_bytes(&self) -> usize {
-        4 * (self.m.len() + self.v.len())
-            + self.ps.iter().flat_map(|p| p.factors.iter().flatten()).map(|f| 4 * 2 * f.d * f.d).sum::<usize>()
+        4 * 2 * self.n + self.ps.iter().flat_map(|p| p.factors.iter().flatten()).map(|f| 4 * 2 * f.d * f.d).sum::<usize>()
+    }
+
+    /// Bytes of that state this rank holds on the host: the factors' statistics and bases
+    /// always (the refresh runs there), the moments only when it steps on the CPU.
+    pub fn host_state_bytes(&self) -> usize {
+        4 * (self.m.len()
+            + self.v.len()
+            + self.ps.iter().flat_map(|p| p.factors.iter().flatten()).map(|f| f.gg.len() + f.q.len()).sum::<usize>())
     }
 
     /// Per-rank relative refresh cost under the current assignment (for the benchmark).
@@ -521,10 +538,10 @@ impl Soap {
         }
     }
 
-    /// Computes (on the ranks that own them, or everywhere) and exchanges the new bases:
-    /// eigh when `initial`, else the power-iteration refresh with v re-sorted and, when
-    /// `rotate_m` (the host path; the device path turns its own m), m carried into the new bases.
-    fn refresh(&mut self, initial: bool, rotate_m: bool, comm: &mut dyn Communicator) -> Result<()> {
+    /// Computes (on the ranks that own them, or everywhere) and exchanges the new bases: eigh
+    /// when `initial`, else the power-iteration refresh. Per parameter and factor: (Q, the
+    /// order its columns were sorted into).
+    fn new_bases(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<Bases> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
         if owner_mode {
@@ -533,7 +550,7 @@ impl Soap {
         // Computed results per parameter: per factor (Q, sort order). Parameters in parallel,
         // each factor sequentially: the same bases whatever the thread count.
         let t0 = std::time::Instant::now();
-        let mut results: Vec<Vec<Option<(Vec<f32>, Vec<usize>)>>> = self
+        let mut results: Bases = self
             .ps
             .par_iter()
             .map(|p| -> Result<_> {
@@ -596,12 +613,20 @@ impl Soap {
                 }
             }
         }
-        let (ms, vs) = (per_param(&mut self.m, &self.ps), per_param(&mut self.v, &self.ps));
+        Ok(results)
+    }
+
+    /// A refresh of the host state: new bases, v re-sorted with them, and m carried from the
+    /// old bases into the new ones.
+    fn refresh_host(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
+        let results = self.new_bases(initial, comm)?;
+        let n = self.n;
+        let (ms, vs) = (per_param(host_state(&mut self.m, n), &self.ps), per_param(host_state(&mut self.v, n), &self.ps));
         self.ps.par_iter_mut().zip(results).zip(ms.into_par_iter().zip(vs)).for_each(|((p, r), (m, v))| {
             let changed = r.iter().any(Option::is_some);
             // m into the original space with the old bases (at the first refresh m is still
             // zero), then into the new ones.
-            let m_orig = (changed && rotate_m && !initial).then(|| project(m, &p.dims, &p.factors, true));
+            let m_orig = (changed && !initial).then(|| project(m, &p.dims, &p.factors, true));
             for (k, res) in r.into_iter().enumerate() {
                 if let (Some(f), Some((q, idx))) = (&mut p.factors[k], res) {
                     if !initial {
@@ -617,6 +642,27 @@ impl Soap {
         Ok(())
     }
 
+    /// A refresh of the device state: the statistics come down, new bases go up, v is re-sorted
+    /// on the device (m is turned by the caller, which holds the old bases).
+    fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
+        self.statistics_down()?;
+        let results = self.new_bases(initial, comm)?;
+        let d = self.dev.as_ref().expect("device state");
+        for (p, r) in self.ps.iter_mut().zip(results) {
+            for (k, res) in r.into_iter().enumerate() {
+                if let (Some(f), Some((q, idx))) = (&mut p.factors[k], res) {
+                    if !initial && idx.iter().enumerate().any(|(j, &i)| i != j) {
+                        permute_axis_dev(&d.v.narrow(0, p.offset, p.numel)?, &p.dims, k, &idx)?;
+                    }
+                    f.q = q;
+                }
+            }
+        }
+        let q = self.bases_on(d.v.device())?;
+        self.dev.as_mut().expect("device state").q = q;
+        Ok(())
+    }
+
     fn step_host(&mut self, p: &mut [f32], g: &[f32], ctx: &mut StepCtx) -> Result<()> {
         let w_sh = (1.0 - self.cfg.shampoo_beta()) as f32;
         if !self.started {
@@ -628,7 +674,7 @@ impl Soap {
                     accumulate_statistics(s, gi, w_sh);
                 }
             });
-            self.refresh(true, true, ctx.comm)?;
+            self.refresh_host(true, ctx.comm)?;
             self.started = true;
             return Ok(());
         }
@@ -642,7 +688,9 @@ impl Soap {
                 ((step_size * self.lr_scale[i]) as f32, if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 })
             })
             .collect();
-        let (ps, ms, vs) = (per_param(p, &self.ps), per_param(&mut self.m, &self.ps), per_param(&mut self.v, &self.ps));
+        let n = self.n;
+        let (ps, ms, vs) =
+            (per_param(p, &self.ps), per_param(host_state(&mut self.m, n), &self.ps), per_param(host_state(&mut self.v, n), &self.ps));
         // Parameters in parallel; each one's arithmetic is sequential, so the result does not
         // depend on the thread count.
         self.ps.par_iter_mut().zip(ps).zip(ms.into_par_iter().zip(vs)).zip(coef).for_each(|(((s, pi), (m, v)), (ss, keep))| {
@@ -672,7 +720,7 @@ impl Soap {
             }
         });
         if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
-            self.refresh(false, true, ctx.comm)?;
+            self.refresh_host(false, ctx.comm)?;
         }
         Ok(())
     }
@@ -738,31 +786,33 @@ fn up(v: &[f32], shape: &[usize], device: Device) -> dptrain_core::Result<Tensor
     Tensor::from_slice(v, shape)?.to_device(device)
 }
 
+/// Reorders `v` (a device view laid out as `dims`) along axis k by `idx`, in place: the
+/// device's `permute_axis`, a row gather of the mode-k matrix.
+fn permute_axis_dev(v: &Tensor, dims: &[usize], k: usize, idx: &[usize]) -> Result<()> {
+    let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let sorted = rows(&mode_matrix(v, dims, k)?, &ids)?;
+    flat::copy_into_cuda(v, &from_mode_matrix(&sorted, dims, k)?)?;
+    Ok(())
+}
+
 impl Soap {
-    /// Brings the host copies of what the host refresh reads (v, statistics, bases) up to date.
-    fn sync_down(&mut self) -> Result<()> {
+    /// The factors' statistics from the device into the host copies the refresh reads (the
+    /// host's bases are current: the device's only ever come from them).
+    fn statistics_down(&mut self) -> Result<()> {
         let Some(d) = &self.dev else { return Ok(()) };
-        self.v = d.v.to_vec::<f32>()?;
-        for (p, (ggs, qs)) in self.ps.iter_mut().zip(d.gg.iter().zip(&d.q)) {
-            for (f, (gg, q)) in p.factors.iter_mut().zip(ggs.iter().zip(qs)) {
+        for (p, ggs) in self.ps.iter_mut().zip(&d.gg) {
+            for (f, gg) in p.factors.iter_mut().zip(ggs) {
                 if let (Some(f), Some(gg)) = (f, gg) {
                     f.gg = gg.to_vec::<f32>()?;
-                    if let Some(q) = q {
-                        f.q = q.to_vec::<f32>()?;
-                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Puts the host state on `device` (all of it, or only v and the bases after a refresh; the
-    /// host's m is stale once the device owns the state, so it goes up only with `all`).
-    fn sync_up(&mut self, device: Device, all: bool) -> Result<()> {
-        let n = self.m.len();
-        let v = up(&self.v, &[n], device)?;
-        let q: Vec<Vec<Option<Tensor>>> = self
-            .ps
+    /// The host's bases on `device` (`None` where a dim has no factor, or before the first).
+    fn bases_on(&self, device: Device) -> dptrain_core::Result<Vec<Vec<Option<Tensor>>>> {
+        self.ps
             .iter()
             .map(|p| {
                 p.factors
@@ -770,23 +820,21 @@ impl Soap {
                     .map(|f| f.as_ref().filter(|f| !f.q.is_empty()).map(|f| up(&f.q, &[f.d, f.d], device)).transpose())
                     .collect()
             })
+            .collect()
+    }
+
+    /// Moves the state to `device` at the first GPU step: the moments (the host's after a
+    /// restore or CPU steps, else zeros made there; the host copies are freed), statistics and
+    /// bases.
+    fn move_to_device(&mut self, device: Device) -> Result<()> {
+        let n = self.n;
+        let (m, v) = (upload_state(&mut self.m, n, device)?, upload_state(&mut self.v, n, device)?);
+        let gg = self
+            .ps
+            .iter()
+            .map(|p| p.factors.iter().map(|f| f.as_ref().map(|f| up(&symmetric(&f.gg, f.d), &[f.d, f.d], device)).transpose()).collect())
             .collect::<dptrain_core::Result<_>>()?;
-        match (&mut self.dev, all) {
-            (Some(d), false) => {
-                d.v = v;
-                d.q = q;
-            }
-            _ => {
-                let gg = self
-                    .ps
-                    .iter()
-                    .map(|p| {
-                        p.factors.iter().map(|f| f.as_ref().map(|f| up(&symmetric(&f.gg, f.d), &[f.d, f.d], device)).transpose()).collect()
-                    })
-                    .collect::<dptrain_core::Result<_>>()?;
-                self.dev = Some(DevState { m: up(&self.m, &[n], device)?, v, gg, q });
-            }
-        }
+        self.dev = Some(DevState { m, v, gg, q: self.bases_on(device)? });
         Ok(())
     }
 
@@ -806,9 +854,8 @@ impl Soap {
     }
 
     fn step_device(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
-        let device = params.flat().device();
         if self.dev.is_none() {
-            self.sync_up(device, true)?;
+            self.move_to_device(params.flat().device())?;
         }
         let g_all = grads.flat().clone();
         // One synchronisation: per parameter only when something is non-finite.
@@ -828,9 +875,7 @@ impl Soap {
                     self.accumulate_statistics_dev(i, &g_all.narrow(0, s.offset, s.numel)?)?;
                 }
             }
-            self.sync_down()?;
-            self.refresh(true, false, ctx.comm)?;
-            self.sync_up(device, false)?;
+            self.refresh_device(true, ctx.comm)?;
             self.started = true;
             return Ok(());
         }
@@ -862,12 +907,10 @@ impl Soap {
             }
         }
         if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
-            // Factors down, eigh/QR on the host (owner mode included), bases and v back up;
-            // m turns from the old bases to the new ones on the device.
+            // Statistics down, QR on the host (owner mode included), bases back up, v
+            // re-sorted there; m turns from the old bases to the new ones on the device.
             let old_q = self.dev.as_ref().expect("device state").q.clone();
-            self.sync_down()?;
-            self.refresh(false, false, ctx.comm)?;
-            self.sync_up(device, false)?;
+            self.refresh_device(false, ctx.comm)?;
             let d = self.dev.as_ref().expect("device state");
             for (i, s) in self.ps.iter().enumerate() {
                 if s.factors.iter().any(Option::is_some) {
@@ -882,11 +925,13 @@ impl Soap {
 
     /// The first moment in the original space, as the reference keeps it (host or device).
     fn m_original(&self) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; self.m.len()];
+        let mut out = vec![0.0f32; self.n];
         for (i, s) in self.ps.iter().enumerate() {
             let (o, n) = (s.offset, s.numel);
             let mo = match &self.dev {
                 Some(d) => project_dev(&d.m.narrow(0, o, n)?, &s.dims, &d.q[i], true)?.to_vec::<f32>()?,
+                // No step yet: zeros.
+                None if self.m.len() != self.n => continue,
                 None if self.started => project(&self.m[o..o + n], &s.dims, &s.factors, true),
                 None => self.m[o..o + n].to_vec(),
             };
@@ -908,10 +953,9 @@ impl Optimizer for Soap {
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the state is read back (once per checkpoint).
-        let (m, v) = match &self.dev {
-            Some(d) => (d.m.to_vec::<f32>()?, d.v.to_vec::<f32>()?),
-            None => (self.m.clone(), self.v.clone()),
-        };
+        let dev = self.dev.as_ref();
+        let m = saved_state(&self.m, dev.map(|d| &d.m), self.n)?;
+        let v = saved_state(&self.v, dev.map(|d| &d.v), self.n)?;
         let mut out = split_state("exp_avg", &self.m_original()?, params);
         out.extend(split_state("exp_avg_eig", &m, params));
         out.extend(split_state("exp_avg_sq", &v, params));
@@ -941,8 +985,9 @@ impl Optimizer for Soap {
         // m as kept (a checkpoint of ours), else the reference's original-space m, projected
         // below once the bases are loaded.
         let eig = params.infos().first().is_none_or(|p| t.contains_key(&format!("exp_avg_eig.{}", p.name)));
-        join_state(if eig { "exp_avg_eig" } else { "exp_avg" }, &mut self.m, params, t)?;
-        join_state("exp_avg_sq", &mut self.v, params, t)?;
+        let n = self.n;
+        join_state(if eig { "exp_avg_eig" } else { "exp_avg" }, host_state(&mut self.m, n), params, t)?;
+        join_state("exp_avg_sq", host_state(&mut self.v, n), params, t)?;
         self.t = s.get("step").and_then(|x| x.as_u64()).ok_or_else(|| OptimError::State("missing `step`".into()))?;
         self.started = s.get("started").and_then(|x| x.as_bool()).ok_or_else(|| OptimError::State("missing `started`".into()))?;
         let started = self.started;

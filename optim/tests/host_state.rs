@@ -1,8 +1,9 @@
 //! Where the optimizers keep their per-element state. A GPU run's moments and momentum live on
 //! the device; the host must not also hold a copy, nor per-element multipliers, each as large
 //! as the model (GPT-124M: 0.65 GB apiece, per rank). So constructing AdamW, LAMB, LARS or SGD
-//! allocates nothing per element; a CPU step allocates the state it uses; and a checkpoint of
-//! an optimizer that never stepped is its zero state. (The device side — state made there and
+//! allocates nothing per element (SOAP: its factors' statistics alone, d² per preconditioned
+//! dim); a CPU step allocates the state it uses; and a checkpoint of an optimizer that never
+//! stepped is its zero state. (The device side — state made there and
 //! the host copy freed on upload — runs on the emulator in launcher/tests/optim_emu.rs and the
 //! trainer's resume-onto-the-device test.)
 
@@ -110,4 +111,45 @@ fn optimizers_allocate_per_element_state_only_when_a_cpu_step_needs_it() {
         }
         assert!(after[0] == after[1], "{name}: a restored zero state steps otherwise than a fresh one");
     }
+}
+
+/// SOAP keeps its factors' statistics on the host from the start (d² per preconditioned dim:
+/// the refresh runs there) but its moments only once a CPU step or a restore needs them.
+#[test]
+fn soap_allocates_its_moments_only_when_a_cpu_step_needs_them() {
+    let mut ps = store();
+    let n = ps.numel();
+    let mut g = GradStore::new(&ps);
+    let mut rng = Rng::new(6);
+    let gr: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    *g.flat_tensor_mut() = Tensor::from_slice(&gr, &[n]).unwrap();
+    let mut solo = dptrain_comm::LocalComm::new();
+    let cfg = SoapConfig { precondition_frequency: 1, ..Default::default() };
+    let statistics = 4 * (500 * 500 + 400 * 400);
+    let (mut soap, made) = allocated_by(|| Soap::new(cfg, &ps));
+    assert!(made < statistics + n, "constructing SOAP allocated {made} bytes: {statistics} of statistics and {n} parameters");
+    assert_eq!(soap.host_state_bytes(), statistics);
+    let (state, _) = soap.state(&ps).unwrap();
+    for (key, t) in &state {
+        assert!(t.to_vec::<f32>().unwrap().iter().all(|&x| x == 0.0), "{key} is not zero before a step");
+    }
+    for step in 1..=2 {
+        soap.step(&mut ps, &g, &mut StepCtx { step, lr: 0.01, comm: &mut solo }).unwrap();
+    }
+    // Two moments of the model's size, and the bases beside the statistics.
+    assert_eq!(soap.host_state_bytes(), 8 * n + 2 * statistics);
+    // The zero state restores, and steps as a fresh optimizer does: the same bits.
+    let (mut fresh, mut restored) = (Soap::new(cfg, &ps), Soap::new(cfg, &ps));
+    let (tensors, scalars) = fresh.state(&ps).unwrap();
+    restored.load_state(&ps, &tensors.into_iter().collect(), &scalars).unwrap();
+    let mut after = vec![];
+    for opt in [&mut fresh, &mut restored] {
+        let mut p = store();
+        for step in 1..=2 {
+            opt.step(&mut p, &g, &mut StepCtx { step, lr: 0.01, comm: &mut solo }).unwrap();
+        }
+        after.push(p.flat().to_vec::<f32>().unwrap());
+    }
+    assert!(after[0] == after[1], "a restored zero state steps otherwise than a fresh one");
+    assert!(after[0] != store().flat().to_vec::<f32>().unwrap(), "SOAP did not move the parameters");
 }

@@ -29,6 +29,24 @@ fn forward(w: &Tensor, ids: &[u32], dim: usize, shape: &[usize]) -> Result<(Tens
     with_float!(w.dtype(), "embedding", T => gather::<T>(w, ids, dim, shape)).map(|out| (out, Ids::Host(ids.to_vec())))
 }
 
+/// Rows `ids` of `table [rows, dim]` as a new `[ids.len(), dim]` tensor, off the tape (an
+/// `index_select` along dim 0): what reorders state on the device, as SOAP's second moment when
+/// a basis refresh re-sorts its eigenvectors, without a round trip through the host.
+pub fn rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    if table.rank() != 2 {
+        return Err(Error::shape("rows", format!("table of shape {:?}", table.shape())));
+    }
+    let (n, dim) = (table.shape()[0], table.shape()[1]);
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= n) {
+        return Err(Error::shape("rows", format!("row {bad} of a table of {n} rows")));
+    }
+    if table.is_cuda() && table.dtype() != crate::tensor::DType::F32 {
+        // The device gather is the embedding kernel, which reads f32.
+        return Err(Error::shape("rows", format!("a {:?} table on a GPU (f32 only)", table.dtype())));
+    }
+    forward(table, ids, dim, &[ids.len(), dim]).map(|(out, _)| out)
+}
+
 impl<'t> Var<'t> {
     /// Rows `ids` of the table `self [vocab, dim]`, shaped `out_shape ++ [dim]`.
     pub fn embedding(self, ids: &[u32], out_shape: &[usize]) -> Result<Var<'t>> {
