@@ -4,7 +4,7 @@
 #   here:   cargo build --release -p dptrain-launcher --no-default-features --features cuda
 #   there:  bash scripts/gpu-check.sh [path/to/dptrain]      (default target/release/dptrain)
 # Prints the device, the commit and one table: (a) every op forward/backward GPU vs CPU, (b) the
-# default GPT trained 20 steps on each device, (c) GPT-124M bf16 tokens/s vs PyTorch eager and
+# default GPT trained 20 steps on each device with each optimizer, (c) GPT-124M bf16 tokens/s vs PyTorch eager and
 # torch.compile with MFU and device memory (benches/gpt124m_torch.py, run with
 # DPTRAIN_TORCH_PYTHON or python3), dptrain with each fusion off in turn, one step profiled by
 # kernel class; the same for the 10.9 M model of examples/shakespeare-char.toml against eager;

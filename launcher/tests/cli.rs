@@ -556,8 +556,11 @@ esac
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 65 + 5, "{out}");
-    assert!(out.contains("GPT-mini, 20 training steps"), "{out}");
+    assert_eq!(rows, 65 + 9, "{out}");
+    // The trainer on each device with each optimizer (their device paths on the real GPU).
+    for opt in ["AdamW", "SGD, Nesterov momentum", "LAMB", "LARS", "SOAP, refresh every 4 steps"] {
+        assert!(out.contains(&format!("| GPT-mini, 8 training steps: loss GPU vs CPU (trainer, {opt}) |")), "{opt}:\n{out}");
+    }
     assert!(
         out.contains(
             "| nccl reducer pass (bf16 buckets) inside a CUDA graph, 1 rank, 3 replays: vs the doubled gradients in bf16 | 0.00e0 |"
