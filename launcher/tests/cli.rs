@@ -865,6 +865,16 @@ fn corrupt_or_mismatched_checkpoints_are_rejected() {
     let c4 = run.join("checkpoints/step_0000004");
     std::fs::write(c4.join("model.safetensors"), b"not safetensors").unwrap();
     bad("corrupt weights", &["train.steps=6"], &["--resume", c4.to_str().unwrap()], "model.safetensors");
+    // a sampler position that is no position: no ranks, or one that overflows on resume
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(c2.join("state.json")).unwrap()).unwrap();
+    for (ranks, offset) in [(0u64, 64u64), (4, u64::MAX / 2)] {
+        let mut st = state.clone();
+        st["world_size"] = ranks.into();
+        st["stream"]["offset"] = offset.into();
+        std::fs::write(c2.join("state.json"), st.to_string()).unwrap();
+        let want = format!("state.json: corrupt checkpoint state (sampler position {offset} on {ranks} ranks)");
+        bad("bad sampler position", &[], &["--resume", c2.to_str().unwrap()], &want);
+    }
     std::fs::write(c2.join("state.json"), b"{ half").unwrap();
     bad("corrupt state", &[], &["--resume", c2.to_str().unwrap()], "state.json: corrupt checkpoint");
     bad("no checkpoint", &[], &["--resume", d.to_str().unwrap()], "no checkpoint found");
