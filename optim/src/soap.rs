@@ -127,12 +127,26 @@ pub fn merge_dims(shape: &[usize], max: usize) -> Vec<usize> {
 }
 
 /// One preconditioned dim: the d×d statistics and eigenbasis (row-major; Q's columns are the
-/// basis vectors, by descending eigenvalue).
+/// basis vectors, by descending eigenvalue). On the host each is empty until needed: the
+/// statistics until a CPU step accumulates them or a GPU refresh this rank computes brings them
+/// down; the basis until the first refresh (on a GPU it stays on the host only for the
+/// parameters whose bases this rank computes).
 #[derive(Debug, Clone)]
 struct Factor {
     d: usize,
     gg: Vec<f32>,
     q: Vec<f32>,
+}
+
+impl Factor {
+    /// The statistics (lower triangle read), zeros while none were accumulated.
+    fn statistics(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.gg.len() == self.d * self.d {
+            std::borrow::Cow::Borrowed(&self.gg)
+        } else {
+            std::borrow::Cow::Owned(vec![0.0; self.d * self.d])
+        }
+    }
 }
 
 /// New bases per parameter and factor: (Q, the order its columns were sorted into).
@@ -222,7 +236,7 @@ impl Soap {
                     .iter()
                     .map(|&d| {
                         let wanted = d <= cfg.max_precond_dim && (!one_d || cfg.precondition_1d);
-                        wanted.then(|| Factor { d, gg: vec![0.0; d * d], q: vec![] })
+                        wanted.then(|| Factor { d, gg: vec![], q: vec![] })
                     })
                     .collect();
                 PState { name: p.name.clone(), offset: p.offset, numel: p.numel, dims, factors, owner: 0 }
@@ -499,6 +513,9 @@ fn accumulate_statistics(p: &mut PState, g: &[f32], w: f32) {
     for k in 0..p.dims.len() {
         if let Some(f) = &mut p.factors[k] {
             let (d, gk) = (f.d, gram(g, &p.dims, k));
+            if f.gg.len() != d * d {
+                f.gg = vec![0.0; d * d];
+            }
             for i in 0..d {
                 for (a, b) in f.gg[i * d..i * d + i + 1].iter_mut().zip(&gk[i * d..i * d + i + 1]) {
                     *a += w * (b - *a);
@@ -544,17 +561,16 @@ impl Soap {
     fn new_bases(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<Bases> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
-        if owner_mode {
-            self.assign_owners(world);
-        }
+        let mine = self.computing(comm);
         // Computed results per parameter: per factor (Q, sort order). Parameters in parallel,
         // each factor sequentially: the same bases whatever the thread count.
         let t0 = std::time::Instant::now();
         let mut results: Bases = self
             .ps
             .par_iter()
-            .map(|p| -> Result<_> {
-                if owner_mode && p.owner != rank {
+            .zip(&mine)
+            .map(|(p, &mine)| -> Result<_> {
+                if !mine {
                     return Ok(vec![]);
                 }
                 p.factors
@@ -562,8 +578,8 @@ impl Soap {
                     .map(|f| match f {
                         None => Ok(None),
                         // eigh reads the lower triangle only.
-                        Some(f) if initial => Ok(Some((eigenbasis(&f.gg, f.d)?, (0..f.d).collect()))),
-                        Some(f) => Ok(Some(refresh_basis(&symmetric(&f.gg, f.d), &f.q, f.d))),
+                        Some(f) if initial => Ok(Some((eigenbasis(&f.statistics(), f.d)?, (0..f.d).collect()))),
+                        Some(f) => Ok(Some(refresh_basis(&symmetric(&f.statistics(), f.d), &f.q, f.d))),
                     })
                     .collect()
             })
@@ -616,6 +632,17 @@ impl Soap {
         Ok(results)
     }
 
+    /// Which parameters' bases this rank computes: the ones it owns in owner mode (assigned
+    /// here on first use), else all.
+    fn computing(&mut self, comm: &dyn Communicator) -> Vec<bool> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
+        if owner_mode {
+            self.assign_owners(world);
+        }
+        self.ps.iter().map(|p| !owner_mode || p.owner == rank).collect()
+    }
+
     /// A refresh of the host state: new bases, v re-sorted with them, and m carried from the
     /// old bases into the new ones.
     fn refresh_host(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
@@ -642,10 +669,14 @@ impl Soap {
         Ok(())
     }
 
-    /// A refresh of the device state: the statistics come down, new bases go up, v is re-sorted
-    /// on the device (m is turned by the caller, which holds the old bases).
+    /// A refresh of the device state: the statistics of the parameters this rank computes come
+    /// down, new bases (all of them, after owner mode's exchange) go up, v is re-sorted on the
+    /// device (m is turned by the caller, which holds the old bases). The host keeps the bases
+    /// only where the next refresh reads them: in owner mode each rank's downloads and host
+    /// copies are its share, 1/ranks of them.
     fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
-        self.statistics_down()?;
+        let mine = self.computing(comm);
+        self.statistics_down(&mine)?;
         let results = self.new_bases(initial, comm)?;
         let d = self.dev.as_ref().expect("device state");
         for (p, r) in self.ps.iter_mut().zip(results) {
@@ -660,6 +691,11 @@ impl Soap {
         }
         let q = self.bases_on(d.v.device())?;
         self.dev.as_mut().expect("device state").q = q;
+        for (p, _) in self.ps.iter_mut().zip(&mine).filter(|(_, &m)| !m) {
+            for f in p.factors.iter_mut().flatten() {
+                f.q = Vec::new();
+            }
+        }
         Ok(())
     }
 
@@ -796,11 +832,12 @@ fn permute_axis_dev(v: &Tensor, dims: &[usize], k: usize, idx: &[usize]) -> Resu
 }
 
 impl Soap {
-    /// The factors' statistics from the device into the host copies the refresh reads (the
-    /// host's bases are current: the device's only ever come from them).
-    fn statistics_down(&mut self) -> Result<()> {
+    /// The statistics of the parameters marked in `mine` from the device into the host copies
+    /// the refresh reads (the host's bases for them are current: the device's only ever come
+    /// from the host).
+    fn statistics_down(&mut self, mine: &[bool]) -> Result<()> {
         let Some(d) = &self.dev else { return Ok(()) };
-        for (p, ggs) in self.ps.iter_mut().zip(&d.gg) {
+        for ((p, ggs), _) in self.ps.iter_mut().zip(&d.gg).zip(mine).filter(|(_, &m)| m) {
             for (f, gg) in p.factors.iter_mut().zip(ggs) {
                 if let (Some(f), Some(gg)) = (f, gg) {
                     f.gg = gg.to_vec::<f32>()?;
@@ -823,18 +860,34 @@ impl Soap {
             .collect()
     }
 
-    /// Moves the state to `device` at the first GPU step: the moments (the host's after a
-    /// restore or CPU steps, else zeros made there; the host copies are freed), statistics and
-    /// bases.
+    /// Moves the state to `device` at the first GPU step: the moments and statistics (the
+    /// host's after a restore or CPU steps, else zeros made there; the host copies are freed)
+    /// and the bases.
     fn move_to_device(&mut self, device: Device) -> Result<()> {
         let n = self.n;
         let (m, v) = (upload_state(&mut self.m, n, device)?, upload_state(&mut self.v, n, device)?);
         let gg = self
             .ps
             .iter()
-            .map(|p| p.factors.iter().map(|f| f.as_ref().map(|f| up(&symmetric(&f.gg, f.d), &[f.d, f.d], device)).transpose()).collect())
+            .map(|p| {
+                p.factors
+                    .iter()
+                    .map(|f| {
+                        f.as_ref()
+                            .map(|f| match f.gg.is_empty() {
+                                true => Tensor::zeros_on(&[f.d, f.d], dptrain_core::DType::F32, device),
+                                false => up(&symmetric(&f.gg, f.d), &[f.d, f.d], device),
+                            })
+                            .transpose()
+                    })
+                    .collect()
+            })
             .collect::<dptrain_core::Result<_>>()?;
         self.dev = Some(DevState { m, v, gg, q: self.bases_on(device)? });
+        // The device accumulates the statistics from now on; a refresh brings down those it needs.
+        for f in self.ps.iter_mut().flat_map(|p| p.factors.iter_mut().flatten()) {
+            f.gg = Vec::new();
+        }
         Ok(())
     }
 
@@ -968,7 +1021,7 @@ impl Optimizer for Soap {
                             d.gg[i][k].as_ref().map(|t| t.to_vec::<f32>()).transpose()?.unwrap_or_default(),
                             d.q[i][k].as_ref().map(|t| t.to_vec::<f32>()).transpose()?.unwrap_or_default(),
                         ),
-                        None => (symmetric(&f.gg, f.d), f.q.clone()),
+                        None => (symmetric(&f.statistics(), f.d), f.q.clone()),
                     };
                     out.push((format!("GG{k}.{}", p.name), Tensor::from_vec(gg, &shape)?));
                     if self.started {

@@ -60,6 +60,11 @@ impl EmuOp {
     fn run(&self) {
         match self {
             EmuOp::Launch { f, grid, block, args } => {
+                // The emulator's built-ins (threadIdx, blockIdx, its block scheduler) are
+                // process globals: one launch at a time, from whichever host thread (in-process
+                // ranks sharing the emulated device), as the launches of one stream would run.
+                static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
                 let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.as_ptr() as *mut std::ffi::c_void).collect();
                 // SAFETY: the values were copied from a launch whose arguments matched the
                 // kernel's signature, at the sizes the signature declares; the buffers they
