@@ -25,8 +25,9 @@
 //!
 //! On a GPU the projections, moments and update run on the device (engine GEMMs and three small
 //! kernels); the statistics are accumulated there too and come down to the host only for the
-//! eigh/QR every `precondition_frequency` updates, with the new bases (and the re-sorted second
-//! moment) going back up.
+//! eigh/QR every `precondition_frequency` updates (in owner mode only the ones this rank
+//! computes), with the new bases going back up; the second moment is re-sorted on the device,
+//! and neither moment is kept on the host.
 
 use crate::{host_state, join_state, saved_state, split_state, upload_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::comm::Communicator;
@@ -286,8 +287,9 @@ impl Soap {
         4 * 2 * self.n + self.ps.iter().flat_map(|p| p.factors.iter().flatten()).map(|f| 4 * 2 * f.d * f.d).sum::<usize>()
     }
 
-    /// Bytes of that state this rank holds on the host: the factors' statistics and bases
-    /// always (the refresh runs there), the moments only when it steps on the CPU.
+    /// Bytes of that state this rank holds on the host: the moments, statistics and bases for
+    /// CPU steps; on a GPU only the statistics and bases of the parameters whose bases it
+    /// computes (the refresh runs on the host).
     pub fn host_state_bytes(&self) -> usize {
         4 * (self.m.len()
             + self.v.len()
