@@ -142,6 +142,7 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
 }
 
 /// The optimizers part (b) trains with: label, `--set`s, bound on the loss difference.
+#[cfg(feature = "cuda")]
 const OPTIMIZER_RUNS: [(&str, &[&str], f64); 5] = [
     ("AdamW", &[], 1e-3),
     ("SGD, Nesterov momentum", &["optim.kind=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true"], 1e-3),
