@@ -32,6 +32,15 @@ pub struct State {
     pub detectors: crate::alerts::Detectors,
 }
 
+impl State {
+    /// The sampler position over all ranks: `stream.offset × world_size` samples into the
+    /// epoch (a resume divides it over its own ranks). `None` when it is no position: no
+    /// ranks, or more samples than a usize counts.
+    pub fn global_offset(&self) -> Option<usize> {
+        self.stream.offset.checked_mul(self.world_size).filter(|_| self.world_size > 0)
+    }
+}
+
 fn rt(e: impl std::fmt::Display) -> LaunchError {
     LaunchError::Runtime(e.to_string())
 }
@@ -115,6 +124,10 @@ pub fn read_state(ckpt: &Path) -> Result<State> {
     let st: State = serde_json::from_str(&text).map_err(|e| input_err!("{}: corrupt checkpoint state ({e})", p.display()))?;
     if st.format != FORMAT {
         return Err(input_err!("{}: checkpoint format {} is not supported (expected {FORMAT})", p.display(), st.format));
+    }
+    if st.global_offset().is_none() {
+        let (offset, ranks) = (st.stream.offset, st.world_size);
+        return Err(input_err!("{}: corrupt checkpoint state (sampler position {offset} on {ranks} ranks)", p.display()));
     }
     Ok(st)
 }

@@ -242,14 +242,7 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
                 .ok_or_else(|| input_err!("{}: not inside a run directory", c.display()))?;
             // The sampler position is per rank; the global position is offset × ranks, so a
             // checkpoint resumes on a different number of ranks with the same global batch.
-            let global = st.stream.offset.checked_mul(st.world_size).filter(|_| st.world_size > 0).ok_or_else(|| {
-                input_err!(
-                    "{}: corrupt checkpoint state (sampler position {} on {} ranks)",
-                    c.join("state.json").display(),
-                    st.stream.offset,
-                    st.world_size
-                )
-            })?;
+            let global = st.global_offset().expect("read_state checks the sampler position");
             if global % ws != 0 {
                 return Err(input_err!(
                     "{}: the checkpoint's sampler position ({global} samples into epoch {}) does not divide over {ws} ranks",

@@ -191,45 +191,51 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
 /// SOAP in owner mode on the device, two in-process ranks with the same gradients: each rank
 /// brings down only the statistics of the parameters it owns and keeps only their bases on the
 /// host (the others' bases arrive by broadcast and go straight up), and the parameters after a
-/// refresh every step are bitwise those of one rank computing every basis itself.
+/// refresh every step are bitwise those of one rank computing every basis itself — also when one
+/// rank owns nothing (it still takes part in the exchange).
 fn soap_owner_mode_on_the_device_shares_the_host_work() {
     use std::time::Duration;
-    fn store() -> ParamStore {
+    fn store(with_b: bool) -> ParamStore {
         let mut b = ParamBuilder::new();
         b.add("a", &[6, 6], Role::Hidden, 6, 6, Init::Normal { std: 0.5 });
-        b.add("b", &[5, 5], Role::Hidden, 5, 5, Init::Normal { std: 0.5 });
+        if with_b {
+            b.add("b", &[5, 5], Role::Hidden, 5, 5, Init::Normal { std: 0.5 });
+        }
         b.build(3, DType::F32).unwrap()
     }
-    let mut rng = Rng::new(17);
-    let n = store().numel();
-    let grads: Vec<Vec<f32>> = (0..5).map(|_| (0..n).map(|_| rng.normal() as f32).collect()).collect();
-    let cfg = |distribute| SoapConfig { precondition_frequency: 1, distribute, ..Default::default() };
-    let steps = |comm: &mut dyn dptrain_core::comm::Communicator, distribute| {
-        let mut ps = store();
-        ps.to_device(Device::Cuda(0)).unwrap();
-        let mut g = GradStore::try_new(&ps).unwrap();
-        let mut soap = Soap::new(cfg(distribute), &ps);
-        for (i, gr) in grads.iter().enumerate() {
-            *g.flat_tensor_mut() = Tensor::from_slice(gr, &[n]).unwrap().to_device(Device::Cuda(0)).unwrap();
-            soap.step(&mut ps, &g, &mut StepCtx { step: i as u64 + 1, lr: 0.05, comm }).unwrap();
+    // Bytes of a parameter's two d×d factors with their bases.
+    let factors = |d: usize| 4 * 2 * 2 * d * d;
+    // The larger parameter to rank 0, the other (if any) to rank 1: each holds its own share.
+    for (with_b, per_rank) in [(true, (factors(6), factors(5))), (false, (factors(6), 0))] {
+        let mut rng = Rng::new(17);
+        let n = store(with_b).numel();
+        let grads: Vec<Vec<f32>> = (0..5).map(|_| (0..n).map(|_| rng.normal() as f32).collect()).collect();
+        let cfg = |distribute| SoapConfig { precondition_frequency: 1, distribute, ..Default::default() };
+        let steps = |comm: &mut dyn dptrain_core::comm::Communicator, distribute| {
+            let mut ps = store(with_b);
+            ps.to_device(Device::Cuda(0)).unwrap();
+            let mut g = GradStore::try_new(&ps).unwrap();
+            let mut soap = Soap::new(cfg(distribute), &ps);
+            for (i, gr) in grads.iter().enumerate() {
+                *g.flat_tensor_mut() = Tensor::from_slice(gr, &[n]).unwrap().to_device(Device::Cuda(0)).unwrap();
+                soap.step(&mut ps, &g, &mut StepCtx { step: i as u64 + 1, lr: 0.05, comm }).unwrap();
+            }
+            (ps.flat().to_vec::<f32>().unwrap(), soap.host_state_bytes())
+        };
+        let (want, all_bytes) = steps(&mut dptrain_comm::LocalComm::new(), Distribute::Replicated);
+        assert_eq!(all_bytes, per_rank.0 + per_rank.1, "one rank computing every basis holds them all");
+        let ranks: Vec<(Vec<f32>, usize)> = std::thread::scope(|s| {
+            let hs: Vec<_> = dptrain_comm::ThreadComm::group(2, Duration::from_secs(120))
+                .into_iter()
+                .map(|mut c| s.spawn(move || steps(&mut c, Distribute::Owner)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (got, _)) in ranks.iter().enumerate() {
+            assert!(got == &want, "owner mode (b: {with_b}), rank {r}: {got:?}\nvs one rank computing every basis: {want:?}");
         }
-        (ps.flat().to_vec::<f32>().unwrap(), soap.host_state_bytes())
-    };
-    let (want, all_bytes) = steps(&mut dptrain_comm::LocalComm::new(), Distribute::Replicated);
-    // a: two 6×6 factors, b: two 5×5, each with its statistics and basis.
-    assert_eq!(all_bytes, 4 * 2 * (2 * 36 + 2 * 25));
-    let ranks: Vec<(Vec<f32>, usize)> = std::thread::scope(|s| {
-        let hs: Vec<_> = dptrain_comm::ThreadComm::group(2, Duration::from_secs(120))
-            .into_iter()
-            .map(|mut c| s.spawn(move || steps(&mut c, Distribute::Owner)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (r, (got, _)) in ranks.iter().enumerate() {
-        assert!(got == &want, "owner mode, rank {r}: {got:?}\nvs one rank computing every basis: {want:?}");
+        assert_eq!((ranks[0].1, ranks[1].1), per_rank, "host bytes per rank (b: {with_b})");
     }
-    // The larger parameter to rank 0, the other to rank 1: each holds its own share.
-    assert_eq!((ranks[0].1, ranks[1].1), (4 * 2 * 2 * 36, 4 * 2 * 2 * 25), "host bytes per rank");
 }
 
 /// AdamW, SGD, LAMB and LARS decide a step on the device from its record (the gradient's Σg²):

@@ -557,20 +557,20 @@ impl Soap {
         }
     }
 
-    /// Computes (on the ranks that own them, or everywhere) and exchanges the new bases: eigh
-    /// when `initial`, else the power-iteration refresh. Per parameter and factor: (Q, the
-    /// order its columns were sorted into).
-    fn new_bases(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<Bases> {
+    /// Computes the new bases of the parameters marked in `mine` (see [`Soap::computing`]) and,
+    /// in owner mode, exchanges them: eigh when `initial`, else the power-iteration refresh.
+    /// Per parameter and factor: (Q, the order its columns were sorted into).
+    fn new_bases(&mut self, initial: bool, mine: &[bool], comm: &mut dyn Communicator) -> Result<Bases> {
         let (rank, world) = (comm.rank(), comm.world_size());
+        // Every rank takes part in the exchange, even one that owns nothing or everything.
         let owner_mode = self.cfg.distribute == Distribute::Owner && world > 1;
-        let mine = self.computing(comm);
         // Computed results per parameter: per factor (Q, sort order). Parameters in parallel,
         // each factor sequentially: the same bases whatever the thread count.
         let t0 = std::time::Instant::now();
         let mut results: Bases = self
             .ps
             .par_iter()
-            .zip(&mine)
+            .zip(mine)
             .map(|(p, &mine)| -> Result<_> {
                 if !mine {
                     return Ok(vec![]);
@@ -648,7 +648,8 @@ impl Soap {
     /// A refresh of the host state: new bases, v re-sorted with them, and m carried from the
     /// old bases into the new ones.
     fn refresh_host(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
-        let results = self.new_bases(initial, comm)?;
+        let mine = self.computing(comm);
+        let results = self.new_bases(initial, &mine, comm)?;
         let n = self.n;
         let (ms, vs) = (per_param(host_state(&mut self.m, n), &self.ps), per_param(host_state(&mut self.v, n), &self.ps));
         self.ps.par_iter_mut().zip(results).zip(ms.into_par_iter().zip(vs)).for_each(|((p, r), (m, v))| {
@@ -679,7 +680,7 @@ impl Soap {
     fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
         let mine = self.computing(comm);
         self.statistics_down(&mine)?;
-        let results = self.new_bases(initial, comm)?;
+        let results = self.new_bases(initial, &mine, comm)?;
         let d = self.dev.as_ref().expect("device state");
         for (p, r) in self.ps.iter_mut().zip(results) {
             for (k, res) in r.into_iter().enumerate() {
