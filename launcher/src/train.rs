@@ -320,7 +320,8 @@ fn train_loop(
         if save_now {
             save_checkpoint(run, comm, done, &stream)?;
         }
-        // A signal (a Slurm time limit or preemption, launch's Ctrl-C) ends the run here, at the
+        // A signal (a Slurm time limit or preemption, the SIGUSR1 `dptrain launch` forwards
+        // when it is stopped) ends the run here, at the
         // same step on every rank, with a checkpoint (see `stop`). At the last step it is done.
         if let (Some(signal), false) = (crate::stop::agreed(comm)?, done == steps) {
             if !save_now {
