@@ -718,7 +718,8 @@ fn flash_attention_probe_matches_the_cpu() {
 
 /// Packing views on the device, by both copy kernels: row by row when the innermost dim is
 /// contiguous (head permutes, column slices, a bias broadcast over rows), element by element
-/// otherwise (transposes, short rows) — each exactly the CPU's packing.
+/// otherwise (transposes, short rows), up to the six dims the kernels take — each exactly the
+/// CPU's packing.
 fn strided_copies_match_the_cpu() {
     use dptrain_core::ops::elementwise::t as ew;
     use dptrain_core::{rng::Rng, Device, Tensor};
@@ -739,6 +740,18 @@ fn strided_copies_match_the_cpu() {
         let want = view(&h).contiguous().to_vec::<f32>().unwrap();
         let got = view(&d).try_contiguous().unwrap().to_vec::<f32>().unwrap();
         assert_eq!(got, want, "{name}");
+    }
+    // Views that keep all six dims of the kernels' shape table (none merge): every element of
+    // `[2, 3, 5, 2, 4, 5]` reversed, and seven dims whose six outer ones are reversed over
+    // 16-element contiguous rows.
+    for (dims, perm) in [(vec![2, 3, 5, 2, 4, 5], vec![5, 4, 3, 2, 1, 0]), (vec![2, 3, 2, 2, 3, 2, 16], vec![5, 4, 3, 2, 1, 0, 6])] {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let h = Tensor::from_slice(&v, &dims).unwrap();
+        let d = h.to_device(Device::Cuda(0)).unwrap();
+        let want = h.permute(&perm).unwrap().contiguous().to_vec::<f32>().unwrap();
+        let got = d.permute(&perm).unwrap().try_contiguous().unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(got, want, "rank {} permuted {perm:?}", dims.len());
     }
     // A bias broadcast over rows, as `linear` fills its output before the GEMM.
     let b: Vec<f32> = (0..48).map(|i| i as f32 - 7.5).collect();

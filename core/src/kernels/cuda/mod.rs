@@ -65,13 +65,19 @@ fn log_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> String {
 
 /// Compiles one kernel file for `arch` (e.g. "sm_90"). Errors carry NVRTC's log.
 pub fn compile(name: &'static str, src: &str, arch: &str) -> Result<Compiled, String> {
+    compile_with(name, src, arch, &[])
+}
+
+/// [`compile`] with more NVRTC options (the tests ask ptxas for its resource report).
+fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Result<Compiled, String> {
     if !nvrtc_available() {
         return Err("the NVRTC library (libnvrtc.so.13) was not found; put its directory on LD_LIBRARY_PATH".into());
     }
     let full = CString::new(format!("{COMMON}\n{src}")).map_err(|_| format!("{name}: source contains a NUL byte"))?;
     let cname = CString::new(format!("{name}.cu")).expect("no NUL in names");
     let prog = nvrtc::create_program(&full, Some(&cname)).map_err(|e| format!("{name}: {e:?}"))?;
-    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()];
+    let mut opts = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()];
+    opts.extend(extra.iter().map(|o| o.to_string()));
     // SAFETY: `prog` was just created and is destroyed below; options are valid C strings.
     let res = unsafe { nvrtc::compile_program(prog, &opts) };
     let log = log_of(prog);

@@ -197,3 +197,101 @@ fn every_launch_site_matches_its_kernel_signature() {
     }
     assert!(checked > 40, "only {checked} launches found");
 }
+
+/// What ptxas reports for one kernel (`-Xptxas -v`): registers per thread, local memory (stack
+/// frame, spill stores and loads, in bytes) and static shared memory.
+#[derive(Debug, Default)]
+struct Resources {
+    kernel: String,
+    registers: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    smem: u32,
+}
+
+/// The number before `unit` in `line` ("… 104 bytes stack frame, …" → 104 for "bytes stack").
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let i = line.find(unit)?;
+    line[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// ptxas's report per kernel, from the log of a compile with `-Xptxas -v`: a "Function
+/// properties for K" line, then the stack/spill line, then "Used N registers, … M bytes smem".
+fn ptxas_resources(log: &str) -> Vec<Resources> {
+    let mut out: Vec<Resources> = vec![];
+    for line in log.lines() {
+        if let Some(k) = line.split("Function properties for ").nth(1) {
+            out.push(Resources { kernel: k.trim().to_string(), ..Default::default() });
+        } else if let Some(r) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                r.stack = number_before(line, "bytes stack frame").expect("stack frame size");
+                r.spill_stores = number_before(line, "bytes spill stores").expect("spill stores");
+                r.spill_loads = number_before(line, "bytes spill loads").expect("spill loads");
+            } else if line.contains("Used ") && line.contains(" registers") {
+                r.registers = number_before(line, "registers").expect("register count");
+                r.smem = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ptxas_reports_are_parsed() {
+    let log = "ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+               ptxas info    : Function properties for k\n\
+               ptxas         .     104 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+               ptxas info    : Used 36 registers, used 1 barriers, 37888 bytes smem, 104 bytes cumulative stack size\n\
+               ptxas info    : Function properties for j\n\
+               ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+               ptxas info    : Used 24 registers, used 0 barriers\n";
+    let r = ptxas_resources(log);
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        (r[0].kernel.as_str(), r[0].registers, r[0].stack, r[0].spill_stores, r[0].spill_loads, r[0].smem),
+        ("k", 36, 104, 8, 12, 37888)
+    );
+    assert_eq!((r[1].kernel.as_str(), r[1].registers, r[1].stack, r[1].smem), ("j", 24, 0, 0));
+}
+
+/// What the GPU machine's driver does with our PTX — ptxas, NVRTC's own copy of it here — is
+/// checked without a GPU: on sm_90 no kernel uses local memory (a stack frame or register
+/// spills: per-thread arrays indexed at run time live there, and every access is a round trip
+/// to device memory — the first GPU profile caught the strided copy doing that), static shared
+/// memory stays within the 48 KiB a launch gets without opting in, and every kernel but flash
+/// attention's fits a 1024-thread block (≤ 64 registers; a launch needing more than the SM's
+/// 65,536 registers fails on the GPU only, with "too many resources requested"). Flash
+/// attention's kernels run 128 threads a block, which ptxas's 255-register cap always fits.
+#[test]
+fn no_kernel_spills_or_outgrows_its_block_on_sm_90() {
+    if !nvrtc_available() {
+        return;
+    }
+    let mut problems = vec![];
+    let mut kernels = 0;
+    for (name, src) in SOURCES {
+        let c = super::compile_with(name, src, "sm_90", &["-Xptxas", "-v"]).unwrap_or_else(|e| panic!("{e}"));
+        let report = ptxas_resources(&c.log);
+        let entries = c.ptx.matches(".entry ").count();
+        assert_eq!(report.len(), entries, "{name}: ptxas reported {} kernels, the PTX has {entries}:\n{}", report.len(), c.log);
+        for r in report {
+            eprintln!("{name}.{}: {} registers, {} B smem, {} B stack", r.kernel, r.registers, r.smem, r.stack);
+            if r.stack > 0 || r.spill_stores > 0 || r.spill_loads > 0 {
+                problems.push(format!(
+                    "{name}.{}: local memory ({} B stack frame, {} B spill stores, {} B spill loads)",
+                    r.kernel, r.stack, r.spill_stores, r.spill_loads
+                ));
+            }
+            if r.smem > 48 * 1024 {
+                problems.push(format!("{name}.{}: {} B of static shared memory (48 KiB at most)", r.kernel, r.smem));
+            }
+            if *name != "flash" && r.registers > 64 {
+                problems.push(format!("{name}.{}: {} registers, too many for a 1024-thread block", r.kernel, r.registers));
+            }
+            kernels += 1;
+        }
+    }
+    assert!(kernels > 90, "only {kernels} kernels reported");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
