@@ -91,9 +91,7 @@ pub fn shim_dir(lib: &Path, dir: &Path) -> Result<PathBuf, String> {
 
 /// The private directory for the `libnccl.so` link.
 pub fn default_shim_dir() -> PathBuf {
-    let base =
-        std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    base.unwrap_or_else(std::env::temp_dir).join("dptrain").join("nccl")
+    dptrain_core::env::user_cache_dir().join("dptrain").join("nccl")
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_GPU_CHECK_TINY", "`1` shrinks gpu-check's GPT-124M and trainer parts to tiny models (tests on the emulator)"),
     ("DPTRAIN_TORCH_PYTHON", "the python that runs gpu-check's PyTorch side (default `python3`)"),
     ("DPTRAIN_TORCH_SCRIPT", "gpu-check's PyTorch script (default `benches/gpt124m_torch.py`)"),
+    (
+        "DPTRAIN_KERNEL_CACHE",
+        "where compiled CUDA kernels are kept between runs (default `$XDG_CACHE_HOME/dptrain/kernels`, else `~/.cache/dptrain/kernels`); `0` compiles them every run and keeps nothing",
+    ),
     ("DPTRAIN_NCCL_LIB", "a specific libnccl.so.2 (or its directory) to use"),
     ("DPTRAIN_NCCL_REEXEC", "set by dptrain on its one re-execution with the CUDA libraries on the library path"),
     ("DPTRAIN_INSTALL_TORCH", "benches: `1` installs torch into a venv under /tmp when no DPTRAIN_TORCH_PYTHON is given"),
@@ -58,6 +62,8 @@ pub struct Env {
     pub gpu_check_tiny: bool,
     pub torch_python: Option<String>,
     pub torch_script: String,
+    /// None when `DPTRAIN_KERNEL_CACHE=0`.
+    pub kernel_cache: Option<PathBuf>,
     pub nccl_lib: Option<PathBuf>,
     pub nccl_reexec: bool,
     pub install_torch: bool,
@@ -86,6 +92,11 @@ impl Env {
             gpu_check_tiny: flag("DPTRAIN_GPU_CHECK_TINY"),
             torch_python: var("DPTRAIN_TORCH_PYTHON"),
             torch_script: var("DPTRAIN_TORCH_SCRIPT").unwrap_or_else(|| "benches/gpt124m_torch.py".into()),
+            kernel_cache: match std::env::var_os("DPTRAIN_KERNEL_CACHE") {
+                Some(v) if v == "0" => None,
+                Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+                _ => Some(user_cache_dir().join("dptrain").join("kernels")),
+            },
             nccl_lib: std::env::var_os("DPTRAIN_NCCL_LIB").map(PathBuf::from),
             nccl_reexec: std::env::var_os("DPTRAIN_NCCL_REEXEC").is_some(),
             install_torch: flag("DPTRAIN_INSTALL_TORCH"),
@@ -95,6 +106,15 @@ impl Env {
             test_dump_buffers: std::env::var_os("DPTRAIN_TEST_DUMP_BUFFERS").map(PathBuf::from),
         }
     }
+}
+
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `~/.cache`, else the temporary directory.
+pub fn user_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// The process's values, read on first use.

@@ -95,6 +95,17 @@ fn cuda(w: &mut String) {
     let _ = writeln!(w, "NVRTC: {}", found(dptrain_core::device::nvrtc_available(), &["libnvrtc.so.13", "libnvrtc.so.12"]));
     let _ = writeln!(w, "cuBLAS: {}", found(dptrain_core::device::cublas_available(), &["libcublas.so.13", "libcublas.so.12"]));
     let _ = writeln!(w, "NCCL: {}", found(dptrain_comm::nccl::nccl_present(), &["libnccl.so.2", "libnccl.so"]));
+    let cache = match &dptrain_core::env::env().kernel_cache {
+        None => "off (DPTRAIN_KERNEL_CACHE=0: the kernels are compiled every run)".to_string(),
+        Some(d) => {
+            let n = std::fs::read_dir(d).map(|r| r.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cubin")).count());
+            match n {
+                Ok(n) => format!("{} ({n} entries)", d.display()),
+                Err(_) => format!("{} (empty: the first run on a GPU fills it)", d.display()),
+            }
+        }
+    };
+    let _ = writeln!(w, "kernel cache: {cache}");
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -54,6 +54,7 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
         info.arch,
         option_env!("DPTRAIN_COMMIT").unwrap_or("unknown")
     );
+    println!("kernels: {}", info.kernels);
     // Rows are printed as they complete: device time is scarce, and a crash halfway must still
     // leave every finished row on the screen.
     println!("| check | max rel. error vs CPU | bound | ok |");

@@ -555,6 +555,8 @@ esac
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
+    // how the kernels were had (on a GPU: files, seconds, how many from the kernel cache)
+    assert!(out.contains("\nkernels: none compiled (the CPU emulator runs them as C++)\n"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
     assert_eq!(rows, 65 + 9, "{out}");
     // The trainer on each device with each optimizer (their device paths on the real GPU).
@@ -1962,6 +1964,20 @@ fn env_reports_mpi_the_world_cuda_and_threads() {
     for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: ", "memory: "] {
         assert!(out.contains(want), "{want} not in:\n{out}");
     }
+    // the kernel cache: where it is and what it holds, or that it is off
+    let kc = std::env::temp_dir().join(format!("dptrain-env-kcache-{}", std::process::id()));
+    let kernel_cache = |v: &std::path::Path| {
+        let o = bin().arg("env").env("DPTRAIN_KERNEL_CACHE", v).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("kernel cache: ")).unwrap_or("").to_string()
+    };
+    assert!(kernel_cache(&kc).ends_with("(empty: the first run on a GPU fills it)"));
+    std::fs::create_dir_all(&kc).unwrap();
+    for f in ["flash-sm_90-0123456789abcdef.cubin", "optim-sm_90-0123456789abcdef.cubin", ".optim-sm_90-0123456789abcdef.cubin.12.tmp"] {
+        std::fs::write(kc.join(f), b"").unwrap();
+    }
+    assert_eq!(kernel_cache(&kc), format!("kernel cache: {} (2 entries)", kc.display()));
+    assert!(kernel_cache(std::path::Path::new("0")).starts_with("kernel cache: off"));
+    std::fs::remove_dir_all(&kc).unwrap();
     let o = bin()
         .arg("env")
         .env("OMPI_COMM_WORLD_RANK", "3")

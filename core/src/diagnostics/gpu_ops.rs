@@ -35,6 +35,8 @@ pub struct DeviceInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub arch: String,
+    /// How the kernels were compiled and loaded (`KernelLoad`'s line).
+    pub kernels: String,
 }
 
 /// max |g − c| / (1 + |c|) over elements (NaN anywhere counts as infinite).
@@ -500,7 +502,7 @@ pub fn device_info(ordinal: usize) -> std::result::Result<DeviceInfo, String> {
         Ok(ctx) => ctx.compute_capability().map_err(|e| format!("{e:?}"))?,
         Err(_) => (0, 0),
     };
-    Ok(DeviceInfo { name: dev.name.clone(), compute_capability: (maj, min), arch: dev.arch.clone() })
+    Ok(DeviceInfo { name: dev.name.clone(), compute_capability: (maj, min), arch: dev.arch.clone(), kernels: dev.kernels.to_string() })
 }
 
 /// Runs every case on CUDA device `ordinal` and on the CPU, handing each row to `each` as soon

@@ -15,7 +15,7 @@
 use super::cache::{size_class, CacheStats, SizeCache};
 use super::DType;
 use crate::error::{Error, Result};
-use crate::kernels::cuda::{compile, SOURCES};
+use crate::kernels::cuda::{compile, cubin, KernelCache, SOURCES};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
@@ -37,6 +37,8 @@ pub struct CudaDev {
     pub name: String,
     /// e.g. `sm_90`: what the kernels were compiled for.
     pub arch: String,
+    /// How the kernels were had at start (the emulator compiles none).
+    pub kernels: KernelLoad,
     real: Option<Real>,
     cache: Mutex<SizeCache<u64>>,
     /// A buffer of f32 ones for reductions done as GEMMs (grown on demand, never shrunk).
@@ -225,6 +227,71 @@ pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
     Ok(d)
 }
 
+/// How a device got its kernels when it was opened.
+#[derive(Debug, Clone, Default)]
+pub struct KernelLoad {
+    /// Kernel files loaded.
+    pub files: usize,
+    /// Of those, how many came compiled from the kernel cache.
+    pub from_cache: usize,
+    /// How many the driver refused as machine code and took as PTX instead.
+    pub as_ptx: usize,
+    /// Wall time to have them all compiled and loaded.
+    pub seconds: f64,
+    /// The kernel cache's directory (None when `DPTRAIN_KERNEL_CACHE=0`).
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for KernelLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.files == 0 {
+            return write!(f, "none compiled (the CPU emulator runs them as C++)");
+        }
+        write!(f, "{} kernel files in {:.1} s, {} from the kernel cache", self.files, self.seconds, self.from_cache)?;
+        match &self.cache_dir {
+            Some(d) => write!(f, " ({})", d.display())?,
+            None => write!(f, " (off)")?,
+        }
+        if self.as_ptx > 0 {
+            write!(f, ", {} loaded as PTX (the driver refused their machine code)", self.as_ptx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every kernel file's machine code for `arch`, from the kernel cache or compiled — the files
+/// compiled in parallel, one thread each, since flash attention's alone takes seconds — then
+/// loaded. Should the driver refuse a file's machine code, its PTX is loaded instead, which the
+/// driver compiles itself.
+fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelLoad)> {
+    let t0 = std::time::Instant::now();
+    let cache_dir = crate::env::env().kernel_cache.clone();
+    let cache = cache_dir.as_ref().map(KernelCache::new);
+    let bins: Vec<std::result::Result<(Vec<u8>, bool), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| cubin(file, src, arch, cache.as_ref()))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
+    });
+    let mut load = KernelLoad { files: SOURCES.len(), cache_dir, ..Default::default() };
+    let mut modules = HashMap::new();
+    for ((file, src), bin) in SOURCES.iter().zip(bins) {
+        let (bin, cached) = bin.map_err(Error::Device)?;
+        load.from_cache += cached as usize;
+        let m = match ctx.load_module(Ptx::from_binary(bin)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("kernels {file}: the driver refused NVRTC's machine code for {arch} ({e:?}); loading the PTX");
+                let c = compile(file, src, arch).map_err(Error::Device)?;
+                load.as_ptx += 1;
+                ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| derr(&format!("loading kernels {file}"), e))?
+            }
+        };
+        modules.insert(*file, m);
+    }
+    load.seconds = t0.elapsed().as_secs_f64();
+    tracing::info!("{load}");
+    Ok((modules, load))
+}
+
 fn no_real() -> Error {
     Error::Device("the CUDA emulator has no driver context or streams".into())
 }
@@ -239,12 +306,7 @@ impl CudaDev {
         let arch = format!("sm_{maj}{min}");
         let name = ctx.name().map_err(|e| derr("device name", e))?;
         let stream = ctx.new_stream().map_err(|e| derr("creating the compute stream", e))?;
-        let mut modules = HashMap::new();
-        for (file, src) in SOURCES {
-            let c = compile(file, src, &arch).map_err(Error::Device)?;
-            let m = ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| derr(&format!("loading kernels {file}"), e))?;
-            modules.insert(*file, m);
-        }
+        let (modules, kernels) = load_kernels(&ctx, &arch)?;
         // SAFETY: only tries to load the library.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::Device("cuBLAS (libcublas.so) was not found; put its directory on LD_LIBRARY_PATH".into()));
@@ -268,6 +330,7 @@ impl CudaDev {
             ordinal,
             name,
             arch,
+            kernels,
             real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas, lt }),
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
@@ -287,6 +350,7 @@ impl CudaDev {
             ordinal,
             name: "CPU emulator of the CUDA kernels (tests)".into(),
             arch: "emulated".into(),
+            kernels: KernelLoad::default(),
             real: None,
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),

@@ -5,7 +5,8 @@
 //! the binary starts on machines without CUDA. Compilation goes through NVRTC's low-level API
 //! so the program log is kept: a warning is as much a failure as an error (the CI test compiles
 //! every source for sm_90 with NVRTC 13.0 — PTX newer than the GPU machines' driver would not
-//! load).
+//! load). The device loads NVRTC's machine code (CUBIN), not its PTX, so the driver does not
+//! compile it again, and keeps it on disk between runs (`kernel_cache`).
 
 use cudarc::nvrtc::result as nvrtc;
 use std::ffi::{CStr, CString};
@@ -46,14 +47,58 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// A compiled kernel file. (`name` and `log` are read by the NVRTC tests; the device loads `ptx`.)
+/// A compiled kernel file. (`name` and `log` are read by the NVRTC tests; the device loads
+/// `cubin`, or `ptx` should the driver refuse it.)
 #[derive(Debug, Clone)]
 #[cfg_attr(not(test), allow(dead_code))]
 pub struct Compiled {
     pub name: &'static str,
     pub ptx: String,
+    /// The machine code for a real architecture (`sm_XY`; empty for a virtual `compute_XY`).
+    /// NVRTC runs ptxas for a real architecture anyway: loading its output spares the driver
+    /// compiling the PTX a second time (ptxas is over half of NVRTC's time here; flash
+    /// attention's kernels take it seconds).
+    pub cubin: Vec<u8>,
     /// NVRTC's program log (warnings); empty on a clean compile.
     pub log: String,
+}
+
+/// NVRTC's options for `arch` (before any a caller adds).
+fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()]
+}
+
+/// NVRTC's version and options, as the kernel cache's key has them.
+pub fn compiler_id(arch: &str) -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; only called once NVRTC is known to load.
+    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    format!("nvrtc {major}.{minor} {}", options(arch).join(" "))
+}
+
+/// The machine code of kernel file `name` for `arch` (a real one, `sm_XY`): from `cache` when
+/// it holds exactly this source compiled by this NVRTC, else compiled (and kept there; a cache
+/// that cannot be written is only logged). True when it came from the cache.
+pub fn cubin(name: &'static str, src: &str, arch: &str, cache: Option<&KernelCache>) -> Result<(Vec<u8>, bool), String> {
+    if !nvrtc_available() {
+        return Err("the NVRTC library (libnvrtc.so.13) was not found; put its directory on LD_LIBRARY_PATH".into());
+    }
+    let full = format!("{COMMON}\n{src}");
+    let compiler = compiler_id(arch);
+    let key = kernel_cache::Key { name, arch, compiler: &compiler, source: &full };
+    if let Some(bin) = cache.and_then(|c| c.get(&key)) {
+        return Ok((bin, true));
+    }
+    let c = compile(name, src, arch)?;
+    if c.cubin.is_empty() {
+        return Err(format!("{name}: NVRTC gave no machine code for {arch}"));
+    }
+    if let Some(cache) = cache {
+        if let Err(e) = cache.put(&key, &c.cubin) {
+            tracing::warn!("kernel cache: {e}; the kernels are compiled again next run");
+        }
+    }
+    Ok((c.cubin, false))
 }
 
 fn log_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> String {
@@ -76,7 +121,7 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
     let full = CString::new(format!("{COMMON}\n{src}")).map_err(|_| format!("{name}: source contains a NUL byte"))?;
     let cname = CString::new(format!("{name}.cu")).expect("no NUL in names");
     let prog = nvrtc::create_program(&full, Some(&cname)).map_err(|e| format!("{name}: {e:?}"))?;
-    let mut opts = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()];
+    let mut opts = options(arch);
     opts.extend(extra.iter().map(|o| o.to_string()));
     // SAFETY: `prog` was just created and is destroyed below; options are valid C strings.
     let res = unsafe { nvrtc::compile_program(prog, &opts) };
@@ -87,12 +132,31 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
             // SAFETY: compilation succeeded, so the PTX is available; it is NUL-terminated.
             let ptx = unsafe { nvrtc::get_ptx(prog) }.map_err(|e| format!("{name}: {e:?}"))?;
             let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().to_string();
-            Ok(Compiled { name, ptx, log })
+            let cubin = if arch.starts_with("sm_") { cubin_of(prog).map_err(|e| format!("{name}: {e}"))? } else { vec![] };
+            Ok(Compiled { name, ptx, cubin, log })
         }
     };
     // SAFETY: destroyed exactly once, after its last use.
     let _ = unsafe { nvrtc::destroy_program(prog) };
     out
+}
+
+/// The machine code of a program compiled for a real architecture.
+fn cubin_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::sys::{self, nvrtcResult};
+    let mut size = 0usize;
+    // SAFETY: `prog` is a live, successfully compiled program; `size` is a valid out-pointer.
+    let r = unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) };
+    if r != nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcGetCUBINSize: {r:?}"));
+    }
+    let mut bin = vec![0u8; size];
+    // SAFETY: `bin` holds the `size` bytes NVRTC reported.
+    let r = unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast()) };
+    if r != nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcGetCUBIN: {r:?}"));
+    }
+    Ok(bin)
 }
 
 /// Compiles every kernel file for `arch`.
@@ -101,7 +165,10 @@ pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
     SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
 }
 
+pub mod kernel_cache;
 pub mod ops;
+
+pub use kernel_cache::KernelCache;
 
 #[cfg(test)]
 mod nvrtc_tests;

@@ -295,3 +295,48 @@ fn no_kernel_spills_or_outgrows_its_block_on_sm_90() {
     assert!(kernels > 90, "only {kernels} kernels reported");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The device loads NVRTC's machine code: for sm_90 each file has a 64-bit little-endian ELF
+/// for the CUDA machine (EM_CUDA, 190) holding every kernel of its PTX, and none for a
+/// virtual architecture. Through the kernel cache a second request is the same bytes, read
+/// back instead of compiled.
+#[test]
+fn the_machine_code_is_a_cuda_elf_and_the_cache_returns_it() {
+    if !nvrtc_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dptrain-nvrtc-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = super::KernelCache::new(&dir);
+    for (name, src) in SOURCES.iter().filter(|(n, _)| ["elementwise", "optim"].contains(n)) {
+        let c = compile(name, src, "sm_90").unwrap();
+        let elf = &c.cubin;
+        assert!(elf.len() > 64 && &elf[..4] == b"\x7fELF", "{name}: not an ELF file");
+        assert_eq!((elf[4], elf[5]), (2, 1), "{name}: not 64-bit little-endian");
+        assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 190, "{name}: not EM_CUDA");
+        for entry in c.ptx.lines().filter_map(|l| l.trim().strip_prefix(".visible .entry ")) {
+            let kernel = entry.split('(').next().unwrap().trim();
+            assert!(elf.windows(kernel.len()).any(|w| w == kernel.as_bytes()), "{name}: {kernel} is not in the machine code");
+        }
+        assert!(compile(name, src, "compute_90").unwrap().cubin.is_empty());
+
+        let t = std::time::Instant::now();
+        let (first, hit) = super::cubin(name, src, "sm_90", Some(&cache)).unwrap();
+        let compiled = t.elapsed();
+        assert!(!hit, "{name}: the cache held it before it was compiled");
+        let t = std::time::Instant::now();
+        let (second, hit) = super::cubin(name, src, "sm_90", Some(&cache)).unwrap();
+        eprintln!("{name}: compiled in {compiled:?}, from the cache in {:?}", t.elapsed());
+        assert!(hit && second == first, "{name}: the second request was not the cached bytes");
+        // another architecture is compiled again, and kept beside it
+        let (other, hit) = super::cubin(name, src, "sm_80", Some(&cache)).unwrap();
+        assert!(!hit && other != first);
+        assert!(super::cubin(name, src, "sm_80", Some(&cache)).unwrap().1);
+        // no cache: compiled every time
+        assert!(!super::cubin(name, src, "sm_90", None).unwrap().1);
+    }
+    // the key has NVRTC's version and options
+    let id = super::compiler_id("sm_90");
+    assert!(id.starts_with("nvrtc 13.") && id.contains("--gpu-architecture=sm_90"), "{id}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
