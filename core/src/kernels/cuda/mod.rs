@@ -95,7 +95,11 @@ pub fn cubin(name: &'static str, src: &str, arch: &str, cache: Option<&KernelCac
     }
     if let Some(cache) = cache {
         if let Err(e) = cache.put(&key, &c.cubin) {
-            tracing::warn!("kernel cache: {e}; the kernels are compiled again next run");
+            // Once per process, not once per kernel file.
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("kernel cache: {e}; the kernels are compiled again next run (DPTRAIN_KERNEL_CACHE sets another directory, 0 turns it off)");
+            }
         }
     }
     Ok((c.cubin, false))
