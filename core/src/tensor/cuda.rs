@@ -15,7 +15,8 @@
 use super::cache::{size_class, CacheStats, SizeCache};
 use super::DType;
 use crate::error::{Error, Result};
-use crate::kernels::cuda::{compile, cubin, KernelCache, SOURCES};
+pub use crate::kernels::cuda::KernelLoad;
+use crate::kernels::cuda::{load_all, Image, KernelCache};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
@@ -227,69 +228,22 @@ pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
     Ok(d)
 }
 
-/// How a device got its kernels when it was opened.
-#[derive(Debug, Clone, Default)]
-pub struct KernelLoad {
-    /// Kernel files loaded.
-    pub files: usize,
-    /// Of those, how many came compiled from the kernel cache.
-    pub from_cache: usize,
-    /// How many the driver refused as machine code and took as PTX instead.
-    pub as_ptx: usize,
-    /// Wall time to have them all compiled and loaded.
-    pub seconds: f64,
-    /// The kernel cache's directory (None when `DPTRAIN_KERNEL_CACHE=0`).
-    pub cache_dir: Option<std::path::PathBuf>,
-}
-
-impl std::fmt::Display for KernelLoad {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.files == 0 {
-            return write!(f, "none compiled (the CPU emulator runs them as C++)");
-        }
-        write!(f, "{} kernel files in {:.1} s, {} from the kernel cache", self.files, self.seconds, self.from_cache)?;
-        match &self.cache_dir {
-            Some(d) => write!(f, " ({})", d.display())?,
-            None => write!(f, " (off)")?,
-        }
-        if self.as_ptx > 0 {
-            write!(f, ", {} loaded as PTX (the driver refused their machine code)", self.as_ptx)?;
-        }
-        Ok(())
-    }
-}
-
-/// Every kernel file's machine code for `arch`, from the kernel cache or compiled — the files
-/// compiled in parallel, one thread each, since flash attention's alone takes seconds — then
-/// loaded. Should the driver refuse a file's machine code, its PTX is loaded instead, which the
-/// driver compiles itself.
+/// Every kernel file compiled (or taken from the kernel cache) and loaded into `ctx`
+/// ([`crate::kernels::cuda::load_all`]).
 fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelLoad)> {
-    let t0 = std::time::Instant::now();
     let cache_dir = crate::env::env().kernel_cache.clone();
     let cache = cache_dir.as_ref().map(KernelCache::new);
-    let bins: Vec<std::result::Result<(Vec<u8>, bool), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| cubin(file, src, arch, cache.as_ref()))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
-    });
-    let mut load = KernelLoad { files: SOURCES.len(), cache_dir, ..Default::default() };
-    let mut modules = HashMap::new();
-    for ((file, src), bin) in SOURCES.iter().zip(bins) {
-        let (bin, cached) = bin.map_err(Error::Device)?;
-        load.from_cache += cached as usize;
-        let m = match ctx.load_module(Ptx::from_binary(bin)) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("kernels {file}: the driver refused NVRTC's machine code for {arch} ({e:?}); loading the PTX");
-                let c = compile(file, src, arch).map_err(Error::Device)?;
-                load.as_ptx += 1;
-                ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| derr(&format!("loading kernels {file}"), e))?
-            }
+    let (modules, mut load) = load_all(arch, cache.as_ref(), |_, image| {
+        let code = match image {
+            Image::Cubin(bin) => Ptx::from_binary(bin),
+            Image::Ptx(text) => Ptx::from_src(text),
         };
-        modules.insert(*file, m);
-    }
-    load.seconds = t0.elapsed().as_secs_f64();
+        ctx.load_module(code).map_err(|e| format!("{e:?}"))
+    })
+    .map_err(Error::Device)?;
+    load.cache_dir = cache_dir;
     tracing::info!("{load}");
-    Ok((modules, load))
+    Ok((modules.into_iter().collect(), load))
 }
 
 fn no_real() -> Error {

@@ -145,6 +145,82 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
     out
 }
 
+/// A kernel file's code as the driver takes it.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// Machine code for the device's architecture: loaded as is.
+    Cubin(Vec<u8>),
+    /// PTX: the driver compiles it when loading.
+    Ptx(String),
+}
+
+/// How a device got its kernels when it was opened.
+#[derive(Debug, Clone, Default)]
+pub struct KernelLoad {
+    /// Kernel files loaded.
+    pub files: usize,
+    /// Of those, how many came compiled from the kernel cache.
+    pub from_cache: usize,
+    /// How many the driver refused as machine code and took as PTX instead.
+    pub as_ptx: usize,
+    /// Wall time to have them all compiled and loaded.
+    pub seconds: f64,
+    /// The kernel cache's directory (None when `DPTRAIN_KERNEL_CACHE=0`).
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for KernelLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.files == 0 {
+            return write!(f, "none compiled (the CPU emulator runs them as C++)");
+        }
+        write!(f, "{} kernel files in {:.1} s, {} from the kernel cache", self.files, self.seconds, self.from_cache)?;
+        match &self.cache_dir {
+            Some(d) => write!(f, " ({})", d.display())?,
+            None => write!(f, " (off)")?,
+        }
+        if self.as_ptx > 0 {
+            write!(f, ", {} loaded as PTX (the driver refused their machine code)", self.as_ptx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every kernel file's machine code for `arch`, from `cache` or compiled — the files compiled
+/// in parallel, one thread each, since flash attention's alone takes seconds — handed to
+/// `load` (the driver's module load on a GPU). Should `load` refuse a file's machine code, its
+/// PTX is handed over instead, which the driver compiles itself; a file neither loads is the
+/// error, naming it. Returns the loaded modules by file, and how they were had.
+pub fn load_all<M>(
+    arch: &str,
+    cache: Option<&KernelCache>,
+    mut load: impl FnMut(&'static str, Image) -> Result<M, String>,
+) -> Result<(Vec<(&'static str, M)>, KernelLoad), String> {
+    let t0 = std::time::Instant::now();
+    let bins: Vec<Result<(Vec<u8>, bool), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| cubin(file, src, arch, cache))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
+    });
+    let mut how = KernelLoad { files: SOURCES.len(), ..Default::default() };
+    let mut modules = Vec::with_capacity(SOURCES.len());
+    for ((file, src), bin) in SOURCES.iter().zip(bins) {
+        let (bin, cached) = bin?;
+        how.from_cache += cached as usize;
+        let m = match load(file, Image::Cubin(bin)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("kernels {file}: the driver refused NVRTC's machine code for {arch} ({e}); loading the PTX");
+                let c = compile(file, src, arch)?;
+                how.as_ptx += 1;
+                load(file, Image::Ptx(c.ptx)).map_err(|e| format!("loading kernels {file}: {e}"))?
+            }
+        };
+        modules.push((*file, m));
+    }
+    how.seconds = t0.elapsed().as_secs_f64();
+    Ok((modules, how))
+}
+
 /// The machine code of a program compiled for a real architecture.
 fn cubin_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
     use cudarc::nvrtc::sys::{self, nvrtcResult};

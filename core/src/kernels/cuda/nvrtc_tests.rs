@@ -340,3 +340,45 @@ fn the_machine_code_is_a_cuda_elf_and_the_cache_returns_it() {
     assert!(id.starts_with("nvrtc 13.") && id.contains("--gpu-architecture=sm_90"), "{id}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// What a device does at start (`load_all`), with a stand-in for the driver's module load:
+/// every file is handed over as machine code, compiled on the first start and from the kernel
+/// cache on the next; a file whose machine code the "driver" refuses is handed over as PTX
+/// instead (and counted), and a file it refuses both ways is an error naming it.
+#[test]
+fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
+    if !nvrtc_available() {
+        return;
+    }
+    use super::{load_all, Image};
+    let dir = std::env::temp_dir().join(format!("dptrain-nvrtc-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = super::KernelCache::new(&dir);
+    // The stand-in driver: refuses the machine code of `refuse`, and its PTX too with `strict`.
+    let start = |refuse: &'static str, strict: bool| {
+        load_all("sm_90", Some(&cache), |file, image| match image {
+            Image::Cubin(_) if file == refuse => Err("CUDA_ERROR_INVALID_IMAGE".to_string()),
+            Image::Ptx(_) if strict => Err("CUDA_ERROR_INVALID_PTX".to_string()),
+            Image::Cubin(bin) => {
+                assert!(bin.starts_with(b"\x7fELF"), "{file}: not machine code");
+                Ok("cubin")
+            }
+            Image::Ptx(text) => {
+                assert!(text.contains(".entry") && text.contains(".target sm_90"), "{file}: not PTX");
+                Ok("ptx")
+            }
+        })
+    };
+    let (modules, how) = start("reduce", false).unwrap();
+    assert_eq!(modules.len(), SOURCES.len());
+    assert!(modules.iter().zip(SOURCES).all(|((f, _), (n, _))| f == n), "in SOURCES order");
+    assert!(modules.iter().all(|(f, m)| *m == if *f == "reduce" { "ptx" } else { "cubin" }), "{modules:?}");
+    assert_eq!((how.files, how.from_cache, how.as_ptx), (SOURCES.len(), 0, 1));
+    eprintln!("first start: {:.1} s", how.seconds);
+    let (_, how) = start("none", false).unwrap();
+    assert_eq!((how.from_cache, how.as_ptx), (SOURCES.len(), 0), "the second start compiled again");
+    eprintln!("second start: {:.3} s", how.seconds);
+    let e = start("optim", true).unwrap_err();
+    assert!(e.contains("loading kernels optim") && e.contains("CUDA_ERROR_INVALID_PTX"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
