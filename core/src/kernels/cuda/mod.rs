@@ -70,9 +70,7 @@ fn options(arch: &str) -> Vec<String> {
 
 /// NVRTC's version and options, as the kernel cache's key has them.
 pub fn compiler_id(arch: &str) -> String {
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two valid out-pointers; only called once NVRTC is known to load.
-    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let (major, minor) = nvrtc_version().unwrap_or((0, 0));
     format!("nvrtc {major}.{minor} {}", options(arch).join(" "))
 }
 
@@ -145,6 +143,56 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
     out
 }
 
+/// NVRTC's (major, minor) version, once it loads.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// The architectures NVRTC compiles for, as numbers (75 for sm_75), ascending.
+pub fn supported_archs() -> Vec<i32> {
+    use cudarc::nvrtc::sys::{self, nvrtcResult};
+    if !nvrtc_available() {
+        return vec![];
+    }
+    let mut n = 0;
+    // SAFETY: a valid out-pointer.
+    if unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) } != nvrtcResult::NVRTC_SUCCESS || n <= 0 {
+        return vec![];
+    }
+    let mut archs = vec![0; n as usize];
+    // SAFETY: `archs` holds the `n` entries NVRTC said it writes.
+    if unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) } != nvrtcResult::NVRTC_SUCCESS {
+        return vec![];
+    }
+    archs.sort_unstable();
+    archs
+}
+
+/// For a device architecture (`sm_XY`) newer than every one NVRTC knows, the virtual
+/// architecture to hand the driver PTX for (`compute_` of the newest NVRTC knows); None when
+/// NVRTC compiles for it (or cannot say). A device older than NVRTC's oldest is an error that
+/// says so — NVRTC's own would only call the option invalid.
+fn newer_than_nvrtc(arch: &str) -> Result<Option<String>, String> {
+    let Some(n) = arch.strip_prefix("sm_").and_then(|d| d.parse::<i32>().ok()) else { return Ok(None) };
+    let known = supported_archs();
+    let (Some(&oldest), Some(&newest)) = (known.first(), known.last()) else { return Ok(None) };
+    if n < oldest {
+        let v = nvrtc_version().map(|(a, b)| format!(" {a}.{b}")).unwrap_or_default();
+        return Err(format!(
+            "this GPU is {arch}, and NVRTC{v} compiles for sm_{oldest} and newer: use a GPU of compute capability {}.{} or later",
+            oldest / 10,
+            oldest % 10
+        ));
+    }
+    Ok((n > newest).then(|| format!("compute_{newest}")))
+}
+
 /// A kernel file's code as the driver takes it.
 #[derive(Debug, Clone)]
 pub enum Image {
@@ -167,6 +215,9 @@ pub struct KernelLoad {
     pub seconds: f64,
     /// The kernel cache's directory (None when `DPTRAIN_KERNEL_CACHE=0`).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// What NVRTC compiled for: the device's architecture, or `compute_XY` (PTX for the
+    /// newest architecture it knows) for a GPU newer than this NVRTC.
+    pub target: String,
 }
 
 impl std::fmt::Display for KernelLoad {
@@ -179,7 +230,9 @@ impl std::fmt::Display for KernelLoad {
             Some(d) => write!(f, " ({})", d.display())?,
             None => write!(f, " (off)")?,
         }
-        if self.as_ptx > 0 {
+        if self.target.starts_with("compute_") {
+            write!(f, ", all as PTX for {} (newer than this NVRTC knows; the driver compiles them)", self.target)?;
+        } else if self.as_ptx > 0 {
             write!(f, ", {} loaded as PTX (the driver refused their machine code)", self.as_ptx)?;
         }
         Ok(())
@@ -197,11 +250,34 @@ pub fn load_all<M>(
     mut load: impl FnMut(&'static str, Image) -> Result<M, String>,
 ) -> Result<(Vec<(&'static str, M)>, KernelLoad), String> {
     let t0 = std::time::Instant::now();
+    if let Some(virt) = newer_than_nvrtc(arch)? {
+        // PTX is forward-compatible: the driver compiles it for the GPU it has.
+        tracing::warn!(
+            "NVRTC {} does not compile for {arch}, newer than it knows: the kernels go to the driver as PTX for {virt} (a newer NVRTC compiles them for {arch} directly)",
+            nvrtc_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default()
+        );
+        let texts: Vec<Result<String, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| compile(file, src, &virt).map(|c| c.ptx))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
+        });
+        let mut modules = Vec::with_capacity(SOURCES.len());
+        for ((file, _), text) in SOURCES.iter().zip(texts) {
+            modules.push((*file, load(file, Image::Ptx(text?)).map_err(|e| format!("loading kernels {file}: {e}"))?));
+        }
+        let how = KernelLoad {
+            files: SOURCES.len(),
+            as_ptx: SOURCES.len(),
+            seconds: t0.elapsed().as_secs_f64(),
+            target: virt,
+            ..Default::default()
+        };
+        return Ok((modules, how));
+    }
     let bins: Vec<Result<(Vec<u8>, bool), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| cubin(file, src, arch, cache))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
     });
-    let mut how = KernelLoad { files: SOURCES.len(), ..Default::default() };
+    let mut how = KernelLoad { files: SOURCES.len(), target: arch.to_string(), ..Default::default() };
     let mut modules = Vec::with_capacity(SOURCES.len());
     for ((file, src), bin) in SOURCES.iter().zip(bins) {
         let (bin, cached) = bin?;

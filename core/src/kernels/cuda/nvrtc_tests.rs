@@ -380,5 +380,24 @@ fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
     eprintln!("second start: {:.3} s", how.seconds);
     let e = start("optim", true).unwrap_err();
     assert!(e.contains("loading kernels optim") && e.contains("CUDA_ERROR_INVALID_PTX"), "{e}");
+
+    // A GPU newer than this NVRTC knows gets PTX for the newest architecture it does know
+    // (the driver compiles it), none of it cached; one older than its oldest is a plain error.
+    let known = super::supported_archs();
+    let (oldest, newest) = (known[0], *known.last().unwrap());
+    assert!(known.contains(&90) && oldest <= 75, "{known:?}");
+    eprintln!("NVRTC {:?} compiles for {known:?}", super::nvrtc_version());
+    let future = format!("sm_{}", newest + 10);
+    let (modules, how) = load_all(&future, Some(&cache), |file, image| match image {
+        Image::Ptx(text) if text.contains(&format!(".target sm_{newest}")) => Ok(file),
+        other => Err(format!("{file}: {other:?}")),
+    })
+    .unwrap();
+    assert_eq!((modules.len(), how.as_ptx, how.from_cache), (SOURCES.len(), SOURCES.len(), 0));
+    assert_eq!(how.target, format!("compute_{newest}"));
+    assert!(how.to_string().contains(&format!("all as PTX for compute_{newest}")), "{how}");
+    assert!(!std::fs::read_dir(&dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(&future)));
+    let e = load_all(&format!("sm_{}", oldest - 10), None, |_, _| Ok(())).unwrap_err();
+    assert!(e.contains(&format!("compiles for sm_{oldest} and newer")), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
