@@ -129,7 +129,9 @@ pub struct MpiComm {
 
 /// The MPI library's version string (`MPI_Get_library_version`, callable before MPI starts).
 pub fn library_version() -> String {
-    mpi::environment::library_version().unwrap_or_else(|_| "unknown MPI library".into())
+    // Open MPI counts the C string's terminating NUL in the length rsmpi keeps: without the
+    // trim, `dptrain env | grep MPI` calls the output a binary file.
+    mpi::environment::library_version().map(|v| v.trim_end_matches('\0').to_string()).unwrap_or_else(|_| "unknown MPI library".into())
 }
 
 /// `MPI_IN_PLACE` is a macro in `mpi.h`, not a symbol, and rsmpi does not expose it. Its value

@@ -50,6 +50,18 @@ pub fn nvrtc_available() -> bool {
     crate::kernels::cuda::nvrtc_available()
 }
 
+/// NVRTC's version and the architectures it compiles for ("13.0; compiles for sm_75 to
+/// sm_121"), when it loads.
+#[cfg(feature = "cuda")]
+pub fn nvrtc_description() -> Option<String> {
+    let (major, minor) = crate::kernels::cuda::nvrtc_version()?;
+    let archs = crate::kernels::cuda::supported_archs();
+    Some(match (archs.first(), archs.last()) {
+        (Some(a), Some(b)) => format!("{major}.{minor}; compiles for sm_{a} to sm_{b}"),
+        _ => format!("{major}.{minor}"),
+    })
+}
+
 /// Whether cuBLAS (and cuBLASLt) can be loaded.
 #[cfg(feature = "cuda")]
 pub fn cublas_available() -> bool {

@@ -92,7 +92,11 @@ fn cuda(w: &mut String) {
             }
         }
     };
-    let _ = writeln!(w, "NVRTC: {}", found(dptrain_core::device::nvrtc_available(), &["libnvrtc.so.13", "libnvrtc.so.12"]));
+    let nvrtc = match dptrain_core::device::nvrtc_description() {
+        Some(d) => format!("loads ({d})"),
+        None => found(dptrain_core::device::nvrtc_available(), &["libnvrtc.so.13", "libnvrtc.so.12"]),
+    };
+    let _ = writeln!(w, "NVRTC: {nvrtc}");
     let _ = writeln!(w, "cuBLAS: {}", found(dptrain_core::device::cublas_available(), &["libcublas.so.13", "libcublas.so.12"]));
     let _ = writeln!(w, "NCCL: {}", found(dptrain_comm::nccl::nccl_present(), &["libnccl.so.2", "libnccl.so"]));
     let cache = match &dptrain_core::env::env().kernel_cache {

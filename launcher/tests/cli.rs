@@ -1964,6 +1964,8 @@ fn env_reports_mpi_the_world_cuda_and_threads() {
     for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: ", "memory: "] {
         assert!(out.contains(want), "{want} not in:\n{out}");
     }
+    // text a pipe into grep reads as text (the MPI library's version came with its C NUL)
+    assert!(!o.stdout.iter().any(|&b| b == 0 || (b < 0x20 && b != b'\n')), "{:?}", out);
     // the kernel cache: where it is and what it holds, or that it is off
     let kc = std::env::temp_dir().join(format!("dptrain-env-kcache-{}", std::process::id()));
     let kernel_cache = |v: &std::path::Path| {
