@@ -1,12 +1,13 @@
 //! CUDA kernel sources and their run-time compilation.
 //!
-//! Kernels are CUDA C (`*.cu` beside this file), embedded in the binary and compiled once per
-//! process with NVRTC for the device's architecture, so no CUDA toolkit is needed to build and
-//! the binary starts on machines without CUDA. Compilation goes through NVRTC's low-level API
+//! Kernels are CUDA C (`*.cu` beside this file), embedded in the binary and compiled at run time
+//! with NVRTC for the device's architecture, so no CUDA toolkit is needed to build and the
+//! binary starts on machines without CUDA. Compilation goes through NVRTC's low-level API
 //! so the program log is kept: a warning is as much a failure as an error (the CI test compiles
 //! every source for sm_90 with NVRTC 13.0 — PTX newer than the GPU machines' driver would not
 //! load). The device loads NVRTC's machine code (CUBIN), not its PTX, so the driver does not
-//! compile it again, and keeps it on disk between runs (`kernel_cache`).
+//! compile it again, and keeps it on disk between runs (`kernel_cache`): a machine compiles
+//! each source once, not each process.
 
 use cudarc::nvrtc::result as nvrtc;
 use std::ffi::{CStr, CString};
