@@ -296,6 +296,14 @@ fn no_kernel_spills_or_outgrows_its_block_on_sm_90() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// A kernel cache in a fresh temporary directory (the directory, for the test to remove).
+fn empty_cache(tag: &str) -> (std::path::PathBuf, super::KernelCache) {
+    let dir = std::env::temp_dir().join(format!("dptrain-nvrtc-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = super::KernelCache::new(&dir);
+    (dir, cache)
+}
+
 /// The device loads NVRTC's machine code: for sm_90 each file has a 64-bit little-endian ELF
 /// for the CUDA machine (EM_CUDA, 190) holding every kernel of its PTX, and none for a
 /// virtual architecture. Through the kernel cache a second request is the same bytes, read
@@ -305,9 +313,7 @@ fn the_machine_code_is_a_cuda_elf_and_the_cache_returns_it() {
     if !nvrtc_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("dptrain-nvrtc-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cache = super::KernelCache::new(&dir);
+    let (dir, cache) = empty_cache("cache");
     for (name, src) in SOURCES.iter().filter(|(n, _)| ["elementwise", "optim"].contains(n)) {
         let c = compile(name, src, "sm_90").unwrap();
         let elf = &c.cubin;
@@ -351,9 +357,7 @@ fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
         return;
     }
     use super::{load_all, Image};
-    let dir = std::env::temp_dir().join(format!("dptrain-nvrtc-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cache = super::KernelCache::new(&dir);
+    let (dir, cache) = empty_cache("load");
     // The stand-in driver: refuses the machine code of `refuse`, and its PTX too with `strict`.
     let start = |refuse: &'static str, strict: bool| {
         load_all("sm_90", Some(&cache), |file, image| match image {
