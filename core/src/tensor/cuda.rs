@@ -231,9 +231,8 @@ pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
 /// Every kernel file compiled (or taken from the kernel cache) and loaded into `ctx`
 /// ([`crate::kernels::cuda::load_all`]).
 fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelLoad)> {
-    let cache_dir = crate::env::env().kernel_cache.clone();
-    let cache = cache_dir.as_ref().map(KernelCache::new);
-    let (modules, mut load) = load_all(arch, cache.as_ref(), |_, image| {
+    let cache = crate::env::env().kernel_cache.as_ref().map(KernelCache::new);
+    let (modules, load) = load_all(arch, cache.as_ref(), |_, image| {
         let code = match image {
             Image::Cubin(bin) => Ptx::from_binary(bin),
             Image::Ptx(text) => Ptx::from_src(text),
@@ -241,7 +240,6 @@ fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static 
         ctx.load_module(code).map_err(|e| format!("{e:?}"))
     })
     .map_err(Error::Device)?;
-    load.cache_dir = cache_dir;
     tracing::info!("{load}");
     Ok((modules.into_iter().collect(), load))
 }

@@ -11,7 +11,7 @@
 //! were no cache. Entries are written to a temporary file and renamed into place, so ranks
 //! starting together never read half an entry.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8] = b"dptrain kernel cache 1\n";
 
@@ -51,6 +51,10 @@ pub struct KernelCache {
 impl KernelCache {
     pub fn new(dir: impl Into<PathBuf>) -> KernelCache {
         KernelCache { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn header(key: &Key) -> String {

@@ -257,10 +257,7 @@ pub fn load_all<M>(
             "NVRTC {} does not compile for {arch}, newer than it knows: the kernels go to the driver as PTX for {virt} (a newer NVRTC compiles them for {arch} directly)",
             nvrtc_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default()
         );
-        let texts: Vec<Result<String, String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| compile(file, src, &virt).map(|c| c.ptx))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
-        });
+        let texts = per_source(|file, src| compile(file, src, &virt).map(|c| c.ptx));
         let mut modules = Vec::with_capacity(SOURCES.len());
         for ((file, _), text) in SOURCES.iter().zip(texts) {
             modules.push((*file, load(file, Image::Ptx(text?)).map_err(|e| format!("loading kernels {file}: {e}"))?));
@@ -270,15 +267,18 @@ pub fn load_all<M>(
             as_ptx: SOURCES.len(),
             seconds: t0.elapsed().as_secs_f64(),
             target: virt,
+            cache_dir: cache.map(|c| c.dir().to_path_buf()),
             ..Default::default()
         };
         return Ok((modules, how));
     }
-    let bins: Vec<Result<(Vec<u8>, bool), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = SOURCES.iter().map(|(file, src)| s.spawn(|| cubin(file, src, arch, cache))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
-    });
-    let mut how = KernelLoad { files: SOURCES.len(), target: arch.to_string(), ..Default::default() };
+    let bins = per_source(|file, src| cubin(file, src, arch, cache));
+    let mut how = KernelLoad {
+        files: SOURCES.len(),
+        target: arch.to_string(),
+        cache_dir: cache.map(|c| c.dir().to_path_buf()),
+        ..Default::default()
+    };
     let mut modules = Vec::with_capacity(SOURCES.len());
     for ((file, src), bin) in SOURCES.iter().zip(bins) {
         let (bin, cached) = bin?;
@@ -296,6 +296,15 @@ pub fn load_all<M>(
     }
     how.seconds = t0.elapsed().as_secs_f64();
     Ok((modules, how))
+}
+
+/// `f` of every kernel file, one thread each (NVRTC compiles separate programs concurrently),
+/// in `SOURCES` order.
+fn per_source<T: Send>(f: impl Fn(&'static str, &'static str) -> Result<T, String> + Sync) -> Vec<Result<T, String>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = SOURCES.iter().map(|&(file, src)| s.spawn(|| f(file, src))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
+    })
 }
 
 /// The machine code of a program compiled for a real architecture.

@@ -378,6 +378,7 @@ fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
     assert!(modules.iter().zip(SOURCES).all(|((f, _), (n, _))| f == n), "in SOURCES order");
     assert!(modules.iter().all(|(f, m)| *m == if *f == "reduce" { "ptx" } else { "cubin" }), "{modules:?}");
     assert_eq!((how.files, how.from_cache, how.as_ptx), (SOURCES.len(), 0, 1));
+    assert_eq!(how.cache_dir.as_deref(), Some(dir.as_path()));
     eprintln!("first start: {:.1} s", how.seconds);
     let (_, how) = start("none", false).unwrap();
     assert_eq!((how.from_cache, how.as_ptx), (SOURCES.len(), 0), "the second start compiled again");
