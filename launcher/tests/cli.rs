@@ -555,7 +555,7 @@ esac
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("CPU emulator"), "{out}");
-    // how the kernels were had (on a GPU: files, seconds, how many from the kernel cache)
+    // how the kernels were had (on a GPU: programs, seconds, how many from the kernel cache)
     assert!(out.contains("\nkernels: none compiled (the CPU emulator runs them as C++)\n"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
     assert_eq!(rows, 65 + 9, "{out}");

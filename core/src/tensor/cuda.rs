@@ -199,7 +199,8 @@ struct Real {
     ctx: Arc<CudaContext>,
     /// The compute stream: every kernel, copy and GEMM of this device, in order.
     stream: Arc<CudaStream>,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// The modules of each kernel file (flash.cu's: one per entry point, see `programs`).
+    modules: Modules,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: CudaBlas,
     /// `None` when libcublasLt cannot be loaded.
@@ -228,9 +229,12 @@ pub fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
     Ok(d)
 }
 
-/// Every kernel file compiled (or taken from the kernel cache) and loaded into `ctx`
+/// A device's loaded kernel programs, by kernel file.
+type Modules = HashMap<&'static str, Vec<Arc<CudaModule>>>;
+
+/// Every kernel program compiled (or taken from the kernel cache) and loaded into `ctx`
 /// ([`crate::kernels::cuda::load_all`]).
-fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static str, Arc<CudaModule>>, KernelLoad)> {
+fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(Modules, KernelLoad)> {
     let cache = crate::env::env().kernel_cache.as_ref().map(KernelCache::new);
     let (modules, load) = load_all(arch, cache.as_ref(), |_, image| {
         let code = match image {
@@ -241,7 +245,11 @@ fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<(HashMap<&'static 
     })
     .map_err(Error::Device)?;
     tracing::info!("{load}");
-    Ok((modules.into_iter().collect(), load))
+    let mut by_file = Modules::new();
+    for (file, m) in modules {
+        by_file.entry(file).or_default().push(m);
+    }
+    Ok((by_file, load))
 }
 
 fn no_real() -> Error {
@@ -431,8 +439,12 @@ impl CudaDev {
         if let Some(k) = f.get(&(file, name)) {
             return Ok(k.clone());
         }
-        let m = r.modules.get(file).ok_or_else(|| Error::Device(format!("no kernel file {file}")))?;
-        let k = m.load_function(name).map_err(|e| derr(&format!("kernel {file}.{name}"), e))?;
+        let ms = r.modules.get(file).ok_or_else(|| Error::Device(format!("no kernel file {file}")))?;
+        // A file of several programs (flash.cu) has each kernel in one of them.
+        let k = ms
+            .iter()
+            .find_map(|m| m.load_function(name).ok())
+            .ok_or_else(|| Error::Device(format!("kernel {file}.{name} is in none of its {} loaded programs", ms.len())))?;
         f.insert((file, name), k.clone());
         Ok(k)
     }

@@ -481,12 +481,15 @@ __device__ void flash_bwd_dot(const E* go, const E* y, float* dvec, i64 b, i64 t
         if (sub == 0 && i < rows) dvec[i] = acc;
     }
 }
+// (Under FA_PART, only in the program that defines FA_DOT: see the end of the file.)
+#if !defined(FA_PART) || defined(FA_DOT)
 extern "C" __global__ void flash_bwd_dot_f32(const float* go, const float* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
     flash_bwd_dot<float>(go, y, dvec, b, t, h, d);
 }
 extern "C" __global__ void flash_bwd_dot_bf16(const bf16_t* go, const bf16_t* y, float* dvec, i64 b, i64 t, i64 h, i64 d) {
     flash_bwd_dot<bf16_t>(go, y, dvec, b, t, h, d);
 }
+#endif
 
 // dQ for one query tile per work item, into part 0 of dqkv [B, T, 3C].
 template <int D, typename E>
@@ -662,26 +665,40 @@ __device__ void flash_bwd_dkv(const E* qkv, const E* go, const float* lse, const
 // query tiles. Launch: 128 threads per block, one block per work item (a head and query tile)
 // up to the grid limit. Dropout: the step's key in device memory or null, key (or
 // site: see dpt_mask_key), threshold (p·2³², 0 for none) and 1/(1 − p).
-#define FA_ENTRIES(D, SUF, E)                                                                                                            \
+#define FA_FWD(D, SUF, E)                                                                                                                \
     extern "C" __global__ void flash_fwd_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale,    \
                                                    const u64_t* step_key, i64 key, i64 threshold, float dscale) {                      \
         flash_fwd<D, 1, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                      \
-    }                                                                                                                                  \
+    }
+#define FA_FWD128(D, SUF, E)                                                                                                             \
     extern "C" __global__ void flash_fwd128_d##D##SUF(const E* qkv, E* y, float* lse, float* row_max, i64 b, i64 t, i64 h, float scale, \
                                                       const u64_t* step_key, i64 key, i64 threshold, float dscale) {                   \
         flash_fwd<D, 2, E>(qkv, y, lse, row_max, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                      \
-    }                                                                                                                                  \
+    }
+#define FA_BWD_DQ(D, SUF, E)                                                                                                             \
     extern "C" __global__ void flash_bwd_dq_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
                                                       i64 t, i64 h, float scale, const u64_t* step_key, i64 key, i64 threshold,       \
                                                       float dscale) {                                                                  \
         flash_bwd_dq<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                  \
-    }                                                                                                                                  \
+    }
+#define FA_BWD_DKV(D, SUF, E)                                                                                                            \
     extern "C" __global__ void flash_bwd_dkv_d##D##SUF(const E* qkv, const E* go, const float* lse, const float* dvec, E* dqkv, i64 b, \
                                                        i64 t, i64 h, float scale, const u64_t* step_key, i64 key, i64 threshold,      \
                                                        float dscale) {                                                                 \
         flash_bwd_dkv<D, E>(qkv, go, lse, dvec, dqkv, b, t, h, scale, dpt_mask_key(step_key, key), threshold, dscale);                 \
     }
+
+// NVRTC compiles this file as one program per entry point, defining FA_PART as the one entry
+// (e.g. `FA_BWD_DKV(64, _bf16, bf16_t)`; the D-vector kernels under FA_DOT): ptxas spends up to
+// a second on each of these kernels, so as one program this file set the time of a device's
+// first start; split, they compile in parallel (kernels/cuda/mod.rs, `programs`). The CPU
+// emulator and anything else without FA_PART get every entry point.
+#if defined(FA_PART)
+FA_PART
+#else
+#define FA_ENTRIES(D, SUF, E) FA_FWD(D, SUF, E) FA_FWD128(D, SUF, E) FA_BWD_DQ(D, SUF, E) FA_BWD_DKV(D, SUF, E)
 FA_ENTRIES(32, , float)
 FA_ENTRIES(64, , float)
 FA_ENTRIES(32, _bf16, bf16_t)
 FA_ENTRIES(64, _bf16, bf16_t)
+#endif

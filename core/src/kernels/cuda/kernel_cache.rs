@@ -1,10 +1,10 @@
 //! Compiled kernels kept on disk between runs, so a process compiles its CUDA kernels once per
-//! machine rather than once per start (NVRTC takes about 19 s on two cores for our sources,
-//! most of it flash attention's, and every rank of an `mpirun` pays it at the same time).
+//! machine rather than once per start (NVRTC's work for our sources is about 20 s of CPU time,
+//! half of it flash attention's, and every rank of an `mpirun` pays it at the same time).
 //! PyTorch's Triton kernels and the driver's own PTX cache work the same way.
 //!
 //! An entry holds the exact source it was compiled from and everything else that decides the
-//! binary (the kernel file's name, the architecture, NVRTC's version and options), compared
+//! binary (the program's name, the architecture, NVRTC's version and options), compared
 //! byte for byte on every read: the file name's hash only spreads entries, it never decides a
 //! hit. A checksum over the binary catches a file damaged on disk. Anything that does not read
 //! back exactly is a miss, and the kernel is compiled (and the entry rewritten) as if there

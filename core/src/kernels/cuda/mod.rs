@@ -7,7 +7,9 @@
 //! every source for sm_90 with NVRTC 13.0 — PTX newer than the GPU machines' driver would not
 //! load). The device loads NVRTC's machine code (CUBIN), not its PTX, so the driver does not
 //! compile it again, and keeps it on disk between runs (`kernel_cache`): a machine compiles
-//! each source once, not each process.
+//! each source once, not each process. Each file is one NVRTC program except flash.cu, which
+//! is one per entry point (`programs`), and the programs compile in parallel, so a first start
+//! waits about as long as the slowest single kernel file rather than for flash attention's.
 
 use cudarc::nvrtc::result as nvrtc;
 use std::ffi::{CStr, CString};
@@ -29,6 +31,41 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("probe", include_str!("probe.cu")),
     ("flash", include_str!("flash.cu")),
 ];
+
+/// One NVRTC program: a kernel file, or one entry point of flash.cu.
+#[derive(Debug)]
+pub struct Program {
+    /// The kernel file (`SOURCES`' name) its kernels are launched by.
+    pub file: &'static str,
+    /// The program's own name (the file's, or the flash kernel's): the kernel cache's and the
+    /// error messages'.
+    pub name: String,
+    /// The source NVRTC compiles (after `COMMON`).
+    pub source: String,
+}
+
+/// Every NVRTC program, the longest to compile first. flash.cu is one program per entry point
+/// (`FA_PART`, see the end of flash.cu): ptxas takes 0.4–1 s for each of its kernels (2 cores),
+/// so as one program it took 9–12 s, more than all the other files together, and a device's
+/// first start waited for it even with the files compiled in parallel.
+pub fn programs() -> &'static [Program] {
+    static PROGRAMS: std::sync::OnceLock<Vec<Program>> = std::sync::OnceLock::new();
+    PROGRAMS.get_or_init(|| {
+        let flash = SOURCES.iter().find(|(f, _)| *f == "flash").expect("flash.cu is a kernel file").1;
+        let part = |name: String, define: String| Program { file: "flash", name, source: format!("{define}\n{flash}") };
+        let mut all = vec![];
+        for kind in ["bwd_dkv", "bwd_dq", "fwd128", "fwd"] {
+            for (d, suf, e) in [(64, "_bf16", "bf16_t"), (64, "", "float"), (32, "_bf16", "bf16_t"), (32, "", "float")] {
+                let name = format!("flash_{kind}_d{d}{suf}");
+                all.push(part(name, format!("#define FA_PART FA_{}({d}, {suf}, {e})", kind.to_uppercase())));
+            }
+        }
+        all.push(part("flash_bwd_dot".into(), "#define FA_PART\n#define FA_DOT".into()));
+        let rest = SOURCES.iter().filter(|(f, _)| *f != "flash");
+        all.extend(rest.map(|&(file, src)| Program { file, name: file.to_string(), source: src.to_string() }));
+        all
+    })
+}
 
 /// True when the NVRTC library can be loaded (checked without letting cudarc panic).
 pub fn nvrtc_available() -> bool {
@@ -62,6 +99,8 @@ pub struct Compiled {
     pub cubin: Vec<u8>,
     /// NVRTC's program log (warnings); empty on a clean compile.
     pub log: String,
+    /// How long NVRTC took (a start waits for the slowest program).
+    pub seconds: f64,
 }
 
 /// NVRTC's options for `arch` (before any a caller adds).
@@ -126,8 +165,10 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
     let prog = nvrtc::create_program(&full, Some(&cname)).map_err(|e| format!("{name}: {e:?}"))?;
     let mut opts = options(arch);
     opts.extend(extra.iter().map(|o| o.to_string()));
+    let t0 = std::time::Instant::now();
     // SAFETY: `prog` was just created and is destroyed below; options are valid C strings.
     let res = unsafe { nvrtc::compile_program(prog, &opts) };
+    let seconds = t0.elapsed().as_secs_f64();
     let log = log_of(prog);
     let out = match res {
         Err(e) => Err(format!("{name}: NVRTC error {e:?}\n{log}")),
@@ -136,7 +177,7 @@ fn compile_with(name: &'static str, src: &str, arch: &str, extra: &[&str]) -> Re
             let ptx = unsafe { nvrtc::get_ptx(prog) }.map_err(|e| format!("{name}: {e:?}"))?;
             let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().to_string();
             let cubin = if arch.starts_with("sm_") { cubin_of(prog).map_err(|e| format!("{name}: {e}"))? } else { vec![] };
-            Ok(Compiled { name, ptx, cubin, log })
+            Ok(Compiled { name, ptx, cubin, log, seconds })
         }
     };
     // SAFETY: destroyed exactly once, after its last use.
@@ -206,8 +247,8 @@ pub enum Image {
 /// How a device got its kernels when it was opened.
 #[derive(Debug, Clone, Default)]
 pub struct KernelLoad {
-    /// Kernel files loaded.
-    pub files: usize,
+    /// NVRTC programs loaded (one per module).
+    pub programs: usize,
     /// Of those, how many came compiled from the kernel cache.
     pub from_cache: usize,
     /// How many the driver refused as machine code and took as PTX instead.
@@ -223,10 +264,17 @@ pub struct KernelLoad {
 
 impl std::fmt::Display for KernelLoad {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.files == 0 {
+        if self.programs == 0 {
             return write!(f, "none compiled (the CPU emulator runs them as C++)");
         }
-        write!(f, "{} kernel files in {:.1} s, {} from the kernel cache", self.files, self.seconds, self.from_cache)?;
+        write!(
+            f,
+            "{} programs from {} kernel files in {:.1} s, {} from the kernel cache",
+            self.programs,
+            SOURCES.len(),
+            self.seconds,
+            self.from_cache
+        )?;
         match &self.cache_dir {
             Some(d) => write!(f, " ({})", d.display())?,
             None => write!(f, " (off)")?,
@@ -240,71 +288,88 @@ impl std::fmt::Display for KernelLoad {
     }
 }
 
-/// Every kernel file's machine code for `arch`, from `cache` or compiled — the files compiled
-/// in parallel, one thread each, since flash attention's alone takes seconds — handed to
-/// `load` (the driver's module load on a GPU). Should `load` refuse a file's machine code, its
-/// PTX is handed over instead, which the driver compiles itself; a file neither loads is the
-/// error, naming it. Returns the loaded modules by file, and how they were had.
+/// Every program's machine code for `arch`, from `cache` or compiled — in parallel, since
+/// NVRTC takes seconds for them all — handed to `load` (the driver's module load on a GPU).
+/// Should `load` refuse a program's machine code, its PTX is handed over instead, which the
+/// driver compiles itself; a program neither loads is the error, naming it. Returns the loaded
+/// modules with their kernel files, in `programs()` order, and how they were had.
 pub fn load_all<M>(
     arch: &str,
     cache: Option<&KernelCache>,
     mut load: impl FnMut(&'static str, Image) -> Result<M, String>,
 ) -> Result<(Vec<(&'static str, M)>, KernelLoad), String> {
     let t0 = std::time::Instant::now();
+    let programs = programs();
+    let mut how = KernelLoad {
+        programs: programs.len(),
+        target: arch.to_string(),
+        cache_dir: cache.map(|c| c.dir().to_path_buf()),
+        ..Default::default()
+    };
+    let mut modules = Vec::with_capacity(programs.len());
     if let Some(virt) = newer_than_nvrtc(arch)? {
         // PTX is forward-compatible: the driver compiles it for the GPU it has.
         tracing::warn!(
             "NVRTC {} does not compile for {arch}, newer than it knows: the kernels go to the driver as PTX for {virt} (a newer NVRTC compiles them for {arch} directly)",
             nvrtc_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default()
         );
-        let texts = per_source(|file, src| compile(file, src, &virt).map(|c| c.ptx));
-        let mut modules = Vec::with_capacity(SOURCES.len());
-        for ((file, _), text) in SOURCES.iter().zip(texts) {
-            modules.push((*file, load(file, Image::Ptx(text?)).map_err(|e| format!("loading kernels {file}: {e}"))?));
+        let texts = per_program(|p| compile(&p.name, &p.source, &virt).map(|c| c.ptx));
+        for (p, text) in programs.iter().zip(texts) {
+            modules.push((p.file, load(&p.name, Image::Ptx(text?)).map_err(|e| format!("loading kernels {}: {e}", p.name))?));
         }
-        let how = KernelLoad {
-            files: SOURCES.len(),
-            as_ptx: SOURCES.len(),
-            seconds: t0.elapsed().as_secs_f64(),
-            target: virt,
-            cache_dir: cache.map(|c| c.dir().to_path_buf()),
-            ..Default::default()
-        };
+        how.as_ptx = programs.len();
+        how.target = virt;
+        how.seconds = t0.elapsed().as_secs_f64();
         return Ok((modules, how));
     }
-    let bins = per_source(|file, src| cubin(file, src, arch, cache));
-    let mut how = KernelLoad {
-        files: SOURCES.len(),
-        target: arch.to_string(),
-        cache_dir: cache.map(|c| c.dir().to_path_buf()),
-        ..Default::default()
-    };
-    let mut modules = Vec::with_capacity(SOURCES.len());
-    for ((file, src), bin) in SOURCES.iter().zip(bins) {
+    let bins = per_program(|p| cubin(&p.name, &p.source, arch, cache));
+    for (p, bin) in programs.iter().zip(bins) {
         let (bin, cached) = bin?;
         how.from_cache += cached as usize;
-        let m = match load(file, Image::Cubin(bin)) {
+        let m = match load(&p.name, Image::Cubin(bin)) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!("kernels {file}: the driver refused NVRTC's machine code for {arch} ({e}); loading the PTX");
-                let c = compile(file, src, arch)?;
+                tracing::warn!("kernels {}: the driver refused NVRTC's machine code for {arch} ({e}); loading the PTX", p.name);
+                let c = compile(&p.name, &p.source, arch)?;
                 how.as_ptx += 1;
-                load(file, Image::Ptx(c.ptx)).map_err(|e| format!("loading kernels {file}: {e}"))?
+                load(&p.name, Image::Ptx(c.ptx)).map_err(|e| format!("loading kernels {}: {e}", p.name))?
             }
         };
-        modules.push((*file, m));
+        modules.push((p.file, m));
     }
     how.seconds = t0.elapsed().as_secs_f64();
     Ok((modules, how))
 }
 
-/// `f` of every kernel file, one thread each (NVRTC compiles separate programs concurrently),
-/// in `SOURCES` order.
-fn per_source<T: Send>(f: impl Fn(&'static str, &'static str) -> Result<T, String> + Sync) -> Vec<Result<T, String>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = SOURCES.iter().map(|&(file, src)| s.spawn(|| f(file, src))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the kernel compile thread panicked".into()))).collect()
-    })
+/// `f` of every program, in `programs()` order, run on as many threads as the machine has
+/// cores (NVRTC compiles separate programs concurrently), each taking the next program in
+/// order — so the longest start first.
+fn per_program<T: Send>(f: impl Fn(&'static Program) -> Result<T, String> + Sync) -> Vec<Result<T, String>> {
+    let programs = programs();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(programs.len());
+    let mut out: Vec<Option<Result<T, String>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(p) = programs.get(i) else { return done };
+                        done.push((i, f(p)));
+                    }
+                })
+            })
+            .collect();
+        let mut out: Vec<Option<Result<T, String>>> = programs.iter().map(|_| None).collect();
+        for w in workers {
+            for (i, r) in w.join().unwrap_or_default() {
+                out[i] = Some(r);
+            }
+        }
+        out
+    });
+    out.iter_mut().map(|r| r.take().unwrap_or_else(|| Err("a kernel compile thread panicked".into()))).collect()
 }
 
 /// The machine code of a program compiled for a real architecture.
@@ -325,10 +390,10 @@ fn cubin_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
     Ok(bin)
 }
 
-/// Compiles every kernel file for `arch`.
+/// Compiles every program for `arch` (in parallel, as a device start does).
 #[cfg(test)]
 pub fn compile_all(arch: &str) -> Result<Vec<Compiled>, String> {
-    SOURCES.iter().map(|(n, s)| compile(n, s, arch)).collect()
+    per_program(|p| compile(&p.name, &p.source, arch)).into_iter().collect()
 }
 
 pub mod kernel_cache;

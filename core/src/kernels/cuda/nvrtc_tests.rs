@@ -4,7 +4,13 @@
 //! and sets DPTRAIN_REQUIRE_NVRTC=1, so CI fails rather than skips when it is missing).
 //! (Unit tests of the kernel layer, which is private to the engine.)
 
-use super::{compile, compile_all, nvrtc_available, SOURCES};
+use super::{compile, compile_all, nvrtc_available, programs, Compiled, SOURCES};
+
+/// Every program compiled for sm_90, once for the tests that read it.
+fn sm_90() -> &'static [Compiled] {
+    static COMPILED: std::sync::OnceLock<Vec<Compiled>> = std::sync::OnceLock::new();
+    COMPILED.get_or_init(|| compile_all("sm_90").unwrap_or_else(|e| panic!("{e}")))
+}
 
 #[test]
 fn every_kernel_compiles_cleanly_for_sm_90() {
@@ -13,9 +19,12 @@ fn every_kernel_compiles_cleanly_for_sm_90() {
         eprintln!("skipping: NVRTC not found (set LD_LIBRARY_PATH to nvidia/cu13/lib of the nvidia-cuda-nvrtc wheel)");
         return;
     }
-    let compiled = compile_all("sm_90").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(compiled.len(), SOURCES.len());
-    for c in &compiled {
+    let compiled = sm_90();
+    assert_eq!(compiled.len(), programs().len());
+    let mut slowest: Vec<_> = compiled.iter().map(|c| (c.seconds, c.name)).collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("slowest programs (s, one per core at a time): {:.2?}", &slowest[..4]);
+    for c in compiled {
         assert!(c.log.is_empty(), "{}: NVRTC warnings:\n{}", c.name, c.log);
         assert!(c.ptx.contains(".target sm_90"), "{}: PTX not for sm_90", c.name);
         // PTX ISA 9.0 is CUDA 13.0's; anything newer would not load on a CUDA 13.0 driver.
@@ -54,11 +63,11 @@ fn a_broken_kernel_is_reported_with_its_log() {
     assert!(!w.log.is_empty(), "an unused variable should warn");
 }
 
-/// Kernel signatures from PTX: name → parameter sizes in bytes (struct parameters by their
-/// `.b8 name[N]` size).
+/// Kernel signatures from PTX: (kernel file, name) → parameter sizes in bytes (struct
+/// parameters by their `.b8 name[N]` size). A kernel in two programs of a file is an error.
 fn ptx_signatures() -> std::collections::HashMap<(String, String), Vec<usize>> {
     let mut out = std::collections::HashMap::new();
-    for c in compile_all("sm_90").unwrap_or_else(|e| panic!("{e}")) {
+    for (p, c) in programs().iter().zip(sm_90()) {
         let mut lines = c.ptx.lines().peekable();
         while let Some(l) = lines.next() {
             let Some(rest) = l.trim().strip_prefix(".visible .entry ") else { continue };
@@ -80,7 +89,8 @@ fn ptx_signatures() -> std::collections::HashMap<(String, String), Vec<usize>> {
                 };
                 sizes.push(size);
             }
-            out.insert((c.name.to_string(), name), sizes);
+            let twice = out.insert((p.file.to_string(), name.clone()), sizes);
+            assert!(twice.is_none(), "{}.{name} is in two of its programs", p.file);
         }
     }
     out
@@ -270,8 +280,9 @@ fn no_kernel_spills_or_outgrows_its_block_on_sm_90() {
     }
     let mut problems = vec![];
     let mut kernels = 0;
-    for (name, src) in SOURCES {
-        let c = super::compile_with(name, src, "sm_90", &["-Xptxas", "-v"]).unwrap_or_else(|e| panic!("{e}"));
+    let compiled = super::per_program(|p| super::compile_with(&p.name, &p.source, "sm_90", &["-Xptxas", "-v"]));
+    for (p, c) in programs().iter().zip(compiled) {
+        let (name, c) = (&p.name, c.unwrap_or_else(|e| panic!("{e}")));
         let report = ptxas_resources(&c.log);
         let entries = c.ptx.matches(".entry ").count();
         assert_eq!(report.len(), entries, "{name}: ptxas reported {} kernels, the PTX has {entries}:\n{}", report.len(), c.log);
@@ -286,7 +297,7 @@ fn no_kernel_spills_or_outgrows_its_block_on_sm_90() {
             if r.smem > 48 * 1024 {
                 problems.push(format!("{name}.{}: {} B of static shared memory (48 KiB at most)", r.kernel, r.smem));
             }
-            if *name != "flash" && r.registers > 64 {
+            if p.file != "flash" && r.registers > 64 {
                 problems.push(format!("{name}.{}: {} registers, too many for a 1024-thread block", r.kernel, r.registers));
             }
             kernels += 1;
@@ -373,15 +384,16 @@ fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
             }
         })
     };
+    let n = programs().len();
     let (modules, how) = start("reduce", false).unwrap();
-    assert_eq!(modules.len(), SOURCES.len());
-    assert!(modules.iter().zip(SOURCES).all(|((f, _), (n, _))| f == n), "in SOURCES order");
+    assert_eq!(modules.len(), n);
+    assert!(modules.iter().zip(programs()).all(|((f, _), p)| *f == p.file), "in programs() order, with their files");
     assert!(modules.iter().all(|(f, m)| *m == if *f == "reduce" { "ptx" } else { "cubin" }), "{modules:?}");
-    assert_eq!((how.files, how.from_cache, how.as_ptx), (SOURCES.len(), 0, 1));
+    assert_eq!((how.programs, how.from_cache, how.as_ptx), (n, 0, 1));
     assert_eq!(how.cache_dir.as_deref(), Some(dir.as_path()));
     eprintln!("first start: {:.1} s", how.seconds);
     let (_, how) = start("none", false).unwrap();
-    assert_eq!((how.from_cache, how.as_ptx), (SOURCES.len(), 0), "the second start compiled again");
+    assert_eq!((how.from_cache, how.as_ptx), (n, 0), "the second start compiled again");
     eprintln!("second start: {:.3} s", how.seconds);
     let e = start("optim", true).unwrap_err();
     assert!(e.contains("loading kernels optim") && e.contains("CUDA_ERROR_INVALID_PTX"), "{e}");
@@ -398,7 +410,7 @@ fn a_device_start_loads_machine_code_from_the_cache_and_falls_back_to_ptx() {
         other => Err(format!("{file}: {other:?}")),
     })
     .unwrap();
-    assert_eq!((modules.len(), how.as_ptx, how.from_cache), (SOURCES.len(), SOURCES.len(), 0));
+    assert_eq!((modules.len(), how.as_ptx, how.from_cache), (n, n, 0));
     assert_eq!(how.target, format!("compute_{newest}"));
     assert!(how.to_string().contains(&format!("all as PTX for compute_{newest}")), "{how}");
     assert!(!std::fs::read_dir(&dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains(&future)));
