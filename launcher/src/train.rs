@@ -271,7 +271,8 @@ fn train_loop(
                 events.emit(&ev)?;
             }
             if loss.is_finite() && grad_norm.is_finite() {
-                run.opt.step(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
+                // A finite norm: every gradient is finite, which SOAP then need not check again.
+                run.opt.step_finite(&mut run.params, grads, &mut StepCtx { step: done, lr, comm: optim_comm })?;
                 last_loss = loss;
                 if probe_step {
                     tprobes.after_step(&run.params, run.opt.as_ref(), &mut extra)?;

@@ -186,6 +186,34 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     }
     device_decided_steps_are_the_hosts_and_keep_the_bf16_copy();
     soap_owner_mode_on_the_device_shares_the_host_work();
+    soap_trusts_gradients_the_trainer_found_finite();
+}
+
+/// The trainer steps SOAP only with gradients it has found finite (`step_finite`): on the device
+/// SOAP then skips its own check — one pass over the gradients and one wait for the device
+/// fewer per step, refreshes included — and the steps are the same bits.
+fn soap_trusts_gradients_the_trainer_found_finite() {
+    let cfg = SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() };
+    let dev = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut solo = dptrain_comm::LocalComm::new();
+    let mut steps = |finite: bool| {
+        let (mut ps, grads) = stores_with(5, 5);
+        let mut soap = Soap::new(cfg, &ps);
+        ps.to_device(Device::Cuda(0)).unwrap();
+        let mut g = GradStore::try_new(&ps).unwrap();
+        let mut waits = 0;
+        for (i, gr) in grads.iter().enumerate() {
+            *g.flat_tensor_mut() = Tensor::from_slice(gr, &[gr.len()]).unwrap().to_device(Device::Cuda(0)).unwrap();
+            let before = dev.host_waits();
+            let ctx = &mut StepCtx { step: i as u64 + 1, lr: 0.05, comm: &mut solo };
+            if finite { soap.step_finite(&mut ps, &g, ctx) } else { soap.step(&mut ps, &g, ctx) }.unwrap();
+            waits += dev.host_waits() - before;
+        }
+        (ps.flat().to_vec::<f32>().unwrap(), waits)
+    };
+    let ((checked, checked_waits), (trusted, trusted_waits)) = (steps(false), steps(true));
+    assert!(checked == trusted, "step_finite changed SOAP's steps:\n{trusted:?}\nvs {checked:?}");
+    assert_eq!(checked_waits - trusted_waits, 4, "waits: {checked_waits} checking, {trusted_waits} trusting");
 }
 
 /// SOAP in owner mode on the device, two in-process ranks with the same gradients: each rank

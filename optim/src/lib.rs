@@ -69,6 +69,12 @@ pub trait Optimizer: Send {
         scalars: &serde_json::Value,
     ) -> Result<()>;
     fn name(&self) -> &'static str;
+    /// [`step`](Self::step) with gradients the caller has already found finite (the trainer
+    /// skips a step whose gradient norm is not): an optimizer that checks them itself may skip
+    /// its check — on a GPU a pass over the gradients and a wait for the device.
+    fn step_finite(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        self.step(params, grads, ctx)
+    }
     /// A step whose update the device decides, without a host wait: from the step's record
     /// (the gradient's Σg²), skipped when the gradient norm is not finite, the gradient clipped
     /// to `max_norm` (0: not clipped) — the numbers `step` gives after the host's own check and

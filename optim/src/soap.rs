@@ -909,13 +909,14 @@ impl Soap {
         Ok(())
     }
 
-    fn step_device(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+    /// A step on the GPU; `known_finite`: the caller has found every gradient finite.
+    fn step_device(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx, known_finite: bool) -> Result<()> {
         if self.dev.is_none() {
             self.move_to_device(params.flat().device())?;
         }
         let g_all = grads.flat().clone();
-        // One synchronisation: per parameter only when something is non-finite.
-        let all_finite = flat::sum_squares(&g_all)?.is_finite();
+        // At most one synchronisation: per parameter only when something is non-finite.
+        let all_finite = known_finite || flat::sum_squares(&g_all)?.is_finite();
         let finite: Vec<bool> = if all_finite {
             vec![true; self.ps.len()]
         } else {
@@ -1000,11 +1001,20 @@ impl Soap {
 impl Optimizer for Soap {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         if params.flat().is_cuda() {
-            return self.step_device(params, grads, ctx);
+            return self.step_device(params, grads, ctx, false);
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
         self.step_host(p, g, ctx)
+    }
+
+    /// The host path checks finiteness per parameter as it goes (no extra pass); on a GPU the
+    /// check of the whole buffer and its wait are skipped.
+    fn step_finite(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
+        if params.flat().is_cuda() {
+            return self.step_device(params, grads, ctx, true);
+        }
+        self.step(params, grads, ctx)
     }
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
