@@ -307,6 +307,46 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// SOAP decides on the device every step but its first and its basis refreshes; a run so gives,
+/// bit for bit, the waiting path's parameters, moments, statistics, bases, step count and
+/// logged numbers — with a NaN injected at step 3 (skipped on the device, so the refreshes
+/// after it come one step later) and the run's last step, whose checkpoint reads the count
+/// back from the device, decided there.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+#[test]
+fn soap_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
+    let d = tmp("soap-devstep");
+    let run = |dir: &Path, sync: bool| {
+        let sets = [
+            "optim.kind=\"soap\"",
+            "optim.precondition_frequency=3",
+            "train.steps=9",
+            "run.log_every=4",
+            "optim.clip=0.05",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=0",
+            "train.eval_samples=16",
+        ];
+        emulated_bf16_gpt(dir, &sets, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", "nan:0:3"])
+    };
+    let (dev, sync) = (d.join("device"), d.join("sync"));
+    ok(&run(&dev, false));
+    ok(&run(&sync, true));
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
+    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
+    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
+    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
+    // Steps 2–9 less the NaN step: 7 updates.
+    assert_eq!(scalars(&dev)["step"], 7, "{}", scalars(&dev));
+    assert_eq!(scalars(&dev), scalars(&sync));
+    let recs = values(&records(&dev), 0);
+    assert_eq!(recs, values(&records(&sync), 0));
+    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert!(ev(&dev).contains("\"kind\":\"nonfinite\"") && ev(&dev).contains("\"step\":3"), "{}", ev(&dev));
+    assert_eq!(ev(&dev), ev(&sync));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// SGD (Nesterov momentum, weight decay, clipping, warmup) decides its step on the device as
 /// AdamW does — the gate kernel's non-finite check, clipping and first-step flag — and so can
 /// be replayed in a CUDA graph: with a NaN injected at step 1 (skipped there), probe steps the

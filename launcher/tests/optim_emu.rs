@@ -187,6 +187,71 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     device_decided_steps_are_the_hosts_and_keep_the_bf16_copy();
     soap_owner_mode_on_the_device_shares_the_host_work();
     soap_trusts_gradients_the_trainer_found_finite();
+    soap_decides_all_but_first_and_refresh_steps_on_the_device();
+}
+
+/// SOAP's steps as the trainer takes them on a GPU: decided on the device where SOAP can
+/// (`step_on_device`), else read and decided on the host (`step_finite` after the host's
+/// check and clipping). Every step but the first and the basis refreshes is decided on the
+/// device, without a wait, and the parameters after each step, the state and the count are
+/// bitwise those of host-decided steps — with a non-finite step skipped on the device, which
+/// moves the next refresh one step later, and clipped steps. With `normalize_grads` (an RMS
+/// read per parameter) every step is the host's.
+fn soap_decides_all_but_first_and_refresh_steps_on_the_device() {
+    let dev = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let scales = |_: &ParamStore| ParamScales { lr: vec![1.0, 0.5], wd: vec![1.0, 0.0] };
+    // ‖g‖ ≈ 10 for the raw gradients: factor 1 is clipped to 5, NaN is skipped.
+    let max_norm = 5.0;
+    let factors = [0.1, 0.2, 1.0, 0.1, f32::NAN, 0.3, 0.1, 1.0, 0.2, 0.1, 0.1, 0.2];
+    // A refresh on every third update (the first step only initialises).
+    let cfg = SoapConfig { precondition_frequency: 3, weight_decay: 0.1, ..Default::default() };
+    for normalize in [false, true] {
+        let cfg = SoapConfig { normalize_grads: normalize, ..cfg };
+        let mut results = vec![];
+        let mut decided = vec![];
+        for trainer in [false, true] {
+            let (mut ps, raw) = stores_with(12, 10);
+            ps.to_device(Device::Cuda(0)).unwrap();
+            let mut soap = Soap::with_scales(cfg, &ps, &scales(&ps)).unwrap();
+            let mut g = GradStore::try_new(&ps).unwrap();
+            let mut solo = dptrain_comm::LocalComm::new();
+            let mut seen = vec![];
+            for (i, f) in factors.iter().enumerate() {
+                let scaled: Vec<f32> = raw[i % raw.len()].iter().map(|x| x * f).collect();
+                *g.flat_tensor_mut() = Tensor::from_slice(&scaled, &[scaled.len()]).unwrap().to_device(Device::Cuda(0)).unwrap();
+                let ctx = &mut StepCtx { step: i as u64 + 1, lr: 0.05 / (i + 1) as f64, comm: &mut solo };
+                let rec = dptrain_core::ops::flat::sum_squares_and_record(g.flat(), &[]).unwrap();
+                let waits = dev.host_waits();
+                if trainer && soap.step_on_device(&mut ps, &g, ctx, &rec, max_norm).unwrap() {
+                    assert_eq!(dev.host_waits(), waits, "step {}: a device-decided step waited", i + 1);
+                    decided.push(i + 1);
+                } else {
+                    let norm = rec.read().unwrap().0.sqrt();
+                    if norm.is_finite() {
+                        clip_to_norm(&mut g, max_norm, norm).unwrap();
+                        soap.step_finite(&mut ps, &g, ctx).unwrap();
+                    }
+                }
+                seen.push(ps.flat().to_vec::<f32>().unwrap());
+            }
+            let (state, scalars) = soap.state(&ps).unwrap();
+            let state: Vec<(String, Vec<f32>)> = state.into_iter().map(|(k, t)| (k, t.to_vec::<f32>().unwrap())).collect();
+            results.push((seen, state, scalars));
+        }
+        let (host, dev_decided) = (&results[0], &results[1]);
+        for (i, (a, b)) in host.0.iter().zip(&dev_decided.0).enumerate() {
+            assert!(a == b, "normalize {normalize}: parameters after step {} differ (host- vs device-decided)", i + 1);
+        }
+        assert!(host.0[4] == host.0[3] && host.0[5] != host.0[4], "the NaN step moved the parameters, or the next did not");
+        assert!(host.1 == dev_decided.1, "normalize {normalize}: state differs");
+        assert_eq!(host.2, dev_decided.2);
+        // 10 updates: steps 2–4 are updates 1–3, step 5 is skipped, steps 6–12 are 4–10; steps
+        // 4, 8 and 11 refresh (updates 3, 6, 9). Step 7 goes to the host too: had step 5 been
+        // applied, it would have been update 6.
+        assert_eq!(host.2["step"], 10);
+        let want: Vec<usize> = if normalize { vec![] } else { vec![2, 3, 5, 6, 9, 10, 12] };
+        assert_eq!(decided, want, "normalize {normalize}: the steps decided on the device");
+    }
 }
 
 /// The trainer steps SOAP only with gradients it has found finite (`step_finite`): on the device
@@ -362,8 +427,8 @@ fn device_decided_steps_are_the_hosts_and_keep_the_bf16_copy() {
         assert!(host.1 == dev.1, "{name}: optimizer state differs");
         assert_eq!(host.2, dev.2, "{name}");
     }
-    // SOAP decides its steps on the host, and writes the bf16 copy in its per-parameter update
-    // passes: after the first step (statistics only) and each update, it is the values' rounding.
+    // SOAP writes the bf16 copy in its per-parameter update passes: after the first step
+    // (statistics only) and each update, it is the values' rounding.
     let (mut ps, raw) = stores_with(6, 4);
     ps.to_device(Device::Cuda(0)).unwrap();
     let tape = Tape::new();

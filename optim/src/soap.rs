@@ -23,15 +23,16 @@
 //! parameter's eigh/QR is computed by one rank (greedy largest-first by cost) and broadcast over
 //! the optimizer's communicator; every rank applies the same bases, so replicas stay identical.
 //!
-//! On a GPU the projections, moments and update run on the device (engine GEMMs and three small
+//! On a GPU the projections, moments and update run on the device (engine GEMMs and small
 //! kernels); the statistics are accumulated there too and come down to the host only for the
 //! eigh/QR every `precondition_frequency` updates (in owner mode only the ones this rank
 //! computes), with the new bases going back up; the second moment is re-sorted on the device,
-//! and neither moment is kept on the host.
+//! and neither moment is kept on the host. In training, the steps between refreshes are decided
+//! on the device (`step_on_device`: a gate kernel checks, clips, counts and sizes the step),
+//! so they never wait for it; the first step and the refreshes are the host's.
 
 use crate::{host_state, join_state, saved_state, split_state, upload_state, OptimError, Optimizer, ParamScales, Result, StepCtx};
 use dptrain_core::comm::Communicator;
-use dptrain_core::ops::elementwise::t as ew;
 use dptrain_core::ops::embedding::rows;
 use dptrain_core::ops::flat;
 use dptrain_core::ops::matmul::matmul_t;
@@ -188,9 +189,15 @@ pub struct Soap {
     /// Per-parameter lr and decay multipliers.
     lr_scale: Vec<f64>,
     wd_scale: Vec<f64>,
-    /// Updates applied (the first step only initialises, as the reference).
+    /// Updates applied (the first step only initialises, as the reference) — as of the last
+    /// step the host decided: `ahead` steps decided on the device since then may each have
+    /// been applied or skipped, which `t_dev` knows.
     t: u64,
     started: bool,
+    /// Steps decided on the device since the host last knew `t` exactly.
+    ahead: u64,
+    /// The count of applied updates on the GPU once steps are decided there.
+    t_dev: Option<flat::DeviceStepCount>,
     /// The world size the owners were assigned for (0 = not yet).
     assigned_for: usize,
     /// Seconds this rank spent computing bases (eigh / power iteration + QR), for benchmarks.
@@ -253,6 +260,8 @@ impl Soap {
             wd_scale: scales.wd.clone(),
             t: 0,
             started: false,
+            ahead: 0,
+            t_dev: None,
             assigned_for: 0,
             precond_s: 0.0,
             dev: None,
@@ -549,11 +558,20 @@ impl Soap {
     /// √(1 − β2ᵗ) / (1 − β1ᵗ) when `correct_bias`.
     fn next_step_size(&mut self, lr: f64) -> f64 {
         self.t += 1;
-        let (c, t) = (self.cfg, self.t as i32);
+        let (c, t) = (self.cfg, self.t);
+        // `powi` as the device gate computes it (soap_gate in optim.cu), so both agree bit for bit.
         if c.correct_bias {
-            lr * ((1.0 - c.beta2.powi(t)).sqrt() / (1.0 - c.beta1.powi(t)))
+            lr * ((1.0 - crate::adamw::powi(c.beta2, t)).sqrt() / (1.0 - crate::adamw::powi(c.beta1, t)))
         } else {
             lr
+        }
+    }
+
+    /// Updates applied so far (read from the device after steps decided there).
+    fn steps(&self) -> Result<u64> {
+        match &self.t_dev {
+            Some(t) if self.ahead > 0 => Ok(t.get()?),
+            _ => Ok(self.t),
         }
     }
 
@@ -894,29 +912,40 @@ impl Soap {
         Ok(())
     }
 
-    /// GG_k ← GG_k + w·(Gram_k(g) − GG_k) on the device.
-    fn accumulate_statistics_dev(&mut self, i: usize, g: &Tensor) -> Result<()> {
-        let w = 1.0 - self.cfg.shampoo_beta();
-        let dims = self.ps[i].dims.clone();
-        let d = self.dev.as_mut().expect("device state");
-        for (k, gg) in d.gg[i].iter_mut().enumerate() {
+    /// GG_k ← GG_k + w·(Gram_k(g) − GG_k) on the device, in place (with `rec`, only when its
+    /// gate is open).
+    fn accumulate_statistics_dev(&self, i: usize, g: &Tensor, rec: Option<&flat::StepRecord>) -> Result<()> {
+        let w = (1.0 - self.cfg.shampoo_beta()) as f32;
+        let dims = &self.ps[i].dims;
+        let d = self.dev.as_ref().expect("device state");
+        for (k, gg) in d.gg[i].iter().enumerate() {
             if let Some(gg) = gg {
-                let x = mode_matrix(&g.reshape(&dims)?, &dims, k)?;
+                let x = mode_matrix(&g.reshape(dims)?, dims, k)?;
                 let gram = matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?;
-                *gg = ew::add(gg, &ew::affine(&ew::sub(&gram, gg)?, w, 0.0)?)?;
+                flat::soap_statistics_cuda(gg, &gram, w, rec)?;
             }
         }
         Ok(())
     }
 
-    /// A step on the GPU; `known_finite`: the caller has found every gradient finite.
-    fn step_device(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx, known_finite: bool) -> Result<()> {
+    /// A step on the GPU; `known_finite`: the caller has found every gradient finite. With
+    /// `gate` (the step's record and clipping norm) the step is decided on the device: never the
+    /// first step or a refresh ([`Optimizer::step_on_device`] leaves those to the host).
+    fn step_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        known_finite: bool,
+        gate: Option<(&flat::StepRecord, f64)>,
+    ) -> Result<()> {
         if self.dev.is_none() {
             self.move_to_device(params.flat().device())?;
         }
         let g_all = grads.flat().clone();
-        // At most one synchronisation: per parameter only when something is non-finite.
-        let all_finite = known_finite || flat::sum_squares(&g_all)?.is_finite();
+        // At most one synchronisation: per parameter only when something is non-finite. A
+        // device gate closes on a non-finite gradient, and then nothing below writes.
+        let all_finite = known_finite || gate.is_some() || flat::sum_squares(&g_all)?.is_finite();
         let finite: Vec<bool> = if all_finite {
             vec![true; self.ps.len()]
         } else {
@@ -929,15 +958,35 @@ impl Soap {
             for i in 0..self.ps.len() {
                 if finite[i] {
                     let s = &self.ps[i];
-                    self.accumulate_statistics_dev(i, &g_all.narrow(0, s.offset, s.numel)?)?;
+                    self.accumulate_statistics_dev(i, &g_all.narrow(0, s.offset, s.numel)?, None)?;
                 }
             }
             self.refresh_device(true, ctx.comm)?;
             self.started = true;
             return Ok(());
         }
-        let step_size = self.next_step_size(ctx.lr);
         let c = self.cfg;
+        let (step_size, rec) = match gate {
+            Some((rec, max_norm)) => {
+                let t = self.t_dev.as_ref().expect("a device count for device-decided steps");
+                flat::soap_gate_cuda(&g_all, &flat::SoapGate { rec, max_norm, t }, ctx.lr, (c.beta1, c.beta2), c.correct_bias)?;
+                self.ahead += 1;
+                (0.0, Some(rec))
+            }
+            None => {
+                // The count after steps decided on the device comes back from there; this
+                // step's goes back.
+                if let Some(t) = self.t_dev.as_ref().filter(|_| self.ahead > 0) {
+                    self.t = t.get()?;
+                }
+                self.ahead = 0;
+                let step_size = self.next_step_size(ctx.lr);
+                if let Some(t) = &self.t_dev {
+                    t.set(self.t)?;
+                }
+                (step_size, None)
+            }
+        };
         // Written in place through a view: no tape may still hold the parameters. The bf16
         // copy (what bf16 GEMMs read) is written in the same passes.
         let (p_all, p16) = params.flat_and_half_mut()?;
@@ -948,22 +997,27 @@ impl Soap {
             let g = g_all.narrow(0, o, n)?;
             let (m, v) = (d.m.narrow(0, o, n)?, d.v.narrow(0, o, n)?);
             let gp = project_dev(&g, &dims, &d.q[i], false)?;
-            flat::soap_moments_cuda(&gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32)?;
+            flat::soap_moments_cuda(&gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, rec)?;
             let ratio = flat::soap_ratio_cuda(&m.reshape(&dims)?, &v.reshape(&dims)?, c.eps as f32)?;
             let mut u = project_dev(&ratio, &dims, &d.q[i], true)?.try_contiguous()?;
             if c.normalize_grads {
+                // (Host-decided steps only: the RMS is read here.)
                 let rms = (flat::sum_squares(&u)? / n.max(1) as f64).sqrt();
                 flat::scale_in_place(&mut u, (1.0 / (1e-30 + rms)) as f32)?;
             }
             let decay = self.decay_of(i, ctx.lr);
             let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
             let h = p16.as_ref().map(|h| h.narrow(0, o, n)).transpose()?;
-            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, (step_size * self.lr_scale[i]) as f32, keep, h.as_ref())?;
+            let step = match rec {
+                Some(rec) => flat::SoapStepSize::Gate(rec, self.lr_scale[i]),
+                None => flat::SoapStepSize::Host((step_size * self.lr_scale[i]) as f32),
+            };
+            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, step, keep, h.as_ref())?;
             if finite[i] {
-                self.accumulate_statistics_dev(i, &g)?;
+                self.accumulate_statistics_dev(i, &g, rec)?;
             }
         }
-        if self.t.is_multiple_of(c.precondition_frequency.max(1)) {
+        if rec.is_none() && self.t.is_multiple_of(c.precondition_frequency.max(1)) {
             // Statistics down, QR on the host (owner mode included), bases back up, v
             // re-sorted there; m turns from the old bases to the new ones on the device.
             let old_q = self.dev.as_ref().expect("device state").q.clone();
@@ -1001,7 +1055,7 @@ impl Soap {
 impl Optimizer for Soap {
     fn step(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         if params.flat().is_cuda() {
-            return self.step_device(params, grads, ctx, false);
+            return self.step_device(params, grads, ctx, false, None);
         }
         let g = grads.flat().data::<f32>()?;
         let p = params.flat_mut::<f32>()?;
@@ -1012,9 +1066,39 @@ impl Optimizer for Soap {
     /// check of the whole buffer and its wait are skipped.
     fn step_finite(&mut self, params: &mut ParamStore, grads: &GradStore, ctx: &mut StepCtx) -> Result<()> {
         if params.flat().is_cuda() {
-            return self.step_device(params, grads, ctx, true);
+            return self.step_device(params, grads, ctx, true, None);
         }
         self.step(params, grads, ctx)
+    }
+
+    /// Every step but the first (the bases' initialisation), a basis refresh (eigh/QR on the
+    /// host) and, with `normalize_grads`, any (each parameter's update RMS is read on the host).
+    /// Which step refreshes follows the count of applied updates, which the host only knows
+    /// after reading the device's: the step that would refresh if every step decided on the
+    /// device since was applied goes to the host, which then reads the count and refreshes if
+    /// the step truly is one (steps decided on the device come before it, so never are).
+    fn step_on_device(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &GradStore,
+        ctx: &mut StepCtx,
+        rec: &flat::StepRecord,
+        max_norm: f64,
+    ) -> Result<bool> {
+        let c = &self.cfg;
+        let latest = self.t + self.ahead + 1;
+        if !flat::decides_steps_on_device(params.flat())
+            || !self.started
+            || c.normalize_grads
+            || latest.is_multiple_of(c.precondition_frequency.max(1))
+        {
+            return Ok(false);
+        }
+        if self.t_dev.is_none() {
+            self.t_dev = Some(flat::DeviceStepCount::new(params.flat(), self.t)?);
+        }
+        self.step_device(params, grads, ctx, true, Some((rec, max_norm)))?;
+        Ok(true)
     }
 
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
@@ -1043,11 +1127,12 @@ impl Optimizer for Soap {
                 }
             }
         }
-        Ok((out, serde_json::json!({ "step": self.t, "started": self.started })))
+        Ok((out, serde_json::json!({ "step": self.steps()?, "started": self.started })))
     }
 
     fn load_state(&mut self, params: &ParamStore, t: &std::collections::HashMap<String, Tensor>, s: &serde_json::Value) -> Result<()> {
         self.dev = None;
+        (self.t_dev, self.ahead) = (None, 0);
         // m as kept (a checkpoint of ours), else the reference's original-space m, projected
         // below once the bases are loaded.
         let eig = params.infos().first().is_none_or(|p| t.contains_key(&format!("exp_avg_eig.{}", p.name)));
@@ -1087,9 +1172,13 @@ impl Optimizer for Soap {
         "soap"
     }
     fn adam_view(&self) -> Result<Option<crate::AdamView>> {
-        let (c, t) = (&self.cfg, self.t as i32);
-        let corr = if c.correct_bias { (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t))) } else { (1.0, 1.0) };
-        crate::AdamView::of(None, &self.v, self.dev.as_ref().map(|d| (None, &d.v)), (corr.0, corr.1, c.eps), self.t)
+        let (c, t) = (&self.cfg, self.steps()?);
+        let corr = if c.correct_bias {
+            (1.0 / (1.0 - crate::adamw::powi(c.beta1, t)), 1.0 / (1.0 - crate::adamw::powi(c.beta2, t)))
+        } else {
+            (1.0, 1.0)
+        };
+        crate::AdamView::of(None, &self.v, self.dev.as_ref().map(|d| (None, &d.v)), (corr.0, corr.1, c.eps), t)
     }
 }
 

@@ -285,16 +285,56 @@ pub fn adamw_cuda(
     }
 }
 
-/// SOAP's moment updates on one parameter's device buffers, both in the eigenbasis (`gp` the
-/// projected gradient): `m += w1·(gp − m)`, `v += w2·(gp² − v)`.
-pub fn soap_moments_cuda(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
+/// A step SOAP decides on the GPU: the step's record, the clipping norm (0: none) and its
+/// applied-step count on the device (see [`soap_gate_cuda`]).
+pub struct SoapGate<'a> {
+    pub rec: &'a StepRecord,
+    pub max_norm: f64,
+    pub t: &'a DeviceStepCount,
+}
+
+/// SOAP's gate for a step decided on the GPU, from the step's record: closed (the step does
+/// nothing) when the gradient norm is not finite, else `t` counted, the step size for base
+/// learning rate `lr` (with the bias corrections when `correct_bias`) computed there bit for
+/// bit as the host's, and the flat gradient `g` clipped in place as the host path clips it.
+/// The kernels given the record afterwards follow the gate.
+pub fn soap_gate_cuda(g: &Tensor, gate: &SoapGate, lr: f64, (beta1, beta2): (f64, f64), correct_bias: bool) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::soap_moments(gp, m, v, w1, w2)
+        crate::kernels::cuda::ops::soap_gate(g, &gate.rec.inner, gate.max_norm, lr, beta1, beta2, correct_bias, &gate.t.inner)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (gp, m, v, w1, w2);
+        let _ = (g, gate, lr, beta1, beta2, correct_bias);
+        Err(no_cuda())
+    }
+}
+
+/// SOAP's moment updates on one parameter's device buffers, both in the eigenbasis (`gp` the
+/// projected gradient): `m += w1·(gp − m)`, `v += w2·(gp² − v)`. With `rec` (a step decided
+/// on the device), only when its gate is open.
+pub fn soap_moments_cuda(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32, rec: Option<&StepRecord>) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::soap_moments(gp, m, v, w1, w2, rec.map(|r| &r.inner))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (gp, m, v, w1, w2, rec);
+        Err(no_cuda())
+    }
+}
+
+/// A SOAP factor's statistics on the device, in place: `gg ← gg + w·(gram − gg)`. With `rec`,
+/// only when its gate is open.
+pub fn soap_statistics_cuda(gg: &Tensor, gram: &Tensor, w: f32, rec: Option<&StepRecord>) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::soap_statistics(gg, gram, w, rec.map(|r| &r.inner))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (gg, gram, w, rec);
         Err(no_cuda())
     }
 }
@@ -333,12 +373,26 @@ pub fn soap_ratio_cuda(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
     }
 }
 
-/// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep`; `p16`, the
-/// parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`), written in the same pass.
-pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>) -> Result<()> {
+/// How large a SOAP update is: the host's step size, or (a step decided on the device) the
+/// gate's times the parameter's learning-rate multiplier, rounded to f32 there as the host
+/// rounds it.
+#[derive(Clone, Copy)]
+pub enum SoapStepSize<'a> {
+    Host(f32),
+    Gate(&'a StepRecord, f64),
+}
+
+/// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep` (nothing when a
+/// gate is closed); `p16`, the parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`),
+/// written in the same pass.
+pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: SoapStepSize, keep: f32, p16: Option<&Tensor>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::soap_apply(p, u, step, keep, p16)
+        let (step, gate) = match step {
+            SoapStepSize::Host(s) => (s, None),
+            SoapStepSize::Gate(rec, scale) => (0.0, Some((&rec.inner, scale))),
+        };
+        crate::kernels::cuda::ops::soap_apply(p, u, step, keep, p16, gate)
     }
     #[cfg(not(feature = "cuda"))]
     {

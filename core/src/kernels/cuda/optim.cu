@@ -149,9 +149,46 @@ extern "C" __global__ void sgd_f32(float* p, const float* g, float* buf, const f
     }
 }
 
-// SOAP on one parameter's device buffers (n elements): the moments, both in the eigenbasis (gp
-// is the projected gradient), as dptrain-optim's host loop does them,
-extern "C" __global__ void soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2) {
+// A step of SOAP, LAMB or LARS decided on the device reads its gate from the step's record `rec`
+// (null: a step the host decided, its scalars in s): nothing happens when the gate is closed,
+// and the gradient is taken times the clipping factor (the host path's in-place f32 product,
+// skipped below 1 as there) wherever it is read, its norm included.
+__device__ __forceinline__ float clipped(const float* g, i64 i, float coef) {
+    return coef < 1.0f ? g[i] * coef : g[i];
+}
+__device__ __forceinline__ bool gate_closed(const float* rec) {
+    return rec && rec[2] == 0.0f;
+}
+__device__ __forceinline__ float gate_coef(const float* rec) {
+    return rec && rec[2] != 0.0f ? rec[3] : 1.0f;
+}
+
+// SOAP's gate, for a step decided on the device: step_gate's check, clipping factor and count,
+// then the step size lr·√(1 − β2ᵗ)/(1 − β1ᵗ) (lr without bias correction) computed in double as
+// the host computes it, kept as a double in gate[2..4] (rec + 4: 8-byte aligned). Never a basis
+// refresh step: the host takes those. One thread.
+extern "C" __global__ void soap_gate(float* rec, double max_norm, double lr, double beta1, double beta2, int correct_bias, i64* t) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const i64 step = step_gate(rec, max_norm, t);
+    if (step == 0) return;
+    *(double*)(rec + 4) = correct_bias ? lr * (sqrt(1.0 - adamw_powi(beta2, step)) / (1.0 - adamw_powi(beta1, step))) : lr;
+}
+
+// The gradient clipped in place as the host path clips it (the f32 product, skipped below 1)
+// by the factor of rec's gate; nothing when the gate is closed (the step does nothing).
+extern "C" __global__ void gate_clip_f32(float* g, i64 n, const float* rec) {
+    if (gate_closed(rec)) return;
+    const float coef = gate_coef(rec);
+    if (coef >= 1.0f) return;
+    GRID_STRIDE(i, n) { g[i] *= coef; }
+}
+
+// SOAP on one parameter's device buffers (n elements), as dptrain-optim's host loop does it. rec:
+// a step decided on the device (soap_gate's record: nothing happens when its gate is closed) or
+// null for a step the host decided. The moments, both in the eigenbasis (gp is the projected
+// gradient),
+extern "C" __global__ void soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2, const float* rec) {
+    if (gate_closed(rec)) return;
     GRID_STRIDE(i, n) {
         m[i] += w1 * (gp[i] - m[i]);
         v[i] += w2 * (gp[i] * gp[i] - v[i]);
@@ -165,13 +202,25 @@ extern "C" __global__ void soap_ratio_f32(const float* mp, const float* v, float
     }
 }
 
-// and the update, then the decay (keep = 1 − lr·wd, after the update as the reference).
-extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16) {
+// the update, then the decay (keep = 1 − lr·wd, after the update as the reference); with rec
+// the step size is the gate's times this parameter's learning-rate multiplier `scale`, rounded
+// to f32 as the host rounds it (else `step`),
+extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec,
+                                          double scale) {
+    if (gate_closed(rec)) return;
+    if (rec) step = (float)(*(const double*)(rec + 4) * scale);
     GRID_STRIDE(i, n) {
         const float np = (p[i] - step * u[i]) * keep;
         p[i] = np;
         if (p16) p16[i] = f32_to_bf16(np);
     }
+}
+
+// and a factor's statistics: gg ← gg + w·(gram − gg) in place (gram: the gradient's Gram matrix
+// along that factor's mode).
+extern "C" __global__ void soap_statistics_f32(float* gg, const float* gram, i64 n, float w, const float* rec) {
+    if (gate_closed(rec)) return;
+    GRID_STRIDE(i, n) { gg[i] += w * (gram[i] - gg[i]); }
 }
 
 // Per-tensor norms and the trust-ratio optimizers (LAMB, LARS). The flat buffer is cut into
@@ -181,20 +230,6 @@ extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float
 // the same result on every run and every rank.
 struct LambStep { float beta1, beta2, eps, c1, inv_sqrt_bc2, weight_decay, lr, clamp, indep_decay; };
 struct LarsStep { float lr, weight_decay, momentum, dampening, trust_coefficient; bool nesterov; };
-
-// A step of LAMB or LARS decided on the device reads its gate from the step's record `rec`
-// (null: a step the host decided, its scalars in s): nothing happens when the gate is closed,
-// and the gradient is taken times the clipping factor (the host path's in-place f32 product,
-// skipped below 1 as there) wherever it is read, its norm included.
-__device__ __forceinline__ float clipped(const float* g, i64 i, float coef) {
-    return coef < 1.0f ? g[i] * coef : g[i];
-}
-__device__ __forceinline__ bool gate_closed(const float* rec) {
-    return rec && rec[2] == 0.0f;
-}
-__device__ __forceinline__ float gate_coef(const float* rec) {
-    return rec && rec[2] != 0.0f ? rec[3] : 1.0f;
-}
 
 // LAMB's gate: step_gate's check, clipping factor and count, then the bias corrections as the
 // host computes them in double (gate[2] = 1/(1 − β1ᵗ), gate[3] = √(1/(1 − β2ᵗ)); both 1

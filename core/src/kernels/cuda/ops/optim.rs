@@ -101,13 +101,40 @@ pub fn sgd(
         ptr(p)?, ptr(g)?, ptr(buf)?, scales, t.buf.ptr, t.nchunks as i64, s, rec, lrs_ptr, p16)
 }
 
-/// SOAP's moment updates on one parameter's buffers (see optim.cu).
-pub fn soap_moments(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32) -> Result<()> {
+/// SOAP's gate for a step decided on the device (see optim.cu): the record's non-finite check,
+/// clipping factor, the count `t` and the step size for base rate `lr`; then the flat gradient
+/// `g` clipped in place by that factor, as the host path clips it.
+#[allow(clippy::too_many_arguments)]
+pub fn soap_gate(
+    g: &Tensor,
+    rec: &StepRecord,
+    max_norm: f64,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    correct_bias: bool,
+    t: &DevCounter,
+) -> Result<()> {
+    let d = dev_of(g)?;
+    f32_only(g, "soap")?;
+    if !g.is_contiguous() {
+        return Err(Error::shape("soap", "a strided gradient buffer"));
+    }
+    // soap_gate(float* rec, double max_norm, double lr, double beta1, double beta2, int correct_bias, i64* t)
+    launch!(d, "optim", "soap_gate", one_thread(); rec.ptr(), max_norm, lr, beta1, beta2, correct_bias as i32, t.ptr())?;
+    let n = g.numel();
+    // gate_clip_f32(float* g, i64 n, const float* rec)
+    launch!(d, "optim", "gate_clip_f32", grid(n); ptr(g)?, n as i64, rec.ptr())
+}
+
+/// SOAP's moment updates on one parameter's buffers (see optim.cu); with `rec`, only if its
+/// gate is open.
+pub fn soap_moments(gp: &Tensor, m: &Tensor, v: &Tensor, w1: f32, w2: f32, rec: Option<&StepRecord>) -> Result<()> {
     let d = dev_of(m)?;
     let n = m.numel();
     let gp = contiguous(gp)?;
-    // soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2)
-    launch!(d, "optim", "soap_moments_f32", grid(n); ptr(&gp)?, ptr(m)?, ptr(v)?, n as i64, w1, w2)
+    // soap_moments_f32(const float* gp, float* m, float* v, i64 n, float w1, float w2, const float* rec)
+    launch!(d, "optim", "soap_moments_f32", grid(n); ptr(&gp)?, ptr(m)?, ptr(v)?, n as i64, w1, w2, rec.map_or(0, StepRecord::ptr))
 }
 
 /// `mp / (√v + eps)`, a new tensor of `mp`'s shape.
@@ -121,15 +148,31 @@ pub fn soap_ratio(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `p ← (p − step·u)·keep` in place.
-/// `p16`: this parameter's view of the bf16 copy, written in the same pass.
-pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>) -> Result<()> {
+/// `p ← (p − step·u)·keep` in place; with `gate` (the record and this parameter's
+/// learning-rate multiplier) the step size is the gate's times the multiplier, and nothing
+/// happens when the gate is closed. `p16`: this parameter's view of the bf16 copy, written in
+/// the same pass.
+pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>, gate: Option<(&StepRecord, f64)>) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
     let p16 = half_copy("soap", p16, n)?;
     let u = contiguous(u)?;
-    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16)
-    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16)
+    let (rec, scale) = gate.map_or((0, 1.0), |(r, s)| (r.ptr(), s));
+    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec, double scale)
+    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16, rec, scale)
+}
+
+/// `gg ← gg + w·(gram − gg)` in place (a SOAP factor's statistics); with `rec`, only if its
+/// gate is open.
+pub fn soap_statistics(gg: &Tensor, gram: &Tensor, w: f32, rec: Option<&StepRecord>) -> Result<()> {
+    let d = dev_of(gg)?;
+    let n = gg.numel();
+    if gram.numel() != n || !gg.is_contiguous() {
+        return Err(Error::shape("soap", format!("statistics {:?} updated by {:?}", gg.shape(), gram.shape())));
+    }
+    let gram = contiguous(gram)?;
+    // soap_statistics_f32(float* gg, const float* gram, i64 n, float w, const float* rec)
+    launch!(d, "optim", "soap_statistics_f32", grid(n); ptr(gg)?, ptr(&gram)?, n as i64, w, rec.map_or(0, StepRecord::ptr))
 }
 
 // SAFETY: plain-old-data with the C layouts of `struct LambStep` / `struct LarsStep` in optim.cu.
