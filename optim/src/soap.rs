@@ -999,12 +999,7 @@ impl Soap {
             let gp = project_dev(&g, &dims, &d.q[i], false)?;
             flat::soap_moments_cuda(&gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, rec)?;
             let ratio = flat::soap_ratio_cuda(&m.reshape(&dims)?, &v.reshape(&dims)?, c.eps as f32)?;
-            let mut u = project_dev(&ratio, &dims, &d.q[i], true)?.try_contiguous()?;
-            if c.normalize_grads {
-                // (Host-decided steps only: the RMS is read here.)
-                let rms = (flat::sum_squares(&u)? / n.max(1) as f64).sqrt();
-                flat::scale_in_place(&mut u, (1.0 / (1e-30 + rms)) as f32)?;
-            }
+            let u = project_dev(&ratio, &dims, &d.q[i], true)?;
             let decay = self.decay_of(i, ctx.lr);
             let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
             let h = p16.as_ref().map(|h| h.narrow(0, o, n)).transpose()?;
@@ -1012,7 +1007,7 @@ impl Soap {
                 Some(rec) => flat::SoapStepSize::Gate(rec, self.lr_scale[i]),
                 None => flat::SoapStepSize::Host((step_size * self.lr_scale[i]) as f32),
             };
-            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, step, keep, h.as_ref())?;
+            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, step, keep, c.normalize_grads, h.as_ref())?;
             if finite[i] {
                 self.accumulate_statistics_dev(i, &g, rec)?;
             }
@@ -1071,9 +1066,8 @@ impl Optimizer for Soap {
         self.step(params, grads, ctx)
     }
 
-    /// Every step but the first (the bases' initialisation), a basis refresh (eigh/QR on the
-    /// host) and, with `normalize_grads`, any (each parameter's update RMS is read on the host).
-    /// Which step refreshes follows the count of applied updates, which the host only knows
+    /// Every step but the first (the bases' initialisation) and a basis refresh (eigh/QR on the
+    /// host). Which step refreshes follows the count of applied updates, which the host only knows
     /// after reading the device's: the step that would refresh if every step decided on the
     /// device since was applied goes to the host, which then reads the count and refreshes if
     /// the step truly is one (steps decided on the device come before it, so never are).
@@ -1087,11 +1081,7 @@ impl Optimizer for Soap {
     ) -> Result<bool> {
         let c = &self.cfg;
         let latest = self.t + self.ahead + 1;
-        if !flat::decides_steps_on_device(params.flat())
-            || !self.started
-            || c.normalize_grads
-            || latest.is_multiple_of(c.precondition_frequency.max(1))
-        {
+        if !flat::decides_steps_on_device(params.flat()) || !self.started || latest.is_multiple_of(c.precondition_frequency.max(1)) {
             return Ok(false);
         }
         if self.t_dev.is_none() {

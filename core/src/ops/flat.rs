@@ -383,20 +383,21 @@ pub enum SoapStepSize<'a> {
 }
 
 /// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep` (nothing when a
-/// gate is closed); `p16`, the parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`),
+/// gate is closed), with `normalize` (`normalize_grads`) u divided by its RMS first, taken on
+/// the device; `p16`, the parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`),
 /// written in the same pass.
-pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: SoapStepSize, keep: f32, p16: Option<&Tensor>) -> Result<()> {
+pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: SoapStepSize, keep: f32, normalize: bool, p16: Option<&Tensor>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let (step, gate) = match step {
             SoapStepSize::Host(s) => (s, None),
             SoapStepSize::Gate(rec, scale) => (0.0, Some((&rec.inner, scale))),
         };
-        crate::kernels::cuda::ops::soap_apply(p, u, step, keep, p16, gate)
+        crate::kernels::cuda::ops::soap_apply(p, u, (step, keep), normalize, p16, gate)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, u, step, keep, p16);
+        let _ = (p, u, step, keep, normalize, p16);
         Err(no_cuda())
     }
 }

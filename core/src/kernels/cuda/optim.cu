@@ -204,13 +204,17 @@ extern "C" __global__ void soap_ratio_f32(const float* mp, const float* v, float
 
 // the update, then the decay (keep = 1 − lr·wd, after the update as the reference); with rec
 // the step size is the gate's times this parameter's learning-rate multiplier `scale`, rounded
-// to f32 as the host rounds it (else `step`),
+// to f32 as the host rounds it (else `step`); with sumsq (normalize_grads: Σu², a double on the
+// device) u is divided by its RMS first, 1/(1e-30 + √(Σu²/n)) computed in double and rounded
+// to f32 as the host path does,
 extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec,
-                                          double scale) {
+                                          double scale, const double* sumsq) {
     if (gate_closed(rec)) return;
     if (rec) step = (float)(*(const double*)(rec + 4) * scale);
+    const float inv = sumsq ? (float)(1.0 / (1e-30 + sqrt(*sumsq / (double)(n > 1 ? n : 1)))) : 1.0f;
     GRID_STRIDE(i, n) {
-        const float np = (p[i] - step * u[i]) * keep;
+        const float ui = sumsq ? u[i] * inv : u[i];
+        const float np = (p[i] - step * ui) * keep;
         p[i] = np;
         if (p16) p16[i] = f32_to_bf16(np);
     }

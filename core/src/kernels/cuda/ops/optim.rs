@@ -150,16 +150,30 @@ pub fn soap_ratio(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// `p ← (p − step·u)·keep` in place; with `gate` (the record and this parameter's
 /// learning-rate multiplier) the step size is the gate's times the multiplier, and nothing
-/// happens when the gate is closed. `p16`: this parameter's view of the bf16 copy, written in
-/// the same pass.
-pub fn soap_apply(p: &Tensor, u: &Tensor, step: f32, keep: f32, p16: Option<&Tensor>, gate: Option<(&StepRecord, f64)>) -> Result<()> {
+/// happens when the gate is closed; with `normalize`, u divided by its RMS first (its Σu²
+/// taken on the device). `p16`: this parameter's view of the bf16 copy, written in the same
+/// pass.
+pub fn soap_apply(
+    p: &Tensor,
+    u: &Tensor,
+    (step, keep): (f32, f32),
+    normalize: bool,
+    p16: Option<&Tensor>,
+    gate: Option<(&StepRecord, f64)>,
+) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
     let p16 = half_copy("soap", p16, n)?;
     let u = contiguous(u)?;
     let (rec, scale) = gate.map_or((0, 1.0), |(r, s)| (r.ptr(), s));
-    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec, double scale)
-    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16, rec, scale)
+    // The buffer lives until the update has run (stream order).
+    let sumsq = normalize.then(|| d.alloc(8)).transpose()?;
+    if let Some(b) = &sumsq {
+        super::reduce::sum_squares_to(&d, &u, b.ptr)?;
+    }
+    // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec, double scale,
+    //                const double* sumsq)
+    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16, rec, scale, sumsq.as_ref().map_or(0, |b| b.ptr))
 }
 
 /// `gg ← gg + w·(gram − gg)` in place (a SOAP factor's statistics); with `rec`, only if its

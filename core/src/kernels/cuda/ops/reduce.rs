@@ -137,6 +137,20 @@ impl DevCounter {
     }
 }
 
+/// Σx² of the contiguous f32 `c`, written as a double to device address `out` (no wait).
+pub(crate) fn sum_squares_to(d: &Arc<CudaDev>, c: &Tensor, out: u64) -> Result<()> {
+    let n = c.numel();
+    // One partial per block (zeroed: the emulator runs fewer blocks than asked), summed in a
+    // fixed tree.
+    let cfg = grid(n.min(BLOCK as usize * 1024));
+    let blocks = cfg.grid_dim.0 as usize;
+    let parts = d.alloc_zeros(8 * blocks)?;
+    // sum_squares_f32(const float* x, double* parts, i64 n)
+    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(c)?, parts.ptr, n as i64)?;
+    // sum_parts_f64(const double* parts, double* out, i64 n)
+    launch!(d, "reduce", "sum_parts_f64", grid(1); parts.ptr, out, blocks as i64)
+}
+
 /// Σx² and the one-element f32 `scalars` in a new [`StepRecord`], without a download: the sum
 /// lands in the record's first 8 bytes, each scalar is copied (on the stream) into its place
 /// after the gate's words.
@@ -145,16 +159,7 @@ pub fn sum_squares_and_record(x: &Tensor, scalars: &[Tensor]) -> Result<StepReco
     let d = dev_of(x)?;
     let c = contiguous(x)?;
     let acc = d.alloc_zeros(4 * (RECORD_HEAD + scalars.len()))?;
-    let n = c.numel();
-    // One partial per block (zeroed: the emulator runs fewer blocks than asked), summed in a
-    // fixed tree.
-    let cfg = grid(n.min(BLOCK as usize * 1024));
-    let blocks = cfg.grid_dim.0 as usize;
-    let parts = d.alloc_zeros(8 * blocks)?;
-    // sum_squares_f32(const float* x, double* parts, i64 n)
-    launch!(d, "reduce", "sum_squares_f32", cfg; ptr(&c)?, parts.ptr, n as i64)?;
-    // sum_parts_f64(const double* parts, double* out, i64 n)
-    launch!(d, "reduce", "sum_parts_f64", grid(1); parts.ptr, acc.ptr, blocks as i64)?;
+    sum_squares_to(&d, &c, acc.ptr)?;
     for (i, s) in scalars.iter().enumerate() {
         f32_only(s, "sum_squares_and")?;
         if s.numel() != 1 {
