@@ -259,6 +259,41 @@ fn emulated_bf16_gpt(dir: &Path, sets: &[&str], env: &[(&str, &str)], extra: &[&
     c.output().unwrap()
 }
 
+/// Trains the emulated bf16 GPT for 9 steps (clipping at 0.05, a NaN injected at `nan_step`,
+/// logging every 4 steps) with `sets` twice — steps decided on the device, then on the waiting
+/// path (`DPTRAIN_STEP_SYNC=1`) — and checks the two give the same step-9 checkpoint
+/// (parameters, optimizer state and scalars), records and events byte for byte. Returns the
+/// runs' directory and the device-decided run's.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+fn device_steps_match_the_waiting_path(tag: &str, sets: &[&str], nan_step: u32) -> (PathBuf, PathBuf) {
+    let d = tmp(tag);
+    let run = |dir: &Path, sync: bool| {
+        let mut all = vec![
+            "train.steps=9",
+            "run.log_every=4",
+            "optim.clip=0.05",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=0",
+            "train.eval_samples=16",
+        ];
+        all.extend_from_slice(sets);
+        let fault = format!("nan:0:{nan_step}");
+        emulated_bf16_gpt(dir, &all, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", &fault])
+    };
+    let (dev, sync) = (d.join("device"), d.join("sync"));
+    ok(&run(&dev, false));
+    ok(&run(&sync, true));
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
+    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "{tag}: parameters differ");
+    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "{tag}: optimizer state differs");
+    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
+    assert_eq!(scalars(&dev), scalars(&sync), "{tag}");
+    assert_eq!(values(&records(&dev), 0), values(&records(&sync), 0), "{tag}");
+    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert_eq!(ev(&dev), ev(&sync), "{tag}");
+    (d, dev)
+}
+
 /// On a GPU a training step is decided on the device — AdamW's gate does the non-finite check,
 /// the clipping and the step count there — and the host reads each step's record (Σg², the
 /// losses) on the next logging step. On the emulator that gives, bit for bit, what the waiting
@@ -267,43 +302,18 @@ fn emulated_bf16_gpt(dir: &Path, sets: &[&str], env: &[(&str, &str)], extra: &[&
 #[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
 #[test]
 fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
-    let d = tmp("devstep");
-    let run = |dir: &Path, sync: bool| {
-        let sets = [
-            "train.steps=9",
-            "run.log_every=4",
-            "optim.clip=0.05",
-            "train.on_nonfinite=\"skip\"",
-            "train.eval_every=0",
-            "train.eval_samples=16",
-        ];
-        emulated_bf16_gpt(dir, &sets, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", "nan:0:2"])
-    };
-    let (dev, sync) = (d.join("device"), d.join("sync"));
-    ok(&run(&dev, false));
-    ok(&run(&sync, true));
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
-    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
-    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
-    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
-    assert_eq!(scalars(&dev), scalars(&sync));
+    let (d, dev) = device_steps_match_the_waiting_path("devstep", &[], 2);
     // The clip was active (gradient norms above 0.05) and steps 4, 8, 9 were logged.
     let recs = values(&records(&dev), 0);
-    assert_eq!(recs, values(&records(&sync), 0));
     let logged: Vec<u64> = recs.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(logged, [4, 8, 9]);
     assert!(recs.iter().filter_map(|r| r["grad_norm"].as_f64()).all(|g| g > 0.05), "{recs:?}");
-    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
-    assert!(
-        ev(&dev).lines().count() == 1 && ev(&dev).contains("\"kind\":\"nonfinite\"") && ev(&dev).contains("\"step\":2"),
-        "{}",
-        ev(&dev)
-    );
-    assert_eq!(ev(&dev), ev(&sync));
+    let ev = std::fs::read_to_string(dev.join("events.jsonl")).unwrap();
+    assert!(ev.lines().count() == 1 && ev.contains("\"kind\":\"nonfinite\"") && ev.contains("\"step\":2"), "{ev}");
     let skipped = |r: &Path| {
         serde_json::from_str::<Value>(&std::fs::read_to_string(r.join("summary.json")).unwrap()).unwrap()["skipped_steps"].clone()
     };
-    assert_eq!((skipped(&dev), skipped(&sync)), (Value::from(1), Value::from(1)));
+    assert_eq!((skipped(&dev), skipped(&d.join("sync"))), (Value::from(1), Value::from(1)));
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -315,35 +325,12 @@ fn gpu_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
 #[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
 #[test]
 fn soap_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
-    let d = tmp("soap-devstep");
-    let run = |dir: &Path, sync: bool| {
-        let sets = [
-            "optim.kind=\"soap\"",
-            "optim.precondition_frequency=3",
-            "train.steps=9",
-            "run.log_every=4",
-            "optim.clip=0.05",
-            "train.on_nonfinite=\"skip\"",
-            "train.eval_every=0",
-            "train.eval_samples=16",
-        ];
-        emulated_bf16_gpt(dir, &sets, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", "nan:0:3"])
-    };
-    let (dev, sync) = (d.join("device"), d.join("sync"));
-    ok(&run(&dev, false));
-    ok(&run(&sync, true));
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
-    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
-    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
-    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
+    let (d, dev) = device_steps_match_the_waiting_path("soap-devstep", &["optim.kind=\"soap\"", "optim.precondition_frequency=3"], 3);
+    let state = serde_json::from_slice::<Value>(&std::fs::read(dev.join("checkpoints/step_0000009/state.json")).unwrap()).unwrap();
     // Steps 2–9 less the NaN step: 7 updates.
-    assert_eq!(scalars(&dev)["step"], 7, "{}", scalars(&dev));
-    assert_eq!(scalars(&dev), scalars(&sync));
-    let recs = values(&records(&dev), 0);
-    assert_eq!(recs, values(&records(&sync), 0));
-    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
-    assert!(ev(&dev).contains("\"kind\":\"nonfinite\"") && ev(&dev).contains("\"step\":3"), "{}", ev(&dev));
-    assert_eq!(ev(&dev), ev(&sync));
+    assert_eq!(state["optimizer_scalars"]["step"], 7, "{state}");
+    let ev = std::fs::read_to_string(dev.join("events.jsonl")).unwrap();
+    assert!(ev.contains("\"kind\":\"nonfinite\"") && ev.contains("\"step\":3"), "{ev}");
     std::fs::remove_dir_all(&d).ok();
 }
 
