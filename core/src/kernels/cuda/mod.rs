@@ -44,7 +44,7 @@ pub struct Program {
     pub source: String,
 }
 
-/// Every NVRTC program, the longest to compile first. flash.cu is one program per entry point
+/// Every NVRTC program, flash attention's (the longest to compile) first. flash.cu is one program per entry point
 /// (`FA_PART`, see the end of flash.cu): ptxas takes 0.4–1 s for each of its kernels (2 cores),
 /// so as one program it took 9–12 s, more than all the other files together, and a device's
 /// first start waited for it even with the files compiled in parallel.
@@ -343,12 +343,12 @@ pub fn load_all<M>(
 
 /// `f` of every program, in `programs()` order, run on as many threads as the machine has
 /// cores (NVRTC compiles separate programs concurrently), each taking the next program in
-/// order — so the longest start first.
+/// order — so flash attention's start first.
 fn per_program<T: Send>(f: impl Fn(&'static Program) -> Result<T, String> + Sync) -> Vec<Result<T, String>> {
     let programs = programs();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(programs.len());
-    let mut out: Vec<Option<Result<T, String>>> = std::thread::scope(|s| {
+    let out: Vec<Option<Result<T, String>>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -369,7 +369,7 @@ fn per_program<T: Send>(f: impl Fn(&'static Program) -> Result<T, String> + Sync
         }
         out
     });
-    out.iter_mut().map(|r| r.take().unwrap_or_else(|| Err("a kernel compile thread panicked".into()))).collect()
+    out.into_iter().map(|r| r.unwrap_or_else(|| Err("a kernel compile thread panicked".into()))).collect()
 }
 
 /// The machine code of a program compiled for a real architecture.
