@@ -19,7 +19,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
         eprintln!("{:<45} {:.2e}", r.op, r.max_rel_err);
     }
     assert!(bad.is_empty(), "ops disagreeing with the CPU engine on the emulator:\n{}", bad.join("\n"));
-    assert_eq!(rows.len(), 65);
+    assert_eq!(rows.len(), 68);
     // Ghost BN's kernels (one launch for all ghost batches, the sequential running-statistics
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);
@@ -33,6 +33,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
     bf16_casts_match_the_cpu();
     sixteen_byte_gelu_kernels_match_the_scalar_ones();
     linear_bias_is_fused_where_it_can_be();
+    the_mlps_gelu_runs_in_the_gemm_epilogues();
     weight_gradients_go_straight_into_the_gradient_buffer();
     residual_gradients_accumulate_in_the_layer_norms_backward();
     layer_norm_gain_and_bias_gradients_are_one_gemm();
@@ -577,6 +578,65 @@ fn linear_bias_is_fused_where_it_can_be() {
             }
         }
     }
+}
+
+/// `layer_norm_mlp` under bf16 with the tanh GELU: its first GEMM writes the pre-activation and
+/// the activation (cuBLASLt `GELU_AUX_BIAS`), the projection's input-gradient GEMM applies
+/// GELU's derivative (`DGELU`), and GELU's kernels do not run. Without cuBLASLt's epilogues
+/// (the path where it cannot fuse) GELU's kernels compute the same numbers from f32 products;
+/// with `Fusions::gelu_epilogue` off the two ops run as before (GELU of the rounded
+/// pre-activation: different roundings, and no GELU epilogue). The fused path is the same bits
+/// run to run.
+fn the_mlps_gelu_runs_in_the_gemm_epilogues() {
+    use dptrain_core::autograd::Tape;
+    use dptrain_core::tensor::cuda::Fusions;
+    use dptrain_core::tensor::Precision;
+    use dptrain_core::{rng::Rng, Device, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let mut rng = Rng::new(23);
+    let mut r = |n: usize, k: f64| (0..n).map(|_| (rng.normal() * k) as f32).collect::<Vec<f32>>();
+    let (c, f) = (48, 192);
+    let vals = [r(2 * 16 * c, 1.0), r(c, 1.0), r(c, 0.5), r(f * c, 0.15), r(f, 0.5), r(c * f, 0.1), r(c, 0.5)];
+    let shapes: [&[usize]; 7] = [&[2, 16, c], &[c], &[c], &[f, c], &[f], &[c, f], &[c]];
+    let run = |fusions: Fusions| {
+        let before = d.set_fusions(fusions);
+        d.profile_start();
+        let tape = Tape::new();
+        tape.set_precision(Precision::Bf16);
+        let v: Vec<_> = vals
+            .iter()
+            .zip(shapes)
+            .map(|(v, s)| tape.leaf(Tensor::from_slice(v, s).unwrap().to_device(Device::Cuda(0)).unwrap()))
+            .collect();
+        let y = v[0].layer_norm_mlp((Some(v[1]), Some(v[2]), 1e-5), (v[3], Some(v[4])), true, (v[5], Some(v[6])), Some(v[0])).unwrap();
+        let loss = y.square().unwrap().sum_all().unwrap();
+        let mut gs = dptrain_core::GradStore::empty();
+        let lg = tape.backward(loss, &mut gs, |_, _| {}).unwrap();
+        let mut out = y.value().to_vec::<f32>().unwrap();
+        for x in &v {
+            out.extend(lg.get(*x).unwrap().to_vec::<f32>().unwrap());
+        }
+        let names: Vec<&str> = d.profile_stop().unwrap().iter().map(|k| k.name).collect();
+        d.set_fusions(before);
+        (out, names)
+    };
+    let all = d.fusions();
+    let (fused, names) = run(all);
+    for gemm in ["gemm + bias + GELU, bf16 output (cuBLASLt)", "gemm + GELU gradient, bf16 output (cuBLASLt)"] {
+        assert!(names.contains(&gemm), "{gemm} did not run: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("gelu")), "a GELU kernel ran beside the epilogues: {names:?}");
+    assert_eq!(run(all).0, fused, "the fused MLP is not the same bits run to run");
+    let (kernels, names) = run(Fusions { epilogue: false, ..all });
+    assert!(names.contains(&"gelu_f32_bf16") && names.contains(&"gelu_bwd_f32") && !names.iter().any(|n| n.contains("GELU")), "{names:?}");
+    let e = check::rel_err(&fused, &kernels);
+    eprintln!("GELU in the epilogues vs in kernels: {e:.2e}");
+    assert!(e < 1e-3, "the GELU epilogues and the kernels standing in for them differ by {e:.2e}");
+    let (_, names) = run(Fusions { gelu_epilogue: false, ..all });
+    assert!(
+        names.contains(&"gelu_bf16_bf16_x8") && names.contains(&"gelu_bwd_bf16_x8") && !names.iter().any(|n| n.contains("GELU")),
+        "{names:?}"
+    );
 }
 
 /// f32 → bf16 on the device rounds as the CPU does (nearest even; infinities, NaN), by the

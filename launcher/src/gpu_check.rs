@@ -334,7 +334,7 @@ struct Perf {
 #[cfg(feature = "cuda")]
 fn kernel_class(file: &str, name: &str) -> &'static str {
     match file {
-        "cublas" if name.contains("cuBLASLt") => "GEMMs with an epilogue (cuBLASLt: bias, residual)",
+        "cublas" if name.contains("cuBLASLt") => "GEMMs with an epilogue (cuBLASLt: bias, residual, GELU)",
         "cublas" => "GEMMs (cuBLAS)",
         "flash" => "flash attention",
         "attention" => "attention, unfused (softmax, head copies)",
@@ -570,6 +570,11 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         ("flash attention", "flash", Fusions { flash: false, ..Fusions::ALL }),
         ("flash forward's 128-row query tiles (64-row ones instead)", "flash_wide", Fusions { flash_wide: false, ..Fusions::ALL }),
         ("bias epilogue", "epilogue", Fusions { epilogue: false, ..Fusions::ALL }),
+        (
+            "tanh GELU in the MLP's GEMM epilogues (GELU's kernels instead; no-op for the exact form)",
+            "gelu_epilogue",
+            Fusions { gelu_epilogue: false, ..Fusions::ALL },
+        ),
         ("fused classifier", "classifier", Fusions { classifier: false, ..Fusions::ALL }),
         ("bf16 operands from GELU and layer norm", "operands", Fusions { operands: false, ..Fusions::ALL }),
         ("bf16 activations (qkv, attention output, MLP pre-activation)", "activations", Fusions { activations: false, ..Fusions::ALL }),

@@ -585,7 +585,7 @@ esac
     // how the kernels were had (on a GPU: programs, seconds, how many from the kernel cache)
     assert!(out.contains("\nkernels: none compiled (the CPU emulator runs them as C++)\n"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 65 + 9, "{out}");
+    assert_eq!(rows, 68 + 9, "{out}");
     // The trainer on each device with each optimizer (their device paths on the real GPU).
     for opt in ["AdamW", "SGD, Nesterov momentum", "LAMB", "LARS", "SOAP, refresh every 4 steps"] {
         assert!(out.contains(&format!("| GPT-mini, 8 training steps: loss GPU vs CPU (trainer, {opt}) |")), "{opt}:\n{out}");
@@ -629,6 +629,7 @@ esac
         "| dptrain without the flash attention (unfused attention): ",
         "| dptrain without the flash forward's 128-row query tiles (64-row ones instead) (flash attention, 64-row forward tiles): ",
         "| dptrain without the bias epilogue (flash attention): ",
+        "| dptrain without the tanh GELU in the MLP's GEMM epilogues (GELU's kernels instead; no-op for the exact form) (flash attention): ",
         "| dptrain without the fused classifier (flash attention): ",
         "| dptrain without the bf16 operands from GELU and layer norm (flash attention): ",
         "| dptrain without the bf16 activations (qkv, attention output, MLP pre-activation) (flash attention): ",
@@ -656,11 +657,22 @@ esac
     let printed = out.lines().find(|l| l.starts_with("| total |")).unwrap();
     assert!(printed.ends_with(&format!("| {launches} |")), "{printed} vs {launches} launches in the file");
     let files = std::fs::read_dir(&prof).unwrap().count();
-    assert_eq!(files, 2 * 13, "one profile per model and fusion setting");
+    assert_eq!(files, 2 * 14, "one profile per model and fusion setting");
     assert!(prof.join("profile-gpt-10.9m-without-flash.tsv").exists());
-    // GELU and layer norm on 16-byte loads, and one element per access with them switched off.
-    let narrow = std::fs::read_to_string(prof.join("profile-gpt124m-without-wide_loads.tsv")).unwrap();
-    for (file, on) in [(&full, true), (&narrow, false)] {
+    // GPT-124M's tanh GELU runs in its MLP's GEMM epilogues, GELU's kernels not at all; with
+    // that switched off, the kernels run and the GELU epilogues do not.
+    let kernels_gelu = std::fs::read_to_string(prof.join("profile-gpt124m-without-gelu_epilogue.tsv")).unwrap();
+    for (file, on) in [(&full, true), (&kernels_gelu, false)] {
+        for gemm in ["cublas\tgemm + bias + GELU, bf16 output (cuBLASLt)\t", "cublas\tgemm + GELU gradient, bf16 output (cuBLASLt)\t"] {
+            assert_eq!(file.lines().any(|l| l.starts_with(gemm)), on, "{gemm}:\n{file}");
+        }
+        assert_eq!(file.lines().any(|l| l.starts_with("elementwise\tgelu")), !on, "{file}");
+    }
+    // GELU (the small model's exact form) and layer norm on 16-byte loads, and one element per
+    // access with them switched off.
+    let small = std::fs::read_to_string(prof.join("profile-gpt-10.9m.tsv")).unwrap();
+    let narrow = std::fs::read_to_string(prof.join("profile-gpt-10.9m-without-wide_loads.tsv")).unwrap();
+    for (file, on) in [(&small, true), (&narrow, false)] {
         for (wide, narrow) in [
             ("elementwise\tgelu_bf16_bf16_x8\t", "elementwise\tgelu_bf16_bf16\t"),
             ("layer_norm\tlayer_norm_fwd_warp_bf16\t", "layer_norm\tlayer_norm_fwd_bf16\t"),
@@ -678,7 +690,7 @@ esac
     for row in [
         "| flash attention |",
         "| GEMMs (cuBLAS) |",
-        "| GEMMs with an epilogue (cuBLASLt: bias, residual) |",
+        "| GEMMs with an epilogue (cuBLASLt: bias, residual, GELU) |",
         "| cross-entropy |",
         "| optimizer |",
         "| total |",

@@ -256,32 +256,44 @@ impl Gpt {
                 record_coord(probes, format_args!("h.{i}.attn.c_proj"), &a);
                 a.dropout_add(drop(site + 1)?, x)?
             };
-            let m = if probes.coords() {
-                let h = blk.ln_2.forward(tape, ps, x)?;
-                record_coord(probes, format_args!("h.{i}.ln_2"), &h);
-                blk.c_fc.forward(tape, ps, h)?
-            } else {
-                // The pre-activation as a bf16 activation, read by GELU (autocast's rule).
-                ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc, true)?
-            };
-            record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
             let proj = &blk.mlp_proj;
             let (pw, pb) = (tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)));
-            x = if want.sparsity {
-                let act = m.gelu(self.cfg.gelu_tanh)?;
-                crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
-                let m = act.linear(pw, pb)?;
-                record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
-                m.dropout_add(drop(site + 2)?, x)?
-            } else if fuse {
-                // GELU writes the projection's operand (bf16 on a GPU; see `gelu_linear`), the
-                // projection its sum with the residual stream.
-                m.gelu_linear_add(self.cfg.gelu_tanh, pw, pb, x)?
+            if !probes.coords() && !want.sparsity {
+                // The whole MLP in one call (the tanh GELU in its GEMMs' epilogues on a GPU; see
+                // `layer_norm_mlp`), its output projection writing the sum with the residual
+                // stream unless dropout comes between.
+                let p = |id| tape.param(ps, id);
+                let (ln, fc) = (&blk.ln_2, &blk.c_fc);
+                let mlp = x.layer_norm_mlp(
+                    (Some(p(ln.w)), ln.b.map(p), 1e-5),
+                    (p(fc.w), fc.b.map(p)),
+                    self.cfg.gelu_tanh,
+                    (pw, pb),
+                    fuse.then_some(x),
+                )?;
+                x = if fuse { mlp } else { mlp.dropout_add(drop(site + 2)?, x)? };
             } else {
-                let m = m.gelu_linear(self.cfg.gelu_tanh, pw, pb)?;
+                // The probes read the MLP's inside: the pre-activation (the coordinate check) or
+                // the activation (sparsity).
+                let m = if probes.coords() {
+                    let h = blk.ln_2.forward(tape, ps, x)?;
+                    record_coord(probes, format_args!("h.{i}.ln_2"), &h);
+                    blk.c_fc.forward(tape, ps, h)?
+                } else {
+                    // The pre-activation as a bf16 activation, read by GELU (autocast's rule).
+                    ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc, true)?
+                };
+                record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
+                let m = if want.sparsity {
+                    let act = m.gelu(self.cfg.gelu_tanh)?;
+                    crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
+                    act.linear(pw, pb)?
+                } else {
+                    m.gelu_linear(self.cfg.gelu_tanh, pw, pb)?
+                };
                 record_coord(probes, format_args!("h.{i}.mlp.c_proj"), &m);
-                m.dropout_add(drop(site + 2)?, x)?
-            };
+                x = m.dropout_add(drop(site + 2)?, x)?;
+            }
             record_coord(probes, format_args!("h.{i}"), &x);
             if want.residual {
                 probes.record(&format!("resid_rms/{i}"), Reduce::Mean, rms(&x));

@@ -421,6 +421,46 @@ fn cases() -> Vec<Case> {
         prec: Precision::Bf16,
         set: Set::Process,
     });
+    // A GPT MLP with the tanh GELU in the GEMMs' cuBLASLt epilogues (`layer_norm_mlp`): GELU of
+    // the f32 sum, its derivative applied to the f32 product, as the CPU computes them too. With
+    // biases and the residual in the GEMM (GPT-2's), without either, and with the epilogues off
+    // (GELU's kernels on f32 products then stand in). cuBLASLt's own tanh may differ from the
+    // CPU's in the last bits, which can move a value across a bf16 rounding boundary: the
+    // bound is the erf MLP's.
+    for (name, bias, set) in [
+        ("layer_norm → linear (+bias) → gelu (tanh) → linear (+bias) + residual, GELU in the GEMMs' epilogues", true, Set::Process),
+        ("layer_norm → linear → gelu (tanh) → linear, no biases, GELU in the GEMMs' epilogues", false, Set::Process),
+        ("layer_norm → linear (+bias) → gelu (tanh) → linear (+bias) + residual, epilogues off", true, Set::Unfused),
+    ] {
+        let mut inputs = vec![
+            randn(&[4, 32, 96], 83),
+            randn(&[96], 84),
+            randn(&[96], 85),
+            randn_scaled(&[160, 96], 86, 0.125),
+            randn(&[160], 87),
+            randn_scaled(&[96, 160], 88, 0.125),
+            randn(&[96], 89),
+        ];
+        if !bias {
+            inputs.remove(6);
+            inputs.remove(4);
+        }
+        v.push(Case {
+            name: name.into(),
+            inputs,
+            build: Box::new(move |_, x, _| {
+                let ln = (Some(x[1]), Some(x[2]), 1e-5);
+                if bias {
+                    x[0].layer_norm_mlp(ln, (x[3], Some(x[4])), true, (x[5], Some(x[6])), Some(x[0]))
+                } else {
+                    x[0].layer_norm_mlp(ln, (x[3], None), true, (x[4], None), None)
+                }
+            }),
+            bound: 1e-2,
+            prec: Precision::Bf16,
+            set,
+        });
+    }
     v.push(f32c(
         "cross_entropy + z-loss",
         vec![randn(&[64, 300], 43)],

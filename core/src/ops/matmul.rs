@@ -131,8 +131,16 @@ impl<'t> Var<'t> {
         let xv = self.value();
         let half = HalfIo { y: false, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) =
-            linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())), prec, half, 1, Some(&residual.value()))?;
+        let (out, backward) = linear_value(
+            &xv,
+            (w.value(), w.half_twin()),
+            b.map(|b| (b.value(), b.half_twin())),
+            prec,
+            half,
+            1,
+            Some(&residual.value()),
+            None,
+        )?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         inputs.push(residual);
@@ -148,7 +156,8 @@ impl<'t> Var<'t> {
         // A bf16 activation's gradient is bf16 (written so by the GEMM, not cast after).
         let half = HalfIo { y: half_y, gx: xv.dtype() == DType::BF16 };
         let prec = self.tape().precision();
-        let (out, backward) = linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())), prec, half, 1, None)?;
+        let (out, backward) =
+            linear_value(&xv, (w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())), prec, half, 1, None, None)?;
         let mut inputs = vec![self, w];
         inputs.extend(b);
         let y = self.tape().record("linear", out, &inputs, backward);
@@ -191,6 +200,10 @@ pub(crate) struct HalfIo {
 /// The weight and the bias come with their bf16 copies when the optimizer keeps one
 /// (`Var::half_twin`).
 /// `residual`: an f32 tensor of the output's shape added to it (`Var::linear_add`; f32 output).
+/// `gelu_pre`: x is the tanh GELU of this bf16 pre-activation (`Var::layer_norm_mlp`), and
+/// backward returns the pre-activation's gradient in x's place (GELU's derivative applied by
+/// the input-gradient GEMM's epilogue: see `kernels::cuda::ops::linear_grads`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_value(
     xv: &Tensor,
     (wv, w16): (Tensor, Option<Tensor>),
@@ -199,21 +212,11 @@ pub(crate) fn linear_value(
     half: HalfIo,
     w_at: usize,
     residual: Option<&Tensor>,
+    gelu_pre: Option<Tensor>,
 ) -> Result<(Tensor, impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static)> {
-    if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
-        return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
-    }
-    let (n, k) = (wv.shape()[0], wv.shape()[1]);
+    let (x2, out_shape) = linear_shapes(xv, &wv, b.as_ref().map(|b| &b.0))?;
     let (bv, b16) = b.unzip();
     let b16 = b16.flatten();
-    let x2 = xv.reshape(&[usize::MAX, k])?;
-    let mut out_shape = xv.shape().to_vec();
-    *out_shape.last_mut().expect("rank ≥ 1") = n;
-    if let Some(bv) = &bv {
-        if bv.shape() != [n] {
-            return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
-        }
-    }
     let has_b = bv.is_some();
     let in_shape = xv.shape().to_vec();
     let half = if prec == Precision::Bf16 { half } else { HalfIo::default() };
@@ -221,7 +224,80 @@ pub(crate) fn linear_value(
         return Err(Error::shape("linear", "a residual added to a bf16 output"));
     }
     let (out, saved) = linear_forward(x2, (wv, w16), (bv.as_ref(), b16), &out_shape, prec, half, residual)?;
-    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, w_at)))
+    Ok((out, move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, prec, w_at, gelu_pre.as_ref())))
+}
+
+/// A linear's input as `[rows, k]` and its output's shape, after checking x, the weight `[n, k]`
+/// and the bias `[n]` agree.
+fn linear_shapes(xv: &Tensor, wv: &Tensor, bv: Option<&Tensor>) -> Result<(Tensor, Vec<usize>)> {
+    if wv.rank() != 2 || xv.rank() < 1 || xv.shape()[xv.rank() - 1] != wv.shape()[1] {
+        return Err(Error::shape("linear", format!("x {:?} with weight {:?}", xv.shape(), wv.shape())));
+    }
+    let (n, k) = (wv.shape()[0], wv.shape()[1]);
+    if let Some(bv) = bv {
+        if bv.shape() != [n] {
+            return Err(Error::shape("linear", format!("bias {:?} for {n} outputs", bv.shape())));
+        }
+    }
+    let mut out_shape = xv.shape().to_vec();
+    *out_shape.last_mut().expect("rank ≥ 1") = n;
+    Ok((xv.reshape(&[usize::MAX, k])?, out_shape))
+}
+
+/// An op's value, a second output beside it, and the value's backward (see
+/// [`linear_gelu_value`]).
+pub(crate) type LinearGelu<P = Tensor> = (Tensor, P, Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>);
+
+/// A bf16 linear followed by the tanh GELU as a transformer MLP's first half takes it on a
+/// GPU, where cuBLASLt's epilogue computes both from one GEMM (`kernels::cuda::ops::linear_gelu`):
+/// z = x·Wᵀ + b in f32 (bf16 operands, the bias as bf16 holds it), the pre-activation
+/// `round(z)` kept for backward and the activation `round(gelu(z))` — GELU of the f32 sum, not
+/// of its rounding. Returns (activation, pre-activation, backward of the pre-activation: x's
+/// gradient in f32, `w_at` as [`linear_value`]'s). Where the epilogue cannot run, and on the
+/// CPU, the same numbers come from an f32 product, a cast and GELU's kernel.
+pub(crate) fn linear_gelu_value(
+    xv: &Tensor,
+    (wv, w16): (Tensor, Option<Tensor>),
+    b: Option<(Tensor, Option<Tensor>)>,
+    w_at: usize,
+) -> Result<LinearGelu> {
+    let (x2, out_shape) = linear_shapes(xv, &wv, b.as_ref().map(|b| &b.0))?;
+    let (has_b, in_shape) = (b.is_some(), xv.shape().to_vec());
+    #[cfg(feature = "cuda")]
+    if xv.is_cuda() {
+        let (bv, b16) = b.clone().unzip();
+        let fused = crate::kernels::cuda::ops::linear_gelu(
+            &x2,
+            (&wv, w16.as_ref()),
+            (bv.as_ref(), b16.flatten().as_ref()),
+            &out_shape,
+            DType::F32,
+        )?;
+        if let Some((act, pre, saved)) = fused {
+            let saved = LinearSaved::Device(saved);
+            return Ok((act, pre, Box::new(move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, Precision::Bf16, w_at, None))));
+        }
+    }
+    let _ = (x2, out_shape, has_b);
+    let b = b.map(|(b, _)| Ok::<_, Error>((bf16_values(&b)?, None))).transpose()?;
+    let (z, bwd) = linear_value(xv, (wv, w16), b, Precision::Bf16, HalfIo::default(), w_at, None, None)?;
+    #[cfg(feature = "cuda")]
+    if z.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        return Ok((gpu::gelu_bf16(&z, true)?, gpu::cast(&z, DType::BF16)?, Box::new(bwd)));
+    }
+    let act = round_for(&crate::ops::fused::gelu::forward(&z, true)?, Precision::Bf16)?;
+    Ok((act, round_for(&z, Precision::Bf16)?, Box::new(bwd)))
+}
+
+/// f32 `t`'s values rounded to bf16, kept in f32, on its device.
+fn bf16_values(t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if t.is_cuda() {
+        use crate::kernels::cuda::ops as gpu;
+        return gpu::cast(&gpu::cast(t, DType::BF16)?, DType::F32);
+    }
+    round_for(t, Precision::Bf16)
 }
 
 /// The operands `linear`'s backward reads, as the forward product read them.
@@ -285,7 +361,8 @@ fn linear_forward(
     Ok((out, LinearSaved::Host { x2, wv }))
 }
 
-/// `linear`'s backward on the saved operands' device: gradients of (x, w, b when `has_b`).
+/// `linear`'s backward on the saved operands' device: gradients of (x, w, b when `has_b`); with
+/// `gelu_pre`, of GELU's input in x's place.
 fn linear_backward(
     g: &Tensor,
     saved: &LinearSaved,
@@ -293,6 +370,7 @@ fn linear_backward(
     has_b: bool,
     prec: Precision,
     w_at: usize,
+    gelu_pre: Option<&Tensor>,
 ) -> Result<Vec<Option<Tensor>>> {
     let n = *g.shape().last().ok_or_else(|| Error::shape("linear", "scalar gradient"))?;
     let g2 = g.reshape(&[usize::MAX, n])?;
@@ -302,7 +380,7 @@ fn linear_backward(
         #[cfg(feature = "cuda")]
         LinearSaved::Device(s) => {
             let sink = crate::autograd::take_grad_sink(w_at);
-            let (gx, gw, gb) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, has_b, prec, sink)?;
+            let (gx, gw, gb) = crate::kernels::cuda::ops::linear_grads(&g2, s, in_shape, has_b, prec, sink, gelu_pre)?;
             let mut v = vec![Some(gx), gw];
             if has_b {
                 v.push(gb);
@@ -314,6 +392,10 @@ fn linear_backward(
     with_float!(g.dtype(), "linear", T => {
         let g2r = round_for(&g2, prec)?;
         let gx = grad_input::<T>(&g2r, wv, rows, n, k, in_shape)?;
+        let gx = match gelu_pre {
+            Some(pre) => crate::ops::fused::gelu::backward(&gx, pre, true)?,
+            None => gx,
+        };
         let gw = grad_weight::<T>(&g2r, x2, rows, n, k)?;
         let mut v = vec![Some(gx), Some(gw)];
         if has_b {

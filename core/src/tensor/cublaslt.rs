@@ -30,23 +30,44 @@ pub(crate) enum ColEpilogue {
     Bias(u64),
     /// grad[j] = Σ_l op(B)[l, j] over the inner dimension, length n (`CUBLASLT_EPILOGUE_BGRADB`).
     GradB(u64),
+    /// z = product (+ bias of length m); aux = z, D = GELU(z) (tanh form), both bf16, aux in D's
+    /// layout (`CUBLASLT_EPILOGUE_GELU_AUX_BIAS`, or `_GELU_AUX` without a bias): a transformer
+    /// MLP's pre-activation kept for backward and its activation, from one GEMM.
+    GeluAux { bias: Option<u64>, aux: u64 },
+    /// D = product ⊙ GELU'(aux) (`CUBLASLT_EPILOGUE_DGELU`): the gradient through GELU of its
+    /// output's gradient, aux the pre-activation `GeluAux` kept, in D's layout.
+    DGelu(u64),
     /// Nothing (`CUBLASLT_EPILOGUE_DEFAULT`): for a C read from another buffer than D.
     None,
 }
 
 impl ColEpilogue {
-    fn ptr(self) -> u64 {
+    /// The bias (or bias gradient) vector's address, when the epilogue has one.
+    fn bias(self) -> Option<u64> {
         match self {
-            ColEpilogue::Bias(p) | ColEpilogue::GradB(p) => p,
-            ColEpilogue::None => 0,
+            ColEpilogue::Bias(p) | ColEpilogue::GradB(p) => Some(p),
+            ColEpilogue::GeluAux { bias, .. } => bias,
+            ColEpilogue::DGelu(_) | ColEpilogue::None => None,
+        }
+    }
+
+    /// The auxiliary matrix's address (GELU's pre-activation), when the epilogue has one.
+    fn aux(self) -> Option<u64> {
+        match self {
+            ColEpilogue::GeluAux { aux, .. } | ColEpilogue::DGelu(aux) => Some(aux),
+            _ => None,
         }
     }
 
     fn lt(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t as E;
         match self {
-            ColEpilogue::Bias(_) => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            ColEpilogue::GradB(_) => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
-            ColEpilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            ColEpilogue::Bias(_) => E::CUBLASLT_EPILOGUE_BIAS,
+            ColEpilogue::GradB(_) => E::CUBLASLT_EPILOGUE_BGRADB,
+            ColEpilogue::GeluAux { bias: Some(_), .. } => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            ColEpilogue::GeluAux { bias: None, .. } => E::CUBLASLT_EPILOGUE_GELU_AUX,
+            ColEpilogue::DGelu(_) => E::CUBLASLT_EPILOGUE_DGELU,
+            ColEpilogue::None => E::CUBLASLT_EPILOGUE_DEFAULT,
         }
     }
 }
@@ -84,7 +105,8 @@ struct Key {
     bf16: bool,
     out_bf16: bool,
     epilogue: sys::cublasLtEpilogue_t,
-    align: (u32, u32, u32, u32),
+    /// A, B, C, D and the epilogue's auxiliary matrix (0 without one).
+    align: (u32, u32, u32, u32, u32),
 }
 
 /// Largest power of two ≤ 256 dividing `p`: the alignment cuBLASLt may assume.
@@ -155,8 +177,14 @@ impl Plan {
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.trans_a))?;
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.trans_b))?;
             set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &(ep.lt() as u32))?;
-            if ep != ColEpilogue::None {
-                set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            if let Some(p) = ep.bias() {
+                set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
+            }
+            // The auxiliary matrix shares D's layout (its leading dimension a multiple of 8, which
+            // the caller checked); the heuristic reads its pointer for the alignment it may assume.
+            if let Some(p) = ep.aux() {
+                set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p)?;
+                set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(g.ldc as i64))?;
             }
         }
         let pref = lt::create_matmul_pref().map_err(err("cuBLASLt preference"))?;
@@ -167,7 +195,7 @@ impl Plan {
             unsafe { lt::set_matmul_pref_attribute(pref, attr, p, n) }.map_err(err("cuBLASLt preference"))
         };
         let ws = WORKSPACE_BYTES as u64;
-        let (aa, ab, ac2, ad) = key.align;
+        let (aa, ab, ac2, ad, _) = key.align;
         let chosen = (|| {
             set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &|| (&ws as *const u64 as *const c_void, 8))?;
             set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &|| (&aa as *const u32 as *const c_void, 4))?;
@@ -240,7 +268,7 @@ impl Lt {
             bf16: g.bf16,
             out_bf16: g.out_bf16,
             epilogue: ep.lt(),
-            align: (alignment(g.a), alignment(g.b), alignment(g.c_in), alignment(g.c)),
+            align: (alignment(g.a), alignment(g.b), alignment(g.c_in), alignment(g.c), ep.aux().map_or(0, alignment)),
         };
         let mut plans = self.plans.lock().map_err(|_| crate::error::Error::Device("cuBLASLt plans poisoned".into()))?;
         let plan = plans.entry(key).or_insert_with(|| {
@@ -254,8 +282,12 @@ impl Lt {
         // shape implies (callers' invariant); alpha/beta are f32 as the scale type says; the
         // workspace holds WORKSPACE_BYTES and only this call (under the lock) uses it.
         let r = unsafe {
-            if ep != ColEpilogue::None {
-                set_desc(p.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.ptr())?;
+            use sys::cublasLtMatmulDescAttributes_t as D;
+            if let Some(b) = ep.bias() {
+                set_desc(p.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b)?;
+            }
+            if let Some(a) = ep.aux() {
+                set_desc(p.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &a)?;
             }
             lt::matmul(
                 self.handle,

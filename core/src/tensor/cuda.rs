@@ -74,6 +74,10 @@ pub struct Fusions {
     pub flash_wide: bool,
     /// A linear's bias (and bias gradient) in the GEMM's cuBLASLt epilogue.
     pub epilogue: bool,
+    /// The tanh GELU of a transformer MLP in its GEMMs' cuBLASLt epilogues
+    /// (`Var::layer_norm_mlp`): the first writes the pre-activation and the activation, the
+    /// output projection's input-gradient GEMM applies GELU's derivative. Needs `epilogue`.
+    pub gelu_epilogue: bool,
     /// The classifier and its loss as one op with bf16 logits (`Var::linear_cross_entropy`).
     pub classifier: bool,
     /// GELU and layer norm writing the next GEMM's bf16 operand (`Var::gelu_linear`,
@@ -118,6 +122,7 @@ impl Fusions {
         residual: true,
         accumulate: true,
         wide_loads: true,
+        gelu_epilogue: true,
     };
 
     fn bits(self) -> u16 {
@@ -134,6 +139,7 @@ impl Fusions {
             self.residual,
             self.flash_wide,
             self.wide_loads,
+            self.gelu_epilogue,
         ]
         .iter()
         .enumerate()
@@ -155,6 +161,7 @@ impl Fusions {
             residual: on(9),
             flash_wide: on(10),
             wide_loads: on(11),
+            gelu_epilogue: on(12),
         }
     }
 
@@ -783,18 +790,26 @@ impl CudaDev {
         ep: Epilogue,
         c_in: Option<u64>,
     ) -> Result<bool> {
-        let p = match ep {
-            Epilogue::Bias(p) | Epilogue::RowSumsA(p) => p,
-            Epilogue::None => 0,
-        };
         let out_bf16 = out == DType::BF16;
         let types_ok = match in_dtype {
             DType::F32 => out == DType::F32,
             DType::BF16 => out != DType::F64,
             DType::F64 => false,
         };
-        // A bias gradient is always written in f32 (only f32-output weight gradients sum one).
-        if !self.fusions().epilogue || p % 16 != 0 || !types_ok || (out_bf16 && matches!(ep, Epilogue::RowSumsA(_))) {
+        // Every vector and matrix the epilogue reads or writes 16-byte aligned; GELU's only with
+        // bf16 operands and output, its auxiliary matrix's leading dimension (C's n) a multiple
+        // of 8 as cuBLASLt requires.
+        let a16 = |p: u64| p.is_multiple_of(16);
+        let gelu_ok = self.fusions().gelu_epilogue && out_bf16 && in_dtype == DType::BF16 && n.is_multiple_of(8);
+        let (ptrs_ok, ep_ok) = match ep {
+            Epilogue::Bias(p) => (a16(p), true),
+            // A bias gradient is always written in f32 (only f32-output weight gradients sum one).
+            Epilogue::RowSumsA(p) => (a16(p), !out_bf16),
+            Epilogue::Gelu { bias, aux } => (bias.is_none_or(a16) && a16(aux), gelu_ok),
+            Epilogue::GeluGrad { aux } => (a16(aux), gelu_ok),
+            Epilogue::None => (true, true),
+        };
+        if !self.fusions().epilogue || !ptrs_ok || !ep_ok || !types_ok {
             return Ok(false);
         }
         // A separate C only for an f32 output (a residual stream is f32; whether to read one is
@@ -803,10 +818,13 @@ impl CudaDev {
             return Ok(false);
         }
         // The same column-major mapping as `gemm` (Cᵀ = Bᵀ·Aᵀ): the row-major bias over C's
-        // columns is a bias over Cᵀ's rows; row sums of A are sums of Aᵀ = op(B) over k.
+        // columns is a bias over Cᵀ's rows; row sums of A are sums of Aᵀ = op(B) over k; the
+        // auxiliary matrix is laid out as C.
         let col = match ep {
             Epilogue::Bias(p) => super::cublaslt::ColEpilogue::Bias(p),
             Epilogue::RowSumsA(p) => super::cublaslt::ColEpilogue::GradB(p),
+            Epilogue::Gelu { bias, aux } => super::cublaslt::ColEpilogue::GeluAux { bias, aux },
+            Epilogue::GeluGrad { aux } => super::cublaslt::ColEpilogue::DGelu(aux),
             Epilogue::None => super::cublaslt::ColEpilogue::None,
         };
         let g = super::cublaslt::LtGemm {
@@ -833,6 +851,9 @@ impl CudaDev {
             (Epilogue::Bias(_), false, _) => "gemm + bias (cuBLASLt)",
             (Epilogue::Bias(_), true, _) => "gemm + bias, bf16 output (cuBLASLt)",
             (Epilogue::RowSumsA(_), ..) => "gemm + bias gradient (cuBLASLt)",
+            (Epilogue::Gelu { bias: Some(_), .. }, ..) => "gemm + bias + GELU, bf16 output (cuBLASLt)",
+            (Epilogue::Gelu { bias: None, .. }, ..) => "gemm + GELU, bf16 output (cuBLASLt)",
+            (Epilogue::GeluGrad { .. }, ..) => "gemm + GELU gradient, bf16 output (cuBLASLt)",
             (Epilogue::None, ..) => "gemm (cuBLASLt)",
         };
         self.timed_if("cublas", name, || match &self.real {
@@ -862,6 +883,13 @@ pub enum Epilogue {
     /// Writes f32 `out[m]` = Σ_l A[i, l], the row sums of A (with A = gᵀ for a weight gradient
     /// gᵀ·x, the bias gradient).
     RowSumsA(u64),
+    /// With z = A·B (+ bf16 `bias[n]` on every row): writes z to `aux` and GELU(z) (tanh form)
+    /// to C, both bf16 `[m, n]` — a transformer MLP's pre-activation, kept for backward, and
+    /// its activation from one GEMM (cuBLASLt's `GELU_AUX_BIAS`).
+    Gelu { bias: Option<u64>, aux: u64 },
+    /// C = (A·B) ⊙ GELU'(aux), bf16, with `aux` the bf16 `[m, n]` pre-activation `Gelu` kept:
+    /// the gradient through GELU of the product that is its output's gradient (`DGELU`).
+    GeluGrad { aux: u64 },
     /// Nothing more (a GEMM that reads C from another buffer than it writes).
     None,
 }
@@ -901,19 +929,29 @@ unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpi
         out_bf16: false,
     };
     if g.out_bf16 {
-        // The f32 sum of the product and the bf16 bias, rounded once into the bf16 C (beta = 0:
-        // the only bf16-output epilogue callers use).
-        let ColEpilogue::Bias(p) = ep else { unreachable!("gemm_epilogue refuses a bf16 bias gradient") };
+        // The f32 product, then the epilogue in f32 on each element, rounded once into the bf16
+        // C (beta = 0: the only bf16-output epilogues callers use). A bias is bf16.
         let mut tmp = vec![0f32; g.m * g.n];
         let f32_plain = ColGemm { c: tmp.as_mut_ptr() as u64, ldc: g.m, beta: 0.0, ..plain };
         // SAFETY: forwarded contract; `tmp` holds the m × n product.
         unsafe { f32_plain.reference() };
+        // SAFETY (the three closures): in bounds by the caller's contract.
+        let bf = |p: u64, i: usize| unsafe { half::bf16::from_bits(*(p as *const u16).add(i)).to_f32() };
+        let put = |p: u64, i: usize, v: f32| unsafe { *(p as *mut u16).add(i) = half::bf16::from_f32(v).to_bits() };
+        let bias = |p: Option<u64>, i: usize| p.map_or(0.0, |p| bf(p, i));
+        use crate::ops::fused::gelu::{tanh_gelu, tanh_gelu_slope};
         for j in 0..g.n {
             for i in 0..g.m {
-                // SAFETY: in bounds by the caller's contract.
-                unsafe {
-                    let b = half::bf16::from_bits(*(p as *const u16).add(i)).to_f32();
-                    *(g.c as *mut u16).add(i + j * g.ldc) = half::bf16::from_f32(tmp[i + j * g.m] + b).to_bits();
+                let (v, at) = (tmp[i + j * g.m], i + j * g.ldc);
+                match ep {
+                    ColEpilogue::Bias(p) => put(g.c, at, v + bf(p, i)),
+                    ColEpilogue::GeluAux { bias: b, aux } => {
+                        let z = v + bias(b, i);
+                        put(aux, at, z);
+                        put(g.c, at, tanh_gelu(z));
+                    }
+                    ColEpilogue::DGelu(aux) => put(g.c, at, v * tanh_gelu_slope(bf(aux, at))),
+                    ColEpilogue::GradB(_) | ColEpilogue::None => unreachable!("gemm_epilogue refuses these with a bf16 output"),
                 }
             }
         }
@@ -943,6 +981,7 @@ unsafe fn col_reference(g: &super::cublaslt::LtGemm, ep: super::cublaslt::ColEpi
         }
         // grad[j] = Σ_l op(B)[l, j] for j < n: B's elements as stored (bf16 read as bf16).
         ColEpilogue::None => {}
+        ColEpilogue::GeluAux { .. } | ColEpilogue::DGelu(_) => unreachable!("gemm_epilogue takes GELU only to a bf16 output"),
         ColEpilogue::GradB(p) => {
             for j in 0..g.n {
                 let mut acc = 0.0f32;

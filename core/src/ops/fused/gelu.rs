@@ -36,6 +36,18 @@ fn dfwd<T: Elem>(x: T, tanh: bool) -> T {
     }
 }
 
+/// The tanh-form GELU of one f32 value: the emulator's model of cuBLASLt's GELU epilogue.
+#[cfg(feature = "cuda")]
+pub(crate) fn tanh_gelu(x: f32) -> f32 {
+    fwd(x, true)
+}
+
+/// The tanh-form GELU's derivative at one f32 value (the emulator's cuBLASLt `DGELU`).
+#[cfg(feature = "cuda")]
+pub(crate) fn tanh_gelu_slope(x: f32) -> f32 {
+    dfwd(x, true)
+}
+
 /// GELU of a tensor, in its dtype (the op without the tape).
 pub fn forward(x: &Tensor, tanh: bool) -> Result<Tensor> {
     on_cuda!(x => gpu::gelu(x, tanh));
@@ -65,29 +77,54 @@ impl<'t> Var<'t> {
     }
 
     fn gelu_linear_to(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>, residual: Option<Var<'t>>) -> Result<Var<'t>> {
+        self.gelu_linear_with(tanh, w, b, residual, None)
+    }
+
+    /// `gelu_linear(_add)`; with `act`, the tanh GELU as a transformer MLP takes it
+    /// (`Var::layer_norm_mlp`): `act` is the activation the GEMM that made `self` computed
+    /// beside it (`ops::matmul::linear_gelu_value`), and backward applies GELU's derivative to
+    /// the product's f32 input gradient before rounding it — on a GPU in that GEMM's cuBLASLt
+    /// epilogue (`DGELU`) where it can — on any device.
+    pub(crate) fn gelu_linear_with(
+        self,
+        tanh: bool,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        residual: Option<Var<'t>>,
+        act: Option<Tensor>,
+    ) -> Result<Var<'t>> {
+        let bf16 = self.tape().precision() == crate::tensor::Precision::Bf16;
         #[cfg(feature = "cuda")]
-        if self.value().is_cuda()
-            && self.tape().precision() == crate::tensor::Precision::Bf16
-            && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
-        {
+        let gpu = bf16 && self.value().is_cuda() && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands;
+        #[cfg(not(feature = "cuda"))]
+        let gpu = false;
+        if gpu || (bf16 && act.is_some()) {
             let m = self.value();
-            let act16 = crate::kernels::cuda::ops::gelu_bf16(&m, tanh)?;
+            // GELU writes the product's operand: bf16 on a GPU.
+            let (act, through_gelu) = match act {
+                Some(a) => (a, true),
+                #[cfg(feature = "cuda")]
+                None => (crate::kernels::cuda::ops::gelu_bf16(&m, tanh)?, false),
+                #[cfg(not(feature = "cuda"))]
+                None => unreachable!("GELU writes a product's operand on a GPU only"),
+            };
             // From a bf16 pre-activation (a `linear_half` output) backward is bf16 throughout:
-            // the product writes GELU's output gradient in bf16, GELU's backward the input's.
+            // the product writes the gradient it returns in bf16.
             let half = crate::ops::matmul::HalfIo { y: false, gx: m.dtype() == crate::tensor::DType::BF16 };
             // The residual rides on the GEMM where it can; otherwise it is added after.
             let fused_residual = match residual {
-                Some(r) if crate::ops::matmul::fuses_residual(&act16, w, r)? => Some(r),
+                Some(r) if crate::ops::matmul::fuses_residual(&act, w, r)? => Some(r),
                 _ => None,
             };
             let (out, lin_bwd) = crate::ops::matmul::linear_value(
-                &act16,
+                &act,
                 (w.value(), w.half_twin()),
                 b.map(|b| (b.value(), b.half_twin())),
                 crate::tensor::Precision::Bf16,
                 half,
                 1,
                 fused_residual.map(|r| r.value()).as_ref(),
+                through_gelu.then(|| m.clone()),
             )?;
             let mut inputs = vec![self, w];
             inputs.extend(b);
@@ -95,8 +132,10 @@ impl<'t> Var<'t> {
             let with_residual = fused_residual.is_some();
             let y = self.tape().record("gelu_linear", out, &inputs, move |g| {
                 let mut grads = lin_bwd(g)?;
-                let g_act = grads[0].take().ok_or_else(|| crate::Error::Autograd("linear gave no input gradient".into()))?;
-                grads[0] = Some(backward(&g_act, &m, tanh)?);
+                if !through_gelu {
+                    let g_act = grads[0].take().ok_or_else(|| crate::Error::Autograd("linear gave no input gradient".into()))?;
+                    grads[0] = Some(backward(&g_act, &m, tanh)?);
+                }
                 if with_residual {
                     grads.push(Some(g.clone()));
                 }

@@ -180,34 +180,7 @@ impl<'t> Var<'t> {
             && self.tape().precision() == crate::tensor::Precision::Bf16
             && crate::kernels::cuda::ops::dev_of(&self.value())?.fusions().operands
         {
-            let (h16, ln_bwd) = self.layer_norm_value(ln_w, ln_b, eps, true)?;
-            // The layer norm's backward reads an f32 gradient of its output; the weight follows
-            // x and the layer norm's own parameters among the inputs.
-            let w_at = 1 + ln_w.is_some() as usize + ln_b.is_some() as usize;
-            let half = crate::ops::matmul::HalfIo { y: half_out, gx: false };
-            let (out, lin_bwd) = crate::ops::matmul::linear_value(
-                &h16,
-                (w.value(), w.half_twin()),
-                b.map(|b| (b.value(), b.half_twin())),
-                crate::tensor::Precision::Bf16,
-                half,
-                w_at,
-                None,
-            )?;
-            let mut inputs = vec![self];
-            inputs.extend(ln_w);
-            inputs.extend(ln_b);
-            let n_ln = inputs.len();
-            inputs.push(w);
-            inputs.extend(b);
-            return Ok(self.tape().record("layer_norm_linear", out, &inputs, move |g| {
-                let mut lin = lin_bwd(g)?;
-                let gh = lin[0].take().ok_or_else(|| Error::Autograd("linear gave no input gradient".into()))?;
-                let mut v = ln_bwd(&gh)?;
-                debug_assert_eq!(v.len(), n_ln);
-                v.extend(lin.drain(1..));
-                Ok(v)
-            }));
+            return Ok(self.layer_norm_linear_gpu((ln_w, ln_b, eps), w, b, half_out, false)?.0);
         }
         let h = self.layer_norm(ln_w, ln_b, eps)?;
         if half_out {
@@ -215,6 +188,51 @@ impl<'t> Var<'t> {
         } else {
             h.linear(w, b)
         }
+    }
+
+    /// [`layer_norm_linear`](Self::layer_norm_linear)'s bf16 GPU path: the layer norm writes
+    /// the GEMM's bf16 operand. With `gelu`, the tanh GELU of the product comes from the same
+    /// GEMM, in its cuBLASLt epilogue where it can (`Var::layer_norm_mlp`,
+    /// `ops::matmul::linear_gelu_value`): the node's value is then the bf16 pre-activation, and
+    /// the activation comes back beside it for the next GEMM to read.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer_norm_linear_gpu(
+        self,
+        (ln_w, ln_b, eps): (Option<Var<'t>>, Option<Var<'t>>, f64),
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        half_out: bool,
+        gelu: bool,
+    ) -> Result<(Var<'t>, Option<Tensor>)> {
+        use crate::ops::matmul::{linear_gelu_value, linear_value, HalfIo, LinearGelu};
+        let (h16, ln_bwd) = self.layer_norm_value(ln_w, ln_b, eps, true)?;
+        // The layer norm's backward reads an f32 gradient of its output; the weight follows
+        // x and the layer norm's own parameters among the inputs.
+        let w_at = 1 + ln_w.is_some() as usize + ln_b.is_some() as usize;
+        let (wq, bq) = ((w.value(), w.half_twin()), b.map(|b| (b.value(), b.half_twin())));
+        let (out, act, lin_bwd): LinearGelu<Option<Tensor>> = if gelu {
+            let (act, pre, bwd) = linear_gelu_value(&h16, wq, bq, w_at)?;
+            (pre, Some(act), bwd)
+        } else {
+            let half = HalfIo { y: half_out, gx: false };
+            let (out, bwd) = linear_value(&h16, wq, bq, crate::tensor::Precision::Bf16, half, w_at, None, None)?;
+            (out, None, Box::new(bwd))
+        };
+        let mut inputs = vec![self];
+        inputs.extend(ln_w);
+        inputs.extend(ln_b);
+        let n_ln = inputs.len();
+        inputs.push(w);
+        inputs.extend(b);
+        let y = self.tape().record("layer_norm_linear", out, &inputs, move |g| {
+            let mut lin = lin_bwd(g)?;
+            let gh = lin[0].take().ok_or_else(|| Error::Autograd("linear gave no input gradient".into()))?;
+            let mut v = ln_bwd(&gh)?;
+            debug_assert_eq!(v.len(), n_ln);
+            v.extend(lin.drain(1..));
+            Ok(v)
+        });
+        Ok((y, act))
     }
 
     /// The layer norm's output (in bf16 on a GPU when `bf16_out`) and its backward (gradients

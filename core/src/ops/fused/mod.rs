@@ -7,6 +7,7 @@ pub mod batch_norm;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;
+pub mod mlp;
 pub mod qk_norm;
 
 /// Splits `rows` rows into at most `threads` contiguous ranges of whole rows, each at least

@@ -186,20 +186,13 @@ pub fn linear(
             (xm, operand_2d(&w.transpose(0, 1)?, 0)?, DType::F32, LinearSaved { x: xo, w: w.clone(), gx: DType::F32 })
         }
         Prec::Bf16 => {
-            let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
-            let w16 = match w16 {
-                Some(h) => half_twin(w, h)?,
-                None => bf16_copy(w)?,
-            };
-            (rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), DType::BF16, LinearSaved { x: x16, w: w16, gx: dt.gx })
+            let (xa, wa, saved) = bf16_operands(x2, w, w16, dt.gx)?;
+            (xa, wa, DType::BF16, saved)
         }
     };
     // A bf16 output takes its bias in bf16 (as autocast's does).
     let bias = match b {
-        Some(b) if dt.y == DType::BF16 => Some(match b16 {
-            Some(h) if ptr(h)?.is_multiple_of(16) => half_twin(b, h)?,
-            _ => bf16_copy(b)?,
-        }),
+        Some(b) if dt.y == DType::BF16 => Some(bf16_bias(b, b16)?),
         Some(b) => Some(contiguous(b)?),
         None => None,
     };
@@ -250,6 +243,60 @@ pub fn linear(
     Ok((out, saved))
 }
 
+/// `x2 @ wᵀ`'s bf16 operands as `linear` reads them — x2 as it is when a producer wrote it in
+/// bf16, else a bf16 copy; the weight's bf16 copy kept by the optimizer (`w16`) or one made
+/// here — and what backward reads (its input gradient in `gx`).
+fn bf16_operands(x2: &Tensor, w: &Tensor, w16: Option<&Tensor>, gx: DType) -> Result<(MatArg, (Tensor, MatArg), LinearSaved)> {
+    let k = x2.shape()[1];
+    let x16 = if x2.dtype() == DType::BF16 { contiguous_bf16(x2)? } else { bf16_copy(x2)? };
+    let w16 = match w16 {
+        Some(h) => half_twin(w, h)?,
+        None => bf16_copy(w)?,
+    };
+    Ok((rowmajor(&x16, k, false)?, (w16.clone(), rowmajor(&w16, k, true)?), LinearSaved { x: x16, w: w16, gx }))
+}
+
+/// A bias added to a bf16 output, in bf16: the optimizer's copy (`b16`) when it is 16-byte
+/// aligned, as cuBLASLt's epilogue wants it, else a copy made here.
+fn bf16_bias(b: &Tensor, b16: Option<&Tensor>) -> Result<Tensor> {
+    match b16 {
+        Some(h) if ptr(h)?.is_multiple_of(16) => half_twin(b, h),
+        _ => bf16_copy(b),
+    }
+}
+
+/// A transformer MLP's first product and its GELU (tanh form) from one cuBLASLt GEMM:
+/// `pre = x2 @ wᵀ (+ b)` and `act = gelu(pre)`, both bf16 `[rows, n]` (`out_shape`), the
+/// GELU taken of the f32 sum before it is rounded. Bf16 operands as `linear`'s under
+/// `Prec::Bf16` (its input gradient in `gx`), and what backward reads. `None`, having launched
+/// nothing, where the epilogue cannot run (`Fusions::gelu_epilogue` or `epilogue` off, no
+/// cuBLASLt or no algorithm for the shape, n not a multiple of 8): the caller then runs
+/// `linear` and GELU's kernel.
+pub fn linear_gelu(
+    x2: &Tensor,
+    (w, w16): (&Tensor, Option<&Tensor>),
+    (b, b16): (Option<&Tensor>, Option<&Tensor>),
+    out_shape: &[usize],
+    gx: DType,
+) -> Result<Option<(Tensor, Tensor, LinearSaved)>> {
+    let d = dev_of(x2)?;
+    if !(d.fusions().gelu_epilogue && d.fusions().epilogue) {
+        return Ok(None);
+    }
+    if x2.dtype() != DType::BF16 {
+        f32_only(x2, "linear")?;
+    }
+    let (rows, k, n) = (x2.shape()[0], x2.shape()[1], w.shape()[0]);
+    let (xa, (_wo, wa), saved) = bf16_operands(x2, w, w16, gx)?;
+    let bias = b.map(|b| bf16_bias(b, b16)).transpose()?;
+    let (act, pre) = (empty_as(&d, out_shape, DType::BF16)?, empty_as(&d, out_shape, DType::BF16)?);
+    let ep = Epilogue::Gelu { bias: bias.as_ref().map(ptr).transpose()?, aux: ptr(&pre)? };
+    if !d.gemm_epilogue(rows, n, k, xa, wa, ptr(&act)?, 1.0, 0.0, DType::BF16, DType::BF16, ep, None)? {
+        return Ok(None);
+    }
+    Ok(Some((act, pre, saved)))
+}
+
 /// `y[total] += bias[n]` repeating every n elements, in place (a linear's bias where no
 /// epilogue adds it).
 fn add_bias_in_place(d: &CudaDev, y: u64, bias: &Tensor, total: usize, n: usize) -> Result<()> {
@@ -263,6 +310,10 @@ fn add_bias_in_place(d: &CudaDev, y: u64, bias: &Tensor, total: usize, n: usize)
 /// rounded once for all three (read as it is when already bf16), as a bf16 gradient under
 /// PyTorch's autocast is. With `sink` (the weight is a parameter) the weight-gradient GEMM
 /// writes into the flat gradient buffer itself and no weight gradient is returned.
+/// `gelu_pre`: the input was GELU (tanh form) of this bf16 pre-activation, and the gradient
+/// returned for the input is the pre-activation's: GELU's derivative applied to the f32
+/// product before it is rounded, by the product's cuBLASLt epilogue (`DGELU`) where it can run,
+/// else by GELU's backward kernel on an f32 product.
 pub fn linear_grads(
     g2: &Tensor,
     s: &LinearSaved,
@@ -270,6 +321,7 @@ pub fn linear_grads(
     with_bias: bool,
     prec: Prec,
     sink: Option<crate::autograd::GradSink>,
+    gelu_pre: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
@@ -285,7 +337,32 @@ pub fn linear_grads(
         Prec::F32 => operand_2d(&s.w, 0)?,
         Prec::Bf16 => (s.w.clone(), rowmajor(&s.w, k, false)?),
     };
-    d.gemm_to(rows, k, n, rowmajor(&gq, n, false)?, wm, ptr(&gx)?, 1, 1.0, 0.0, dt, s.gx)?;
+    let ga = rowmajor(&gq, n, false)?;
+    let gx = match gelu_pre {
+        Some(pre) => {
+            if pre.dtype() != DType::BF16 || pre.shape() != in_shape || s.gx != DType::BF16 || dt != DType::BF16 {
+                return Err(Error::shape(
+                    "linear",
+                    format!("a GELU pre-activation {:?} {} for a bf16 input {in_shape:?}", pre.shape(), pre.dtype()),
+                ));
+            }
+            let pre = contiguous_bf16(pre)?;
+            let ep = Epilogue::GeluGrad { aux: ptr(&pre)? };
+            if d.gemm_epilogue(rows, k, n, ga, wm, ptr(&gx)?, 1.0, 0.0, dt, DType::BF16, ep, None)? {
+                gx
+            } else {
+                // The epilogue's numbers without it: GELU's derivative applied to the f32
+                // product, rounded once.
+                let g_act = empty(&d, in_shape)?;
+                d.gemm_to(rows, k, n, ga, wm, ptr(&g_act)?, 1, 1.0, 0.0, dt, DType::F32)?;
+                cast(&super::gelu_bwd(&g_act, &cast(&pre, DType::F32)?, true)?, DType::BF16)?
+            }
+        }
+        None => {
+            d.gemm_to(rows, k, n, ga, wm, ptr(&gx)?, 1, 1.0, 0.0, dt, s.gx)?;
+            gx
+        }
+    };
     let (gt, xm) = (rowmajor(&gq, n, true)?, rowmajor(&s.x, k, false)?);
     let gb = if with_bias { Some(empty(&d, &[n])?) } else { None };
     let fused = match &gb {
