@@ -598,7 +598,8 @@ fn the_mlps_gelu_runs_in_the_gemm_epilogues() {
     let (c, f) = (48, 192);
     let vals = [r(2 * 16 * c, 1.0), r(c, 1.0), r(c, 0.5), r(f * c, 0.15), r(f, 0.5), r(c * f, 0.1), r(c, 0.5)];
     let shapes: [&[usize]; 7] = [&[2, 16, c], &[c], &[c], &[f, c], &[f], &[c, f], &[c]];
-    let run = |fusions: Fusions| {
+    // With `observe`, a probe reads the activation (as MLP sparsity does on probe steps).
+    let run_observed = |fusions: Fusions, observe: bool| {
         let before = d.set_fusions(fusions);
         d.profile_start();
         let tape = Tape::new();
@@ -608,7 +609,16 @@ fn the_mlps_gelu_runs_in_the_gemm_epilogues() {
             .zip(shapes)
             .map(|(v, s)| tape.leaf(Tensor::from_slice(v, s).unwrap().to_device(Device::Cuda(0)).unwrap()))
             .collect();
-        let y = v[0].layer_norm_mlp((Some(v[1]), Some(v[2]), 1e-5), (v[3], Some(v[4])), true, (v[5], Some(v[6])), Some(v[0])).unwrap();
+        let mut seen = 0;
+        let mut probe = |a: &Tensor| {
+            seen += a.numel();
+            Ok(())
+        };
+        let observer: Option<&mut dyn FnMut(&Tensor) -> dptrain_core::Result<()>> = if observe { Some(&mut probe) } else { None };
+        let y = v[0]
+            .layer_norm_mlp((Some(v[1]), Some(v[2]), 1e-5), (v[3], Some(v[4])), true, (v[5], Some(v[6])), Some(v[0]), observer)
+            .unwrap();
+        assert_eq!(seen, if observe { 2 * 16 * f } else { 0 });
         let loss = y.square().unwrap().sum_all().unwrap();
         let mut gs = dptrain_core::GradStore::empty();
         let lg = tape.backward(loss, &mut gs, |_, _| {}).unwrap();
@@ -620,6 +630,7 @@ fn the_mlps_gelu_runs_in_the_gemm_epilogues() {
         d.set_fusions(before);
         (out, names)
     };
+    let run = |fusions: Fusions| run_observed(fusions, false);
     let all = d.fusions();
     let (fused, names) = run(all);
     for gemm in ["gemm + bias + GELU, bf16 output (cuBLASLt)", "gemm + GELU gradient, bf16 output (cuBLASLt)"] {
@@ -627,6 +638,7 @@ fn the_mlps_gelu_runs_in_the_gemm_epilogues() {
     }
     assert!(!names.iter().any(|n| n.starts_with("gelu")), "a GELU kernel ran beside the epilogues: {names:?}");
     assert_eq!(run(all).0, fused, "the fused MLP is not the same bits run to run");
+    assert_eq!(run_observed(all, true).0, fused, "a probe reading the activation changed the step");
     let (kernels, names) = run(Fusions { epilogue: false, ..all });
     assert!(names.contains(&"gelu_f32_bf16") && names.contains(&"gelu_bwd_f32") && !names.iter().any(|n| n.contains("GELU")), "{names:?}");
     let e = check::rel_err(&fused, &kernels);

@@ -258,35 +258,34 @@ impl Gpt {
             };
             let proj = &blk.mlp_proj;
             let (pw, pb) = (tape.param(ps, proj.w), proj.b.map(|b| tape.param(ps, b)));
-            if !probes.coords() && !want.sparsity {
+            if !probes.coords() {
                 // The whole MLP in one call (the tanh GELU in its GEMMs' epilogues on a GPU; see
                 // `layer_norm_mlp`), its output projection writing the sum with the residual
-                // stream unless dropout comes between.
+                // stream unless dropout comes between; the sparsity probe reads its activation.
                 let p = |id| tape.param(ps, id);
                 let (ln, fc) = (&blk.ln_2, &blk.c_fc);
+                let threshold = want.sparsity_threshold;
+                let mut sparsity = |act: &dptrain_core::Tensor| crate::probes::record_sparsity(probes, i, act, threshold);
+                let observe: Option<&mut dyn FnMut(&dptrain_core::Tensor) -> Result<()>> =
+                    if want.sparsity { Some(&mut sparsity) } else { None };
                 let mlp = x.layer_norm_mlp(
                     (Some(p(ln.w)), ln.b.map(p), 1e-5),
                     (p(fc.w), fc.b.map(p)),
                     self.cfg.gelu_tanh,
                     (pw, pb),
                     fuse.then_some(x),
+                    observe,
                 )?;
                 x = if fuse { mlp } else { mlp.dropout_add(drop(site + 2)?, x)? };
             } else {
-                // The probes read the MLP's inside: the pre-activation (the coordinate check) or
-                // the activation (sparsity).
-                let m = if probes.coords() {
-                    let h = blk.ln_2.forward(tape, ps, x)?;
-                    record_coord(probes, format_args!("h.{i}.ln_2"), &h);
-                    blk.c_fc.forward(tape, ps, h)?
-                } else {
-                    // The pre-activation as a bf16 activation, read by GELU (autocast's rule).
-                    ln_linear(tape, ps, x, &blk.ln_2, &blk.c_fc, true)?
-                };
+                // The coordinate check reads the MLP's inside.
+                let h = blk.ln_2.forward(tape, ps, x)?;
+                record_coord(probes, format_args!("h.{i}.ln_2"), &h);
+                let m = blk.c_fc.forward(tape, ps, h)?;
                 record_coord(probes, format_args!("h.{i}.mlp.c_fc"), &m);
                 let m = if want.sparsity {
                     let act = m.gelu(self.cfg.gelu_tanh)?;
-                    crate::probes::record_sparsity(probes, i, &act, want.sparsity_threshold)?;
+                    crate::probes::record_sparsity(probes, i, &act.value(), want.sparsity_threshold)?;
                     act.linear(pw, pb)?
                 } else {
                     m.gelu_linear(self.cfg.gelu_tanh, pw, pb)?

@@ -111,7 +111,7 @@ impl Model for Mlp {
             h = h.relu()?;
             let want = probes.set();
             if want.sparsity {
-                crate::probes::record_sparsity(probes, i, &h, want.sparsity_threshold)?;
+                crate::probes::record_sparsity(probes, i, &h.value(), want.sparsity_threshold)?;
             }
             h = h.dropout(tape.dropout(if train { self.cfg.dropout } else { 0.0 }, i as u64)?)?;
             record_coord(probes, format_args!("act.{i}"), &h);

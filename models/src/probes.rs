@@ -7,7 +7,7 @@
 
 use dptrain_core::ops::stats;
 use dptrain_core::probe::{ProbeSink, Reduce};
-use dptrain_core::{Result, Var};
+use dptrain_core::{Result, Tensor, Var};
 
 /// Massive activations of a block output `x [B, T, C]`: `massive_top1/<i>` (largest |h|, Max),
 /// `massive_median/<i>` (median |h|, Mean), `massive_ratio/<i>` (their ratio, Max), and where the
@@ -28,9 +28,8 @@ pub fn record_massive(sink: &mut dyn ProbeSink, layer: usize, x: &Var<'_>) -> Re
 }
 
 /// `mlp_sparsity/<i>`: the fraction of an MLP's post-activation entries ≤ `threshold`.
-pub fn record_sparsity(sink: &mut dyn ProbeSink, layer: usize, a: &Var<'_>, threshold: f64) -> Result<()> {
-    let v = a.value();
-    let below = stats::count_at_most(&v, threshold)?;
+pub fn record_sparsity(sink: &mut dyn ProbeSink, layer: usize, v: &Tensor, threshold: f64) -> Result<()> {
+    let below = stats::count_at_most(v, threshold)?;
     sink.record(&format!("mlp_sparsity/{layer}"), Reduce::Mean, below as f64 / v.numel().max(1) as f64);
     Ok(())
 }
@@ -77,8 +76,8 @@ mod tests {
         let tape = Tape::new();
         let a = tape.constant(Tensor::from_vec(vec![0.0f32, -0.1, 0.2, 0.5, 0.05, 1.0, -2.0, 0.0], &[2, 4]).unwrap());
         let mut p = Probes::default();
-        record_sparsity(&mut p, 0, &a, 0.0).unwrap();
-        record_sparsity(&mut p, 1, &a, 0.1).unwrap();
+        record_sparsity(&mut p, 0, &a.value(), 0.0).unwrap();
+        record_sparsity(&mut p, 1, &a.value(), 0.1).unwrap();
         assert_eq!(p.get("mlp_sparsity/0"), Some(4.0 / 8.0));
         assert_eq!(p.get("mlp_sparsity/1"), Some(5.0 / 8.0));
     }

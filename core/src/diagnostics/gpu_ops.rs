@@ -451,9 +451,9 @@ fn cases() -> Vec<Case> {
             build: Box::new(move |_, x, _| {
                 let ln = (Some(x[1]), Some(x[2]), 1e-5);
                 if bias {
-                    x[0].layer_norm_mlp(ln, (x[3], Some(x[4])), true, (x[5], Some(x[6])), Some(x[0]))
+                    x[0].layer_norm_mlp(ln, (x[3], Some(x[4])), true, (x[5], Some(x[6])), Some(x[0]), None)
                 } else {
-                    x[0].layer_norm_mlp(ln, (x[3], None), true, (x[4], None), None)
+                    x[0].layer_norm_mlp(ln, (x[3], None), true, (x[4], None), None, None)
                 }
             }),
             bound: 1e-2,

@@ -13,13 +13,15 @@
 
 use crate::autograd::Var;
 use crate::error::Result;
+use crate::tensor::Tensor;
 
 impl<'t> Var<'t> {
     /// `self.layer_norm_linear(ln, fc, half)?.gelu_linear_add(tanh, proj, residual)` (or
     /// `gelu_linear` without a residual), recorded as those two ops. Under bf16 the tanh form
     /// takes GELU of the f32 sums (see the module doc), on a GPU in the GEMMs' epilogues
     /// (`Fusions::gelu_epilogue`; off, it is the two ops' kernels and numbers, for measuring
-    /// it). In f32, and for the exact form, it is exactly the two ops.
+    /// it). In f32, and for the exact form, it is exactly the two ops. `observe` is handed the
+    /// activation (a probe reading it, as MLP sparsity does): the step's numbers stay the same.
     pub fn layer_norm_mlp(
         self,
         (ln_w, ln_b, eps): (Option<Var<'t>>, Option<Var<'t>>, f64),
@@ -27,6 +29,7 @@ impl<'t> Var<'t> {
         tanh: bool,
         (proj_w, proj_b): (Var<'t>, Option<Var<'t>>),
         residual: Option<Var<'t>>,
+        observe: Option<&mut dyn FnMut(&Tensor) -> Result<()>>,
     ) -> Result<Var<'t>> {
         if tanh && self.tape().precision() == crate::tensor::Precision::Bf16 {
             #[cfg(feature = "cuda")]
@@ -36,6 +39,9 @@ impl<'t> Var<'t> {
                 // ops store it in f32.
                 if f.operands && f.activations && f.gelu_epilogue {
                     let (m, act) = self.layer_norm_linear_gpu((ln_w, ln_b, eps), fc_w, fc_b, true, true)?;
+                    if let (Some(f), Some(a)) = (observe, &act) {
+                        f(a)?;
+                    }
                     return m.gelu_linear_with(tanh, proj_w, proj_b, residual, act);
                 }
             }
@@ -47,13 +53,25 @@ impl<'t> Var<'t> {
                 inputs.extend(fc_b);
                 // A bf16 activation held in f32: its gradient is rounded as a GPU stores it.
                 let m = self.tape().record("linear_gelu", pre, &inputs, bwd).mark_half();
+                if let Some(f) = observe {
+                    f(&act)?;
+                }
                 return m.gelu_linear_with(tanh, proj_w, proj_b, residual, Some(act));
             }
         }
         let m = self.layer_norm_linear(ln_w, ln_b, eps, fc_w, fc_b, true)?;
-        match residual {
-            Some(r) => m.gelu_linear_add(tanh, proj_w, proj_b, r),
-            None => m.gelu_linear(tanh, proj_w, proj_b),
+        match (observe, residual) {
+            // The activation as a value of its own, for the probe (the same numbers).
+            (Some(f), r) => {
+                let act = m.gelu(tanh)?;
+                f(&act.value())?;
+                match r {
+                    Some(r) => act.linear_add(proj_w, proj_b, r),
+                    None => act.linear(proj_w, proj_b),
+                }
+            }
+            (None, Some(r)) => m.gelu_linear_add(tanh, proj_w, proj_b, r),
+            (None, None) => m.gelu_linear(tanh, proj_w, proj_b),
         }
     }
 }
@@ -76,7 +94,7 @@ mod tests {
     }
 
     /// `f`'s output and the gradient of every input (of the output against a fixed weighting).
-    fn run(prec: Precision, inputs: &[Tensor], f: impl for<'t> Fn(&[Var<'t>]) -> Result<Var<'t>>) -> Vec<Vec<f32>> {
+    fn run(prec: Precision, inputs: &[Tensor], mut f: impl for<'t> FnMut(&[Var<'t>]) -> Result<Var<'t>>) -> Vec<Vec<f32>> {
         let tape = Tape::new();
         tape.set_precision(prec);
         let v: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
@@ -91,7 +109,7 @@ mod tests {
     }
 
     fn mlp<'t>(x: &[Var<'t>], tanh: bool) -> Result<Var<'t>> {
-        x[0].layer_norm_mlp((Some(x[1]), Some(x[2]), 1e-5), (x[3], Some(x[4])), tanh, (x[5], Some(x[6])), Some(x[0]))
+        x[0].layer_norm_mlp((Some(x[1]), Some(x[2]), 1e-5), (x[3], Some(x[4])), tanh, (x[5], Some(x[6])), Some(x[0]), None)
     }
 
     fn two_ops<'t>(x: &[Var<'t>], tanh: bool) -> Result<Var<'t>> {
@@ -103,6 +121,34 @@ mod tests {
         let x = inputs();
         for (prec, tanh) in [(Precision::F32, true), (Precision::F32, false), (Precision::Bf16, false)] {
             assert_eq!(run(prec, &x, |v| mlp(v, tanh)), run(prec, &x, |v| two_ops(v, tanh)), "{prec:?}, tanh {tanh}");
+        }
+    }
+
+    /// A probe handed the activation sees GELU's output (in [-0.17, ∞), as wide as the MLP)
+    /// and changes nothing about the step's numbers, on either path.
+    #[test]
+    fn observing_the_activation_changes_nothing() {
+        let x = inputs();
+        for tanh in [true, false] {
+            let mut seen = vec![];
+            let observed = run(Precision::Bf16, &x, |v| {
+                let mut probe = |a: &Tensor| {
+                    seen.push(a.to_vec::<f32>()?);
+                    Ok(())
+                };
+                v[0].layer_norm_mlp(
+                    (Some(v[1]), Some(v[2]), 1e-5),
+                    (v[3], Some(v[4])),
+                    tanh,
+                    (v[5], Some(v[6])),
+                    Some(v[0]),
+                    Some(&mut probe),
+                )
+            });
+            assert_eq!(observed, run(Precision::Bf16, &x, |v| mlp(v, tanh)), "tanh {tanh}");
+            assert_eq!(seen.len(), 1);
+            assert_eq!(seen[0].len(), 16 * 96);
+            assert!(seen[0].iter().all(|&a| a >= -0.171) && seen[0].iter().any(|&a| a > 1.0), "tanh {tanh}");
         }
     }
 
