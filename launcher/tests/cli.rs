@@ -169,6 +169,12 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         ("resnet", vec!["model.kind=\"resnet\"", "data.kind=\"synthetic-images\"", "model.width=4", "train.steps=3", "train.eval_every=0"]),
         // One head of 32: attention runs as flash attention (bf16, no dropout, d_head 32).
         ("gpt-bf16", vec!["train.steps=4", "train.precision=\"bf16\"", "model.n_heads=1", "train.eval_every=0"]),
+        // GPT-2's tanh GELU under bf16: in the MLP's GEMM epilogues on the GPU, the same numbers
+        // on the CPU; the sparsity probe (steps 2 and 4) reads the activation the MLP made.
+        (
+            "gpt-bf16-tanh",
+            vec!["train.steps=4", "train.precision=\"bf16\"", "model.gelu_tanh=true", "probes.interval=2", "train.eval_every=0"],
+        ),
         // Every probe family on probe steps: the activation statistics are device reductions.
         ("gpt-probes", vec!["train.steps=4", "probes.interval=2", "model.qk_norm=true", "train.eval_every=0"]),
         // The CUDA kernels draw the same dropout masks as the CPU, and random windows are the
@@ -196,7 +202,7 @@ fn the_gpu_path_of_the_trainer_matches_the_cpu_on_the_emulator() {
         close(name, &loss(&c), &loss(&g), 1e-4);
         let vals = |dir: &Path| records(dir).iter().filter_map(|v| v["val_loss"].as_f64()).collect::<Vec<f64>>();
         close(&format!("{name} validation"), &vals(&c), &vals(&g), 1e-4);
-        if ["gpt-bf16", "resnet"].contains(&name) {
+        if ["gpt-bf16", "gpt-bf16-tanh", "resnet"].contains(&name) {
             // Again, in another order: the same parameters, bit for bit.
             let again = d.join(format!("{name}-gpu-again"));
             ok(&emu(&again, &sets, &[]));
