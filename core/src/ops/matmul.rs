@@ -201,8 +201,9 @@ pub(crate) struct HalfIo {
 /// (`Var::half_twin`).
 /// `residual`: an f32 tensor of the output's shape added to it (`Var::linear_add`; f32 output).
 /// `gelu_pre`: x is the tanh GELU of this bf16 pre-activation (`Var::layer_norm_mlp`), and
-/// backward returns the pre-activation's gradient in x's place (GELU's derivative applied by
-/// the input-gradient GEMM's epilogue: see `kernels::cuda::ops::linear_grads`).
+/// backward returns the pre-activation's gradient in x's place: GELU's derivative applied to
+/// x's f32 gradient before it is rounded (on a GPU by the input-gradient GEMM's epilogue where
+/// it can: see `kernels::cuda::ops::linear_grads`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_value(
     xv: &Tensor,
@@ -261,10 +262,10 @@ pub(crate) fn linear_gelu_value(
     b: Option<(Tensor, Option<Tensor>)>,
     w_at: usize,
 ) -> Result<LinearGelu> {
-    let (x2, out_shape) = linear_shapes(xv, &wv, b.as_ref().map(|b| &b.0))?;
-    let (has_b, in_shape) = (b.is_some(), xv.shape().to_vec());
     #[cfg(feature = "cuda")]
     if xv.is_cuda() {
+        let (x2, out_shape) = linear_shapes(xv, &wv, b.as_ref().map(|b| &b.0))?;
+        let (has_b, in_shape) = (b.is_some(), xv.shape().to_vec());
         let (bv, b16) = b.clone().unzip();
         let fused = crate::kernels::cuda::ops::linear_gelu(
             &x2,
@@ -278,7 +279,6 @@ pub(crate) fn linear_gelu_value(
             return Ok((act, pre, Box::new(move |g: &Tensor| linear_backward(g, &saved, &in_shape, has_b, Precision::Bf16, w_at, None))));
         }
     }
-    let _ = (x2, out_shape, has_b);
     let b = b.map(|(b, _)| Ok::<_, Error>((bf16_values(&b)?, None))).transpose()?;
     let (z, bwd) = linear_value(xv, (wv, w16), b, Precision::Bf16, HalfIo::default(), w_at, None, None)?;
     #[cfg(feature = "cuda")]

@@ -770,7 +770,8 @@ impl CudaDev {
     /// of dtype `out` (f32, or bf16 for bf16 inputs: then a bias is bf16 too, cuBLASLt's
     /// default for a bf16 output, and the f32 sum is rounded once). `c_in`: where beta·C is
     /// read from when not from `c` itself (packed like it, f32: a residual added as the product
-    /// is written; the sum is `(alpha·A·B + beta·C) + bias`).
+    /// is written; the sum is `(alpha·A·B + beta·C) + bias`). GELU's epilogues take bf16
+    /// operands and write bf16.
     /// Returns `Ok(false)`, having launched nothing, when it cannot fuse here — no cuBLASLt,
     /// epilogues switched off, a bias pointer not 16-byte aligned, or no cuBLASLt algorithm for
     /// the shape — and the caller then runs the plain GEMM and its own bias pass. The emulator

@@ -67,24 +67,20 @@ impl<'t> Var<'t> {
     /// to the product's input gradient. The numbers are those of `gelu` then `linear` (which
     /// rounds its input to bf16 anyway); elsewhere, or with the fusion off, it is exactly that.
     pub fn gelu_linear(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>) -> Result<Var<'t>> {
-        self.gelu_linear_to(tanh, w, b, None)
+        self.gelu_linear_with(tanh, w, b, None, None)
     }
 
     /// `residual + self.gelu_linear(tanh, w, b)`, the sum written by the GEMM where it can
     /// (see [`linear_add`](Self::linear_add)): a GPT block's MLP and its residual add.
     pub fn gelu_linear_add(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>, residual: Var<'t>) -> Result<Var<'t>> {
-        self.gelu_linear_to(tanh, w, b, Some(residual))
+        self.gelu_linear_with(tanh, w, b, Some(residual), None)
     }
 
-    fn gelu_linear_to(self, tanh: bool, w: Var<'t>, b: Option<Var<'t>>, residual: Option<Var<'t>>) -> Result<Var<'t>> {
-        self.gelu_linear_with(tanh, w, b, residual, None)
-    }
-
-    /// `gelu_linear(_add)`; with `act`, the tanh GELU as a transformer MLP takes it
-    /// (`Var::layer_norm_mlp`): `act` is the activation the GEMM that made `self` computed
-    /// beside it (`ops::matmul::linear_gelu_value`), and backward applies GELU's derivative to
-    /// the product's f32 input gradient before rounding it — on a GPU in that GEMM's cuBLASLt
-    /// epilogue (`DGELU`) where it can — on any device.
+    /// `gelu_linear(_add)`; with `act`, the tanh GELU as a transformer MLP takes it, on any
+    /// device (`Var::layer_norm_mlp`): `act` is the activation the GEMM that made `self`
+    /// computed beside it (`ops::matmul::linear_gelu_value`), and backward applies GELU's
+    /// derivative to this product's f32 input gradient before rounding it — on a GPU in the
+    /// input-gradient GEMM's cuBLASLt epilogue (`DGELU`) where it can.
     pub(crate) fn gelu_linear_with(
         self,
         tanh: bool,

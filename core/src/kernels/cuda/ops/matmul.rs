@@ -270,8 +270,8 @@ fn bf16_bias(b: &Tensor, b16: Option<&Tensor>) -> Result<Tensor> {
 /// GELU taken of the f32 sum before it is rounded. Bf16 operands as `linear`'s under
 /// `Prec::Bf16` (its input gradient in `gx`), and what backward reads. `None`, having launched
 /// nothing, where the epilogue cannot run (`Fusions::gelu_epilogue` or `epilogue` off, no
-/// cuBLASLt or no algorithm for the shape, n not a multiple of 8): the caller then runs
-/// `linear` and GELU's kernel.
+/// cuBLASLt or no algorithm for the shape, n not a multiple of 8): the caller then computes
+/// the same numbers from an f32 product (`ops::matmul::linear_gelu_value`).
 pub fn linear_gelu(
     x2: &Tensor,
     (w, w16): (&Tensor, Option<&Tensor>),
@@ -325,7 +325,6 @@ pub fn linear_grads(
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let d = dev_of(g2)?;
     let (rows, n, k) = (g2.shape()[0], g2.shape()[1], s.w.shape()[1]);
-    let gx = empty_as(&d, in_shape, s.gx)?;
     let (gw, gw_ptr, beta) = weight_grad_dest(&d, sink, n, k)?;
     let (gq, dt) = match prec {
         Prec::F32 => (contiguous(g2)?, DType::F32),
@@ -347,8 +346,8 @@ pub fn linear_grads(
                 ));
             }
             let pre = contiguous_bf16(pre)?;
-            let ep = Epilogue::GeluGrad { aux: ptr(&pre)? };
-            if d.gemm_epilogue(rows, k, n, ga, wm, ptr(&gx)?, 1.0, 0.0, dt, DType::BF16, ep, None)? {
+            let gx = empty_as(&d, in_shape, DType::BF16)?;
+            if d.gemm_epilogue(rows, k, n, ga, wm, ptr(&gx)?, 1.0, 0.0, dt, DType::BF16, Epilogue::GeluGrad { aux: ptr(&pre)? }, None)? {
                 gx
             } else {
                 // The epilogue's numbers without it: GELU's derivative applied to the f32
@@ -359,6 +358,7 @@ pub fn linear_grads(
             }
         }
         None => {
+            let gx = empty_as(&d, in_shape, s.gx)?;
             d.gemm_to(rows, k, n, ga, wm, ptr(&gx)?, 1, 1.0, 0.0, dt, s.gx)?;
             gx
         }
