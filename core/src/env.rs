@@ -14,6 +14,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_FLASH_ROWS", "`64` runs the flash attention forward on 64-row query tiles instead of 128 (for measuring it)"),
     ("DPTRAIN_WIDE_LOADS", "`0` makes GELU on bf16 activations, layer norm and the cross-entropy rows read and write one element per access instead of 16 bytes (for measuring it)"),
     ("DPTRAIN_EPILOGUE", "`0` makes a GPU linear add its bias (and sum its bias gradient) in a pass of its own instead of in the cuBLASLt GEMM (for measuring it)"),
+    ("DPTRAIN_GELU_EPILOGUE", "`0` runs a GPT MLP's tanh GELU on a GPU in kernels of its own (the two ops `layer_norm_linear` and `gelu_linear`) instead of in its GEMMs' cuBLASLt epilogues (for measuring it)"),
     ("DPTRAIN_STEP_SYNC", "`1` makes every GPU training step wait for the device (read the loss and gradient norm, then decide the update on the host) instead of deciding it there and reading the record on logging steps (for measuring it)"),
     ("DPTRAIN_CUDA_EMULATOR", "`1` runs the CUDA kernels on the CPU emulator (test builds with the `cuda-emu` feature)"),
     (
@@ -55,6 +56,7 @@ pub struct Env {
     pub flash_rows: usize,
     pub wide_loads: bool,
     pub epilogue: bool,
+    pub gelu_epilogue: bool,
     pub step_sync: bool,
     pub cuda_emulator: bool,
     pub cuda_emulator_schedule: u64,
@@ -85,6 +87,7 @@ impl Env {
             flash_rows: var("DPTRAIN_FLASH_ROWS").and_then(|s| s.parse().ok()).unwrap_or(128),
             wide_loads: var("DPTRAIN_WIDE_LOADS").as_deref() != Some("0"),
             epilogue: var("DPTRAIN_EPILOGUE").as_deref() != Some("0"),
+            gelu_epilogue: var("DPTRAIN_GELU_EPILOGUE").as_deref() != Some("0"),
             step_sync: flag("DPTRAIN_STEP_SYNC"),
             cuda_emulator: flag("DPTRAIN_CUDA_EMULATOR"),
             cuda_emulator_schedule: var("DPTRAIN_CUDA_EMULATOR_SCHEDULE").and_then(|s| s.parse().ok()).unwrap_or(0),

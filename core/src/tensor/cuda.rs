@@ -62,7 +62,8 @@ pub struct CudaDev {
 }
 
 /// Which fused paths a device takes — all where supported, by default. `DPTRAIN_FLASH=0`,
-/// `DPTRAIN_FLASH_ROWS=64` and `DPTRAIN_EPILOGUE=0` turn one off for a process; gpu-check turns
+/// `DPTRAIN_FLASH_ROWS=64`, `DPTRAIN_EPILOGUE=0` and `DPTRAIN_GELU_EPILOGUE=0` turn one off for
+/// a process; gpu-check turns
 /// each off in turn for its before/after lines and its unfused check rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fusions {
@@ -173,6 +174,7 @@ impl Fusions {
             flash_wide: e.flash_rows != 64,
             wide_loads: e.wide_loads,
             epilogue: e.epilogue,
+            gelu_epilogue: e.gelu_epilogue,
             device_step: !e.step_sync,
             ..Fusions::ALL
         }
