@@ -199,18 +199,19 @@ fn trainer_agreement(device: usize, optim: &[&str]) -> std::result::Result<(f64,
     Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
 }
 
-/// A small GPT's bf16 training step with dropout (AdamW and clipping decided on the device) run
-/// eagerly for five batches, and again with the second step captured as a CUDA graph that is
-/// replayed for the second to fifth batches, each refilled into the graph's inputs with its
-/// step's dropout key staged: the largest difference of the parameters after the five steps,
-/// relative to their largest magnitude. The graph runs the same kernels on the same values, so
+/// A small GPT's bf16 training step with dropout and the tanh GELU (AdamW and clipping decided
+/// on the device) run eagerly for five batches, and again with the second step captured as a
+/// CUDA graph that is replayed for the second to fifth batches, each refilled into the graph's
+/// inputs with its step's dropout key staged: the largest difference of the parameters after
+/// the five steps, relative to their largest magnitude. The graph runs the same kernels on the same values, so
 /// it should be 0. Also the largest difference between two eager runs of the five steps.
 #[cfg(feature = "cuda")]
 fn graph_agreement(device: usize) -> std::result::Result<(f64, f64, usize), String> {
     use dptrain_core::model::Batch;
     use dptrain_core::{DType, Device, GradStore, ParamBuilder};
     let e = |x: dptrain_core::Error| x.to_string();
-    // Head size 32: flash attention on a GPU; biases: the cuBLASLt epilogues.
+    // Head size 32: flash attention on a GPU; biases and the tanh GELU: the cuBLASLt epilogues
+    // (bias, residual, GELU and its derivative), their pointers captured in the graph.
     let cfg = dptrain_models::GptConfig {
         vocab_size: 64,
         context: 16,
@@ -218,6 +219,7 @@ fn graph_agreement(device: usize) -> std::result::Result<(f64, f64, usize), Stri
         n_layers: 2,
         n_heads: 2,
         bias: true,
+        gelu_tanh: true,
         dropout: 0.1,
         ..Default::default()
     };
