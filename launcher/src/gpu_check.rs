@@ -1,7 +1,9 @@
 //! `dptrain gpu-check`: the one-shot device check for a machine with a GPU. Prints the device,
 //! the build's commit and one table: (a) every op of the engine, forward and backward, GPU vs
 //! CPU on random inputs; (b) the default GPT trained 20 steps by the real trainer on each
-//! device, per-step losses compared; (d) a 1-rank NCCL all-reduce, and
+//! device with each optimizer, per-step losses compared, and training steps replayed as a CUDA
+//! graph against the same steps run eagerly (AdamW, and SOAP through the trainer with its
+//! refreshes between replays); (d) a 1-rank NCCL all-reduce, and
 //! the NCCL reducer's pass captured in a CUDA graph and replayed; then (c) tokens/s of a
 //! GPT-124M-shaped model in bf16 against PyTorch eager on the same GPU, with model FLOPs
 //! utilisation. Exits 2 when there is no usable GPU (one line saying why) and 1 when a check
@@ -123,7 +125,19 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
         ),
         Err(e) => (fail("GPT training step as a CUDA graph vs eager", e.clone()), fail("the same eager steps run twice", e)),
     };
-    for row in [graph_row, repeat_row] {
+    // SOAP's device-decided steps replayed by the trainer, its refreshes run eagerly between
+    // the replays and written over the bases the graph reads.
+    let soap_row = match trainer_graph_agreement(device, SOAP_GRAPH_RUN) {
+        Ok((d, steps, replayed)) => CheckRow {
+            op: format!(
+                "GPT-mini, SOAP (refresh every 3 updates), {steps} steps with {replayed} run as the CUDA graph vs eager (trainer): parameters"
+            ),
+            max_rel_err: d,
+            bound: 1e-6,
+        },
+        Err(e) => fail("GPT-mini, SOAP training steps as a CUDA graph vs eager (trainer)", e),
+    };
+    for row in [graph_row, repeat_row, soap_row] {
         print(&row);
         rows.push(row);
     }
@@ -197,6 +211,55 @@ fn trainer_agreement(device: usize, optim: &[&str]) -> std::result::Result<(f64,
         return Err(format!("{} CPU and {} GPU loss records", c.len(), g.len()));
     }
     Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
+}
+
+/// gpu-check's SOAP run under `train.cuda_graph`: steps 1 (the bases' initialisation), 4, 7 and
+/// 10 (refreshes) are the host's, 12 logs; 3 is captured, 5, 6, 8, 9 and 11 replay it.
+const SOAP_GRAPH_RUN: &[&str] =
+    &["optim.kind=soap", "optim.precondition_frequency=3", "train.precision=bf16", "train.steps=12", "run.log_every=12"];
+
+/// The trainer on the GPU with `sets`, with and without `train.cuda_graph`: the largest
+/// difference of the final parameters relative to their largest magnitude (0 expected: the
+/// same kernels on the same values), the steps, and how many of them the graph ran (an error
+/// if none).
+fn trainer_graph_agreement(device: usize, sets: &[&str]) -> std::result::Result<(f64, u64, u64), String> {
+    if device != 0 {
+        return Err("the trainer check uses device 0 (set CUDA_VISIBLE_DEVICES to pick another)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("dptrain-gpu-check-graph-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |graph: bool| -> std::result::Result<(Vec<f32>, crate::train::Summary), String> {
+        let run_dir = dir.join(if graph { "graph" } else { "eager" });
+        let mut all: Vec<String> = ["run.device=cuda", "train.eval_every=0", "train.eval_samples=32", &format!("train.cuda_graph={graph}")]
+            .map(String::from)
+            .to_vec();
+        all.extend(sets.iter().map(|s| s.to_string()));
+        if dptrain_core::env::env().gpu_check_tiny {
+            all.extend(
+                ["model.d_model=32", "model.n_layers=1", "model.context=16", "data.vocab=16", "train.global_batch=8"].map(String::from),
+            );
+        }
+        let args = crate::train::TrainArgs { sets: all, run_dir: Some(run_dir.clone()), ..Default::default() };
+        let summary = crate::train::train(&args).map_err(|e| format!("graph {graph}: {e}"))?;
+        let file = crate::checkpoint::step_dir(&run_dir, summary.steps).join("model.safetensors");
+        let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let mut named: Vec<_> = dptrain_core::checkpoint::tensors_from_bytes(&bytes).map_err(|e| e.to_string())?.into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut values = vec![];
+        for (_, t) in named {
+            values.extend(t.to_vec::<f32>().map_err(|e| e.to_string())?);
+        }
+        Ok((values, summary))
+    };
+    let outcome = run(false).and_then(|eager| run(true).map(|graph| (eager, graph)));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ((eager, summary), (replayed, graph)) = outcome?;
+    if graph.graph_steps == 0 || eager.len() != replayed.len() {
+        return Err(format!("{} steps run as the graph, {} and {} parameters", graph.graph_steps, eager.len(), replayed.len()));
+    }
+    let scale = eager.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    let d = eager.iter().zip(&replayed).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    Ok((d as f64, summary.steps, graph.graph_steps))
 }
 
 /// A small GPT's bf16 training step with dropout and the tanh GELU (AdamW and clipping decided

@@ -6,7 +6,7 @@
 
 use crate::build::{build_model, build_optimizer, load_data, Data};
 use crate::checkpoint;
-use crate::config::{check_model_keys, DataKind, ModelKind, OptimKind, Raw, RunConfig, Windows};
+use crate::config::{check_model_keys, DataKind, ModelKind, Raw, RunConfig, Windows};
 use crate::error::{input_err, Result};
 use crate::train::TrainArgs;
 use dptrain_core::comm::Communicator;
@@ -137,20 +137,11 @@ pub fn setup(args: &TrainArgs, raw: &Raw, mut cfg: RunConfig, ckpt: Option<PathB
         return Err(input_err!("train.global_batch: {global_batch} is not divisible by train.micro_batch × ranks = {micro_batch} × {ws}"));
     }
     let accum = global_batch / (micro_batch * ws);
-    if cfg.train.cuda_graph {
-        // What a replay cannot follow: an optimizer whose step the host decides. Every model's
-        // inputs are bound to its batch; several ranks are fine: NCCL's reductions are
-        // captured with the step.
-        let why = if !matches!(device, Device::Cuda(_)) {
-            Some("run.device = \"cuda\"".to_string())
-        } else if cfg.optim.kind == OptimKind::Soap {
-            Some("an optimizer whose step is decided on the device: optim.kind = \"adamw\", \"sgd\", \"lamb\" or \"lars\" (SOAP refreshes its bases on the host)".to_string())
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            return Err(input_err!("train.cuda_graph: true needs {why}"));
-        }
+    // Every optimizer decides its steps on the device (SOAP all but its first and its basis
+    // refreshes, which run eagerly between replays), every model's inputs are bound to its
+    // batch, and several ranks are fine: NCCL's reductions are captured with the step.
+    if cfg.train.cuda_graph && !matches!(device, Device::Cuda(_)) {
+        return Err(input_err!("train.cuda_graph: true needs run.device = \"cuda\""));
     }
     if cfg.model.norm == NormKind::Ghost
         && matches!(cfg.model.kind, ModelKind::Mlp | ModelKind::Resnet)

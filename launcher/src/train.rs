@@ -18,7 +18,7 @@ use dptrain_comm::{GradReducer, GradSync, ReduceStats};
 use dptrain_core::comm::{Communicator, ReduceOp};
 use dptrain_core::data::{BatchStream, DistributedSampler};
 use dptrain_core::model::Batch;
-use dptrain_core::ops::flat::{copy_of, decides_steps_on_device, sum_squares, sum_squares_and, sum_squares_and_record, StepRecord};
+use dptrain_core::ops::flat::{copy_of, sum_squares, sum_squares_and, sum_squares_and_record, StepRecord};
 use dptrain_core::probe::{anchor_of, ProbeSet, ProbeSink, Probes, Reduce};
 use dptrain_core::rng::key_of;
 use dptrain_core::{GradStore, Tape};
@@ -56,6 +56,9 @@ pub struct Summary {
     pub model: String,
     /// Steps skipped for non-finite loss or gradients (`train.on_nonfinite = "skip"`).
     pub skipped_steps: u64,
+    /// Steps run as a launch of the captured CUDA graph (`train.cuda_graph`; the step that was
+    /// captured included).
+    pub graph_steps: u64,
 }
 
 pub fn train(args: &TrainArgs) -> Result<Summary> {
@@ -121,6 +124,7 @@ fn train_loop(
     let mut pending: Vec<Pending> = vec![];
     // train.cuda_graph: steps that log and probe nothing replay one captured step.
     let mut graph = crate::graph_step::GraphStep::new(cfg.train.cuda_graph);
+    let mut graph_steps = 0u64;
     // Its micro-steps' dropout keys, staged for each step where the graph's kernels read them.
     let step_keys = dptrain_core::ops::dropout::StepKeys::default();
     // The EMA factor per critical-batch measurement: 0.99 per step, measured every interval.
@@ -155,7 +159,8 @@ fn train_loop(
         let key = |micro: usize, stream: u64| key_of(&[cfg.run.seed, stream, step, rank as u64, micro as u64]);
         // Each micro-step's loss stays on the device until the one read after the reduction.
         let (mut losses, mut comm_stats, mut cbs_small) = (Vec::with_capacity(run.accum), None, None);
-        let graphed = graph.enabled() && decides_steps_on_device(run.params.flat()) && !log_step && !poisoned;
+        // (SOAP's first step and its refreshes are the host's: they run eagerly between replays.)
+        let graphed = graph.enabled() && run.opt.decides_next_step_on_device(&run.params) && !log_step && !poisoned;
         if graphed {
             // The whole step on the device, captured once and replayed (see graph_step); its
             // record read on the next step that needs the host, as below.
@@ -169,7 +174,10 @@ fn train_loop(
             if let Some(r) = reducer.as_deref_mut() {
                 r.measure_next(false);
             }
+            // Whether the closure ran (eagerly or captured) or the graph replayed alone.
+            let mut ran = false;
             let (rec, note, launched) = graph.step(device, at, batches, |batches| {
+                ran = true;
                 grads.zero_grad();
                 // The kernels read the dropout keys from the device (a replay's staged ones).
                 let on_device = step_keys.upload(device)?;
@@ -190,6 +198,10 @@ fn train_loop(
             if let (true, Some(r)) = (launched, reducer.as_deref_mut()) {
                 r.after_replay()?;
             }
+            if !ran {
+                run.opt.replayed();
+            }
+            graph_steps += u64::from(launched);
             if let (Some(note), 0) = (note, rank) {
                 eprintln!("dptrain: step {done}: {note}");
             }
@@ -358,6 +370,7 @@ fn train_loop(
         parameters: run.params.numel(),
         model: run.model.describe(),
         skipped_steps: run.detectors.skipped,
+        graph_steps,
     };
     if rank == 0 {
         write_summary(&summary)?;

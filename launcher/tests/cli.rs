@@ -340,6 +340,59 @@ fn soap_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// SOAP under `train.cuda_graph`: its device-decided steps are captured and replayed, its first
+/// step and its basis refreshes (eigh/QR on the host) run eagerly between replays and write the
+/// new bases over the old ones, where the graph reads them. Refresh every 3 updates, a NaN at
+/// step 3 (skipped on the device, which moves the refreshes), warmup (the learning rate and
+/// the decay factors change every step), clipping, `normalize_grads`, two micro-steps, logging
+/// at 5, 10, 12: step 6 is captured, 7 and 9 replay it (8 and 11 refresh), and the parameters,
+/// moments, statistics, bases, count and logged numbers are those of the waiting path bit for
+/// bit. (Bases replaced rather than overwritten at a refresh leave step 9 on the old ones; a
+/// replay not counted on the host puts the refresh on the wrong step.)
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+#[test]
+fn soap_steps_replayed_as_a_cuda_graph_match_the_waiting_path_on_the_emulator() {
+    let d = tmp("soap-graph");
+    let run = |dir: &Path, mode: &str| {
+        let sets = [
+            "optim.kind=\"soap\"",
+            "optim.precondition_frequency=3",
+            "optim.normalize_grads=true",
+            "optim.weight_decay=0.1",
+            "optim.clip=0.05",
+            "schedule.warmup_steps=20",
+            "train.steps=12",
+            "train.micro_batch=4",
+            "run.log_every=5",
+            "train.on_nonfinite=\"skip\"",
+            "train.eval_every=0",
+            "train.eval_samples=16",
+            if mode == "graph" { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
+        ];
+        let env: &[(&str, &str)] = if mode == "sync" { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] };
+        let o = emulated_bf16_gpt(dir, &sets, env, &["--fault", "nan:0:3"]);
+        ok(&o);
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let (sync, graph) = (d.join("sync"), d.join("graph"));
+    run(&sync, "sync");
+    let err = run(&graph, "graph");
+    assert_eq!(err.matches("the training step runs as a CUDA graph (").count(), 1, "{err}");
+    assert!(err.contains("dptrain: step 6: the training step runs as a CUDA graph ("), "{err}");
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000012/{f}"))).unwrap();
+    assert!(ck(&graph, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
+    assert!(ck(&graph, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
+    assert_eq!(ck(&graph, "state.json"), ck(&sync, "state.json"));
+    let state = serde_json::from_slice::<Value>(&ck(&graph, "state.json")).unwrap();
+    // Steps 2–12 less the NaN step: 10 updates.
+    assert_eq!(state["optimizer_scalars"]["step"], 10, "{state}");
+    assert_eq!(values(&records(&graph), 0), values(&records(&sync), 0));
+    let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert!(ev(&graph).contains("\"kind\":\"nonfinite\"") && ev(&graph).contains("\"step\":3"), "{}", ev(&graph));
+    assert_eq!(ev(&graph), ev(&sync));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// SGD (Nesterov momentum, weight decay, clipping, warmup) decides its step on the device as
 /// AdamW does — the gate kernel's non-finite check, clipping and first-step flag — and so can
 /// be replayed in a CUDA graph: with a NaN injected at step 1 (skipped there), probe steps the
@@ -591,7 +644,7 @@ esac
     // how the kernels were had (on a GPU: programs, seconds, how many from the kernel cache)
     assert!(out.contains("\nkernels: none compiled (the CPU emulator runs them as C++)\n"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 68 + 9, "{out}");
+    assert_eq!(rows, 68 + 10, "{out}");
     // The trainer on each device with each optimizer (their device paths on the real GPU).
     for opt in ["AdamW", "SGD, Nesterov momentum", "LAMB", "LARS", "SOAP, refresh every 4 steps"] {
         assert!(out.contains(&format!("| GPT-mini, 8 training steps: loss GPU vs CPU (trainer, {opt}) |")), "{opt}:\n{out}");
@@ -609,6 +662,13 @@ esac
         "{out}"
     );
     assert!(out.contains("| the same 5 eager steps run twice: parameters (reproducible run to run) | 0.00e0 |"), "{out}");
+    // SOAP's steps through the trainer with the graph: its host steps between replays.
+    assert!(
+        out.contains(
+            "| GPT-mini, SOAP (refresh every 3 updates), 12 steps with 6 run as the CUDA graph vs eager (trainer): parameters | 0.00e0 |"
+        ),
+        "{out}"
+    );
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.
     for model in ["| GPT-124M (as a tiny test model", "| GPT 10.9M (examples/shakespeare-char.toml) (as a tiny test model"] {

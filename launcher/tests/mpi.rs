@@ -198,7 +198,10 @@ fn two_emulated_gpus_match_one_cpu_rank() {
 /// micro-steps, dropout, a logging step between replays, small buckets launched during backward
 /// and staged as bf16 (casts on the communication stream): the same checkpoints and metrics as
 /// the run without the graph, byte for byte. (With the reductions left out of the graph, the
-/// ranks' parameters drift apart and differ from the eager run's.)
+/// ranks' parameters drift apart and differ from the eager run's.) AdamW, and SOAP with its
+/// refreshes split between the ranks (owner mode: each rank computes half the bases and
+/// broadcasts them at the refresh steps, 4 and 7, which run eagerly between the replays of 5
+/// and 6).
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn a_cuda_graph_of_the_step_holds_the_all_reduces_on_two_emulated_gpus() {
@@ -207,33 +210,42 @@ fn a_cuda_graph_of_the_step_holds_the_all_reduces_on_two_emulated_gpus() {
     }
     let d = tmp("emu-graph");
     let env = [("DPTRAIN_CUDA_EMULATOR", "1")];
-    let run = |graph: bool| {
-        let dir = d.join(format!("graph-{graph}"));
-        let sets = [
-            "run.device=\"cuda\"",
-            "train.precision=\"bf16\"",
-            "train.steps=6",
-            "train.global_batch=16",
-            "train.micro_batch=4",
-            "run.log_every=4",
-            "model.dropout=0.1",
-            "optim.kind=\"adamw\"",
-            "comm.bucket_mb=0.01",
-            "comm.dtype=\"bf16\"",
-            if graph { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
-        ];
-        let o = multi(2, &dir, &sets, &env);
-        ok(&o);
-        (dir, String::from_utf8_lossy(&o.stderr).to_string())
-    };
-    let ((graph, err), (eager, _)) = (run(true), run(false));
-    assert_eq!(err.matches("the training step runs as a CUDA graph (").count(), 1, "{err}");
-    assert!(err.contains("dptrain: step 2: the training step runs as a CUDA graph ("), "{err}");
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000006/{f}"))).unwrap();
-    assert!(ck(&graph, "model.safetensors") == ck(&eager, "model.safetensors"), "parameters differ");
-    assert!(ck(&graph, "optimizer.safetensors") == ck(&eager, "optimizer.safetensors"), "optimizer state differs");
-    assert_eq!(losses(&graph), losses(&eager));
-    assert_eq!(losses(&graph).len(), 2, "steps 4 and 6 log");
+    let optimizers: [(&str, &[&str], u32); 2] = [
+        ("adamw", &["optim.kind=\"adamw\"", "train.steps=6", "run.log_every=4"], 2),
+        (
+            "soap",
+            &["optim.kind=\"soap\"", "optim.distribute=\"owner\"", "optim.precondition_frequency=3", "train.steps=8", "run.log_every=8"],
+            3,
+        ),
+    ];
+    for (name, opt, captured) in optimizers {
+        let run = |graph: bool| {
+            let dir = d.join(format!("{name}-graph-{graph}"));
+            let common = [
+                "run.device=\"cuda\"",
+                "train.precision=\"bf16\"",
+                "train.global_batch=16",
+                "train.micro_batch=4",
+                "model.dropout=0.1",
+                "comm.bucket_mb=0.01",
+                "comm.dtype=\"bf16\"",
+                if graph { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
+            ];
+            let sets: Vec<&str> = common.iter().chain(opt).copied().collect();
+            let o = multi(2, &dir, &sets, &env);
+            ok(&o);
+            (dir, String::from_utf8_lossy(&o.stderr).to_string())
+        };
+        let ((graph, err), (eager, _)) = (run(true), run(false));
+        assert_eq!(err.matches("the training step runs as a CUDA graph (").count(), 1, "{name}: {err}");
+        assert!(err.contains(&format!("dptrain: step {captured}: the training step runs as a CUDA graph (")), "{name}: {err}");
+        let last = std::fs::read_dir(graph.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).max().unwrap();
+        let ck = |r: &Path, f: &str| std::fs::read(r.join("checkpoints").join(&last).join(f)).unwrap();
+        assert!(ck(&graph, "model.safetensors") == ck(&eager, "model.safetensors"), "{name}: parameters differ");
+        assert!(ck(&graph, "optimizer.safetensors") == ck(&eager, "optimizer.safetensors"), "{name}: optimizer state differs");
+        assert_eq!(losses(&graph), losses(&eager), "{name}");
+    }
+    assert_eq!(losses(&d.join("adamw-graph-true")).len(), 2, "steps 4 and 6 log");
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -222,10 +222,15 @@ fn soap_decides_all_but_first_and_refresh_steps_on_the_device() {
                 let ctx = &mut StepCtx { step: i as u64 + 1, lr: 0.05 / (i + 1) as f64, comm: &mut solo };
                 let rec = dptrain_core::ops::flat::sum_squares_and_record(g.flat(), &[]).unwrap();
                 let waits = dev.host_waits();
+                // What a CUDA graph of the step asks first (`decides_next_step_on_device`) is
+                // what `step_on_device` then does.
+                let predicted = soap.decides_next_step_on_device(&ps);
                 if trainer && soap.step_on_device(&mut ps, &g, ctx, &rec, max_norm).unwrap() {
+                    assert!(predicted, "step {}: decided on the device, predicted for the host", i + 1);
                     assert_eq!(dev.host_waits(), waits, "step {}: a device-decided step waited", i + 1);
                     decided.push(i + 1);
                 } else {
+                    assert!(!trainer || !predicted, "step {}: predicted for the device, left to the host", i + 1);
                     let norm = rec.read().unwrap().0.sqrt();
                     if norm.is_finite() {
                         clip_to_norm(&mut g, max_norm, norm).unwrap();

@@ -268,6 +268,9 @@ impl Optimizer for AdamW {
     fn name(&self) -> &'static str {
         "adamw"
     }
+    fn decides_next_step_on_device(&self, params: &ParamStore) -> bool {
+        dptrain_core::ops::flat::decides_steps_on_device(params.flat())
+    }
     fn stage_device_lr(&mut self, lr: f64) {
         self.lr_dev.stage(lr, self.decay(lr));
     }

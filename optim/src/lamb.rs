@@ -222,6 +222,9 @@ impl Optimizer for Lamb {
         dptrain_core::ops::flat::lamb_cuda(p, grads.flat(), &mut d.m, &mut d.v, &mut d.r, &d.segs, s, Some(gate), p16)?;
         Ok(true)
     }
+    fn decides_next_step_on_device(&self, params: &ParamStore) -> bool {
+        dptrain_core::ops::flat::decides_steps_on_device(params.flat())
+    }
     fn stage_device_lr(&mut self, lr: f64) {
         self.lr_dev.stage(lr, self.indep_decay(lr));
     }

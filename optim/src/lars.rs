@@ -152,6 +152,9 @@ impl Optimizer for Lars {
         dptrain_core::ops::flat::lars_cuda(p, grads.flat(), &mut d.buf, &d.segs, s, Some(gate), p16)?;
         Ok(true)
     }
+    fn decides_next_step_on_device(&self, params: &ParamStore) -> bool {
+        dptrain_core::ops::flat::decides_steps_on_device(params.flat())
+    }
     fn stage_device_lr(&mut self, lr: f64) {
         self.lr_dev.stage(lr, 0.0);
     }

@@ -91,12 +91,23 @@ pub trait Optimizer: Send {
         let _ = (params, grads, ctx, rec, max_norm);
         Ok(false)
     }
+    /// Whether `step_on_device` would decide the next step (what a CUDA graph of the step may
+    /// hold): on a GPU for AdamW, SGD, LAMB and LARS; for SOAP every step but its first and
+    /// its basis refreshes, which the host computes.
+    fn decides_next_step_on_device(&self, params: &ParamStore) -> bool {
+        let _ = params;
+        false
+    }
     /// Before a replay of a captured step that `step_on_device` decided (a CUDA graph: its
     /// kernel arguments are the capture's): puts this step's learning rate where the device
     /// step reads it. Nothing to do for an optimizer without a device step.
     fn stage_device_lr(&mut self, lr: f64) {
         let _ = lr;
     }
+    /// After a replay of a captured step that `step_on_device` decided (the graph ran it; this
+    /// object saw no call): what the optimizer counts on the host per such step (SOAP: the
+    /// steps since the host last knew the count, which say when the next refresh is).
+    fn replayed(&mut self) {}
     /// Adam-family optimizers: their moments, for the training probes (the fraction of √v̂
     /// below ε, the unscaled update's size). `None` for the others, and before a first step.
     fn adam_view(&self) -> Result<Option<AdamView>> {

@@ -198,6 +198,8 @@ pub struct Soap {
     ahead: u64,
     /// The count of applied updates on the GPU once steps are decided there.
     t_dev: Option<flat::DeviceStepCount>,
+    /// The learning rate and per-parameter decay factors as device-decided steps read them.
+    lr_dev: flat::DeviceLr,
     /// The world size the owners were assigned for (0 = not yet).
     assigned_for: usize,
     /// Seconds this rank spent computing bases (eigh / power iteration + QR), for benchmarks.
@@ -225,6 +227,24 @@ impl Soap {
             crate::DecayMode::Coupled => lr * self.lr_scale[i] * c.weight_decay * self.wd_scale[i],
             crate::DecayMode::Independent => lr / c.peak_lr * c.weight_decay * self.wd_scale[i],
         }
+    }
+
+    /// What parameter i's values are multiplied by after its update at learning rate `lr`:
+    /// 1 − its decay fraction, rounded to f32 (the host's and the device's update read this).
+    fn keep_of(&self, i: usize, lr: f64) -> f32 {
+        let decay = self.decay_of(i, lr);
+        if decay > 0.0 {
+            (1.0 - decay) as f32
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether the next step is one the device decides: every step but the first (the bases'
+    /// initialisation) and a refresh (see [`Optimizer::step_on_device`]).
+    fn device_decides_next(&self, params: &ParamStore) -> bool {
+        let latest = self.t + self.ahead + 1;
+        flat::decides_steps_on_device(params.flat()) && self.started && !latest.is_multiple_of(self.cfg.precondition_frequency.max(1))
     }
 
     pub fn new(cfg: SoapConfig, params: &ParamStore) -> Soap {
@@ -262,6 +282,7 @@ impl Soap {
             started: false,
             ahead: 0,
             t_dev: None,
+            lr_dev: flat::DeviceLr::default(),
             assigned_for: 0,
             precond_s: 0.0,
             dev: None,
@@ -691,11 +712,12 @@ impl Soap {
     }
 
     /// A refresh of the device state: the statistics of the parameters this rank computes come
-    /// down, new bases (all of them, after owner mode's exchange) go up, v is re-sorted on the
-    /// device (m is turned by the caller, which holds the old bases). The host keeps the bases
-    /// only where the next refresh reads them: in owner mode each rank's downloads and host
-    /// copies are its share, 1/ranks of them.
-    fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<()> {
+    /// down, new bases (all of them, after owner mode's exchange) go up and are returned, v is
+    /// re-sorted on the device. The caller turns m from the old bases to the new ones and
+    /// installs them ([`Soap::install_bases`]). The host keeps the bases only where the next
+    /// refresh reads them: in owner mode each rank's downloads and host copies are its share,
+    /// 1/ranks of them.
+    fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<Vec<Vec<Option<Tensor>>>> {
         let mine = self.computing(comm);
         self.statistics_down(&mine)?;
         let results = self.new_bases(initial, &mine, comm)?;
@@ -711,10 +733,24 @@ impl Soap {
             }
         }
         let q = self.bases_on(d.v.device())?;
-        self.dev.as_mut().expect("device state").q = q;
         for (p, _) in self.ps.iter_mut().zip(&mine).filter(|(_, &m)| !m) {
             for f in p.factors.iter_mut().flatten() {
                 f.q = Vec::new();
+            }
+        }
+        Ok(q)
+    }
+
+    /// Makes `new` the device's bases: written over the current ones where they exist, so they
+    /// stay where a CUDA graph of the device-decided step reads them.
+    fn install_bases(&mut self, new: Vec<Vec<Option<Tensor>>>) -> Result<()> {
+        let d = self.dev.as_mut().expect("device state");
+        for (old, new) in d.q.iter_mut().zip(new) {
+            for (o, n) in old.iter_mut().zip(new) {
+                match (o.as_ref(), n) {
+                    (Some(o), Some(n)) if o.shape() == n.shape() => flat::copy_into_cuda(o, &n)?,
+                    (_, n) => *o = n,
+                }
             }
         }
         Ok(())
@@ -739,12 +775,7 @@ impl Soap {
         let c = self.cfg;
         let (w1, w2, eps) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, c.eps as f32);
         // Per parameter: the step size and what the decay keeps.
-        let coef: Vec<(f32, f32)> = (0..self.ps.len())
-            .map(|i| {
-                let decay = self.decay_of(i, ctx.lr);
-                ((step_size * self.lr_scale[i]) as f32, if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 })
-            })
-            .collect();
+        let coef: Vec<(f32, f32)> = (0..self.ps.len()).map(|i| ((step_size * self.lr_scale[i]) as f32, self.keep_of(i, ctx.lr))).collect();
         let n = self.n;
         let (ps, ms, vs) =
             (per_param(p, &self.ps), per_param(host_state(&mut self.m, n), &self.ps), per_param(host_state(&mut self.v, n), &self.ps));
@@ -961,17 +992,22 @@ impl Soap {
                     self.accumulate_statistics_dev(i, &g_all.narrow(0, s.offset, s.numel)?, None)?;
                 }
             }
-            self.refresh_device(true, ctx.comm)?;
+            let q = self.refresh_device(true, ctx.comm)?;
+            self.install_bases(q)?;
             self.started = true;
             return Ok(());
         }
         let c = self.cfg;
-        let (step_size, rec) = match gate {
+        // A step decided on the device reads its learning rate and each parameter's decay from
+        // the staged cell (a CUDA graph of the step uploads them before each replay).
+        let (step_size, rec, staged) = match gate {
             Some((rec, max_norm)) => {
+                self.stage_device_lr(ctx.lr);
                 let t = self.t_dev.as_ref().expect("a device count for device-decided steps");
-                flat::soap_gate_cuda(&g_all, &flat::SoapGate { rec, max_norm, t }, ctx.lr, (c.beta1, c.beta2), c.correct_bias)?;
+                let gate = flat::SoapGate { rec, max_norm, t, lr: &self.lr_dev };
+                let staged = flat::soap_gate_cuda(&g_all, &gate, (c.beta1, c.beta2), c.correct_bias)?;
                 self.ahead += 1;
-                (0.0, Some(rec))
+                (0.0, Some(rec), Some(staged))
             }
             None => {
                 // The count after steps decided on the device comes back from there; this
@@ -984,7 +1020,7 @@ impl Soap {
                 if let Some(t) = &self.t_dev {
                     t.set(self.t)?;
                 }
-                (step_size, None)
+                (step_size, None, None)
             }
         };
         // Written in place through a view: no tape may still hold the parameters. The bf16
@@ -1000,14 +1036,12 @@ impl Soap {
             flat::soap_moments_cuda(&gp, &m, &v, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, rec)?;
             let ratio = flat::soap_ratio_cuda(&m.reshape(&dims)?, &v.reshape(&dims)?, c.eps as f32)?;
             let u = project_dev(&ratio, &dims, &d.q[i], true)?;
-            let decay = self.decay_of(i, ctx.lr);
-            let keep = if decay > 0.0 { (1.0 - decay) as f32 } else { 1.0 };
             let h = p16.as_ref().map(|h| h.narrow(0, o, n)).transpose()?;
-            let step = match rec {
-                Some(rec) => flat::SoapStepSize::Gate(rec, self.lr_scale[i]),
-                None => flat::SoapStepSize::Host((step_size * self.lr_scale[i]) as f32),
+            let step = match (rec, &staged) {
+                (Some(rec), Some(staged)) => flat::SoapStepSize::Gate { rec, scale: self.lr_scale[i], staged, param: i },
+                _ => flat::SoapStepSize::Host { step: (step_size * self.lr_scale[i]) as f32, keep: self.keep_of(i, ctx.lr) },
             };
-            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, step, keep, c.normalize_grads, h.as_ref())?;
+            flat::soap_apply_cuda(&p_all.narrow(0, o, n)?, &u, step, c.normalize_grads, h.as_ref())?;
             if finite[i] {
                 self.accumulate_statistics_dev(i, &g, rec)?;
             }
@@ -1015,16 +1049,16 @@ impl Soap {
         if rec.is_none() && self.t.is_multiple_of(c.precondition_frequency.max(1)) {
             // Statistics down, QR on the host (owner mode included), bases back up, v
             // re-sorted there; m turns from the old bases to the new ones on the device.
-            let old_q = self.dev.as_ref().expect("device state").q.clone();
-            self.refresh_device(false, ctx.comm)?;
+            let new_q = self.refresh_device(false, ctx.comm)?;
             let d = self.dev.as_ref().expect("device state");
             for (i, s) in self.ps.iter().enumerate() {
                 if s.factors.iter().any(Option::is_some) {
                     let m = d.m.narrow(0, s.offset, s.numel)?;
-                    let turned = project_dev(&project_dev(&m, &s.dims, &old_q[i], true)?, &s.dims, &d.q[i], false)?;
+                    let turned = project_dev(&project_dev(&m, &s.dims, &d.q[i], true)?, &s.dims, &new_q[i], false)?;
                     flat::copy_into_cuda(&m, &turned)?;
                 }
             }
+            self.install_bases(new_q)?;
         }
         Ok(())
     }
@@ -1079,9 +1113,7 @@ impl Optimizer for Soap {
         rec: &flat::StepRecord,
         max_norm: f64,
     ) -> Result<bool> {
-        let c = &self.cfg;
-        let latest = self.t + self.ahead + 1;
-        if !flat::decides_steps_on_device(params.flat()) || !self.started || latest.is_multiple_of(c.precondition_frequency.max(1)) {
+        if !self.device_decides_next(params) {
             return Ok(false);
         }
         if self.t_dev.is_none() {
@@ -1091,6 +1123,19 @@ impl Optimizer for Soap {
         Ok(true)
     }
 
+    fn decides_next_step_on_device(&self, params: &ParamStore) -> bool {
+        self.device_decides_next(params)
+    }
+    /// The learning rate and each parameter's decay factor, as the device-decided step's
+    /// kernels read them.
+    fn stage_device_lr(&mut self, lr: f64) {
+        let keep: Vec<f32> = (0..self.ps.len()).map(|i| self.keep_of(i, lr)).collect();
+        self.lr_dev.stage_per_param(lr, &keep);
+    }
+    /// A replayed step was decided on the device as `step_on_device` decides one.
+    fn replayed(&mut self) {
+        self.ahead += 1;
+    }
     fn state(&self, params: &ParamStore) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
         // On a GPU the state is read back (once per checkpoint).
         let dev = self.dev.as_ref();

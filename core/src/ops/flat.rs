@@ -167,6 +167,16 @@ impl DeviceLr {
         #[cfg(not(feature = "cuda"))]
         let _ = (lr, decay);
     }
+
+    /// The step's learning rate and one f32 per parameter (SOAP: each parameter's decay factor
+    /// `keep`, which [`soap_apply_cuda`] reads at index 1 + i). The count must be the same at
+    /// every step a CUDA graph replays.
+    pub fn stage_per_param(&self, lr: f64, values: &[f32]) {
+        #[cfg(feature = "cuda")]
+        self.inner.set(&std::iter::once(lr).chain(values.iter().map(|&v| v as f64)).collect::<Vec<_>>());
+        #[cfg(not(feature = "cuda"))]
+        let _ = (lr, values);
+    }
 }
 
 /// A copy of an f32 buffer in fresh storage on the same device (a snapshot that later in-place
@@ -285,27 +295,55 @@ pub fn adamw_cuda(
     }
 }
 
-/// A step SOAP decides on the GPU: the step's record, the clipping norm (0: none) and its
-/// applied-step count on the device (see [`soap_gate_cuda`]).
+/// A step SOAP decides on the GPU: the step's record, the clipping norm (0: none), its
+/// applied-step count on the device, and the cell its learning rate and per-parameter decay
+/// factors reach the device through, staged with this step's ([`DeviceLr::stage_per_param`];
+/// see [`soap_gate_cuda`]).
 pub struct SoapGate<'a> {
     pub rec: &'a StepRecord,
     pub max_norm: f64,
     pub t: &'a DeviceStepCount,
+    pub lr: &'a DeviceLr,
+}
+
+/// The staged learning rate and decay factors of a SOAP step decided on the GPU, on the device
+/// (what [`soap_gate_cuda`] uploaded; in a CUDA graph, uploaded again before each replay). Keep
+/// it until the step's [`soap_apply_cuda`] calls are queued.
+pub struct StagedScalars {
+    #[cfg(feature = "cuda")]
+    buf: crate::tensor::cuda::DevBuf,
+    /// Values staged: the learning rate, then one per parameter.
+    #[cfg(feature = "cuda")]
+    words: usize,
 }
 
 /// SOAP's gate for a step decided on the GPU, from the step's record: closed (the step does
-/// nothing) when the gradient norm is not finite, else `t` counted, the step size for base
-/// learning rate `lr` (with the bias corrections when `correct_bias`) computed there bit for
-/// bit as the host's, and the flat gradient `g` clipped in place as the host path clips it.
-/// The kernels given the record afterwards follow the gate.
-pub fn soap_gate_cuda(g: &Tensor, gate: &SoapGate, lr: f64, (beta1, beta2): (f64, f64), correct_bias: bool) -> Result<()> {
+/// nothing) when the gradient norm is not finite, else `t` counted, the step size for the
+/// staged base learning rate (with the bias corrections when `correct_bias`) computed there
+/// bit for bit as the host's, and the flat gradient `g` clipped in place as the host path clips
+/// it. The kernels given the record afterwards follow the gate.
+pub fn soap_gate_cuda(g: &Tensor, gate: &SoapGate, (beta1, beta2): (f64, f64), correct_bias: bool) -> Result<StagedScalars> {
     #[cfg(feature = "cuda")]
     {
-        crate::kernels::cuda::ops::soap_gate(g, &gate.rec.inner, gate.max_norm, lr, beta1, beta2, correct_bias, &gate.t.inner)
+        let words = gate.lr.inner.words().len();
+        if words == 0 {
+            return Err(crate::Error::Msg("soap: no learning rate staged for a step decided on the device".into()));
+        }
+        let buf = crate::kernels::cuda::ops::soap_gate(
+            g,
+            &gate.rec.inner,
+            gate.max_norm,
+            &gate.lr.inner,
+            beta1,
+            beta2,
+            correct_bias,
+            &gate.t.inner,
+        )?;
+        Ok(StagedScalars { buf, words })
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (g, gate, lr, beta1, beta2, correct_bias);
+        let _ = (g, gate, beta1, beta2, correct_bias);
         Err(no_cuda())
     }
 }
@@ -373,31 +411,40 @@ pub fn soap_ratio_cuda(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
     }
 }
 
-/// How large a SOAP update is: the host's step size, or (a step decided on the device) the
-/// gate's times the parameter's learning-rate multiplier, rounded to f32 there as the host
-/// rounds it.
+/// How large a SOAP update is and how much it decays: the host's step size and `keep`, or (a
+/// step decided on the device) the gate's step size times the parameter's learning-rate
+/// multiplier, rounded to f32 there as the host rounds it, and parameter i's staged `keep`.
 #[derive(Clone, Copy)]
 pub enum SoapStepSize<'a> {
-    Host(f32),
-    Gate(&'a StepRecord, f64),
+    Host { step: f32, keep: f32 },
+    Gate { rec: &'a StepRecord, scale: f64, staged: &'a StagedScalars, param: usize },
 }
 
 /// SOAP's update of one parameter on the device: `p ← (p − step·u)·keep` (nothing when a
 /// gate is closed), with `normalize` (`normalize_grads`) u divided by its RMS first, taken on
 /// the device; `p16`, the parameter's view of the bf16 copy (`ParamStore::flat_and_half_mut`),
 /// written in the same pass.
-pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: SoapStepSize, keep: f32, normalize: bool, p16: Option<&Tensor>) -> Result<()> {
+pub fn soap_apply_cuda(p: &Tensor, u: &Tensor, step: SoapStepSize, normalize: bool, p16: Option<&Tensor>) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let (step, gate) = match step {
-            SoapStepSize::Host(s) => (s, None),
-            SoapStepSize::Gate(rec, scale) => (0.0, Some((&rec.inner, scale))),
+            SoapStepSize::Host { step, keep } => ((step, keep), None),
+            // The decay factors follow the learning rate in the staged cell: f64 words.
+            SoapStepSize::Gate { rec, scale, staged, param } => {
+                if param + 1 >= staged.words {
+                    return Err(crate::Error::Msg(format!(
+                        "soap: parameter {param}'s decay factor was not staged ({} values)",
+                        staged.words
+                    )));
+                }
+                ((0.0, 1.0), Some((&rec.inner, scale, staged.buf.ptr + 8 * (1 + param as u64))))
+            }
         };
-        crate::kernels::cuda::ops::soap_apply(p, u, (step, keep), normalize, p16, gate)
+        crate::kernels::cuda::ops::soap_apply(p, u, step, normalize, p16, gate)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (p, u, step, keep, normalize, p16);
+        let _ = (p, u, step, normalize, p16);
         Err(no_cuda())
     }
 }

@@ -186,7 +186,7 @@ pub const KEYS: &[KeyDoc] = &[
         "train.cuda_graph",
         Bool,
         Some("false"),
-        "capture the training step as a CUDA graph after the first one and replay it (one launch per step instead of hundreds): needs run.device = \"cuda\" and optim.kind = \"adamw\", \"sgd\", \"lamb\" or \"lars\" (any model); with several GPUs the gradients' NCCL all-reduces are captured with the step; logging and probe steps run as before",
+        "capture the training step as a CUDA graph after the first one and replay it (one launch per step instead of hundreds): needs run.device = \"cuda\" (any model, any optimizer: SOAP's first step and basis refreshes run eagerly between replays); with several GPUs the gradients' NCCL all-reduces are captured with the step; logging and probe steps run as before",
     ),
     k(
         "optim.kind",

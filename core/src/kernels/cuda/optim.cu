@@ -165,12 +165,14 @@ __device__ __forceinline__ float gate_coef(const float* rec) {
 
 // SOAP's gate, for a step decided on the device: step_gate's check, clipping factor and count,
 // then the step size lr·√(1 − β2ᵗ)/(1 − β1ᵗ) (lr without bias correction) computed in double as
-// the host computes it, kept as a double in gate[2..4] (rec + 4: 8-byte aligned). Never a basis
+// the host computes it, kept as a double in gate[2..4] (rec + 4: 8-byte aligned). lr is lrs[0],
+// the optimizer's staged cell (a CUDA graph uploads it before each replay). Never a basis
 // refresh step: the host takes those. One thread.
-extern "C" __global__ void soap_gate(float* rec, double max_norm, double lr, double beta1, double beta2, int correct_bias, i64* t) {
+extern "C" __global__ void soap_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, int correct_bias, i64* t) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const i64 step = step_gate(rec, max_norm, t);
     if (step == 0) return;
+    const double lr = lrs[0];
     *(double*)(rec + 4) = correct_bias ? lr * (sqrt(1.0 - adamw_powi(beta2, step)) / (1.0 - adamw_powi(beta1, step))) : lr;
 }
 
@@ -204,13 +206,15 @@ extern "C" __global__ void soap_ratio_f32(const float* mp, const float* v, float
 
 // the update, then the decay (keep = 1 − lr·wd, after the update as the reference); with rec
 // the step size is the gate's times this parameter's learning-rate multiplier `scale`, rounded
-// to f32 as the host rounds it (else `step`); with sumsq (normalize_grads: Σu², a double on the
+// to f32 as the host rounds it (else `step`), and keep is *keep_at (the f32 the host computed,
+// staged with the learning rate) when given; with sumsq (normalize_grads: Σu², a double on the
 // device) u is divided by its RMS first, 1/(1e-30 + √(Σu²/n)) computed in double and rounded
 // to f32 as the host path does,
 extern "C" __global__ void soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec,
-                                          double scale, const double* sumsq) {
+                                          double scale, const double* sumsq, const double* keep_at) {
     if (gate_closed(rec)) return;
     if (rec) step = (float)(*(const double*)(rec + 4) * scale);
+    if (keep_at) keep = (float)*keep_at;
     const float inv = sumsq ? (float)(1.0 / (1e-30 + sqrt(*sumsq / (double)(n > 1 ? n : 1)))) : 1.0f;
     GRID_STRIDE(i, n) {
         const float ui = sumsq ? u[i] * inv : u[i];

@@ -102,29 +102,34 @@ pub fn sgd(
 }
 
 /// SOAP's gate for a step decided on the device (see optim.cu): the record's non-finite check,
-/// clipping factor, the count `t` and the step size for base rate `lr`; then the flat gradient
-/// `g` clipped in place by that factor, as the host path clips it.
+/// clipping factor, the count `t` and the step size for the base rate in `cell` (its first
+/// value; the others, each parameter's decay factor, are for [`soap_apply`]); then the flat
+/// gradient `g` clipped in place by that factor, as the host path clips it. Returns the cell's
+/// values on the device, which the step's updates read: the caller keeps them until those
+/// have been queued.
 #[allow(clippy::too_many_arguments)]
 pub fn soap_gate(
     g: &Tensor,
     rec: &StepRecord,
     max_norm: f64,
-    lr: f64,
+    cell: &crate::tensor::cuda::HostScalars,
     beta1: f64,
     beta2: f64,
     correct_bias: bool,
     t: &DevCounter,
-) -> Result<()> {
+) -> Result<DevBuf> {
     let d = dev_of(g)?;
     f32_only(g, "soap")?;
     if !g.is_contiguous() {
         return Err(Error::shape("soap", "a strided gradient buffer"));
     }
-    // soap_gate(float* rec, double max_norm, double lr, double beta1, double beta2, int correct_bias, i64* t)
-    launch!(d, "optim", "soap_gate", one_thread(); rec.ptr(), max_norm, lr, beta1, beta2, correct_bias as i32, t.ptr())?;
+    let lrs = d.upload_scalars(cell)?;
+    // soap_gate(float* rec, double max_norm, const double* lrs, double beta1, double beta2, int correct_bias, i64* t)
+    launch!(d, "optim", "soap_gate", one_thread(); rec.ptr(), max_norm, lrs.ptr, beta1, beta2, correct_bias as i32, t.ptr())?;
     let n = g.numel();
     // gate_clip_f32(float* g, i64 n, const float* rec)
-    launch!(d, "optim", "gate_clip_f32", grid(n); ptr(g)?, n as i64, rec.ptr())
+    launch!(d, "optim", "gate_clip_f32", grid(n); ptr(g)?, n as i64, rec.ptr())?;
+    Ok(lrs)
 }
 
 /// SOAP's moment updates on one parameter's buffers (see optim.cu); with `rec`, only if its
@@ -148,32 +153,33 @@ pub fn soap_ratio(mp: &Tensor, v: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `p ← (p − step·u)·keep` in place; with `gate` (the record and this parameter's
-/// learning-rate multiplier) the step size is the gate's times the multiplier, and nothing
-/// happens when the gate is closed; with `normalize`, u divided by its RMS first (its Σu²
-/// taken on the device). `p16`: this parameter's view of the bf16 copy, written in the same
-/// pass.
+/// `p ← (p − step·u)·keep` in place; with `gate` (the record, this parameter's learning-rate
+/// multiplier and the device address of its decay factor, an f64 the gate's cell staged) the
+/// step size is the gate's times the multiplier, keep is read there, and nothing happens when
+/// the gate is closed; with `normalize`, u divided by its RMS first (its Σu² taken on the
+/// device). `p16`: this parameter's view of the bf16 copy, written in the same pass.
 pub fn soap_apply(
     p: &Tensor,
     u: &Tensor,
     (step, keep): (f32, f32),
     normalize: bool,
     p16: Option<&Tensor>,
-    gate: Option<(&StepRecord, f64)>,
+    gate: Option<(&StepRecord, f64, u64)>,
 ) -> Result<()> {
     let d = dev_of(p)?;
     let n = p.numel();
     let p16 = half_copy("soap", p16, n)?;
     let u = contiguous(u)?;
-    let (rec, scale) = gate.map_or((0, 1.0), |(r, s)| (r.ptr(), s));
+    let (rec, scale, keep_at) = gate.map_or((0, 1.0, 0), |(r, s, k)| (r.ptr(), s, k));
     // The buffer lives until the update has run (stream order).
     let sumsq = normalize.then(|| d.alloc(8)).transpose()?;
     if let Some(b) = &sumsq {
         super::reduce::sum_squares_to(&d, &u, b.ptr)?;
     }
     // soap_apply_f32(float* p, const float* u, i64 n, float step, float keep, bf16_t* p16, const float* rec, double scale,
-    //                const double* sumsq)
-    launch!(d, "optim", "soap_apply_f32", grid(n); ptr(p)?, ptr(&u)?, n as i64, step, keep, p16, rec, scale, sumsq.as_ref().map_or(0, |b| b.ptr))
+    //                const double* sumsq, const double* keep_at)
+    launch!(d, "optim", "soap_apply_f32", grid(n);
+        ptr(p)?, ptr(&u)?, n as i64, step, keep, p16, rec, scale, sumsq.as_ref().map_or(0, |b| b.ptr), keep_at)
 }
 
 /// `gg ← gg + w·(gram − gg)` in place (a SOAP factor's statistics); with `rec`, only if its
