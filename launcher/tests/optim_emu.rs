@@ -188,6 +188,37 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
     soap_owner_mode_on_the_device_shares_the_host_work();
     soap_trusts_gradients_the_trainer_found_finite();
     soap_decides_all_but_first_and_refresh_steps_on_the_device();
+    soap_projects_matrices_without_copies();
+}
+
+/// SOAP's step on a GPU projects a matrix's gradient into its eigenbasis and the update back,
+/// and takes the two Gram matrices, as GEMMs that read their operands where they are (Q and the
+/// gradient read transposed in place): no strided copy runs, where the mode-1 products used to
+/// copy a transposed matrix in and out (five copies of the matrix a step: in and out of each
+/// mode-1 product, and one for the Gram). At a basis refresh, turning m from the old bases to
+/// the new copies nothing either; re-sorting v along the last dim still does (once a refresh).
+fn soap_projects_matrices_without_copies() {
+    let dev = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let (mut ps, grads) = stores_with(6, 4);
+    ps.to_device(Device::Cuda(0)).unwrap();
+    let mut soap = Soap::new(SoapConfig { precondition_frequency: 2, ..Default::default() }, &ps);
+    let mut g = GradStore::try_new(&ps).unwrap();
+    let mut solo = dptrain_comm::LocalComm::new();
+    for (i, gr) in grads.iter().enumerate() {
+        *g.flat_tensor_mut() = Tensor::from_slice(gr, &[gr.len()]).unwrap().to_device(Device::Cuda(0)).unwrap();
+        dev.profile_start();
+        soap.step(&mut ps, &g, &mut StepCtx { step: i as u64 + 1, lr: 0.05, comm: &mut solo }).unwrap();
+        let prof = dev.profile_stop().unwrap();
+        let names: Vec<(&str, usize)> = prof.iter().map(|k| (k.name, k.launches)).collect();
+        // Steps 2–4 update (two products each way and two Grams: 6 GEMMs; 3 also refreshes and
+        // turns m: 4 more); step 1 only builds the statistics and bases.
+        let gemms: usize = names.iter().filter(|(n, _)| n.starts_with("gemm")).map(|(_, l)| l).sum();
+        assert!(gemms >= if i == 0 { 2 } else { 6 }, "step {}: {names:?}", i + 1);
+        // At a refresh (step 3) re-sorting v along the last dim gathers the columns through a
+        // transposed copy in and out; nothing else copies.
+        let copies: usize = names.iter().filter(|(n, _)| n.starts_with("strided")).map(|(_, l)| l).sum();
+        assert!(copies <= if i == 2 { 2 } else { 0 }, "step {}: {copies} copies ran: {names:?}", i + 1);
+    }
 }
 
 /// SOAP's steps as the trainer takes them on a GPU: decided on the device where SOAP can

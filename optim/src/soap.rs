@@ -856,14 +856,21 @@ fn from_mode_matrix(y: &Tensor, dims: &[usize], k: usize) -> dptrain_core::Resul
     y.reshape(&[d, a, b])?.permute(&[1, 0, 2])?.try_contiguous()?.reshape(dims)
 }
 
-/// `project` on the device: mode by mode, Qᵀ·X (into the eigenbasis) or Q·X (back).
+/// `project` on the device: mode by mode, Qᵀ·X (into the eigenbasis) or Q·X (back). The
+/// first and the last dim need no mode matrix: along the first it is x itself, and along the
+/// last the product is X·Q (or X·Qᵀ) of x as [rest, d], a GEMM with Q read transposed in place —
+/// so a matrix's two products copy nothing (a transposed copy in and out per product otherwise).
 fn project_dev(x: &Tensor, dims: &[usize], qs: &[Option<Tensor>], back: bool) -> dptrain_core::Result<Tensor> {
     let mut y = x.reshape(dims)?;
     for (k, q) in qs.iter().enumerate() {
         if let Some(q) = q {
             let qt = if back { q.clone() } else { q.transpose(0, 1)? };
-            let ym = matmul_t(&qt, &mode_matrix(&y, dims, k)?, Precision::F32)?;
-            y = from_mode_matrix(&ym, dims, k)?;
+            let rest: usize = dims[..k].iter().product();
+            y = if k + 1 == dims.len() && rest > 1 {
+                matmul_t(&y.reshape(&[rest, dims[k]])?, &qt.transpose(0, 1)?, Precision::F32)?.reshape(dims)?
+            } else {
+                from_mode_matrix(&matmul_t(&qt, &mode_matrix(&y, dims, k)?, Precision::F32)?, dims, k)?
+            };
         }
     }
     Ok(y)
@@ -951,8 +958,16 @@ impl Soap {
         let d = self.dev.as_ref().expect("device state");
         for (k, gg) in d.gg[i].iter().enumerate() {
             if let Some(gg) = gg {
-                let x = mode_matrix(&g.reshape(dims)?, dims, k)?;
-                let gram = matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?;
+                // Along the last dim the mode matrix is g as [rest, d] read transposed: Gᵀ·G
+                // with no copy.
+                let rest: usize = dims[..k].iter().product();
+                let gram = if k + 1 == dims.len() && rest > 1 {
+                    let x = g.reshape(&[rest, dims[k]])?;
+                    matmul_t(&x.transpose(0, 1)?, &x, Precision::F32)?
+                } else {
+                    let x = mode_matrix(&g.reshape(dims)?, dims, k)?;
+                    matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?
+                };
                 flat::soap_statistics_cuda(gg, &gram, w, rec)?;
             }
         }
