@@ -7,20 +7,19 @@
 //! critical-batch measurement or an injected fault, that the optimizer will decide on the device
 //! (`Optimizer::decides_next_step_on_device`: any step for AdamW, SGD, LAMB and LARS; all but
 //! the first and the basis refreshes for SOAP) — with its micro-batches and the step itself as
-//! a closure. The first such step runs eagerly (it makes
-//! what a step makes once: the optimizer's moments, the bf16 weight copy), the second is
-//! captured and replayed, the later ones refill the graph's batches and replay it; the
-//! optimizer has staged the step's learning rate where the graph's AdamW reads it, and the
-//! trainer the micro-steps' dropout keys where its kernels read them. Each replay's
-//! record (Σg², the micro-step losses, whether the update was applied) is copied out of the
-//! graph, so the logging step that reads it later finds this step's numbers. Steps in between
-//! (probes, logging, SOAP's refreshes) run eagerly on the same parameters, gradients and
-//! optimizer state, whose buffers the graph writes in place — AdamW keeps its moments and device
-//! step count where they are across host-decided steps for this, SOAP writes new bases over the
-//! old ones — and after a replay the trainer tells the optimizer (`Optimizer::replayed`), which
-//! did not see the step; and if the parameters, their bf16 copy or the
-//! gradients moved (the bf16 copy dropped and made again), the graph is dropped and the next
-//! step captures again.
+//! a closure. The first such step runs eagerly (it makes what a step makes once: the
+//! optimizer's moments, the bf16 weight copy), the second is captured and replayed, the later
+//! ones refill the graph's batches and replay it; the optimizer has staged the step's learning
+//! rate where the graph's update reads it, and the trainer the micro-steps' dropout keys where
+//! its kernels read them. Each replay's record (Σg², the micro-step losses, whether the update
+//! was applied) is copied out of the graph, so the logging step that reads it later finds this
+//! step's numbers. Steps in between (probes, logging, SOAP's refreshes) run eagerly on the same
+//! parameters, gradients and optimizer state, whose buffers the graph writes in place — AdamW
+//! keeps its moments and device step count where they are across host-decided steps for this,
+//! SOAP writes new bases over the old ones — and after a replay the trainer tells the optimizer,
+//! which did not see the step (`Optimizer::replayed`). If the parameters, their bf16 copy or
+//! the gradients moved (the bf16 copy dropped and made again), the graph is dropped and the
+//! next step captures again.
 
 use crate::error::Result;
 use dptrain_core::model::Batch;
