@@ -345,7 +345,7 @@ fn soap_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
 /// new bases over the old ones, where the graph reads them. Refresh every 3 updates, a NaN at
 /// step 3 (skipped on the device, which moves the refreshes), warmup (the learning rate and
 /// the decay factors change every step), clipping, `normalize_grads`, two micro-steps, logging
-/// at 5, 10, 12: step 6 is captured, 7 and 9 replay it (8 and 11 refresh), and the parameters,
+/// at 5, 10, 12: step 6 is captured, 7 and 9 replay it (5, 8 and 11 refresh), and the parameters,
 /// moments, statistics, bases, count and logged numbers are those of the waiting path bit for
 /// bit. (Bases replaced rather than overwritten at a refresh leave step 9 on the old ones; a
 /// replay not counted on the host puts the refresh on the wrong step.)
