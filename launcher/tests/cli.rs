@@ -272,29 +272,11 @@ fn emulated_bf16_gpt(dir: &Path, sets: &[&str], env: &[(&str, &str)], extra: &[&
 /// runs' directory and the device-decided run's.
 #[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
 fn device_steps_match_the_waiting_path(tag: &str, sets: &[&str], nan_step: u32) -> (PathBuf, PathBuf) {
-    let d = tmp(tag);
-    let run = |dir: &Path, sync: bool| {
-        let mut all = vec![
-            "train.steps=9",
-            "run.log_every=4",
-            "optim.clip=0.05",
-            "train.on_nonfinite=\"skip\"",
-            "train.eval_every=0",
-            "train.eval_samples=16",
-        ];
-        all.extend_from_slice(sets);
-        let fault = format!("nan:0:{nan_step}");
-        emulated_bf16_gpt(dir, &all, if sync { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] }, &["--fault", &fault])
-    };
+    let mut all = vec!["train.steps=9", "run.log_every=4", "optim.clip=0.05"];
+    all.extend_from_slice(sets);
+    let (d, _) = runs_by_mode(tag, &all, nan_step, &["device", "sync"]);
     let (dev, sync) = (d.join("device"), d.join("sync"));
-    ok(&run(&dev, false));
-    ok(&run(&sync, true));
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
-    assert!(ck(&dev, "model.safetensors") == ck(&sync, "model.safetensors"), "{tag}: parameters differ");
-    assert!(ck(&dev, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "{tag}: optimizer state differs");
-    let scalars = |r: &Path| serde_json::from_slice::<Value>(&ck(r, "state.json")).unwrap()["optimizer_scalars"].clone();
-    assert_eq!(scalars(&dev), scalars(&sync), "{tag}");
-    assert_eq!(values(&records(&dev), 0), values(&records(&sync), 0), "{tag}");
+    assert_same_run(&dev, &sync, 9);
     let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
     assert_eq!(ev(&dev), ev(&sync), "{tag}");
     (d, dev)
@@ -352,45 +334,62 @@ fn soap_steps_decided_on_the_device_match_the_waiting_path_on_the_emulator() {
 #[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
 #[test]
 fn soap_steps_replayed_as_a_cuda_graph_match_the_waiting_path_on_the_emulator() {
-    let d = tmp("soap-graph");
-    let run = |dir: &Path, mode: &str| {
-        let sets = [
-            "optim.kind=\"soap\"",
-            "optim.precondition_frequency=3",
-            "optim.normalize_grads=true",
-            "optim.weight_decay=0.1",
-            "optim.clip=0.05",
-            "schedule.warmup_steps=20",
-            "train.steps=12",
-            "train.micro_batch=4",
-            "run.log_every=5",
-            "train.on_nonfinite=\"skip\"",
-            "train.eval_every=0",
-            "train.eval_samples=16",
-            if mode == "graph" { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
-        ];
-        let env: &[(&str, &str)] = if mode == "sync" { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] };
-        let o = emulated_bf16_gpt(dir, &sets, env, &["--fault", "nan:0:3"]);
-        ok(&o);
-        String::from_utf8_lossy(&o.stderr).to_string()
-    };
+    let sets = [
+        "optim.kind=\"soap\"",
+        "optim.precondition_frequency=3",
+        "optim.normalize_grads=true",
+        "optim.weight_decay=0.1",
+        "optim.clip=0.05",
+        "schedule.warmup_steps=20",
+        "train.steps=12",
+        "train.micro_batch=4",
+        "run.log_every=5",
+    ];
+    let (d, err) = runs_by_mode("soap-graph", &sets, 3, &["sync", "graph"]);
+    assert_eq!(err[1].matches("the training step runs as a CUDA graph (").count(), 1, "{}", err[1]);
+    assert!(err[1].contains("dptrain: step 6: the training step runs as a CUDA graph ("), "{}", err[1]);
     let (sync, graph) = (d.join("sync"), d.join("graph"));
-    run(&sync, "sync");
-    let err = run(&graph, "graph");
-    assert_eq!(err.matches("the training step runs as a CUDA graph (").count(), 1, "{err}");
-    assert!(err.contains("dptrain: step 6: the training step runs as a CUDA graph ("), "{err}");
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000012/{f}"))).unwrap();
-    assert!(ck(&graph, "model.safetensors") == ck(&sync, "model.safetensors"), "parameters differ");
-    assert!(ck(&graph, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "optimizer state differs");
-    assert_eq!(ck(&graph, "state.json"), ck(&sync, "state.json"));
-    let state = serde_json::from_slice::<Value>(&ck(&graph, "state.json")).unwrap();
+    assert_same_run(&graph, &sync, 12);
+    let state = serde_json::from_slice::<Value>(&std::fs::read(graph.join("checkpoints/step_0000012/state.json")).unwrap()).unwrap();
     // Steps 2–12 less the NaN step: 10 updates.
     assert_eq!(state["optimizer_scalars"]["step"], 10, "{state}");
-    assert_eq!(values(&records(&graph), 0), values(&records(&sync), 0));
     let ev = |r: &Path| std::fs::read_to_string(r.join("events.jsonl")).unwrap();
     assert!(ev(&graph).contains("\"kind\":\"nonfinite\"") && ev(&graph).contains("\"step\":3"), "{}", ev(&graph));
     assert_eq!(ev(&graph), ev(&sync));
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// Trains the emulated bf16 GPT with `sets` (skipping non-finite steps, no evaluation) and a NaN
+/// injected at `nan_step` once per mode — `sync` (the waiting path, `DPTRAIN_STEP_SYNC=1`),
+/// `device` (steps decided on the device), `graph` (those replayed as a CUDA graph) — each into
+/// its own directory under the returned one; returns it and each run's stderr.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+fn runs_by_mode(tag: &str, sets: &[&str], nan_step: u32, modes: &[&str]) -> (PathBuf, Vec<String>) {
+    let d = tmp(tag);
+    let errs = modes
+        .iter()
+        .map(|&mode| {
+            let mut all = sets.to_vec();
+            all.extend(["train.on_nonfinite=\"skip\"", "train.eval_every=0", "train.eval_samples=16"]);
+            all.push(if mode == "graph" { "train.cuda_graph=true" } else { "train.cuda_graph=false" });
+            let env: &[(&str, &str)] = if mode == "sync" { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] };
+            let o = emulated_bf16_gpt(&d.join(mode), &all, env, &["--fault", &format!("nan:0:{nan_step}")]);
+            ok(&o);
+            String::from_utf8_lossy(&o.stderr).to_string()
+        })
+        .collect();
+    (d, errs)
+}
+
+/// The run in `other` ended where the one in `base` did: the checkpoint of `step` (parameters,
+/// optimizer state, state.json) byte for byte, and the same logged numbers.
+#[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
+fn assert_same_run(other: &Path, base: &Path, step: u64) {
+    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_{step:07}/{f}"))).unwrap();
+    assert!(ck(other, "model.safetensors") == ck(base, "model.safetensors"), "{other:?}: parameters differ");
+    assert!(ck(other, "optimizer.safetensors") == ck(base, "optimizer.safetensors"), "{other:?}: optimizer state differs");
+    assert_eq!(ck(other, "state.json"), ck(base, "state.json"), "{other:?}");
+    assert_eq!(values(&records(other), 0), values(&records(base), 0), "{other:?}");
 }
 
 /// SGD (Nesterov momentum, weight decay, clipping, warmup) decides its step on the device as
@@ -402,41 +401,24 @@ fn soap_steps_replayed_as_a_cuda_graph_match_the_waiting_path_on_the_emulator() 
 #[cfg(all(feature = "cuda-emu", feature = "fault-injection"))]
 #[test]
 fn sgd_steps_decided_on_the_device_and_replayed_match_the_waiting_path_on_the_emulator() {
-    let d = tmp("sgd-devstep");
-    let run = |dir: &Path, mode: &str| {
-        let sets = [
-            "optim.kind=\"sgd\"",
-            "optim.lr=0.05",
-            "optim.nesterov=true",
-            "optim.weight_decay=0.01",
-            "optim.clip=0.05",
-            "schedule.warmup_steps=20",
-            "train.steps=9",
-            "train.micro_batch=4",
-            "run.log_every=4",
-            "probes.interval=3",
-            "train.on_nonfinite=\"skip\"",
-            "train.eval_every=0",
-            "train.eval_samples=16",
-            if mode == "graph" { "train.cuda_graph=true" } else { "train.cuda_graph=false" },
-        ];
-        let env: &[(&str, &str)] = if mode == "sync" { &[("DPTRAIN_STEP_SYNC", "1")] } else { &[] };
-        let o = emulated_bf16_gpt(dir, &sets, env, &["--fault", "nan:0:1"]);
-        ok(&o);
-        String::from_utf8_lossy(&o.stderr).to_string()
-    };
-    let (sync, dev, graph) = (d.join("sync"), d.join("device"), d.join("graph"));
-    run(&sync, "sync");
-    run(&dev, "device");
-    let err = run(&graph, "graph");
+    let sets = [
+        "optim.kind=\"sgd\"",
+        "optim.lr=0.05",
+        "optim.nesterov=true",
+        "optim.weight_decay=0.01",
+        "optim.clip=0.05",
+        "schedule.warmup_steps=20",
+        "train.steps=9",
+        "train.micro_batch=4",
+        "run.log_every=4",
+        "probes.interval=3",
+    ];
+    let (d, err) = runs_by_mode("sgd-devstep", &sets, 1, &["sync", "device", "graph"]);
     // Step 1 (poisoned) runs eagerly, step 2 warms up, step 5 is captured, step 7 replays it.
-    assert!(err.contains("dptrain: step 5: the training step runs as a CUDA graph ("), "{err}");
-    let ck = |r: &Path, f: &str| std::fs::read(r.join(format!("checkpoints/step_0000009/{f}"))).unwrap();
+    assert!(err[2].contains("dptrain: step 5: the training step runs as a CUDA graph ("), "{}", err[2]);
+    let (sync, dev, graph) = (d.join("sync"), d.join("device"), d.join("graph"));
     for other in [&dev, &graph] {
-        assert!(ck(other, "model.safetensors") == ck(&sync, "model.safetensors"), "{other:?}: parameters differ");
-        assert!(ck(other, "optimizer.safetensors") == ck(&sync, "optimizer.safetensors"), "{other:?}: momentum differs");
-        assert_eq!(ck(other, "state.json"), ck(&sync, "state.json"), "{other:?}");
-        assert_eq!(values(&records(other), 0), values(&records(&sync), 0), "{other:?}");
+        assert_same_run(other, &sync, 9);
     }
     let recs = values(&records(&dev), 0);
     assert!(recs.iter().filter_map(|r| r["grad_norm"].as_f64()).all(|g| g > 0.05), "the clip was active: {recs:?}");
