@@ -189,9 +189,7 @@ fn trainer_agreement(device: usize, optim: &[&str]) -> std::result::Result<(f64,
         .to_vec();
         sets.extend(optim.iter().map(|s| s.to_string()));
         if tiny {
-            sets.extend(
-                ["model.d_model=32", "model.n_layers=1", "model.context=16", "data.vocab=16", "train.global_batch=8"].map(String::from),
-            );
+            sets.extend(TINY_GPT_MINI.map(String::from));
         }
         let args = crate::train::TrainArgs { sets, run_dir: Some(run_dir.clone()), ..Default::default() };
         if dev == "cuda" && device != 0 {
@@ -212,6 +210,9 @@ fn trainer_agreement(device: usize, optim: &[&str]) -> std::result::Result<(f64,
     }
     Ok((c.iter().zip(&g).map(|(a, b)| (a - b).abs() / a.abs().max(1e-12)).fold(0.0, f64::max), c.len()))
 }
+
+/// GPT-mini shrunk for the emulator (`DPTRAIN_GPU_CHECK_TINY`), in the trainer rows of part (b).
+const TINY_GPT_MINI: [&str; 5] = ["model.d_model=32", "model.n_layers=1", "model.context=16", "data.vocab=16", "train.global_batch=8"];
 
 /// gpu-check's SOAP run under `train.cuda_graph`: steps 1 (the bases' initialisation), 4, 7 and
 /// 10 (refreshes) are the host's, 12 logs; 3 is captured, 5, 6, 8, 9 and 11 replay it.
@@ -235,9 +236,7 @@ fn trainer_graph_agreement(device: usize, sets: &[&str]) -> std::result::Result<
             .to_vec();
         all.extend(sets.iter().map(|s| s.to_string()));
         if dptrain_core::env::env().gpu_check_tiny {
-            all.extend(
-                ["model.d_model=32", "model.n_layers=1", "model.context=16", "data.vocab=16", "train.global_batch=8"].map(String::from),
-            );
+            all.extend(TINY_GPT_MINI.map(String::from));
         }
         let args = crate::train::TrainArgs { sets: all, run_dir: Some(run_dir.clone()), ..Default::default() };
         let summary = crate::train::train(&args).map_err(|e| format!("graph {graph}: {e}"))?;
