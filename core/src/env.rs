@@ -16,6 +16,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("DPTRAIN_EPILOGUE", "`0` makes a GPU linear add its bias (and sum its bias gradient) in a pass of its own instead of in the cuBLASLt GEMM (for measuring it)"),
     ("DPTRAIN_GELU_EPILOGUE", "`0` runs a GPT MLP's tanh GELU on a GPU in kernels of its own (the two ops `layer_norm_linear` and `gelu_linear`) instead of in its GEMMs' cuBLASLt epilogues (for measuring it)"),
     ("DPTRAIN_STEP_SYNC", "`1` makes every GPU training step wait for the device (read the loss and gradient norm, then decide the update on the host) instead of deciding it there and reading the record on logging steps (for measuring it)"),
+    ("DPTRAIN_SOLVER", "`0` computes SOAP's eigenbases (eigendecompositions, QR) on the host instead of on the GPU with cuSOLVER (for measuring it)"),
     ("DPTRAIN_CUDA_EMULATOR", "`1` runs the CUDA kernels on the CPU emulator (test builds with the `cuda-emu` feature)"),
     (
         "DPTRAIN_CUDA_EMULATOR_SCHEDULE",
@@ -58,6 +59,7 @@ pub struct Env {
     pub epilogue: bool,
     pub gelu_epilogue: bool,
     pub step_sync: bool,
+    pub solver: bool,
     pub cuda_emulator: bool,
     pub cuda_emulator_schedule: u64,
     pub cuda_emulator_guard_front: bool,
@@ -89,6 +91,7 @@ impl Env {
             epilogue: var("DPTRAIN_EPILOGUE").as_deref() != Some("0"),
             gelu_epilogue: var("DPTRAIN_GELU_EPILOGUE").as_deref() != Some("0"),
             step_sync: flag("DPTRAIN_STEP_SYNC"),
+            solver: var("DPTRAIN_SOLVER").as_deref() != Some("0"),
             cuda_emulator: flag("DPTRAIN_CUDA_EMULATOR"),
             cuda_emulator_schedule: var("DPTRAIN_CUDA_EMULATOR_SCHEDULE").and_then(|s| s.parse().ok()).unwrap_or(0),
             cuda_emulator_guard_front: var("DPTRAIN_CUDA_EMULATOR_GUARD").as_deref() == Some("front"),

@@ -19,7 +19,7 @@ fn gpu_check_ops_pass_on_the_emulator() {
         eprintln!("{:<45} {:.2e}", r.op, r.max_rel_err);
     }
     assert!(bad.is_empty(), "ops disagreeing with the CPU engine on the emulator:\n{}", bad.join("\n"));
-    assert_eq!(rows.len(), 68);
+    assert_eq!(rows.len(), 71);
     // Ghost BN's kernels (one launch for all ghost batches, the sequential running-statistics
     // update) against the same PyTorch fixtures as the CPU engine.
     assert_eq!(ghost_bn::check(dptrain_core::Device::Cuda(0)), 3);

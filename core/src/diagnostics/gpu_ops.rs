@@ -572,7 +572,80 @@ pub fn run_each(ordinal: usize, each: &mut dyn FnMut(&CheckRow)) -> Vec<CheckRow
         each(&row);
         rows.push(row);
     }
+    for row in linalg_rows(ordinal) {
+        each(&row);
+        rows.push(row);
+    }
     rows
+}
+
+/// Largest relative difference of two column sets after giving each GPU column the sign of
+/// its CPU counterpart (eigenvectors and a QR's Q are unique only up to each column's sign,
+/// which faer and cuSOLVER may choose differently). `n` columns of row-major [n, n].
+fn sign_aligned_err(gpu: &[f32], cpu: &[f32], n: usize) -> f64 {
+    let mut g = gpu.to_vec();
+    for j in 0..n {
+        let dot: f64 = (0..n).map(|i| gpu[i * n + j] as f64 * cpu[i * n + j] as f64).sum();
+        if dot < 0.0 {
+            (0..n).for_each(|i| g[i * n + j] = -g[i * n + j]);
+        }
+    }
+    rel_err(&g, cpu)
+}
+
+/// The dense linear algebra SOAP's basis refreshes run (`ops::linalg`: cuSOLVER on a GPU, faer
+/// on the host) on the same matrices, at a size past cuSOLVER's and faer's block sizes: the
+/// eigenvectors of a symmetric positive definite matrix (distinct eigenvalues: a Gram of random
+/// rows), the Q of a QR with columns re-ordered, and the estimated eigenvalues SOAP sorts by
+/// (the same bits on both: each product rounded, summed in order).
+fn linalg_rows(ordinal: usize) -> Vec<CheckRow> {
+    use crate::ops::linalg;
+    let n = 200;
+    let dev = Device::Cuda(ordinal);
+    let x = randn(&[n, n + 40], 80).to_vec::<f32>().expect("f32");
+    // A = X·Xᵀ / cols, computed in f64 and rounded: symmetric to the bit.
+    let a: Vec<f32> = (0..n * n)
+        .map(|k| {
+            let (i, j) = (k / n, k % n);
+            ((0..n + 40).map(|l| x[i * (n + 40) + l] as f64 * x[j * (n + 40) + l] as f64).sum::<f64>() / (n + 40) as f64) as f32
+        })
+        .collect();
+    let a = Tensor::from_vec(a, &[n, n]).expect("shape");
+    let b = randn(&[n, n], 81);
+    let cols: Vec<usize> = (0..n).map(|j| (j * 7 + 3) % n).collect();
+    let both = |f: &dyn Fn(Device) -> Result<Vec<f32>>| -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
+        let cpu = f(Device::Cpu).map_err(|e| format!("CPU failed: {e}"))?;
+        let gpu = f(dev).map_err(|e| format!("GPU failed: {e}"))?;
+        Ok((gpu, cpu))
+    };
+    let on = |t: &Tensor, d: Device| t.to_device(d);
+    let cases: Vec<(String, f64, std::result::Result<(Vec<f32>, Vec<f32>), String>, bool)> = vec![
+        (
+            format!("eigh (linalg, f64): eigenvectors of a {n} × {n} SPD matrix, signs aligned"),
+            1e-5,
+            both(&|d| linalg::eigh_desc(&on(&a, d)?, 1e-30)?.to_vec::<f32>()),
+            true,
+        ),
+        (
+            format!("QR (linalg, f64): Q of a {n} × {n} matrix, columns re-ordered, signs aligned"),
+            1e-5,
+            both(&|d| linalg::qr_q_of_columns(&on(&b, d)?, &cols)?.to_vec::<f32>()),
+            true,
+        ),
+        (
+            format!("column dots (linalg): diag(Aᵀ·B), {n} × {n}, bit for bit"),
+            0.0,
+            both(&|d| linalg::column_dots(&on(&a, d)?, &on(&b, d)?)),
+            false,
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(op, bound, r, signs)| match r {
+            Ok((g, c)) => CheckRow { max_rel_err: if signs { sign_aligned_err(&g, &c, n) } else { rel_err(&g, &c) }, op, bound },
+            Err(e) => CheckRow { op: format!("{op} ({e})"), max_rel_err: f64::INFINITY, bound },
+        })
+        .collect()
 }
 
 /// [`device_info`] and [`run_each`] together.

@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod flat;
 pub mod fused;
+pub mod linalg;
 pub mod matmul;
 pub mod reduce;
 pub mod shape;

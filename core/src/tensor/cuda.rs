@@ -107,6 +107,9 @@ pub struct Fusions {
     /// (GELU on bf16 activations, layer norm — its forward with a warp per row — and the
     /// cross-entropy rows); off (`DPTRAIN_WIDE_LOADS=0`), one element per access.
     pub wide_loads: bool,
+    /// Dense linear algebra (`ops::linalg`: SOAP's eigendecompositions and QR) on the device
+    /// through cuSOLVER; off (`DPTRAIN_SOLVER=0`), or without libcusolver, on the host.
+    pub solver: bool,
 }
 
 impl Fusions {
@@ -124,6 +127,7 @@ impl Fusions {
         accumulate: true,
         wide_loads: true,
         gelu_epilogue: true,
+        solver: true,
     };
 
     fn bits(self) -> u16 {
@@ -141,6 +145,7 @@ impl Fusions {
             self.flash_wide,
             self.wide_loads,
             self.gelu_epilogue,
+            self.solver,
         ]
         .iter()
         .enumerate()
@@ -163,6 +168,7 @@ impl Fusions {
             flash_wide: on(10),
             wide_loads: on(11),
             gelu_epilogue: on(12),
+            solver: on(13),
         }
     }
 
@@ -176,6 +182,7 @@ impl Fusions {
             epilogue: e.epilogue,
             gelu_epilogue: e.gelu_epilogue,
             device_step: !e.step_sync,
+            solver: e.solver,
             ..Fusions::ALL
         }
     }
@@ -214,6 +221,8 @@ struct Real {
     blas: CudaBlas,
     /// `None` when libcublasLt cannot be loaded.
     lt: Option<super::cublaslt::Lt>,
+    /// cuSOLVER, loaded on first use (`None` inside when it cannot be).
+    solver: std::sync::OnceLock<Option<Mutex<super::cusolver::Solver>>>,
 }
 
 static DEVS: Mutex<Vec<Arc<CudaDev>>> = Mutex::new(Vec::new());
@@ -300,7 +309,7 @@ impl CudaDev {
             name,
             arch,
             kernels,
-            real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas, lt }),
+            real: Some(Real { ctx, stream, modules, funcs: Mutex::new(HashMap::new()), blas, lt, solver: Default::default() }),
             cache: Mutex::new(SizeCache::default()),
             ones: Mutex::new(None),
             ones16: Mutex::new(None),
@@ -873,6 +882,91 @@ impl CudaDev {
                 self.emu_host(move || unsafe { col_reference(&g, col) })?;
                 Ok(true)
             }
+        })
+    }
+}
+
+impl CudaDev {
+    /// Whether `ops::linalg`'s factorisations run on this device: switched on
+    /// (`Fusions::solver`) and cuSOLVER loaded (tried on the first call). Always on the emulator,
+    /// whose cuSOLVER is the host's code.
+    pub fn has_solver(&self) -> bool {
+        self.fusions().solver && self.real.as_ref().is_none_or(|r| self.real_solver(r).is_some())
+    }
+
+    fn real_solver<'a>(&self, r: &'a Real) -> Option<&'a Mutex<super::cusolver::Solver>> {
+        r.solver.get_or_init(|| self.bind().ok().and_then(|()| super::cusolver::Solver::open(&r.stream)).map(Mutex::new)).as_ref()
+    }
+
+    /// LAPACK's `syevd` on the device (see `cusolver.rs`): the column-major f64 `n × n` at `a`
+    /// (lower triangle read) becomes its eigenvectors by ascending eigenvalue, the eigenvalues
+    /// go to `w`, the status (0: converged) to the i32 at `info`. The emulator runs the host's
+    /// eigendecomposition (`ops::linalg::sym_eigen`) on the same buffers.
+    ///
+    /// # Safety
+    /// `a` (`n²` f64), `w` (`n` f64) and `info` (one i32) must be live buffers of this device.
+    pub(crate) unsafe fn sym_eigen_f64(self: &Arc<Self>, a: u64, n: usize, w: u64, info: u64) -> Result<()> {
+        self.refuse_in_capture("an eigendecomposition")?;
+        self.timed("cusolver", "syevd (cuSOLVER, f64)", || match &self.real {
+            Some(r) => {
+                let s = self.real_solver(r).ok_or_else(|| Error::Device("cuSOLVER is not available".into()))?;
+                let s = s.lock().map_err(|_| Error::Device("cuSOLVER handle poisoned".into()))?;
+                self.bind()?;
+                // SAFETY: the caller's contract.
+                unsafe { s.syevd(self, a, n, w, info) }
+            }
+            None => self.emu_host(move || {
+                // SAFETY: the emulator's buffers are host memory of the sizes the caller promised.
+                let (m, wv, st) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(a as *mut f64, n * n),
+                        std::slice::from_raw_parts_mut(w as *mut f64, n),
+                        &mut *(info as *mut i32),
+                    )
+                };
+                match crate::ops::linalg::sym_eigen(faer::MatRef::from_column_major_slice(m, n, n)) {
+                    Ok((u, vals)) => {
+                        for j in 0..n {
+                            for i in 0..n {
+                                m[j * n + i] = u[(i, j)];
+                            }
+                        }
+                        wv.copy_from_slice(&vals);
+                        *st = 0;
+                    }
+                    Err(_) => *st = 1,
+                }
+            }),
+        })
+    }
+
+    /// The Q of the QR factorisation of the column-major f64 `n × n` at `a`, in place, on the
+    /// device (LAPACK's `geqrf` then `orgqr`, see `cusolver.rs`; `tau` their `n` scalars, the
+    /// status to the i32 at `info`). The emulator runs the host's QR (`ops::linalg::qr_q`).
+    ///
+    /// # Safety
+    /// `a` (`n²` f64), `tau` (`n` f64) and `info` (one i32) must be live buffers of this device.
+    pub(crate) unsafe fn qr_q_f64(self: &Arc<Self>, a: u64, n: usize, tau: u64, info: u64) -> Result<()> {
+        self.refuse_in_capture("a QR factorisation")?;
+        self.timed("cusolver", "geqrf + orgqr (cuSOLVER, f64)", || match &self.real {
+            Some(r) => {
+                let s = self.real_solver(r).ok_or_else(|| Error::Device("cuSOLVER is not available".into()))?;
+                let s = s.lock().map_err(|_| Error::Device("cuSOLVER handle poisoned".into()))?;
+                self.bind()?;
+                // SAFETY: the caller's contract.
+                unsafe { s.qr_q(self, a, n, tau, info) }
+            }
+            None => self.emu_host(move || {
+                // SAFETY: the emulator's buffers are host memory of the sizes the caller promised.
+                let (m, st) = unsafe { (std::slice::from_raw_parts_mut(a as *mut f64, n * n), &mut *(info as *mut i32)) };
+                let q = crate::ops::linalg::qr_q(faer::MatRef::from_column_major_slice(m, n, n).to_owned());
+                for j in 0..n {
+                    for i in 0..n {
+                        m[j * n + i] = q[(i, j)];
+                    }
+                }
+                *st = 0;
+            }),
         })
     }
 }

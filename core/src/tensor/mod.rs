@@ -12,6 +12,8 @@ pub mod cache;
 mod cublaslt;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cusolver;
 pub mod pool;
 pub mod storage;
 

@@ -29,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("conv", include_str!("conv.cu")),
     ("batch_norm", include_str!("batch_norm.cu")),
     ("probe", include_str!("probe.cu")),
+    ("linalg", include_str!("linalg.cu")),
     ("flash", include_str!("flash.cu")),
 ];
 
