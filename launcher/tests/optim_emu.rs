@@ -3,8 +3,9 @@
 //! large enough for its parallel CPU pieces), LAMB and SOAP (both decay forms each) and SGD
 //! kernels, with and without learning-rate multipliers,
 //! and SOAP's device path (projections as engine GEMMs, its moment/ratio/update kernels, the
-//! statistics on the device, the eigh/QR refresh on the host and v re-sorted on the device,
-//! no moments on the host) must follow the CPU optimizers
+//! statistics on the device, the eigh/QR refresh on the device through `ops::linalg` — or on
+//! the host with the solver off — and v re-sorted on the device, no moments on the host) must
+//! follow the CPU optimizers
 //! step for step; and the steps AdamW, SGD, LAMB and LARS decide on the device must be the
 //! host-decided steps, bit for bit.
 #![cfg(feature = "cuda-emu")]
@@ -129,23 +130,31 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
             assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "adamw {name}, parallel pieces: element {i}: emulated GPU {x} vs CPU {y}");
         }
     }
-    // SOAP, with basis refreshes inside the four steps, with and without normalisation. The
-    // matrix is square so both factors have full rank: a rank-deficient factor's null-space
-    // basis is whatever eigh returns, and the device's statistics (GEMM rounding) pick another.
-    for (name, soap) in [
-        ("soap", SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() }),
-        ("soap normalize", SoapConfig { precondition_frequency: 1, normalize_grads: true, ..Default::default() }),
-        (
-            "soap independent decay",
-            SoapConfig {
-                precondition_frequency: 2,
-                weight_decay: 0.1,
-                decay_mode: DecayMode::Independent,
-                peak_lr: 0.05,
-                ..Default::default()
-            },
-        ),
-    ] {
+    // SOAP, with basis refreshes inside the four steps, with and without normalisation, the
+    // refreshes computed on the device (`ops::linalg`) and on the host. The matrix is square so
+    // both factors have full rank: a rank-deficient factor's null-space basis is whatever eigh
+    // returns, and the device's statistics (GEMM rounding) pick another.
+    let dev = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let all = dptrain_core::tensor::cuda::Fusions::ALL;
+    for (name, soap, solver) in [true, false].into_iter().flat_map(|solver| {
+        [
+            ("soap", SoapConfig { precondition_frequency: 2, weight_decay: 0.1, ..Default::default() }),
+            ("soap normalize", SoapConfig { precondition_frequency: 1, normalize_grads: true, ..Default::default() }),
+            (
+                "soap independent decay",
+                SoapConfig {
+                    precondition_frequency: 2,
+                    weight_decay: 0.1,
+                    decay_mode: DecayMode::Independent,
+                    peak_lr: 0.05,
+                    ..Default::default()
+                },
+            ),
+        ]
+        .map(|(n, c)| (n, c, solver))
+    }) {
+        dev.set_fusions(dptrain_core::tensor::cuda::Fusions { solver, ..all });
+        let name = &format!("{name} (refresh on the {})", if solver { "device" } else { "host" });
         let (mut cpu, grads) = stores_with(5, 5);
         let (mut gpu, _) = stores_with(5, 5);
         let mut on_gpu = Soap::new(soap, &gpu);
@@ -157,8 +166,13 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
         }
         assert!(got != stores_with(5, 5).0.flat().to_vec::<f32>().unwrap(), "{name} did not move the parameters");
         // The moments live on the device alone (re-sorted there at each refresh: v agrees
-        // below); the host keeps the factors the refresh reads.
-        assert_eq!(on_cpu.host_state_bytes() - on_gpu.host_state_bytes(), 8 * cpu.numel(), "{name}: host moments on a GPU run");
+        // below); the host keeps the factors only where it refreshes the bases.
+        let host_factors = if solver { on_cpu.host_state_bytes() - 8 * cpu.numel() } else { 0 };
+        assert_eq!(
+            on_cpu.host_state_bytes() - on_gpu.host_state_bytes(),
+            8 * cpu.numel() + host_factors,
+            "{name}: host state on a GPU run"
+        );
         // The state read back from the device has every factor and basis.
         let (tensors, scalars) = on_gpu.state(&gpu).unwrap();
         assert!(tensors.iter().any(|(k, _)| k == "Q0.w") && tensors.iter().any(|(k, _)| k == "GG1.w"), "{name}");
@@ -184,6 +198,7 @@ fn fused_optimizer_kernels_with_per_parameter_scales_match_the_cpu() {
         let (a, b) = (run(&mut on_gpu, &mut gpu, more, Device::Cuda(0)), run(&mut resumed, &mut gpu2, more, Device::Cuda(0)));
         assert!(a == b && a != got, "{name}: resumed on the device {b:?}\nvs uninterrupted {a:?}");
     }
+    dev.set_fusions(all);
     device_decided_steps_are_the_hosts_and_keep_the_bf16_copy();
     soap_owner_mode_on_the_device_shares_the_host_work();
     soap_trusts_gradients_the_trainer_found_finite();
@@ -316,11 +331,13 @@ fn soap_trusts_gradients_the_trainer_found_finite() {
     assert_eq!(checked_waits - trusted_waits, 4, "waits: {checked_waits} checking, {trusted_waits} trusting");
 }
 
-/// SOAP in owner mode on the device, two in-process ranks with the same gradients: each rank
-/// brings down only the statistics of the parameters it owns and keeps only their bases on the
-/// host (the others' bases arrive by broadcast and go straight up), and the parameters after a
-/// refresh every step are bitwise those of one rank computing every basis itself — also when one
-/// rank owns nothing (it still takes part in the exchange).
+/// SOAP in owner mode on the device, two in-process ranks with the same gradients: the
+/// parameters after a refresh every step are bitwise those of one rank computing every basis
+/// itself — also when one rank owns nothing (it still takes part in the exchange) — with the
+/// bases computed on the device (each rank computes its own parameters' and broadcasts them;
+/// the host keeps nothing) and on the host (each rank brings down only the statistics of the
+/// parameters it owns and keeps only their bases; the others' arrive by broadcast and go
+/// straight up).
 fn soap_owner_mode_on_the_device_shares_the_host_work() {
     use std::time::Duration;
     fn store(with_b: bool) -> ParamStore {
@@ -333,8 +350,14 @@ fn soap_owner_mode_on_the_device_shares_the_host_work() {
     }
     // Bytes of a parameter's two d×d factors with their bases.
     let factors = |d: usize| 4 * 2 * 2 * d * d;
-    // The larger parameter to rank 0, the other (if any) to rank 1: each holds its own share.
-    for (with_b, per_rank) in [(true, (factors(6), factors(5))), (false, (factors(6), 0))] {
+    // The larger parameter to rank 0, the other (if any) to rank 1: each holds its own share
+    // when the host refreshes, nothing when the device does.
+    let dev = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let all = dptrain_core::tensor::cuda::Fusions::ALL;
+    for (with_b, solver, per_rank) in
+        [(true, false, (factors(6), factors(5))), (false, false, (factors(6), 0)), (true, true, (0, 0)), (false, true, (0, 0))]
+    {
+        dev.set_fusions(dptrain_core::tensor::cuda::Fusions { solver, ..all });
         let mut rng = Rng::new(17);
         let n = store(with_b).numel();
         let grads: Vec<Vec<f32>> = (0..5).map(|_| (0..n).map(|_| rng.normal() as f32).collect()).collect();
@@ -351,7 +374,7 @@ fn soap_owner_mode_on_the_device_shares_the_host_work() {
             (ps.flat().to_vec::<f32>().unwrap(), soap.host_state_bytes())
         };
         let (want, all_bytes) = steps(&mut dptrain_comm::LocalComm::new(), Distribute::Replicated);
-        assert_eq!(all_bytes, per_rank.0 + per_rank.1, "one rank computing every basis holds them all");
+        assert_eq!(all_bytes, per_rank.0 + per_rank.1, "one rank computing every basis holds them all (solver {solver})");
         let ranks: Vec<(Vec<f32>, usize)> = std::thread::scope(|s| {
             let hs: Vec<_> = dptrain_comm::ThreadComm::group(2, Duration::from_secs(120))
                 .into_iter()
@@ -360,10 +383,14 @@ fn soap_owner_mode_on_the_device_shares_the_host_work() {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (r, (got, _)) in ranks.iter().enumerate() {
-            assert!(got == &want, "owner mode (b: {with_b}), rank {r}: {got:?}\nvs one rank computing every basis: {want:?}");
+            assert!(
+                got == &want,
+                "owner mode (b: {with_b}, solver {solver}), rank {r}: {got:?}\nvs one rank computing every basis: {want:?}"
+            );
         }
-        assert_eq!((ranks[0].1, ranks[1].1), per_rank, "host bytes per rank (b: {with_b})");
+        assert_eq!((ranks[0].1, ranks[1].1), per_rank, "host bytes per rank (b: {with_b}, solver {solver})");
     }
+    dev.set_fusions(all);
 }
 
 /// AdamW, SGD, LAMB and LARS decide a step on the device from its record (the gradient's Σg²):

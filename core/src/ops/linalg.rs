@@ -154,3 +154,70 @@ pub fn solver_on(t: &Tensor) -> bool {
     let _ = t;
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qr_q_is_faers_q() {
+        // Sizes below, at and off multiples of faer's block size.
+        for d in [1usize, 5, 32, 37, 100, 130] {
+            let a = Mat::<f64>::from_fn(d, d, |i, j| ((i * 31 + j * 17) % 97) as f64 / 97.0 - 0.4 + if i == j { 0.5 } else { 0.0 });
+            let want = a.as_ref().qr().compute_Q();
+            let got = qr_q(a);
+            for i in 0..d {
+                for j in 0..d {
+                    assert!((got[(i, j)] - want[(i, j)]).abs() < 1e-12, "d={d} ({i}, {j}): {} vs {}", got[(i, j)], want[(i, j)]);
+                }
+            }
+        }
+    }
+
+    fn matrix(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n * n).map(|_| r.normal() as f32).collect()
+    }
+
+    /// On the host, the tensor functions are what they say: eigenvectors by descending
+    /// eigenvalue (A·q_j = λ_j·q_j, λ falling), the Q of the re-ordered columns (orthonormal,
+    /// and Qᵀ·A[:, cols] upper triangular), and the column dots as summed in order.
+    #[test]
+    fn host_eigh_qr_and_column_dots_do_what_they_say() {
+        let n = 9;
+        let x = matrix(n, 3);
+        // A symmetric matrix: X + Xᵀ.
+        let a: Vec<f32> = (0..n * n).map(|k| x[k] + x[(k % n) * n + k / n]).collect();
+        let q = eigh_desc(&Tensor::from_vec(a.clone(), &[n, n]).unwrap(), 0.0).unwrap().to_vec::<f32>().unwrap();
+        let mut last = f64::INFINITY;
+        for j in 0..n {
+            let col: Vec<f64> = (0..n).map(|i| q[i * n + j] as f64).collect();
+            let av: Vec<f64> = (0..n).map(|i| (0..n).map(|l| a[i * n + l] as f64 * col[l]).sum()).collect();
+            let lambda: f64 = av.iter().zip(&col).map(|(p, c)| p * c).sum();
+            assert!(lambda <= last + 1e-6, "eigenvalue {j} ({lambda}) above the one before ({last})");
+            last = lambda;
+            for i in 0..n {
+                assert!((av[i] - lambda * col[i]).abs() < 1e-4, "column {j} is not an eigenvector");
+            }
+        }
+        let b = matrix(n, 4);
+        let cols: Vec<usize> = (0..n).rev().collect();
+        let qr = qr_q_of_columns(&Tensor::from_vec(b.clone(), &[n, n]).unwrap(), &cols).unwrap().to_vec::<f32>().unwrap();
+        for i in 0..n {
+            for j in 0..n {
+                let qtq: f64 = (0..n).map(|l| qr[l * n + i] as f64 * qr[l * n + j] as f64).sum();
+                assert!((qtq - if i == j { 1.0 } else { 0.0 }).abs() < 1e-5, "Q is not orthonormal at ({i}, {j})");
+                // R = Qᵀ·B[:, cols] is upper triangular.
+                let r: f64 = (0..n).map(|l| qr[l * n + i] as f64 * b[l * n + cols[j]] as f64).sum();
+                assert!(i <= j || r.abs() < 1e-4, "R({i}, {j}) = {r} below the diagonal");
+            }
+        }
+        let dots = column_dots(&Tensor::from_vec(a.clone(), &[n, n]).unwrap(), &Tensor::from_vec(b.clone(), &[n, n]).unwrap()).unwrap();
+        for j in 0..n {
+            let want = (0..n).fold(-0.0f32, |s, i| s + a[i * n + j] * b[i * n + j]);
+            assert_eq!(dots[j].to_bits(), want.to_bits());
+        }
+        assert!(qr_q_of_columns(&Tensor::from_vec(b, &[n, n]).unwrap(), &[0, 0, 1, 2, 3, 4, 5, 6, 7]).is_err());
+        assert!(eigh_desc(&Tensor::from_vec(vec![0.0f32; 6], &[2, 3]).unwrap(), 0.0).is_err());
+    }
+}
