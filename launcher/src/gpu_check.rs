@@ -92,7 +92,7 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
     rows.push(row);
     // (b) the default GPT trained 20 steps by the real trainer on each device, with each
     // optimizer: their device paths (fused updates, device-decided steps, SOAP's device
-    // projections with the host refresh) on the real GPU, not the emulator alone. SOAP's bound is
+    // projections and its refresh through cuSOLVER) on the real GPU, not the emulator alone. SOAP's bound is
     // looser: its early updates are sign-like in bases that turn with last-bit changes of the
     // statistics (two ranks against one drift ~1e-3 in loss within 30 steps, README "SOAP").
     for (label, sets, bound) in OPTIMIZER_RUNS {
@@ -149,6 +149,7 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
             rows.push(row);
         }
     }
+    soap_refresh_times(device);
     println!("gpu-check took {:.0} s", t0.elapsed().as_secs_f64());
     if rows.iter().any(|r| !r.ok()) {
         return Err(LaunchError::Runtime("gpu-check: some checks failed (see the table)".into()));
@@ -675,6 +676,32 @@ fn throughput(device: usize, preset: &Preset, profile_out: Option<&std::path::Pa
         p.raw_allocs_in_timed_steps, p.host_waits_per_step
     );
     Ok(())
+}
+
+/// Part (c)'s last table: SOAP's basis refresh of one factor at GPT-124M's sizes on the GPU
+/// (cuSOLVER, f64: where a GPU run refreshes) and, at the smallest, on this host (faer, f64,
+/// one core: where it refreshed before, and does with `DPTRAIN_SOLVER=0`), for scale.
+#[cfg(feature = "cuda")]
+fn soap_refresh_times(device: usize) {
+    use dptrain_optim::soap::{basis_refresh_seconds, basis_refresh_seconds_on};
+    use std::io::Write;
+    let sizes: &[usize] = if dptrain_core::env::env().gpu_check_tiny { &[16, 48] } else { &[768, 1024, 2304, 3072] };
+    let solver = dptrain_core::tensor::cuda::dev(device).is_ok_and(|d| d.has_solver());
+    let on = if solver { "GPU (cuSOLVER, f64)" } else { "GPU without cuSOLVER: on the host" };
+    println!();
+    println!("| SOAP basis refresh of one d × d factor | eigh ms (first step) | power iteration + QR ms (each refresh) |");
+    println!("|---|---|---|");
+    let row = |what: String, r: std::result::Result<(f64, f64), String>| {
+        match r {
+            Ok((e, q)) => println!("| {what} | {:.1} | {:.1} |", e * 1e3, q * 1e3),
+            Err(e) => println!("| {what} | not run: {e} | |"),
+        }
+        let _ = std::io::stdout().flush();
+    };
+    for &d in sizes {
+        row(format!("d {d}, {on}"), basis_refresh_seconds_on(d, dptrain_core::Device::Cuda(device)).map_err(|e| e.to_string()));
+    }
+    row(format!("d {}, host (faer, f64, one core)", sizes[0]), basis_refresh_seconds(sizes[0]).map_err(|e| e.to_string()));
 }
 
 /// One line of part (c) comparing measurement `q` with the step `base` (before/after):

@@ -626,7 +626,7 @@ esac
     // how the kernels were had (on a GPU: programs, seconds, how many from the kernel cache)
     assert!(out.contains("\nkernels: none compiled (the CPU emulator runs them as C++)\n"), "{out}");
     let rows = out.lines().filter(|l| l.starts_with("| ") && l.ends_with("| yes |")).count();
-    assert_eq!(rows, 68 + 10, "{out}");
+    assert_eq!(rows, 71 + 10, "{out}");
     // The trainer on each device with each optimizer (their device paths on the real GPU).
     for opt in ["AdamW", "SGD, Nesterov momentum", "LAMB", "LARS", "SOAP, refresh every 4 steps"] {
         assert!(out.contains(&format!("| GPT-mini, 8 training steps: loss GPU vs CPU (trainer, {opt}) |")), "{opt}:\n{out}");
@@ -651,6 +651,11 @@ esac
         ),
         "{out}"
     );
+    // SOAP's refresh of one factor, timed on the device (the emulator's stand-in for
+    // cuSOLVER) and on the host.
+    for row in ["| d 48, GPU (cuSOLVER, f64) | ", "| d 16, host (faer, f64, one core) | "] {
+        assert!(out.contains(row), "{row} missing:\n{out}");
+    }
     // Both models of part (c), each against PyTorch (absent here), each with its before/after
     // lines (one fusion off at a time) and the share of the step the GPU is busy.
     for model in ["| GPT-124M (as a tiny test model", "| GPT 10.9M (examples/shakespeare-char.toml) (as a tiny test model"] {

@@ -613,13 +613,7 @@ impl Soap {
                 if initial {
                     return Ok(Some((linalg::eigh_desc(gg, 1e-30)?, (0..f.d).collect())));
                 }
-                let q = d.q[i][k].as_ref().expect("a basis after the first refresh");
-                let mp = matmul_t(gg, q, Precision::F32)?;
-                let est = linalg::column_dots(q, &mp)?;
-                let mut idx: Vec<usize> = (0..f.d).collect();
-                // Stable descending sort: ties keep their order.
-                idx.sort_by(|&a, &b| est[b].total_cmp(&est[a]));
-                Ok(Some((linalg::qr_q_of_columns(&mp, &idx)?, idx)))
+                Ok(Some(refresh_basis_dev(gg, d.q[i][k].as_ref().expect("a basis after the first refresh"))?))
             });
             results.push(per.collect::<Result<_>>()?);
         }
@@ -856,23 +850,48 @@ impl Soap {
     }
 }
 
-/// Seconds for one eigendecomposition and one power-iteration refresh (GG·Q, re-sort, QR) of a
-/// d×d factor on this host, as SOAP computes them (f64, sequential) — the per-factor cost of a
-/// refresh, for benchmarks. The factor is the Gram matrix of a fixed pseudo-random d×d matrix.
-pub fn basis_refresh_seconds(d: usize) -> Result<(f64, f64)> {
+/// A fixed pseudo-random d×d matrix (uniform in [-0.5, 0.5)), whose Gram matrix is the factor
+/// the refresh timings below work on.
+fn timing_matrix(d: usize) -> Vec<f32> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let x: Vec<f32> = (0..d * d)
+    (0..d * d)
         .map(|_| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
-        .collect();
-    let gg = symmetric(&gram(&x, &[d, d], 0), d);
+        .collect()
+}
+
+/// Seconds for one eigendecomposition and one power-iteration refresh (GG·Q, re-sort, QR) of a
+/// d×d factor on this host, as SOAP computes them (f64, sequential) — the per-factor cost of a
+/// refresh, for benchmarks. The factor is the Gram matrix of a fixed pseudo-random d×d matrix.
+pub fn basis_refresh_seconds(d: usize) -> Result<(f64, f64)> {
+    let gg = symmetric(&gram(&timing_matrix(d), &[d, d], 0), d);
     let t0 = std::time::Instant::now();
     let q = eigenbasis(&gg, d)?;
     let eigh_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let _ = refresh_basis(&gg, &q, d);
+    Ok((eigh_s, t1.elapsed().as_secs_f64()))
+}
+
+/// [`basis_refresh_seconds`] on a GPU, as SOAP's device refresh computes them there
+/// (`ops::linalg`: cuSOLVER; on the host where the device has no solver), each timed to its
+/// end (the calls wait for the device). Where SOAP at GPT-124M's sizes spends its refreshes
+/// (gpu-check part (c)). The solver's first use (loading it) is not timed.
+pub fn basis_refresh_seconds_on(d: usize, device: Device) -> Result<(f64, f64)> {
+    let warm = up(&[1.0, 0.0, 0.0, 2.0], &[2, 2], device)?;
+    linalg::eigh_desc(&warm, 0.0)?;
+    let x = up(&timing_matrix(d), &[d, d], device)?;
+    let gg = matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?;
+    linalg::column_dots(&gg, &gg)?;
+    let t0 = std::time::Instant::now();
+    let q = linalg::eigh_desc(&gg, 1e-30)?;
+    let eigh_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let (q2, _) = refresh_basis_dev(&gg, &q)?;
+    // The QR's status was read; one value more makes sure its result was written too.
+    q2.narrow(0, 0, 1)?.to_vec::<f32>()?;
     Ok((eigh_s, t1.elapsed().as_secs_f64()))
 }
 
@@ -916,6 +935,18 @@ fn project_dev(x: &Tensor, dims: &[usize], qs: &[Option<Tensor>], back: bool) ->
         }
     }
     Ok(y)
+}
+
+/// [`refresh_basis`] where `gg` and `q` live (`ops::linalg`): GG·Q's columns sorted by the
+/// estimated eigenvalues diag(Qᵀ·GG·Q) (read to the host, d values, and sorted as the host
+/// sorts them), and the Q of their QR.
+fn refresh_basis_dev(gg: &Tensor, q: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let mp = matmul_t(gg, q, Precision::F32)?;
+    let est = linalg::column_dots(q, &mp)?;
+    let mut idx: Vec<usize> = (0..est.len()).collect();
+    // Stable descending sort: ties keep their order.
+    idx.sort_by(|&a, &b| est[b].total_cmp(&est[a]));
+    Ok((linalg::qr_q_of_columns(&mp, &idx)?, idx))
 }
 
 /// A device tensor from host values.
