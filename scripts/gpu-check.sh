@@ -12,11 +12,11 @@
 # $OUT/profile-*.tsv and the whole output in $OUT/gpu-check.log; meant to finish within 7 minutes (torch.compile's compilation
 # is most of it).
 # A check that fails within 4 minutes (a kernel fault ends the CUDA context) runs once more
-# with DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0, its profiles in $OUT/retry;
+# with DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0 DPTRAIN_SOLVER=0, its profiles in $OUT/retry;
 # the exit code is the first run's.
 # `DPTRAIN_FLASH=0 bash scripts/gpu-check.sh` gives the unfused-attention line to compare,
-# `DPTRAIN_EPILOGUE=0` the line with each linear's bias in a pass of its own. NVRTC, cuBLAS(Lt)
-# and NCCL come from pip's NVIDIA wheels (PyTorch dependencies), whose lib directories are put
+# `DPTRAIN_EPILOGUE=0` the line with each linear's bias in a pass of its own. NVRTC, cuBLAS(Lt),
+# cuSOLVER and NCCL come from pip's NVIDIA wheels (PyTorch dependencies), whose lib directories are put
 # on LD_LIBRARY_PATH below.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -48,12 +48,12 @@ timeout 480 "$BIN" gpu-check ${OUT:+--profile-out "$OUT"}
 rc=$?
 # A kernel fault (an illegal address, say) ends the process's CUDA context and every part after
 # it. A GPU visit is minutes long, so when the check fails early it runs once more with the
-# newest kernels off (flash attention, 16-byte loads, GELU in cuBLASLt's epilogues: the paths
-# only a GPU can fault in), which still gives part (c)'s speed on the remaining paths.
+# newest kernels off (flash attention, 16-byte loads, GELU in cuBLASLt's epilogues, SOAP's
+# refresh in cuSOLVER: the paths only a GPU can fault in), which still gives part (c)'s speed on the remaining paths.
 elapsed=$((SECONDS - start))
-if [ "$rc" -ne 0 ] && [ "$elapsed" -lt 240 ] && { [ "${DPTRAIN_FLASH:-1}" != 0 ] || [ "${DPTRAIN_WIDE_LOADS:-1}" != 0 ] || [ "${DPTRAIN_GELU_EPILOGUE:-1}" != 0 ]; }; then
-  echo "gpu-check.sh: the check failed (exit $rc after ${elapsed} s); once more with DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0"
-  DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0 timeout $((540 - elapsed)) "$BIN" gpu-check ${OUT:+--profile-out "$OUT/retry"}
+if [ "$rc" -ne 0 ] && [ "$elapsed" -lt 240 ] && { [ "${DPTRAIN_FLASH:-1}" != 0 ] || [ "${DPTRAIN_WIDE_LOADS:-1}" != 0 ] || [ "${DPTRAIN_GELU_EPILOGUE:-1}" != 0 ] || [ "${DPTRAIN_SOLVER:-1}" != 0 ]; }; then
+  echo "gpu-check.sh: the check failed (exit $rc after ${elapsed} s); once more with DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0 DPTRAIN_SOLVER=0"
+  DPTRAIN_FLASH=0 DPTRAIN_WIDE_LOADS=0 DPTRAIN_GELU_EPILOGUE=0 DPTRAIN_SOLVER=0 timeout $((540 - elapsed)) "$BIN" gpu-check ${OUT:+--profile-out "$OUT/retry"}
   echo "gpu-check.sh: the retry exited $?"
 fi
 exit "$rc"

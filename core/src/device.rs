@@ -68,6 +68,12 @@ pub fn cublas_available() -> bool {
     crate::kernels::cuda::cublas_available()
 }
 
+/// Whether cuSOLVER can be loaded (SOAP's eigenbases on the GPU; without it, on the host).
+#[cfg(feature = "cuda")]
+pub fn cusolver_available() -> bool {
+    crate::kernels::cuda::cusolver_available()
+}
+
 /// Resolves `run.device` for a process with local rank `local_rank` of `local_size`: one
 /// visible device → 0; as many devices as local ranks → the local rank; otherwise an error.
 pub fn select(name: &str, local_rank: usize, local_size: usize) -> Result<Device> {

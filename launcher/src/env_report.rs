@@ -98,6 +98,8 @@ fn cuda(w: &mut String) {
     };
     let _ = writeln!(w, "NVRTC: {nvrtc}");
     let _ = writeln!(w, "cuBLAS: {}", found(dptrain_core::device::cublas_available(), &["libcublas.so.13", "libcublas.so.12"]));
+    let solver = found(dptrain_core::device::cusolver_available(), &["libcusolver.so.12", "libcusolver.so.11"]);
+    let _ = writeln!(w, "cuSOLVER: {solver} (SOAP's eigenbases on the GPU; without it on the host)");
     let _ = writeln!(w, "NCCL: {}", found(dptrain_comm::nccl::nccl_present(), &["libnccl.so.2", "libnccl.so"]));
     let cache = match &dptrain_core::env::env().kernel_cache {
         None => "off (DPTRAIN_KERNEL_CACHE=0: the kernels are compiled every run)".to_string(),

@@ -2053,7 +2053,8 @@ fn env_reports_mpi_the_world_cuda_and_threads() {
     let o = bin().arg("env").env_remove("OMPI_COMM_WORLD_SIZE").output().unwrap();
     ok(&o);
     let out = String::from_utf8_lossy(&o.stdout);
-    for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "NCCL: ", "threads: ", "memory: "] {
+    for want in ["MPI: Open MPI", "world: a world of one", "CUDA: ", "NVRTC: ", "cuBLAS: ", "cuSOLVER: ", "NCCL: ", "threads: ", "memory: "]
+    {
         assert!(out.contains(want), "{want} not in:\n{out}");
     }
     // text a pipe into grep reads as text (the MPI library's version came with its C NUL)

@@ -80,6 +80,12 @@ pub fn cublas_available() -> bool {
     unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
+/// True when cuSOLVER can be loaded (dense linear algebra on the device, `ops::linalg`).
+pub fn cusolver_available() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the library.
+    unsafe { cudarc::cusolver::sys::is_culib_present() }
+}
+
 /// True when the CUDA driver library (libcuda) can be loaded.
 pub fn driver_available() -> bool {
     // SAFETY: is_culib_present only tries to dlopen the library.
