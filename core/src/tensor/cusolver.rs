@@ -42,10 +42,13 @@ impl Solver {
             tracing::warn!("cuSOLVER stream: {e:?}; the host computes");
             return None;
         }
-        // Deterministic is cuSOLVER's default; asked for anyway, since replicas depend on it.
-        // SAFETY: a live handle.
+        // Deterministic is cuSOLVER's default; asked for anyway, since replicas depend on it —
+        // where the library has the call (CUDA 12.2 and later: cudarc panics on a missing symbol).
+        // SAFETY: looks a symbol up in the loaded library.
+        let has_mode = unsafe { sys::culib().get::<unsafe extern "C" fn()>(b"cusolverDnSetDeterministicMode\0") }.is_ok();
         let mode = sys::cusolverDeterministicMode_t::CUSOLVER_DETERMINISTIC_RESULTS;
-        if let Err(e) = unsafe { sys::cusolverDnSetDeterministicMode(handle, mode) }.result() {
+        // SAFETY: a live handle.
+        if let Some(Err(e)) = has_mode.then(|| unsafe { sys::cusolverDnSetDeterministicMode(handle, mode) }.result()) {
             tracing::warn!("cuSOLVER deterministic mode: {e:?}");
         }
         Some(s)
