@@ -898,6 +898,14 @@ impl CudaDev {
         r.solver.get_or_init(|| self.bind().ok().and_then(|()| super::cusolver::Solver::open(&r.stream)).map(Mutex::new)).as_ref()
     }
 
+    /// Runs `f` with this device's cuSOLVER handle (locked), its context current.
+    fn with_solver(&self, r: &Real, f: impl FnOnce(&super::cusolver::Solver) -> Result<()>) -> Result<()> {
+        let s = self.real_solver(r).ok_or_else(|| Error::Device("cuSOLVER is not available".into()))?;
+        let s = s.lock().map_err(|_| Error::Device("cuSOLVER handle poisoned".into()))?;
+        self.bind()?;
+        f(&s)
+    }
+
     /// LAPACK's `syevd` on the device (see `cusolver.rs`): the column-major f64 `n × n` at `a`
     /// (lower triangle read) becomes its eigenvectors by ascending eigenvalue, the eigenvalues
     /// go to `w`, the status (0: converged) to the i32 at `info`. The emulator runs the host's
@@ -908,13 +916,8 @@ impl CudaDev {
     pub(crate) unsafe fn sym_eigen_f64(self: &Arc<Self>, a: u64, n: usize, w: u64, info: u64) -> Result<()> {
         self.refuse_in_capture("an eigendecomposition")?;
         self.timed("cusolver", "syevd (cuSOLVER, f64)", || match &self.real {
-            Some(r) => {
-                let s = self.real_solver(r).ok_or_else(|| Error::Device("cuSOLVER is not available".into()))?;
-                let s = s.lock().map_err(|_| Error::Device("cuSOLVER handle poisoned".into()))?;
-                self.bind()?;
-                // SAFETY: the caller's contract.
-                unsafe { s.syevd(self, a, n, w, info) }
-            }
+            // SAFETY: the caller's contract.
+            Some(r) => self.with_solver(r, |s| unsafe { s.syevd(self, a, n, w, info) }),
             None => self.emu_host(move || {
                 // SAFETY: the emulator's buffers are host memory of the sizes the caller promised.
                 let (m, wv, st) = unsafe {
@@ -926,11 +929,7 @@ impl CudaDev {
                 };
                 match crate::ops::linalg::sym_eigen(faer::MatRef::from_column_major_slice(m, n, n)) {
                     Ok((u, vals)) => {
-                        for j in 0..n {
-                            for i in 0..n {
-                                m[j * n + i] = u[(i, j)];
-                            }
-                        }
+                        write_col_major(m, u.as_ref());
                         wv.copy_from_slice(&vals);
                         *st = 0;
                     }
@@ -949,25 +948,27 @@ impl CudaDev {
     pub(crate) unsafe fn qr_q_f64(self: &Arc<Self>, a: u64, n: usize, tau: u64, info: u64) -> Result<()> {
         self.refuse_in_capture("a QR factorisation")?;
         self.timed("cusolver", "geqrf + orgqr (cuSOLVER, f64)", || match &self.real {
-            Some(r) => {
-                let s = self.real_solver(r).ok_or_else(|| Error::Device("cuSOLVER is not available".into()))?;
-                let s = s.lock().map_err(|_| Error::Device("cuSOLVER handle poisoned".into()))?;
-                self.bind()?;
-                // SAFETY: the caller's contract.
-                unsafe { s.qr_q(self, a, n, tau, info) }
-            }
+            // SAFETY: the caller's contract.
+            Some(r) => self.with_solver(r, |s| unsafe { s.qr_q(self, a, n, tau, info) }),
             None => self.emu_host(move || {
                 // SAFETY: the emulator's buffers are host memory of the sizes the caller promised.
                 let (m, st) = unsafe { (std::slice::from_raw_parts_mut(a as *mut f64, n * n), &mut *(info as *mut i32)) };
                 let q = crate::ops::linalg::qr_q(faer::MatRef::from_column_major_slice(m, n, n).to_owned());
-                for j in 0..n {
-                    for i in 0..n {
-                        m[j * n + i] = q[(i, j)];
-                    }
-                }
+                write_col_major(m, q.as_ref());
                 *st = 0;
             }),
         })
+    }
+}
+
+/// Writes `x` into `m` column by column (the emulator's cuSOLVER results, column-major as
+/// cuSOLVER's).
+fn write_col_major(m: &mut [f64], x: faer::MatRef<'_, f64>) {
+    let n = x.nrows();
+    for j in 0..x.ncols() {
+        for i in 0..n {
+            m[j * n + i] = x[(i, j)];
+        }
     }
 }
 
