@@ -43,6 +43,35 @@ fn gpu_check_ops_pass_on_the_emulator() {
     a_captured_step_replays_with_new_inputs();
     a_replayed_step_draws_each_steps_dropout_masks();
     fresh_device_memory_reads_as_nan();
+    linear_algebra_without_the_solver_goes_through_the_host();
+}
+
+/// With the device's solver switched off (`DPTRAIN_SOLVER=0`; on a GPU also without
+/// libcusolver) `ops::linalg` on a device tensor computes on the host, one matrix at a time, and
+/// returns its result on the device: the CPU's bits, where the solver's path is the emulator's
+/// column-major round trip.
+fn linear_algebra_without_the_solver_goes_through_the_host() {
+    use dptrain_core::ops::linalg;
+    use dptrain_core::tensor::cuda::Fusions;
+    use dptrain_core::{Device, Tensor};
+    let d = dptrain_core::tensor::cuda::dev(0).unwrap();
+    let n = 12;
+    let x: Vec<f32> = (0..n * n).map(|k| ((k * 37 % 23) as f32 - 11.0) / 7.0).collect();
+    let sym: Vec<f32> = (0..n * n).map(|k| x[k] + x[(k % n) * n + k / n]).collect();
+    let (a, b) = (Tensor::from_vec(sym, &[n, n]).unwrap(), Tensor::from_vec(x, &[n, n]).unwrap());
+    let cols: Vec<usize> = (0..n).rev().collect();
+    let want = (
+        linalg::eigh_desc(&a, 0.0).unwrap().to_vec::<f32>().unwrap(),
+        linalg::qr_q_of_columns(&b, &cols).unwrap().to_vec::<f32>().unwrap(),
+    );
+    let before = d.set_fusions(Fusions { solver: false, ..Fusions::ALL });
+    let (ga, gb) = (a.to_device(Device::Cuda(0)).unwrap(), b.to_device(Device::Cuda(0)).unwrap());
+    assert!(!linalg::solver_on(&ga));
+    let (e, q) = (linalg::eigh_desc(&ga, 0.0).unwrap(), linalg::qr_q_of_columns(&gb, &cols).unwrap());
+    d.set_fusions(before);
+    assert!(e.is_cuda() && q.is_cuda());
+    assert_eq!((e.to_vec::<f32>().unwrap(), q.to_vec::<f32>().unwrap()), want);
+    assert!(linalg::solver_on(&ga));
 }
 
 /// The emulator hands out device memory filled with 0xFF bytes — NaN as f32 — even a block the
