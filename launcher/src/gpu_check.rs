@@ -92,9 +92,11 @@ fn cuda_check(device: usize, profile_out: Option<&std::path::Path>) -> Result<()
     rows.push(row);
     // (b) the default GPT trained 20 steps by the real trainer on each device, with each
     // optimizer: their device paths (fused updates, device-decided steps, SOAP's device
-    // projections and its refresh through cuSOLVER) on the real GPU, not the emulator alone. SOAP's bound is
-    // looser: its early updates are sign-like in bases that turn with last-bit changes of the
-    // statistics (two ranks against one drift ~1e-3 in loss within 30 steps, README "SOAP").
+    // projections and its refresh through cuSOLVER) on the real GPU, not the emulator alone.
+    // SOAP's bound is looser: its early updates are sign-like in bases that turn with last-bit
+    // changes of the statistics (two ranks against one drift ~1e-3 in loss within 30 steps,
+    // README "SOAP"), and a rank-deficient factor's null-space basis is whatever the
+    // eigensolver (cuSOLVER or faer) returns.
     for (label, sets, bound) in OPTIMIZER_RUNS {
         let row = match trainer_agreement(device, sets) {
             Ok((d, steps)) => {
