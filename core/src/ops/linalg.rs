@@ -12,8 +12,8 @@
 //!
 //! Eigenvectors and Q are unique only up to each column's sign (and, for a repeated
 //! eigenvalue, up to a rotation within its eigenspace): faer and cuSOLVER may choose
-//! differently. SOAP's update does not depend on the signs; [`Tensor`]s from the two are
-//! compared as such (`gpu-check`).
+//! differently. SOAP's update does not depend on the signs, and gpu-check compares the two
+//! column by column after aligning them.
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
