@@ -733,8 +733,9 @@ impl Soap {
     /// go up.
     fn refresh_device(&mut self, initial: bool, comm: &mut dyn Communicator) -> Result<Vec<Vec<Option<Tensor>>>> {
         let mine = self.computing(comm);
-        let device = self.dev.as_ref().expect("device state").v.device();
-        let results: DevBases = if linalg::solver_on(&self.dev.as_ref().expect("device state").v) {
+        let v = &self.dev.as_ref().expect("device state").v;
+        let (device, on_device) = (v.device(), linalg::solver_on(v));
+        let results: DevBases = if on_device {
             let r = self.new_bases_device(initial, &mine, comm)?;
             for f in self.ps.iter_mut().flat_map(|p| p.factors.iter_mut().flatten()) {
                 f.q = Vec::new();
@@ -884,6 +885,7 @@ pub fn basis_refresh_seconds_on(d: usize, device: Device) -> Result<(f64, f64)> 
     linalg::eigh_desc(&warm, 0.0)?;
     let x = up(&timing_matrix(d), &[d, d], device)?;
     let gg = matmul_t(&x, &x.transpose(0, 1)?, Precision::F32)?;
+    // Reading anything back waits for the GEMM, so the clock below starts with GG made.
     linalg::column_dots(&gg, &gg)?;
     let t0 = std::time::Instant::now();
     let q = linalg::eigh_desc(&gg, 1e-30)?;
