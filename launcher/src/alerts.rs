@@ -129,7 +129,7 @@ impl Events {
     /// Prints the warning and appends the record (rank 0; other ranks do nothing).
     pub fn emit(&mut self, ev: &Value) -> Result<()> {
         let Some(f) = self.file.as_mut() else { return Ok(()) };
-        eprintln!("dptrain: warning: step {}: {}", ev["step"], ev["message"].as_str().unwrap_or(""));
+        crate::say(&format!("dptrain: warning: step {}: {}", ev["step"], ev["message"].as_str().unwrap_or("")));
         writeln!(f, "{ev}").map_err(|e| LaunchError::Runtime(format!("events.jsonl: {e}")))
     }
 }

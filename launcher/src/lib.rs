@@ -28,3 +28,12 @@ pub mod stop;
 pub mod sweep;
 pub mod train;
 pub mod world;
+
+/// Writes `line` and its newline to stderr in one write. `eprintln!` writes its pieces one by
+/// one (stderr is unbuffered), and under mpirun another process's output can land between them
+/// — "dptrain: " on one line, the message on a later one — which whoever reads the job's log
+/// (and the stop test, which once failed on it) would miss.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("{line}\n").as_bytes());
+}

@@ -162,7 +162,7 @@ fn main() -> ExitCode {
             // One line, like every other input error; clap's usage text is one --help away.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid command line").trim_start_matches("error: ");
-            eprintln!("dptrain: error: {first} (see dptrain --help)");
+            dptrain_launcher::say(&format!("dptrain: error: {first} (see dptrain --help)"));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -179,8 +179,8 @@ fn main() -> ExitCode {
             match e.downcast_ref::<LaunchError>() {
                 // Not an error: what was asked for; said once (by rank 0).
                 Some(LaunchError::Stopped { message, .. }) if message.is_empty() => {}
-                Some(LaunchError::Stopped { message, .. }) => eprintln!("dptrain: {message}"),
-                _ => eprintln!("dptrain: error: {e}"),
+                Some(LaunchError::Stopped { message, .. }) => dptrain_launcher::say(&format!("dptrain: {message}")),
+                _ => dptrain_launcher::say(&format!("dptrain: error: {e}")),
             }
             ExitCode::from(code)
         }

@@ -203,7 +203,7 @@ fn train_loop(
             }
             graph_steps += u64::from(launched);
             if let (Some(note), 0) = (note, rank) {
-                eprintln!("dptrain: step {done}: {note}");
+                crate::say(&format!("dptrain: step {done}: {note}"));
             }
             pending.push(Pending { step: done, rec, poisoned: false, comm: None });
         } else {
@@ -523,7 +523,7 @@ fn announce(run: &Run, comm: &dyn Communicator, reducer: Option<&(dyn GradSync +
         println!("dptrain: {n}");
     }
     for w in &run.warnings {
-        eprintln!("dptrain: warning: {w}");
+        crate::say(&format!("dptrain: warning: {w}"));
     }
 }
 
